@@ -1,0 +1,4 @@
+//! rdphealth-operator: keeps Azure Windows VMs reachable over Remote Desktop.
+
+pub mod cli;
+pub mod probe;

@@ -1,0 +1,495 @@
+//! The layered, credential-less RDP prober.
+//!
+//! TCP connect → X.224 Connection Request (cookie `mstshash=probe`, RDP_NEG_REQ SSL|HYBRID)
+//! → Connection Confirm → TLS handshake on the same socket when TLS was selected →
+//! certificate facts → close. No credentials are ever sent. Every layer has its own timeout,
+//! all inside one overall deadline.
+
+pub mod cert;
+pub mod codec;
+pub mod failure;
+pub mod report;
+pub mod target;
+pub mod tls;
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::{Instant, timeout_at},
+};
+use tokio_rustls::TlsConnector;
+
+pub use self::{
+    cert::CertificateFacts,
+    codec::{ConnectionConfirm, SecurityProtocol},
+    failure::{Failure, FailureReason, Layer},
+    report::{Finding, LayerResult, Layers, ProbeReport, TlsFacts},
+    target::{DEFAULT_RDP_PORT, Target, TargetError},
+};
+
+/// A boxed future, so probers and resolvers can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Probe settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeOptions {
+    /// Overall deadline for the whole probe.
+    pub timeout: Duration,
+    /// Budget of each layer (DNS, TCP, X.224, TLS), capped by what is left of `timeout`.
+    /// `None` gives every layer the whole remaining time.
+    pub layer_timeout: Option<Duration>,
+    /// A certificate expiring within this period is reported as a finding.
+    pub cert_warning: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            layer_timeout: None,
+            cert_warning: Duration::from_secs(14 * 86_400),
+        }
+    }
+}
+
+/// Something that probes RDP endpoints; the engine depends on this, tests swap it.
+pub trait Prober: Send + Sync {
+    /// Probes `target` once.
+    fn probe<'a>(
+        &'a self,
+        target: &'a Target,
+        opts: &'a ProbeOptions,
+    ) -> BoxFuture<'a, ProbeReport>;
+}
+
+/// Resolves host names; swapped in tests so no outside name is ever looked up.
+pub trait Resolve: Send + Sync {
+    /// Resolves `host` to socket addresses with `port`.
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>>;
+}
+
+/// The system resolver (getaddrinfo through tokio).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+/// The real prober: sockets, X.224 and rustls.
+#[derive(Clone)]
+pub struct RdpProber {
+    resolver: Arc<dyn Resolve>,
+    tls: TlsConnector,
+}
+
+impl std::fmt::Debug for RdpProber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdpProber").finish_non_exhaustive()
+    }
+}
+
+impl RdpProber {
+    /// A prober using the system resolver.
+    pub fn new() -> Result<Self, rustls::Error> {
+        Self::with_resolver(Arc::new(SystemResolver))
+    }
+
+    /// A prober with a custom resolver.
+    pub fn with_resolver(resolver: Arc<dyn Resolve>) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            resolver,
+            tls: TlsConnector::from(tls::inspect_only_client_config()?),
+        })
+    }
+
+    /// Probes `target` once and classifies the outcome.
+    pub async fn probe_once(&self, target: &Target, opts: &ProbeOptions) -> ProbeReport {
+        let mut run = Run::new(target, opts);
+        let outcome = run.walk(self).await;
+        run.finish(outcome)
+    }
+}
+
+impl Prober for RdpProber {
+    fn probe<'a>(
+        &'a self,
+        target: &'a Target,
+        opts: &'a ProbeOptions,
+    ) -> BoxFuture<'a, ProbeReport> {
+        Box::pin(self.probe_once(target, opts))
+    }
+}
+
+/// The state of one probe as it walks the layers.
+struct Run<'a> {
+    target: &'a Target,
+    opts: &'a ProbeOptions,
+    started: Instant,
+    deadline: Instant,
+    layers: Layers,
+    selected: Option<SecurityProtocol>,
+    tls: Option<TlsFacts>,
+    findings: Vec<Finding>,
+}
+
+impl<'a> Run<'a> {
+    fn new(target: &'a Target, opts: &'a ProbeOptions) -> Self {
+        let started = Instant::now();
+        Self {
+            target,
+            opts,
+            started,
+            deadline: started + opts.timeout,
+            layers: Layers::default(),
+            selected: None,
+            tls: None,
+            findings: Vec::new(),
+        }
+    }
+
+    /// The deadline for a layer starting now: its own budget, capped by the overall one.
+    fn layer_deadline(&self) -> Instant {
+        match self.opts.layer_timeout {
+            Some(budget) => (Instant::now() + budget).min(self.deadline),
+            None => self.deadline,
+        }
+    }
+
+    fn record(&mut self, layer: Layer, since: Instant, ok: bool) {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        self.layers.set(
+            layer,
+            LayerResult {
+                ok,
+                ms: (ms * 1000.0).round() / 1000.0,
+            },
+        );
+    }
+
+    /// Runs a layer: times it, records it, and turns its error into the layer's failure.
+    async fn layer<T, F>(&mut self, layer: Layer, step: F) -> Result<T, Failure>
+    where
+        F: Future<Output = Result<T, Failure>>,
+    {
+        let since = Instant::now();
+        let result = step.await;
+        self.record(layer, since, result.is_ok());
+        result
+    }
+
+    async fn walk(&mut self, prober: &RdpProber) -> Result<(), Failure> {
+        let addrs = match self.target.ip() {
+            Some(ip) => vec![SocketAddr::new(ip, self.target.port)],
+            None => {
+                let deadline = self.layer_deadline();
+                let fut = resolve(prober.resolver.as_ref(), self.target, deadline);
+                self.layer(Layer::Dns, fut).await?
+            }
+        };
+        let deadline = self.layer_deadline();
+        let mut stream = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
+        let deadline = self.layer_deadline();
+        let confirm = self
+            .layer(Layer::X224, negotiate(&mut stream, deadline))
+            .await?;
+        let selected = match confirm {
+            ConnectionConfirm::Negotiated {
+                selected,
+                selected_raw,
+                ..
+            } => selected.ok_or_else(|| {
+                Failure::new(
+                    FailureReason::UnexpectedPdu,
+                    format!("server selected unknown protocol {selected_raw:#x}"),
+                )
+            })?,
+            ConnectionConfirm::NoNegotiation => SecurityProtocol::Rdp,
+            ConnectionConfirm::NegotiationFailure(code) => return Err(Failure::negotiation(code)),
+            ConnectionConfirm::McsDisconnect => {
+                return Err(Failure::new(
+                    FailureReason::UnexpectedPdu,
+                    "server answered with an MCS Disconnect-Provider-Ultimatum and closed",
+                ));
+            }
+        };
+        self.selected = Some(selected);
+        if !selected.starts_tls() {
+            self.findings.push(Finding::NoTls);
+            return Ok(());
+        }
+        let deadline = self.layer_deadline();
+        let server_name = server_name(self.target);
+        let facts = self
+            .layer(
+                Layer::Tls,
+                handshake(&prober.tls, stream, server_name, deadline),
+            )
+            .await?;
+        self.tls = Some(facts);
+        Ok(())
+    }
+
+    fn finish(mut self, outcome: Result<(), Failure>) -> ProbeReport {
+        let now = SystemTime::now();
+        if let Some(cert) = self.tls.as_ref().and_then(|t| t.certificate.as_ref()) {
+            if cert.expired {
+                self.findings.push(Finding::CertificateExpired);
+            } else if cert.not_yet_valid {
+                self.findings.push(Finding::CertificateNotYetValid);
+            } else if cert.expires_within(self.opts.cert_warning, now) {
+                self.findings.push(Finding::CertificateExpiring {
+                    days_left: cert.days_left,
+                });
+            }
+        } else if self.tls.is_some() {
+            self.findings.push(Finding::CertificateUnreadable);
+        }
+        let failure = outcome.err();
+        let mut likely_causes: Vec<String> = failure
+            .iter()
+            .flat_map(|f| f.likely_causes().iter())
+            .chain(self.findings.iter().flat_map(|f| f.likely_causes().iter()))
+            .map(|s| (*s).to_string())
+            .collect();
+        likely_causes.dedup();
+        ProbeReport {
+            target: self.target.to_string(),
+            reachable: failure.is_none(),
+            failure,
+            layers: self.layers,
+            selected_protocol: self.selected,
+            tls: self.tls,
+            findings: self.findings,
+            likely_causes,
+            total_ms: (self.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+        }
+    }
+}
+
+async fn resolve(
+    resolver: &dyn Resolve,
+    target: &Target,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>, Failure> {
+    match timeout_at(deadline, resolver.resolve(&target.host, target.port)).await {
+        Err(_) => Err(Failure::new(
+            FailureReason::DnsFailure,
+            format!("resolving {} timed out", target.host),
+        )),
+        Ok(Err(e)) => Err(Failure::new(
+            FailureReason::DnsFailure,
+            format!("failed to resolve {}: {e}", target.host),
+        )),
+        Ok(Ok(addrs)) if addrs.is_empty() => Err(Failure::new(
+            FailureReason::DnsFailure,
+            format!("{} resolved to no address", target.host),
+        )),
+        Ok(Ok(addrs)) => Ok(addrs),
+    }
+}
+
+/// Connects to each address in turn until one accepts; the most telling error wins.
+async fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Failure> {
+    let mut last = None;
+    for addr in addrs {
+        match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(Failure::new(
+                    FailureReason::TcpTimeout,
+                    format!("no answer from {addr} before the deadline"),
+                ));
+            }
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Some(classify_connect_error(*addr, &e)),
+        }
+    }
+    Err(last.unwrap_or_else(|| Failure::new(FailureReason::DnsFailure, "no address to connect to")))
+}
+
+fn classify_connect_error(addr: SocketAddr, e: &io::Error) -> Failure {
+    let reason = match e.kind() {
+        io::ErrorKind::ConnectionRefused => FailureReason::TcpRefused,
+        io::ErrorKind::TimedOut => FailureReason::TcpTimeout,
+        _ => FailureReason::TcpUnreachable,
+    };
+    Failure::new(reason, format!("connect to {addr}: {e}"))
+}
+
+/// Sends the Connection Request and reads exactly one TPKT back.
+async fn negotiate(
+    stream: &mut TcpStream,
+    deadline: Instant,
+) -> Result<ConnectionConfirm, Failure> {
+    let request = codec::probe_connection_request();
+    let exchange = async {
+        stream.write_all(&request).await.map_err(read_error)?;
+        let mut header = [0u8; codec::TPKT_HEADER_LEN];
+        let got = read_full(stream, &mut header).await.map_err(read_error)?;
+        if got == 0 {
+            return Err(Failure::new(
+                FailureReason::ConnectionClosed,
+                "connection closed before any reply",
+            ));
+        }
+        if header[0] != codec::TPKT_VERSION {
+            return Err(not_rdp(stream, &header[..got]).await);
+        }
+        if got < header.len() {
+            return Err(Failure::new(
+                FailureReason::ConnectionClosed,
+                format!("connection closed after {got} bytes of the reply"),
+            ));
+        }
+        let len = codec::tpkt_length(&header)
+            .map_err(|e| Failure::new(FailureReason::NotRdp, e.to_string()))?;
+        let mut pdu = vec![0u8; len];
+        pdu[..codec::TPKT_HEADER_LEN].copy_from_slice(&header);
+        let body = read_full(stream, &mut pdu[codec::TPKT_HEADER_LEN..])
+            .await
+            .map_err(read_error)?;
+        if body < len - codec::TPKT_HEADER_LEN {
+            return Err(Failure::new(
+                FailureReason::ConnectionClosed,
+                format!("connection closed after {} of {len} reply bytes", body + 4),
+            ));
+        }
+        codec::parse_connection_confirm(&pdu).map_err(|e| match e {
+            codec::ConfirmError::NotTpkt(_) | codec::ConfirmError::BadLength(_) => {
+                Failure::new(FailureReason::NotRdp, e.to_string())
+            }
+            other => Failure::new(
+                FailureReason::UnexpectedPdu,
+                format!("{other} (reply {})", hex(&pdu)),
+            ),
+        })
+    };
+    match timeout_at(deadline, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::new(
+            FailureReason::X224Timeout,
+            "no X.224 Connection Confirm before the deadline",
+        )),
+    }
+}
+
+/// Reads until `buf` is full or the peer closes; returns the bytes read.
+async fn read_full(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+fn read_error(e: io::Error) -> Failure {
+    Failure::new(
+        FailureReason::ConnectionClosed,
+        format!("connection failed before a complete reply: {e}"),
+    )
+}
+
+/// Builds a `not_rdp` failure, quoting the first bytes of what answered.
+async fn not_rdp(stream: &mut TcpStream, first: &[u8]) -> Failure {
+    let mut sample = first.to_vec();
+    let mut more = [0u8; 60];
+    if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(20), stream.read(&mut more)).await
+    {
+        sample.extend_from_slice(&more[..n]);
+    }
+    let text: String = String::from_utf8_lossy(&sample)
+        .chars()
+        .take(48)
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
+    Failure::new(
+        FailureReason::NotRdp,
+        format!(
+            "reply is not TPKT: first bytes {} ({text:?})",
+            hex(&sample[..sample.len().min(16)])
+        ),
+    )
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn server_name(target: &Target) -> ServerName<'static> {
+    match target.ip() {
+        Some(ip) => ServerName::IpAddress(ip.into()),
+        None => ServerName::try_from(target.host.clone())
+            .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::UNSPECIFIED.into())),
+    }
+}
+
+async fn handshake(
+    connector: &TlsConnector,
+    stream: TcpStream,
+    name: ServerName<'static>,
+    deadline: Instant,
+) -> Result<TlsFacts, Failure> {
+    let mut tls = match timeout_at(deadline, connector.connect(name, stream)).await {
+        Err(_) => {
+            return Err(Failure::new(
+                FailureReason::TlsTimeout,
+                "TLS handshake did not finish before the deadline",
+            ));
+        }
+        Ok(Err(e)) => {
+            return Err(Failure::new(
+                FailureReason::TlsHandshakeFailed,
+                tls::describe_handshake_error(&e),
+            ));
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let (_, conn) = tls.get_ref();
+    let version = conn
+        .protocol_version()
+        .map_or_else(|| "unknown".to_string(), tls::version_name);
+    let cipher_suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()));
+    let certificate = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|der| CertificateFacts::from_der(der.as_ref(), SystemTime::now()).ok());
+    // Polite close: close_notify, then FIN. Never wait long for it.
+    let _ = timeout_at(
+        deadline.min(Instant::now() + Duration::from_millis(100)),
+        tls.shutdown(),
+    )
+    .await;
+    Ok(TlsFacts {
+        version,
+        cipher_suite,
+        certificate,
+    })
+}

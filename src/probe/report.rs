@@ -1,0 +1,239 @@
+//! The probe's result: a JSON contract (field names are read by alerting and tests) and a
+//! human rendering.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    cert::CertificateFacts,
+    codec::SecurityProtocol,
+    failure::{Failure, Layer},
+};
+
+/// Timing and outcome of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerResult {
+    /// Whether the layer succeeded.
+    pub ok: bool,
+    /// Time spent in the layer, milliseconds.
+    pub ms: f64,
+}
+
+/// Per-layer results; layers that were not reached are absent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Layers {
+    /// Name resolution (only when the target is a host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<LayerResult>,
+    /// TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<LayerResult>,
+    /// X.224 request / confirm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x224: Option<LayerResult>,
+    /// TLS handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<LayerResult>,
+}
+
+impl Layers {
+    /// The result of `layer`, if it ran.
+    pub fn get(&self, layer: Layer) -> Option<LayerResult> {
+        match layer {
+            Layer::Dns => self.dns,
+            Layer::Tcp => self.tcp,
+            Layer::X224 => self.x224,
+            Layer::Tls => self.tls,
+        }
+    }
+
+    /// Records the result of `layer`.
+    pub fn set(&mut self, layer: Layer, result: LayerResult) {
+        let slot = match layer {
+            Layer::Dns => &mut self.dns,
+            Layer::Tcp => &mut self.tcp,
+            Layer::X224 => &mut self.x224,
+            Layer::Tls => &mut self.tls,
+        };
+        *slot = Some(result);
+    }
+}
+
+/// What the TLS handshake showed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsFacts {
+    /// Negotiated version, e.g. `TLSv1.3`.
+    pub version: String,
+    /// Negotiated cipher suite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_suite: Option<String>,
+    /// The leaf certificate, when one was presented and could be parsed.
+    pub certificate: Option<CertificateFacts>,
+}
+
+/// Something worth reporting about a reachable endpoint (not a failure).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// The certificate expires within the warning period.
+    CertificateExpiring {
+        /// Whole days left.
+        #[serde(rename = "daysLeft")]
+        days_left: i64,
+    },
+    /// The certificate has expired.
+    CertificateExpired,
+    /// The certificate is not valid yet.
+    CertificateNotYetValid,
+    /// The certificate could not be parsed.
+    CertificateUnreadable,
+    /// The server selected Standard RDP Security: no TLS, no server authentication.
+    NoTls,
+}
+
+impl Finding {
+    /// The stable snake_case kind (metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CertificateExpiring { .. } => "certificate_expiring",
+            Self::CertificateExpired => "certificate_expired",
+            Self::CertificateNotYetValid => "certificate_not_yet_valid",
+            Self::CertificateUnreadable => "certificate_unreadable",
+            Self::NoTls => "no_tls",
+        }
+    }
+
+    /// What usually causes it.
+    pub fn likely_causes(&self) -> &'static [&'static str] {
+        match self {
+            Self::CertificateExpiring { .. } | Self::CertificateExpired => &[
+                "the self-signed RDP certificate was not renewed (event 1058: MachineKeys permissions)",
+                "an expired CA-issued certificate is still bound through SSLCertificateSHA1Hash",
+            ],
+            Self::CertificateNotYetValid => {
+                &["the VM's clock is wrong, or a certificate was issued with a future start date"]
+            }
+            Self::CertificateUnreadable => &["the server presented a malformed certificate"],
+            Self::NoTls => &[
+                "SecurityLayer=0 (native RDP encryption), possibly a leftover troubleshooting workaround",
+                "the server has no usable certificate and fell back to Standard RDP Security",
+            ],
+        }
+    }
+}
+
+/// The result of one probe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProbeReport {
+    /// `host:port` as probed.
+    pub target: String,
+    /// Whether a Remote Desktop client could get through the layers the prober checks.
+    pub reachable: bool,
+    /// Why not, when not reachable.
+    pub failure: Option<Failure>,
+    /// Per-layer results.
+    pub layers: Layers,
+    /// The protocol the server selected.
+    pub selected_protocol: Option<SecurityProtocol>,
+    /// TLS facts, when a handshake completed.
+    pub tls: Option<TlsFacts>,
+    /// Findings on a reachable endpoint.
+    pub findings: Vec<Finding>,
+    /// Likely causes of the failure and of the findings.
+    pub likely_causes: Vec<String>,
+    /// Total wall time of the probe, milliseconds.
+    pub total_ms: f64,
+}
+
+impl ProbeReport {
+    /// The certificate, if one was read.
+    pub fn certificate(&self) -> Option<&CertificateFacts> {
+        self.tls.as_ref().and_then(|t| t.certificate.as_ref())
+    }
+
+    /// Renders the report for a terminal: one line per layer, then the verdict and causes.
+    pub fn render_human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "probe {}", self.target);
+        for layer in [Layer::Dns, Layer::Tcp, Layer::X224, Layer::Tls] {
+            let Some(result) = self.layers.get(layer) else {
+                continue;
+            };
+            let status = if result.ok { "ok" } else { "FAIL" };
+            let _ = write!(
+                out,
+                "  {:<5} {:<5} {:>9.1} ms",
+                layer.as_str(),
+                status,
+                result.ms
+            );
+            match (&self.failure, layer, result.ok) {
+                (Some(f), _, false) => {
+                    let _ = write!(out, "  {}: {}", f.reason, f.detail);
+                }
+                (_, Layer::X224, true) => {
+                    let selected = self.selected_protocol.map_or("unknown", |p| p.as_str());
+                    let _ = write!(out, "  selected {selected}");
+                }
+                (_, Layer::Tls, true) => {
+                    if let Some(tls) = &self.tls {
+                        let _ = write!(out, "  {}", tls.version);
+                        if let Some(suite) = &tls.cipher_suite {
+                            let _ = write!(out, " {suite}");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            out.push('\n');
+        }
+        if let Some(cert) = self.certificate() {
+            let _ = writeln!(
+                out,
+                "  cert  subject {}, issuer {}{}",
+                cert.subject,
+                cert.issuer,
+                if cert.self_signed {
+                    " (self-signed)"
+                } else {
+                    ""
+                }
+            );
+            let _ = writeln!(
+                out,
+                "        valid {} .. {} ({} days left){}",
+                cert.not_before,
+                cert.not_after,
+                cert.days_left,
+                if cert.expired { ", EXPIRED" } else { "" }
+            );
+            let _ = writeln!(out, "        sha1 {}", cert.sha1_thumbprint);
+        }
+        for finding in &self.findings {
+            let _ = match finding {
+                Finding::CertificateExpiring { days_left } => {
+                    writeln!(
+                        out,
+                        "  finding: certificate_expiring ({days_left} days left)"
+                    )
+                }
+                other => writeln!(out, "  finding: {}", other.kind()),
+            };
+        }
+        let verdict = match &self.failure {
+            None => "reachable".to_string(),
+            Some(f) => format!("NOT reachable ({})", f.reason),
+        };
+        let _ = writeln!(out, "result: {verdict} in {:.1} ms", self.total_ms);
+        if !self.likely_causes.is_empty() {
+            let _ = writeln!(out, "likely causes:");
+            for cause in &self.likely_causes {
+                let _ = writeln!(out, "  - {cause}");
+            }
+        }
+        out
+    }
+}
