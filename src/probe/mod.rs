@@ -210,29 +210,11 @@ impl<'a> Run<'a> {
         let deadline = self.layer_deadline();
         let mut stream = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
         let deadline = self.layer_deadline();
-        let confirm = self
-            .layer(Layer::X224, negotiate(&mut stream, deadline))
+        let selected = self
+            .layer(Layer::X224, async {
+                interpret_confirm(negotiate(&mut stream, deadline).await?)
+            })
             .await?;
-        let selected = match confirm {
-            ConnectionConfirm::Negotiated {
-                selected,
-                selected_raw,
-                ..
-            } => selected.ok_or_else(|| {
-                Failure::new(
-                    FailureReason::UnexpectedPdu,
-                    format!("server selected unknown protocol {selected_raw:#x}"),
-                )
-            })?,
-            ConnectionConfirm::NoNegotiation => SecurityProtocol::Rdp,
-            ConnectionConfirm::NegotiationFailure(code) => return Err(Failure::negotiation(code)),
-            ConnectionConfirm::McsDisconnect => {
-                return Err(Failure::new(
-                    FailureReason::UnexpectedPdu,
-                    "server answered with an MCS Disconnect-Provider-Ultimatum and closed",
-                ));
-            }
-        };
         self.selected = Some(selected);
         if !selected.starts_tls() {
             self.findings.push(Finding::NoTls);
@@ -337,6 +319,28 @@ fn classify_connect_error(addr: SocketAddr, e: &io::Error) -> Failure {
         _ => FailureReason::TcpUnreachable,
     };
     Failure::new(reason, format!("connect to {addr}: {e}"))
+}
+
+/// What the Connection Confirm means for reachability: the selected protocol, or a failure.
+fn interpret_confirm(confirm: ConnectionConfirm) -> Result<SecurityProtocol, Failure> {
+    match confirm {
+        ConnectionConfirm::Negotiated {
+            selected,
+            selected_raw,
+            ..
+        } => selected.ok_or_else(|| {
+            Failure::new(
+                FailureReason::UnexpectedPdu,
+                format!("server selected unknown protocol {selected_raw:#x}"),
+            )
+        }),
+        ConnectionConfirm::NoNegotiation => Ok(SecurityProtocol::Rdp),
+        ConnectionConfirm::NegotiationFailure(code) => Err(Failure::negotiation(code)),
+        ConnectionConfirm::McsDisconnect => Err(Failure::new(
+            FailureReason::UnexpectedPdu,
+            "server answered with an MCS Disconnect-Provider-Ultimatum and closed",
+        )),
+    }
 }
 
 /// Sends the Connection Request and reads exactly one TPKT back.

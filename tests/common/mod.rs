@@ -1,0 +1,164 @@
+//! Loopback test peers shared by the integration tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod xrdp;
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{CertificateParams, DnType, KeyPair};
+use rdphealth::probe::codec;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// How a fake peer answers the X.224 Connection Request.
+#[derive(Clone)]
+pub enum Peer {
+    /// Accept, read the request, never answer.
+    Silent,
+    /// Accept and close without reading or writing.
+    CloseImmediately,
+    /// Send raw bytes after the request, then close.
+    Raw(Vec<u8>),
+    /// Send raw bytes after the request, then keep the socket open and silent.
+    RawThenHang(Vec<u8>),
+    /// Select `protocol` and then run a TLS server with `tls`.
+    Tls {
+        protocol: u32,
+        tls: Arc<rustls::ServerConfig>,
+    },
+    /// Select SSL, then answer the ClientHello with raw bytes (e.g. an alert).
+    SslThenRaw(Vec<u8>),
+    /// Select SSL, then never answer the ClientHello.
+    SslThenSilent,
+}
+
+/// Starts a fake peer on 127.0.0.1:0 that serves every connection the same way.
+pub async fn spawn(peer: Peer) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let peer = peer.clone();
+            tokio::spawn(serve(stream, peer));
+        }
+    });
+    addr
+}
+
+async fn read_request(stream: &mut TcpStream) -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let mut got = 0;
+    // The probe sends 43 bytes; read until a complete TPKT is in.
+    while got < 4 || got < usize::from(u16::from_be_bytes([buf[2], buf[3]])).min(64) {
+        match stream.read(&mut buf[got..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    buf.truncate(got);
+    buf
+}
+
+async fn serve(mut stream: TcpStream, peer: Peer) {
+    if matches!(peer, Peer::CloseImmediately) {
+        return;
+    }
+    let request = read_request(&mut stream).await;
+    assert!(
+        codec::parse_connection_request(&request).is_ok(),
+        "probe sent a bad request"
+    );
+    match peer {
+        Peer::Silent => hang(stream).await,
+        Peer::CloseImmediately => {}
+        Peer::Raw(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+        }
+        Peer::RawThenHang(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+            hang(stream).await;
+        }
+        Peer::Tls { protocol, tls } => {
+            let _ = stream
+                .write_all(&codec::encode_negotiation_response(protocol, 0x01))
+                .await;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            if let Ok(mut tls) = acceptor.accept(stream).await {
+                let mut sink = [0u8; 256];
+                let _ = tokio::time::timeout(Duration::from_secs(2), tls.read(&mut sink)).await;
+            }
+        }
+        Peer::SslThenRaw(bytes) => {
+            let _ = stream
+                .write_all(&codec::encode_negotiation_response(1, 1))
+                .await;
+            let mut hello = [0u8; 512];
+            let _ = stream.read(&mut hello).await;
+            let _ = stream.write_all(&bytes).await;
+        }
+        Peer::SslThenSilent => {
+            let _ = stream
+                .write_all(&codec::encode_negotiation_response(1, 1))
+                .await;
+            hang(stream).await;
+        }
+    }
+}
+
+async fn hang(mut stream: TcpStream) {
+    let mut sink = [0u8; 512];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// A TLS server configuration with a self-signed certificate valid over the given window
+/// relative to now.
+pub fn tls_server(
+    valid_from: time::Duration,
+    valid_until: time::Duration,
+) -> Arc<rustls::ServerConfig> {
+    let now = time::OffsetDateTime::from(SystemTime::now());
+    let mut params = CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "rdp.test");
+    params.not_before = now + valid_from;
+    params.not_after = now + valid_until;
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+/// A TLS alert record: fatal, with the given description code.
+pub fn tls_alert(description: u8) -> Vec<u8> {
+    vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+}
+
+/// A loopback port that nothing listens on (bound, then released).
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
