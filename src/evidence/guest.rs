@@ -178,15 +178,15 @@ impl GuestEvidence {
         {
             out.push(GuestScenario::ListenerDisabled);
         }
-        if let Some(owner) = &self.port_owner {
-            if !owner.eq_ignore_ascii_case("TermService") {
-                out.push(GuestScenario::PortTakenByOtherProgram);
-            }
+        if let Some(owner) = &self.port_owner
+            && !owner.eq_ignore_ascii_case("TermService")
+        {
+            out.push(GuestScenario::PortTakenByOtherProgram);
         }
-        if let Some(port) = self.registry.get("PortNumber") {
-            if port.parse::<u16>().is_ok_and(|p| p != rdp_port) {
-                out.push(GuestScenario::PortChanged);
-            }
+        if let Some(port) = self.registry.get("PortNumber")
+            && port.parse::<u16>().is_ok_and(|p| p != rdp_port)
+        {
+            out.push(GuestScenario::PortChanged);
         }
         if self.has_event("Schannel", &[36871]) || self.tls.get("TLS 1.2") == Some(&false) {
             out.push(GuestScenario::TlsDisabled);
