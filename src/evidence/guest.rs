@@ -93,15 +93,14 @@ pub fn parse(output: &str) -> GuestEvidence {
                 if let (Some(provider), Some(Ok(id)), Some(Ok(count))) = (
                     get("provider"),
                     get("id").map(|v| v.parse()),
-                    get("count").map(|v| v.parse()),
-                ) {
-                    if count > 0 {
-                        ev.events.push(EventCount {
-                            provider,
-                            id,
-                            count,
-                        });
-                    }
+                    get("count").map(|v| v.parse::<u32>()),
+                ) && count > 0
+                {
+                    ev.events.push(EventCount {
+                        provider,
+                        id,
+                        count,
+                    });
                 }
             }
             "service" => {
