@@ -1,4 +1,9 @@
 //! rdphealth-operator: keeps Azure Windows VMs reachable over Remote Desktop.
 
+pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod probe;
