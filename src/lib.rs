@@ -1,5 +1,10 @@
 //! rdphealth-operator: keeps Azure Windows VMs reachable over Remote Desktop.
 
+pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod engine;
 pub mod evidence;
+pub mod http;
+pub mod metrics;
 pub mod probe;

@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, probe};
+use rdphealth::cli::{Cli, Command, LogFormat, crd, probe, run};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -26,6 +26,21 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
+            Command::Run(args) => match run::run(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, reason = e.reason(), "operator stopped");
+                    eprintln!("error: {}", error_chain(&e));
+                    ExitCode::from(1)
+                }
+            },
+            Command::Crd => match crd::run() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}", error_chain(&e));
+                    ExitCode::from(1)
+                }
+            },
         }
     })
 }
@@ -45,4 +60,16 @@ fn init_logging(format: LogFormat) {
     } else {
         builder.init();
     }
+}
+
+/// `error: cause: cause` from an error's source chain.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

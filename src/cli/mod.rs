@@ -1,6 +1,8 @@
 //! Command-line interface: argument types shared by `main` and the subcommand runners.
 
+pub mod crd;
 pub mod probe;
+pub mod run;
 
 use std::time::Duration;
 
@@ -28,6 +30,10 @@ pub struct Cli {
 pub enum Command {
     /// Probe an RDP endpoint layer by layer (TCP, X.224, TLS, certificate).
     Probe(probe::ProbeArgs),
+    /// Run the operator: watch RdpHealth objects, probe, and keep their status true.
+    Run(run::RunArgs),
+    /// Print the RdpHealth CustomResourceDefinition (YAML).
+    Crd,
 }
 
 /// Log output format.

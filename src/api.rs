@@ -1,0 +1,425 @@
+//! The `RdpHealth` API (`rdphealth.io/v1alpha1`): spec, status, the condition vocabulary and
+//! CRD generation. Every field's doc comment becomes its `kubectl explain` text.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// API group.
+pub const GROUP: &str = "rdphealth.io";
+/// API version.
+pub const VERSION: &str = "v1alpha1";
+/// The field manager of every write the operator makes (server-side apply).
+pub const FIELD_MANAGER: &str = "rdphealth-operator";
+/// File name of the generated CRD under `crds/`.
+pub const CRD_FILE: &str = "rdphealths.rdphealth.io.yaml";
+
+/// Condition types.
+pub mod conditions {
+    /// The endpoint answers RDP, judged with the failure/success thresholds.
+    pub const REACHABLE: &str = "Reachable";
+    /// Reachable and nothing to worry about (no failing probes, certificate fine).
+    pub const HEALTHY: &str = "Healthy";
+    /// The spec passed the controller's validation.
+    pub const VALID: &str = "Valid";
+    /// The RDP certificate is valid and not about to expire.
+    pub const CERTIFICATE_VALID: &str = "CertificateValid";
+}
+
+/// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
+/// reasons in PascalCase (e.g. `TcpTimeout`).
+pub mod reasons {
+    /// Reachable=True.
+    pub const REACHABLE: &str = "Reachable";
+    /// Not enough probes yet to decide.
+    pub const AWAITING_PROBES: &str = "AwaitingProbes";
+    /// The endpoint could not be resolved (e.g. no host and no Azure resolution).
+    pub const ENDPOINT_UNRESOLVED: &str = "EndpointUnresolved";
+    /// Monitoring is suspended by `spec.suspend`.
+    pub const SUSPENDED: &str = "Suspended";
+    /// The spec is invalid.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The spec is valid.
+    pub const SPEC_VALID: &str = "SpecValid";
+    /// Healthy=True.
+    pub const HEALTHY: &str = "Healthy";
+    /// Reachable, but recent probes failed (below the failure threshold).
+    pub const PROBES_FAILING: &str = "ProbesFailing";
+    /// Reachable=False.
+    pub const UNREACHABLE: &str = "Unreachable";
+    /// The certificate is valid and not about to expire.
+    pub const CERTIFICATE_VALID: &str = "CertificateValid";
+    /// The certificate expires within `spec.probe.certificateWarning`.
+    pub const CERTIFICATE_EXPIRING: &str = "CertificateExpiring";
+    /// The certificate has expired.
+    pub const CERTIFICATE_EXPIRED: &str = "CertificateExpired";
+    /// The certificate is not valid yet.
+    pub const CERTIFICATE_NOT_YET_VALID: &str = "CertificateNotYetValid";
+    /// The certificate could not be read.
+    pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
+    /// The server did not use TLS, so there is no certificate to judge.
+    pub const NO_TLS: &str = "NoTls";
+    /// Event: Reachable flipped to False.
+    pub const BECAME_UNREACHABLE: &str = "BecameUnreachable";
+    /// Event: Reachable flipped from False to True.
+    pub const RECOVERED: &str = "Recovered";
+    /// Reachable=False, but recent probes succeed (below the success threshold).
+    pub const RECOVERING: &str = "Recovering";
+}
+
+/// Pattern of a Go-style duration that Kubernetes CEL `duration()` understands.
+const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+/// Pattern of a duration that may also use days.
+const LONG_DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+/// Pattern of an Azure VM resource ID.
+pub const RESOURCE_ID_PATTERN: &str = r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}/resourceGroups/[-\w\._\(\)]{1,90}/providers/Microsoft\.Compute/virtualMachines/[-\w\.]{1,64}$";
+
+/// Keeps one Windows VM reachable over Remote Desktop: the operator probes its RDP endpoint
+/// and reports what it finds in status, Events and metrics.
+// Each `printcolumn(..)` repeats the same keys, which the lint mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "rdphealth.io",
+    version = "v1alpha1",
+    kind = "RdpHealth",
+    plural = "rdphealths",
+    shortname = "rdph",
+    namespaced,
+    status = "RdpHealthStatus",
+    derive = "PartialEq",
+    doc = "Keeps one Azure Windows VM reachable over Remote Desktop.",
+    printcolumn(
+        name = "Reachable",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Reachable")].status"#
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Reachable")].reason"#
+    ),
+    printcolumn(
+        name = "Last Probe",
+        type_ = "date",
+        json_path = ".status.lastProbe.time"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RdpHealthSpec {
+    /// The Azure VM to keep reachable.
+    pub vm: VmRef,
+    /// Where to probe. Without `host`, the address is resolved from Azure.
+    #[serde(default)]
+    pub endpoint: EndpointSpec,
+    /// How and how often to probe.
+    #[serde(default)]
+    pub probe: ProbeSpec,
+    /// What the operator may do when the VM is unreachable.
+    #[serde(default)]
+    pub remediation: RemediationSpec,
+    /// Stops probing and reporting while true; the status keeps its last observations.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Names the Azure VM.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRef {
+    /// ARM resource ID:
+    /// `/subscriptions/{guid}/resourceGroups/{group}/providers/Microsoft.Compute/virtualMachines/{name}`.
+    /// Immutable: create a new object to watch another VM.
+    #[schemars(length(max = 512), regex(pattern = RESOURCE_ID_PATTERN))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("vm.resourceId is immutable"))]
+    pub resource_id: String,
+}
+
+/// Which address of the VM to probe.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AddressType {
+    /// The public IP address of the VM's primary NIC.
+    #[default]
+    Public,
+    /// The private IP address of the VM's primary NIC (the operator runs in the same network).
+    Private,
+}
+
+/// The RDP endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSpec {
+    /// Host name or IP address to probe instead of the address from Azure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[^\s/]+$"))]
+    pub host: Option<String>,
+    /// TCP port of the RDP listener.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Which of the VM's addresses to probe when `host` is not set.
+    #[serde(default)]
+    pub address_type: AddressType,
+}
+
+impl Default for EndpointSpec {
+    fn default() -> Self {
+        Self {
+            host: None,
+            port: default_port(),
+            address_type: AddressType::Public,
+        }
+    }
+}
+
+fn default_port() -> u16 {
+    crate::probe::DEFAULT_RDP_PORT
+}
+
+/// Probe cadence, thresholds and certificate policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("duration(self.timeout) < duration(self.interval)").message("timeout must be shorter than interval"),
+    validation = Rule::new("duration(self.timeout) < duration(self.unhealthyInterval)").message("timeout must be shorter than unhealthyInterval"),
+)]
+pub struct ProbeSpec {
+    /// Time between probes while the endpoint is reachable, e.g. `30s`, `1m`.
+    #[serde(default = "default_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub interval: String,
+    /// Time between probes while probes fail, e.g. `10s`.
+    #[serde(default = "default_unhealthy_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub unhealthy_interval: String,
+    /// Deadline of one probe (TCP, X.224 and TLS together); shorter than both intervals.
+    #[serde(default = "default_timeout")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub timeout: String,
+    /// Consecutive failed probes before the endpoint counts as unreachable.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: u32,
+    /// Consecutive successful probes before an unreachable endpoint counts as reachable again.
+    #[serde(default = "default_success_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub success_threshold: u32,
+    /// A certificate expiring within this period makes `CertificateValid` false, e.g. `14d`.
+    #[serde(default = "default_certificate_warning")]
+    #[schemars(length(max = 32), regex(pattern = LONG_DURATION_PATTERN))]
+    pub certificate_warning: String,
+}
+
+impl Default for ProbeSpec {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            unhealthy_interval: default_unhealthy_interval(),
+            timeout: default_timeout(),
+            failure_threshold: default_failure_threshold(),
+            success_threshold: default_success_threshold(),
+            certificate_warning: default_certificate_warning(),
+        }
+    }
+}
+
+fn default_interval() -> String {
+    "30s".into()
+}
+fn default_unhealthy_interval() -> String {
+    "10s".into()
+}
+fn default_timeout() -> String {
+    "5s".into()
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_success_threshold() -> u32 {
+    2
+}
+fn default_certificate_warning() -> String {
+    "14d".into()
+}
+
+/// How far the operator may go to restore RDP access.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RemediationMode {
+    /// Probe and report only.
+    #[default]
+    Observe,
+    /// Plan remediation and report what would be done, without changing anything in Azure.
+    DryRun,
+    /// Remediate automatically (the lease holder only).
+    Auto,
+}
+
+/// Remediation policy. The remediation ladder's settings will be added here.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemediationSpec {
+    /// `Observe` (default), `DryRun` or `Auto`.
+    #[serde(default)]
+    pub mode: RemediationMode,
+}
+
+/// The lifecycle phase shown by `kubectl get rdph`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Not enough probes yet to decide.
+    Pending,
+    /// Reachable, no failing probes and the certificate is fine.
+    Healthy,
+    /// Reachable, but probes started failing or the certificate needs attention.
+    Degraded,
+    /// Unreachable for at least `failureThreshold` consecutive probes.
+    Unreachable,
+    /// `spec.suspend` is true.
+    Suspended,
+    /// The spec is invalid; fix it to resume.
+    Invalid,
+}
+
+impl Phase {
+    /// Every phase, in a stable order (metric label pre-registration).
+    pub const ALL: [Phase; 6] = [
+        Self::Pending,
+        Self::Healthy,
+        Self::Degraded,
+        Self::Unreachable,
+        Self::Suspended,
+        Self::Invalid,
+    ];
+
+    /// The phase name as written to status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Healthy => "Healthy",
+            Self::Degraded => "Degraded",
+            Self::Unreachable => "Unreachable",
+            Self::Suspended => "Suspended",
+            Self::Invalid => "Invalid",
+        }
+    }
+}
+
+/// What the operator observed, written by server-side apply under `rdphealth-operator`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RdpHealthStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Summary: Pending, Healthy, Degraded, Unreachable, Suspended or Invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// `Reachable`, `Healthy`, `Valid` and `CertificateValid`; `lastTransitionTime` moves only
+    /// when a condition's status flips.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The most recent probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe: Option<LastProbe>,
+    /// Failed probes in a row (0 after a success).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Successful probes in a row (0 after a failure).
+    #[serde(default)]
+    pub consecutive_successes: u32,
+    /// When `Reachable` last became False.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_to_unreachable: Option<Time>,
+    /// The endpoint that was probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<ResolvedEndpoint>,
+}
+
+/// The outcome of one probe.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LastProbe {
+    /// When the probe finished.
+    pub time: MicroTime,
+    /// Whether the RDP handshake (and TLS, when selected) succeeded.
+    pub reachable: bool,
+    /// Why it failed: the prober's bounded reason, e.g. `tcp_timeout`, `tls_handshake_failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// Details of the failure, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How long the probe took, in milliseconds.
+    pub latency_ms: u64,
+    /// The security protocol the server selected: `rdp`, `ssl`, `hybrid`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_protocol: Option<String>,
+    /// The negotiated TLS version, e.g. `TLSv1.2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_version: Option<String>,
+    /// End of validity of the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<Time>,
+}
+
+/// Where the endpoint came from.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// `spec.endpoint.host`.
+    Spec,
+    /// Resolved from the VM's network interface in Azure.
+    Azure,
+}
+
+/// The probed endpoint.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedEndpoint {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Where `host` came from.
+    pub source: EndpointSource,
+}
+
+/// Conditions as a list-map keyed by `type`, so server-side apply merges them per type.
+fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    let item = generator.subschema_for::<Condition>();
+    json_schema!({
+        "type": "array",
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["type"],
+        "items": item,
+    })
+}
+
+/// Errors of CRD rendering.
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// The CRD could not be serialised.
+    #[error("failed to render the CRD as YAML")]
+    Render(#[source] serde_saphyr::ser::Error),
+}
+
+impl CrdError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Render(_) => "CrdRenderFailed",
+        }
+    }
+}
+
+/// The CRD as YAML: exactly what `crds/rdphealths.rdphealth.io.yaml` holds.
+pub fn crd_yaml() -> Result<String, CrdError> {
+    serde_saphyr::to_string(&RdpHealth::crd()).map_err(CrdError::Render)
+}

@@ -1,0 +1,146 @@
+//! `rdphealth run`: the operator. Every flag can also be set from the environment.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use kube::Client;
+use tokio::net::TcpListener;
+
+use crate::{
+    controller::{self, LeaseSettings, RunError, Seams, Settings},
+    engine::HostOverride,
+    probe::RdpProber,
+};
+
+/// Arguments of `rdphealth run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "RDPHEALTH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Objects reconciled (probed) at the same time.
+    #[arg(long, env = "RDPHEALTH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub concurrency: u16,
+    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
+    #[arg(long, env = "RDPHEALTH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Elect a leader through a coordination.k8s.io Lease (needed with more than one replica).
+    #[arg(long, env = "RDPHEALTH_LEADER_ELECTION", default_value_t = false)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(
+        long,
+        env = "RDPHEALTH_LEASE_NAME",
+        default_value = "rdphealth-operator"
+    )]
+    pub lease_name: String,
+    /// Namespace of the Lease (usually the operator's own namespace).
+    #[arg(long, env = "RDPHEALTH_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "RDPHEALTH_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// This replica's identity in the Lease and in Events (default: the host name, i.e. the pod name).
+    #[arg(long, env = "RDPHEALTH_IDENTITY")]
+    pub identity: Option<String>,
+}
+
+/// Errors of `rdphealth run`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunCommandError {
+    /// No usable Kubernetes configuration.
+    #[error("failed to create a Kubernetes client")]
+    Client(#[source] kube::Error),
+    /// The metrics address could not be bound.
+    #[error("failed to listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS configuration of the prober could not be built.
+    #[error("failed to set up the prober")]
+    Prober(#[source] rustls::Error),
+    /// The operator stopped with an error.
+    #[error("operator failed")]
+    Run(#[source] RunError),
+}
+
+impl RunCommandError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Client(_) => "ClientFailed",
+            Self::Listen { .. } => "ListenFailed",
+            Self::Prober(_) => "ProberSetupFailed",
+            Self::Run(e) => e.reason(),
+        }
+    }
+}
+
+impl RunArgs {
+    /// The controller settings these arguments describe.
+    pub fn settings(&self) -> Settings {
+        let identity = self
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "rdphealth-operator".into());
+        Settings {
+            namespace: self.namespace.clone(),
+            concurrency: self.concurrency,
+            lease: self.leader_election.then(|| LeaseSettings {
+                name: self.lease_name.clone(),
+                namespace: self.lease_namespace.clone(),
+                identity: identity.clone(),
+                duration_seconds: self.lease_duration_seconds.max(2),
+                grace_seconds: (self.lease_duration_seconds / 3).max(1),
+            }),
+            instance: Some(identity),
+        }
+    }
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
+    let client = Client::try_default()
+        .await
+        .map_err(RunCommandError::Client)?;
+    let listener = TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| RunCommandError::Listen {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    let seams = Seams {
+        prober: Arc::new(RdpProber::new().map_err(RunCommandError::Prober)?),
+        resolver: Arc::new(HostOverride),
+    };
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    controller::run(client, args.settings(), seams, listener, shutdown_signal())
+        .await
+        .map_err(RunCommandError::Run)
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

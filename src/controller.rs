@@ -1,0 +1,521 @@
+//! The Kubernetes driver: a kube-runtime `Controller` over `RdpHealth` objects that asks the
+//! engine what to do, probes, and persists the engine's verdict (status by server-side apply,
+//! Events on transitions, metrics).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Client, Resource,
+    api::{Api, Patch, PatchParams},
+    core::{DeserializeGuard, error_boundary::InvalidObject},
+    runtime::{
+        Controller,
+        controller::{Action, Config},
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::Store,
+        watcher,
+    },
+};
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus},
+    engine::{self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec},
+    http::{self, HttpError, HttpState},
+    metrics::{Inventory, Metrics, MetricsError, ObjectKey},
+    probe::{Prober, Target},
+};
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object does not match the schema this operator understands.
+    #[error("failed to decode the object: {0}")]
+    Malformed(#[source] Box<InvalidObject>),
+    /// The object has no namespace (RdpHealth is namespaced; this is a broken object).
+    #[error("failed to identify the object: it has no namespace or name")]
+    MissingKey,
+    /// The status patch was rejected.
+    #[error("failed to patch the status")]
+    PatchStatus(#[source] kube::Error),
+}
+
+impl Error {
+    /// PascalCase reason (metric label, event reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "MalformedObject",
+            Self::MissingKey => "MissingKey",
+            Self::PatchStatus(_) => "PatchStatusFailed",
+        }
+    }
+
+    /// Errors that retrying cannot fix: wait for the object to change instead.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Malformed(_) | Self::MissingKey)
+    }
+}
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Metrics could not be set up.
+    #[error("failed to set up metrics")]
+    Metrics(#[source] MetricsError),
+    /// The lease for leader election could not be set up.
+    #[error("failed to set up leader election")]
+    Lease(#[source] LeaseManagerError),
+    /// The HTTP server failed.
+    #[error("failed to serve HTTP")]
+    Http(#[source] HttpError),
+}
+
+impl RunError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Metrics(_) => "MetricsSetupFailed",
+            Self::Lease(_) => "LeaseSetupFailed",
+            Self::Http(_) => "HttpFailed",
+        }
+    }
+}
+
+/// Whether this replica holds the lease. Every replica probes; only the leader will act
+/// once remediation exists.
+#[derive(Debug, Clone)]
+pub struct Leadership(watch::Receiver<bool>);
+
+impl Leadership {
+    /// Leadership without election (one replica): always the leader.
+    pub fn always() -> Self {
+        let (_, rx) = watch::channel(true);
+        Self(rx)
+    }
+
+    /// Leadership that follows `rx`.
+    pub fn from_receiver(rx: watch::Receiver<bool>) -> Self {
+        Self(rx)
+    }
+
+    /// True while this replica holds the lease.
+    pub fn is_leader(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// Lease settings for leader election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// Lease name.
+    pub name: String,
+    /// Lease namespace.
+    pub namespace: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// Seconds a lease stays valid without renewal.
+    pub duration_seconds: u64,
+    /// Seconds before expiry at which the holder renews.
+    pub grace_seconds: u64,
+}
+
+/// How the operator runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Watch one namespace, or all when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Leader election, or `None` for a single replica.
+    pub lease: Option<LeaseSettings>,
+    /// This replica's name, shown as the reporting instance of Events.
+    pub instance: Option<String>,
+}
+
+/// The I/O the engine is fed through: swapped in tests.
+#[derive(Clone)]
+pub struct Seams {
+    /// Probes endpoints.
+    pub prober: Arc<dyn Prober>,
+    /// Finds endpoints.
+    pub resolver: Arc<dyn EndpointResolver>,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    seams: Seams,
+    metrics: Arc<Metrics>,
+    leadership: Leadership,
+    /// Failed reconciles in a row, per object (exponential backoff).
+    failures: Mutex<HashMap<ObjectKey, u32>>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(
+        client: Client,
+        seams: Seams,
+        metrics: Arc<Metrics>,
+        leadership: Leadership,
+        instance: Option<String>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            seams,
+            metrics,
+            leadership,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This replica's leadership.
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, u32>> {
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves the endpoint and probes it once.
+    async fn observe(&self, spec: &ValidSpec) -> Observation {
+        let endpoint = match self.seams.resolver.resolve(spec).await {
+            Ok(endpoint) => endpoint,
+            Err(e) => return Observation::Unresolved(e),
+        };
+        let target = Target {
+            host: endpoint.host.clone(),
+            port: endpoint.port,
+        };
+        let report = self
+            .seams
+            .prober
+            .probe(&target, &spec.probe.options())
+            .await;
+        self.metrics.probe_finished(&report);
+        Observation::Probed {
+            endpoint,
+            report: Box::new(report),
+        }
+    }
+}
+
+/// Delay before retrying after `attempt` failed reconciles in a row: 1 s doubling to 5 min.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    const MAX: Duration = Duration::from_secs(300);
+    let exp = attempt.saturating_sub(1).min(16);
+    Duration::from_secs(1u64 << exp).min(MAX)
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> Option<ObjectKey> {
+    Some(ObjectKey {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+    })
+}
+
+fn meta_of(guard: &DeserializeGuard<RdpHealth>) -> &kube::api::ObjectMeta {
+    match &guard.0 {
+        Ok(obj) => &obj.metadata,
+        Err(invalid) => &invalid.metadata,
+    }
+}
+
+/// Reconciles one object: schedule → (resolve, probe) → evaluate → status, metrics, events.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<RdpHealth>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let obj = match &guard.0 {
+        Ok(obj) => obj,
+        Err(invalid) => return Err(Error::Malformed(Box::new(invalid.clone()))),
+    };
+    let key = key_of(&obj.metadata).ok_or(Error::MissingKey)?;
+    let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name, vm = %obj.spec.vm.resource_id);
+    reconcile_object(obj, &key, &ctx).instrument(span).await
+}
+
+async fn reconcile_object(
+    obj: &RdpHealth,
+    key: &ObjectKey,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let observation = match engine::schedule(obj, Timestamp::now()) {
+        Schedule::Wait(left) => {
+            debug!(wait_ms = left.as_millis() as u64, "no probe due");
+            ctx.failures().remove(key);
+            return Ok(Action::requeue(left));
+        }
+        Schedule::AwaitChange => return Ok(Action::await_change()),
+        Schedule::Report => Observation::NotProbed,
+        Schedule::Probe(spec) => ctx.observe(&spec).await,
+    };
+    let outcome = engine::evaluate(obj, observation, Timestamp::now());
+    patch_status(&ctx.client, key, &outcome.status).await?;
+    ctx.metrics.object_status(key, &outcome.status);
+    publish(ctx, obj, &outcome.events).await;
+    ctx.failures().remove(key);
+    debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
+    Ok(match outcome.next {
+        Next::Requeue(after) => Action::requeue(after),
+        Next::AwaitChange => Action::await_change(),
+    })
+}
+
+/// Writes the whole status by server-side apply under [`FIELD_MANAGER`].
+async fn patch_status(
+    client: &Client,
+    key: &ObjectKey,
+    status: &RdpHealthStatus,
+) -> Result<(), Error> {
+    let api: Api<RdpHealth> = Api::namespaced(client.clone(), &key.namespace);
+    let body = json!({
+        "apiVersion": RdpHealth::api_version(&()),
+        "kind": RdpHealth::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &key.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    Ok(())
+}
+
+/// Publishes the engine's events. A lost Event must not undo a status that was written, so
+/// failures are logged and counted rather than failing the reconcile.
+async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event]) {
+    let reference = obj.object_ref(&());
+    for event in events {
+        let ev = KubeEvent {
+            type_: match event.severity {
+                Severity::Normal => EventType::Normal,
+                Severity::Warning => EventType::Warning,
+            },
+            reason: event.reason.to_string(),
+            note: Some(event.note.clone()),
+            action: "Probe".into(),
+            secondary: None,
+        };
+        info!(reason = event.reason, note = %event.note, "event");
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(error = %e, reason = event.reason, "failed to publish event");
+            ctx.metrics.reconcile_failed("PublishEventFailed");
+        }
+    }
+}
+
+/// Decides how to retry after an error: permanent errors wait for a change; others back off
+/// exponentially per object.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<RdpHealth>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.reconcile_failed(error.reason());
+    let meta = meta_of(&guard);
+    let name = meta.name.as_deref().unwrap_or_default();
+    let namespace = meta.namespace.as_deref().unwrap_or_default();
+    if error.is_permanent() {
+        warn!(%namespace, %name, reason = error.reason(), error = %error, "waiting for the object to change");
+        return Action::await_change();
+    }
+    let attempt = match key_of(meta) {
+        Some(key) => {
+            let mut failures = ctx.failures();
+            let n = failures.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        None => 1,
+    };
+    let delay = backoff_delay(attempt);
+    warn!(%namespace, %name, reason = error.reason(), error = %error, attempt, retry_ms = delay.as_millis() as u64, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The controller's object cache, as the metrics see it.
+struct StoreInventory(Store<DeserializeGuard<RdpHealth>>);
+
+impl Inventory for StoreInventory {
+    fn objects(&self) -> Vec<(ObjectKey, Option<Phase>)> {
+        self.0
+            .state()
+            .iter()
+            .filter_map(|guard| {
+                let key = key_of(meta_of(guard))?;
+                let phase = guard
+                    .0
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| o.status.as_ref())
+                    .and_then(|s| s.phase);
+                Some((key, phase))
+            })
+            .collect()
+    }
+}
+
+async fn elect(
+    client: &Client,
+    lease: &LeaseSettings,
+) -> Result<(Leadership, Option<LeaseTask>), RunError> {
+    let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(lease.duration_seconds)
+        .with_grace(lease.grace_seconds)
+        .build()
+        .await
+        .map_err(RunError::Lease)?;
+    let (rx, task) = manager.watch().await;
+    let mut changes = rx.clone();
+    let identity = lease.identity.clone();
+    let logger = tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let leader = *changes.borrow_and_update();
+            info!(identity = %identity, leader, "leadership changed");
+        }
+    });
+    Ok((
+        Leadership::from_receiver(rx),
+        Some(LeaseTask { task, logger }),
+    ))
+}
+
+/// The running lease manager and the task logging leadership changes.
+struct LeaseTask {
+    task: tokio::task::JoinHandle<Result<kube_lease_manager::LeaseManager, LeaseManagerError>>,
+    logger: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseTask {
+    /// Releases the lease: the manager does so once every leadership receiver is gone.
+    async fn release(self) {
+        self.logger.abort();
+        let _ = self.logger.await;
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "failed to release the lease"),
+            Err(_) => warn!("timed out releasing the lease"),
+            _ => info!("lease released"),
+        }
+    }
+}
+
+/// Runs the operator until `shutdown` resolves: the controller, the HTTP endpoints on
+/// `listener`, and leader election when configured.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    seams: Seams,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new().map_err(RunError::Metrics)?);
+    let (leadership, lease_task) = match &settings.lease {
+        Some(lease) => elect(&client, lease).await?,
+        None => (Leadership::always(), None),
+    };
+    let api: Api<DeserializeGuard<RdpHealth>> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(api, watcher::Config::default())
+        .with_config(Config::default().concurrency(settings.concurrency.max(1)));
+    let store = controller.store();
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let ready_flag = Arc::clone(&ready);
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            info!("first watch sync done: ready");
+            ready_flag.store(true, Ordering::Release);
+        }
+    });
+    let state = HttpState {
+        metrics: Arc::clone(&metrics),
+        inventory: Arc::new(StoreInventory(store)),
+        ready,
+    };
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, state, async move {
+        let _ = http_stopped.await;
+    }));
+
+    let ctx = Arc::new(Context::new(
+        client,
+        seams,
+        metrics,
+        leadership,
+        settings.instance.clone(),
+    ));
+    info!(namespace = ?settings.namespace, concurrency = settings.concurrency, "controller starting");
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    info!("controller stopped; shutting down");
+    let _ = stop_http.send(());
+    let served = server.await;
+    if let Some(lease) = lease_task {
+        lease.release().await;
+    }
+    match served {
+        Ok(result) => result.map_err(RunError::Http),
+        Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+
+    #[rstest]
+    #[case(0, 1)]
+    #[case(1, 1)]
+    #[case(2, 2)]
+    #[case(3, 4)]
+    #[case(6, 32)]
+    #[case(9, 256)]
+    #[case(10, 300)]
+    #[case(u32::MAX, 300)]
+    fn backoff_doubles_and_caps(#[case] attempt: u32, #[case] secs: u64) {
+        assert_eq!(backoff_delay(attempt), Duration::from_secs(secs));
+    }
+}

@@ -1,0 +1,166 @@
+//! When to probe. Every status write comes back as a watch event; `schedule` makes those
+//! reconciles cheap (no probe) unless a probe is actually due or the spec changed.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::{
+    conditions::{self, Status},
+    spec::ValidSpec,
+};
+use crate::api::{Phase, RdpHealth, conditions as types, reasons};
+
+/// What the driver should do with an object now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    /// Nothing is due: look again after this long.
+    Wait(Duration),
+    /// Nothing can change until the object does (invalid spec or suspension already reported,
+    /// endpoint that cannot be resolved).
+    AwaitChange,
+    /// The status must be rewritten without probing (the spec became invalid or suspended).
+    Report,
+    /// A probe is due.
+    Probe(Box<ValidSpec>),
+}
+
+/// Decides whether `obj` needs a probe at `now`.
+pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
+    let status = obj.status.clone().unwrap_or_default();
+    let current = status.observed_generation.is_some()
+        && status.observed_generation == obj.metadata.generation;
+    let spec = match ValidSpec::try_from(&obj.spec) {
+        Ok(spec) => spec,
+        Err(_) if current && status.phase == Some(Phase::Invalid) => return Schedule::AwaitChange,
+        Err(_) => return Schedule::Report,
+    };
+    if spec.suspend {
+        return if current && status.phase == Some(Phase::Suspended) {
+            Schedule::AwaitChange
+        } else {
+            Schedule::Report
+        };
+    }
+    if !current {
+        return Schedule::Probe(Box::new(spec));
+    }
+    let unresolved = conditions::find(&status.conditions, types::REACHABLE)
+        .is_some_and(|c| c.reason == reasons::ENDPOINT_UNRESOLVED);
+    if unresolved {
+        return Schedule::AwaitChange;
+    }
+    let Some(last) = status.last_probe.as_ref() else {
+        return Schedule::Probe(Box::new(spec));
+    };
+    let failing = status.consecutive_failures > 0
+        || conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
+    let interval = if failing {
+        spec.probe.unhealthy_interval
+    } else {
+        spec.probe.interval
+    };
+    let elapsed = now.duration_since(last.time.0);
+    // A last probe "in the future" (clock skew between replicas) counts as just done.
+    let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
+    match interval.checked_sub(elapsed) {
+        Some(left) if !left.is_zero() => Schedule::Wait(left),
+        _ => Schedule::Probe(Box::new(spec)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+    use rstest::rstest;
+
+    use super::*;
+    use crate::{
+        api::{LastProbe, RdpHealthStatus},
+        engine::testing::{at, object},
+    };
+
+    fn probed(at_s: i64, failures: u32, reachable: &str, generation: i64) -> RdpHealthStatus {
+        RdpHealthStatus {
+            observed_generation: Some(generation),
+            phase: Some(Phase::Healthy),
+            conditions: vec![Condition {
+                type_: "Reachable".into(),
+                status: reachable.into(),
+                reason: "Reachable".into(),
+                message: String::new(),
+                observed_generation: Some(generation),
+                last_transition_time: Time(at(0)),
+            }],
+            last_probe: Some(LastProbe {
+                time: MicroTime(at(at_s)),
+                reachable: failures == 0,
+                failure_reason: None,
+                message: None,
+                latency_ms: 1,
+                selected_protocol: None,
+                tls_version: None,
+                certificate_not_after: None,
+            }),
+            consecutive_failures: failures,
+            ..Default::default()
+        }
+    }
+
+    fn secs(s: u64) -> Schedule {
+        Schedule::Wait(Duration::from_secs(s))
+    }
+
+    /// Object with interval 30s, unhealthyInterval 10s, generation 1.
+    #[rstest]
+    #[case::never_probed(None, 100, "probe")]
+    #[case::fresh_healthy(Some(probed(90, 0, "True", 1)), 100, "wait 20")]
+    #[case::due_healthy(Some(probed(70, 0, "True", 1)), 100, "probe")]
+    #[case::overdue_healthy(Some(probed(10, 0, "True", 1)), 100, "probe")]
+    #[case::failing_uses_unhealthy_interval(Some(probed(95, 1, "True", 1)), 100, "wait 5")]
+    #[case::failing_due(Some(probed(90, 1, "True", 1)), 100, "probe")]
+    #[case::unreachable_uses_unhealthy_interval(Some(probed(95, 0, "False", 1)), 100, "wait 5")]
+    #[case::spec_changed(Some(probed(99, 0, "True", 0)), 100, "probe")]
+    #[case::clock_skew(Some(probed(130, 0, "True", 1)), 100, "wait 30")]
+    fn probe_timing(#[case] status: Option<RdpHealthStatus>, #[case] now: i64, #[case] want: &str) {
+        let mut obj = object(|_| {});
+        obj.status = status;
+        let got = schedule(&obj, at(now));
+        match want {
+            "probe" => assert!(matches!(got, Schedule::Probe(_)), "{got:?}"),
+            "wait 20" => assert_eq!(got, secs(20)),
+            "wait 5" => assert_eq!(got, secs(5)),
+            "wait 30" => assert_eq!(got, secs(30)),
+            other => panic!("bad case {other}"),
+        }
+    }
+
+    #[rstest]
+    #[case::invalid_new(|o: &mut RdpHealth| o.spec.probe.interval = "x".into(), None, Schedule::Report)]
+    #[case::invalid_reported(|o: &mut RdpHealth| o.spec.probe.interval = "x".into(), Some(Phase::Invalid), Schedule::AwaitChange)]
+    #[case::suspended_new(|o: &mut RdpHealth| o.spec.suspend = true, Some(Phase::Healthy), Schedule::Report)]
+    #[case::suspended_reported(|o: &mut RdpHealth| o.spec.suspend = true, Some(Phase::Suspended), Schedule::AwaitChange)]
+    fn no_probe_needed(
+        #[case] edit: fn(&mut RdpHealth),
+        #[case] phase: Option<Phase>,
+        #[case] want: Schedule,
+    ) {
+        let mut obj = object(edit);
+        obj.status = Some(RdpHealthStatus {
+            observed_generation: Some(1),
+            phase,
+            ..Default::default()
+        });
+        assert_eq!(schedule(&obj, at(100)), want);
+    }
+
+    #[test]
+    fn unresolved_endpoint_waits_for_a_change() {
+        let mut obj = object(|o| o.spec.endpoint.host = None);
+        let mut status = probed(90, 0, "Unknown", 1);
+        status.conditions[0].reason = reasons::ENDPOINT_UNRESOLVED.into();
+        status.last_probe = None;
+        obj.status = Some(status);
+        assert_eq!(schedule(&obj, at(100)), Schedule::AwaitChange);
+    }
+}

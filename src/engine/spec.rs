@@ -1,0 +1,347 @@
+//! Parse, don't validate: a `RdpHealthSpec` that passes becomes a `ValidSpec` the engine trusts.
+//! The rules mirror the CRD schema (patterns, ranges, CEL), so objects that slipped past the
+//! API server (older CRD, schema disabled) are still caught.
+
+use std::time::Duration;
+
+use crate::{
+    api::{AddressType, RdpHealthSpec, RemediationMode},
+    probe::{ProbeOptions, Target, TargetError},
+};
+
+/// An Azure VM's identity, parsed from its ARM resource ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmId {
+    /// Subscription GUID.
+    pub subscription: String,
+    /// Resource group name.
+    pub resource_group: String,
+    /// VM name.
+    pub name: String,
+}
+
+/// A spec the engine can trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSpec {
+    /// The VM.
+    pub vm: VmId,
+    /// Host override (already checked to be a valid host name or address).
+    pub host: Option<String>,
+    /// RDP port.
+    pub port: u16,
+    /// Which VM address to probe when there is no host override.
+    pub address_type: AddressType,
+    /// Probe cadence and thresholds.
+    pub probe: ProbePolicy,
+    /// Remediation mode.
+    pub mode: RemediationMode,
+    /// Monitoring suspended.
+    pub suspend: bool,
+}
+
+/// Probe cadence, thresholds and certificate policy, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbePolicy {
+    /// Interval while reachable.
+    pub interval: Duration,
+    /// Interval while probes fail.
+    pub unhealthy_interval: Duration,
+    /// Deadline of one probe.
+    pub timeout: Duration,
+    /// Failures in a row before Reachable becomes False.
+    pub failure_threshold: u32,
+    /// Successes in a row before Reachable becomes True again.
+    pub success_threshold: u32,
+    /// Certificate warning period.
+    pub certificate_warning: Duration,
+}
+
+impl ProbePolicy {
+    /// The prober options for this policy.
+    pub fn options(&self) -> ProbeOptions {
+        ProbeOptions {
+            timeout: self.timeout,
+            layer_timeout: None,
+            cert_warning: self.certificate_warning,
+        }
+    }
+}
+
+/// Why a spec is invalid. The message is shown in the `Valid` condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// `vm.resourceId` is not a VM resource ID.
+    #[error(
+        "vm.resourceId {0:?} is not /subscriptions/{{guid}}/resourceGroups/{{group}}/providers/Microsoft.Compute/virtualMachines/{{name}}"
+    )]
+    ResourceId(String),
+    /// A duration field does not parse.
+    #[error("probe.{field} {value:?} is not a duration such as 30s, 1m or 1h30m")]
+    Duration {
+        /// camelCase field name.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A duration is zero.
+    #[error("probe.{0} must be greater than zero")]
+    ZeroDuration(&'static str),
+    /// The probe timeout does not fit in an interval.
+    #[error("probe.timeout ({timeout}) must be shorter than probe.{field} ({interval})")]
+    TimeoutTooLong {
+        /// The interval it must fit in.
+        field: &'static str,
+        /// The timeout as given.
+        timeout: String,
+        /// The interval as given.
+        interval: String,
+    },
+    /// A threshold is out of range.
+    #[error("probe.{field} {value} is out of range (1-100)")]
+    Threshold {
+        /// camelCase field name.
+        field: &'static str,
+        /// The value given.
+        value: u32,
+    },
+    /// The endpoint port is 0.
+    #[error("endpoint.port must be between 1 and 65535")]
+    Port,
+    /// The host override is not a valid host.
+    #[error("endpoint.host is invalid: {0}")]
+    Host(#[source] TargetError),
+}
+
+impl SpecError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        "InvalidSpec"
+    }
+}
+
+impl TryFrom<&RdpHealthSpec> for ValidSpec {
+    type Error = SpecError;
+
+    fn try_from(spec: &RdpHealthSpec) -> Result<Self, SpecError> {
+        let p = &spec.probe;
+        let interval = duration("interval", &p.interval, false)?;
+        let unhealthy_interval = duration("unhealthyInterval", &p.unhealthy_interval, false)?;
+        let timeout = duration("timeout", &p.timeout, false)?;
+        let certificate_warning = duration("certificateWarning", &p.certificate_warning, true)?;
+        for (field, value) in [
+            ("interval", &p.interval),
+            ("unhealthyInterval", &p.unhealthy_interval),
+        ] {
+            let limit = duration(field, value, false)?;
+            if timeout >= limit {
+                return Err(SpecError::TimeoutTooLong {
+                    field,
+                    timeout: p.timeout.clone(),
+                    interval: value.clone(),
+                });
+            }
+        }
+        let failure_threshold = threshold("failureThreshold", p.failure_threshold)?;
+        let success_threshold = threshold("successThreshold", p.success_threshold)?;
+        if spec.endpoint.port == 0 {
+            return Err(SpecError::Port);
+        }
+        let host = match &spec.endpoint.host {
+            Some(host) => Some(
+                Target::new(host.clone(), spec.endpoint.port)
+                    .map_err(SpecError::Host)?
+                    .host,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            vm: parse_resource_id(&spec.vm.resource_id)?,
+            host,
+            port: spec.endpoint.port,
+            address_type: spec.endpoint.address_type,
+            probe: ProbePolicy {
+                interval,
+                unhealthy_interval,
+                timeout,
+                failure_threshold,
+                success_threshold,
+                certificate_warning,
+            },
+            mode: spec.remediation.mode,
+            suspend: spec.suspend,
+        })
+    }
+}
+
+fn threshold(field: &'static str, value: u32) -> Result<u32, SpecError> {
+    if (1..=100).contains(&value) {
+        Ok(value)
+    } else {
+        Err(SpecError::Threshold { field, value })
+    }
+}
+
+/// Parses `30s`, `250ms`, `1h30m` (and `14d` when `days`): the schema's duration pattern,
+/// which is also what Kubernetes CEL `duration()` accepts (without days).
+pub fn parse_duration(s: &str, days: bool) -> Option<Duration> {
+    let mut rest = s;
+    let mut total = Duration::ZERO;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else {
+            let unit = match rest.bytes().next()? {
+                b's' => Duration::from_secs(1),
+                b'm' => Duration::from_secs(60),
+                b'h' => Duration::from_secs(3600),
+                b'd' if days => Duration::from_secs(86_400),
+                _ => return None,
+            };
+            (unit, 1)
+        };
+        rest = &rest[len..];
+        total = total.checked_add(unit.checked_mul(u32::try_from(value).ok()?)?)?;
+    }
+    Some(total)
+}
+
+fn duration(field: &'static str, value: &str, days: bool) -> Result<Duration, SpecError> {
+    match parse_duration(value, days) {
+        None => Err(SpecError::Duration {
+            field,
+            value: value.to_string(),
+        }),
+        Some(d) if d.is_zero() => Err(SpecError::ZeroDuration(field)),
+        Some(d) => Ok(d),
+    }
+}
+
+/// Parses `/subscriptions/{guid}/resourceGroups/{group}/providers/Microsoft.Compute/virtualMachines/{name}`
+/// with the same rules as the schema's pattern.
+pub fn parse_resource_id(id: &str) -> Result<VmId, SpecError> {
+    let bad = || SpecError::ResourceId(id.to_string());
+    let parts: Vec<&str> = id.split('/').collect();
+    let [
+        "",
+        "subscriptions",
+        subscription,
+        "resourceGroups",
+        group,
+        "providers",
+        "Microsoft.Compute",
+        "virtualMachines",
+        name,
+    ] = parts.as_slice()
+    else {
+        return Err(bad());
+    };
+    let group_ok = (1..=90).contains(&group.len())
+        && group
+            .chars()
+            .all(|c| c.is_alphanumeric() || "-_.()".contains(c));
+    let name_ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || "-_.".contains(c));
+    if !is_guid(subscription) || !group_ok || !name_ok {
+        return Err(bad());
+    }
+    Ok(VmId {
+        subscription: subscription.to_string(),
+        resource_group: group.to_string(),
+        name: name.to_string(),
+    })
+}
+
+fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use rstest::rstest;
+
+    use super::*;
+    use crate::api::{EndpointSpec, ProbeSpec, VmRef};
+
+    pub(crate) const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-1/providers/Microsoft.Compute/virtualMachines/vm-1";
+
+    fn spec() -> RdpHealthSpec {
+        RdpHealthSpec {
+            vm: VmRef {
+                resource_id: VM.into(),
+            },
+            endpoint: EndpointSpec {
+                host: Some("10.0.0.4".into()),
+                ..EndpointSpec::default()
+            },
+            probe: ProbeSpec::default(),
+            remediation: Default::default(),
+            suspend: false,
+        }
+    }
+
+    #[rstest]
+    #[case::seconds("30s", false, Some(30_000))]
+    #[case::millis("250ms", false, Some(250))]
+    #[case::compound("1h30m", false, Some(5_400_000))]
+    #[case::days_allowed("14d", true, Some(14 * 86_400_000))]
+    #[case::days_refused("14d", false, None)]
+    #[case::no_unit("30", false, None)]
+    #[case::empty("", false, None)]
+    #[case::space("1h 30m", false, None)]
+    #[case::negative("-1s", false, None)]
+    fn durations(#[case] s: &str, #[case] days: bool, #[case] ms: Option<u64>) {
+        assert_eq!(parse_duration(s, days).map(|d| d.as_millis() as u64), ms);
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let valid = ValidSpec::try_from(&spec()).unwrap();
+        assert_eq!(valid.vm.name, "vm-1");
+        assert_eq!(valid.vm.resource_group, "rg-1");
+        assert_eq!(valid.probe.interval, Duration::from_secs(30));
+        assert_eq!(valid.probe.unhealthy_interval, Duration::from_secs(10));
+        assert_eq!(valid.probe.timeout, Duration::from_secs(5));
+        assert_eq!(valid.probe.failure_threshold, 3);
+        assert_eq!(valid.probe.success_threshold, 2);
+        assert_eq!(
+            valid.probe.certificate_warning,
+            Duration::from_secs(14 * 86_400)
+        );
+        assert_eq!(valid.port, 3389);
+    }
+
+    #[rstest]
+    #[case::bad_id(|s: &mut RdpHealthSpec| s.vm.resource_id = "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm".into(), "ResourceId")]
+    #[case::wrong_provider(|s: &mut RdpHealthSpec| s.vm.resource_id = VM.replace("virtualMachines", "disks"), "ResourceId")]
+    #[case::timeout_equals_interval(|s: &mut RdpHealthSpec| s.probe.timeout = "30s".into(), "TimeoutTooLong")]
+    #[case::timeout_over_unhealthy(|s: &mut RdpHealthSpec| s.probe.timeout = "15s".into(), "TimeoutTooLong")]
+    #[case::zero_interval(|s: &mut RdpHealthSpec| s.probe.interval = "0s".into(), "ZeroDuration")]
+    #[case::garbage_interval(|s: &mut RdpHealthSpec| s.probe.interval = "soon".into(), "Duration")]
+    #[case::zero_threshold(|s: &mut RdpHealthSpec| s.probe.failure_threshold = 0, "Threshold")]
+    #[case::huge_threshold(|s: &mut RdpHealthSpec| s.probe.success_threshold = 101, "Threshold")]
+    #[case::port_zero(|s: &mut RdpHealthSpec| s.endpoint.port = 0, "Port")]
+    #[case::bad_host(|s: &mut RdpHealthSpec| s.endpoint.host = Some("bad host".into()), "Host")]
+    fn invalid_specs(#[case] edit: fn(&mut RdpHealthSpec), #[case] variant: &str) {
+        let mut s = spec();
+        edit(&mut s);
+        let err = ValidSpec::try_from(&s).unwrap_err();
+        assert!(format!("{err:?}").starts_with(variant), "{err:?}");
+        assert_eq!(err.reason(), "InvalidSpec");
+    }
+}

@@ -1,0 +1,355 @@
+//! Prometheus metrics. The names are a contract (dashboards and alerts use them); label values
+//! are bounded (enums, object keys), never free text.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex, PoisonError},
+    time::Instant,
+};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder, core::Collector,
+};
+
+use crate::{
+    api::{Phase, RdpHealthStatus, conditions as types},
+    engine::conditions::{self, Status},
+    probe::{FailureReason, ProbeReport},
+};
+
+/// Errors of the metrics layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A metric could not be created or registered.
+    #[error("failed to register metric")]
+    Register(#[source] prometheus::Error),
+    /// The registry could not be encoded.
+    #[error("failed to encode metrics")]
+    Encode(#[source] prometheus::Error),
+}
+
+impl MetricsError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Register(_) => "MetricRegisterFailed",
+            Self::Encode(_) => "MetricEncodeFailed",
+        }
+    }
+}
+
+/// Identifies one object's series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// What the metrics need to know about the objects that exist right now.
+pub trait Inventory: Send + Sync {
+    /// Every object with its current phase (if it has one).
+    fn objects(&self) -> Vec<(ObjectKey, Option<Phase>)>;
+}
+
+/// The operator's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    vm_reachable: IntGaugeVec,
+    probe_duration: HistogramVec,
+    probe_failures: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
+    unreachable_since: IntGaugeVec,
+    reconcile_duration: Histogram,
+    reconcile_errors: IntCounterVec,
+    objects: IntGaugeVec,
+    /// Objects that have per-object series, so deleted ones can be removed.
+    tracked: Mutex<HashSet<ObjectKey>>,
+}
+
+const OBJECT_LABELS: &[&str] = &["namespace", "name"];
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let m = Self {
+            vm_reachable: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_vm_reachable",
+                    "1 when the VM's RDP endpoint is reachable (Reachable=True), 0 otherwise; absent until the first probe.",
+                ),
+                OBJECT_LABELS,
+            )
+            .map_err(MetricsError::Register)?,
+            probe_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "rdphealth_probe_duration_seconds",
+                    "Duration of RDP probes, by result (reachable or unreachable).",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["result"],
+            )
+            .map_err(MetricsError::Register)?,
+            probe_failures: IntCounterVec::new(
+                Opts::new(
+                    "rdphealth_probe_failures_total",
+                    "Failed RDP probes, by the prober's bounded failure reason.",
+                ),
+                &["reason"],
+            )
+            .map_err(MetricsError::Register)?,
+            certificate_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_certificate_expiry_timestamp_seconds",
+                    "Unix time at which the VM's RDP certificate expires.",
+                ),
+                OBJECT_LABELS,
+            )
+            .map_err(MetricsError::Register)?,
+            unreachable_since: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_unreachable_since_timestamp_seconds",
+                    "Unix time at which the VM became unreachable; 0 while reachable.",
+                ),
+                OBJECT_LABELS,
+            )
+            .map_err(MetricsError::Register)?,
+            reconcile_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "rdphealth_reconcile_duration_seconds",
+                    "Duration of reconciles (including probes).",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )
+            .map_err(MetricsError::Register)?,
+            reconcile_errors: IntCounterVec::new(
+                Opts::new(
+                    "rdphealth_reconcile_errors_total",
+                    "Failed reconciles, by error reason.",
+                ),
+                &["reason"],
+            )
+            .map_err(MetricsError::Register)?,
+            objects: IntGaugeVec::new(
+                Opts::new("rdphealth_objects", "RdpHealth objects, by phase."),
+                &["phase"],
+            )
+            .map_err(MetricsError::Register)?,
+            tracked: Mutex::new(HashSet::new()),
+            registry,
+        };
+        let collectors: [Box<dyn Collector>; 8] = [
+            Box::new(m.vm_reachable.clone()),
+            Box::new(m.probe_duration.clone()),
+            Box::new(m.probe_failures.clone()),
+            Box::new(m.certificate_expiry.clone()),
+            Box::new(m.unreachable_since.clone()),
+            Box::new(m.reconcile_duration.clone()),
+            Box::new(m.reconcile_errors.clone()),
+            Box::new(m.objects.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).map_err(MetricsError::Register)?;
+        }
+        // Bounded label sets are pre-registered so rates work from the first scrape.
+        for reason in FailureReason::ALL {
+            m.probe_failures.with_label_values(&[reason.as_str()]);
+        }
+        for result in ["reachable", "unreachable"] {
+            m.probe_duration.with_label_values(&[result]);
+        }
+        for phase in Phase::ALL {
+            m.objects.with_label_values(&[phase.as_str()]);
+        }
+        Ok(m)
+    }
+
+    /// Records one probe.
+    pub fn probe_finished(&self, report: &ProbeReport) {
+        let result = if report.reachable {
+            "reachable"
+        } else {
+            "unreachable"
+        };
+        self.probe_duration
+            .with_label_values(&[result])
+            .observe(report.total_ms / 1000.0);
+        if let Some(failure) = &report.failure {
+            self.probe_failures
+                .with_label_values(&[failure.reason.as_str()])
+                .inc();
+        }
+    }
+
+    /// Updates an object's series from its new status.
+    pub fn object_status(&self, key: &ObjectKey, status: &RdpHealthStatus) {
+        let Some(last) = &status.last_probe else {
+            return;
+        };
+        let labels = [key.namespace.as_str(), key.name.as_str()];
+        let reachable = conditions::status_of(&status.conditions, types::REACHABLE);
+        self.vm_reachable
+            .with_label_values(&labels)
+            .set(i64::from(reachable == Some(Status::True)));
+        let since = match (reachable, &status.last_transition_to_unreachable) {
+            (Some(Status::False), Some(t)) => t.0.as_second(),
+            _ => 0,
+        };
+        self.unreachable_since.with_label_values(&labels).set(since);
+        if let Some(not_after) = &last.certificate_not_after {
+            self.certificate_expiry
+                .with_label_values(&labels)
+                .set(not_after.0.as_second());
+        }
+        self.tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone());
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, reason: &'static str) {
+        self.reconcile_errors.with_label_values(&[reason]).inc();
+    }
+
+    /// Starts timing a reconcile; the time is recorded when the guard drops.
+    pub fn reconcile_timer(self: &Arc<Self>) -> ReconcileTimer {
+        ReconcileTimer {
+            metrics: Arc::clone(self),
+            started: Instant::now(),
+        }
+    }
+
+    /// Brings per-object series and phase counts in line with the objects that exist.
+    pub fn sync_inventory(&self, inventory: &dyn Inventory) {
+        let objects = inventory.objects();
+        let live: HashSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
+        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        tracked.retain(|key| {
+            if live.contains(key) {
+                return true;
+            }
+            let labels = [key.namespace.as_str(), key.name.as_str()];
+            // Absent series are fine: an object may never have had a certificate.
+            let _ = self.vm_reachable.remove_label_values(&labels);
+            let _ = self.certificate_expiry.remove_label_values(&labels);
+            let _ = self.unreachable_since.remove_label_values(&labels);
+            false
+        });
+        for phase in Phase::ALL {
+            let count = objects.iter().filter(|(_, p)| *p == Some(phase)).count();
+            self.objects
+                .with_label_values(&[phase.as_str()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The classic Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, MetricsError> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .map_err(MetricsError::Encode)?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Records a reconcile's duration when dropped.
+#[derive(Debug)]
+pub struct ReconcileTimer {
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.metrics
+            .reconcile_duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{
+        Observation, evaluate,
+        testing::{at, endpoint, failed_report, object, ok_report},
+    };
+
+    struct Fixed(Vec<(ObjectKey, Option<Phase>)>);
+    impl Inventory for Fixed {
+        fn objects(&self) -> Vec<(ObjectKey, Option<Phase>)> {
+            self.0.clone()
+        }
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn per_object_series_follow_status_and_vanish_with_the_object() {
+        let m = Metrics::new().unwrap();
+        let text = m.render().unwrap();
+        assert!(
+            !text.contains("rdphealth_vm_reachable{"),
+            "absent before a probe"
+        );
+        assert!(text.contains(r#"rdphealth_probe_failures_total{reason="tcp_timeout"} 0"#));
+        assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 0"#));
+
+        let obj = object(|_| {});
+        let report = ok_report();
+        m.probe_finished(&report);
+        let out = evaluate(
+            &obj,
+            Observation::Probed {
+                endpoint: endpoint(),
+                report: Box::new(report),
+            },
+            at(1000),
+        );
+        m.object_status(&key("vm-1"), &out.status);
+        m.probe_finished(&failed_report(FailureReason::TcpRefused));
+        m.sync_inventory(&Fixed(vec![(key("vm-1"), Some(Phase::Healthy))]));
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(r#"rdphealth_vm_reachable{name="vm-1",namespace="default"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"rdphealth_unreachable_since_timestamp_seconds{name="vm-1",namespace="default"} 0"#
+        ));
+        assert!(text.contains(r#"rdphealth_certificate_expiry_timestamp_seconds{name="vm-1",namespace="default"} 1798761600"#));
+        assert!(text.contains(r#"rdphealth_probe_failures_total{reason="tcp_refused"} 1"#));
+        assert!(text.contains(r#"rdphealth_probe_duration_seconds_count{result="reachable"} 1"#));
+        assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 1"#));
+
+        m.sync_inventory(&Fixed(vec![]));
+        let text = m.render().unwrap();
+        assert!(!text.contains(r#"name="vm-1""#), "{text}");
+        assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 0"#));
+    }
+
+    #[test]
+    fn reconcile_timer_and_errors() {
+        let m = Arc::new(Metrics::new().unwrap());
+        drop(m.reconcile_timer());
+        m.reconcile_failed("PatchStatusFailed");
+        let text = m.render().unwrap();
+        assert!(text.contains("rdphealth_reconcile_duration_seconds_count 1"));
+        assert!(text.contains(r#"rdphealth_reconcile_errors_total{reason="PatchStatusFailed"} 1"#));
+    }
+}

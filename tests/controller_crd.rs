@@ -1,0 +1,186 @@
+//! The generated CRD: committed copy in sync, examples valid against its schema and against
+//! the controller's own validation, bad specs rejected.
+
+// Test helpers outside `#[test]` functions may panic on broken fixtures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{fs, path::Path};
+
+use kube::CustomResourceExt;
+use rdphealth::{
+    api::{CRD_FILE, RdpHealth, crd_yaml},
+    engine::ValidSpec,
+};
+use serde_json::{Value, json};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `openAPIV3Schema` of the only version.
+fn schema() -> Value {
+    let crd = serde_json::to_value(RdpHealth::crd()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+fn schema_errors(object: &Value) -> Vec<String> {
+    let validator = jsonschema::validator_for(&schema()).unwrap();
+    validator
+        .iter_errors(object)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn committed_crd_matches_the_generator() {
+    let path = root().join("crds").join(CRD_FILE);
+    let committed = fs::read_to_string(&path).unwrap();
+    let generated = crd_yaml().unwrap();
+    assert!(
+        committed == generated,
+        "{} is stale: regenerate it with `cargo run -- crd > crds/{CRD_FILE}`",
+        path.display()
+    );
+}
+
+#[test]
+fn crd_names_and_columns() {
+    let crd = serde_json::to_value(RdpHealth::crd()).unwrap();
+    assert_eq!(crd["metadata"]["name"], "rdphealths.rdphealth.io");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["rdph"]));
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        ["Reachable", "Phase", "Reason", "Last Probe", "Age"]
+    );
+    let schema = schema();
+    let conditions = &schema["properties"]["status"]["properties"]["conditions"];
+    assert_eq!(conditions["x-kubernetes-list-type"], "map");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+    let resource_id = &schema["properties"]["spec"]["properties"]["vm"]["properties"]["resourceId"];
+    assert_eq!(
+        resource_id["x-kubernetes-validations"][0]["rule"],
+        "self == oldSelf"
+    );
+    let probe = &schema["properties"]["spec"]["properties"]["probe"];
+    let rules: Vec<&str> = probe["x-kubernetes-validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert!(rules.contains(&"duration(self.timeout) < duration(self.interval)"));
+}
+
+/// Every field in the schema has a description (it is the `kubectl explain` text).
+#[test]
+fn every_field_is_documented() {
+    fn walk(path: &str, node: &Value, missing: &mut Vec<String>) {
+        if let Some(props) = node.get("properties").and_then(Value::as_object) {
+            for (name, child) in props {
+                let here = format!("{path}.{name}");
+                if child.get("description").is_none() {
+                    missing.push(here.clone());
+                }
+                walk(&here, child, missing);
+            }
+        }
+        if let Some(items) = node.get("items") {
+            walk(path, items, missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk("", &schema(), &mut missing);
+    assert!(missing.is_empty(), "undocumented fields: {missing:?}");
+}
+
+#[test]
+fn examples_are_valid() {
+    let mut seen = 0;
+    for entry in fs::read_dir(root().join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        seen += 1;
+        let text = fs::read_to_string(&path).unwrap();
+        let value: Value = serde_saphyr::from_str(&text).unwrap();
+        let errors = schema_errors(&value);
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        let obj: RdpHealth =
+            serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(obj.metadata.namespace.is_some(), "{}", path.display());
+        ValidSpec::try_from(&obj.spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    assert!(seen >= 2, "expected example manifests");
+}
+
+fn object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "rdphealth.io/v1alpha1",
+        "kind": "RdpHealth",
+        "metadata": {"name": "x", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm";
+
+#[test]
+fn schema_rejects_bad_specs() {
+    let cases = [
+        ("missing vm", json!({})),
+        (
+            "bad resource id",
+            json!({"vm": {"resourceId": "/subscriptions/nope"}}),
+        ),
+        (
+            "not a VM",
+            json!({"vm": {"resourceId": VM.replace("virtualMachines", "disks")}}),
+        ),
+        (
+            "port 0",
+            json!({"vm": {"resourceId": VM}, "endpoint": {"port": 0}}),
+        ),
+        (
+            "port too big",
+            json!({"vm": {"resourceId": VM}, "endpoint": {"port": 70000}}),
+        ),
+        (
+            "bad address type",
+            json!({"vm": {"resourceId": VM}, "endpoint": {"addressType": "Both"}}),
+        ),
+        (
+            "bad interval",
+            json!({"vm": {"resourceId": VM}, "probe": {"interval": "30 seconds"}}),
+        ),
+        (
+            "days in interval",
+            json!({"vm": {"resourceId": VM}, "probe": {"interval": "1d"}}),
+        ),
+        (
+            "zero threshold",
+            json!({"vm": {"resourceId": VM}, "probe": {"failureThreshold": 0}}),
+        ),
+        (
+            "bad mode",
+            json!({"vm": {"resourceId": VM}, "remediation": {"mode": "Yolo"}}),
+        ),
+    ];
+    for (name, spec) in cases {
+        assert!(
+            !schema_errors(&object(spec)).is_empty(),
+            "{name} was accepted"
+        );
+    }
+    assert!(schema_errors(&object(json!({"vm": {"resourceId": VM}}))).is_empty());
+}

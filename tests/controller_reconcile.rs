@@ -1,0 +1,409 @@
+//! Reconcile against a mocked API server (tower-test): each scenario asserts the exact API
+//! calls one reconcile makes (status patch body, events) and nothing more.
+
+// Test helpers outside `#[test]` functions may panic on broken fixtures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::jiff::Timestamp;
+use kube::{Client, client::Body, core::DeserializeGuard, runtime::controller::Action};
+use rdphealth::{
+    api::RdpHealth,
+    controller::{Context, Error, Leadership, Seams, error_policy, reconcile},
+    engine::HostOverride,
+    metrics::Metrics,
+    probe::{
+        BoxFuture, Failure, FailureReason, Layers, ProbeOptions, ProbeReport, Prober,
+        SecurityProtocol, Target,
+    },
+};
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+/// A prober that replays scripted reports and records what it was asked.
+#[derive(Default)]
+struct FakeProber {
+    reports: Mutex<VecDeque<ProbeReport>>,
+    calls: AtomicUsize,
+    targets: Mutex<Vec<(Target, ProbeOptions)>>,
+}
+
+impl FakeProber {
+    fn with(reports: Vec<ProbeReport>) -> Arc<Self> {
+        Arc::new(Self {
+            reports: Mutex::new(reports.into()),
+            ..Default::default()
+        })
+    }
+}
+
+impl Prober for FakeProber {
+    fn probe<'a>(
+        &'a self,
+        target: &'a Target,
+        opts: &'a ProbeOptions,
+    ) -> BoxFuture<'a, ProbeReport> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.targets
+            .lock()
+            .unwrap()
+            .push((target.clone(), opts.clone()));
+        let report = self
+            .reports
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("unexpected probe");
+        Box::pin(async move { report })
+    }
+}
+
+fn reachable() -> ProbeReport {
+    ProbeReport {
+        target: "10.0.0.4:3389".into(),
+        reachable: true,
+        failure: None,
+        layers: Layers::default(),
+        selected_protocol: Some(SecurityProtocol::Rdp),
+        tls: None,
+        findings: vec![],
+        likely_causes: vec![],
+        total_ms: 3.0,
+    }
+}
+
+fn refused() -> ProbeReport {
+    ProbeReport {
+        reachable: false,
+        failure: Some(Failure::new(FailureReason::TcpRefused, "connect refused")),
+        selected_protocol: None,
+        ..reachable()
+    }
+}
+
+const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-1/providers/Microsoft.Compute/virtualMachines/vm-1";
+
+fn object(spec: Value, status: Option<Value>) -> RdpHealth {
+    let mut obj = json!({
+        "apiVersion": "rdphealth.io/v1alpha1",
+        "kind": "RdpHealth",
+        "metadata": {"name": "vm-1", "namespace": "default", "uid": "uid-1", "generation": 2, "resourceVersion": "10"},
+        "spec": spec,
+    });
+    if let Some(status) = status {
+        obj["status"] = status;
+    }
+    serde_json::from_value(obj).unwrap()
+}
+
+fn spec() -> Value {
+    json!({"vm": {"resourceId": VM}, "endpoint": {"host": "10.0.0.4"}})
+}
+
+fn setup(prober: Arc<FakeProber>) -> (Arc<Context>, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let seams = Seams {
+        prober,
+        resolver: Arc::new(HostOverride),
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = Context::new(
+        client,
+        seams,
+        metrics,
+        Leadership::always(),
+        Some("test".into()),
+    );
+    (Arc::new(ctx), handle)
+}
+
+/// Expects one request; returns (method, path+query, JSON body) and answers with `reply`.
+async fn expect_call(
+    handle: &mut ApiHandle,
+    status: StatusCode,
+    reply: Value,
+) -> (Method, String, Value) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("timed out waiting for an API call")
+        .expect("service dropped");
+    let method = request.method().clone();
+    let uri = request.uri().to_string();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+            .unwrap(),
+    );
+    (method, uri, body)
+}
+
+async fn run(ctx: &Arc<Context>, obj: RdpHealth) -> Result<Action, Error> {
+    reconcile(Arc::new(DeserializeGuard(Ok(obj))), Arc::clone(ctx)).await
+}
+
+fn status_path() -> &'static str {
+    "/apis/rdphealth.io/v1alpha1/namespaces/default/rdphealths/vm-1/status?&force=true&fieldManager=rdphealth-operator"
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn first_probe_writes_status_by_server_side_apply_and_no_event() {
+    let prober = FakeProber::with(vec![reachable()]);
+    let (ctx, mut api) = setup(prober.clone());
+    let obj = object(spec(), None);
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, status_path());
+        assert_eq!(body["apiVersion"], "rdphealth.io/v1alpha1");
+        assert_eq!(body["kind"], "RdpHealth");
+        let status = &body["status"];
+        assert_eq!(status["observedGeneration"], 2);
+        assert_eq!(status["phase"], "Healthy");
+        assert_eq!(status["consecutiveSuccesses"], 1);
+        assert_eq!(status["consecutiveFailures"], 0);
+        assert_eq!(status["lastProbe"]["reachable"], true);
+        assert_eq!(status["lastProbe"]["selectedProtocol"], "rdp");
+        assert_eq!(status["lastProbe"]["latencyMs"], 3);
+        assert_eq!(
+            status["endpoint"],
+            json!({"host": "10.0.0.4", "port": 3389, "source": "Spec"})
+        );
+        let reach = condition(status, "Reachable");
+        assert_eq!(reach["status"], "True");
+        assert_eq!(reach["reason"], "Reachable");
+        assert_eq!(reach["observedGeneration"], 2);
+        assert_eq!(condition(status, "Valid")["status"], "True");
+        assert_eq!(condition(status, "Healthy")["status"], "True");
+        assert_eq!(condition(status, "CertificateValid")["reason"], "NoTls");
+        // Radio silence afterwards: no event for a first success.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), api.next_request())
+                .await
+                .is_err(),
+            "unexpected extra API call"
+        );
+    });
+    let action = run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let targets = prober.targets.lock().unwrap();
+    assert_eq!(targets[0].0.host, "10.0.0.4");
+    assert_eq!(targets[0].0.port, 3389);
+    assert_eq!(targets[0].1.timeout, Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn third_failure_patches_status_then_publishes_one_warning_event() {
+    let prober = FakeProber::with(vec![refused()]);
+    let (ctx, mut api) = setup(prober);
+    let since = "2026-01-01T00:00:00Z";
+    let obj = object(
+        spec(),
+        Some(json!({
+            "observedGeneration": 2,
+            "phase": "Degraded",
+            "consecutiveFailures": 2,
+            "lastProbe": {"time": "2026-01-01T00:00:00.000000Z", "reachable": false, "latencyMs": 1, "failureReason": "tcp_refused"},
+            "conditions": [
+                {"type": "Reachable", "status": "True", "reason": "Reachable", "message": "", "lastTransitionTime": since},
+            ],
+        })),
+    );
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!((method, uri.as_str()), (Method::PATCH, status_path()));
+        let status = &body["status"];
+        assert_eq!(status["phase"], "Unreachable");
+        assert_eq!(status["consecutiveFailures"], 3);
+        assert_eq!(status["lastProbe"]["failureReason"], "tcp_refused");
+        let reach = condition(status, "Reachable");
+        assert_eq!(reach["status"], "False");
+        assert_eq!(reach["reason"], "TcpRefused");
+        assert_ne!(
+            reach["lastTransitionTime"], since,
+            "the flip moves the time"
+        );
+        assert_eq!(
+            status["lastTransitionToUnreachable"],
+            reach["lastTransitionTime"]
+        );
+
+        let (method, uri, event) = expect_call(&mut api, StatusCode::CREATED, json!({})).await;
+        assert_eq!(method, Method::POST);
+        assert_eq!(uri, "/apis/events.k8s.io/v1/namespaces/default/events?");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], "BecameUnreachable");
+        assert_eq!(event["action"], "Probe");
+        assert_eq!(event["reportingController"], "rdphealth-operator");
+        assert_eq!(event["regarding"]["kind"], "RdpHealth");
+        assert_eq!(event["regarding"]["name"], "vm-1");
+        assert_eq!(
+            event["note"],
+            "10.0.0.4:3389 is unreachable after 3 failed probes: tcp_refused: connect refused"
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), api.next_request())
+                .await
+                .is_err(),
+            "unexpected extra API call"
+        );
+    });
+    let action = run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+#[tokio::test]
+async fn own_status_write_does_not_trigger_a_probe() {
+    let prober = FakeProber::with(vec![]);
+    let (ctx, mut api) = setup(prober.clone());
+    let now = Timestamp::now().to_string();
+    let obj = object(
+        spec(),
+        Some(json!({
+            "observedGeneration": 2,
+            "phase": "Healthy",
+            "lastProbe": {"time": now, "reachable": true, "latencyMs": 1},
+            "conditions": [
+                {"type": "Reachable", "status": "True", "reason": "Reachable", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            ],
+        })),
+    );
+    let action = run(&ctx, obj).await.unwrap();
+    assert_eq!(prober.calls.load(Ordering::SeqCst), 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), api.next_request())
+            .await
+            .is_err(),
+        "no API call expected"
+    );
+    assert_ne!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn invalid_spec_reports_once_and_waits_for_a_change() {
+    let prober = FakeProber::with(vec![]);
+    let (ctx, mut api) = setup(prober.clone());
+    let mut bad = spec();
+    bad["probe"] = json!({"interval": "5s", "timeout": "5s"});
+    let obj = object(bad, None);
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (_, uri, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!(uri, status_path());
+        assert_eq!(body["status"]["phase"], "Invalid");
+        let valid = condition(&body["status"], "Valid");
+        assert_eq!(valid["status"], "False");
+        assert_eq!(valid["reason"], "InvalidSpec");
+        assert_eq!(
+            valid["message"],
+            "probe.timeout (5s) must be shorter than probe.interval (5s)"
+        );
+        let (_, _, event) = expect_call(&mut api, StatusCode::CREATED, json!({})).await;
+        assert_eq!(event["reason"], "InvalidSpec");
+        assert_eq!(event["type"], "Warning");
+    });
+    let action = run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(prober.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn missing_host_is_reported_not_probed() {
+    let prober = FakeProber::with(vec![]);
+    let (ctx, mut api) = setup(prober.clone());
+    let obj = object(json!({"vm": {"resourceId": VM}}), None);
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (_, _, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        let reach = condition(&body["status"], "Reachable");
+        assert_eq!(reach["status"], "Unknown");
+        assert_eq!(reach["reason"], "EndpointUnresolved");
+        assert_eq!(
+            reach["message"],
+            "endpoint host required until Azure resolution is configured"
+        );
+        assert_eq!(body["status"]["phase"], "Pending");
+    });
+    let action = run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert_eq!(prober.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn failed_status_patch_backs_off_exponentially_per_object() {
+    let prober = FakeProber::with(vec![reachable(), reachable(), reachable()]);
+    let (ctx, mut api) = setup(prober);
+    let obj = object(spec(), None);
+    let failure = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "boom", "reason": "InternalError", "code": 500});
+    let answers = tokio::spawn(async move {
+        for _ in 0..3 {
+            expect_call(&mut api, StatusCode::INTERNAL_SERVER_ERROR, failure.clone()).await;
+        }
+    });
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let guard = Arc::new(DeserializeGuard(Ok(obj.clone())));
+        let err = reconcile(Arc::clone(&guard), Arc::clone(&ctx))
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "PatchStatusFailed");
+        delays.push(error_policy(guard, &err, Arc::clone(&ctx)));
+    }
+    answers.await.unwrap();
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s)))
+    );
+    let text = ctx.metrics().render().unwrap();
+    assert!(
+        text.contains(r#"rdphealth_reconcile_errors_total{reason="PatchStatusFailed"} 3"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_object_waits_for_a_change() {
+    let (ctx, _api) = setup(FakeProber::with(vec![]));
+    let raw = json!({
+        "apiVersion": "rdphealth.io/v1alpha1",
+        "kind": "RdpHealth",
+        "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"vm": "not an object"},
+    });
+    let guard: DeserializeGuard<RdpHealth> = serde_json::from_value(raw).unwrap();
+    let guard = Arc::new(guard);
+    let err = reconcile(Arc::clone(&guard), Arc::clone(&ctx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "MalformedObject");
+    assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
+}
