@@ -6,5 +6,6 @@ pub mod controller;
 pub mod engine;
 pub mod evidence;
 pub mod http;
+pub mod ladder;
 pub mod metrics;
 pub mod probe;

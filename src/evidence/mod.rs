@@ -4,3 +4,8 @@
 pub mod guest;
 pub mod nsg;
 pub mod serial;
+pub mod summary;
+
+pub use summary::{
+    Availability, BootDiagnostics, Evidence, NsgEvidence, PowerState, ResourceHealth,
+};

@@ -1,0 +1,215 @@
+//! The evidence gathered for one incident, as the engine consumes it. The Azure driver fills
+//! it from read-only calls; everything here is plain data.
+
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use super::{guest::GuestEvidence, nsg::Verdict, serial::SerialScan};
+
+/// The VM's power state from the instance view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PowerState {
+    /// Running.
+    Running,
+    /// Starting.
+    Starting,
+    /// Stopping.
+    Stopping,
+    /// Stopped (still allocated, still billed).
+    Stopped,
+    /// Deallocating.
+    Deallocating,
+    /// Deallocated.
+    Deallocated,
+    /// Reported as unknown.
+    Unknown,
+}
+
+impl PowerState {
+    /// Parses an instance-view code such as `PowerState/running`.
+    pub fn from_code(code: &str) -> Option<Self> {
+        let state = code.strip_prefix("PowerState/")?;
+        Some(match state.to_ascii_lowercase().as_str() {
+            "running" => Self::Running,
+            "starting" => Self::Starting,
+            "stopping" => Self::Stopping,
+            "stopped" => Self::Stopped,
+            "deallocating" => Self::Deallocating,
+            "deallocated" => Self::Deallocated,
+            _ => Self::Unknown,
+        })
+    }
+
+    /// Whether the VM is, or is about to be, not running.
+    pub fn is_down(self) -> bool {
+        matches!(
+            self,
+            Self::Stopped | Self::Stopping | Self::Deallocated | Self::Deallocating
+        )
+    }
+}
+
+/// Resource Health's availability state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Availability {
+    /// Healthy.
+    Available,
+    /// Down.
+    Unavailable,
+    /// Impaired.
+    Degraded,
+    /// No signal.
+    Unknown,
+}
+
+impl Availability {
+    /// Parses ARM's value; unknown spellings become `Unknown`.
+    pub fn parse(s: &str) -> Self {
+        match s.to_ascii_lowercase().as_str() {
+            "available" => Self::Available,
+            "unavailable" => Self::Unavailable,
+            "degraded" => Self::Degraded,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// Resource Health's current status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceHealth {
+    /// Availability.
+    pub availability: Availability,
+    /// `Planned`, `Unplanned`, `UserInitiated`, or platform-specific text.
+    pub reason_type: Option<String>,
+    /// Azure's summary.
+    pub summary: Option<String>,
+}
+
+impl ResourceHealth {
+    /// An Azure-side problem (platform or planned): the ladder waits instead of acting.
+    pub fn is_platform_problem(&self) -> bool {
+        matches!(
+            self.availability,
+            Availability::Unavailable | Availability::Degraded
+        ) && self
+            .reason_type
+            .as_deref()
+            .is_none_or(|r| !r.eq_ignore_ascii_case("UserInitiated"))
+    }
+}
+
+/// NSG evaluation for the probe's flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NsgEvidence {
+    /// The local verdict for the prober's source.
+    pub verdict: Verdict,
+    /// Whether RDP is open to the whole internet (a security finding).
+    pub open_to_internet: bool,
+    /// IP flow verify's answer, when a Network Watcher exists: (access, rule).
+    pub ip_flow_verify: Option<(String, String)>,
+}
+
+/// Everything gathered for one incident.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evidence {
+    /// When it was gathered.
+    pub gathered_at: Timestamp,
+    /// Power state, when the instance view was read.
+    pub power_state: Option<PowerState>,
+    /// VM provisioning state (`succeeded`, `failed/…`).
+    pub provisioning_state: Option<String>,
+    /// VM agent Ready (`None` when not reported).
+    pub agent_ready: Option<bool>,
+    /// Resource Health.
+    pub resource_health: Option<ResourceHealth>,
+    /// NSG evaluation.
+    pub nsg: Option<NsgEvidence>,
+    /// Boot diagnostics serial-log scan.
+    pub serial: Option<SerialScan>,
+    /// Boot diagnostics blob locations (without SAS tokens: those are credentials).
+    pub boot_diagnostics: Option<BootDiagnostics>,
+    /// In-guest query (only when the agent is Ready).
+    pub guest: Option<GuestEvidence>,
+}
+
+/// Where boot diagnostics live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootDiagnostics {
+    /// Console screenshot blob URI, without its SAS query.
+    pub console_screenshot_uri: Option<String>,
+    /// Serial log blob URI, without its SAS query.
+    pub serial_log_uri: Option<String>,
+}
+
+/// Drops the query (a SAS token is a credential) from a blob URI.
+pub fn strip_sas(uri: &str) -> String {
+    uri.split('?').next().unwrap_or_default().to_string()
+}
+
+impl Evidence {
+    /// Evidence with nothing known yet.
+    pub fn empty(gathered_at: Timestamp) -> Self {
+        Self {
+            gathered_at,
+            power_state: None,
+            provisioning_state: None,
+            agent_ready: None,
+            resource_health: None,
+            nsg: None,
+            serial: None,
+            boot_diagnostics: None,
+            guest: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn power_states_parse() {
+        assert_eq!(
+            PowerState::from_code("PowerState/running"),
+            Some(PowerState::Running)
+        );
+        assert_eq!(
+            PowerState::from_code("PowerState/deallocated"),
+            Some(PowerState::Deallocated)
+        );
+        assert_eq!(
+            PowerState::from_code("PowerState/hibernated"),
+            Some(PowerState::Unknown)
+        );
+        assert_eq!(PowerState::from_code("ProvisioningState/succeeded"), None);
+        assert!(PowerState::Deallocated.is_down());
+        assert!(!PowerState::Starting.is_down());
+    }
+
+    #[test]
+    fn platform_problems() {
+        let rh = |a, r: Option<&str>| ResourceHealth {
+            availability: a,
+            reason_type: r.map(str::to_string),
+            summary: None,
+        };
+        assert!(rh(Availability::Unavailable, Some("Unplanned")).is_platform_problem());
+        assert!(rh(Availability::Degraded, Some("Planned")).is_platform_problem());
+        assert!(!rh(Availability::Unavailable, Some("UserInitiated")).is_platform_problem());
+        assert!(!rh(Availability::Available, None).is_platform_problem());
+    }
+
+    #[test]
+    fn sas_tokens_are_stripped() {
+        assert_eq!(
+            strip_sas(
+                "https://acct.blob.core.windows.net/c/vm.serialconsole.log?sv=2020&sig=SECRET"
+            ),
+            "https://acct.blob.core.windows.net/c/vm.serialconsole.log"
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! The remediation ladder: rungs, settings, the state kept in status, and the pure
+//! `decide` function that holds every rule (see `docs/ladder.md`).
+
+pub mod decide;
+pub mod rung;
+pub mod spec;
+pub mod status;
+
+#[cfg(test)]
+mod tests;
+
+pub use self::{
+    decide::{
+        Blocker, Decision, Gates, GiveUp, LadderPolicy, Mode, Reachability, Situation, Suspension,
+        WaitReason, decide, plan,
+    },
+    rung::{GuestRepair, Rung, Step},
+    spec::{Backoff, LadderSpecError},
+    status::{ExecutionPhase, LadderStatus, OperationRef, RungExecution, RungOutcome, RungRecord},
+};

@@ -1,0 +1,289 @@
+//! The ladder's memory, kept in the object's status (never only in memory): the intent of
+//! every mutating action is written here before the Azure call, so a restarted operator or a
+//! new leader resumes polling instead of acting twice.
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::rung::Step;
+
+/// How many rung records the status keeps.
+pub const HISTORY_LIMIT: usize = 32;
+
+/// A handle on an Azure long-running operation, polled across reconciles.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRef {
+    /// The `Azure-AsyncOperation` URL, when ARM returned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_operation_url: Option<String>,
+    /// The `Location` URL, when ARM returned one (results of actions such as Run Command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_url: Option<String>,
+}
+
+/// Where the current rung is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutionPhase {
+    /// Intent recorded; the Azure call is being made. Found after a restart, it means the
+    /// call's fate is unknown: the rung is never re-issued blindly.
+    Requested,
+    /// The Azure operation runs; it is polled at `nextPollAt`.
+    Running,
+    /// The operation finished; waiting `settleTime` before judging the probe.
+    Settling,
+}
+
+/// The rung in progress.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RungExecution {
+    /// The step.
+    pub step: Step,
+    /// 1-based attempt number of this step in the current incident.
+    pub attempt: u32,
+    /// Where it is.
+    pub phase: ExecutionPhase,
+    /// When the intent was recorded.
+    pub started_at: Time,
+    /// The Azure operation, once the call returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<OperationRef>,
+    /// When to poll the operation next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_poll_at: Option<Time>,
+    /// When settling ends and the probe decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle_until: Option<Time>,
+    /// The operation's own result message, when it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// How a rung ended.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RungOutcome {
+    /// The endpoint was reachable after the rung: it fixed the problem.
+    Fixed,
+    /// The operation succeeded but the endpoint stayed unreachable.
+    NotFixed,
+    /// The Azure operation failed.
+    Failed,
+    /// The operator restarted or lost leadership while the call was being made; whether it
+    /// ran is unknown, so it was not repeated.
+    Unknown,
+}
+
+impl RungOutcome {
+    /// The metric label (`rdphealth_remediations_total{result}`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fixed => "fixed",
+            Self::NotFixed => "not_fixed",
+            Self::Failed => "failed",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// One finished rung.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RungRecord {
+    /// The step.
+    pub step: Step,
+    /// Attempt number.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: Time,
+    /// When it ended.
+    pub finished_at: Time,
+    /// How it ended.
+    pub outcome: RungOutcome,
+    /// Detail (Azure error code and message, script result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The remediation ladder's state.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LadderStatus {
+    /// When the current incident (unreachable period) began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident_started_at: Option<Time>,
+    /// The rung in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<RungExecution>,
+    /// Earliest time of the next rung (backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_action_at: Option<Time>,
+    /// What DryRun would do next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned: Option<Step>,
+    /// Finished rungs, newest last (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RungRecord>,
+    /// Start times of ladders in the last 24 hours (`maxLaddersPerDay`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ladder_starts: Vec<Time>,
+    /// When the last ladder ended (`cooldown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ladder_ended_at: Option<Time>,
+    /// Every rung the ladder may use was tried in this incident.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exhausted: bool,
+    /// The step that fixed the last incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered_by: Option<Step>,
+    /// The last approval annotation value used (each value approves one rung once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumed_approval: Option<String>,
+}
+
+fn ts(t: &Time) -> Timestamp {
+    t.0
+}
+
+impl LadderStatus {
+    /// Rung records of the current incident.
+    pub fn incident_history(&self) -> impl Iterator<Item = &RungRecord> {
+        let since = self.incident_started_at.as_ref().map(ts);
+        self.history
+            .iter()
+            .filter(move |r| since.is_some_and(|s| ts(&r.started_at) >= s))
+    }
+
+    /// Attempts of `step` in the current incident (finished and in progress).
+    pub fn attempts_of(&self, step: Step) -> u32 {
+        let done = self.incident_history().filter(|r| r.step == step).count() as u32;
+        done + u32::from(self.current.as_ref().is_some_and(|c| c.step == step))
+    }
+
+    /// Rung attempts in the current incident: the backoff index.
+    pub fn incident_attempts(&self) -> u32 {
+        self.incident_history().count() as u32 + u32::from(self.current.is_some())
+    }
+
+    /// Opens an incident at `now` if none is open.
+    pub fn open_incident(&mut self, now: Timestamp) {
+        if self.incident_started_at.is_none() {
+            self.incident_started_at = Some(Time(now));
+            self.exhausted = false;
+            self.next_action_at = None;
+            self.planned = None;
+        }
+    }
+
+    /// Records the intent to run `step`, before any Azure call.
+    pub fn start(&mut self, step: Step, now: Timestamp) {
+        if self.incident_history().next().is_none() && self.current.is_none() {
+            self.ladder_starts.push(Time(now));
+        }
+        self.prune_ladder_starts(now);
+        let attempt = self.attempts_of(step) + 1;
+        self.planned = None;
+        self.current = Some(RungExecution {
+            step,
+            attempt,
+            phase: ExecutionPhase::Requested,
+            started_at: Time(now),
+            operation: None,
+            next_poll_at: None,
+            settle_until: None,
+            message: None,
+        });
+    }
+
+    /// The Azure call returned a long-running operation to poll from `first_poll`.
+    pub fn running(&mut self, operation: OperationRef, first_poll: Timestamp) {
+        if let Some(c) = &mut self.current {
+            c.phase = ExecutionPhase::Running;
+            c.operation = Some(operation);
+            c.next_poll_at = Some(Time(first_poll));
+        }
+    }
+
+    /// The operation is still running; poll again at `next_poll`.
+    pub fn poll_again(&mut self, next_poll: Timestamp) {
+        if let Some(c) = &mut self.current {
+            c.next_poll_at = Some(Time(next_poll));
+        }
+    }
+
+    /// The operation finished (or the call completed synchronously): settle until `until`.
+    pub fn settle(&mut self, until: Timestamp, message: Option<String>) {
+        if let Some(c) = &mut self.current {
+            c.phase = ExecutionPhase::Settling;
+            c.next_poll_at = None;
+            c.settle_until = Some(Time(until));
+            c.message = message;
+        }
+    }
+
+    /// Ends the current rung with `outcome`; the next rung waits until `next_action`.
+    pub fn finish(
+        &mut self,
+        outcome: RungOutcome,
+        message: Option<String>,
+        now: Timestamp,
+        next_action: Option<Timestamp>,
+    ) {
+        if let Some(c) = self.current.take() {
+            self.history.push(RungRecord {
+                step: c.step,
+                attempt: c.attempt,
+                started_at: c.started_at,
+                finished_at: Time(now),
+                outcome,
+                message: message.or(c.message),
+            });
+            if self.history.len() > HISTORY_LIMIT {
+                let extra = self.history.len() - HISTORY_LIMIT;
+                self.history.drain(..extra);
+            }
+        }
+        self.next_action_at = next_action.map(Time);
+    }
+
+    /// The endpoint is reachable again: close the incident, crediting the rung in progress.
+    pub fn recover(&mut self, now: Timestamp) -> Option<Step> {
+        let by = self.current.as_ref().map(|c| c.step);
+        if by.is_some() {
+            self.finish(RungOutcome::Fixed, None, now, None);
+        }
+        if self.incident_started_at.is_some() {
+            if self.incident_history().next().is_some() {
+                self.last_ladder_ended_at = Some(Time(now));
+            }
+            self.recovered_by = by;
+        }
+        self.incident_started_at = None;
+        self.next_action_at = None;
+        self.exhausted = false;
+        self.planned = None;
+        by
+    }
+
+    /// Every usable rung was tried: stop until the endpoint recovers.
+    pub fn exhaust(&mut self, now: Timestamp) {
+        if !self.exhausted {
+            self.exhausted = true;
+            self.last_ladder_ended_at = Some(Time(now));
+        }
+    }
+
+    /// Ladders started in the 24 hours before `now`.
+    pub fn ladders_in_last_day(&self, now: Timestamp) -> usize {
+        self.ladder_starts
+            .iter()
+            .filter(|t| now.duration_since(ts(t)).as_secs() < 86_400)
+            .count()
+    }
+
+    fn prune_ladder_starts(&mut self, now: Timestamp) {
+        self.ladder_starts
+            .retain(|t| now.duration_since(ts(t)).as_secs() < 86_400);
+    }
+}
