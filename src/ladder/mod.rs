@@ -2,6 +2,7 @@
 //! `decide` function that holds every rule (see `docs/ladder.md`).
 
 pub mod decide;
+pub mod fleet;
 pub mod rung;
 pub mod spec;
 pub mod status;
