@@ -3,3 +3,4 @@
 pub mod azure;
 pub mod cli;
 pub mod probe;
+pub mod sim;

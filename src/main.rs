@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, probe};
+use rdphealth::cli::{Cli, Command, LogFormat, probe, sim};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -21,6 +21,13 @@ fn main() -> ExitCode {
             Command::Probe(args) => match probe::run(&args).await {
                 Ok(probe::ProbeOutcome::Reachable) => ExitCode::SUCCESS,
                 Ok(probe::ProbeOutcome::Unreachable) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::Sim(args) => match sim::run(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)

@@ -1,6 +1,7 @@
 //! Command-line interface: argument types shared by `main` and the subcommand runners.
 
 pub mod probe;
+pub mod sim;
 
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Probe an RDP endpoint layer by layer (TCP, X.224, TLS, certificate).
     Probe(probe::ProbeArgs),
+    /// Run the Azure simulator: an ARM emulator and one live RDP responder per VM.
+    Sim(sim::SimArgs),
 }
 
 /// Log output format.
