@@ -1,6 +1,7 @@
 //! rdphealth-operator: keeps Azure Windows VMs reachable over Remote Desktop.
 
 pub mod api;
+pub mod azure;
 pub mod cli;
 pub mod controller;
 pub mod engine;
@@ -9,3 +10,4 @@ pub mod http;
 pub mod ladder;
 pub mod metrics;
 pub mod probe;
+pub mod sim;

@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, crd, probe, run};
+use rdphealth::cli::{Cli, Command, LogFormat, crd, probe, run, sim};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -39,6 +39,13 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {}", error_chain(&e));
                     ExitCode::from(1)
+                }
+            },
+            Command::Sim(args) => match sim::run(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
                 }
             },
         }

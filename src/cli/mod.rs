@@ -3,6 +3,7 @@
 pub mod crd;
 pub mod probe;
 pub mod run;
+pub mod sim;
 
 use std::time::Duration;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Print the RdpHealth CustomResourceDefinition (YAML).
     Crd,
+    /// Run the Azure simulator: an ARM emulator and one live RDP responder per VM.
+    Sim(sim::SimArgs),
 }
 
 /// Log output format.

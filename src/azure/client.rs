@@ -1,0 +1,987 @@
+//! The production adapter: the real SDK crates, with their retries off, our policies in the
+//! pipeline, `.send()` for every long-running operation and our own poller.
+
+use std::{sync::Arc, time::Duration};
+
+use azure_core::{
+    ClientOptions, Context, Method, Pipeline, Request, RetryOptions, Url, auth::TokenCredential,
+    headers,
+};
+use azure_mgmt_compute::package_2024_07_01 as compute;
+use azure_mgmt_network::package_2024_03 as network;
+use azure_mgmt_resourcehealth::package_2024_02 as health;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::{
+    Azure, AzureResult,
+    cache::TtlCache,
+    credential::ARM_SCOPE,
+    error::{AzureError, from_status},
+    limiter::{Limiter, LimiterConfig},
+    model::*,
+    policy,
+};
+
+/// Settings of the adapter.
+#[derive(Debug, Clone)]
+pub struct ArmConfig {
+    /// `https://management.azure.com` in production, the simulator's URL in tests.
+    pub endpoint: Url,
+    /// Per-subscription limits.
+    pub limiter: LimiterConfig,
+    /// Bound on each HTTP exchange.
+    pub request_timeout: Duration,
+    /// How long NSG and subnet reads are reused.
+    pub cache_ttl: Duration,
+    /// Largest serial log tail kept, bytes.
+    pub serial_log_max_bytes: usize,
+}
+
+impl ArmConfig {
+    /// Defaults for `endpoint`.
+    pub fn new(endpoint: Url) -> Self {
+        Self {
+            endpoint,
+            limiter: LimiterConfig::default(),
+            request_timeout: Duration::from_secs(30),
+            cache_ttl: Duration::from_secs(60),
+            serial_log_max_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// The SDK-backed implementation of [`Azure`].
+pub struct ArmClient {
+    compute: compute::Client,
+    network: network::Client,
+    health: health::Client,
+    credential: Arc<dyn TokenCredential>,
+    pipeline: Pipeline,
+    nsg_cache: TtlCache<NsgRules>,
+    subnet_cache: TtlCache<Option<String>>,
+    serial_log_max_bytes: usize,
+}
+
+impl std::fmt::Debug for ArmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArmClient").finish_non_exhaustive()
+    }
+}
+
+const VM_ACCESS_TYPE: &str = "VMAccessAgent";
+const DEFAULT_VM_ACCESS_NAME: &str = "enablevmAccess";
+const DEFAULT_POLL: Duration = Duration::from_secs(30);
+
+impl ArmClient {
+    /// Builds the clients; every one shares one limiter.
+    pub fn new(config: ArmConfig, credential: Arc<dyn TokenCredential>) -> Self {
+        let limiter = Arc::new(Limiter::new(config.limiter));
+        let options = || {
+            ClientOptions::default()
+                .retry(RetryOptions::none())
+                .per_retry_policies(policy::policies(limiter.clone(), config.request_timeout))
+        };
+        let scopes = || vec![ARM_SCOPE.to_owned()];
+        let endpoint = config.endpoint.clone();
+        Self {
+            compute: compute::Client::new(
+                endpoint.clone(),
+                credential.clone(),
+                scopes(),
+                options(),
+            ),
+            network: network::Client::new(
+                endpoint.clone(),
+                credential.clone(),
+                scopes(),
+                options(),
+            ),
+            health: health::Client::new(endpoint, credential.clone(), scopes(), options()),
+            pipeline: Pipeline::new(
+                Some("rdphealth"),
+                Some(env!("CARGO_PKG_VERSION")),
+                options(),
+                Vec::new(),
+                Vec::new(),
+            ),
+            credential,
+            nsg_cache: TtlCache::new(config.cache_ttl),
+            subnet_cache: TtlCache::new(config.cache_ttl),
+            serial_log_max_bytes: config.serial_log_max_bytes,
+        }
+    }
+
+    async fn get_vm(&self, vm: &VmRef) -> AzureResult<compute::models::VirtualMachine> {
+        self.compute
+            .virtual_machines_client()
+            .get(&vm.resource_group, &vm.name, &vm.subscription)
+            .expand("instanceView")
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))
+    }
+
+    async fn get_nic(&self, id: &str) -> AzureResult<network::models::NetworkInterface> {
+        let r = ResourceId::parse(id)?;
+        self.network
+            .network_interfaces_client()
+            .get(&r.resource_group, r.name(0)?, &r.subscription)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("NIC {id}")))
+    }
+
+    async fn nsg(&self, id: &str) -> AzureResult<NsgRules> {
+        if let Some(hit) = self.nsg_cache.get(id) {
+            return Ok(hit);
+        }
+        let r = ResourceId::parse(id)?;
+        let nsg = self
+            .network
+            .network_security_groups_client()
+            .get(&r.resource_group, r.name(0)?, &r.subscription)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("NSG {id}")))?;
+        let rules = map_nsg(id, &nsg);
+        self.nsg_cache.put(id, rules.clone());
+        Ok(rules)
+    }
+
+    /// The NSG id of a subnet (cached).
+    async fn subnet_nsg_id(&self, id: &str) -> AzureResult<Option<String>> {
+        if let Some(hit) = self.subnet_cache.get(id) {
+            return Ok(hit);
+        }
+        let subnet = self.get_subnet(id).await?;
+        let nsg = subnet
+            .properties
+            .and_then(|p| p.network_security_group)
+            .and_then(|n| n.resource.id);
+        self.subnet_cache.put(id, nsg.clone());
+        Ok(nsg)
+    }
+
+    async fn get_subnet(&self, id: &str) -> AzureResult<network::models::Subnet> {
+        let r = ResourceId::parse(id)?;
+        self.network
+            .subnets_client()
+            .get(&r.resource_group, r.name(0)?, r.name(1)?, &r.subscription)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("subnet {id}")))
+    }
+
+    async fn primary_nic_id(&self, vm: &VmRef) -> AzureResult<String> {
+        let state = map_vm(self.get_vm(vm).await?);
+        state
+            .nic_ids
+            .into_iter()
+            .next()
+            .ok_or_else(|| AzureError::invalid(format!("VM {vm} has no network interface")))
+    }
+
+    async fn vm_access(
+        &self,
+        vm: &VmRef,
+        kind: OperationKind,
+        settings: Value,
+        protected: Value,
+    ) -> AzureResult<Operation> {
+        let state = map_vm(self.get_vm(vm).await?);
+        let name = state
+            .vm_access_extension
+            .unwrap_or_else(|| DEFAULT_VM_ACCESS_NAME.to_owned());
+        let ext = compute::models::VirtualMachineExtension {
+            resource_with_optional_location: compute::models::ResourceWithOptionalLocation {
+                location: Some(state.location),
+                id: None,
+                name: None,
+                type_: None,
+                tags: None,
+            },
+            properties: Some(compute::models::VirtualMachineExtensionProperties {
+                force_update_tag: Some(unique_tag()),
+                publisher: Some("Microsoft.Compute".to_owned()),
+                type_: Some(VM_ACCESS_TYPE.to_owned()),
+                type_handler_version: Some("2.0".to_owned()),
+                auto_upgrade_minor_version: Some(true),
+                settings: Some(settings),
+                protected_settings: Some(protected),
+                ..Default::default()
+            }),
+        };
+        let rsp = self
+            .compute
+            .virtual_machine_extensions_client()
+            .create_or_update(&vm.resource_group, &vm.name, &name, ext, &vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("extension {name} of VM {vm}")))?;
+        Ok(operation(kind, vm, rsp.as_raw_response().headers(), None))
+    }
+
+    async fn send_get(
+        &self,
+        url: &str,
+        authorized: bool,
+    ) -> AzureResult<(u16, azure_core::headers::Headers, Vec<u8>)> {
+        let url = Url::parse(url).map_err(|e| AzureError::invalid(format!("bad URL: {e}")))?;
+        let mut req = Request::new(url, Method::Get);
+        if authorized {
+            let token = self.credential.get_token(&[ARM_SCOPE]).await.map_err(|e| {
+                AzureError::Unauthorized {
+                    message: format!("failed to get a token: {e}"),
+                }
+            })?;
+            req.insert_header(
+                headers::AUTHORIZATION,
+                format!("Bearer {}", token.token.secret()),
+            );
+        }
+        let rsp = self
+            .pipeline
+            .send(&Context::new(), &mut req)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, "operation"))?;
+        let (status, headers, body) = rsp.deconstruct();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| AzureError::transient(format!("failed to read a response: {e}")))?;
+        Ok((u16::from(status), headers, body.to_vec()))
+    }
+
+    /// One GET of a polling URL, with failures carried as ARM error outcomes where they
+    /// describe the operation rather than our request.
+    async fn poll_get(
+        &self,
+        url: &str,
+    ) -> AzureResult<Result<(u16, azure_core::headers::Headers, Vec<u8>), PollOutcome>> {
+        match self.send_get(url, true).await {
+            Ok(r) => Ok(Ok(r)),
+            Err(AzureError::Invalid { message }) => Ok(Err(PollOutcome::Failed {
+                code: "OperationFailed".to_owned(),
+                message,
+            })),
+            Err(AzureError::Conflict { code, message, .. }) => {
+                Ok(Err(PollOutcome::Failed { code, message }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn unique_tag() -> String {
+    let now = OffsetDateTime::now_utc();
+    format!("rdphealth-{}", now.unix_timestamp_nanos())
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn operation(
+    kind: OperationKind,
+    vm: &VmRef,
+    headers: &azure_core::headers::Headers,
+    detail: Option<String>,
+) -> Operation {
+    let get = |h: &azure_core::headers::HeaderName| headers.get_optional_str(h).map(str::to_owned);
+    let async_operation = get(&headers::AZURE_ASYNCOPERATION);
+    let location = get(&headers::LOCATION);
+    Operation {
+        kind,
+        vm: vm.clone(),
+        completed: async_operation.is_none() && location.is_none(),
+        async_operation,
+        location,
+        started_at: now_rfc3339(),
+        detail,
+    }
+}
+
+/// The parts of an ARM resource id: `/subscriptions/S/resourceGroups/G/providers/NS/T/N[/T2/N2]`.
+#[derive(Debug)]
+struct ResourceId {
+    subscription: String,
+    resource_group: String,
+    names: Vec<String>,
+}
+
+impl ResourceId {
+    fn parse(id: &str) -> AzureResult<Self> {
+        let parts: Vec<&str> = id.split('/').filter(|s| !s.is_empty()).collect();
+        let bad = || AzureError::invalid(format!("malformed resource id {id:?}"));
+        if parts.len() < 8
+            || !parts[0].eq_ignore_ascii_case("subscriptions")
+            || !parts[2].eq_ignore_ascii_case("resourceGroups")
+            || !parts[4].eq_ignore_ascii_case("providers")
+        {
+            return Err(bad());
+        }
+        // After the namespace: type/name pairs.
+        let names = parts[6..]
+            .chunks(2)
+            .filter_map(|c| c.get(1))
+            .map(|s| (*s).to_owned())
+            .collect();
+        Ok(Self {
+            subscription: parts[1].to_owned(),
+            resource_group: parts[3].to_owned(),
+            names,
+        })
+    }
+
+    fn name(&self, i: usize) -> AzureResult<&str> {
+        self.names
+            .get(i)
+            .map(String::as_str)
+            .ok_or_else(|| AzureError::invalid("resource id lacks a name segment"))
+    }
+}
+
+fn enum_str<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+fn map_vm(vm: compute::models::VirtualMachine) -> VmState {
+    let props = vm.properties.unwrap_or_default();
+    let view = props.instance_view.clone().unwrap_or_default();
+    let power_state = view
+        .statuses
+        .iter()
+        .filter_map(|s| s.code.as_deref().and_then(PowerState::from_code))
+        .next()
+        .unwrap_or(PowerState::Unknown);
+    let agent = view.vm_agent.as_ref().and_then(|a| a.statuses.first());
+    let agent_ready = agent.and_then(|s| s.display_status.as_deref()) == Some("Ready");
+    let agent_status = agent.map(|s| {
+        format!(
+            "{}: {}",
+            s.display_status.as_deref().unwrap_or("unknown"),
+            s.message.as_deref().unwrap_or("")
+        )
+    });
+    let extensions: Vec<ExtensionStatus> = view
+        .extensions
+        .iter()
+        .map(|e| ExtensionStatus {
+            name: e.name.clone().unwrap_or_default(),
+            kind: e.type_.clone(),
+            code: e.statuses.first().and_then(|s| s.code.clone()),
+            message: e.statuses.first().and_then(|s| s.message.clone()),
+        })
+        .collect();
+    let vm_access_extension = vm
+        .resources
+        .iter()
+        .find(|r| r.properties.as_ref().and_then(|p| p.type_.as_deref()) == Some(VM_ACCESS_TYPE))
+        .and_then(|r| r.resource_with_optional_location.name.clone())
+        .or_else(|| {
+            extensions
+                .iter()
+                .find(|e| {
+                    e.kind
+                        .as_deref()
+                        .is_some_and(|k| k.ends_with(VM_ACCESS_TYPE))
+                })
+                .map(|e| e.name.clone())
+        });
+    let mut nics: Vec<(bool, String)> = props
+        .network_profile
+        .as_ref()
+        .map(|n| {
+            n.network_interfaces
+                .iter()
+                .filter_map(|r| {
+                    let primary = r
+                        .properties
+                        .as_ref()
+                        .and_then(|p| p.primary)
+                        .unwrap_or(false);
+                    r.sub_resource.id.clone().map(|id| (primary, id))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    nics.sort_by_key(|(primary, _)| !*primary);
+    VmState {
+        id: vm.resource.id.unwrap_or_default(),
+        location: vm.resource.location,
+        power_state,
+        provisioning_state: props.provisioning_state.clone(),
+        agent_ready,
+        agent_status,
+        extensions,
+        vm_access_extension,
+        boot_diagnostics: props
+            .diagnostics_profile
+            .and_then(|d| d.boot_diagnostics)
+            .and_then(|b| b.enabled)
+            .unwrap_or(false),
+        nic_ids: nics.into_iter().map(|(_, id)| id).collect(),
+    }
+}
+
+fn list(single: &Option<String>, plural: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = single.iter().cloned().collect();
+    v.extend(plural.iter().cloned());
+    v
+}
+
+fn map_rule(r: &network::models::SecurityRule, default_rule: bool) -> Option<SecurityRule> {
+    let p = r.properties.as_ref()?;
+    Some(SecurityRule {
+        name: r.name.clone().unwrap_or_default(),
+        priority: p.priority,
+        inbound: enum_str(&p.direction) == "Inbound",
+        allow: enum_str(&p.access) == "Allow",
+        protocol: RuleProtocol::parse(&enum_str(&p.protocol)),
+        source_prefixes: list(&p.source_address_prefix, &p.source_address_prefixes),
+        destination_prefixes: list(
+            &p.destination_address_prefix,
+            &p.destination_address_prefixes,
+        ),
+        destination_ports: list(&p.destination_port_range, &p.destination_port_ranges),
+        default_rule,
+    })
+}
+
+fn map_nsg(id: &str, nsg: &network::models::NetworkSecurityGroup) -> NsgRules {
+    let mut rules = Vec::new();
+    if let Some(p) = &nsg.properties {
+        rules.extend(p.security_rules.iter().filter_map(|r| map_rule(r, false)));
+        rules.extend(
+            p.default_security_rules
+                .iter()
+                .filter_map(|r| map_rule(r, true)),
+        );
+    }
+    NsgRules {
+        id: nsg.resource.id.clone().unwrap_or_else(|| id.to_owned()),
+        rules,
+    }
+}
+
+fn map_effective(body: &[u8]) -> AzureResult<Vec<NsgRules>> {
+    let groups: network::models::EffectiveNetworkSecurityGroupListResult =
+        serde_json::from_slice(body)
+            .map_err(|e| AzureError::invalid(format!("effective rules: {e}")))?;
+    Ok(groups
+        .value
+        .iter()
+        .map(|g| NsgRules {
+            id: g
+                .network_security_group
+                .as_ref()
+                .and_then(|s| s.id.clone())
+                .unwrap_or_default(),
+            rules: g
+                .effective_security_rules
+                .iter()
+                .map(|r| {
+                    let name = r.name.clone().unwrap_or_default();
+                    let default_rule = name.starts_with("defaultSecurityRules/");
+                    let mut sources = list(&r.source_address_prefix, &r.source_address_prefixes);
+                    sources.extend(r.expanded_source_address_prefix.iter().cloned());
+                    SecurityRule {
+                        name: name.rsplit('/').next().unwrap_or_default().to_owned(),
+                        priority: r.priority.unwrap_or(i32::MAX),
+                        inbound: r.direction.as_ref().map(enum_str).as_deref() == Some("Inbound"),
+                        allow: r.access.as_ref().map(enum_str).as_deref() == Some("Allow"),
+                        protocol: RuleProtocol::parse(
+                            &r.protocol.as_ref().map(enum_str).unwrap_or_default(),
+                        ),
+                        source_prefixes: sources,
+                        destination_prefixes: list(
+                            &r.destination_address_prefix,
+                            &r.destination_address_prefixes,
+                        ),
+                        destination_ports: list(
+                            &r.destination_port_range,
+                            &r.destination_port_ranges,
+                        ),
+                        default_rule,
+                    }
+                })
+                .collect(),
+        })
+        .collect())
+}
+
+fn map_run_command(value: &[compute::models::InstanceViewStatus]) -> RunCommandOutput {
+    let mut out = RunCommandOutput::default();
+    for s in value {
+        let code = s.code.as_deref().unwrap_or("");
+        let msg = s.message.clone().unwrap_or_default();
+        if code.contains("StdOut") {
+            out.stdout = msg;
+        } else if code.contains("StdErr") {
+            out.stderr = msg;
+        }
+    }
+    out
+}
+
+fn parse_result(kind: OperationKind, body: &[u8]) -> AzureResult<OperationResult> {
+    match kind {
+        OperationKind::RunCommand => {
+            let r: compute::models::RunCommandResult = serde_json::from_slice(body)
+                .map_err(|e| AzureError::invalid(format!("run command result: {e}")))?;
+            Ok(OperationResult::RunCommand(map_run_command(&r.value)))
+        }
+        OperationKind::EffectiveRules => Ok(OperationResult::EffectiveRules(map_effective(body)?)),
+        OperationKind::IpFlowVerify => {
+            let r: network::models::VerificationIpFlowResult = serde_json::from_slice(body)
+                .map_err(|e| AzureError::invalid(format!("IP flow verify result: {e}")))?;
+            Ok(OperationResult::Flow(FlowVerdict {
+                allow: r.access.as_ref().map(enum_str).as_deref() == Some("Allow"),
+                rule_name: r.rule_name,
+            }))
+        }
+        _ => Ok(OperationResult::Done),
+    }
+}
+
+fn needs_result(kind: OperationKind) -> bool {
+    matches!(
+        kind,
+        OperationKind::RunCommand | OperationKind::EffectiveRules | OperationKind::IpFlowVerify
+    )
+}
+
+fn error_of(body: &Value) -> (String, String) {
+    let e = body.get("error").unwrap_or(body);
+    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let code = s("code");
+    (
+        if code.is_empty() {
+            "OperationFailed".to_owned()
+        } else {
+            code
+        },
+        s("message"),
+    )
+}
+
+fn retry_after(headers: &azure_core::headers::Headers) -> Duration {
+    policy::retry_after_of(headers).unwrap_or(DEFAULT_POLL)
+}
+
+#[async_trait::async_trait]
+impl Azure for ArmClient {
+    async fn vm_state(&self, vm: &VmRef) -> AzureResult<VmState> {
+        Ok(map_vm(self.get_vm(vm).await?))
+    }
+
+    async fn endpoint(&self, vm: &VmRef) -> AzureResult<Endpoint> {
+        let nic_id = self.primary_nic_id(vm).await?;
+        let nic = self.get_nic(&nic_id).await?;
+        let props = nic.properties.unwrap_or_default();
+        let cfg = props
+            .ip_configurations
+            .iter()
+            .find(|c| {
+                c.properties
+                    .as_ref()
+                    .and_then(|p| p.primary)
+                    .unwrap_or(false)
+            })
+            .or_else(|| props.ip_configurations.first())
+            .and_then(|c| c.properties.clone())
+            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no IP configuration")))?;
+        let public_ip_id = cfg
+            .public_ip_address
+            .as_ref()
+            .and_then(|p| p.resource.id.clone());
+        let public_ip = match &public_ip_id {
+            Some(id) => {
+                let r = ResourceId::parse(id)?;
+                let pip = self
+                    .network
+                    .public_ip_addresses_client()
+                    .get(&r.resource_group, r.name(0)?, &r.subscription)
+                    .await
+                    .map_err(|e| AzureError::from_sdk(&e, &format!("public IP {id}")))?;
+                pip.properties.and_then(|p| p.ip_address)
+            }
+            None => None,
+        };
+        Ok(Endpoint {
+            nic_id,
+            private_ip: cfg.private_ip_address,
+            public_ip_id,
+            public_ip,
+            subnet_id: cfg.subnet.and_then(|s| s.sub_resource.id),
+            nic_nsg_id: props.network_security_group.and_then(|n| n.resource.id),
+        })
+    }
+
+    async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules> {
+        let endpoint = self.endpoint(vm).await?;
+        let subnet_nsg = match &endpoint.subnet_id {
+            Some(id) => match self.subnet_nsg_id(id).await? {
+                Some(nsg) => Some(self.nsg(&nsg).await?),
+                None => None,
+            },
+            None => None,
+        };
+        let nic_nsg = match &endpoint.nic_nsg_id {
+            Some(id) => Some(self.nsg(id).await?),
+            None => None,
+        };
+        Ok(NetworkRules {
+            endpoint,
+            subnet_nsg,
+            nic_nsg,
+        })
+    }
+
+    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
+        let nic_id = self.primary_nic_id(vm).await?;
+        let r = ResourceId::parse(&nic_id)?;
+        let rsp = self
+            .network
+            .network_interfaces_client()
+            .list_effective_network_security_groups(&r.resource_group, r.name(0)?, &r.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("effective rules of {nic_id}")))?;
+        let raw = rsp.into_raw_response();
+        let mut op = operation(OperationKind::EffectiveRules, vm, raw.headers(), None);
+        if op.completed {
+            let body = raw
+                .into_body()
+                .collect_string()
+                .await
+                .map_err(|e| AzureError::transient(e.to_string()))?;
+            op.detail = Some(body);
+        }
+        Ok(op)
+    }
+
+    async fn start_ip_flow_verify(
+        &self,
+        vm: &VmRef,
+        watcher: &WatcherRef,
+        query: &FlowQuery,
+    ) -> AzureResult<Option<Operation>> {
+        let params = network::models::VerificationIpFlowParameters {
+            target_resource_id: vm.id(),
+            direction: network::models::Direction::Inbound,
+            protocol: network::models::verification_ip_flow_parameters::Protocol::Tcp,
+            local_port: query.local_port.to_string(),
+            remote_port: query.remote_port.to_string(),
+            local_ip_address: query.local_ip.to_string(),
+            remote_ip_address: query.remote_ip.to_string(),
+            target_nic_resource_id: None,
+        };
+        let sent = self
+            .network
+            .network_watchers_client()
+            .verify_ip_flow(
+                &watcher.resource_group,
+                &watcher.name,
+                params,
+                &vm.subscription,
+            )
+            .send()
+            .await;
+        let rsp = match sent {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                return match AzureError::from_sdk(&e, &format!("network watcher {}", watcher.name))
+                {
+                    AzureError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                };
+            }
+        };
+        let raw = rsp.into_raw_response();
+        let mut op = operation(OperationKind::IpFlowVerify, vm, raw.headers(), None);
+        if op.completed {
+            let body = raw
+                .into_body()
+                .collect_string()
+                .await
+                .map_err(|e| AzureError::transient(e.to_string()))?;
+            op.detail = Some(body);
+        }
+        Ok(Some(op))
+    }
+
+    async fn resource_health(&self, vm: &VmRef) -> AzureResult<Health> {
+        let id = vm.id();
+        let status = self
+            .health
+            .availability_statuses_client()
+            .get_by_resource(id.trim_start_matches('/'))
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("health of VM {vm}")))?;
+        let p = status.properties.unwrap_or_default();
+        Ok(Health {
+            availability_state: p
+                .availability_state
+                .as_ref()
+                .map(enum_str)
+                .unwrap_or_else(|| "Unknown".to_owned()),
+            reason_type: p.reason_type,
+            summary: p.summary,
+            category: p.category,
+        })
+    }
+
+    async fn boot_diagnostics(&self, vm: &VmRef) -> AzureResult<BootDiagnosticsUris> {
+        let r = self
+            .compute
+            .virtual_machines_client()
+            .retrieve_boot_diagnostics_data(&vm.resource_group, &vm.name, &vm.subscription)
+            .sas_uri_expiration_time_in_minutes(30)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("boot diagnostics of VM {vm}")))?;
+        Ok(BootDiagnosticsUris {
+            screenshot: r.console_screenshot_blob_uri,
+            serial_log: r.serial_console_log_blob_uri,
+        })
+    }
+
+    async fn serial_log(&self, uri: &BootDiagnosticsUris) -> AzureResult<String> {
+        let url = uri
+            .serial_log
+            .as_deref()
+            .ok_or_else(|| AzureError::invalid("no serial log URI"))?;
+        let (status, _, body) = self.send_get(url, false).await?;
+        if !(200..300).contains(&status) {
+            return Err(AzureError::invalid(format!(
+                "serial log download returned {status}"
+            )));
+        }
+        let start = body.len().saturating_sub(self.serial_log_max_bytes);
+        Ok(String::from_utf8_lossy(&body[start..]).into_owned())
+    }
+
+    async fn reset_rdp_config(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.vm_access(vm, OperationKind::ResetRdpConfig, json!({}), json!({}))
+            .await
+    }
+
+    async fn reset_password(
+        &self,
+        vm: &VmRef,
+        user: &str,
+        password: &Password,
+    ) -> AzureResult<Operation> {
+        self.vm_access(
+            vm,
+            OperationKind::ResetPassword,
+            json!({ "UserName": user }),
+            json!({ "Password": password.expose() }),
+        )
+        .await
+    }
+
+    async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation> {
+        let input = compute::models::RunCommandInput {
+            command_id: "RunPowerShellScript".to_owned(),
+            script: script.to_vec(),
+            parameters: Vec::new(),
+        };
+        let rsp = self
+            .compute
+            .virtual_machines_client()
+            .run_command(&vm.resource_group, &vm.name, input, &vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("run command on VM {vm}")))?;
+        let raw = rsp.into_raw_response();
+        let mut op = operation(OperationKind::RunCommand, vm, raw.headers(), None);
+        if op.completed {
+            let body = raw
+                .into_body()
+                .collect_string()
+                .await
+                .map_err(|e| AzureError::transient(e.to_string()))?;
+            op.detail = Some(body);
+        }
+        Ok(op)
+    }
+
+    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
+        let nic_id = self.primary_nic_id(vm).await?;
+        let r = ResourceId::parse(&nic_id)?;
+        let mut nic = self.get_nic(&nic_id).await?;
+        let props = nic
+            .properties
+            .as_mut()
+            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no properties")))?;
+        let idx = props
+            .ip_configurations
+            .iter()
+            .position(|c| {
+                c.properties
+                    .as_ref()
+                    .and_then(|p| p.primary)
+                    .unwrap_or(false)
+            })
+            .unwrap_or(0);
+        let cfg = props
+            .ip_configurations
+            .get_mut(idx)
+            .and_then(|c| c.properties.as_mut())
+            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no IP configuration")))?;
+        let current = cfg
+            .private_ip_address
+            .clone()
+            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no private IP")))?;
+        let subnet_id = cfg
+            .subnet
+            .as_ref()
+            .and_then(|s| s.sub_resource.id.clone())
+            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no subnet")))?;
+        // Step 1: find a free address in the subnet.
+        let s = ResourceId::parse(&subnet_id)?;
+        let availability = self
+            .network
+            .virtual_networks_client()
+            .check_ip_address_availability(&s.resource_group, s.name(0)?, &current, &s.subscription)
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("addresses of {subnet_id}")))?;
+        let new_ip = availability
+            .available_ip_addresses
+            .into_iter()
+            .find(|ip| *ip != current)
+            .ok_or_else(|| AzureError::Conflict {
+                what: subnet_id.clone(),
+                code: "NoFreeAddress".to_owned(),
+                message: "the subnet has no free address to move the NIC to".to_owned(),
+            })?;
+        // Step 2: move the NIC to it as a static address (Azure re-initialises the NIC).
+        cfg.private_ip_address = Some(new_ip.clone());
+        cfg.private_ip_allocation_method = Some(network::models::IpAllocationMethod::Static);
+        let rsp = self
+            .network
+            .network_interfaces_client()
+            .create_or_update(&r.resource_group, r.name(0)?, nic, &r.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("NIC {nic_id}")))?;
+        self.nsg_cache.clear();
+        self.subnet_cache.clear();
+        Ok(operation(
+            OperationKind::ResetNic,
+            vm,
+            rsp.as_raw_response().headers(),
+            Some(format!("previousIp={current} newIp={new_ip}")),
+        ))
+    }
+
+    async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {
+        let rsp = self
+            .compute
+            .virtual_machines_client()
+            .restart(&vm.resource_group, &vm.name, &vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
+        Ok(operation(
+            OperationKind::Restart,
+            vm,
+            rsp.as_raw_response().headers(),
+            None,
+        ))
+    }
+
+    async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
+        let rsp = self
+            .compute
+            .virtual_machines_client()
+            .redeploy(&vm.resource_group, &vm.name, &vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
+        Ok(operation(
+            OperationKind::Redeploy,
+            vm,
+            rsp.as_raw_response().headers(),
+            None,
+        ))
+    }
+
+    async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
+        if op.completed {
+            let result = match &op.detail {
+                Some(body) if needs_result(op.kind) => parse_result(op.kind, body.as_bytes())?,
+                _ => OperationResult::Done,
+            };
+            return Ok(PollOutcome::Succeeded { result });
+        }
+        if let Some(aao) = &op.async_operation {
+            let (status, headers, body) = match self.poll_get(aao).await? {
+                Ok(r) => r,
+                Err(outcome) => return Ok(outcome),
+            };
+            let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let state = value.get("status").and_then(Value::as_str).unwrap_or("");
+            match state {
+                "Succeeded" => {}
+                "Failed" | "Canceled" => {
+                    let (code, message) = error_of(&value);
+                    return Ok(PollOutcome::Failed { code, message });
+                }
+                _ if status == 200 || status == 202 => {
+                    return Ok(PollOutcome::Pending {
+                        retry_after: retry_after(&headers),
+                    });
+                }
+                _ => {
+                    return Err(from_status(
+                        azure_core::StatusCode::try_from(status)
+                            .unwrap_or(azure_core::StatusCode::InternalServerError),
+                        "Unknown",
+                        String::from_utf8_lossy(&body).into_owned(),
+                        "operation",
+                    ));
+                }
+            }
+            if !needs_result(op.kind) {
+                return Ok(PollOutcome::Succeeded {
+                    result: OperationResult::Done,
+                });
+            }
+            if let Some(output) = value.pointer("/properties/output")
+                && op.kind == OperationKind::RunCommand
+            {
+                let body = serde_json::to_vec(output).unwrap_or_default();
+                return Ok(PollOutcome::Succeeded {
+                    result: parse_result(op.kind, &body)?,
+                });
+            }
+        }
+        let Some(location) = &op.location else {
+            return Ok(PollOutcome::Succeeded {
+                result: OperationResult::Done,
+            });
+        };
+        let (status, headers, body) = match self.poll_get(location).await? {
+            Ok(r) => r,
+            Err(outcome) => return Ok(outcome),
+        };
+        match status {
+            202 => Ok(PollOutcome::Pending {
+                retry_after: retry_after(&headers),
+            }),
+            204 => Ok(PollOutcome::Succeeded {
+                result: OperationResult::Done,
+            }),
+            _ if body.is_empty() || !needs_result(op.kind) => Ok(PollOutcome::Succeeded {
+                result: OperationResult::Done,
+            }),
+            _ => Ok(PollOutcome::Succeeded {
+                result: parse_result(op.kind, &body)?,
+            }),
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Azure Resource Manager: the [`Azure`] trait the engine depends on, its SDK implementation
+//! ([`ArmClient`]), the credentials, the limiter and the pipeline policies.
+//!
+//! Nothing here blocks on a long-running operation: mutating calls return an [`Operation`]
+//! handle that the caller stores and hands back to [`Azure::poll`] on a later reconcile.
+
+pub mod cache;
+pub mod client;
+pub mod credential;
+pub mod error;
+pub mod limiter;
+pub mod model;
+pub mod nsg;
+pub mod policy;
+
+pub use self::{
+    client::{ArmClient, ArmConfig},
+    credential::{ARM_SCOPE, StaticToken, WorkloadIdentity},
+    error::{AzureError, RateLimitRemaining},
+    limiter::{Limiter, LimiterConfig},
+    model::*,
+};
+
+/// The result of an Azure call.
+pub type AzureResult<T> = Result<T, AzureError>;
+
+/// Everything the operator asks of Azure. Object-safe, so tests and the demo can swap it.
+#[async_trait::async_trait]
+pub trait Azure: Send + Sync {
+    /// The VM with its instance view (power state, provisioning state, agent, extensions).
+    async fn vm_state(&self, vm: &VmRef) -> AzureResult<VmState>;
+
+    /// VM → primary NIC → private IP, public IP and subnet.
+    async fn endpoint(&self, vm: &VmRef) -> AzureResult<Endpoint>;
+
+    /// The NSGs of the primary NIC and of its subnet, with custom and default rules.
+    async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules>;
+
+    /// Starts the effective-security-rules computation of the primary NIC.
+    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// Starts IP flow verify; `None` when the region has no such Network Watcher.
+    async fn start_ip_flow_verify(
+        &self,
+        vm: &VmRef,
+        watcher: &WatcherRef,
+        query: &FlowQuery,
+    ) -> AzureResult<Option<Operation>>;
+
+    /// Resource Health's current availability status.
+    async fn resource_health(&self, vm: &VmRef) -> AzureResult<Health>;
+
+    /// SAS URIs of the boot diagnostics blobs.
+    async fn boot_diagnostics(&self, vm: &VmRef) -> AzureResult<BootDiagnosticsUris>;
+
+    /// Downloads the serial log text (its tail, when large).
+    async fn serial_log(&self, uris: &BootDiagnosticsUris) -> AzureResult<String>;
+
+    /// VMAccess "reset configuration only" (re-enables RDP and its firewall rule).
+    async fn reset_rdp_config(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// VMAccess password reset of `user` (Windows shape).
+    async fn reset_password(
+        &self,
+        vm: &VmRef,
+        user: &str,
+        password: &Password,
+    ) -> AzureResult<Operation>;
+
+    /// Run Command with a PowerShell script (one line per element).
+    async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation>;
+
+    /// Moves the primary NIC to another free private IP (Azure re-initialises the NIC).
+    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// Restarts the VM.
+    async fn restart(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// Redeploys the VM to another host.
+    async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// Polls an operation once.
+    async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome>;
+}

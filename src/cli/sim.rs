@@ -1,0 +1,45 @@
+//! `rdphealth sim --listen 127.0.0.1:PORT --scenario FILE`: runs the simulator until ctrl-c.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Args;
+
+use crate::sim::{Scenario, SimError, Simulator};
+
+/// Arguments of `rdphealth sim`.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address of the ARM emulator (plain HTTP).
+    #[arg(long, env = "RDPHEALTH_SIM_LISTEN", default_value = "127.0.0.1:18080")]
+    pub listen: SocketAddr,
+    /// Scenario file (YAML).
+    #[arg(long, env = "RDPHEALTH_SIM_SCENARIO")]
+    pub scenario: PathBuf,
+}
+
+/// Starts the simulator, prints where everything listens, and runs until ctrl-c.
+pub async fn run(args: &SimArgs) -> Result<(), SimError> {
+    let scenario = Scenario::from_file(&args.scenario)?;
+    let sim = Simulator::start_on(scenario, args.listen).await?;
+    println!("ARM emulator: {}", sim.arm_url());
+    println!(
+        "admin API:    {}/_sim/vms  {}/_sim/counters",
+        sim.arm_url(),
+        sim.arm_url()
+    );
+    for vm in sim.vms() {
+        let faults: Vec<&str> = vm.faults.iter().map(|f| f.as_str()).collect();
+        println!(
+            "VM {:<24} rdp {}  public {}  faults [{}]",
+            vm.name,
+            vm.rdp,
+            vm.public_ip.as_deref().unwrap_or("-"),
+            faults.join(", ")
+        );
+    }
+    sim.run_until(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! What a Run Command does inside a simulated guest: recognise the registry and service
+//! fixes of Microsoft's RDP guides, apply them to the VM's faults, and answer read-only
+//! queries (event log, `RDP-Tcp` settings) from the faults present.
+
+use super::{fault::Fault, world::Vm};
+
+/// Largest output Azure returns (the tail is kept).
+const MAX_OUTPUT: usize = 4096;
+
+/// Runs `script` (or the built-in `command`) on `vm`; returns standard output.
+pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
+    let text = script.join("\n").to_ascii_lowercase();
+    let writes = text.contains("set-itemproperty")
+        || text.contains("new-itemproperty")
+        || text.contains("reg add");
+    let mut out = Vec::new();
+    if command.eq_ignore_ascii_case("ResetRDPCert")
+        || (text.contains("remote desktop")
+            && text.contains("remove-item")
+            && text.contains("sessionenv"))
+    {
+        vm.faults.remove(&Fault::CertificateExpired);
+        out.push(
+            "Removed the Remote Desktop certificate; SessionEnv created a new self-signed one."
+                .to_owned(),
+        );
+    }
+    if command.eq_ignore_ascii_case("RDPSettings")
+        || (writes && text.contains("fdenytsconnections"))
+    {
+        vm.faults.remove(&Fault::RdpDisabled);
+        out.push("fDenyTSConnections set to 0; RDP listener enabled.".to_owned());
+    }
+    if writes && text.contains("schannel") && text.contains("tls 1.2") && text.contains("enabled") {
+        vm.faults.remove(&Fault::TlsDisabled);
+        out.push("TLS 1.0, 1.1 and 1.2 server protocols enabled.".to_owned());
+    }
+    if writes && text.contains("keepalivetimeout") {
+        vm.faults.remove(&Fault::Flapping);
+        out.push("RDP-Tcp keep-alive and reconnect settings applied.".to_owned());
+    }
+    if text.contains("restart-service") && text.contains("termservice") {
+        vm.faults.remove(&Fault::GuestHung);
+        out.push("TermService restarted.".to_owned());
+    }
+    if text.contains("wevtutil") || text.contains("get-winevent") {
+        out.extend(event_log(vm));
+    }
+    if text.contains("get-itemproperty") && text.contains("rdp-tcp") {
+        out.extend(rdp_tcp_settings(vm));
+    }
+    let mut stdout = out.join("\n");
+    if stdout.len() > MAX_OUTPUT {
+        let mut cut = stdout.len() - MAX_OUTPUT;
+        while !stdout.is_char_boundary(cut) {
+            cut += 1;
+        }
+        stdout = stdout.split_off(cut);
+    }
+    stdout
+}
+
+/// System-log events the faults would leave, as `wevtutil qe … /f:text` summarises them.
+fn event_log(vm: &Vm) -> Vec<String> {
+    let mut events = Vec::new();
+    if vm.faults.contains(&Fault::TlsDisabled) {
+        events.push("Source: Schannel Event ID: 36871 A fatal error occurred while creating a TLS server credential. The internal error state is 10013.".to_owned());
+    }
+    if vm.faults.contains(&Fault::CertificateExpired) {
+        events.push("Source: Microsoft-Windows-TerminalServices-RemoteConnectionManager Event ID: 1058 The RD Session Host Server has failed to replace the expired self signed certificate used for RD Session Host Server authentication on TLS connection.".to_owned());
+        events.push("Source: Schannel Event ID: 36870 A fatal error occurred when attempting to access the TLS server credential private key. The error code returned from the cryptographic module is 0x8009030D. The internal error state is 10001.".to_owned());
+    }
+    if events.is_empty() {
+        events.push(
+            "INFO: No events were found that match the specified selection criteria.".to_owned(),
+        );
+    }
+    events
+}
+
+/// `Get-ItemProperty …\WinStations\RDP-Tcp` and the Terminal Server key, as PowerShell prints them.
+fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
+    let flag = |f: Fault| u8::from(vm.faults.contains(&f));
+    vec![
+        format!("fDenyTSConnections : {}", flag(Fault::RdpDisabled)),
+        format!("fEnableWinStation  : {}", 1 - flag(Fault::RdpDisabled)),
+        format!("KeepAliveTimeout   : {}", 1 - flag(Fault::Flapping)),
+        "SecurityLayer      : 2".to_owned(),
+        "UserAuthentication : 1".to_owned(),
+        "PortNumber         : 3389".to_owned(),
+    ]
+}

@@ -1,0 +1,309 @@
+//! The simulator: an ARM emulator over plain HTTP on loopback that the real SDK crates talk
+//! to, and one live RDP responder per simulated VM whose behaviour follows the VM's state.
+//! Remediations through the emulator change that state the way Azure would.
+//!
+//! Embedded in tests with [`Simulator::start`]; run standalone with `rdphealth sim`.
+
+pub mod arm;
+pub mod fault;
+pub mod guest;
+pub mod responder;
+pub mod scenario;
+pub mod world;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+
+use self::world::World;
+pub use self::{
+    fault::{Behaviour, Fault},
+    scenario::Scenario,
+    world::HttpFault,
+};
+
+/// Why the simulator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The scenario is malformed or inconsistent.
+    #[error("failed to load the scenario: {0}")]
+    Scenario(String),
+    /// A socket could not be bound.
+    #[error("failed to bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The responders' certificates could not be built.
+    #[error("failed to build the responder TLS configuration: {0}")]
+    Tls(String),
+}
+
+impl SimError {
+    /// Stable PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Scenario(_) => "InvalidScenario",
+            Self::Bind { .. } => "BindFailed",
+            Self::Tls(_) => "TlsSetupFailed",
+        }
+    }
+}
+
+/// State shared by the emulator, the responders and the handle.
+#[derive(Debug)]
+pub struct Shared {
+    world: Mutex<World>,
+    changed: watch::Sender<u64>,
+    /// `http://127.0.0.1:PORT`, the base of every absolute URL the emulator hands out.
+    pub base_url: String,
+}
+
+impl Shared {
+    /// Locks the world (a poisoned lock is recovered: the data stays usable).
+    pub fn lock(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes responders after a state change.
+    pub fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver of change notifications.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Adds a fault to a VM; false when there is no such VM.
+    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
+        let ok = self.lock().inject(vm, fault);
+        self.notify();
+        ok
+    }
+
+    /// Clears a fault; false when there is no such VM.
+    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
+        let ok = self.lock().clear(vm, fault);
+        self.notify();
+        ok
+    }
+
+    /// One line per VM, for the admin API and the handle.
+    pub fn vm_summaries(&self) -> Vec<VmSummary> {
+        let w = self.lock();
+        w.vms
+            .values()
+            .map(|vm| {
+                let nic = w.nics.get(&vm.nic);
+                VmSummary {
+                    name: vm.name.clone(),
+                    subscription: vm.sub.clone(),
+                    resource_group: vm.rg.clone(),
+                    rdp: SocketAddr::from(([127, 0, 0, 1], vm.port)),
+                    public_ip: nic
+                        .and_then(|n| n.pip.as_ref())
+                        .and_then(|k| w.pips.get(k))
+                        .map(|p| p.address.to_string()),
+                    private_ip: nic.map(|n| n.private_ip.to_string()),
+                    running: vm.running() && !vm.rebooting,
+                    agent_ready: vm.agent_ready(),
+                    faults: vm.faults.iter().copied().collect(),
+                    behaviour: w.behaviour(&vm.name),
+                    boot: vm.boot,
+                    password_resets: vm.password_resets,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A VM as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSummary {
+    /// Name.
+    pub name: String,
+    /// Subscription.
+    pub subscription: String,
+    /// Resource group.
+    pub resource_group: String,
+    /// The responder's loopback address (what a prober connects to).
+    pub rdp: SocketAddr,
+    /// The public IP ARM reports.
+    pub public_ip: Option<String>,
+    /// The private IP ARM reports.
+    pub private_ip: Option<String>,
+    /// Running and not rebooting.
+    pub running: bool,
+    /// VM agent Ready.
+    pub agent_ready: bool,
+    /// Current faults.
+    pub faults: Vec<Fault>,
+    /// What the responder does now.
+    pub behaviour: Behaviour,
+    /// Reboot counter.
+    pub boot: u64,
+    /// Password resets applied.
+    pub password_resets: u32,
+}
+
+/// A running simulator.
+#[derive(Debug)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+    arm_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Simulator {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(scenario: Scenario) -> Result<Self, SimError> {
+        Self::start_on(scenario, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts the emulator on `listen` and one responder per VM on ephemeral loopback ports.
+    pub async fn start_on(scenario: Scenario, listen: SocketAddr) -> Result<Self, SimError> {
+        scenario.validate()?;
+        let mut world = World::new(&scenario)?;
+        let bind_err = |addr: String| move |source| SimError::Bind { addr, source };
+        let arm_listener = TcpListener::bind(listen)
+            .await
+            .map_err(bind_err(listen.to_string()))?;
+        let arm_addr = arm_listener
+            .local_addr()
+            .map_err(bind_err(listen.to_string()))?;
+        let mut responders = Vec::new();
+        for (key, vm) in world.vms.iter_mut() {
+            let l = TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .map_err(bind_err("127.0.0.1:0".into()))?;
+            vm.port = l
+                .local_addr()
+                .map_err(bind_err("127.0.0.1:0".into()))?
+                .port();
+            responders.push((key.clone(), l));
+        }
+        let certs = responder::Certificates::generate()?;
+        let (changed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            world: Mutex::new(world),
+            changed,
+            base_url: format!("http://{arm_addr}"),
+        });
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for (vm, listener) in responders {
+            tasks.spawn(responder::run(
+                shared.clone(),
+                vm,
+                listener,
+                certs.clone(),
+                rx.clone(),
+            ));
+        }
+        let app = arm::router(shared.clone());
+        let mut stop = rx.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(arm_listener, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|v| *v).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the ARM emulator stopped");
+            }
+        });
+        tracing::info!(arm = %arm_addr, "simulator started");
+        Ok(Self {
+            shared,
+            arm_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The emulator's base URL (`http://127.0.0.1:PORT`), the endpoint for the SDK clients.
+    pub fn arm_url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// The emulator's socket address.
+    pub fn arm_addr(&self) -> SocketAddr {
+        self.arm_addr
+    }
+
+    /// The responder address of a VM.
+    pub fn responder(&self, vm: &str) -> Option<SocketAddr> {
+        let w = self.shared.lock();
+        w.vms
+            .get(&vm.to_ascii_lowercase())
+            .map(|v| SocketAddr::from(([127, 0, 0, 1], v.port)))
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> Vec<VmSummary> {
+        self.shared.vm_summaries()
+    }
+
+    /// One VM.
+    pub fn vm(&self, name: &str) -> Option<VmSummary> {
+        self.vms()
+            .into_iter()
+            .find(|v| v.name.eq_ignore_ascii_case(name))
+    }
+
+    /// Requests received, by operation name (`vm.get`, `vm.restart`, `operation.status`…).
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        self.shared.lock().counters.clone()
+    }
+
+    /// Requests of one operation.
+    pub fn count(&self, op: &str) -> u64 {
+        self.shared.lock().counters.get(op).copied().unwrap_or(0)
+    }
+
+    /// Adds a fault at run time.
+    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.inject(vm, fault)
+    }
+
+    /// Clears a fault at run time.
+    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.clear(vm, fault)
+    }
+
+    /// Scripts an HTTP failure for the next matching requests.
+    pub fn inject_http_fault(&self, fault: HttpFault) {
+        self.shared.lock().http_faults.push(fault);
+    }
+
+    /// Token exchanges answered and fingerprints of the credentials presented.
+    pub fn token_log(&self) -> world::TokenLog {
+        self.shared.lock().tokens.clone()
+    }
+
+    /// The shared state (for advanced tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops the emulator and every responder, and waits for them.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Waits until shutdown is requested elsewhere (used by the CLI with ctrl-c).
+    pub async fn run_until<F: std::future::Future<Output = ()>>(self, stop: F) {
+        stop.await;
+        self.shutdown().await;
+    }
+}

@@ -1,0 +1,282 @@
+//! Live RDP responders: one loopback listener per simulated VM whose behaviour follows the
+//! VM's state. Enough of RDP for the prober: X.224 negotiation, then a real TLS handshake.
+
+use std::{sync::Arc, time::Duration};
+
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+
+use super::{Shared, SimError, fault::Behaviour};
+use crate::probe::codec;
+
+/// The two certificates responders serve.
+#[derive(Clone)]
+pub struct Certificates {
+    valid: TlsAcceptor,
+    expired: TlsAcceptor,
+}
+
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Certificates")
+    }
+}
+
+impl Certificates {
+    /// Generates a valid and an expired self-signed certificate.
+    pub fn generate() -> Result<Self, SimError> {
+        let now = time::OffsetDateTime::now_utc();
+        Ok(Self {
+            valid: acceptor(
+                now - time::Duration::days(1),
+                now + time::Duration::days(180),
+            )?,
+            expired: acceptor(
+                now - time::Duration::days(400),
+                now - time::Duration::days(35),
+            )?,
+        })
+    }
+}
+
+fn acceptor(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<TlsAcceptor, SimError> {
+    let tls = |e: String| SimError::Tls(e);
+    let mut params = rcgen::CertificateParams::new(vec!["rdp-sim.invalid".to_owned()])
+        .map_err(|e| tls(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "rdp-sim");
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = rcgen::KeyPair::generate().map_err(|e| tls(e.to_string()))?;
+    let cert = params.self_signed(&key).map_err(|e| tls(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .map_err(|e| tls(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Runs the responder of `vm` until `shutdown` flips; `listener` is its initial socket.
+pub async fn run(
+    shared: Arc<Shared>,
+    vm: String,
+    listener: TcpListener,
+    certs: Certificates,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let mut listener = Some(listener);
+    let mut changes = shared.changes();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let behaviour = shared.lock().behaviour(&vm);
+        if behaviour == Behaviour::Refuse {
+            listener = None;
+        } else if listener.is_none() {
+            match TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(vm, port, error = %e, "failed to re-open the responder port; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = shutdown.changed() => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            accepted = accept(listener.as_ref()) => {
+                if let Ok((stream, _)) = accepted {
+                    let (behaviour, boot, nth) = {
+                        let mut w = shared.lock();
+                        let behaviour = w.behaviour(&vm);
+                        match w.vms.get_mut(&vm) {
+                            Some(v) => {
+                                v.connections += 1;
+                                (behaviour, v.boot, v.connections)
+                            }
+                            None => (Behaviour::Refuse, 0, 0),
+                        }
+                    };
+                    let conn = Connection { shared: shared.clone(), vm: vm.clone(), boot, certs: certs.clone(), shutdown: shutdown.clone() };
+                    tokio::spawn(conn.serve(stream, behaviour, nth));
+                }
+            }
+        }
+    }
+}
+
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    vm: String,
+    boot: u64,
+    certs: Certificates,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream, behaviour: Behaviour, nth: u64) {
+        let dropped = dropped(
+            self.shared.clone(),
+            self.vm.clone(),
+            self.boot,
+            self.shutdown.clone(),
+        );
+        let work = talk(stream, behaviour, nth, self.certs.clone());
+        tokio::select! {
+            _ = work => {}
+            _ = dropped => {}
+        }
+    }
+}
+
+/// Completes when the connection must go: the VM rebooted or stopped listening, or shutdown.
+async fn dropped(shared: Arc<Shared>, vm: String, boot: u64, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = shared.changes();
+    loop {
+        let gone = {
+            let w = shared.lock();
+            w.vms.get(&vm).is_none_or(|v| v.boot != boot) || w.behaviour(&vm) == Behaviour::Refuse
+        };
+        if gone || *shutdown.borrow() {
+            return;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn talk(mut stream: TcpStream, behaviour: Behaviour, nth: u64, certs: Certificates) {
+    let _ = stream.set_nodelay(true);
+    match behaviour {
+        Behaviour::Refuse => {}
+        Behaviour::Silent => drain(&mut stream).await,
+        Behaviour::Flapping if nth % 2 == 1 => {
+            // Read the request, then hang up without a word: "connection closed".
+            let _ = read_request(&mut stream).await;
+        }
+        Behaviour::TlsAlert => {
+            let Some(selected) = negotiate(&mut stream).await else {
+                return;
+            };
+            if selected == 0 {
+                return;
+            }
+            let mut hello = [0u8; 512];
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut hello)).await;
+            // Fatal alert, protocol_version (70): Schannel with its TLS versions disabled.
+            let _ = stream
+                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x46])
+                .await;
+            let _ = stream.shutdown().await;
+        }
+        Behaviour::Flapping | Behaviour::Healthy { .. } => {
+            let expired = matches!(
+                behaviour,
+                Behaviour::Healthy {
+                    expired_certificate: true
+                }
+            );
+            let Some(selected) = negotiate(&mut stream).await else {
+                return;
+            };
+            if selected == 0 {
+                drain(&mut stream).await;
+                return;
+            }
+            let acceptor = if expired { certs.expired } else { certs.valid };
+            if let Ok(Ok(mut tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+            {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads until the peer closes.
+async fn drain(stream: &mut TcpStream) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Reads one TPKT; `None` when it is not one.
+async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let read = async {
+        let mut header = [0u8; codec::TPKT_HEADER_LEN];
+        stream.read_exact(&mut header).await.ok()?;
+        let len = codec::tpkt_length(&header).ok()?;
+        let mut pdu = vec![0u8; len];
+        pdu[..codec::TPKT_HEADER_LEN].copy_from_slice(&header);
+        stream
+            .read_exact(&mut pdu[codec::TPKT_HEADER_LEN..])
+            .await
+            .ok()?;
+        Some(pdu)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Answers the Connection Request; returns the selected protocol (0 = standard RDP security).
+async fn negotiate(stream: &mut TcpStream) -> Option<u32> {
+    let pdu = read_request(stream).await?;
+    let request = codec::parse_connection_request(&pdu).ok()?;
+    let (reply, selected) = match request.requested_protocols {
+        Some(p) if p & codec::PROTOCOL_HYBRID != 0 => (
+            codec::encode_negotiation_response(codec::PROTOCOL_HYBRID, 0x1f),
+            codec::PROTOCOL_HYBRID,
+        ),
+        Some(p) if p & codec::PROTOCOL_SSL != 0 => (
+            codec::encode_negotiation_response(codec::PROTOCOL_SSL, 0x1f),
+            codec::PROTOCOL_SSL,
+        ),
+        _ => (codec::encode_legacy_confirm(), 0),
+    };
+    stream.write_all(&reply).await.ok()?;
+    Some(selected)
+}

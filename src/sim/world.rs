@@ -1,0 +1,896 @@
+//! The simulated estate: resources, faults, operations in flight, counters.
+//! Plain data behind one mutex; nothing here awaits.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::{
+    fault::{Behaviour, Fault},
+    scenario::{Access, Direction, Scenario, Timing, parse_cidr},
+};
+use crate::azure::{
+    limiter::{BucketShape, OpClass, TokenBucket},
+    model::{NsgRules, RuleProtocol, SecurityRule},
+    nsg::{self, Flow},
+};
+
+/// The name of the rule the `nsg_blocking` fault adds.
+pub const BLOCKING_RULE: &str = "sim-deny-rdp";
+
+/// Lower-cased `sub/rg/name`, the key of every resource map.
+pub fn key(sub: &str, rg: &str, name: &str) -> String {
+    format!("{sub}/{rg}/{name}").to_ascii_lowercase()
+}
+
+/// A subscription's buckets.
+#[derive(Debug)]
+pub struct Subscription {
+    /// Id as declared.
+    pub id: String,
+    /// Regions with a Network Watcher (lower case).
+    pub watchers: Vec<String>,
+    /// Read bucket.
+    pub reads: TokenBucket,
+    /// Write bucket.
+    pub writes: TokenBucket,
+}
+
+/// A VMAccess extension.
+#[derive(Debug, Clone)]
+pub struct Extension {
+    /// Name.
+    pub name: String,
+    /// Last `forceUpdateTag`.
+    pub force_update_tag: Option<String>,
+    /// `Creating`, `Updating`, `Succeeded`, `Failed`.
+    pub provisioning_state: String,
+    /// Public settings as sent.
+    pub settings: Value,
+    /// The agent's last message.
+    pub message: String,
+    /// An update is running.
+    pub busy: bool,
+}
+
+/// A VM.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    /// Subscription id.
+    pub sub: String,
+    /// Resource group.
+    pub rg: String,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// VM id (GUID-like).
+    pub vm_id: String,
+    /// Its NIC's key.
+    pub nic: String,
+    /// Whether the agent is configured to report Ready.
+    pub agent_configured: bool,
+    /// Boot diagnostics enabled.
+    pub boot_diagnostics: bool,
+    /// Local administrator.
+    pub admin_user: String,
+    /// Current faults.
+    pub faults: BTreeSet<Fault>,
+    /// The VMAccessAgent extension, once one exists.
+    pub extension: Option<Extension>,
+    /// A compute operation (restart, redeploy, start, extension) is running.
+    pub busy: bool,
+    /// A Run Command is running.
+    pub run_command_busy: bool,
+    /// Rebooting: connections are refused.
+    pub rebooting: bool,
+    /// Incremented on every reboot; open connections of an older boot are dropped.
+    pub boot: u64,
+    /// The responder's loopback port.
+    pub port: u16,
+    /// Connections accepted (drives flapping).
+    pub connections: u64,
+    /// Password resets applied (the passwords themselves are never kept).
+    pub password_resets: u32,
+    /// Secret part of the serial log blob URL.
+    pub blob_sig: String,
+}
+
+impl Vm {
+    /// ARM id.
+    pub fn id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+            self.sub, self.rg, self.name
+        )
+    }
+
+    /// Running (not deallocated).
+    pub fn running(&self) -> bool {
+        !self.faults.contains(&Fault::VmStopped)
+    }
+
+    /// Whether the VM agent reports Ready now.
+    pub fn agent_ready(&self) -> bool {
+        self.agent_configured
+            && self.running()
+            && !self.rebooting
+            && !self.faults.contains(&Fault::HostFailure)
+            && !self.faults.contains(&Fault::NicBroken)
+    }
+}
+
+/// A NIC.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    /// Subscription.
+    pub sub: String,
+    /// Resource group.
+    pub rg: String,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Owning VM name.
+    pub vm: String,
+    /// Private IP.
+    pub private_ip: Ipv4Addr,
+    /// Static allocation.
+    pub static_ip: bool,
+    /// Key of its virtual network.
+    pub vnet: String,
+    /// Subnet name.
+    pub subnet: String,
+    /// NIC-level NSG key.
+    pub nsg: Option<String>,
+    /// Public IP key.
+    pub pip: Option<String>,
+    /// An update is running.
+    pub busy: bool,
+    /// MAC address (changes on reset).
+    pub mac: String,
+}
+
+impl Nic {
+    /// ARM id.
+    pub fn id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkInterfaces/{}",
+            self.sub, self.rg, self.name
+        )
+    }
+}
+
+/// An NSG.
+#[derive(Debug, Clone)]
+pub struct Nsg {
+    /// Subscription.
+    pub sub: String,
+    /// Resource group.
+    pub rg: String,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Custom rules.
+    pub rules: Vec<SecurityRule>,
+}
+
+impl Nsg {
+    /// ARM id.
+    pub fn id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/networkSecurityGroups/{}",
+            self.sub, self.rg, self.name
+        )
+    }
+
+    /// Custom rules then defaults, for evaluation.
+    pub fn all_rules(&self) -> NsgRules {
+        let mut rules = self.rules.clone();
+        rules.extend(nsg::default_rules());
+        NsgRules {
+            id: self.id(),
+            rules,
+        }
+    }
+}
+
+/// A subnet.
+#[derive(Debug, Clone)]
+pub struct Subnet {
+    /// Name.
+    pub name: String,
+    /// Network address and prefix length.
+    pub prefix: (Ipv4Addr, u32),
+    /// NSG key.
+    pub nsg: Option<String>,
+}
+
+/// A virtual network.
+#[derive(Debug, Clone)]
+pub struct Vnet {
+    /// Subscription.
+    pub sub: String,
+    /// Resource group.
+    pub rg: String,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Address space.
+    pub prefix: String,
+    /// Subnets.
+    pub subnets: Vec<Subnet>,
+}
+
+impl Vnet {
+    /// ARM id.
+    pub fn id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Network/virtualNetworks/{}",
+            self.sub, self.rg, self.name
+        )
+    }
+}
+
+/// A public IP.
+#[derive(Debug, Clone)]
+pub struct PublicIp {
+    /// Subscription.
+    pub sub: String,
+    /// Resource group.
+    pub rg: String,
+    /// Name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Address (documentation ranges; redeploy changes it).
+    pub address: Ipv4Addr,
+}
+
+/// Status of an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpStatus {
+    /// Running.
+    InProgress,
+    /// Done.
+    Succeeded,
+    /// Failed.
+    Failed,
+}
+
+/// A long-running operation.
+#[derive(Debug, Clone)]
+pub struct Op {
+    /// Its id.
+    pub id: String,
+    /// `Microsoft.Compute` or `Microsoft.Network`.
+    pub provider: &'static str,
+    /// Subscription.
+    pub sub: String,
+    /// Region.
+    pub location: String,
+    /// Status.
+    pub status: OpStatus,
+    /// Error code and message when failed.
+    pub error: Option<(String, String)>,
+    /// Result body served from the Location URL.
+    pub result: Option<Value>,
+    /// Start time (RFC 3339).
+    pub started: String,
+}
+
+/// A scripted HTTP failure for the next matching requests.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFault {
+    /// Operation name as counted (e.g. `vm.restart`).
+    pub operation: String,
+    /// Status to answer (429, 500, 503, 409…).
+    pub status: u16,
+    /// `Retry-After` seconds to send.
+    #[serde(default)]
+    pub retry_after: Option<u64>,
+    /// How many requests it applies to.
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What the token endpoint saw (fingerprints only; assertions are secrets).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenLog {
+    /// Exchanges answered.
+    pub count: u64,
+    /// A short SHA-256 fingerprint of each client assertion or secret, in order.
+    pub credential_fingerprints: Vec<String>,
+}
+
+/// The whole simulated state.
+#[derive(Debug)]
+pub struct World {
+    /// Durations.
+    pub timing: Timing,
+    /// Client address NSGs are evaluated for.
+    pub probe_source: Ipv4Addr,
+    /// Subscriptions by lower-case id.
+    pub subs: BTreeMap<String, Subscription>,
+    /// VMs by lower-case name.
+    pub vms: BTreeMap<String, Vm>,
+    /// NICs by key.
+    pub nics: BTreeMap<String, Nic>,
+    /// NSGs by key.
+    pub nsgs: BTreeMap<String, Nsg>,
+    /// Virtual networks by key.
+    pub vnets: BTreeMap<String, Vnet>,
+    /// Public IPs by key.
+    pub pips: BTreeMap<String, PublicIp>,
+    /// Operations by id.
+    pub ops: HashMap<String, Op>,
+    /// Requests by operation name.
+    pub counters: BTreeMap<String, u64>,
+    /// Scripted HTTP failures.
+    pub http_faults: Vec<HttpFault>,
+    /// Token endpoint log.
+    pub tokens: TokenLog,
+    next_id: u64,
+    next_public: u32,
+}
+
+/// Builds a rule of the scenario.
+fn rule_of(r: &super::scenario::RuleSpec) -> SecurityRule {
+    SecurityRule {
+        name: r.name.clone(),
+        priority: r.priority,
+        inbound: r.direction == Direction::Inbound,
+        allow: r.access == Access::Allow,
+        protocol: RuleProtocol::parse(&r.protocol),
+        source_prefixes: vec![r.source.clone()],
+        destination_prefixes: vec![r.destination.clone()],
+        destination_ports: vec![r.destination_port.clone()],
+        default_rule: false,
+    }
+}
+
+impl World {
+    /// Builds the world of a validated scenario; ports are filled in by the responders.
+    pub fn new(s: &Scenario) -> Result<Self, super::SimError> {
+        let mut w = World {
+            timing: s.timing.clone(),
+            probe_source: s.probe_source,
+            subs: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            nics: BTreeMap::new(),
+            nsgs: BTreeMap::new(),
+            vnets: BTreeMap::new(),
+            pips: BTreeMap::new(),
+            ops: HashMap::new(),
+            counters: BTreeMap::new(),
+            http_faults: Vec::new(),
+            tokens: TokenLog::default(),
+            next_id: 0,
+            next_public: 0,
+        };
+        let shape = |b: super::scenario::Bucket| BucketShape {
+            burst: f64::from(b.burst),
+            per_second: b.per_second,
+        };
+        for sub in &s.subscriptions {
+            w.subs.insert(
+                sub.id.to_ascii_lowercase(),
+                Subscription {
+                    id: sub.id.clone(),
+                    watchers: sub
+                        .network_watchers
+                        .iter()
+                        .map(|r| r.to_ascii_lowercase())
+                        .collect(),
+                    reads: TokenBucket::new(shape(s.throttle.reads)),
+                    writes: TokenBucket::new(shape(s.throttle.writes)),
+                },
+            );
+            for rg in &sub.resource_groups {
+                let loc = rg.location.clone();
+                for n in &rg.network_security_groups {
+                    w.nsgs.insert(
+                        key(&sub.id, &rg.name, &n.name),
+                        Nsg {
+                            sub: sub.id.clone(),
+                            rg: rg.name.clone(),
+                            name: n.name.clone(),
+                            location: loc.clone(),
+                            rules: n.rules.iter().map(rule_of).collect(),
+                        },
+                    );
+                }
+                for v in &rg.virtual_networks {
+                    let subnets = v
+                        .subnets
+                        .iter()
+                        .map(|sn| {
+                            Ok(Subnet {
+                                name: sn.name.clone(),
+                                prefix: parse_cidr(&sn.address_prefix).ok_or_else(|| {
+                                    super::SimError::Scenario(format!(
+                                        "bad prefix {}",
+                                        sn.address_prefix
+                                    ))
+                                })?,
+                                nsg: sn
+                                    .network_security_group
+                                    .as_ref()
+                                    .map(|n| key(&sub.id, &rg.name, n)),
+                            })
+                        })
+                        .collect::<Result<Vec<_>, super::SimError>>()?;
+                    w.vnets.insert(
+                        key(&sub.id, &rg.name, &v.name),
+                        Vnet {
+                            sub: sub.id.clone(),
+                            rg: rg.name.clone(),
+                            name: v.name.clone(),
+                            location: loc.clone(),
+                            prefix: v.address_prefix.clone(),
+                            subnets,
+                        },
+                    );
+                }
+                for vm in &rg.vms {
+                    w.add_vm(&sub.id, &rg.name, &loc, vm)?;
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    fn add_vm(
+        &mut self,
+        sub: &str,
+        rg: &str,
+        loc: &str,
+        spec: &super::scenario::VmSpec,
+    ) -> Result<(), super::SimError> {
+        let nic_name = spec
+            .nic
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}-nic", spec.name));
+        let (vnet_name, subnet_name) =
+            spec.nic.subnet.split_once('/').ok_or_else(|| {
+                super::SimError::Scenario(format!("VM {}: bad subnet", spec.name))
+            })?;
+        let vnet_key = key(sub, rg, vnet_name);
+        let subnet = self
+            .vnets
+            .get(&vnet_key)
+            .and_then(|v| {
+                v.subnets
+                    .iter()
+                    .find(|s| s.name.eq_ignore_ascii_case(subnet_name))
+            })
+            .cloned()
+            .ok_or_else(|| {
+                super::SimError::Scenario(format!("VM {}: unknown subnet", spec.name))
+            })?;
+        let private_ip = match spec.nic.private_ip {
+            Some(ip) => ip,
+            None => self
+                .free_addresses(&vnet_key, &subnet.name, 1)
+                .into_iter()
+                .next()
+                .ok_or_else(|| {
+                    super::SimError::Scenario(format!("VM {}: subnet is full", spec.name))
+                })?,
+        };
+        let pip = if spec.nic.public_ip {
+            let name = format!("{}-ip", spec.name);
+            let address = self.next_public_address();
+            self.pips.insert(
+                key(sub, rg, &name),
+                PublicIp {
+                    sub: sub.to_owned(),
+                    rg: rg.to_owned(),
+                    name: name.clone(),
+                    location: loc.to_owned(),
+                    address,
+                },
+            );
+            Some(key(sub, rg, &name))
+        } else {
+            None
+        };
+        self.next_id += 1;
+        let nic_key = key(sub, rg, &nic_name);
+        self.nics.insert(
+            nic_key.clone(),
+            Nic {
+                sub: sub.to_owned(),
+                rg: rg.to_owned(),
+                name: nic_name,
+                location: loc.to_owned(),
+                vm: spec.name.clone(),
+                private_ip,
+                static_ip: spec.nic.private_ip.is_some(),
+                vnet: vnet_key,
+                subnet: subnet.name.clone(),
+                nsg: spec
+                    .nic
+                    .network_security_group
+                    .as_ref()
+                    .map(|n| key(sub, rg, n)),
+                pip,
+                busy: false,
+                mac: mac(self.next_id),
+            },
+        );
+        let extension = spec.vm_access_extension.as_ref().map(|name| Extension {
+            name: name.clone(),
+            force_update_tag: None,
+            provisioning_state: "Succeeded".to_owned(),
+            settings: Value::Object(Default::default()),
+            message: "Enable succeeded".to_owned(),
+            busy: false,
+        });
+        let n = self.next_id;
+        let mut vm = Vm {
+            sub: sub.to_owned(),
+            rg: rg.to_owned(),
+            name: spec.name.clone(),
+            location: loc.to_owned(),
+            vm_id: format!("5e1f0000-0000-4000-8000-{n:012x}"),
+            nic: nic_key,
+            agent_configured: spec.agent_ready,
+            boot_diagnostics: spec.boot_diagnostics,
+            admin_user: spec.admin_user.clone(),
+            faults: BTreeSet::new(),
+            extension,
+            busy: false,
+            run_command_busy: false,
+            rebooting: false,
+            boot: 0,
+            port: 0,
+            connections: 0,
+            password_resets: 0,
+            blob_sig: format!(
+                "{:016x}",
+                fingerprint_u64(&format!("{sub}/{rg}/{}/{n}", spec.name))
+            ),
+        };
+        let name = vm.name.to_ascii_lowercase();
+        for f in &spec.faults {
+            vm.faults.insert(*f);
+        }
+        let blocking = vm.faults.contains(&Fault::NsgBlocking);
+        self.vms.insert(name.clone(), vm);
+        if blocking {
+            self.set_nsg_block(&name, true);
+        }
+        Ok(())
+    }
+
+    /// A fresh id for an operation.
+    pub fn new_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("{:08x}-5151-4a11-8000-{:012x}", self.next_id, self.next_id)
+    }
+
+    fn next_public_address(&mut self) -> Ipv4Addr {
+        self.next_public += 1;
+        let n = self.next_public;
+        // 198.51.100.0/24 then 203.0.113.0/24: documentation ranges, never routed.
+        if n < 250 {
+            Ipv4Addr::new(198, 51, 100, n as u8 + 1)
+        } else {
+            Ipv4Addr::new(192, 0, 2, ((n - 250) % 250) as u8 + 1)
+        }
+    }
+
+    /// Counts one request of `op`.
+    pub fn count(&mut self, op: &str) {
+        *self.counters.entry(op.to_owned()).or_insert(0) += 1;
+    }
+
+    /// Takes a token of `class` from the subscription's bucket; `Err(wait)` when empty.
+    pub fn take_token(
+        &mut self,
+        sub: &str,
+        class: OpClass,
+    ) -> Result<(u32, u32), std::time::Duration> {
+        let now = Instant::now();
+        let Some(s) = self.subs.get_mut(&sub.to_ascii_lowercase()) else {
+            return Ok((0, 0));
+        };
+        match class {
+            OpClass::Read => s.reads.try_take(now)?,
+            OpClass::Write => s.writes.try_take(now)?,
+        }
+        Ok((s.reads.remaining(now), s.writes.remaining(now)))
+    }
+
+    /// A scripted failure for `op`, consumed.
+    pub fn take_http_fault(&mut self, op: &str) -> Option<HttpFault> {
+        let i = self
+            .http_faults
+            .iter()
+            .position(|f| f.operation == op && f.count > 0)?;
+        let f = self.http_faults[i].clone();
+        self.http_faults[i].count -= 1;
+        if self.http_faults[i].count == 0 {
+            self.http_faults.remove(i);
+        }
+        Some(f)
+    }
+
+    /// The VM by name (case-insensitive) within `sub`/`rg`.
+    pub fn vm(&self, sub: &str, rg: &str, name: &str) -> Option<&Vm> {
+        self.vms
+            .get(&name.to_ascii_lowercase())
+            .filter(|v| v.sub.eq_ignore_ascii_case(sub) && v.rg.eq_ignore_ascii_case(rg))
+    }
+
+    /// Mutable VM by name within `sub`/`rg`.
+    pub fn vm_mut(&mut self, sub: &str, rg: &str, name: &str) -> Option<&mut Vm> {
+        self.vms
+            .get_mut(&name.to_ascii_lowercase())
+            .filter(|v| v.sub.eq_ignore_ascii_case(sub) && v.rg.eq_ignore_ascii_case(rg))
+    }
+
+    /// The NSGs protecting a NIC: (subnet NSG, NIC NSG).
+    pub fn nsgs_of(&self, nic: &Nic) -> (Option<&Nsg>, Option<&Nsg>) {
+        let subnet = self
+            .vnets
+            .get(&nic.vnet)
+            .and_then(|v| {
+                v.subnets
+                    .iter()
+                    .find(|s| s.name.eq_ignore_ascii_case(&nic.subnet))
+            })
+            .and_then(|s| s.nsg.as_ref())
+            .and_then(|k| self.nsgs.get(k));
+        let nic_nsg = nic.nsg.as_ref().and_then(|k| self.nsgs.get(k));
+        (subnet, nic_nsg)
+    }
+
+    /// Evaluates inbound TCP `port` from `source` to the NIC.
+    pub fn flow_verdict(&self, nic: &Nic, source: Ipv4Addr, port: u16) -> nsg::Verdict {
+        let (subnet, nic_nsg) = self.nsgs_of(nic);
+        let subnet = subnet.map(Nsg::all_rules);
+        let nic_nsg = nic_nsg.map(Nsg::all_rules);
+        nsg::evaluate(
+            subnet.as_ref(),
+            nic_nsg.as_ref(),
+            &Flow {
+                source,
+                destination: nic.private_ip,
+                port,
+            },
+        )
+    }
+
+    /// How the VM's responder treats a new connection now.
+    pub fn behaviour(&self, vm_name: &str) -> Behaviour {
+        let Some(vm) = self.vms.get(&vm_name.to_ascii_lowercase()) else {
+            return Behaviour::Refuse;
+        };
+        let f = |x| vm.faults.contains(&x);
+        if !vm.running() || vm.rebooting {
+            return Behaviour::Refuse;
+        }
+        if f(Fault::PlatformOutage) || f(Fault::HostFailure) || f(Fault::NicBroken) {
+            return Behaviour::Silent;
+        }
+        let blocked = self
+            .nics
+            .get(&vm.nic)
+            .is_some_and(|nic| !self.flow_verdict(nic, self.probe_source, 3389).allow);
+        if blocked || f(Fault::GuestHung) {
+            return Behaviour::Silent;
+        }
+        if f(Fault::RdpDisabled) {
+            return Behaviour::Refuse;
+        }
+        if f(Fault::TlsDisabled) {
+            return Behaviour::TlsAlert;
+        }
+        if f(Fault::Flapping) {
+            return Behaviour::Flapping;
+        }
+        Behaviour::Healthy {
+            expired_certificate: f(Fault::CertificateExpired),
+        }
+    }
+
+    /// Adds or removes the blocking rule in the VM's NIC NSG (creating one if needed).
+    pub fn set_nsg_block(&mut self, vm_name: &str, on: bool) {
+        let Some(vm) = self.vms.get(vm_name) else {
+            return;
+        };
+        let Some(nic) = self.nics.get(&vm.nic).cloned() else {
+            return;
+        };
+        let nsg_key = match nic.nsg.clone() {
+            Some(k) => k,
+            None if !on => return,
+            None => {
+                let name = format!("{}-nsg", nic.name);
+                let k = key(&nic.sub, &nic.rg, &name);
+                self.nsgs.insert(
+                    k.clone(),
+                    Nsg {
+                        sub: nic.sub.clone(),
+                        rg: nic.rg.clone(),
+                        name,
+                        location: nic.location.clone(),
+                        rules: vec![allow_rdp()],
+                    },
+                );
+                if let Some(n) = self.nics.get_mut(&vm_key_nic(vm)) {
+                    n.nsg = Some(k.clone());
+                }
+                k
+            }
+        };
+        if let Some(nsg) = self.nsgs.get_mut(&nsg_key) {
+            nsg.rules.retain(|r| r.name != BLOCKING_RULE);
+            if on {
+                nsg.rules.push(SecurityRule {
+                    name: BLOCKING_RULE.to_owned(),
+                    priority: 100,
+                    inbound: true,
+                    allow: false,
+                    protocol: RuleProtocol::Tcp,
+                    source_prefixes: vec!["*".to_owned()],
+                    destination_prefixes: vec!["*".to_owned()],
+                    destination_ports: vec!["3389".to_owned()],
+                    default_rule: false,
+                });
+            }
+        }
+    }
+
+    /// Adds a fault at run time.
+    pub fn inject(&mut self, vm_name: &str, fault: Fault) -> bool {
+        let name = vm_name.to_ascii_lowercase();
+        let Some(vm) = self.vms.get_mut(&name) else {
+            return false;
+        };
+        vm.faults.insert(fault);
+        if fault == Fault::NsgBlocking {
+            self.set_nsg_block(&name, true);
+        }
+        true
+    }
+
+    /// Clears a fault at run time.
+    pub fn clear(&mut self, vm_name: &str, fault: Fault) -> bool {
+        let name = vm_name.to_ascii_lowercase();
+        let Some(vm) = self.vms.get_mut(&name) else {
+            return false;
+        };
+        vm.faults.remove(&fault);
+        if fault == Fault::NsgBlocking {
+            self.set_nsg_block(&name, false);
+        }
+        true
+    }
+
+    /// Up to `n` free addresses of a subnet (Azure reserves the first four and the last).
+    pub fn free_addresses(&self, vnet_key: &str, subnet: &str, n: usize) -> Vec<Ipv4Addr> {
+        let Some(s) = self.vnets.get(vnet_key).and_then(|v| {
+            v.subnets
+                .iter()
+                .find(|s| s.name.eq_ignore_ascii_case(subnet))
+        }) else {
+            return Vec::new();
+        };
+        let (net, len) = s.prefix;
+        if len > 29 {
+            return Vec::new();
+        }
+        let base = u32::from(net) & (u32::MAX << (32 - len));
+        let size = 1u64 << (32 - len);
+        let used: BTreeSet<Ipv4Addr> = self
+            .nics
+            .values()
+            .filter(|nic| nic.vnet == vnet_key)
+            .map(|nic| nic.private_ip)
+            .collect();
+        (4..size.saturating_sub(1))
+            .map(|i| Ipv4Addr::from(base.wrapping_add(i as u32)))
+            .filter(|ip| !used.contains(ip))
+            .take(n)
+            .collect()
+    }
+
+    /// The subnet containing `ip` in a virtual network.
+    pub fn subnet_of(&self, vnet_key: &str, ip: Ipv4Addr) -> Option<String> {
+        let v = self.vnets.get(vnet_key)?;
+        v.subnets
+            .iter()
+            .find(|s| {
+                let (net, len) = s.prefix;
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            })
+            .map(|s| s.name.clone())
+    }
+
+    /// Gives the VM a new public address (redeploy).
+    pub fn renew_public_ip(&mut self, vm_name: &str) {
+        let Some(pip) = self
+            .vms
+            .get(vm_name)
+            .and_then(|vm| self.nics.get(&vm.nic))
+            .and_then(|nic| nic.pip.clone())
+        else {
+            return;
+        };
+        let address = self.next_public_address();
+        if let Some(p) = self.pips.get_mut(&pip) {
+            p.address = address;
+        }
+    }
+
+    /// The serial console log the VM would show.
+    pub fn serial_log(&self, vm: &Vm) -> String {
+        let mut log = String::from(
+            "Windows Boot Manager\r\nBooting Windows Server 2022 Datacenter\r\n\
+             SAC> Computer is booting, SAC started and initialized.\r\n\
+             EVENT: The CMD command is now available.\r\n",
+        );
+        if vm.faults.contains(&Fault::NicBroken) {
+            log.push_str(
+                "EVENT: netvsc: the network adapter failed to initialize (0xC000009A)\r\n",
+            );
+        }
+        if vm.faults.contains(&Fault::GuestHung) {
+            log.push_str("EVENT: The TermService service hung on starting.\r\n");
+        }
+        if vm.running() && !vm.rebooting {
+            log.push_str("SAC> Computer is ready.\r\n");
+        } else {
+            log.push_str("EVENT: The computer is shutting down.\r\n");
+        }
+        log
+    }
+}
+
+fn vm_key_nic(vm: &Vm) -> String {
+    vm.nic.clone()
+}
+
+/// The canonical good RDP rule.
+pub fn allow_rdp() -> SecurityRule {
+    SecurityRule {
+        name: "allow-rdp".to_owned(),
+        priority: 1000,
+        inbound: true,
+        allow: true,
+        protocol: RuleProtocol::Tcp,
+        source_prefixes: vec!["*".to_owned()],
+        destination_prefixes: vec!["*".to_owned()],
+        destination_ports: vec!["3389".to_owned()],
+        default_rule: false,
+    }
+}
+
+fn mac(n: u64) -> String {
+    let b = n.to_be_bytes();
+    format!("00-0D-3A-{:02X}-{:02X}-{:02X}", b[5], b[6], b[7])
+}
+
+/// A short non-cryptographic fingerprint for ids.
+pub fn fingerprint_u64(s: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(s.as_bytes());
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
