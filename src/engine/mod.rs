@@ -6,6 +6,7 @@
 
 pub mod conditions;
 pub mod endpoint;
+pub mod gather;
 pub mod schedule;
 pub mod spec;
 pub mod thresholds;

@@ -133,6 +133,9 @@ pub struct Evidence {
     pub boot_diagnostics: Option<BootDiagnostics>,
     /// In-guest query (only when the agent is Ready).
     pub guest: Option<GuestEvidence>,
+    /// Reads that failed (reason and message); their parts stay empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// Where boot diagnostics live.
@@ -163,6 +166,7 @@ impl Evidence {
             serial: None,
             boot_diagnostics: None,
             guest: None,
+            errors: Vec::new(),
         }
     }
 }
