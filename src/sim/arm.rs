@@ -72,7 +72,7 @@ async fn add_fault(
             &format!("unknown fault {:?}", b.fault),
         );
     };
-    if s.inject(&name, fault) {
+    if s.inject(&name, fault).await {
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(
@@ -94,7 +94,7 @@ async fn clear_fault(
             &format!("unknown fault {fault:?}"),
         );
     };
-    if s.clear(&name, fault) {
+    if s.clear(&name, fault).await {
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(
@@ -408,7 +408,7 @@ async fn arm(
         .collect();
     let mut rsp = match route {
         Route::Vm { sub, rg, vm, rest } => {
-            vm_route(&s, &method, &sub, &rg, &vm, &rest, &query, &body)
+            vm_route(&s, &method, &sub, &rg, &vm, &rest, &query, &body).await
         }
         Route::Network {
             sub,
@@ -577,23 +577,23 @@ where
     let s = s.clone();
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        {
-            let mut w = s.lock();
-            let outcome = effect(&mut w);
-            if let Some(op) = w.ops.get_mut(&id) {
-                match outcome {
-                    Ok(result) => {
-                        op.status = OpStatus::Succeeded;
-                        op.result = result;
-                    }
-                    Err(e) => {
-                        op.status = OpStatus::Failed;
-                        op.error = Some(e);
-                    }
+        let outcome = effect(&mut s.lock());
+        // The responders reach their new state before anyone can see the operation end.
+        s.notify();
+        s.settled().await;
+        let mut w = s.lock();
+        if let Some(op) = w.ops.get_mut(&id) {
+            match outcome {
+                Ok(result) => {
+                    op.status = OpStatus::Succeeded;
+                    op.result = result;
+                }
+                Err(e) => {
+                    op.status = OpStatus::Failed;
+                    op.error = Some(e);
                 }
             }
         }
-        s.notify();
     });
 }
 
@@ -655,7 +655,7 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
 // ---------- compute ----------
 
 #[allow(clippy::too_many_arguments)]
-fn vm_route(
+async fn vm_route(
     s: &Arc<Shared>,
     method: &Method,
     sub: &str,
@@ -702,9 +702,9 @@ fn vm_route(
             }
         }
         ("PUT", ["extensions", _]) => put_extension(s, sub, rg, name, &rest[1], body),
-        ("POST", ["restart"]) => power_action(s, sub, rg, name, Action::Restart),
-        ("POST", ["redeploy"]) => power_action(s, sub, rg, name, Action::Redeploy),
-        ("POST", ["start"]) => power_action(s, sub, rg, name, Action::Start),
+        ("POST", ["restart"]) => power_action(s, sub, rg, name, Action::Restart).await,
+        ("POST", ["redeploy"]) => power_action(s, sub, rg, name, Action::Redeploy).await,
+        ("POST", ["start"]) => power_action(s, sub, rg, name, Action::Start).await,
         ("POST", ["runcommand"]) => run_command(s, sub, rg, name, body),
         ("POST", ["retrievebootdiagnosticsdata"]) => boot_diagnostics(s, sub, rg, name),
         (
@@ -1062,23 +1062,49 @@ enum Action {
     Start,
 }
 
-fn power_action(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, action: Action) -> Response {
+async fn power_action(
+    s: &Arc<Shared>,
+    sub: &str,
+    rg: &str,
+    name: &str,
+    action: Action,
+) -> Response {
+    let started = begin_power_action(s, sub, rg, name, action);
+    let (id, aao, location, key, after, retry) = match started {
+        Ok(v) => v,
+        Err(rsp) => return rsp,
+    };
+    s.notify();
+    s.settled().await;
+    finish_power_action(s, id, key, after, action);
+    accepted(&aao, Some(&location), retry, StatusCode::ACCEPTED, None)
+}
+
+type Started = (String, String, String, String, Duration, Duration);
+
+fn begin_power_action(
+    s: &Arc<Shared>,
+    sub: &str,
+    rg: &str,
+    name: &str,
+    action: Action,
+) -> Result<Started, Response> {
     let mut w = s.lock();
     let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
-        return not_found("Microsoft.Compute/virtualMachines", name, rg);
+        return Err(not_found("Microsoft.Compute/virtualMachines", name, rg));
     };
     if vm.busy {
-        return conflict(
+        return Err(conflict(
             "OperationNotAllowed",
             "Operation is not allowed since another operation is in progress on the VM. Retry after it completes.",
-        );
+        ));
     }
     if matches!(action, Action::Restart) && !vm.running() {
-        return conflict(
+        return Err(conflict(
             "OperationNotAllowed",
             "Cannot restart the VM because it is deallocated. Start the VM instead.",
-        );
+        ));
     }
     let key = vm.name.to_ascii_lowercase();
     let after = match action {
@@ -1094,8 +1120,10 @@ fn power_action(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, action: Action
         }
     }
     let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
-    drop(w);
-    s.notify();
+    Ok((id, aao, location, key, after, timing.retry_after))
+}
+
+fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration, action: Action) {
     finish_later(s, id, after, move |w| {
         if matches!(action, Action::Redeploy) {
             w.renew_public_ip(&key);
@@ -1126,13 +1154,6 @@ fn power_action(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, action: Action
         }
         Ok(None)
     });
-    accepted(
-        &aao,
-        Some(&location),
-        timing.retry_after,
-        StatusCode::ACCEPTED,
-        None,
-    )
 }
 
 const RUN_COMMAND_IDS: [&str; 7] = [

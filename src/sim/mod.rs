@@ -63,6 +63,9 @@ impl SimError {
 pub struct Shared {
     world: Mutex<World>,
     changed: watch::Sender<u64>,
+    /// The change version each responder has applied to its listener.
+    applied: Mutex<BTreeMap<String, u64>>,
+    acked: tokio::sync::Notify,
     /// `http://127.0.0.1:PORT`, the base of every absolute URL the emulator hands out.
     pub base_url: String,
 }
@@ -83,17 +86,55 @@ impl Shared {
         self.changed.subscribe()
     }
 
-    /// Adds a fault to a VM; false when there is no such VM.
-    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
+    /// Records that `vm`'s responder has applied change `version`.
+    pub fn ack(&self, vm: &str, version: u64) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.to_owned(), version);
+        self.acked.notify_waiters();
+    }
+
+    /// Waits (at most two seconds) until every responder has applied the latest change, so
+    /// a client that sees an answer also sees the responders in their new state.
+    pub async fn settled(&self) {
+        let wait = async {
+            loop {
+                let notified = self.acked.notified();
+                let target = *self.changed.borrow();
+                let done = self
+                    .applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .all(|v| *v >= target);
+                if done {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("responders did not settle within two seconds");
+        }
+    }
+
+    /// Adds a fault to a VM and waits for its responder; false when there is no such VM.
+    pub async fn inject(&self, vm: &str, fault: Fault) -> bool {
         let ok = self.lock().inject(vm, fault);
         self.notify();
+        self.settled().await;
         ok
     }
 
-    /// Clears a fault; false when there is no such VM.
-    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
+    /// Clears a fault and waits for the responder; false when there is no such VM.
+    pub async fn clear(&self, vm: &str, fault: Fault) -> bool {
         let ok = self.lock().clear(vm, fault);
         self.notify();
+        self.settled().await;
         ok
     }
 
@@ -194,10 +235,13 @@ impl Simulator {
             responders.push((key.clone(), l));
         }
         let certs = responder::Certificates::generate()?;
-        let (changed, _) = watch::channel(0);
+        let applied = responders.iter().map(|(vm, _)| (vm.clone(), 0)).collect();
+        let (changed, _) = watch::channel(1);
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
             changed,
+            applied: Mutex::new(applied),
+            acked: tokio::sync::Notify::new(),
             base_url: format!("http://{arm_addr}"),
         });
         let (shutdown, rx) = watch::channel(false);
@@ -221,6 +265,8 @@ impl Simulator {
                 tracing::error!(error = %e, "the ARM emulator stopped");
             }
         });
+        // Every responder acknowledges version 1 once its listener is open or closed.
+        shared.settled().await;
         tracing::info!(arm = %arm_addr, "simulator started");
         Ok(Self {
             shared,
@@ -270,14 +316,14 @@ impl Simulator {
         self.shared.lock().counters.get(op).copied().unwrap_or(0)
     }
 
-    /// Adds a fault at run time.
-    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
-        self.shared.inject(vm, fault)
+    /// Adds a fault at run time; returns once the VM's responder behaves accordingly.
+    pub async fn inject(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.inject(vm, fault).await
     }
 
-    /// Clears a fault at run time.
-    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
-        self.shared.clear(vm, fault)
+    /// Clears a fault at run time; returns once the VM's responder behaves accordingly.
+    pub async fn clear(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.clear(vm, fault).await
     }
 
     /// Scripts an HTTP failure for the next matching requests.

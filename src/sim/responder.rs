@@ -89,6 +89,7 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
+        let version = *changes.borrow_and_update();
         let behaviour = shared.lock().behaviour(&vm);
         if behaviour == Behaviour::Refuse {
             listener = None;
@@ -104,6 +105,7 @@ pub async fn run(
                 }
             }
         }
+        shared.ack(&vm, version);
         tokio::select! {
             _ = shutdown.changed() => return,
             changed = changes.changed() => if changed.is_err() { return },
