@@ -1,5 +1,7 @@
 //! Every adapter operation through the real SDK crates against the emulator over loopback HTTP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::{sync::Arc, time::Duration};
 
 use azure_core::Url;

@@ -1,5 +1,7 @@
 //! Throttling, retries, credentials and the limiter, against the emulator and in paused time.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::{sync::Arc, time::Duration};
 
 use azure_core::{Url, auth::TokenCredential};

@@ -1,6 +1,8 @@
 //! The responders, checked with the real prober for every fault state, and remediations
 //! through the emulator that make them reachable again.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::{sync::Arc, time::Duration};
 
 use azure_core::Url;

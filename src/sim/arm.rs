@@ -1082,6 +1082,7 @@ async fn power_action(
 
 type Started = (String, String, String, String, Duration, Duration);
 
+#[allow(clippy::result_large_err)] // the error is the finished HTTP answer
 fn begin_power_action(
     s: &Arc<Shared>,
     sub: &str,
