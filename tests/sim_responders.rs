@@ -72,6 +72,8 @@ async fn each_fault_state_is_what_the_prober_sees() {
     assert!(expired.reachable);
     assert!(expired.findings.contains(&Finding::CertificateExpired));
 
+    // Silent endpoints cost a full timeout each: probe them all at once.
+    let mut probes = tokio::task::JoinSet::new();
     for (vm, want) in [
         ("vm-rdp-disabled", FailureReason::TcpRefused),
         ("vm-stopped", FailureReason::TcpRefused),
@@ -82,7 +84,18 @@ async fn each_fault_state_is_what_the_prober_sees() {
         ("vm-host-failure", FailureReason::X224Timeout),
         ("vm-outage", FailureReason::X224Timeout),
     ] {
-        let r = probe(&sim, vm).await;
+        let addr = sim.responder(vm).unwrap();
+        probes.spawn(async move {
+            let target = Target::new(addr.ip().to_string(), addr.port()).unwrap();
+            (
+                vm,
+                want,
+                RdpProber::new().unwrap().probe_once(&target, &opts()).await,
+            )
+        });
+    }
+    while let Some(done) = probes.join_next().await {
+        let (vm, want, r) = done.unwrap();
         assert!(!r.reachable, "{vm}");
         assert_eq!(reason(&r), Some(want), "{vm}: {r:?}");
     }

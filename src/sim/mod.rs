@@ -346,10 +346,4 @@ impl Simulator {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
     }
-
-    /// Waits until shutdown is requested elsewhere (used by the CLI with ctrl-c).
-    pub async fn run_until<F: std::future::Future<Output = ()>>(self, stop: F) {
-        stop.await;
-        self.shutdown().await;
-    }
 }
