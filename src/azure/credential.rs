@@ -13,6 +13,9 @@ use tokio::sync::Mutex;
 
 use super::error::AzureError;
 
+/// Bound on one token exchange (the identity flow sets no timeout of its own).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The scope of Azure Resource Manager, whatever endpoint the clients talk to.
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
@@ -134,15 +137,17 @@ impl WorkloadIdentity {
                     ),
                 )
             })?;
-        let rsp = azure_identity::federated_credentials_flow::perform(
+        let exchange = azure_identity::federated_credentials_flow::perform(
             self.http.clone(),
             &self.client_id,
             assertion.trim(),
             scopes,
             &self.tenant_id,
             &self.authority,
-        )
-        .await?;
+        );
+        let rsp = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| Error::message(ErrorKind::Io, "the token exchange timed out"))??;
         Ok(AccessToken::new(
             rsp.access_token().clone(),
             OffsetDateTime::now_utc() + Duration::from_secs(rsp.expires_in),

@@ -1359,11 +1359,10 @@ fn network_route(
                     "The address is in no subnet of the virtual network.",
                 );
             };
-            let free = w.free_addresses(&k, &subnet, 5);
-            let available = free.contains(&ip);
-            let others: Vec<String> = free
+            let available = w.address_free(&k, &subnet, ip);
+            let others: Vec<String> = w
+                .free_addresses(&k, &subnet, 5)
                 .iter()
-                .filter(|a| **a != ip)
                 .map(ToString::to_string)
                 .collect();
             let body = if available {
@@ -1574,10 +1573,7 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
                 ),
             );
         }
-        if !w
-            .free_addresses(&nic.vnet, &nic.subnet, usize::MAX)
-            .contains(&new_ip)
-        {
+        if !w.address_free(&nic.vnet, &nic.subnet, new_ip) {
             return error(
                 StatusCode::BAD_REQUEST,
                 "PrivateIPAddressInUse",

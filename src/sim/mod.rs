@@ -225,7 +225,7 @@ impl Simulator {
             .map_err(bind_err(listen.to_string()))?;
         let mut responders = Vec::new();
         for (key, vm) in world.vms.iter_mut() {
-            let l = TcpListener::bind(("127.0.0.1", 0))
+            let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
                 .map_err(bind_err("127.0.0.1:0".into()))?;
             vm.port = l

@@ -94,7 +94,7 @@ pub async fn run(
         if behaviour == Behaviour::Refuse {
             listener = None;
         } else if listener.is_none() {
-            match TcpListener::bind(("127.0.0.1", port)).await {
+            match TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
                     tracing::warn!(vm, port, error = %e, "failed to re-open the responder port; retrying");
