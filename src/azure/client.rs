@@ -39,6 +39,13 @@ pub struct ArmConfig {
 }
 
 impl ArmConfig {
+    /// Public Azure (`https://management.azure.com`).
+    pub fn public_cloud() -> Result<Self, AzureError> {
+        Url::parse("https://management.azure.com")
+            .map(Self::new)
+            .map_err(|e| AzureError::invalid(format!("endpoint: {e}")))
+    }
+
     /// Defaults for `endpoint`.
     pub fn new(endpoint: Url) -> Self {
         Self {

@@ -177,9 +177,18 @@ impl TokenCredential for WorkloadIdentity {
     }
 }
 
-/// Picks a credential from the environment, in order: workload identity, a client secret
-/// (`AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`), then the Azure CLI.
+/// Environment variable holding a fixed bearer token (for the simulator only).
+pub const STATIC_TOKEN_ENV: &str = "RDPHEALTH_AZURE_STATIC_TOKEN";
+
+/// Picks a credential from the environment, in order: a static token
+/// (`RDPHEALTH_AZURE_STATIC_TOKEN`, meant for the simulator), workload identity, a client
+/// secret (`AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`), then the Azure CLI.
 pub fn from_environment() -> Result<Arc<dyn TokenCredential>, AzureError> {
+    if let Ok(token) = std::env::var(STATIC_TOKEN_ENV)
+        && !token.is_empty()
+    {
+        return Ok(Arc::new(StaticToken::new(token)));
+    }
     if let Some(wi) = WorkloadIdentity::from_env()? {
         return Ok(Arc::new(wi));
     }

@@ -306,7 +306,13 @@ impl Simulator {
             .find(|v| v.name.eq_ignore_ascii_case(name))
     }
 
-    /// Requests received, by operation name (`vm.get`, `vm.restart`, `operation.status`…).
+    /// Requests received, by operation name. Names: `vm.get`, `vm.instanceView`,
+    /// `vm.restart`, `vm.redeploy`, `vm.start`, `vm.runcommand`,
+    /// `vm.retrievebootdiagnosticsdata`, `extension.get`, `extension.put`, `health.get`,
+    /// `nic.get`, `nic.put`, `nic.effectivenetworksecuritygroups`, `nsg.get`, `subnet.get`,
+    /// `vnet.checkipaddressavailability`, `pip.get`, `watcher.ipflowverify`,
+    /// `operation.status` (Azure-AsyncOperation polls), `operation.result` (Location polls),
+    /// `token`, `blob.get`; plus `throttled` and `unauthorized` for rejected requests.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         self.shared.lock().counters.clone()
     }
