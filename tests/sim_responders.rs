@@ -17,7 +17,8 @@ const SUB: &str = "00000000-0000-0000-0000-0000000de000";
 async fn start() -> Simulator {
     let mut s = Scenario::from_file(std::path::Path::new("scenarios/demo.yaml")).unwrap();
     s.timing.operation = Duration::from_millis(50);
-    s.timing.restart = Duration::from_millis(150);
+    // Long enough that a loaded machine still probes while the VM reboots.
+    s.timing.restart = Duration::from_millis(1000);
     s.timing.redeploy = Duration::from_millis(150);
     s.timing.retry_after = Duration::from_millis(20);
     Simulator::start(s).await.unwrap()
