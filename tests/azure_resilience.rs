@@ -214,6 +214,31 @@ async fn workload_identity_caches_tokens_per_scope() {
     sim.shutdown().await;
 }
 
+#[tokio::test]
+async fn the_adapter_waits_for_its_own_bucket_before_calling_arm() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let mut cfg = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+    cfg.limiter.reads = rdphealth::azure::limiter::BucketShape {
+        burst: 2.0,
+        per_second: 0.001,
+    };
+    let az = ArmClient::new(cfg, token());
+    az.resource_health(&vm("vm-healthy")).await.unwrap();
+    az.resource_health(&vm("vm-healthy")).await.unwrap();
+    let third = tokio::time::timeout(
+        Duration::from_millis(300),
+        az.resource_health(&vm("vm-healthy")),
+    )
+    .await;
+    assert!(third.is_err(), "the third read waits for a token");
+    assert_eq!(
+        sim.count("health.get"),
+        2,
+        "the waiting read never reached ARM"
+    );
+    sim.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_limiter_keeps_a_burst_of_1000_reads_under_the_bucket_rate() {
     let limiter = Arc::new(Limiter::new(LimiterConfig::default()));
