@@ -230,7 +230,11 @@ impl Route {
         }
         let sub = seg[1].to_owned();
         if l(2) == Some("providers") && seg.len() == 8 && l(4) == Some("locations") {
-            let monitor = l(6) == Some("operationresults");
+            let monitor = match l(6) {
+                Some("operations") => false,
+                Some("operationresults") => true,
+                _ => return None,
+            };
             return Some(Self::Operation {
                 sub,
                 provider: seg[3].to_owned(),
