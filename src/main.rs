@@ -54,6 +54,12 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // azure_core 0.21 logs whole requests at debug level, Authorization header and body
+    // (VMAccess passwords) included: never let it log below info.
+    let filter = ["azure_core=info", "azure_identity=info"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, EnvFilter::add_directive);
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Human => false,

@@ -1,5 +1,7 @@
 //! Every adapter operation through the real SDK crates against the emulator over loopback HTTP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::{sync::Arc, time::Duration};
 
 use azure_core::Url;
@@ -15,10 +17,16 @@ const SUB: &str = "00000000-0000-0000-0000-0000000de000";
 const RG: &str = "rg-rdp";
 
 async fn start() -> (Simulator, ArmClient) {
+    start_with(Duration::from_millis(60)).await
+}
+
+/// Operations take `op` (restart and redeploy a little longer); tests that must catch an
+/// operation in flight use a generous value so a loaded machine cannot outrun them.
+async fn start_with(op: Duration) -> (Simulator, ArmClient) {
     let mut scenario = Scenario::from_file(std::path::Path::new("scenarios/demo.yaml")).unwrap();
-    scenario.timing.operation = Duration::from_millis(60);
-    scenario.timing.restart = Duration::from_millis(120);
-    scenario.timing.redeploy = Duration::from_millis(150);
+    scenario.timing.operation = op;
+    scenario.timing.restart = op * 2;
+    scenario.timing.redeploy = op * 2;
     scenario.timing.retry_after = Duration::from_millis(20);
     let sim = Simulator::start(scenario).await.unwrap();
     let az = client(&sim);
@@ -279,7 +287,7 @@ async fn reset_password_uses_the_windows_shape_and_fails_when_the_agent_is_down(
 
 #[tokio::test]
 async fn run_command_returns_output_and_applies_the_tls_fix() {
-    let (sim, az) = start().await;
+    let (sim, az) = start_with(Duration::from_millis(700)).await;
     let query = vec![
         "wevtutil qe system /c:5 /f:text /q:\"Event[System[Provider[@Name='Schannel']]]\""
             .to_owned(),
@@ -322,7 +330,7 @@ async fn run_command_returns_output_and_applies_the_tls_fix() {
 
 #[tokio::test]
 async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
-    let (sim, az) = start().await;
+    let (sim, az) = start_with(Duration::from_millis(700)).await;
     let before = az
         .endpoint(&vm("vm-nic-broken"))
         .await
@@ -358,7 +366,7 @@ async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
 
 #[tokio::test]
 async fn restart_and_redeploy_are_polled_by_our_own_poller() {
-    let (sim, az) = start().await;
+    let (sim, az) = start_with(Duration::from_millis(700)).await;
     let op = az.restart(&vm("vm-hung")).await.unwrap();
     assert!(op.async_operation.is_some() && op.location.is_some());
     // Another operation while it runs: 409.

@@ -39,6 +39,13 @@ pub struct ArmConfig {
 }
 
 impl ArmConfig {
+    /// Public Azure (`https://management.azure.com`).
+    pub fn public_cloud() -> Result<Self, AzureError> {
+        Url::parse("https://management.azure.com")
+            .map(Self::new)
+            .map_err(|e| AzureError::invalid(format!("endpoint: {e}")))
+    }
+
     /// Defaults for `endpoint`.
     pub fn new(endpoint: Url) -> Self {
         Self {
@@ -74,9 +81,18 @@ const DEFAULT_VM_ACCESS_NAME: &str = "enablevmAccess";
 const DEFAULT_POLL: Duration = Duration::from_secs(30);
 
 impl ArmClient {
-    /// Builds the clients; every one shares one limiter.
+    /// Builds the clients; every one shares one limiter built from `config.limiter`.
     pub fn new(config: ArmConfig, credential: Arc<dyn TokenCredential>) -> Self {
         let limiter = Arc::new(Limiter::new(config.limiter));
+        Self::with_limiter(config, credential, limiter)
+    }
+
+    /// Builds the clients around a limiter shared with other adapters (one per process).
+    pub fn with_limiter(
+        config: ArmConfig,
+        credential: Arc<dyn TokenCredential>,
+        limiter: Arc<Limiter>,
+    ) -> Self {
         let options = || {
             ClientOptions::default()
                 .retry(RetryOptions::none())

@@ -13,6 +13,9 @@ use tokio::sync::Mutex;
 
 use super::error::AzureError;
 
+/// Bound on one token exchange (the identity flow sets no timeout of its own).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The scope of Azure Resource Manager, whatever endpoint the clients talk to.
 pub const ARM_SCOPE: &str = "https://management.azure.com/.default";
 
@@ -134,15 +137,17 @@ impl WorkloadIdentity {
                     ),
                 )
             })?;
-        let rsp = azure_identity::federated_credentials_flow::perform(
+        let exchange = azure_identity::federated_credentials_flow::perform(
             self.http.clone(),
             &self.client_id,
             assertion.trim(),
             scopes,
             &self.tenant_id,
             &self.authority,
-        )
-        .await?;
+        );
+        let rsp = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .map_err(|_| Error::message(ErrorKind::Io, "the token exchange timed out"))??;
         Ok(AccessToken::new(
             rsp.access_token().clone(),
             OffsetDateTime::now_utc() + Duration::from_secs(rsp.expires_in),
@@ -172,9 +177,18 @@ impl TokenCredential for WorkloadIdentity {
     }
 }
 
-/// Picks a credential from the environment, in order: workload identity, a client secret
-/// (`AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`), then the Azure CLI.
+/// Environment variable holding a fixed bearer token (for the simulator only).
+pub const STATIC_TOKEN_ENV: &str = "RDPHEALTH_AZURE_STATIC_TOKEN";
+
+/// Picks a credential from the environment, in order: a static token
+/// (`RDPHEALTH_AZURE_STATIC_TOKEN`, meant for the simulator), workload identity, a client
+/// secret (`AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`), then the Azure CLI.
 pub fn from_environment() -> Result<Arc<dyn TokenCredential>, AzureError> {
+    if let Ok(token) = std::env::var(STATIC_TOKEN_ENV)
+        && !token.is_empty()
+    {
+        return Ok(Arc::new(StaticToken::new(token)));
+    }
     if let Some(wi) = WorkloadIdentity::from_env()? {
         return Ok(Arc::new(wi));
     }

@@ -187,3 +187,28 @@ fn find_throttled(err: &azure_core::Error) -> Option<&Throttled> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_bounded_reasons() {
+        let cases = [
+            (401, "InvalidAuthenticationToken", "Unauthorized"),
+            (403, "AuthorizationFailed", "Forbidden"),
+            (404, "ResourceNotFound", "NotFound"),
+            (409, "OperationNotAllowed", "Conflict"),
+            (429, "RetryableErrorDueToAnotherOperation", "Conflict"),
+            (500, "InternalServerError", "Transient"),
+            (503, "ServiceUnavailable", "Transient"),
+            (400, "InvalidParameter", "Invalid"),
+        ];
+        for (status, code, reason) in cases {
+            let status = StatusCode::try_from(status).unwrap();
+            let err = from_status(status, code, "m".into(), "vm");
+            assert_eq!(err.reason(), reason, "{status} {code}");
+            assert!(err.to_string().starts_with("failed to"), "{err}");
+        }
+    }
+}

@@ -82,3 +82,20 @@ pub trait Azure: Send + Sync {
     /// Polls an operation once.
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trait_is_object_safe() {
+        fn takes(_: Option<&dyn Azure>) {}
+        takes(None);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        assert!(!format!("{:?}", Password::new("hunter2")).contains("hunter2"));
+        assert!(!format!("{:?}", StaticToken::new("tok-123")).contains("tok-123"));
+    }
+}

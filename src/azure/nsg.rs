@@ -172,6 +172,13 @@ pub fn default_rules() -> Vec<SecurityRule> {
     ]
 }
 
+impl super::model::NetworkRules {
+    /// Evaluates `flow` against the rules read for this endpoint.
+    pub fn verdict(&self, flow: &Flow) -> Verdict {
+        evaluate(self.subnet_nsg.as_ref(), self.nic_nsg.as_ref(), flow)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,12 +238,5 @@ mod tests {
         assert!(evaluate(None, Some(&allow), &FLOW).allow);
         assert!(!evaluate(Some(&nsg(vec![])), Some(&allow), &FLOW).allow);
         assert!(evaluate(None, None, &FLOW).allow);
-    }
-}
-
-impl super::model::NetworkRules {
-    /// Evaluates `flow` against the rules read for this endpoint.
-    pub fn verdict(&self, flow: &Flow) -> Verdict {
-        evaluate(self.subnet_nsg.as_ref(), self.nic_nsg.as_ref(), flow)
     }
 }

@@ -37,9 +37,10 @@ pub async fn run(args: &SimArgs) -> Result<(), SimError> {
             faults.join(", ")
         );
     }
-    sim.run_until(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await;
+    let _ = tokio::signal::ctrl_c().await;
+    let counters = sim.counters();
+    let total: u64 = counters.values().sum();
+    tracing::info!(total, counters = ?counters, "ARM requests served by operation");
+    sim.shutdown().await;
     Ok(())
 }

@@ -90,3 +90,32 @@ fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
         "PortNumber         : 3389".to_owned(),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_settings_does_not_fix_and_writing_does() {
+        let mut w = crate::sim::world::World::new(
+            &crate::sim::Scenario::from_yaml(
+                "subscriptions: [{id: s, resourceGroups: [{name: rg, location: l, virtualNetworks: [{name: v, addressPrefix: 10.0.0.0/16, subnets: [{name: s, addressPrefix: 10.0.0.0/24}]}], vms: [{name: vm, nic: {subnet: v/s}, faults: [flapping]}]}]}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let vm = w.vms.get_mut("vm").unwrap();
+        let read = run_script(vm, "RunPowerShellScript", &[r"Get-ItemProperty 'HKLM:\SYSTEM\CurrentControlSet\Control\Terminal Server\WinStations\RDP-Tcp'".into()]);
+        assert!(read.contains("KeepAliveTimeout   : 0"));
+        assert!(vm.faults.contains(&Fault::Flapping));
+        run_script(
+            vm,
+            "RunPowerShellScript",
+            &[
+                r"Set-ItemProperty -Path 'HKLM:\...\RDP-Tcp' -Name KeepAliveTimeout -Value 1"
+                    .into(),
+            ],
+        );
+        assert!(!vm.faults.contains(&Fault::Flapping));
+    }
+}

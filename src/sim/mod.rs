@@ -63,6 +63,9 @@ impl SimError {
 pub struct Shared {
     world: Mutex<World>,
     changed: watch::Sender<u64>,
+    /// The change version each responder has applied to its listener.
+    applied: Mutex<BTreeMap<String, u64>>,
+    acked: tokio::sync::Notify,
     /// `http://127.0.0.1:PORT`, the base of every absolute URL the emulator hands out.
     pub base_url: String,
 }
@@ -83,17 +86,55 @@ impl Shared {
         self.changed.subscribe()
     }
 
-    /// Adds a fault to a VM; false when there is no such VM.
-    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
+    /// Records that `vm`'s responder has applied change `version`.
+    pub fn ack(&self, vm: &str, version: u64) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.to_owned(), version);
+        self.acked.notify_waiters();
+    }
+
+    /// Waits (at most two seconds) until every responder has applied the latest change, so
+    /// a client that sees an answer also sees the responders in their new state.
+    pub async fn settled(&self) {
+        let wait = async {
+            loop {
+                let notified = self.acked.notified();
+                let target = *self.changed.borrow();
+                let done = self
+                    .applied
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .all(|v| *v >= target);
+                if done {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("responders did not settle within two seconds");
+        }
+    }
+
+    /// Adds a fault to a VM and waits for its responder; false when there is no such VM.
+    pub async fn inject(&self, vm: &str, fault: Fault) -> bool {
         let ok = self.lock().inject(vm, fault);
         self.notify();
+        self.settled().await;
         ok
     }
 
-    /// Clears a fault; false when there is no such VM.
-    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
+    /// Clears a fault and waits for the responder; false when there is no such VM.
+    pub async fn clear(&self, vm: &str, fault: Fault) -> bool {
         let ok = self.lock().clear(vm, fault);
         self.notify();
+        self.settled().await;
         ok
     }
 
@@ -184,7 +225,7 @@ impl Simulator {
             .map_err(bind_err(listen.to_string()))?;
         let mut responders = Vec::new();
         for (key, vm) in world.vms.iter_mut() {
-            let l = TcpListener::bind(("127.0.0.1", 0))
+            let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
                 .map_err(bind_err("127.0.0.1:0".into()))?;
             vm.port = l
@@ -194,10 +235,13 @@ impl Simulator {
             responders.push((key.clone(), l));
         }
         let certs = responder::Certificates::generate()?;
-        let (changed, _) = watch::channel(0);
+        let applied = responders.iter().map(|(vm, _)| (vm.clone(), 0)).collect();
+        let (changed, _) = watch::channel(1);
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
             changed,
+            applied: Mutex::new(applied),
+            acked: tokio::sync::Notify::new(),
             base_url: format!("http://{arm_addr}"),
         });
         let (shutdown, rx) = watch::channel(false);
@@ -221,6 +265,8 @@ impl Simulator {
                 tracing::error!(error = %e, "the ARM emulator stopped");
             }
         });
+        // Every responder acknowledges version 1 once its listener is open or closed.
+        shared.settled().await;
         tracing::info!(arm = %arm_addr, "simulator started");
         Ok(Self {
             shared,
@@ -260,7 +306,13 @@ impl Simulator {
             .find(|v| v.name.eq_ignore_ascii_case(name))
     }
 
-    /// Requests received, by operation name (`vm.get`, `vm.restart`, `operation.status`…).
+    /// Requests received, by operation name. Names: `vm.get`, `vm.instanceView`,
+    /// `vm.restart`, `vm.redeploy`, `vm.start`, `vm.runcommand`,
+    /// `vm.retrievebootdiagnosticsdata`, `extension.get`, `extension.put`, `health.get`,
+    /// `nic.get`, `nic.put`, `nic.effectivenetworksecuritygroups`, `nsg.get`, `subnet.get`,
+    /// `vnet.checkipaddressavailability`, `pip.get`, `watcher.ipflowverify`,
+    /// `operation.status` (Azure-AsyncOperation polls), `operation.result` (Location polls),
+    /// `token`, `blob.get`; plus `throttled` and `unauthorized` for rejected requests.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         self.shared.lock().counters.clone()
     }
@@ -270,14 +322,14 @@ impl Simulator {
         self.shared.lock().counters.get(op).copied().unwrap_or(0)
     }
 
-    /// Adds a fault at run time.
-    pub fn inject(&self, vm: &str, fault: Fault) -> bool {
-        self.shared.inject(vm, fault)
+    /// Adds a fault at run time; returns once the VM's responder behaves accordingly.
+    pub async fn inject(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.inject(vm, fault).await
     }
 
-    /// Clears a fault at run time.
-    pub fn clear(&self, vm: &str, fault: Fault) -> bool {
-        self.shared.clear(vm, fault)
+    /// Clears a fault at run time; returns once the VM's responder behaves accordingly.
+    pub async fn clear(&self, vm: &str, fault: Fault) -> bool {
+        self.shared.clear(vm, fault).await
     }
 
     /// Scripts an HTTP failure for the next matching requests.
@@ -299,11 +351,5 @@ impl Simulator {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
-    }
-
-    /// Waits until shutdown is requested elsewhere (used by the CLI with ctrl-c).
-    pub async fn run_until<F: std::future::Future<Output = ()>>(self, stop: F) {
-        stop.await;
-        self.shutdown().await;
     }
 }

@@ -89,11 +89,12 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
+        let version = *changes.borrow_and_update();
         let behaviour = shared.lock().behaviour(&vm);
         if behaviour == Behaviour::Refuse {
             listener = None;
         } else if listener.is_none() {
-            match TcpListener::bind(("127.0.0.1", port)).await {
+            match TcpListener::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await {
                 Ok(l) => listener = Some(l),
                 Err(e) => {
                     tracing::warn!(vm, port, error = %e, "failed to re-open the responder port; retrying");
@@ -104,6 +105,7 @@ pub async fn run(
                 }
             }
         }
+        shared.ack(&vm, version);
         tokio::select! {
             _ = shutdown.changed() => return,
             changed = changes.changed() => if changed.is_err() { return },

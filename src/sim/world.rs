@@ -785,30 +785,44 @@ impl World {
 
     /// Up to `n` free addresses of a subnet (Azure reserves the first four and the last).
     pub fn free_addresses(&self, vnet_key: &str, subnet: &str, n: usize) -> Vec<Ipv4Addr> {
-        let Some(s) = self.vnets.get(vnet_key).and_then(|v| {
-            v.subnets
-                .iter()
-                .find(|s| s.name.eq_ignore_ascii_case(subnet))
-        }) else {
+        let Some((base, size)) = self.subnet_range(vnet_key, subnet) else {
             return Vec::new();
         };
-        let (net, len) = s.prefix;
-        if len > 29 {
-            return Vec::new();
-        }
-        let base = u32::from(net) & (u32::MAX << (32 - len));
-        let size = 1u64 << (32 - len);
-        let used: BTreeSet<Ipv4Addr> = self
-            .nics
-            .values()
-            .filter(|nic| nic.vnet == vnet_key)
-            .map(|nic| nic.private_ip)
-            .collect();
         (4..size.saturating_sub(1))
             .map(|i| Ipv4Addr::from(base.wrapping_add(i as u32)))
-            .filter(|ip| !used.contains(ip))
+            .filter(|ip| self.address_free(vnet_key, subnet, *ip))
             .take(n)
             .collect()
+    }
+
+    /// Whether `ip` is a usable, unallocated address of the subnet.
+    pub fn address_free(&self, vnet_key: &str, subnet: &str, ip: Ipv4Addr) -> bool {
+        let Some((base, size)) = self.subnet_range(vnet_key, subnet) else {
+            return false;
+        };
+        let offset = u64::from(u32::from(ip).wrapping_sub(base));
+        offset >= 4
+            && offset < size.saturating_sub(1)
+            && !self
+                .nics
+                .values()
+                .any(|nic| nic.vnet == vnet_key && nic.private_ip == ip)
+    }
+
+    /// First address and size of a subnet; `None` for unknown or tiny (/30 and longer) ones.
+    fn subnet_range(&self, vnet_key: &str, subnet: &str) -> Option<(u32, u64)> {
+        let s = self
+            .vnets
+            .get(vnet_key)?
+            .subnets
+            .iter()
+            .find(|s| s.name.eq_ignore_ascii_case(subnet))?;
+        let (net, len) = s.prefix;
+        if len > 29 {
+            return None;
+        }
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        Some((u32::from(net) & mask, 1u64 << (32 - len)))
     }
 
     /// The subnet containing `ip` in a virtual network.
@@ -893,4 +907,70 @@ pub fn fingerprint_u64(s: &str) -> u64 {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(s.as_bytes());
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world(faults: &str) -> World {
+        let yaml = format!(
+            r#"
+subscriptions:
+  - id: s
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        networkSecurityGroups:
+          - name: open
+            rules: [ {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, destinationPort: "3389" }} ]
+        virtualNetworks:
+          - {{ name: v, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/29 }} ] }}
+        vms:
+          - {{ name: vm, nic: {{ subnet: v/s, networkSecurityGroup: open }}, faults: [{faults}] }}
+"#
+        );
+        World::new(&Scenario::from_yaml(&yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn behaviour_follows_fault_precedence() {
+        assert_eq!(
+            world("").behaviour("vm"),
+            Behaviour::Healthy {
+                expired_certificate: false
+            }
+        );
+        assert_eq!(
+            world("tls_disabled, rdp_disabled").behaviour("vm"),
+            Behaviour::Refuse
+        );
+        assert_eq!(world("tls_disabled").behaviour("vm"), Behaviour::TlsAlert);
+        assert_eq!(
+            world("nsg_blocking, tls_disabled").behaviour("vm"),
+            Behaviour::Silent
+        );
+        assert_eq!(world("host_failure").behaviour("vm"), Behaviour::Silent);
+        assert_eq!(
+            world("vm_stopped, host_failure").behaviour("vm"),
+            Behaviour::Refuse
+        );
+        let mut w = world("nsg_blocking");
+        assert!(w.clear("vm", Fault::NsgBlocking));
+        assert!(matches!(w.behaviour("vm"), Behaviour::Healthy { .. }));
+    }
+
+    #[test]
+    fn addresses_skip_reserved_and_used_ones() {
+        let w = world("");
+        let vnet = key("s", "rg", "v");
+        // A /29 has 8 addresses: .0-.3 and .7 are reserved, the VM took .4.
+        assert_eq!(
+            w.free_addresses(&vnet, "s", 10),
+            vec![Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6)]
+        );
+        assert!(!w.address_free(&vnet, "s", Ipv4Addr::new(10, 0, 0, 4)));
+        assert!(!w.address_free(&vnet, "s", Ipv4Addr::new(10, 0, 0, 7)));
+        assert!(!w.address_free(&vnet, "s", Ipv4Addr::new(10, 0, 1, 5)));
+    }
 }

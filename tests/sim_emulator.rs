@@ -1,0 +1,189 @@
+//! The emulator as a plain HTTP server: scenario validation, ARM's error shapes, garbage
+//! requests, the admin API and the request counters.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::time::Duration;
+
+use rdphealth::sim::{Scenario, Simulator};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const MINIMAL: &str = r#"
+subscriptions:
+  - id: sub-1
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        virtualNetworks:
+          - { name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ { name: s, addressPrefix: 10.0.0.0/24 } ] }
+        vms:
+          - { name: vm1, nic: { subnet: vnet/s } }
+"#;
+
+async fn start() -> Simulator {
+    Simulator::start(Scenario::from_yaml(MINIMAL).unwrap())
+        .await
+        .unwrap()
+}
+
+/// One raw HTTP/1.1 exchange; returns (status, body).
+async fn http(sim: &Simulator, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(sim.arm_addr()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(path: &str, auth: bool) -> String {
+    let auth = if auth {
+        "Authorization: Bearer t\r\n"
+    } else {
+        ""
+    };
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n")
+}
+
+#[test]
+fn malformed_scenarios_are_clear_errors() {
+    for (yaml, needle) in [
+        ("subscriptions: []", "no subscription"),
+        ("subscriptions: [", "failed to load the scenario"),
+        (
+            "subscriptions: [{id: s, resourceGroups: [], bogus: 1}]",
+            "unknown field",
+        ),
+        (&MINIMAL.replace("vnet/s", "vnet/missing"), "unknown subnet"),
+        (
+            &MINIMAL.replace("faults", "x").replace(
+                "nic: { subnet: vnet/s }",
+                "nic: { subnet: vnet/s }, faults: [melted]",
+            ),
+            "unknown variant",
+        ),
+        (
+            &MINIMAL.replace("10.0.0.0/24", "10.0.0.0/99"),
+            "invalid prefix",
+        ),
+    ] {
+        let err = Scenario::from_yaml(yaml).unwrap_err();
+        assert_eq!(err.reason(), "InvalidScenario");
+        assert!(err.to_string().contains(needle), "{needle:?} not in {err}");
+    }
+}
+
+#[test]
+fn the_example_scenarios_parse() {
+    for entry in std::fs::read_dir("scenarios").unwrap() {
+        let path = entry.unwrap().path();
+        Scenario::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[tokio::test]
+async fn arm_errors_have_arm_shapes() {
+    let sim = start().await;
+    let vm =
+        "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
+    let (status, body) = http(&sim, &get(&format!("{vm}?api-version=2024-07-01"), false)).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("\"AuthenticationFailed\""));
+    let (status, body) = http(&sim, &get(vm, true)).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("MissingApiVersionParameter"));
+    let (status, body) = http(&sim, &get(&format!("{vm}x?api-version=2024-07-01"), true)).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("ResourceNotFound"));
+    // Percent-encoded query keys and a doubled slash are accepted, as the SDK sends them.
+    let (status, body) = http(
+        &sim,
+        &get(
+            &format!("/{vm}?api-version=2024-07-01&%24expand=instanceView"),
+            true,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("PowerState/running"));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_requests_get_errors_not_panics() {
+    let sim = start().await;
+    let base =
+        "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
+    for (method, path, body) in [
+        ("PUT", format!("{base}/extensions/x?api-version=1"), "{not json"),
+        ("POST", format!("{base}/runCommand?api-version=1"), "[]"),
+        ("POST", format!("{base}/runCommand?api-version=1"), r#"{"commandId":"Nope"}"#),
+        ("PUT", "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/vm1-nic?api-version=1".to_owned(), r#"{"properties":{"ipConfigurations":[{"properties":{"privateIPAddress":"999.1.1.1"}}]}}"#),
+        ("GET", "/%%%/../..?api-version=1".to_owned(), ""),
+        ("POST", "/tenant/oauth2/v2.0/token".to_owned(), "garbage=&&="),
+        ("DELETE", base.to_owned() + "?api-version=1", ""),
+    ] {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (status, _) = http(&sim, &req).await;
+        assert!((400..500).contains(&status), "{method} {path} -> {status}");
+    }
+    // Still serving.
+    let (status, _) = http(&sim, &get(&format!("{base}?api-version=2024-07-01"), true)).await;
+    assert_eq!(status, 200);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_api_injects_faults_and_exposes_counters() {
+    let sim = start().await;
+    let body = r#"{"fault":"rdp_disabled"}"#;
+    let req = format!(
+        "POST /_sim/vms/vm1/fault HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    assert_eq!(http(&sim, &req).await.0, 204);
+    assert!(
+        TcpStream::connect(sim.responder("vm1").unwrap())
+            .await
+            .is_err(),
+        "the listener is closed"
+    );
+    let (_, vms) = http(&sim, &get("/_sim/vms", false)).await;
+    assert!(vms.contains("rdp_disabled"), "{vms}");
+    let req =
+        "DELETE /_sim/vms/vm1/fault/rdp_disabled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    assert_eq!(http(&sim, req).await.0, 204);
+    assert!(
+        TcpStream::connect(sim.responder("vm1").unwrap())
+            .await
+            .is_ok()
+    );
+    let bad = "POST /_sim/vms/vm1/fault HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\nConnection: close\r\n\r\n{\"fault\":\"zz\"}";
+    assert_eq!(http(&sim, bad).await.0, 400);
+
+    http(&sim, &get("/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/vm1-nic?api-version=2024-03-01", true)).await;
+    let (status, counters) = http(&sim, &get("/_sim/counters", false)).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert_eq!(v["counts"]["nic.get"], 1);
+    assert_eq!(sim.count("nic.get"), 1);
+    sim.shutdown().await;
+}
