@@ -14,6 +14,9 @@ use std::{
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "rdphealth-system";
+/// Rendering offline, Helm assumes the Kubernetes version it was built against; the chart
+/// needs 1.29 or newer.
+const KUBE_VERSION: &str = "v1.31.0";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,6 +60,8 @@ fn render(helm: &Path, values: &[&Path]) -> Vec<Value> {
         chart.to_string_lossy().into_owned(),
         "--namespace".to_string(),
         NAMESPACE.to_string(),
+        "--kube-version".to_string(),
+        KUBE_VERSION.to_string(),
     ];
     for v in values {
         args.push("-f".into());
@@ -117,6 +122,8 @@ fn helm_lint_passes_with_every_values_set() {
             &[
                 "lint",
                 "--strict",
+                "--kube-version",
+                KUBE_VERSION,
                 chart().to_str().unwrap(),
                 "-f",
                 file.to_str().unwrap(),
@@ -240,6 +247,8 @@ fn more_replicas_without_leader_election_fail_to_render() {
                 "template",
                 "rdph",
                 chart().to_str().unwrap(),
+                "--kube-version",
+                KUBE_VERSION,
                 "-f",
                 file.to_str().unwrap(),
             ],
