@@ -83,6 +83,14 @@ impl PowerState {
             _ => Self::Unknown,
         })
     }
+
+    /// Whether the VM is, or is about to be, not running.
+    pub fn is_down(self) -> bool {
+        matches!(
+            self,
+            Self::Stopped | Self::Stopping | Self::Deallocated | Self::Deallocating
+        )
+    }
 }
 
 /// One instance-view status of an extension.

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use super::model::{NsgRules, RuleProtocol, SecurityRule};
+use crate::evidence::nsg as eval;
 
 /// An inbound TCP flow to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,37 +27,62 @@ pub struct Verdict {
     pub rule: Option<(String, String)>,
 }
 
-/// Evaluates `flow` against the subnet NSG, then the NIC NSG.
+/// Evaluates `flow` against the subnet NSG, then the NIC NSG, with the one evaluator the
+/// operator also uses for its evidence ([`crate::evidence::nsg`]).
 pub fn evaluate(subnet: Option<&NsgRules>, nic: Option<&NsgRules>, flow: &Flow) -> Verdict {
-    let mut last = None;
-    for nsg in [subnet, nic].into_iter().flatten() {
-        match first_match(nsg, flow) {
-            Some(rule) => {
-                let name = rule_path(rule);
-                if !rule.allow {
-                    return Verdict {
-                        allow: false,
-                        rule: Some((name, nsg.id.clone())),
-                    };
-                }
-                last = Some((name, nsg.id.clone()));
-            }
-            // No rule at all matched (not even defaults): Azure's DenyAllInBound would have.
-            None if !nsg.rules.iter().any(|r| r.default_rule) => {}
-            None => {
-                return Verdict {
-                    allow: false,
-                    rule: Some((
-                        "defaultSecurityRules/DenyAllInBound".to_owned(),
-                        nsg.id.clone(),
-                    )),
-                };
-            }
-        }
-    }
+    let subnet = subnet.map(to_evaluator);
+    let nic = nic.map(to_evaluator);
+    let flow = eval::Flow::inbound_tcp(flow.source.into(), flow.destination.into(), flow.port);
+    let verdict = eval::evaluate(
+        &flow,
+        subnet.as_ref(),
+        nic.as_ref(),
+        &eval::NetworkContext::private_ranges(),
+    );
     Verdict {
-        allow: true,
-        rule: last,
+        allow: verdict.access == eval::Access::Allow,
+        rule: verdict
+            .deciding
+            .last()
+            .map(|d| (d.rule.clone(), d.nsg.clone())),
+    }
+}
+
+/// Converts the adapter's NSG model into the evaluator's.
+pub fn to_evaluator(rules: &NsgRules) -> eval::NetworkSecurityGroup {
+    let (custom, defaults): (Vec<_>, Vec<_>) = rules
+        .rules
+        .iter()
+        .map(|r| eval::SecurityRule {
+            name: r.name.clone(),
+            priority: u32::try_from(r.priority).unwrap_or(u32::MAX),
+            direction: if r.inbound {
+                eval::Direction::Inbound
+            } else {
+                eval::Direction::Outbound
+            },
+            access: if r.allow {
+                eval::Access::Allow
+            } else {
+                eval::Access::Deny
+            },
+            protocol: match r.protocol {
+                RuleProtocol::Any => eval::RuleProtocol::Any,
+                RuleProtocol::Tcp => eval::RuleProtocol::Tcp,
+                RuleProtocol::Udp => eval::RuleProtocol::Udp,
+                RuleProtocol::Other => eval::RuleProtocol::Icmp,
+            },
+            source_prefixes: r.source_prefixes.clone(),
+            source_ports: vec!["*".into()],
+            destination_prefixes: r.destination_prefixes.clone(),
+            destination_ports: r.destination_ports.clone(),
+            default_rule: r.default_rule,
+        })
+        .partition(|r| !r.default_rule);
+    eval::NetworkSecurityGroup {
+        id: rules.id.clone(),
+        rules: custom,
+        default_rules: defaults,
     }
 }
 
@@ -66,65 +92,6 @@ pub fn rule_path(rule: &SecurityRule) -> String {
         format!("defaultSecurityRules/{}", rule.name)
     } else {
         format!("securityRules/{}", rule.name)
-    }
-}
-
-fn first_match<'a>(nsg: &'a NsgRules, flow: &Flow) -> Option<&'a SecurityRule> {
-    let mut rules: Vec<&SecurityRule> = nsg.rules.iter().filter(|r| r.inbound).collect();
-    rules.sort_by_key(|r| r.priority);
-    rules.into_iter().find(|r| matches(r, flow))
-}
-
-fn matches(rule: &SecurityRule, flow: &Flow) -> bool {
-    matches!(rule.protocol, RuleProtocol::Any | RuleProtocol::Tcp)
-        && rule.destination_ports.iter().any(|p| port_in(p, flow.port))
-        && rule
-            .source_prefixes
-            .iter()
-            .any(|p| address_in(p, flow.source))
-        && rule
-            .destination_prefixes
-            .iter()
-            .any(|p| address_in(p, flow.destination))
-}
-
-fn port_in(range: &str, port: u16) -> bool {
-    let range = range.trim();
-    if range == "*" {
-        return true;
-    }
-    match range.split_once('-') {
-        Some((lo, hi)) => match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
-            (Ok(lo), Ok(hi)) => (lo..=hi).contains(&port),
-            _ => false,
-        },
-        None => range.parse::<u16>() == Ok(port),
-    }
-}
-
-fn is_private(ip: Ipv4Addr) -> bool {
-    ip.is_private()
-}
-
-fn address_in(prefix: &str, ip: Ipv4Addr) -> bool {
-    let prefix = prefix.trim();
-    match prefix.to_ascii_lowercase().as_str() {
-        "*" | "any" => return true,
-        "internet" => return !is_private(ip),
-        "virtualnetwork" => return is_private(ip),
-        "azureloadbalancer" => return ip == Ipv4Addr::new(168, 63, 129, 16),
-        _ => {}
-    }
-    let (addr, len) = match prefix.split_once('/') {
-        Some((a, l)) => (a, l.parse::<u32>().ok()),
-        None => (prefix, Some(32)),
-    };
-    match (addr.parse::<Ipv4Addr>(), len) {
-        (Ok(net), Some(len)) if len <= 32 => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(net) & mask == u32::from(ip) & mask
-        }
-        _ => false,
     }
 }
 

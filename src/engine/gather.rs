@@ -9,8 +9,8 @@ use k8s_openapi::jiff::Timestamp;
 use crate::{
     azure::{self, Azure, AzureError, VmRef},
     evidence::{
-        Availability, BootDiagnostics, Evidence, NsgEvidence, PowerState, ResourceHealth,
-        nsg::{self, NetworkContext, NetworkSecurityGroup},
+        Availability, BootDiagnostics, Evidence, NsgEvidence, ResourceHealth,
+        nsg::{self, NetworkContext},
         serial,
         summary::strip_sas,
     },
@@ -36,7 +36,7 @@ pub async fn gather(
     let mut ev = Evidence::empty(now);
     let state = keep(azure.vm_state(vm).await, &mut ev)?;
     if let Some(state) = &state {
-        ev.power_state = Some(power_state(state.power_state));
+        ev.power_state = Some(state.power_state);
         ev.provisioning_state = state.provisioning_state.clone();
         ev.agent_ready = Some(state.agent_ready);
     }
@@ -76,61 +76,11 @@ fn keep<T>(result: Result<T, AzureError>, ev: &mut Evidence) -> Result<Option<T>
     }
 }
 
-fn power_state(p: azure::PowerState) -> PowerState {
-    match p {
-        azure::PowerState::Starting => PowerState::Starting,
-        azure::PowerState::Running => PowerState::Running,
-        azure::PowerState::Stopping => PowerState::Stopping,
-        azure::PowerState::Stopped => PowerState::Stopped,
-        azure::PowerState::Deallocating => PowerState::Deallocating,
-        azure::PowerState::Deallocated => PowerState::Deallocated,
-        azure::PowerState::Unknown => PowerState::Unknown,
-    }
-}
-
-/// Converts the adapter's NSG model to the evaluator's.
-pub fn to_nsg(rules: &azure::NsgRules) -> NetworkSecurityGroup {
-    let (custom, defaults): (Vec<_>, Vec<_>) = rules
-        .rules
-        .iter()
-        .map(|r| nsg::SecurityRule {
-            name: r.name.clone(),
-            priority: u32::try_from(r.priority).unwrap_or(u32::MAX),
-            direction: if r.inbound {
-                nsg::Direction::Inbound
-            } else {
-                nsg::Direction::Outbound
-            },
-            access: if r.allow {
-                nsg::Access::Allow
-            } else {
-                nsg::Access::Deny
-            },
-            protocol: match r.protocol {
-                azure::RuleProtocol::Any => nsg::RuleProtocol::Any,
-                azure::RuleProtocol::Tcp => nsg::RuleProtocol::Tcp,
-                azure::RuleProtocol::Udp => nsg::RuleProtocol::Udp,
-                azure::RuleProtocol::Other => nsg::RuleProtocol::Icmp,
-            },
-            source_prefixes: r.source_prefixes.clone(),
-            source_ports: vec!["*".into()],
-            destination_prefixes: r.destination_prefixes.clone(),
-            destination_ports: r.destination_ports.clone(),
-            default_rule: r.default_rule,
-        })
-        .partition(|r| !r.default_rule);
-    NetworkSecurityGroup {
-        id: rules.id.clone(),
-        rules: custom,
-        default_rules: defaults,
-    }
-}
-
 fn evaluate_nsgs(rules: &azure::NetworkRules, vantage: Vantage) -> Option<NsgEvidence> {
     let private: IpAddr = rules.endpoint.private_ip.as_deref()?.parse().ok()?;
-    let subnet = rules.subnet_nsg.as_ref().map(to_nsg);
-    let nic = rules.nic_nsg.as_ref().map(to_nsg);
-    let ctx = NetworkContext::default();
+    let subnet = rules.subnet_nsg.as_ref().map(azure::nsg::to_evaluator);
+    let nic = rules.nic_nsg.as_ref().map(azure::nsg::to_evaluator);
+    let ctx = NetworkContext::private_ranges();
     let source = vantage.source.unwrap_or(nsg::ANY_INTERNET_SOURCE);
     let flow = nsg::Flow::inbound_tcp(source, private, vantage.port);
     let verdict = nsg::evaluate(&flow, subnet.as_ref(), nic.as_ref(), &ctx);

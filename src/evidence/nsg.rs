@@ -158,6 +158,20 @@ pub struct NetworkContext {
     pub virtual_network: Vec<IpNet>,
 }
 
+impl NetworkContext {
+    /// The RFC 1918 ranges standing in for the virtual network when its address space is not
+    /// known (the adapter reads NICs and NSGs, not VNets): the `VirtualNetwork` tag then covers
+    /// private addresses, which is what it covers for a VNet with default address space use.
+    pub fn private_ranges() -> Self {
+        Self {
+            virtual_network: ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+        }
+    }
+}
+
 /// The rule that decided at one NSG level.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,48 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{guest::GuestEvidence, nsg::Verdict, serial::SerialScan};
 
-/// The VM's power state from the instance view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PowerState {
-    /// Running.
-    Running,
-    /// Starting.
-    Starting,
-    /// Stopping.
-    Stopping,
-    /// Stopped (still allocated, still billed).
-    Stopped,
-    /// Deallocating.
-    Deallocating,
-    /// Deallocated.
-    Deallocated,
-    /// Reported as unknown.
-    Unknown,
-}
-
-impl PowerState {
-    /// Parses an instance-view code such as `PowerState/running`.
-    pub fn from_code(code: &str) -> Option<Self> {
-        let state = code.strip_prefix("PowerState/")?;
-        Some(match state.to_ascii_lowercase().as_str() {
-            "running" => Self::Running,
-            "starting" => Self::Starting,
-            "stopping" => Self::Stopping,
-            "stopped" => Self::Stopped,
-            "deallocating" => Self::Deallocating,
-            "deallocated" => Self::Deallocated,
-            _ => Self::Unknown,
-        })
-    }
-
-    /// Whether the VM is, or is about to be, not running.
-    pub fn is_down(self) -> bool {
-        matches!(
-            self,
-            Self::Stopped | Self::Stopping | Self::Deallocated | Self::Deallocating
-        )
-    }
-}
+pub use crate::azure::PowerState;
 
 /// Resource Health's availability state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,25 +133,6 @@ impl Evidence {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn power_states_parse() {
-        assert_eq!(
-            PowerState::from_code("PowerState/running"),
-            Some(PowerState::Running)
-        );
-        assert_eq!(
-            PowerState::from_code("PowerState/deallocated"),
-            Some(PowerState::Deallocated)
-        );
-        assert_eq!(
-            PowerState::from_code("PowerState/hibernated"),
-            Some(PowerState::Unknown)
-        );
-        assert_eq!(PowerState::from_code("ProvisioningState/succeeded"), None);
-        assert!(PowerState::Deallocated.is_down());
-        assert!(!PowerState::Starting.is_down());
-    }
 
     #[test]
     fn platform_problems() {

@@ -14,6 +14,10 @@ pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
         || text.contains("new-itemproperty")
         || text.contains("reg add");
     let mut out = Vec::new();
+    if text.contains("rdphealth-script: query-rdp-evidence") {
+        // The operator's read-only evidence query: answer in its line format, change nothing.
+        return tail(evidence_query(vm).join("\n"));
+    }
     if command.eq_ignore_ascii_case("ResetRDPCert")
         || (text.contains("remote desktop")
             && text.contains("remove-item")
@@ -49,7 +53,11 @@ pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
     if text.contains("get-itemproperty") && text.contains("rdp-tcp") {
         out.extend(rdp_tcp_settings(vm));
     }
-    let mut stdout = out.join("\n");
+    tail(out.join("\n"))
+}
+
+/// Keeps the last `MAX_OUTPUT` bytes, as Run Command does.
+fn tail(mut stdout: String) -> String {
     if stdout.len() > MAX_OUTPUT {
         let mut cut = stdout.len() - MAX_OUTPUT;
         while !stdout.is_char_boundary(cut) {
@@ -78,6 +86,49 @@ fn event_log(vm: &Vm) -> Vec<String> {
     events
 }
 
+/// What `guest-scripts/query-rdp-evidence.ps1` prints on a guest with these faults.
+fn evidence_query(vm: &Vm) -> Vec<String> {
+    let has = |f: Fault| vm.faults.contains(&f);
+    let mut out = Vec::new();
+    if has(Fault::CertificateExpired) {
+        out.push("RDPHEALTH event provider=Microsoft-Windows-TerminalServices-RemoteConnectionManager id=1058 count=2".to_owned());
+        out.push("RDPHEALTH event provider=Schannel id=36870 count=4".to_owned());
+    }
+    if has(Fault::TlsDisabled) {
+        out.push("RDPHEALTH event provider=Schannel id=36871 count=3".to_owned());
+    }
+    for svc in ["TermService", "SessionEnv", "UmRdpService"] {
+        out.push(format!("RDPHEALTH service name={svc} status=Running"));
+    }
+    let deny = u8::from(has(Fault::RdpDisabled));
+    out.push(format!(
+        "RDPHEALTH registry name=fDenyTSConnections value={deny}"
+    ));
+    out.push(format!(
+        "RDPHEALTH registry name=fEnableWinStation value={}",
+        1 - deny
+    ));
+    out.push("RDPHEALTH registry name=PortNumber value=3389".to_owned());
+    out.push("RDPHEALTH registry name=SecurityLayer value=2".to_owned());
+    out.push("RDPHEALTH registry name=UserAuthentication value=1".to_owned());
+    out.push("RDPHEALTH registry name=MinEncryptionLevel value=2".to_owned());
+    for version in ["TLS 1.0", "TLS 1.1", "TLS 1.2"] {
+        let enabled = u8::from(!(has(Fault::TlsDisabled) && version == "TLS 1.2"));
+        out.push(format!(
+            "RDPHEALTH tls name=\"{version}\" enabled={enabled}"
+        ));
+    }
+    let owner = if has(Fault::RdpDisabled) {
+        ""
+    } else {
+        "TermService"
+    };
+    out.push(format!("RDPHEALTH port port=3389 owner={owner}"));
+    out.push("RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True".to_owned());
+    out.push("RDPHEALTH done".to_owned());
+    out
+}
+
 /// `Get-ItemProperty …\WinStations\RDP-Tcp` and the Terminal Server key, as PowerShell prints them.
 fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
     let flag = |f: Fault| u8::from(vm.faults.contains(&f));
@@ -94,6 +145,52 @@ fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evidence_query_reports_faults_in_the_operators_format() {
+        use crate::evidence::guest::{self, GuestScenario, QUERY_SCRIPT};
+        let mut w = crate::sim::world::World::new(
+            &crate::sim::Scenario::from_yaml(
+                "subscriptions: [{id: s, resourceGroups: [{name: rg, location: l, virtualNetworks: [{name: v, addressPrefix: 10.0.0.0/16, subnets: [{name: s, addressPrefix: 10.0.0.0/24}]}], vms: [{name: vm, nic: {subnet: v/s}, faults: [tls_disabled, rdp_disabled]}]}]}]",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let vm = w.vms.get_mut("vm").unwrap();
+        let script: Vec<String> = QUERY_SCRIPT.lines().map(str::to_string).collect();
+        let out = run_script(vm, "RunPowerShellScript", &script);
+        let evidence = guest::parse(&out);
+        assert!(evidence.complete);
+        assert_eq!(
+            evidence.scenarios(3389),
+            vec![GuestScenario::ListenerDisabled, GuestScenario::TlsDisabled]
+        );
+        assert!(
+            vm.faults.contains(&Fault::TlsDisabled),
+            "a query changes nothing"
+        );
+    }
+
+    #[test]
+    fn the_operators_repair_scripts_fix_their_faults() {
+        use crate::ladder::GuestRepair;
+        for (repair, fault) in [
+            (GuestRepair::EnableTls12, "tls_disabled"),
+            (GuestRepair::RenewRdpCertificate, "certificate_expired"),
+            (GuestRepair::ListenerKeepAlive, "flapping"),
+        ] {
+            let yaml = format!(
+                "subscriptions: [{{id: s, resourceGroups: [{{name: rg, location: l, virtualNetworks: [{{name: v, addressPrefix: 10.0.0.0/16, subnets: [{{name: s, addressPrefix: 10.0.0.0/24}}]}}], vms: [{{name: vm, nic: {{subnet: v/s}}, faults: [{fault}]}}]}}]}}]"
+            );
+            let mut w =
+                crate::sim::world::World::new(&crate::sim::Scenario::from_yaml(&yaml).unwrap())
+                    .unwrap();
+            let vm = w.vms.get_mut("vm").unwrap();
+            let script: Vec<String> = repair.script().lines().map(str::to_string).collect();
+            run_script(vm, "RunPowerShellScript", &script);
+            assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
+        }
+    }
 
     #[test]
     fn reading_settings_does_not_fix_and_writing_does() {
