@@ -46,15 +46,14 @@ pub struct ResourceHealth {
 }
 
 impl ResourceHealth {
-    /// An Azure-side problem (platform or planned): the ladder waits instead of acting.
+    /// An Azure-side outage (platform or planned): the ladder waits instead of acting. A
+    /// `Degraded` VM (e.g. a failing host) is not one: redeploying moves it to a healthy host.
     pub fn is_platform_problem(&self) -> bool {
-        matches!(
-            self.availability,
-            Availability::Unavailable | Availability::Degraded
-        ) && self
-            .reason_type
-            .as_deref()
-            .is_none_or(|r| !r.eq_ignore_ascii_case("UserInitiated"))
+        self.availability == Availability::Unavailable
+            && self
+                .reason_type
+                .as_deref()
+                .is_none_or(|r| !r.eq_ignore_ascii_case("UserInitiated"))
     }
 }
 
@@ -142,7 +141,8 @@ mod tests {
             summary: None,
         };
         assert!(rh(Availability::Unavailable, Some("Unplanned")).is_platform_problem());
-        assert!(rh(Availability::Degraded, Some("Planned")).is_platform_problem());
+        assert!(rh(Availability::Unavailable, Some("Planned")).is_platform_problem());
+        assert!(!rh(Availability::Degraded, Some("Unplanned")).is_platform_problem());
         assert!(!rh(Availability::Unavailable, Some("UserInitiated")).is_platform_problem());
         assert!(!rh(Availability::Available, None).is_platform_problem());
     }
