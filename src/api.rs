@@ -6,6 +6,12 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+use crate::evidence::Evidence;
+use crate::ladder::{
+    LadderStatus, Rung,
+    spec::{BackoffSpec, MaintenanceWindow, NsgRepairSpec, PasswordResetSpec},
+};
+
 /// API group.
 pub const GROUP: &str = "rdphealth.io";
 /// API version.
@@ -25,6 +31,12 @@ pub mod conditions {
     pub const VALID: &str = "Valid";
     /// The RDP certificate is valid and not about to expire.
     pub const CERTIFICATE_VALID: &str = "CertificateValid";
+    /// A remediation rung is in flight or planned.
+    pub const REMEDIATING: &str = "Remediating";
+    /// Every usable rung was tried without recovery.
+    pub const LADDER_EXHAUSTED: &str = "LadderExhausted";
+    /// Remediation is held (pause, storm breaker, maintenance window, not the leader).
+    pub const REMEDIATION_SUSPENDED: &str = "RemediationSuspended";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -261,13 +273,92 @@ pub enum RemediationMode {
     Auto,
 }
 
-/// Remediation policy. The remediation ladder's settings will be added here.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+/// Remediation policy: the mode and the ladder's settings (see docs/ladder.md).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RemediationSpec {
     /// `Observe` (default), `DryRun` or `Auto`.
     #[serde(default)]
     pub mode: RemediationMode,
+    /// Ordered rungs the ladder may use. Default: ResetRdpConfig, RepairGuest, ResetNic,
+    /// Restart, Redeploy. ResetPassword needs `passwordReset`.
+    #[serde(default = "default_ladder")]
+    pub ladder: Vec<Rung>,
+    /// Disruptive rungs (ResetNic, Restart, Redeploy, ResetPassword) allowed without a
+    /// one-time approval annotation. Default: none.
+    #[serde(default)]
+    pub allowed_disruptive_actions: Vec<Rung>,
+    /// Delay between rung attempts.
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    /// Wait after an operation finishes before judging the probe, e.g. `2m`.
+    #[serde(default = "default_settle_time")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub settle_time: String,
+    /// Attempts of one rung per incident (1–3).
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 3))]
+    pub max_attempts_per_rung: u32,
+    /// Ladders that may start within 24 hours (1–24).
+    #[serde(default = "default_max_ladders")]
+    #[schemars(range(min = 1, max = 24))]
+    pub max_ladders_per_day: u32,
+    /// Quiet time after a ladder ends before a new one may start, e.g. `1h`.
+    #[serde(default = "default_cooldown")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub cooldown: String,
+    /// Weekly UTC windows inside which disruptive rungs may run. Empty: any time.
+    #[serde(default)]
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+    /// Start the VM when it is stopped or deallocated.
+    #[serde(default)]
+    pub allow_start: bool,
+    /// Add an NSG allow rule for RDP from listed prefixes when an NSG denies the prober.
+    #[serde(default)]
+    pub nsg_repair: NsgRepairSpec,
+    /// Consent to listener settings that weaken RDP security (SecurityLayer=0,
+    /// MinEncryptionLevel=1) when repairing frequent disconnects.
+    #[serde(default)]
+    pub allow_insecure_listener_settings: bool,
+    /// Enables the ResetPassword rung: the generated password is written to a Secret only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_reset: Option<PasswordResetSpec>,
+}
+
+impl Default for RemediationSpec {
+    fn default() -> Self {
+        Self {
+            mode: RemediationMode::default(),
+            ladder: default_ladder(),
+            allowed_disruptive_actions: Vec::new(),
+            backoff: BackoffSpec::default(),
+            settle_time: default_settle_time(),
+            max_attempts_per_rung: default_max_attempts(),
+            max_ladders_per_day: default_max_ladders(),
+            cooldown: default_cooldown(),
+            maintenance_windows: Vec::new(),
+            allow_start: false,
+            nsg_repair: NsgRepairSpec::default(),
+            allow_insecure_listener_settings: false,
+            password_reset: None,
+        }
+    }
+}
+
+fn default_ladder() -> Vec<Rung> {
+    Rung::DEFAULT_LADDER.to_vec()
+}
+fn default_settle_time() -> String {
+    "2m".into()
+}
+fn default_max_attempts() -> u32 {
+    1
+}
+fn default_max_ladders() -> u32 {
+    3
+}
+fn default_cooldown() -> String {
+    "1h".into()
 }
 
 /// The lifecycle phase shown by `kubectl get rdph`.
@@ -285,17 +376,29 @@ pub enum Phase {
     Suspended,
     /// The spec is invalid; fix it to resume.
     Invalid,
+    /// Unreachable; gathering read-only evidence before deciding.
+    Diagnosing,
+    /// A remediation rung is in flight or the ladder waits between rungs.
+    Remediating,
+    /// Reachable again after a rung fixed it (until the next healthy probe cycle).
+    Recovered,
+    /// Every usable rung was tried; the ladder waits for a person or for recovery.
+    Exhausted,
 }
 
 impl Phase {
     /// Every phase, in a stable order (metric label pre-registration).
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 10] = [
         Self::Pending,
         Self::Healthy,
         Self::Degraded,
         Self::Unreachable,
         Self::Suspended,
         Self::Invalid,
+        Self::Diagnosing,
+        Self::Remediating,
+        Self::Recovered,
+        Self::Exhausted,
     ];
 
     /// The phase name as written to status.
@@ -307,6 +410,10 @@ impl Phase {
             Self::Unreachable => "Unreachable",
             Self::Suspended => "Suspended",
             Self::Invalid => "Invalid",
+            Self::Diagnosing => "Diagnosing",
+            Self::Remediating => "Remediating",
+            Self::Recovered => "Recovered",
+            Self::Exhausted => "Exhausted",
         }
     }
 }
@@ -341,6 +448,17 @@ pub struct RdpHealthStatus {
     /// The endpoint that was probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<ResolvedEndpoint>,
+    /// Results of the last probes, oldest first (`1` reachable, `0` not; at most 20): what
+    /// flapping is judged from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recent_probes: String,
+    /// The read-only evidence of the current incident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<Evidence>,
+    /// The remediation ladder: the rung in flight (recorded before its Azure call), backoff,
+    /// budgets and history.
+    #[serde(default, skip_serializing_if = "LadderStatus::is_empty")]
+    pub ladder: LadderStatus,
 }
 
 /// The outcome of one probe.

@@ -54,7 +54,7 @@ fn first_decision(evidence: &Evidence, reason: FailureReason) -> Decision {
         ..LadderPolicy::default()
     };
     let mut ladder = LadderStatus::default();
-    ladder.open_incident(evidence.gathered_at);
+    ladder.open_incident(evidence.gathered_at.0);
     let failure = Failure::new(reason, "probe");
     decide(&Situation {
         policy: &policy,
@@ -66,7 +66,7 @@ fn first_decision(evidence: &Evidence, reason: FailureReason) -> Decision {
         gates: Gates::OPEN,
         approval: None,
         seed: "uid",
-        now: evidence.gathered_at,
+        now: evidence.gathered_at.0,
     })
 }
 

@@ -50,7 +50,7 @@ impl std::fmt::Display for VmRef {
 }
 
 /// `PowerState/*` of the instance view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum PowerState {
     /// Starting.

@@ -438,11 +438,19 @@ fn healthy_condition(phase: Phase, streak: Streak, status: &RdpHealthStatus) -> 
             }),
             certificate.map_or_else(String::new, |c| c.message.clone()),
         ),
-        Phase::Unreachable => Desired::new(
+        Phase::Unreachable | Phase::Diagnosing | Phase::Remediating | Phase::Exhausted => {
+            Desired::new(
+                types::HEALTHY,
+                Status::False,
+                reasons::UNREACHABLE,
+                "not reachable over RDP; see the Reachable condition",
+            )
+        }
+        Phase::Recovered => Desired::new(
             types::HEALTHY,
-            Status::False,
-            reasons::UNREACHABLE,
-            "not reachable over RDP; see the Reachable condition",
+            Status::True,
+            reasons::HEALTHY,
+            "reachable over RDP again",
         ),
         Phase::Pending | Phase::Suspended | Phase::Invalid => Desired::new(
             types::HEALTHY,

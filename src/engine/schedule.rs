@@ -12,7 +12,7 @@ use super::{
 use crate::api::{Phase, RdpHealth, conditions as types, reasons};
 
 /// What the driver should do with an object now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Schedule {
     /// Nothing is due: look again after this long.
     Wait(Duration),

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::{
     api::{AddressType, RdpHealthSpec, RemediationMode},
+    ladder::{LadderPolicy, LadderSpecError, spec::policy_from_spec},
     probe::{ProbeOptions, Target, TargetError},
 };
 
@@ -21,7 +22,7 @@ pub struct VmId {
 }
 
 /// A spec the engine can trust.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidSpec {
     /// The VM.
     pub vm: VmId,
@@ -35,6 +36,8 @@ pub struct ValidSpec {
     pub probe: ProbePolicy,
     /// Remediation mode.
     pub mode: RemediationMode,
+    /// The remediation ladder's validated settings.
+    pub ladder: LadderPolicy,
     /// Monitoring suspended.
     pub suspend: bool,
 }
@@ -110,6 +113,9 @@ pub enum SpecError {
     /// The host override is not a valid host.
     #[error("endpoint.host is invalid: {0}")]
     Host(#[source] TargetError),
+    /// The remediation settings are invalid.
+    #[error(transparent)]
+    Remediation(#[from] LadderSpecError),
 }
 
 impl SpecError {
@@ -168,6 +174,7 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
                 certificate_warning,
             },
             mode: spec.remediation.mode,
+            ladder: policy_from_spec(&spec.remediation).map_err(SpecError::Remediation)?,
             suspend: spec.suspend,
         })
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const QUERY_SCRIPT: &str = include_str!("../../guest-scripts/query-rdp-evidence.ps1");
 
 /// One event-log count from the last 24 hours.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventCount {
     /// Event provider (e.g. `Schannel`).
@@ -23,7 +23,7 @@ pub struct EventCount {
 }
 
 /// What the query found in the guest.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GuestEvidence {
     /// Event counts (only IDs that occurred).

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Whether a rule allows or denies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Access {
     /// Traffic is allowed.
     Allow,
@@ -20,7 +20,7 @@ pub enum Access {
 }
 
 /// The direction a rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Direction {
     /// Towards the VM.
     Inbound,
@@ -29,7 +29,7 @@ pub enum Direction {
 }
 
 /// A rule's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum RuleProtocol {
     /// `*`: any protocol.
     Any,
@@ -101,7 +101,7 @@ pub struct NetworkSecurityGroup {
 }
 
 /// Where an NSG is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum NsgLevel {
     /// Attached to the subnet.
     Subnet,
@@ -173,7 +173,7 @@ impl NetworkContext {
 }
 
 /// The rule that decided at one NSG level.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DecidingRule {
     /// Which NSG level.
@@ -189,7 +189,7 @@ pub struct DecidingRule {
 }
 
 /// The outcome of evaluating a flow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Verdict {
     /// The final decision.

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// What a serial-log line says about the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum BootSignal {
     /// Windows is installing or rolling back updates: wait, do not restart.
@@ -62,7 +62,7 @@ const SIGNATURES: &[(&str, BootSignal)] = &[
 ];
 
 /// One matched line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SerialMatch {
     /// The signal.
@@ -74,7 +74,7 @@ pub struct SerialMatch {
 }
 
 /// The result of scanning a serial log.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SerialScan {
     /// The most recent signal: the guest's current state as far as the log tells.

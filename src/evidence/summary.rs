@@ -1,7 +1,7 @@
 //! The evidence gathered for one incident, as the engine consumes it. The Azure driver fills
 //! it from read-only calls; everything here is plain data.
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use serde::{Deserialize, Serialize};
 
 use super::{guest::GuestEvidence, nsg::Verdict, serial::SerialScan};
@@ -9,7 +9,7 @@ use super::{guest::GuestEvidence, nsg::Verdict, serial::SerialScan};
 pub use crate::azure::PowerState;
 
 /// Resource Health's availability state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Availability {
     /// Healthy.
     Available,
@@ -34,7 +34,7 @@ impl Availability {
 }
 
 /// Resource Health's current status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceHealth {
     /// Availability.
@@ -58,23 +58,34 @@ impl ResourceHealth {
 }
 
 /// NSG evaluation for the probe's flow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NsgEvidence {
     /// The local verdict for the prober's source.
     pub verdict: Verdict,
     /// Whether RDP is open to the whole internet (a security finding).
     pub open_to_internet: bool,
-    /// IP flow verify's answer, when a Network Watcher exists: (access, rule).
-    pub ip_flow_verify: Option<(String, String)>,
+    /// IP flow verify's answer, when a Network Watcher exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_flow_verify: Option<FlowCheck>,
+}
+
+/// Network Watcher's IP flow verify answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowCheck {
+    /// `Allow` or `Deny`.
+    pub access: String,
+    /// The deciding rule.
+    pub rule: String,
 }
 
 /// Everything gathered for one incident.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Evidence {
     /// When it was gathered.
-    pub gathered_at: Timestamp,
+    pub gathered_at: Time,
     /// Power state, when the instance view was read.
     pub power_state: Option<PowerState>,
     /// VM provisioning state (`succeeded`, `failed/…`).
@@ -97,7 +108,7 @@ pub struct Evidence {
 }
 
 /// Where boot diagnostics live.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BootDiagnostics {
     /// Console screenshot blob URI, without its SAS query.
@@ -115,7 +126,7 @@ impl Evidence {
     /// Evidence with nothing known yet.
     pub fn empty(gathered_at: Timestamp) -> Self {
         Self {
-            gathered_at,
+            gathered_at: Time(gathered_at),
             power_state: None,
             provisioning_state: None,
             agent_ready: None,

@@ -487,15 +487,15 @@ fn stale(e: &Evidence, s: &Situation<'_>) -> bool {
         .ladder
         .incident_started_at
         .as_ref()
-        .is_some_and(|t| e.gathered_at < t.0);
+        .is_some_and(|t| e.gathered_at.0 < t.0);
     before_incident
-        || s.now.duration_since(e.gathered_at).as_secs_f64()
+        || s.now.duration_since(e.gathered_at.0).as_secs_f64()
             > s.policy.evidence_refresh.as_secs_f64()
 }
 
 /// Evidence that blocks or redirects the ladder before any generic rung.
 fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
-    let refresh = add(e.gathered_at, s.policy.evidence_refresh);
+    let refresh = add(e.gathered_at.0, s.policy.evidence_refresh);
     if e.power_state.is_some_and(|p| p.is_down()) {
         return Some(if s.policy.allow_start && s.policy.mode != Mode::Observe {
             gated_special(s, Step::rung(Rung::StartVm))

@@ -326,10 +326,133 @@ pub fn check_nsg_repair(spec: &NsgRepairSpec) -> Result<(), LadderSpecError> {
     Ok(())
 }
 
+/// Validates the remediation settings into the policy `decide` trusts.
+pub fn policy_from_spec(
+    spec: &crate::api::RemediationSpec,
+) -> Result<super::LadderPolicy, LadderSpecError> {
+    use crate::api::RemediationMode;
+    let mode = match spec.mode {
+        RemediationMode::Observe => super::Mode::Observe,
+        RemediationMode::DryRun => super::Mode::DryRun,
+        RemediationMode::Auto => super::Mode::Auto,
+    };
+    check_ladder(
+        &spec.ladder,
+        spec.password_reset.is_some(),
+        spec.nsg_repair.enabled,
+    )?;
+    check_nsg_repair(&spec.nsg_repair)?;
+    for rung in &spec.allowed_disruptive_actions {
+        if !rung.is_disruptive() {
+            return Err(LadderSpecError::Ladder(format!(
+                "allowedDisruptiveActions lists {rung}, which is not disruptive"
+            )));
+        }
+    }
+    let b = &spec.backoff;
+    let backoff = Backoff {
+        initial: parse_duration("backoff.initial", &b.initial)?,
+        max: parse_duration("backoff.max", &b.max)?,
+        multiplier: b.multiplier,
+        jitter: b.jitter,
+    };
+    if backoff.initial.is_zero() || backoff.max < backoff.initial {
+        return Err(LadderSpecError::Range {
+            field: "backoff",
+            why: "initial must be > 0 and max >= initial".into(),
+        });
+    }
+    if !(1.0..=10.0).contains(&b.multiplier) || !(0.0..=1.0).contains(&b.jitter) {
+        return Err(LadderSpecError::Range {
+            field: "backoff",
+            why: "multiplier must be 1-10 and jitter 0-1".into(),
+        });
+    }
+    if !(1..=3).contains(&spec.max_attempts_per_rung) {
+        return Err(LadderSpecError::Range {
+            field: "maxAttemptsPerRung",
+            why: format!("{} is not in 1-3", spec.max_attempts_per_rung),
+        });
+    }
+    if !(1..=24).contains(&spec.max_ladders_per_day) {
+        return Err(LadderSpecError::Range {
+            field: "maxLaddersPerDay",
+            why: format!("{} is not in 1-24", spec.max_ladders_per_day),
+        });
+    }
+    let windows = spec
+        .maintenance_windows
+        .iter()
+        .enumerate()
+        .map(|(i, w)| parse_window(i, w))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(super::LadderPolicy {
+        mode,
+        ladder: spec.ladder.clone(),
+        allowed_disruptive: spec.allowed_disruptive_actions.clone(),
+        backoff,
+        settle_time: parse_duration("settleTime", &spec.settle_time)?,
+        max_attempts_per_rung: spec.max_attempts_per_rung,
+        max_ladders_per_day: spec.max_ladders_per_day,
+        cooldown: parse_duration("cooldown", &spec.cooldown)?,
+        windows,
+        allow_start: spec.allow_start,
+        nsg_repair: spec.nsg_repair.enabled,
+        allow_insecure_listener_settings: spec.allow_insecure_listener_settings,
+        ..super::LadderPolicy::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn default_spec_gives_the_default_policy() {
+        let policy = policy_from_spec(&crate::api::RemediationSpec::default()).unwrap();
+        assert_eq!(policy, super::super::LadderPolicy::default());
+    }
+
+    #[test]
+    fn bad_specs_are_rejected_with_the_field() {
+        let spec = crate::api::RemediationSpec {
+            allowed_disruptive_actions: vec![Rung::ResetRdpConfig],
+            ..Default::default()
+        };
+        assert!(
+            policy_from_spec(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("not disruptive")
+        );
+        let mut spec = crate::api::RemediationSpec::default();
+        spec.backoff.initial = "soon".into();
+        assert!(
+            policy_from_spec(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("backoff.initial")
+        );
+        let spec = crate::api::RemediationSpec {
+            max_attempts_per_rung: 9,
+            ..Default::default()
+        };
+        assert!(policy_from_spec(&spec).is_err());
+        let spec = crate::api::RemediationSpec {
+            nsg_repair: NsgRepairSpec {
+                enabled: true,
+                allowed_source_prefixes: vec!["*".into()],
+            },
+            ..Default::default()
+        };
+        assert!(
+            policy_from_spec(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("whole internet")
+        );
+    }
 
     fn backoff() -> Backoff {
         Backoff {

@@ -147,6 +147,11 @@ fn ts(t: &Time) -> Timestamp {
 }
 
 impl LadderStatus {
+    /// Nothing recorded yet (kept out of the serialized status).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// Rung records of the current incident.
     pub fn incident_history(&self) -> impl Iterator<Item = &RungRecord> {
         let since = self.incident_started_at.as_ref().map(ts);

@@ -170,7 +170,7 @@ fn maintenance_windows_hold_disruptive_rungs_outside() {
     case.now = "2026-11-21T02:30:00Z".parse().unwrap();
     case.ladder = LadderStatus::default();
     case.ladder.open_incident(case.now);
-    case.evidence.as_mut().unwrap().gathered_at = case.now;
+    case.evidence.as_mut().unwrap().gathered_at = Time(case.now);
     assert_eq!(case.decide(), Decision::Act(Step::rung(Rung::ResetNic)));
 }
 
@@ -440,7 +440,7 @@ proptest! {
                 }
                 Decision::GatherEvidence => {
                     let mut e = healthy_evidence();
-                    e.gathered_at = now;
+                    e.gathered_at = Time(now);
                     e.agent_ready = Some(agent_ready);
                     if stopped {
                         e.power_state = Some(PowerState::Deallocated);
