@@ -7,6 +7,7 @@
 pub mod conditions;
 pub mod endpoint;
 pub mod gather;
+pub mod remediate;
 pub mod schedule;
 pub mod spec;
 pub mod thresholds;
