@@ -12,17 +12,17 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Client, Resource,
     api::{Api, Patch, PatchParams},
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::{Action, Config},
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        reflector::Store,
+        reflector::{Store, reflector, store::Writer},
         watcher,
     },
 };
@@ -430,6 +430,26 @@ impl LeaseTask {
     }
 }
 
+/// A controller over `api` whose watch marks `ready` after its first complete list, and the
+/// object cache it fills.
+fn controller_for(
+    api: Api<DeserializeGuard<RdpHealth>>,
+    ready: Arc<AtomicBool>,
+) -> (
+    Controller<DeserializeGuard<RdpHealth>>,
+    Store<DeserializeGuard<RdpHealth>>,
+) {
+    let writer = Writer::default();
+    let store = writer.as_reader();
+    let events = watcher(api, watcher::Config::default()).inspect_ok(move |event| {
+        if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
+            info!("first watch sync done: ready");
+        }
+    });
+    let objects = reflector(writer, events).applied_objects();
+    (Controller::for_stream(objects, store.clone()), store)
+}
+
 /// Runs the operator until `shutdown` resolves: the controller, the HTTP endpoints on
 /// `listener`, and leader election when configured.
 pub async fn run(
@@ -448,19 +468,10 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let controller = Controller::new(api, watcher::Config::default())
-        .with_config(Config::default().concurrency(settings.concurrency.max(1)));
-    let store = controller.store();
-
     let ready = Arc::new(AtomicBool::new(false));
-    let ready_flag = Arc::clone(&ready);
-    let ready_store = store.clone();
-    tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            info!("first watch sync done: ready");
-            ready_flag.store(true, Ordering::Release);
-        }
-    });
+    let (controller, store) = controller_for(api, Arc::clone(&ready));
+    let controller =
+        controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let state = HttpState {
         metrics: Arc::clone(&metrics),
         inventory: Arc::new(StoreInventory(store)),
