@@ -36,15 +36,47 @@ struct Responder {
 
 impl Responder {
     async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// A responder that selects TLS and presents a self-signed certificate expiring in
+    /// `days` days.
+    async fn tls(days: i64) -> Self {
+        Self::serve(Some(tls_acceptor(days))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(answer(stream));
+                tokio::spawn(answer(stream, tls.clone()));
             }
         });
         Self { port, task }
     }
+}
+
+fn tls_acceptor(days: i64) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let now = time::OffsetDateTime::now_utc();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days) + time::Duration::hours(1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 impl Drop for Responder {
@@ -53,7 +85,7 @@ impl Drop for Responder {
     }
 }
 
-async fn answer(mut stream: TcpStream) {
+async fn answer(mut stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>) {
     let mut header = [0u8; 4];
     if stream.read_exact(&mut header).await.is_err() {
         return;
@@ -63,10 +95,26 @@ async fn answer(mut stream: TcpStream) {
     if stream.read_exact(&mut rest).await.is_err() {
         return;
     }
-    let _ = stream
-        .write_all(&codec::encode_negotiation_response(0, 0))
-        .await;
-    let _ = stream.shutdown().await;
+    // Selected protocol: 0 = standard RDP security, 1 = TLS.
+    let selected = u32::from(tls.is_some());
+    if stream
+        .write_all(&codec::encode_negotiation_response(selected, 0))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    match tls {
+        Some(acceptor) => {
+            if let Ok(mut tls) = acceptor.accept(stream).await {
+                let mut buf = [0u8; 64];
+                let _ = tls.read(&mut buf).await;
+            }
+        }
+        None => {
+            let _ = stream.shutdown().await;
+        }
+    }
 }
 
 /// The operator running against the fake API server.
@@ -391,6 +439,49 @@ async fn malformed_object_does_not_break_the_watch() {
         &[],
     )
     .await;
+    op.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_certificate_degrades_with_one_event_and_an_expiry_metric() {
+    let api = FakeApiServer::start().await;
+    let rdp = Responder::tls(5).await;
+    let op = Operator::start(&api).await;
+    api.create("rdphealths", NS, rdphealth(rdp.port));
+    let s = wait_phase(&api, "Degraded", 1).await;
+    assert_eq!(s["lastProbe"]["selectedProtocol"], "ssl");
+    assert!(
+        s["lastProbe"]["tlsVersion"]
+            .as_str()
+            .unwrap()
+            .starts_with("TLS")
+    );
+    assert!(s["lastProbe"]["certificateNotAfter"].is_string());
+    let cert = condition(&s, "CertificateValid").unwrap();
+    assert_eq!(cert["status"], "False");
+    assert_eq!(cert["reason"], "CertificateExpiring");
+    assert_eq!(condition(&s, "Reachable").unwrap()["status"], "True");
+    assert_eq!(
+        condition(&s, "Healthy").unwrap()["reason"],
+        "CertificateExpiring"
+    );
+    api.wait_for("a second probe", WAIT, |inner| {
+        (status_patches(inner).len() >= 2).then_some(())
+    })
+    .await;
+    api.wait_for("a CertificateExpiring event", WAIT, |inner| {
+        (events(inner, "CertificateExpiring") == 1).then_some(())
+    })
+    .await;
+    op.wait_metrics(
+        &[
+            r#"rdphealth_certificate_expiry_timestamp_seconds{name="vm-1",namespace="default"} 1"#,
+            r#"rdphealth_objects{phase="Degraded"} 1"#,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(api.read(|inner| events(inner, "CertificateExpiring")), 1);
     op.shutdown().await;
 }
 
