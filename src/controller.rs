@@ -13,7 +13,7 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
     Client, Resource,
     api::{Api, Patch, PatchParams},
@@ -254,7 +254,10 @@ pub async fn reconcile(
     let _timer = ctx.metrics.reconcile_timer();
     let obj = match &guard.0 {
         Ok(obj) => obj,
-        Err(invalid) => return Err(Error::Malformed(Box::new(invalid.clone()))),
+        Err(invalid) => {
+            report_malformed(&ctx, invalid).await;
+            return Err(Error::Malformed(Box::new(invalid.clone())));
+        }
     };
     let key = key_of(&obj.metadata).ok_or(Error::MissingKey)?;
     let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name, vm = %obj.spec.vm.resource_id);
@@ -330,6 +333,36 @@ async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event]) {
             warn!(error = %e, reason = event.reason, "failed to publish event");
             ctx.metrics.reconcile_failed("PublishEventFailed");
         }
+    }
+}
+
+/// Tells the object's owner, through a Warning Event, why the operator cannot read it. (Its
+/// status is left alone: without a readable status, no write could keep transition times.)
+async fn report_malformed(ctx: &Context, invalid: &InvalidObject) {
+    let meta = &invalid.metadata;
+    let reference = ObjectReference {
+        api_version: Some(RdpHealth::api_version(&()).into_owned()),
+        kind: Some(RdpHealth::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    };
+    let note: String = format!("failed to decode the object: {}", invalid.error)
+        .chars()
+        .take(1000)
+        .collect();
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "MalformedObject".into(),
+        note: Some(note),
+        action: "Decode".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(error = %e, "failed to publish event");
+        ctx.metrics.reconcile_failed("PublishEventFailed");
     }
 }
 

@@ -439,6 +439,14 @@ async fn malformed_object_does_not_break_the_watch() {
         &[],
     )
     .await;
+    api.wait_for("a MalformedObject event", WAIT, |inner| {
+        inner
+            .list("events", NS)
+            .iter()
+            .any(|e| e["reason"] == "MalformedObject" && e["regarding"]["name"] == "broken")
+            .then_some(())
+    })
+    .await;
     op.shutdown().await;
 }
 
