@@ -550,6 +550,16 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn leadership_follows_the_lease() {
+        assert!(Leadership::always().is_leader());
+        let (tx, rx) = watch::channel(false);
+        let leadership = Leadership::from_receiver(rx);
+        assert!(!leadership.is_leader());
+        tx.send_replace(true);
+        assert!(leadership.is_leader());
+    }
+
     #[rstest]
     #[case(0, 1)]
     #[case(1, 1)]

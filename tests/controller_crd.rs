@@ -120,6 +120,7 @@ fn examples_are_valid() {
             serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(obj.metadata.namespace.is_some(), "{}", path.display());
         ValidSpec::try_from(&obj.spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        kube::core::cel::validate_cel(&obj).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
     }
     assert!(seen >= 2, "expected example manifests");
 }
