@@ -12,17 +12,17 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
-use k8s_openapi::jiff::Timestamp;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
 use kube::{
     Client, Resource,
     api::{Api, Patch, PatchParams},
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::{Action, Config},
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
-        reflector::Store,
+        reflector::{Store, reflector, store::Writer},
         watcher,
     },
 };
@@ -254,7 +254,10 @@ pub async fn reconcile(
     let _timer = ctx.metrics.reconcile_timer();
     let obj = match &guard.0 {
         Ok(obj) => obj,
-        Err(invalid) => return Err(Error::Malformed(Box::new(invalid.clone()))),
+        Err(invalid) => {
+            report_malformed(&ctx, invalid).await;
+            return Err(Error::Malformed(Box::new(invalid.clone())));
+        }
     };
     let key = key_of(&obj.metadata).ok_or(Error::MissingKey)?;
     let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name, vm = %obj.spec.vm.resource_id);
@@ -330,6 +333,36 @@ async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event]) {
             warn!(error = %e, reason = event.reason, "failed to publish event");
             ctx.metrics.reconcile_failed("PublishEventFailed");
         }
+    }
+}
+
+/// Tells the object's owner, through a Warning Event, why the operator cannot read it. (Its
+/// status is left alone: without a readable status, no write could keep transition times.)
+async fn report_malformed(ctx: &Context, invalid: &InvalidObject) {
+    let meta = &invalid.metadata;
+    let reference = ObjectReference {
+        api_version: Some(RdpHealth::api_version(&()).into_owned()),
+        kind: Some(RdpHealth::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..Default::default()
+    };
+    let note: String = format!("failed to decode the object: {}", invalid.error)
+        .chars()
+        .take(1000)
+        .collect();
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "MalformedObject".into(),
+        note: Some(note),
+        action: "Decode".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        warn!(error = %e, "failed to publish event");
+        ctx.metrics.reconcile_failed("PublishEventFailed");
     }
 }
 
@@ -430,6 +463,26 @@ impl LeaseTask {
     }
 }
 
+/// A controller over `api` whose watch marks `ready` after its first complete list, and the
+/// object cache it fills.
+fn controller_for(
+    api: Api<DeserializeGuard<RdpHealth>>,
+    ready: Arc<AtomicBool>,
+) -> (
+    Controller<DeserializeGuard<RdpHealth>>,
+    Store<DeserializeGuard<RdpHealth>>,
+) {
+    let writer = Writer::default();
+    let store = writer.as_reader();
+    let events = watcher(api, watcher::Config::default()).inspect_ok(move |event| {
+        if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
+            info!("first watch sync done: ready");
+        }
+    });
+    let objects = reflector(writer, events).applied_objects();
+    (Controller::for_stream(objects, store.clone()), store)
+}
+
 /// Runs the operator until `shutdown` resolves: the controller, the HTTP endpoints on
 /// `listener`, and leader election when configured.
 pub async fn run(
@@ -448,19 +501,10 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let controller = Controller::new(api, watcher::Config::default())
-        .with_config(Config::default().concurrency(settings.concurrency.max(1)));
-    let store = controller.store();
-
     let ready = Arc::new(AtomicBool::new(false));
-    let ready_flag = Arc::clone(&ready);
-    let ready_store = store.clone();
-    tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            info!("first watch sync done: ready");
-            ready_flag.store(true, Ordering::Release);
-        }
-    });
+    let (controller, store) = controller_for(api, Arc::clone(&ready));
+    let controller =
+        controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let state = HttpState {
         metrics: Arc::clone(&metrics),
         inventory: Arc::new(StoreInventory(store)),
@@ -505,6 +549,16 @@ mod tests {
     use rstest::rstest;
 
     use super::*;
+
+    #[test]
+    fn leadership_follows_the_lease() {
+        assert!(Leadership::always().is_leader());
+        let (tx, rx) = watch::channel(false);
+        let leadership = Leadership::from_receiver(rx);
+        assert!(!leadership.is_leader());
+        tx.send_replace(true);
+        assert!(leadership.is_leader());
+    }
 
     #[rstest]
     #[case(0, 1)]

@@ -120,6 +120,7 @@ fn examples_are_valid() {
             serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(obj.metadata.namespace.is_some(), "{}", path.display());
         ValidSpec::try_from(&obj.spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        kube::core::cel::validate_cel(&obj).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
     }
     assert!(seen >= 2, "expected example manifests");
 }
@@ -183,4 +184,44 @@ fn schema_rejects_bad_specs() {
         );
     }
     assert!(schema_errors(&object(json!({"vm": {"resourceId": VM}}))).is_empty());
+}
+
+fn typed(spec: Value) -> RdpHealth {
+    serde_json::from_value(object(spec)).unwrap()
+}
+
+/// The CEL rules in the schema, evaluated as the API server would (client-side).
+#[test]
+fn cel_rules_reject_bad_timeouts_and_resource_id_changes() {
+    use kube::core::cel::{validate_cel, validate_cel_update};
+
+    let ok = typed(json!({"vm": {"resourceId": VM}}));
+    validate_cel(&ok).unwrap();
+    let fast = typed(
+        json!({"vm": {"resourceId": VM}, "probe": {"interval": "1s", "unhealthyInterval": "300ms", "timeout": "250ms"}}),
+    );
+    validate_cel(&fast).unwrap();
+
+    let slow =
+        typed(json!({"vm": {"resourceId": VM}, "probe": {"interval": "5s", "timeout": "5s"}}));
+    let err = validate_cel(&slow).unwrap_err();
+    assert!(
+        format!("{err:?}").contains("timeout must be shorter than interval"),
+        "{err:?}"
+    );
+    let err = validate_cel(&typed(json!({"vm": {"resourceId": VM}, "probe": {"unhealthyInterval": "2s", "timeout": "2500ms"}}))).unwrap_err();
+    assert!(
+        format!("{err:?}").contains("timeout must be shorter than unhealthyInterval"),
+        "{err:?}"
+    );
+
+    let moved = typed(json!({"vm": {"resourceId": VM.replace("/vm", "/vm2")}}));
+    let err = validate_cel_update(&moved, &ok).unwrap_err();
+    assert!(
+        format!("{err:?}").contains("vm.resourceId is immutable"),
+        "{err:?}"
+    );
+    let mut tuned = ok.clone();
+    tuned.spec.probe.interval = "1m".into();
+    validate_cel_update(&tuned, &ok).unwrap();
 }

@@ -391,8 +391,8 @@ async fn failed_status_patch_backs_off_exponentially_per_object() {
 }
 
 #[tokio::test]
-async fn malformed_object_waits_for_a_change() {
-    let (ctx, _api) = setup(FakeProber::with(vec![]));
+async fn malformed_object_is_evented_and_waits_for_a_change() {
+    let (ctx, mut api) = setup(FakeProber::with(vec![]));
     let raw = json!({
         "apiVersion": "rdphealth.io/v1alpha1",
         "kind": "RdpHealth",
@@ -401,9 +401,33 @@ async fn malformed_object_waits_for_a_change() {
     });
     let guard: DeserializeGuard<RdpHealth> = serde_json::from_value(raw).unwrap();
     let guard = Arc::new(guard);
+    let verifier = tokio::spawn(async move {
+        let (method, uri, event) = expect_call(&mut api, StatusCode::CREATED, json!({})).await;
+        assert_eq!(method, Method::POST);
+        assert_eq!(uri, "/apis/events.k8s.io/v1/namespaces/default/events?");
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], "MalformedObject");
+        assert_eq!(event["regarding"]["name"], "broken");
+        assert_eq!(event["regarding"]["kind"], "RdpHealth");
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap()
+                .starts_with("failed to decode the object: "),
+            "{event}"
+        );
+        // No status write: there is no readable status to build on.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), api.next_request())
+                .await
+                .is_err(),
+            "unexpected extra API call"
+        );
+    });
     let err = reconcile(Arc::clone(&guard), Arc::clone(&ctx))
         .await
         .unwrap_err();
+    verifier.await.unwrap();
     assert_eq!(err.reason(), "MalformedObject");
     assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
 }

@@ -256,3 +256,61 @@ fn every_failure_reason_is_a_valid_condition_reason() {
         assert!(r.chars().all(|c| c.is_ascii_alphanumeric()), "{r}");
     }
 }
+
+mod invariants {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// For any sequence of probe outcomes: Reachable becomes False only after
+        /// `failureThreshold` failures in a row, becomes True again only after
+        /// `successThreshold` successes in a row, every flip to/from False is exactly one
+        /// event, and `lastTransitionTime` moves only on a flip.
+        #[test]
+        fn hysteresis_and_events(
+            outcomes in proptest::collection::vec(any::<bool>(), 1..40),
+            failure in 1u32..5,
+            success in 1u32..5,
+        ) {
+            let mut obj = object(|o| {
+                o.spec.probe.failure_threshold = failure;
+                o.spec.probe.success_threshold = success;
+            });
+            let mut previous: Option<(String, Timestamp)> = None;
+            let mut run_failures = 0u32;
+            let mut run_successes = 0u32;
+            for (i, ok) in outcomes.into_iter().enumerate() {
+                if ok { run_successes += 1; run_failures = 0 } else { run_failures += 1; run_successes = 0 }
+                let report = if ok { ok_report() } else { failed_report(FailureReason::TcpTimeout) };
+                let now = at(1000 + i as i64);
+                let out = evaluate(&obj, Observation::Probed { endpoint: endpoint(), report: Box::new(report) }, now);
+                let reach = conditions::find(&out.status.conditions, types::REACHABLE).unwrap();
+                let (status, since) = (reach.status.clone(), reach.last_transition_time.0);
+                let became_false = out.events.iter().filter(|e| e.reason == "BecameUnreachable").count();
+                let recovered = out.events.iter().filter(|e| e.reason == "Recovered").count();
+                match &previous {
+                    Some((before, t)) if *before == status => prop_assert_eq!(*t, since),
+                    _ => prop_assert_eq!(since, now),
+                }
+                let was_false = previous.as_ref().is_some_and(|(s, _)| s == "False");
+                if status == "False" && !was_false {
+                    prop_assert!(run_failures >= failure);
+                    prop_assert_eq!(became_false, 1);
+                } else {
+                    prop_assert_eq!(became_false, 0);
+                }
+                if status == "True" && was_false {
+                    prop_assert!(run_successes >= success);
+                    prop_assert_eq!(recovered, 1);
+                } else {
+                    prop_assert_eq!(recovered, 0);
+                }
+                prop_assert_eq!(out.status.consecutive_failures, run_failures);
+                prop_assert_eq!(out.status.consecutive_successes, run_successes);
+                previous = Some((status, since));
+                obj.status = Some(out.status);
+            }
+        }
+    }
+}
