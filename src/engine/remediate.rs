@@ -22,8 +22,8 @@ use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
     azure::{Azure, AzureError, Operation, OperationKind, PollOutcome, VmRef},
     ladder::{
-        Decision, Gates, GiveUp, GuestRepair, LadderStatus, OperationRef, Reachability, Rung,
-        RungOutcome, Situation, Step, Suspension, WaitReason, decide,
+        Decision, Gates, GiveUp, GuestRepair, Incident, LadderStatus, OperationRef, Reachability,
+        Rung, RungOutcome, Situation, Step, Suspension, WaitReason, decide,
         fleet::{FleetPolicy, FleetView},
     },
     probe::Failure,
@@ -186,6 +186,13 @@ pub struct Subject<'a> {
 
 const RECENT_PROBES: usize = 20;
 
+/// The last probe saw an expired certificate (the `CertificateValid` condition says so).
+fn certificate_expired(status: &RdpHealthStatus) -> bool {
+    conditions::find(&status.conditions, types::CERTIFICATE_VALID).is_some_and(|c| {
+        c.status == "False" && c.reason == crate::api::reasons::CERTIFICATE_EXPIRED
+    })
+}
+
 /// Flapping: the last probes keep flipping although the thresholds never declared the
 /// endpoint unreachable (frequent disconnects).
 pub fn flapping(recent: &str) -> bool {
@@ -217,13 +224,21 @@ impl Remediator {
             Some(Status::False) => Reachability::Unreachable,
             _ => Reachability::Unknown,
         };
-        let flapping =
-            reachability != Reachability::Unreachable && flapping(&outcome.status.recent_probes);
-        // Flapping is an incident of its own even though the thresholds hold.
-        let effective = if flapping {
-            Reachability::Unreachable
+        // Flapping and an expired certificate are incidents of their own although the
+        // thresholds say reachable; only their targeted repair may run for them.
+        let incident = if reachability == Reachability::Unreachable {
+            Incident::Outage
+        } else if flapping(&outcome.status.recent_probes) {
+            Incident::Flapping
+        } else if certificate_expired(&outcome.status) {
+            Incident::CertificateExpired
         } else {
+            Incident::Outage
+        };
+        let effective = if incident == Incident::Outage {
             reachability
+        } else {
+            Reachability::Unreachable
         };
         if effective == Reachability::Unreachable {
             outcome.status.ladder.open_incident(now);
@@ -250,7 +265,7 @@ impl Remediator {
                     ladder: &status.ladder,
                     reachability: effective,
                     failure: subject.failure,
-                    flapping,
+                    incident,
                     evidence: status.diagnosis.as_ref(),
                     gates,
                     approval,

@@ -97,6 +97,18 @@ pub enum Reachability {
     Unknown,
 }
 
+/// What the ladder is fixing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incident {
+    /// RDP is unreachable (after thresholds): the whole ladder may be used.
+    Outage,
+    /// Reachability keeps flipping without crossing the thresholds (frequent disconnects):
+    /// only the listener keep-alive repair is used, never a generic or disruptive rung.
+    Flapping,
+    /// Reachable, but the RDP certificate has expired: only the certificate renewal is used.
+    CertificateExpired,
+}
+
 /// Fleet-wide and operator-wide gates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gates {
@@ -131,8 +143,8 @@ pub struct Situation<'a> {
     pub reachability: Reachability,
     /// The last probe's failure.
     pub failure: Option<&'a Failure>,
-    /// Reachability keeps flipping (frequent disconnects).
-    pub flapping: bool,
+    /// What kind of incident this is.
+    pub incident: Incident,
     /// Evidence of the current incident.
     pub evidence: Option<&'a Evidence>,
     /// Gates.
@@ -318,9 +330,23 @@ pub enum Decision {
 pub fn plan(
     policy: &LadderPolicy,
     failure: Option<&Failure>,
-    flapping: bool,
+    incident: Incident,
     evidence: Option<&Evidence>,
 ) -> Vec<Step> {
+    let only = |step: Step| {
+        if policy.ladder.contains(&step.rung) {
+            vec![step]
+        } else {
+            Vec::new()
+        }
+    };
+    match incident {
+        Incident::Flapping => return only(Step::repair(GuestRepair::ListenerKeepAlive)),
+        Incident::CertificateExpired => {
+            return only(Step::repair(GuestRepair::RenewRdpCertificate));
+        }
+        Incident::Outage => {}
+    }
     let scenarios = evidence
         .and_then(|e| e.guest.as_ref())
         .map(|g| g.scenarios(0))
@@ -349,9 +375,6 @@ pub fn plan(
             targeted.push(Step::rung(Rung::ResetRdpConfig));
         }
         _ => {}
-    }
-    if flapping {
-        targeted.push(Step::repair(GuestRepair::ListenerKeepAlive));
     }
     let mut steps: Vec<Step> = Vec::new();
     for step in targeted {
@@ -614,7 +637,7 @@ fn agent_ok(e: &Evidence, rung: Rung) -> bool {
 }
 
 fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
-    plan(s.policy, s.failure, s.flapping, Some(e))
+    plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
         .find(|step| {
             s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung
@@ -624,7 +647,7 @@ fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
 }
 
 fn exhausted(s: &Situation<'_>, e: &Evidence) -> GiveUp {
-    let remaining: Vec<Step> = plan(s.policy, s.failure, s.flapping, Some(e))
+    let remaining: Vec<Step> = plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
         .filter(|step| s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung)
         .collect();

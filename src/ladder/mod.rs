@@ -12,8 +12,8 @@ mod tests;
 
 pub use self::{
     decide::{
-        Blocker, Decision, Gates, GiveUp, LadderPolicy, Mode, Reachability, Situation, Suspension,
-        WaitReason, decide, plan,
+        Blocker, Decision, Gates, GiveUp, Incident, LadderPolicy, Mode, Reachability, Situation,
+        Suspension, WaitReason, decide, plan,
     },
     rung::{GuestRepair, Rung, Step},
     spec::{Backoff, LadderSpecError},

@@ -86,7 +86,7 @@ impl Case {
             ladder: &self.ladder,
             reachability: self.reachability,
             failure: self.failure.as_ref(),
-            flapping: false,
+            incident: Incident::Outage,
             evidence: self.evidence.as_ref(),
             gates: self.gates,
             approval: self.approval,
@@ -198,7 +198,7 @@ fn plan_puts_targeted_fixes_first_and_keeps_ladder_order() {
     let steps = plan(
         &policy,
         Some(&failure(FailureReason::TlsHandshakeFailed)),
-        false,
+        Incident::Outage,
         None,
     );
     assert_eq!(
@@ -215,10 +215,16 @@ fn plan_puts_targeted_fixes_first_and_keeps_ladder_order() {
     let steps = plan(
         &policy,
         Some(&failure(FailureReason::TcpTimeout)),
-        true,
+        Incident::Flapping,
         None,
     );
-    assert_eq!(steps[0], Step::repair(GuestRepair::ListenerKeepAlive));
+    assert_eq!(
+        steps,
+        vec![Step::repair(GuestRepair::ListenerKeepAlive)],
+        "flapping never restarts"
+    );
+    let steps = plan(&policy, None, Incident::CertificateExpired, None);
+    assert_eq!(steps, vec![Step::repair(GuestRepair::RenewRdpCertificate)]);
     let narrow = LadderPolicy {
         ladder: vec![Rung::Restart],
         ..auto()
@@ -226,7 +232,7 @@ fn plan_puts_targeted_fixes_first_and_keeps_ladder_order() {
     let steps = plan(
         &narrow,
         Some(&failure(FailureReason::TlsHandshakeFailed)),
-        true,
+        Incident::Outage,
         None,
     );
     assert_eq!(
@@ -405,7 +411,7 @@ proptest! {
                 ladder: &ladder,
                 reachability: reach,
                 failure: Some(&fail),
-                flapping: false,
+                incident: Incident::Outage,
                 evidence: evidence.as_ref(),
                 gates: Gates::OPEN,
                 approval: None,
