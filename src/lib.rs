@@ -4,6 +4,7 @@ pub mod api;
 pub mod azure;
 pub mod cli;
 pub mod controller;
+pub mod demo;
 pub mod engine;
 pub mod evidence;
 pub mod http;

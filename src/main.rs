@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, crd, probe, run, sim};
+use rdphealth::cli::{Cli, Command, LogFormat, crd, demo, probe, run, sim};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -39,6 +39,14 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: {}", error_chain(&e));
                     ExitCode::from(1)
+                }
+            },
+            Command::Demo(args) => match demo::run(&args).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
                 }
             },
             Command::Sim(args) => match sim::run(&args).await {

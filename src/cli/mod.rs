@@ -1,6 +1,7 @@
 //! Command-line interface: argument types shared by `main` and the subcommand runners.
 
 pub mod crd;
+pub mod demo;
 pub mod probe;
 pub mod run;
 pub mod sim;
@@ -35,6 +36,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Print the RdpHealth CustomResourceDefinition (YAML).
     Crd,
+    /// Run the whole product on one machine: simulator, faulty fleet, engine, live view.
+    Demo(demo::DemoArgs),
     /// Run the Azure simulator: an ARM emulator and one live RDP responder per VM.
     Sim(sim::SimArgs),
 }

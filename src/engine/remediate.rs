@@ -162,6 +162,9 @@ pub struct Remediator {
     pub probe_source: Option<IpAddr>,
     /// First poll of a new operation after this long.
     pub first_poll: Duration,
+    /// The VM's own RDP port when the probed port is a translated one (a load balancer NAT
+    /// rule, or the demo's loopback responders): NSGs see the VM's port.
+    pub vm_rdp_port: Option<u16>,
 }
 
 /// Per-object inputs of one stage run.
@@ -185,6 +188,45 @@ pub struct Subject<'a> {
 }
 
 const RECENT_PROBES: usize = 20;
+
+/// Clean probes needed after a keep-alive repair before flapping counts as fixed.
+const CLEAN_PROBES_AFTER_REPAIR: usize = 2;
+
+/// The incident kind and the reachability `decide` should judge.
+fn classify(
+    status: &RdpHealthStatus,
+    reachability: Reachability,
+    now: Timestamp,
+) -> (Incident, Reachability) {
+    if reachability == Reachability::Unreachable {
+        return (Incident::Outage, reachability);
+    }
+    let keepalive = status
+        .ladder
+        .current
+        .as_ref()
+        .filter(|c| c.step.repair == Some(GuestRepair::ListenerKeepAlive));
+    if let Some(current) = keepalive {
+        // Judged only on the probes since the repair finished (the history is cleared then).
+        let settled = current.phase == crate::ladder::ExecutionPhase::Settling
+            && current.settle_until.as_ref().is_some_and(|t| t.0 <= now);
+        let recent = &status.recent_probes;
+        return if !settled || recent.contains('0') {
+            (Incident::Flapping, Reachability::Unreachable)
+        } else if recent.len() >= CLEAN_PROBES_AFTER_REPAIR {
+            (Incident::Flapping, Reachability::Reachable)
+        } else {
+            (Incident::Flapping, Reachability::Unknown)
+        };
+    }
+    if flapping(&status.recent_probes) {
+        (Incident::Flapping, Reachability::Unreachable)
+    } else if certificate_expired(status) {
+        (Incident::CertificateExpired, Reachability::Unreachable)
+    } else {
+        (Incident::Outage, reachability)
+    }
+}
 
 /// The last probe saw an expired certificate (the `CertificateValid` condition says so).
 fn certificate_expired(status: &RdpHealthStatus) -> bool {
@@ -226,20 +268,7 @@ impl Remediator {
         };
         // Flapping and an expired certificate are incidents of their own although the
         // thresholds say reachable; only their targeted repair may run for them.
-        let incident = if reachability == Reachability::Unreachable {
-            Incident::Outage
-        } else if flapping(&outcome.status.recent_probes) {
-            Incident::Flapping
-        } else if certificate_expired(&outcome.status) {
-            Incident::CertificateExpired
-        } else {
-            Incident::Outage
-        };
-        let effective = if incident == Incident::Outage {
-            reachability
-        } else {
-            Reachability::Unreachable
-        };
+        let (incident, effective) = classify(&outcome.status, reachability, now);
         if effective == Reachability::Unreachable {
             outcome.status.ladder.open_incident(now);
         }
@@ -314,7 +343,8 @@ impl Remediator {
         let events = &mut outcome.events;
         let policy = &subject.spec.ladder;
         Ok(match decision {
-            Decision::Idle | Decision::Undecided => {
+            Decision::Undecided => Continue::Done,
+            Decision::Idle => {
                 set(
                     status,
                     types::REMEDIATING,
@@ -340,7 +370,7 @@ impl Remediator {
             Decision::GatherEvidence => {
                 let vantage = Vantage {
                     source: self.probe_source,
-                    port: subject.spec.port,
+                    port: self.vm_rdp_port.unwrap_or(subject.spec.port),
                 };
                 let ev = gather(self.azure.as_ref(), vm, vantage, now)
                     .await
@@ -565,6 +595,8 @@ impl Remediator {
                     _ => None,
                 };
                 status.ladder.settle(until, message);
+                // Judge what follows on fresh probes only.
+                status.recent_probes.clear();
                 events.push(Event {
                     severity: Severity::Normal,
                     reason: "RemediationCompleted",

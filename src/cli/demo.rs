@@ -1,0 +1,61 @@
+//! `rdphealth demo`: the simulator, a fleet with faults, and the engine, on one machine.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use super::parse_positive_duration;
+use crate::demo::{self, DemoConfig, DemoError};
+
+/// Arguments of `rdphealth demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// VMs in the built-in fleet (one per fault class, cycled).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=2000))]
+    pub vms: u16,
+    /// A simulator scenario file instead of the built-in fleet.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+    /// RdpHealth YAML files whose specs replace the generated ones (matched by VM name).
+    #[arg(short = 'f', long = "file")]
+    pub files: Vec<PathBuf>,
+    /// Exit once every VM is healthy or in the state the scenario expects (0), or at the timeout (1).
+    #[arg(long)]
+    pub exit_when_settled: bool,
+    /// Give up after this long.
+    #[arg(long, default_value = "120s", value_parser = parse_positive_duration)]
+    pub timeout: Duration,
+    /// Compress the probe and ladder timers (2 = twice as fast).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
+    pub speed: f64,
+    /// Serve /metrics (the operator's metrics) on this address.
+    #[arg(long, env = "RDPHEALTH_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Print event lines even on a terminal (no live table).
+    #[arg(long)]
+    pub plain: bool,
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=20.0).contains(&v) => Ok(v),
+        _ => Err(format!("speed {s:?} must be a number between 0.1 and 20")),
+    }
+}
+
+/// Runs the demo and prints the summary; `Ok(true)` when every VM settled as expected.
+pub async fn run(args: &DemoArgs) -> Result<bool, DemoError> {
+    let cfg = DemoConfig {
+        vms: usize::from(args.vms),
+        scenario: args.scenario.clone(),
+        objects: args.files.clone(),
+        speed: args.speed,
+        timeout: args.timeout,
+        exit_when_settled: args.exit_when_settled,
+        metrics_addr: args.metrics_addr,
+        live_table: !args.plain && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    let summary = demo::run(&cfg).await?;
+    print!("{}", demo::view::render_summary(&summary));
+    Ok(summary.settled)
+}

@@ -1,0 +1,331 @@
+//! The in-memory driver: the same engine entry points as the Kubernetes controller
+//! (`schedule` → probe → `evaluate` → `Remediator::remediate`), with the objects kept in a map
+//! instead of the API server.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::jiff::Timestamp;
+use tokio::sync::watch;
+
+use super::fleet::Expect;
+use crate::{
+    api::{RdpHealth, RdpHealthStatus, conditions as types},
+    engine::{
+        EndpointResolver, HostOverride, Next, Observation, Schedule, ValidSpec,
+        conditions::{self, Status},
+        evaluate,
+        remediate::{Remediator, StatusSink, Subject},
+        schedule,
+    },
+    ladder::{
+        Step,
+        fleet::{FleetView, Member},
+    },
+    metrics::{Inventory, Metrics, ObjectKey},
+    probe::{Prober, Target},
+    sim::Fault,
+};
+
+/// One object the demo drives, with what the summary reports about it.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    /// The object (spec and status).
+    pub obj: RdpHealth,
+    /// The VM's fault at start.
+    pub fault: Option<Fault>,
+    /// What the demo expects.
+    pub expect: Expect,
+    /// When the incident was first seen, after the start.
+    pub detected_after: Option<Duration>,
+    /// When RDP answered again after the incident, after the start.
+    pub recovered_after: Option<Duration>,
+    /// The step credited with the recovery.
+    pub fixed_by: Option<Step>,
+    /// What the diagnosis said.
+    pub diagnosis: Option<String>,
+    /// The last event, for the live view.
+    pub last_event: Option<String>,
+}
+
+impl Tracked {
+    /// Whether the VM reached what the demo expects.
+    pub fn settled(&self) -> bool {
+        let status = self.obj.status.clone().unwrap_or_default();
+        let remediating =
+            conditions::find(&status.conditions, types::REMEDIATING).map(|c| c.reason.as_str());
+        let reachable = conditions::status_of(&status.conditions, types::REACHABLE);
+        match self.expect {
+            Expect::Healthy => {
+                reachable == Some(Status::True) && status.ladder.incident_started_at.is_none()
+            }
+            Expect::FixedBy(step) => {
+                self.fixed_by == Some(step)
+                    && reachable == Some(Status::True)
+                    && status.ladder.incident_started_at.is_none()
+            }
+            Expect::Reported(reason) | Expect::Waits(reason) => remediating == Some(reason),
+        }
+    }
+}
+
+/// A line for the event log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// Since the start.
+    pub at: Duration,
+    /// Object name.
+    pub name: String,
+    /// Event reason.
+    pub reason: &'static str,
+    /// Event note.
+    pub note: String,
+}
+
+/// The demo's shared state.
+pub struct State {
+    /// When the demo started.
+    pub started: Instant,
+    /// The objects, by name.
+    pub objects: Mutex<BTreeMap<String, Tracked>>,
+    /// Event lines not yet printed.
+    pub log: Mutex<Vec<LogLine>>,
+}
+
+impl State {
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut Tracked) -> T) -> Option<T> {
+        self.objects.lock().ok()?.get_mut(name).map(f)
+    }
+
+    /// A snapshot of every object.
+    pub fn snapshot(&self) -> Vec<Tracked> {
+        self.objects
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The fleet view for the storm breaker and the disruptive cap.
+    pub fn fleet_view(&self) -> FleetView {
+        let Ok(objects) = self.objects.lock() else {
+            return FleetView::default();
+        };
+        let specs: Vec<(String, String, bool, bool)> = objects
+            .iter()
+            .filter_map(|(name, t)| {
+                let spec = ValidSpec::try_from(&t.obj.spec).ok()?;
+                let status = t.obj.status.clone().unwrap_or_default();
+                let unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
+                    == Some(Status::False);
+                let disruptive = status
+                    .ladder
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.step.rung.is_disruptive());
+                Some((name.clone(), spec.vm.subscription, unreachable, disruptive))
+            })
+            .collect();
+        FleetView::from_members(specs.iter().map(|(k, s, u, d)| Member {
+            key: k,
+            subscription: s,
+            unreachable: *u,
+            disruptive_in_flight: *d,
+        }))
+    }
+}
+
+impl Inventory for State {
+    fn objects(&self) -> Vec<(ObjectKey, Option<crate::api::Phase>)> {
+        self.snapshot()
+            .into_iter()
+            .map(|t| (key(&t.obj), t.obj.status.and_then(|s| s.phase)))
+            .collect()
+    }
+}
+
+fn key(obj: &RdpHealth) -> ObjectKey {
+    ObjectKey {
+        namespace: obj.metadata.namespace.clone().unwrap_or_default(),
+        name: obj.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Persists into the map (the demo's "API server").
+struct MemorySink<'a> {
+    state: &'a State,
+    name: &'a str,
+}
+
+#[async_trait::async_trait]
+impl StatusSink for MemorySink<'_> {
+    async fn persist(&self, status: &RdpHealthStatus) -> Result<(), String> {
+        self.state
+            .with(self.name, |t| t.obj.status = Some(status.clone()))
+            .ok_or_else(|| format!("object {} is gone", self.name))
+    }
+}
+
+/// What every object's loop shares.
+pub struct Engine {
+    /// The prober.
+    pub prober: Arc<dyn Prober>,
+    /// The remediation stage.
+    pub remediator: Arc<Remediator>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Shared state.
+    pub state: Arc<State>,
+}
+
+/// Drives one object until `stop` turns true.
+pub async fn drive(engine: Arc<Engine>, name: String, mut stop: watch::Receiver<bool>) {
+    loop {
+        let wait = reconcile(&engine, &name).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// One reconcile; returns how long to sleep.
+async fn reconcile(engine: &Engine, name: &str) -> Duration {
+    let Some(obj) = engine.state.with(name, |t| t.obj.clone()) else {
+        return Duration::from_secs(1);
+    };
+    let now = Timestamp::now();
+    let mut failure = None;
+    let mut probed = None;
+    let (observation, wait) = match schedule(&obj, now) {
+        Schedule::Probe(spec) => match HostOverride.resolve(&spec).await {
+            Err(e) => (Observation::Unresolved(e), None),
+            Ok(endpoint) => match Target::new(endpoint.host.clone(), endpoint.port) {
+                Err(_) => (Observation::NotProbed, None),
+                Ok(target) => {
+                    let report = engine.prober.probe(&target, &spec.probe.options()).await;
+                    engine.metrics.probe_finished(&report);
+                    failure = report.failure.clone();
+                    probed = Some(report.reachable);
+                    (
+                        Observation::Probed {
+                            endpoint,
+                            report: Box::new(report),
+                        },
+                        None,
+                    )
+                }
+            },
+        },
+        Schedule::Wait(d) => (Observation::NotProbed, Some(d)),
+        Schedule::AwaitChange | Schedule::Report => (Observation::NotProbed, None),
+    };
+    let mut outcome = evaluate(&obj, observation, now);
+    if let Ok(spec) = ValidSpec::try_from(&obj.spec) {
+        let uid = obj.metadata.uid.clone().unwrap_or_default();
+        let subject = Subject {
+            key: name,
+            seed: &uid,
+            spec: &spec,
+            failure: failure.as_ref(),
+            probed,
+            leader: true,
+            paused: false,
+            approval: None,
+        };
+        let sink = MemorySink {
+            state: &engine.state,
+            name,
+        };
+        if let Err(e) = engine
+            .remediator
+            .remediate(&subject, &mut outcome, &sink, now)
+            .await
+        {
+            outcome.events.push(crate::engine::Event {
+                severity: crate::engine::Severity::Warning,
+                reason: e.reason(),
+                note: e.to_string(),
+            });
+        }
+    }
+    let at = engine.state.started.elapsed();
+    let status = outcome.status.clone();
+    engine.metrics.object_status(&key(&obj), &status);
+    engine.state.with(name, |t| {
+        record(t, &status, &outcome.events, at);
+        t.obj.status = Some(status);
+    });
+    if let Ok(mut log) = engine.state.log.lock() {
+        for e in &outcome.events {
+            log.push(LogLine {
+                at,
+                name: name.to_string(),
+                reason: e.reason,
+                note: e.note.clone(),
+            });
+        }
+    }
+    let next = match outcome.next {
+        Next::Requeue(d) => d,
+        Next::AwaitChange => Duration::from_secs(5),
+    };
+    next.min(wait.unwrap_or(next))
+        .clamp(Duration::from_millis(20), Duration::from_secs(5))
+}
+
+fn record(
+    t: &mut Tracked,
+    status: &RdpHealthStatus,
+    events: &[crate::engine::Event],
+    at: Duration,
+) {
+    let incident = status.ladder.incident_started_at.is_some()
+        || conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
+    if incident && t.detected_after.is_none() {
+        t.detected_after = Some(at);
+    }
+    if t.diagnosis.is_none() {
+        if let Some(c) = conditions::find(&status.conditions, types::REMEDIATING).filter(|c| {
+            matches!(
+                c.reason.as_str(),
+                "NsgDenied"
+                    | "VmNotRunning"
+                    | "PlatformIssue"
+                    | "PortTakenByOtherProgram"
+                    | "ConnectionBrokerError"
+            )
+        }) {
+            t.diagnosis = Some(format!("{}: {}", c.reason, c.message));
+        } else if let (true, Some(probe)) = (incident, status.last_probe.as_ref()) {
+            t.diagnosis = probe
+                .failure_reason
+                .clone()
+                .or_else(|| incident_kind(status).map(str::to_string));
+        }
+    }
+    for e in events {
+        if e.reason == "RemediationSucceeded" {
+            t.recovered_after = Some(at);
+            t.fixed_by = status.ladder.recovered_by;
+        }
+        t.last_event = Some(format!("{}: {}", e.reason, e.note));
+    }
+}
+
+fn incident_kind(status: &RdpHealthStatus) -> Option<&'static str> {
+    let cert = conditions::find(&status.conditions, types::CERTIFICATE_VALID)
+        .is_some_and(|c| c.status == "False");
+    if cert {
+        Some("certificate_expired")
+    } else if status.ladder.incident_started_at.is_some() {
+        Some("flapping")
+    } else {
+        None
+    }
+}

@@ -1,0 +1,328 @@
+//! `rdphealth demo`: the whole product on one machine. It starts the Azure simulator (ARM
+//! emulator + live RDP responders), creates one `RdpHealth` per simulated VM, and runs the
+//! same engine as the operator with an in-memory driver instead of the Kubernetes API:
+//! real probes over sockets, real Azure SDK calls against the emulator, the same metrics.
+
+pub mod driver;
+pub mod fleet;
+pub mod view;
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use azure_core::Url;
+use kube::api::ObjectMeta;
+use tokio::sync::watch;
+
+use self::{
+    driver::{Engine, State, Tracked},
+    fleet::Expect,
+};
+use crate::{
+    api::{
+        EndpointSpec, ProbeSpec, RdpHealth, RdpHealthSpec, RemediationMode, RemediationSpec, VmRef,
+    },
+    azure::{ArmClient, ArmConfig, StaticToken},
+    engine::remediate::{Fleet, Remediator},
+    ladder::{Rung, fleet::FleetPolicy, spec::BackoffSpec},
+    metrics::Metrics,
+    probe::RdpProber,
+    sim::{Scenario, Simulator},
+};
+
+/// Demo settings.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// VMs in the built-in fleet.
+    pub vms: usize,
+    /// A scenario file instead of the built-in fleet.
+    pub scenario: Option<PathBuf>,
+    /// `RdpHealth` YAML files whose specs replace the generated ones (matched by VM name).
+    pub objects: Vec<PathBuf>,
+    /// Timer compression (2 = twice as fast).
+    pub speed: f64,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Stop once every VM reached what the demo expects.
+    pub exit_when_settled: bool,
+    /// Serve `/metrics` here.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Live table (terminal) or event lines.
+    pub live_table: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            vms: 8,
+            scenario: None,
+            objects: Vec::new(),
+            speed: 1.0,
+            timeout: Duration::from_secs(120),
+            exit_when_settled: false,
+            metrics_addr: None,
+            live_table: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The scenario or the simulator failed.
+    #[error("failed to start the simulator: {0}")]
+    Sim(#[from] crate::sim::SimError),
+    /// An object file could not be read.
+    #[error("failed to read {path}: {why}")]
+    Objects {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Something else failed to start.
+    #[error("failed to start the demo: {0}")]
+    Setup(String),
+}
+
+/// The demo's result.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Every VM at the end.
+    pub vms: Vec<Tracked>,
+    /// ARM requests by operation.
+    pub arm_calls: BTreeMap<String, u64>,
+    /// Whether every VM reached what the demo expects.
+    pub settled: bool,
+    /// How long the demo ran.
+    pub elapsed: Duration,
+}
+
+/// Runs the demo to the end (timeout, settled, or ctrl-c).
+pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
+    let speed = if cfg.speed.is_finite() && cfg.speed > 0.0 {
+        cfg.speed
+    } else {
+        1.0
+    };
+    let scenario = match &cfg.scenario {
+        Some(path) => Scenario::from_file(path)?,
+        None => Scenario::from_yaml(&fleet::scenario_yaml(cfg.vms.max(1), speed))?,
+    };
+    let sim = Simulator::start(scenario).await?;
+    let overrides = load_objects(&cfg.objects)?;
+    let state = Arc::new(State {
+        started: Instant::now(),
+        objects: Mutex::new(BTreeMap::new()),
+        log: Mutex::new(Vec::new()),
+    });
+    for vm in sim.vms() {
+        let fault = vm.faults.first().copied();
+        let obj = object_for(&vm, speed, overrides.get(&vm.name));
+        let tracked = Tracked {
+            obj,
+            fault,
+            expect: Expect::for_fault(fault),
+            detected_after: None,
+            recovered_after: None,
+            fixed_by: None,
+            diagnosis: None,
+            last_event: None,
+        };
+        if let Ok(mut objects) = state.objects.lock() {
+            objects.insert(vm.name.clone(), tracked);
+        }
+    }
+    let arm = Url::parse(&sim.arm_url()).map_err(|e| DemoError::Setup(e.to_string()))?;
+    let azure = Arc::new(ArmClient::new(
+        ArmConfig::new(arm),
+        Arc::new(StaticToken::new("demo-token")),
+    ));
+    let fleet = Arc::new(Fleet::new(FleetPolicy::default()));
+    let metrics = Arc::new(Metrics::new().map_err(|e| DemoError::Setup(e.to_string()))?);
+    let engine = Arc::new(Engine {
+        prober: Arc::new(RdpProber::new().map_err(|e| DemoError::Setup(e.to_string()))?),
+        remediator: Arc::new(Remediator {
+            azure,
+            fleet: fleet.clone(),
+            probe_source: Some(sim_probe_source()),
+            first_poll: Duration::from_millis((300.0 / speed) as u64 + 20),
+            vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
+        }),
+        metrics: metrics.clone(),
+        state: state.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(addr) = cfg.metrics_addr {
+        serve_metrics(addr, metrics, state.clone(), stop_rx.clone()).await?;
+    }
+    let mut tasks = Vec::new();
+    for name in state
+        .snapshot()
+        .iter()
+        .filter_map(|t| t.obj.metadata.name.clone())
+    {
+        tasks.push(tokio::spawn(driver::drive(
+            engine.clone(),
+            name,
+            stop_rx.clone(),
+        )));
+    }
+    let settled = watch_until_done(cfg, &state, &fleet).await;
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    view::flush_log(&state, cfg.live_table);
+    let summary = Summary {
+        vms: state.snapshot(),
+        arm_calls: sim.counters(),
+        settled,
+        elapsed: state.started.elapsed(),
+    };
+    sim.shutdown().await;
+    Ok(summary)
+}
+
+/// The address the simulator evaluates NSG rules for (the prober's public address).
+fn sim_probe_source() -> std::net::IpAddr {
+    std::net::IpAddr::from([203, 0, 113, 10])
+}
+
+async fn watch_until_done(cfg: &DemoConfig, state: &State, fleet: &Fleet) -> bool {
+    let deadline = Instant::now() + cfg.timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::signal::ctrl_c() => return all_settled(state),
+        }
+        fleet.update(state.fleet_view());
+        if cfg.live_table {
+            view::draw_table(state);
+        } else {
+            view::flush_log(state, false);
+        }
+        let settled = all_settled(state);
+        if (cfg.exit_when_settled && settled) || Instant::now() >= deadline {
+            return settled;
+        }
+    }
+}
+
+fn all_settled(state: &State) -> bool {
+    state.snapshot().iter().all(Tracked::settled)
+}
+
+async fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| DemoError::Setup(format!("failed to listen on {addr}: {e}")))?;
+    let http = crate::http::HttpState {
+        metrics,
+        inventory: state,
+        ready: Arc::new(AtomicBool::new(true)),
+    };
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = crate::http::serve(listener, http, shutdown).await {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, RdpHealth>, DemoError> {
+    let mut out = BTreeMap::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path).map_err(|e| DemoError::Objects {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let obj: RdpHealth =
+                serde::Deserialize::deserialize(doc).map_err(|e| DemoError::Objects {
+                    path: path.clone(),
+                    why: e.to_string(),
+                })?;
+            let vm = obj
+                .spec
+                .vm
+                .resource_id
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            out.insert(vm, obj);
+        }
+    }
+    Ok(out)
+}
+
+/// The `RdpHealth` the demo creates for a simulated VM: Auto mode with disruptive rungs
+/// allowed, timers compressed by `speed`, probing the VM's loopback responder.
+fn object_for(vm: &crate::sim::VmSummary, speed: f64, given: Option<&RdpHealth>) -> RdpHealth {
+    let d = |ms: f64| format!("{}ms", ((ms / speed).max(10.0)) as u64);
+    let resource_id = format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+        vm.subscription, vm.resource_group, vm.name
+    );
+    let mut spec = given
+        .map(|o| o.spec.clone())
+        .unwrap_or_else(|| RdpHealthSpec {
+            vm: VmRef {
+                resource_id: resource_id.clone(),
+            },
+            endpoint: EndpointSpec::default(),
+            probe: ProbeSpec {
+                interval: d(1000.0),
+                unhealthy_interval: d(500.0),
+                timeout: d(400.0),
+                failure_threshold: 2,
+                success_threshold: 1,
+                certificate_warning: "14d".into(),
+            },
+            remediation: RemediationSpec {
+                mode: RemediationMode::Auto,
+                allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
+                backoff: BackoffSpec {
+                    initial: d(500.0),
+                    max: d(2000.0),
+                    multiplier: 2.0,
+                    jitter: 0.1,
+                },
+                settle_time: d(1000.0),
+                cooldown: d(5000.0),
+                ..RemediationSpec::default()
+            },
+            suspend: false,
+        });
+    // The simulated VMs' addresses are documentation ranges: probe the loopback responder.
+    spec.vm.resource_id = resource_id;
+    spec.endpoint.host = Some(vm.rdp.ip().to_string());
+    spec.endpoint.port = vm.rdp.port();
+    RdpHealth {
+        metadata: ObjectMeta {
+            name: Some(vm.name.clone()),
+            namespace: Some("demo".into()),
+            generation: Some(1),
+            uid: Some(format!("demo-{}", vm.name)),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    }
+}

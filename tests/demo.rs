@@ -1,0 +1,167 @@
+//! The demo end to end: every fault class of the simulator diagnosed and, where the guide has
+//! a fix, fixed by the expected rung through the real engine, prober and Azure SDK calls.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: failures should panic
+
+use std::{process::Command, time::Duration};
+
+use rdphealth::{
+    demo::{self, DemoConfig, fleet::Expect},
+    ladder::{GuestRepair, Rung, Step},
+    sim::Fault,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_class_settles_as_expected() {
+    let cfg = DemoConfig {
+        vms: 11,
+        speed: 2.0,
+        timeout: Duration::from_secs(90),
+        exit_when_settled: true,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let summary = demo::run(&cfg).await.unwrap();
+    let by_fault = |f: Option<Fault>| {
+        summary
+            .vms
+            .iter()
+            .find(|t| t.fault == f)
+            .unwrap_or_else(|| panic!("no VM with {f:?}"))
+    };
+    assert!(summary.settled, "{}", demo::view::render_summary(&summary));
+    for (fault, step) in [
+        (Fault::RdpDisabled, Step::rung(Rung::ResetRdpConfig)),
+        (Fault::TlsDisabled, Step::repair(GuestRepair::EnableTls12)),
+        (
+            Fault::CertificateExpired,
+            Step::repair(GuestRepair::RenewRdpCertificate),
+        ),
+        (
+            Fault::Flapping,
+            Step::repair(GuestRepair::ListenerKeepAlive),
+        ),
+        (Fault::GuestHung, Step::rung(Rung::ResetNic)),
+        (Fault::NicBroken, Step::rung(Rung::ResetNic)),
+        (Fault::HostFailure, Step::rung(Rung::Redeploy)),
+    ] {
+        let t = by_fault(Some(fault));
+        assert_eq!(t.fixed_by, Some(step), "{fault:?}");
+        assert!(
+            t.detected_after.is_some() && t.recovered_after.is_some(),
+            "{fault:?}"
+        );
+        assert!(t.diagnosis.is_some(), "{fault:?} has a diagnosis");
+    }
+    for fault in [Fault::NsgBlocking, Fault::VmStopped, Fault::PlatformOutage] {
+        let t = by_fault(Some(fault));
+        assert_eq!(
+            t.fixed_by, None,
+            "{fault:?} is reported or waits, never 'fixed'"
+        );
+        assert!(matches!(t.expect, Expect::Reported(_) | Expect::Waits(_)));
+        assert!(t.settled(), "{fault:?}");
+    }
+    let nsg = by_fault(Some(Fault::NsgBlocking));
+    assert!(
+        nsg.diagnosis.as_deref().unwrap().contains("sim-deny-rdp"),
+        "{:?}",
+        nsg.diagnosis
+    );
+    assert!(by_fault(None).settled());
+    // Disruptive rungs ran only where needed: the redeploy for the failing host, no others.
+    assert_eq!(summary.arm_calls.get("vm.redeploy").copied(), Some(1));
+    // Healthy VMs cost no ARM calls: only incidents read evidence.
+    assert!(
+        summary.arm_calls.values().sum::<u64>() < 200,
+        "{:?}",
+        summary.arm_calls
+    );
+}
+
+#[test]
+fn demo_command_exits_0_when_settled_and_its_metrics_pass_promtool() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rdphealth"))
+        .args([
+            "demo",
+            "--vms",
+            "4",
+            "--speed",
+            "2",
+            "--exit-when-settled",
+            "--timeout",
+            "60s",
+            "--metrics-addr",
+            &addr,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Scrape while the demo runs (it serves /metrics until it exits).
+    let mut scraped = None;
+    for _ in 0..200 {
+        if let Ok(text) = http_get(&addr, "/metrics")
+            && text.contains("rdphealth_probe_duration_seconds_count")
+        {
+            scraped = Some(text);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("every VM settled as expected"), "{stdout}");
+    assert!(stdout.contains("fixed by ResetRdpConfig"), "{stdout}");
+    assert!(stdout.contains("ARM requests"), "{stdout}");
+    let metrics = scraped.expect("the demo served /metrics");
+    assert!(metrics.contains("rdphealth_vm_reachable{"));
+    let required = std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").is_ok_and(|v| v == "1");
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut p) => {
+            use std::io::Write;
+            p.stdin
+                .take()
+                .unwrap()
+                .write_all(metrics.as_bytes())
+                .unwrap();
+            let o = p.wait_with_output().unwrap();
+            assert!(
+                o.status.success(),
+                "promtool check metrics: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Err(e) => assert!(!required, "promtool is required but could not run: {e}"),
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
