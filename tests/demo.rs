@@ -87,7 +87,7 @@ fn demo_command_exits_0_when_settled_and_its_metrics_pass_promtool() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rdphealth"))
+    let child = Command::new(env!("CARGO_BIN_EXE_rdphealth"))
         .args([
             "demo",
             "--vms",
