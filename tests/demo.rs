@@ -165,3 +165,54 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_from_files_replace_the_generated_specs_and_dry_run_never_acts() {
+    let dir = std::env::temp_dir().join(format!("rdphealth-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("dry-run.yaml");
+    // The built-in fleet's second VM has rdp_disabled; this object puts it in DryRun.
+    std::fs::write(
+        &file,
+        "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealth\nmetadata: {name: dry, namespace: demo}\nspec:\n  vm: {resourceId: /subscriptions/00000000-0000-0000-0000-00000000de00/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/vm-001-rdp-disabled}\n  probe: {interval: 500ms, unhealthyInterval: 250ms, timeout: 200ms, failureThreshold: 2, successThreshold: 1}\n  remediation: {mode: DryRun}\n",
+    )
+    .unwrap();
+    let cfg = DemoConfig {
+        vms: 2,
+        speed: 2.0,
+        objects: vec![file],
+        timeout: Duration::from_secs(6),
+        exit_when_settled: false,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let summary = demo::run(&cfg).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let vm = summary
+        .vms
+        .iter()
+        .find(|t| t.fault == Some(Fault::RdpDisabled))
+        .unwrap();
+    let status = vm.obj.status.clone().unwrap();
+    assert_eq!(
+        status.ladder.planned,
+        Some(Step::rung(Rung::ResetRdpConfig)),
+        "DryRun shows the plan in status"
+    );
+    assert!(status.ladder.current.is_none() && status.ladder.history.is_empty());
+    assert_eq!(vm.fixed_by, None);
+    assert!(!summary.settled, "the dry-run VM is never fixed");
+    for mutating in [
+        "extension.put",
+        "vm.runcommand",
+        "nic.put",
+        "vm.restart",
+        "vm.redeploy",
+    ] {
+        assert_eq!(
+            summary.arm_calls.get(mutating),
+            None,
+            "{mutating} was called"
+        );
+    }
+}
