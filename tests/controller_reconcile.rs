@@ -117,6 +117,7 @@ fn setup(prober: Arc<FakeProber>) -> (Arc<Context>, ApiHandle) {
     let seams = Seams {
         prober,
         resolver: Arc::new(HostOverride),
+        azure: None,
     };
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = Context::new(
@@ -348,7 +349,7 @@ async fn missing_host_is_reported_not_probed() {
         assert_eq!(reach["reason"], "EndpointUnresolved");
         assert_eq!(
             reach["message"],
-            "endpoint host required until Azure resolution is configured"
+            "spec.endpoint.host is required: the operator runs without Azure credentials, so it cannot look up the VM's address (observe-only)"
         );
         assert_eq!(body["status"]["phase"], "Pending");
     });

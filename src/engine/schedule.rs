@@ -9,7 +9,10 @@ use super::{
     conditions::{self, Status},
     spec::ValidSpec,
 };
-use crate::api::{Phase, RdpHealth, conditions as types, reasons};
+use crate::{
+    api::{Phase, RdpHealth, conditions as types, reasons},
+    ladder::ExecutionPhase,
+};
 
 /// What the driver should do with an object now.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +69,28 @@ pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
     match interval.checked_sub(elapsed) {
         Some(left) if !left.is_zero() => Schedule::Wait(left),
         _ => Schedule::Probe(Box::new(spec)),
+    }
+}
+
+/// When the remediation ladder needs a look of its own (no probe): the next poll of a running
+/// operation, the end of settling, the deadline of an unanswered request, or the end of a
+/// backoff. Drivers reconcile at that time without probing, so polling and settling never
+/// make probes more frequent than the probe intervals.
+pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
+    let ladder = &status.ladder;
+    let current = ladder.current.as_ref().and_then(|c| match c.phase {
+        ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
+        ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
+        ExecutionPhase::Settling => c.settle_until.as_ref().map(|t| t.0),
+    });
+    let backoff = ladder
+        .next_action_at
+        .as_ref()
+        .map(|t| t.0)
+        .filter(|_| ladder.current.is_none() && ladder.incident_started_at.is_some());
+    match (current, backoff) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
