@@ -47,7 +47,7 @@ use crate::{
         fleet::{FleetPolicy, FleetView, Member},
     },
     metrics::{Inventory, Metrics, MetricsError, ObjectKey},
-    probe::{Prober, Target},
+    probe::{Failure, FailureReason, Prober, Target},
 };
 
 /// The annotation that holds every rung (`"true"`).
@@ -256,14 +256,25 @@ impl Context {
 
     /// Recomputes the fleet view (storm breaker, disruptive rungs in flight) and the
     /// suspended-remediation gauge from every cached object.
-    fn refresh_fleet(&self, leader: bool) {
+    /// `fresh` is the object being reconciled with its new status (the cache lags behind it).
+    fn refresh_fleet(&self, leader: bool, fresh: Option<(&ObjectKey, &RdpHealthStatus)>) {
         let Some(store) = &self.store else {
             return;
         };
         let objects = store.state();
+        let fresh_key = fresh.map(|(k, _)| format!("{}/{}", k.namespace, k.name));
         let members: Vec<FleetMember> = objects
             .iter()
-            .filter_map(|guard| FleetMember::of(guard.0.as_ref().ok()?))
+            .filter_map(|guard| {
+                let mut m = FleetMember::of(guard.0.as_ref().ok()?)?;
+                if let (Some(key), Some((_, status))) = (&fresh_key, fresh)
+                    && m.key == *key
+                {
+                    m.unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
+                        == Some(Status::False);
+                }
+                Some(m)
+            })
             .collect();
         let view = FleetView::from_members(members.iter().map(|m| Member {
             key: &m.key,
@@ -464,12 +475,17 @@ async fn reconcile_object(
         Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),
         _ => None,
     };
+    // Without a probe in this reconcile, the ladder reasons from the last one.
+    let failure = match &probed {
+        Some((_, failure)) => failure.clone(),
+        None => last_failure(obj.status.as_ref()),
+    };
     let mut outcome = engine::evaluate(obj, observation, now);
     if let Some(left) = next_probe {
         // A look for the ladder only: the next probe stays where it was.
         outcome.next = Next::Requeue(left);
     }
-    ctx.refresh_fleet(leader);
+    ctx.refresh_fleet(leader, Some((key, &outcome.status)));
     if !leader {
         // Only the Lease holder writes status and Events: a stale write from a standby
         // replica could erase the intent of a rung in flight. Standbys probe for their metrics.
@@ -489,7 +505,7 @@ async fn reconcile_object(
                 key: &format!("{}/{}", key.namespace, key.name),
                 seed: obj.metadata.uid.as_deref().unwrap_or(&key.name),
                 spec,
-                failure: probed.as_ref().and_then(|(_, f)| f.as_ref()),
+                failure: failure.as_ref(),
                 probed: probed.as_ref().map(|(ok, _)| *ok),
                 leader,
                 paused: annotation(obj, PAUSE_ANNOTATION) == Some("true"),
@@ -523,6 +539,19 @@ async fn reconcile_object(
     ctx.failures().remove(key);
     debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
     Ok(action(outcome.next))
+}
+
+/// The failure of the last probe, as recorded in status.
+fn last_failure(status: Option<&RdpHealthStatus>) -> Option<Failure> {
+    let last = status?.last_probe.as_ref()?;
+    let name = last.failure_reason.as_deref()?;
+    let reason = FailureReason::ALL
+        .into_iter()
+        .find(|r| r.as_str() == name)?;
+    Some(Failure::new(
+        reason,
+        last.message.clone().unwrap_or_default(),
+    ))
 }
 
 fn action(next: Next) -> Action {
