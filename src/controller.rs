@@ -284,6 +284,12 @@ impl Context {
         }));
         let storming = match &self.remediator {
             Some(r) => {
+                let live: std::collections::HashSet<String> = objects
+                    .iter()
+                    .filter_map(|g| key_of(meta_of(g)))
+                    .map(|k| format!("{}/{}", k.namespace, k.name))
+                    .collect();
+                r.fleet.retain_claims(|key| live.contains(key));
                 r.fleet.update(view);
                 r.fleet.storming()
             }
@@ -529,7 +535,10 @@ async fn reconcile_object(
         }
         _ => None,
     };
-    patch_status(&ctx.client, key, &outcome.status).await?;
+    // A look for the ladder that changed nothing writes nothing (no watch event either).
+    if obj.status.as_ref() != Some(&outcome.status) {
+        patch_status(&ctx.client, key, &outcome.status).await?;
+    }
     ctx.metrics.object_status(key, &outcome.status);
     count_remediations(&ctx.metrics, &before, &outcome.status.ladder, now);
     publish(ctx, obj, &outcome.events, probe_events).await;
@@ -938,9 +947,11 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use rstest::rstest;
 
     use super::*;
+    use crate::ladder::{RungExecution, RungOutcome, Step};
 
     #[test]
     fn leadership_follows_the_lease() {
@@ -950,6 +961,134 @@ mod tests {
         assert!(!leadership.is_leader());
         tx.send_replace(true);
         assert!(leadership.is_leader());
+    }
+
+    fn with_annotation(
+        value: Option<&str>,
+        consumed: Option<&str>,
+    ) -> (RdpHealth, RdpHealthStatus) {
+        let mut obj: RdpHealth = serde_json::from_value(json!({
+            "apiVersion": "rdphealth.io/v1alpha1", "kind": "RdpHealth",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"vm": {"resourceId": "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"}},
+        }))
+        .unwrap();
+        if let Some(v) = value {
+            obj.metadata.annotations =
+                Some([(APPROVE_ANNOTATION.to_string(), v.to_string())].into());
+        }
+        let mut status = RdpHealthStatus::default();
+        status.ladder.consumed_approval = consumed.map(str::to_string);
+        (obj, status)
+    }
+
+    #[rstest]
+    #[case::none(None, None, None)]
+    #[case::rung(Some("Redeploy"), None, Some(Rung::Redeploy))]
+    #[case::rung_and_token(Some("Restart/ticket-42"), None, Some(Rung::Restart))]
+    #[case::used_once(Some("Restart/ticket-42"), Some("Restart/ticket-42"), None)]
+    #[case::new_token_approves_again(
+        Some("Restart/ticket-43"),
+        Some("Restart/ticket-42"),
+        Some(Rung::Restart)
+    )]
+    #[case::unknown_rung(Some("Reboot"), None, None)]
+    fn approvals_are_used_once(
+        #[case] value: Option<&str>,
+        #[case] consumed: Option<&str>,
+        #[case] want: Option<Rung>,
+    ) {
+        let (obj, status) = with_annotation(value, consumed);
+        assert_eq!(approval(&obj, &status).map(|(_, r)| r), want);
+    }
+
+    fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
+        RungExecution {
+            step: Step::rung(rung),
+            attempt: 1,
+            phase,
+            started_at: Time(ts(started)),
+            operation: None,
+            next_poll_at: None,
+            settle_until: None,
+            message: None,
+        }
+    }
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn redeploy_and_nic_reset_refresh_the_address_once() {
+        let mut before = LadderStatus {
+            current: Some(execution(Rung::Redeploy, ExecutionPhase::Running, 10)),
+            ..LadderStatus::default()
+        };
+        let mut after = before.clone();
+        assert!(!address_may_have_changed(&before, &after), "still running");
+        after.current = Some(execution(Rung::Redeploy, ExecutionPhase::Settling, 10));
+        assert!(
+            address_may_have_changed(&before, &after),
+            "finished in Azure"
+        );
+        before = after.clone();
+        assert!(!address_may_have_changed(&before, &after), "only once");
+        let restart = LadderStatus {
+            current: Some(execution(Rung::Restart, ExecutionPhase::Settling, 10)),
+            ..LadderStatus::default()
+        };
+        assert!(!address_may_have_changed(
+            &LadderStatus::default(),
+            &restart
+        ));
+        after.finish(RungOutcome::NotFixed, None, ts(20), None);
+        assert!(address_may_have_changed(&before, &after), "judged");
+    }
+
+    #[test]
+    fn remediation_results_are_counted_once() {
+        let metrics = Metrics::new().unwrap();
+        let mut before = LadderStatus::default();
+        before.open_incident(ts(1));
+        let mut after = before.clone();
+        after.start(Step::rung(Rung::ResetRdpConfig), ts(5));
+        count_remediations(&metrics, &before, &after, ts(5));
+        before = after.clone();
+        after.finish(RungOutcome::NotFixed, None, ts(9), None);
+        count_remediations(&metrics, &before, &after, ts(9));
+        before = after.clone();
+        count_remediations(&metrics, &before, &after, ts(10));
+        after.start(Step::rung(Rung::Restart), ts(11));
+        after.finish(RungOutcome::Failed, None, ts(11), None);
+        count_remediations(&metrics, &before, &after, ts(11));
+        let text = metrics.render().unwrap();
+        for line in [
+            r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="not_fixed",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="started",rung="Restart"} 1"#,
+            r#"rdphealth_remediations_total{result="failed",rung="Restart"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_last_failure_comes_from_status() {
+        let mut status = RdpHealthStatus::default();
+        assert!(last_failure(Some(&status)).is_none());
+        status.last_probe = Some(crate::api::LastProbe {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(ts(1)),
+            reachable: false,
+            failure_reason: Some("tls_handshake_failed".into()),
+            message: Some("alert".into()),
+            latency_ms: 1,
+            selected_protocol: None,
+            tls_version: None,
+            certificate_not_after: None,
+        });
+        let f = last_failure(Some(&status)).unwrap();
+        assert_eq!(f.reason, FailureReason::TlsHandshakeFailed);
     }
 
     #[rstest]

@@ -48,8 +48,12 @@ subscriptions:
     resourceGroups:
       - name: rg
         location: westeurope
+        networkSecurityGroups:
+          - name: nsg
+            rules:
+              - {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "3389" }}
         virtualNetworks:
-          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24 }} ] }}
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg }} ] }}
         vms:
 {vms}
 "#
@@ -456,14 +460,17 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
             .then_some(())
     })
     .await;
-    op.wait_metrics(&[
-        r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
-        r#"rdphealth_remediations_total{result="fixed",rung="ResetRdpConfig"} 1"#,
-        r#"rdphealth_ladder_rung{name="rdp",namespace="default"} 0"#,
-        r#"rdphealth_azure_requests_total{code="OK",operation="reset_rdp_config"} 1"#,
-        r#"rdphealth_vm_reachable{name="rdp",namespace="default"} 1"#,
-    ])
-    .await;
+    let text = op
+        .wait_metrics(&[
+            r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="fixed",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_ladder_rung{name="rdp",namespace="default"} 0"#,
+            r#"rdphealth_azure_requests_total{code="OK",operation="reset_rdp_config"} 1"#,
+            r#"rdphealth_vm_reachable{name="rdp",namespace="default"} 1"#,
+        ])
+        .await;
+
+    promtool_check(&text);
 
     // A healthy VM costs no ARM reads per probe: its address stays cached.
     let reads = sim.count("vm.get");
@@ -619,8 +626,12 @@ async fn the_storm_breaker_holds_disruptive_rungs() {
         let c = condition(&s, "RemediationSuspended").unwrap();
         assert_eq!(c["reason"], "StormBreaker", "{s:#}");
     }
-    op.wait_metrics(&[r#"rdphealth_remediation_suspended{reason="StormBreaker"} 5"#])
-        .await;
+    op.wait_metrics(&[
+        r#"rdphealth_remediation_suspended{reason="StormBreaker"} 5"#,
+        r#"rdphealth_findings{kind="rdp_open_to_internet",name="vm-3",namespace="default"} 1"#,
+        r#"rdphealth_ladder_rung{name="vm-3",namespace="default"} 0"#,
+    ])
+    .await;
     api.wait_for("suspension events", WAIT, |inner| {
         (events(inner, "vm-3", "RemediationSuspended") == 1).then_some(())
     })
@@ -630,4 +641,42 @@ async fn the_storm_breaker_holds_disruptive_rungs() {
     assert!(op.witness.mutating().is_empty());
     op.shutdown().await;
     sim.shutdown().await;
+}
+
+/// `promtool check metrics` on the remediation metrics too (skipped without promtool unless
+/// `RDPHEALTH_REQUIRE_PROMTOOL=1`).
+fn promtool_check(text: &str) {
+    use std::{io::Write, process::Command};
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let available = Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
+            "promtool is required but `{promtool}` is not installed"
+        );
+        return;
+    }
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

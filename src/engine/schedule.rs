@@ -179,6 +179,54 @@ mod tests {
         assert_eq!(schedule(&obj, at(100)), want);
     }
 
+    fn ladder(phase: Option<ExecutionPhase>, next_action: Option<i64>) -> RdpHealthStatus {
+        use crate::ladder::{Rung, RungExecution, Step};
+        let mut status = RdpHealthStatus::default();
+        status.ladder.incident_started_at = Some(Time(at(0)));
+        status.ladder.next_action_at = next_action.map(|s| Time(at(s)));
+        status.ladder.current = phase.map(|phase| RungExecution {
+            step: Step::rung(Rung::Restart),
+            attempt: 1,
+            phase,
+            started_at: Time(at(100)),
+            operation: None,
+            next_poll_at: Some(Time(at(110))),
+            settle_until: Some(Time(at(130))),
+            message: None,
+        });
+        status
+    }
+
+    #[rstest]
+    #[case::idle(None, None, None)]
+    #[case::backoff(None, Some(500), Some(500))]
+    #[case::requested_waits_for_the_request_timeout(
+        Some(ExecutionPhase::Requested),
+        None,
+        Some(220)
+    )]
+    #[case::running_polls(Some(ExecutionPhase::Running), None, Some(110))]
+    #[case::settling_judges(Some(ExecutionPhase::Settling), None, Some(130))]
+    #[case::rung_in_flight_ignores_old_backoff(Some(ExecutionPhase::Running), Some(500), Some(110))]
+    fn ladder_looks_without_probing(
+        #[case] phase: Option<ExecutionPhase>,
+        #[case] next_action: Option<i64>,
+        #[case] want: Option<i64>,
+    ) {
+        let obj = object(|_| {});
+        let spec = ValidSpec::try_from(&obj.spec).unwrap();
+        assert_eq!(ladder_due(&ladder(phase, next_action), &spec), want.map(at));
+    }
+
+    #[test]
+    fn a_closed_incident_has_no_backoff_to_wait_for() {
+        let obj = object(|_| {});
+        let spec = ValidSpec::try_from(&obj.spec).unwrap();
+        let mut status = ladder(None, Some(500));
+        status.ladder.incident_started_at = None;
+        assert_eq!(ladder_due(&status, &spec), None);
+    }
+
     #[test]
     fn unresolved_endpoint_waits_for_a_change() {
         let mut obj = object(|o| o.spec.endpoint.host = None);
