@@ -680,3 +680,65 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_unlocks_one_disruptive_rung_once() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "hung",
+            "vm-hung",
+            json!({"mode": "Auto", "ladder": ["Restart"], "settleTime": "1s", "cooldown": "1s",
+                   "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    // Restart is disruptive and not allowed: the ladder stops and says what it needs.
+    let s = wait_status(&api, "hung", "LadderExhausted", |s| {
+        condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let message = condition(&s, "LadderExhausted").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("needs permission: Restart"),
+        "{message}"
+    );
+    assert_eq!(sim.count("vm.restart"), 0);
+
+    // One approval: one restart, remembered in status.
+    api.patch(
+        "rdphealths",
+        NS,
+        "hung",
+        json!({"metadata": {"annotations": {"rdphealth.io/approve": "Restart/ticket-1"}}}),
+    );
+    let s = wait_status(&api, "hung", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
+    assert_eq!(s["ladder"]["consumedApproval"], "Restart/ticket-1");
+    assert_eq!(sim.count("vm.restart"), 1);
+
+    // The same value approves nothing the next time.
+    sim.inject("vm-hung", rdphealth::sim::Fault::GuestHung)
+        .await;
+    wait_status(&api, "hung", "exhausted again", |s| {
+        s["ladder"]["exhausted"] == true
+            && condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    assert_eq!(sim.count("vm.restart"), 1, "an approval is used once");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
