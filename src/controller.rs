@@ -5,6 +5,7 @@
 use std::{
     collections::HashMap,
     future::Future,
+    net::IpAddr,
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -32,12 +33,27 @@ use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
-    api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus},
-    engine::{self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec},
+    api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus, RemediationMode, conditions as types},
+    azure::{Azure, CountedAzure},
+    engine::{
+        self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec,
+        conditions::{self, Desired, Status},
+        remediate::{Fleet, RemediateError, Remediator, StatusSink, Subject},
+    },
     http::{self, HttpError, HttpState},
+    ladder::{ExecutionPhase, LadderStatus},
+    ladder::{
+        Rung,
+        fleet::{FleetPolicy, FleetView, Member},
+    },
     metrics::{Inventory, Metrics, MetricsError, ObjectKey},
-    probe::{Prober, Target},
+    probe::{Failure, FailureReason, Prober, Target},
 };
+
+/// The annotation that holds every rung (`"true"`).
+pub const PAUSE_ANNOTATION: &str = "rdphealth.io/pause";
+/// The annotation that approves one disruptive rung once: `<Rung>[/<token>]`.
+pub const APPROVE_ANNOTATION: &str = "rdphealth.io/approve";
 
 /// Errors of one reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +67,10 @@ pub enum Error {
     /// The status patch was rejected.
     #[error("failed to patch the status")]
     PatchStatus(#[source] kube::Error),
+    /// The remediation stage could not run (Azure throttled a read, the intent could not be
+    /// stored); the probe's result was stored.
+    #[error("failed to remediate")]
+    Remediate(#[source] RemediateError),
 }
 
 impl Error {
@@ -60,6 +80,15 @@ impl Error {
             Self::Malformed(_) => "MalformedObject",
             Self::MissingKey => "MissingKey",
             Self::PatchStatus(_) => "PatchStatusFailed",
+            Self::Remediate(e) => e.reason(),
+        }
+    }
+
+    /// When to try again, when Azure said (throttling): not exponential.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Remediate(e) => e.retry_after(),
+            _ => None,
         }
     }
 
@@ -143,6 +172,23 @@ pub struct Settings {
     pub lease: Option<LeaseSettings>,
     /// This replica's name, shown as the reporting instance of Events.
     pub instance: Option<String>,
+    /// Fleet-wide remediation limits.
+    pub fleet: FleetPolicy,
+    /// The prober's source address as Azure sees it (NSG evaluation), if known.
+    pub probe_source: Option<IpAddr>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 16,
+            lease: None,
+            instance: None,
+            fleet: FleetPolicy::default(),
+            probe_source: None,
+        }
+    }
 }
 
 /// The I/O the engine is fed through: swapped in tests.
@@ -152,6 +198,9 @@ pub struct Seams {
     pub prober: Arc<dyn Prober>,
     /// Finds endpoints.
     pub resolver: Arc<dyn EndpointResolver>,
+    /// Azure (evidence and remediation); `None` runs observe-only, probing objects that name
+    /// `spec.endpoint.host`.
+    pub azure: Option<Arc<CountedAzure>>,
 }
 
 /// What every reconcile shares.
@@ -163,6 +212,10 @@ pub struct Context {
     leadership: Leadership,
     /// Failed reconciles in a row, per object (exponential backoff).
     failures: Mutex<HashMap<ObjectKey, u32>>,
+    /// The remediation stage, when Azure is configured.
+    remediator: Option<Remediator>,
+    /// Every object (the controller's cache), for fleet safety.
+    store: Option<Store<DeserializeGuard<RdpHealth>>>,
 }
 
 impl Context {
@@ -185,7 +238,91 @@ impl Context {
             metrics,
             leadership,
             failures: Mutex::new(HashMap::new()),
+            remediator: None,
+            store: None,
         }
+    }
+
+    /// Enables the remediation stage with `fleet` limits (needs `seams.azure`).
+    pub fn with_remediation(mut self, fleet: FleetPolicy, probe_source: Option<IpAddr>) -> Self {
+        self.remediator = self.seams.azure.clone().map(|azure| Remediator {
+            azure: azure as Arc<dyn Azure>,
+            fleet: Arc::new(Fleet::new(fleet)),
+            probe_source,
+            first_poll: Duration::from_secs(1),
+        });
+        self
+    }
+
+    /// Recomputes the fleet view (storm breaker, disruptive rungs in flight) and the
+    /// suspended-remediation gauge from every cached object.
+    /// `fresh` is the object being reconciled with its new status (the cache lags behind it).
+    fn refresh_fleet(&self, leader: bool, fresh: Option<(&ObjectKey, &RdpHealthStatus)>) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let objects = store.state();
+        let fresh_key = fresh.map(|(k, _)| format!("{}/{}", k.namespace, k.name));
+        let members: Vec<FleetMember> = objects
+            .iter()
+            .filter_map(|guard| {
+                let mut m = FleetMember::of(guard.0.as_ref().ok()?)?;
+                if let (Some(key), Some((_, status))) = (&fresh_key, fresh)
+                    && m.key == *key
+                {
+                    m.unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
+                        == Some(Status::False);
+                }
+                Some(m)
+            })
+            .collect();
+        let view = FleetView::from_members(members.iter().map(|m| Member {
+            key: &m.key,
+            subscription: &m.subscription,
+            unreachable: m.unreachable,
+            disruptive_in_flight: m.disruptive_in_flight,
+        }));
+        let storming = match &self.remediator {
+            Some(r) => {
+                let live: std::collections::HashSet<String> = objects
+                    .iter()
+                    .filter_map(|g| key_of(meta_of(g)))
+                    .map(|k| format!("{}/{}", k.namespace, k.name))
+                    .collect();
+                r.fleet.retain_claims(|key| live.contains(key));
+                r.fleet.update(view);
+                r.fleet.storming()
+            }
+            None => Vec::new(),
+        };
+        let count = |f: &dyn Fn(&FleetMember) -> bool| members.iter().filter(|m| f(m)).count();
+        let suspended_by =
+            |reason: &str| count(&|m: &FleetMember| m.suspended.as_deref() == Some(reason));
+        self.metrics.suspended(&[
+            (
+                "StormBreaker",
+                count(&|m: &FleetMember| storming.contains(&m.subscription)),
+            ),
+            ("Paused", suspended_by("Paused")),
+            (
+                "OutsideMaintenanceWindow",
+                suspended_by("OutsideMaintenanceWindow"),
+            ),
+            (
+                "NotLeader",
+                if leader || self.remediator.is_none() {
+                    0
+                } else {
+                    count(&|m: &FleetMember| m.acting && m.unreachable)
+                },
+            ),
+        ]);
+    }
+
+    /// The object cache the fleet view is computed from.
+    pub fn with_store(mut self, store: Store<DeserializeGuard<RdpHealth>>) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// This replica's leadership.
@@ -218,10 +355,55 @@ impl Context {
             .probe(&target, &spec.probe.options())
             .await;
         self.metrics.probe_finished(&report);
+        if !report.reachable {
+            self.seams.resolver.probe_failed(spec);
+        }
         Observation::Probed {
             endpoint,
             report: Box::new(report),
         }
+    }
+}
+
+/// One monitored object as fleet safety sees it.
+struct FleetMember {
+    key: String,
+    subscription: String,
+    unreachable: bool,
+    disruptive_in_flight: bool,
+    /// The remediation mode may act (DryRun or Auto).
+    acting: bool,
+    /// The reason of a `RemediationSuspended=True` condition.
+    suspended: Option<String>,
+}
+
+impl FleetMember {
+    fn of(obj: &RdpHealth) -> Option<Self> {
+        if obj.spec.suspend {
+            return None;
+        }
+        let meta = &obj.metadata;
+        let key = format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?);
+        let mut parts = obj.spec.vm.resource_id.split('/');
+        let subscription = parts
+            .by_ref()
+            .skip_while(|p| !p.eq_ignore_ascii_case("subscriptions"))
+            .nth(1)?
+            .to_string();
+        let status = obj.status.as_ref();
+        let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        Some(Self {
+            key,
+            subscription,
+            unreachable: conditions::status_of(conditions, types::REACHABLE) == Some(Status::False),
+            disruptive_in_flight: status
+                .and_then(|s| s.ladder.current.as_ref())
+                .is_some_and(|c| c.step.rung.is_disruptive()),
+            acting: obj.spec.remediation.mode != RemediationMode::Observe,
+            suspended: conditions::find(conditions, types::REMEDIATION_SUSPENDED)
+                .filter(|c| c.status == Status::True.as_str())
+                .map(|c| c.reason.clone()),
+        })
     }
 }
 
@@ -269,26 +451,228 @@ async fn reconcile_object(
     key: &ObjectKey,
     ctx: &Context,
 ) -> Result<Action, Error> {
-    let observation = match engine::schedule(obj, Timestamp::now()) {
-        Schedule::Wait(left) => {
-            debug!(wait_ms = left.as_millis() as u64, "no probe due");
-            ctx.failures().remove(key);
-            return Ok(Action::requeue(left));
-        }
-        Schedule::AwaitChange => return Ok(Action::await_change()),
-        Schedule::Report => Observation::NotProbed,
-        Schedule::Probe(spec) => ctx.observe(&spec).await,
+    let now = Timestamp::now();
+    let leader = ctx.leadership.is_leader();
+    let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
+    let due = match (&ctx.remediator, &spec, &obj.status) {
+        (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
+            .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)),
+        _ => None,
     };
-    let outcome = engine::evaluate(obj, observation, Timestamp::now());
-    patch_status(&ctx.client, key, &outcome.status).await?;
+    let (observation, next_probe) = match engine::schedule(obj, now) {
+        Schedule::Wait(left) => match due {
+            Some(d) if d.is_zero() => (Observation::NotProbed, Some(left)),
+            other => {
+                let wait = other.map_or(left, |d| d.min(left));
+                debug!(wait_ms = wait.as_millis() as u64, "no probe due");
+                ctx.failures().remove(key);
+                return Ok(Action::requeue(wait));
+            }
+        },
+        Schedule::AwaitChange => match due {
+            Some(d) if d.is_zero() => (Observation::NotProbed, None),
+            Some(d) => return Ok(Action::requeue(d)),
+            None => return Ok(Action::await_change()),
+        },
+        Schedule::Report => (Observation::NotProbed, None),
+        Schedule::Probe(spec) => (ctx.observe(&spec).await, None),
+    };
+    let probed = match &observation {
+        Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),
+        _ => None,
+    };
+    // Without a probe in this reconcile, the ladder reasons from the last one.
+    let failure = match &probed {
+        Some((_, failure)) => failure.clone(),
+        None => last_failure(obj.status.as_ref()),
+    };
+    let mut outcome = engine::evaluate(obj, observation, now);
+    if let Some(left) = next_probe {
+        // A look for the ladder only: the next probe stays where it was.
+        outcome.next = Next::Requeue(left);
+    }
+    ctx.refresh_fleet(leader, Some((key, &outcome.status)));
+    if !leader {
+        // Only the Lease holder writes status and Events: a stale write from a standby
+        // replica could erase the intent of a rung in flight. Standbys probe for their metrics.
+        ctx.metrics.object_status(key, &outcome.status);
+        return Ok(action(outcome.next));
+    }
+    let probe_events = outcome.events.len();
+    let before = obj
+        .status
+        .as_ref()
+        .map(|s| s.ladder.clone())
+        .unwrap_or_default();
+    let stage = match (&ctx.remediator, &spec) {
+        (Some(remediator), Some(spec)) => {
+            let approval = approval(obj, &outcome.status);
+            let subject = Subject {
+                key: &format!("{}/{}", key.namespace, key.name),
+                seed: obj.metadata.uid.as_deref().unwrap_or(&key.name),
+                spec,
+                failure: failure.as_ref(),
+                probed: probed.as_ref().map(|(ok, _)| *ok),
+                leader,
+                paused: annotation(obj, PAUSE_ANNOTATION) == Some("true"),
+                approval,
+            };
+            let sink = ApplyStatus {
+                client: &ctx.client,
+                key,
+            };
+            let result = remediator
+                .remediate(&subject, &mut outcome, &sink, now)
+                .await;
+            if address_may_have_changed(&before, &outcome.status.ladder) {
+                ctx.seams.resolver.forget(spec);
+            }
+            Some(result)
+        }
+        (None, Some(spec)) => {
+            azure_missing(&mut outcome.status, spec, now);
+            None
+        }
+        _ => None,
+    };
+    // A look for the ladder that changed nothing writes nothing (no watch event either).
+    if obj.status.as_ref() != Some(&outcome.status) {
+        patch_status(&ctx.client, key, &outcome.status).await?;
+    }
     ctx.metrics.object_status(key, &outcome.status);
-    publish(ctx, obj, &outcome.events).await;
+    count_remediations(&ctx.metrics, &before, &outcome.status.ladder, now);
+    publish(ctx, obj, &outcome.events, probe_events).await;
+    if let Some(Err(e)) = stage {
+        return Err(Error::Remediate(e));
+    }
     ctx.failures().remove(key);
     debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
-    Ok(match outcome.next {
+    Ok(action(outcome.next))
+}
+
+/// The failure of the last probe, as recorded in status.
+fn last_failure(status: Option<&RdpHealthStatus>) -> Option<Failure> {
+    let last = status?.last_probe.as_ref()?;
+    let name = last.failure_reason.as_deref()?;
+    let reason = FailureReason::ALL
+        .into_iter()
+        .find(|r| r.as_str() == name)?;
+    Some(Failure::new(
+        reason,
+        last.message.clone().unwrap_or_default(),
+    ))
+}
+
+fn action(next: Next) -> Action {
+    match next {
         Next::Requeue(after) => Action::requeue(after),
         Next::AwaitChange => Action::await_change(),
-    })
+    }
+}
+
+fn annotation<'a>(obj: &'a RdpHealth, name: &str) -> Option<&'a str> {
+    obj.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .map(|v| v.trim())
+}
+
+/// The approval annotation, unless its value was used already: `<Rung>[/<token>]`.
+fn approval(obj: &RdpHealth, status: &RdpHealthStatus) -> Option<(String, Rung)> {
+    let value = annotation(obj, APPROVE_ANNOTATION)?;
+    if status.ladder.consumed_approval.as_deref() == Some(value) {
+        return None;
+    }
+    let name = value.split('/').next().unwrap_or_default();
+    let rung = Rung::ALL.into_iter().find(|r| r.as_str() == name)?;
+    Some((value.to_string(), rung))
+}
+
+/// A NIC reset or redeploy finished (or was judged): the VM may have new addresses.
+fn address_may_have_changed(before: &LadderStatus, after: &LadderStatus) -> bool {
+    let settling = |l: &LadderStatus| {
+        l.current
+            .as_ref()
+            .filter(|c| c.step.rung.may_change_address() && c.phase == ExecutionPhase::Settling)
+            .map(|c| c.started_at.clone())
+    };
+    let last_before = before.history.last().map(|r| r.finished_at.0);
+    let finished = after
+        .history
+        .iter()
+        .filter(|r| last_before.is_none_or(|t| r.finished_at.0 > t))
+        .any(|r| r.step.rung.may_change_address());
+    finished || (settling(after).is_some() && settling(after) != settling(before))
+}
+
+/// `rdphealth_remediations_total`: rungs started in this reconcile and rungs that ended.
+fn count_remediations(
+    metrics: &Metrics,
+    before: &LadderStatus,
+    after: &LadderStatus,
+    now: Timestamp,
+) {
+    let last_before = before.history.last().map(|r| r.finished_at.0);
+    let ended: Vec<_> = after
+        .history
+        .iter()
+        .filter(|r| last_before.is_none_or(|t| r.finished_at.0 > t))
+        .collect();
+    let started = ended
+        .iter()
+        .filter(|r| r.started_at.0 == now)
+        .map(|r| r.step.rung)
+        .chain(
+            after
+                .current
+                .as_ref()
+                .filter(|c| c.started_at.0 == now)
+                .map(|c| c.step.rung),
+        );
+    for rung in started {
+        metrics.remediation(rung, "started");
+    }
+    for r in ended {
+        metrics.remediation(r.step.rung, r.outcome.as_str());
+    }
+}
+
+/// Objects that need Azure (no host override, or a remediation mode) say that it is missing.
+fn azure_missing(status: &mut RdpHealthStatus, spec: &ValidSpec, now: Timestamp) {
+    let mode = spec.mode;
+    if spec.host.is_some() && mode == RemediationMode::Observe {
+        return;
+    }
+    conditions::merge(
+        &mut status.conditions,
+        Desired::new(
+            types::REMEDIATING,
+            Status::False,
+            "AzureNotConfigured",
+            "the operator runs without Azure credentials: it only probes; evidence and remediation are off",
+        ),
+        status.observed_generation,
+        now,
+    );
+}
+
+/// Writes the intent of a rung before its Azure call.
+struct ApplyStatus<'a> {
+    client: &'a Client,
+    key: &'a ObjectKey,
+}
+
+#[async_trait::async_trait]
+impl StatusSink for ApplyStatus<'_> {
+    async fn persist(&self, status: &RdpHealthStatus) -> Result<(), String> {
+        patch_status(self.client, self.key, status)
+            .await
+            .map_err(|e| match e {
+                Error::PatchStatus(source) => format!("failed to patch the status: {source}"),
+                other => other.to_string(),
+            })
+    }
 }
 
 /// Writes the whole status by server-side apply under [`FIELD_MANAGER`].
@@ -315,9 +699,9 @@ async fn patch_status(
 
 /// Publishes the engine's events. A lost Event must not undo a status that was written, so
 /// failures are logged and counted rather than failing the reconcile.
-async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event]) {
+async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event], probe_events: usize) {
     let reference = obj.object_ref(&());
-    for event in events {
+    for (i, event) in events.iter().enumerate() {
         let ev = KubeEvent {
             type_: match event.severity {
                 Severity::Normal => EventType::Normal,
@@ -325,7 +709,12 @@ async fn publish(ctx: &Context, obj: &RdpHealth, events: &[engine::Event]) {
             },
             reason: event.reason.to_string(),
             note: Some(event.note.clone()),
-            action: "Probe".into(),
+            action: if i < probe_events {
+                "Probe"
+            } else {
+                "Remediate"
+            }
+            .into(),
             secondary: None,
         };
         info!(reason = event.reason, note = %event.note, "event");
@@ -380,6 +769,10 @@ pub fn error_policy(
     if error.is_permanent() {
         warn!(%namespace, %name, reason = error.reason(), error = %error, "waiting for the object to change");
         return Action::await_change();
+    }
+    if let Some(after) = error.retry_after() {
+        warn!(%namespace, %name, reason = error.reason(), error = %error, retry_ms = after.as_millis() as u64, "Azure asked to wait");
+        return Action::requeue(after.max(Duration::from_secs(1)));
     }
     let attempt = match key_of(meta) {
         Some(key) => {
@@ -493,6 +886,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new().map_err(RunError::Metrics)?);
+    if let Some(azure) = &seams.azure {
+        metrics.register_azure(azure).map_err(RunError::Metrics)?;
+    }
     let (leadership, lease_task) = match &settings.lease {
         Some(lease) => elect(&client, lease).await?,
         None => (Leadership::always(), None),
@@ -507,7 +903,7 @@ pub async fn run(
         controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let state = HttpState {
         metrics: Arc::clone(&metrics),
-        inventory: Arc::new(StoreInventory(store)),
+        inventory: Arc::new(StoreInventory(store.clone())),
         ready,
     };
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -515,14 +911,19 @@ pub async fn run(
         let _ = http_stopped.await;
     }));
 
-    let ctx = Arc::new(Context::new(
-        client,
-        seams,
-        metrics,
-        leadership,
-        settings.instance.clone(),
-    ));
-    info!(namespace = ?settings.namespace, concurrency = settings.concurrency, "controller starting");
+    let remediation = seams.azure.is_some();
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            seams,
+            metrics,
+            leadership,
+            settings.instance.clone(),
+        )
+        .with_remediation(settings.fleet, settings.probe_source)
+        .with_store(store),
+    );
+    info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -546,9 +947,11 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use rstest::rstest;
 
     use super::*;
+    use crate::ladder::{RungExecution, RungOutcome, Step};
 
     #[test]
     fn leadership_follows_the_lease() {
@@ -558,6 +961,134 @@ mod tests {
         assert!(!leadership.is_leader());
         tx.send_replace(true);
         assert!(leadership.is_leader());
+    }
+
+    fn with_annotation(
+        value: Option<&str>,
+        consumed: Option<&str>,
+    ) -> (RdpHealth, RdpHealthStatus) {
+        let mut obj: RdpHealth = serde_json::from_value(json!({
+            "apiVersion": "rdphealth.io/v1alpha1", "kind": "RdpHealth",
+            "metadata": {"name": "a", "namespace": "ns"},
+            "spec": {"vm": {"resourceId": "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"}},
+        }))
+        .unwrap();
+        if let Some(v) = value {
+            obj.metadata.annotations =
+                Some([(APPROVE_ANNOTATION.to_string(), v.to_string())].into());
+        }
+        let mut status = RdpHealthStatus::default();
+        status.ladder.consumed_approval = consumed.map(str::to_string);
+        (obj, status)
+    }
+
+    #[rstest]
+    #[case::none(None, None, None)]
+    #[case::rung(Some("Redeploy"), None, Some(Rung::Redeploy))]
+    #[case::rung_and_token(Some("Restart/ticket-42"), None, Some(Rung::Restart))]
+    #[case::used_once(Some("Restart/ticket-42"), Some("Restart/ticket-42"), None)]
+    #[case::new_token_approves_again(
+        Some("Restart/ticket-43"),
+        Some("Restart/ticket-42"),
+        Some(Rung::Restart)
+    )]
+    #[case::unknown_rung(Some("Reboot"), None, None)]
+    fn approvals_are_used_once(
+        #[case] value: Option<&str>,
+        #[case] consumed: Option<&str>,
+        #[case] want: Option<Rung>,
+    ) {
+        let (obj, status) = with_annotation(value, consumed);
+        assert_eq!(approval(&obj, &status).map(|(_, r)| r), want);
+    }
+
+    fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
+        RungExecution {
+            step: Step::rung(rung),
+            attempt: 1,
+            phase,
+            started_at: Time(ts(started)),
+            operation: None,
+            next_poll_at: None,
+            settle_until: None,
+            message: None,
+        }
+    }
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn redeploy_and_nic_reset_refresh_the_address_once() {
+        let mut before = LadderStatus {
+            current: Some(execution(Rung::Redeploy, ExecutionPhase::Running, 10)),
+            ..LadderStatus::default()
+        };
+        let mut after = before.clone();
+        assert!(!address_may_have_changed(&before, &after), "still running");
+        after.current = Some(execution(Rung::Redeploy, ExecutionPhase::Settling, 10));
+        assert!(
+            address_may_have_changed(&before, &after),
+            "finished in Azure"
+        );
+        before = after.clone();
+        assert!(!address_may_have_changed(&before, &after), "only once");
+        let restart = LadderStatus {
+            current: Some(execution(Rung::Restart, ExecutionPhase::Settling, 10)),
+            ..LadderStatus::default()
+        };
+        assert!(!address_may_have_changed(
+            &LadderStatus::default(),
+            &restart
+        ));
+        after.finish(RungOutcome::NotFixed, None, ts(20), None);
+        assert!(address_may_have_changed(&before, &after), "judged");
+    }
+
+    #[test]
+    fn remediation_results_are_counted_once() {
+        let metrics = Metrics::new().unwrap();
+        let mut before = LadderStatus::default();
+        before.open_incident(ts(1));
+        let mut after = before.clone();
+        after.start(Step::rung(Rung::ResetRdpConfig), ts(5));
+        count_remediations(&metrics, &before, &after, ts(5));
+        before = after.clone();
+        after.finish(RungOutcome::NotFixed, None, ts(9), None);
+        count_remediations(&metrics, &before, &after, ts(9));
+        before = after.clone();
+        count_remediations(&metrics, &before, &after, ts(10));
+        after.start(Step::rung(Rung::Restart), ts(11));
+        after.finish(RungOutcome::Failed, None, ts(11), None);
+        count_remediations(&metrics, &before, &after, ts(11));
+        let text = metrics.render().unwrap();
+        for line in [
+            r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="not_fixed",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="started",rung="Restart"} 1"#,
+            r#"rdphealth_remediations_total{result="failed",rung="Restart"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_last_failure_comes_from_status() {
+        let mut status = RdpHealthStatus::default();
+        assert!(last_failure(Some(&status)).is_none());
+        status.last_probe = Some(crate::api::LastProbe {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(ts(1)),
+            reachable: false,
+            failure_reason: Some("tls_handshake_failed".into()),
+            message: Some("alert".into()),
+            latency_ms: 1,
+            selected_protocol: None,
+            tls_version: None,
+            certificate_not_after: None,
+        });
+        let f = last_failure(Some(&status)).unwrap();
+        assert_eq!(f.reason, FailureReason::TlsHandshakeFailed);
     }
 
     #[rstest]

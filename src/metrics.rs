@@ -13,8 +13,11 @@ use prometheus::{
 };
 
 use crate::{
-    api::{Phase, RdpHealthStatus, conditions as types},
+    api::{Phase, RdpHealthStatus, conditions as types, reasons},
+    azure::CountedAzure,
     engine::conditions::{self, Status},
+    evidence::nsg::Access,
+    ladder::Rung,
     probe::{FailureReason, ProbeReport},
 };
 
@@ -66,6 +69,10 @@ pub struct Metrics {
     reconcile_duration: Histogram,
     reconcile_errors: IntCounterVec,
     objects: IntGaugeVec,
+    remediations: IntCounterVec,
+    ladder_rung: IntGaugeVec,
+    remediation_suspended: IntGaugeVec,
+    findings: IntGaugeVec,
     /// Objects that have per-object series, so deleted ones can be removed.
     tracked: Mutex<HashSet<ObjectKey>>,
 }
@@ -143,10 +150,46 @@ impl Metrics {
                 &["phase"],
             )
             .map_err(MetricsError::Register)?,
+            remediations: IntCounterVec::new(
+                Opts::new(
+                    "rdphealth_remediations_total",
+                    "Remediation rungs, by rung and result (started, fixed, not_fixed, failed, unknown).",
+                ),
+                &["rung", "result"],
+            )
+            .map_err(MetricsError::Register)?,
+            ladder_rung: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_ladder_rung",
+                    "The rung in flight for the VM (Rung ordinal: 1 ResetRdpConfig ... 8 RepairNsg), 0 when none.",
+                ),
+                OBJECT_LABELS,
+            )
+            .map_err(MetricsError::Register)?,
+            remediation_suspended: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_remediation_suspended",
+                    "Objects whose remediation is suspended, by reason.",
+                ),
+                &["reason"],
+            )
+            .map_err(MetricsError::Register)?,
+            findings: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_findings",
+                    "1 while the operator has a finding of this kind for the VM.",
+                ),
+                &["namespace", "name", "kind"],
+            )
+            .map_err(MetricsError::Register)?,
             tracked: Mutex::new(HashSet::new()),
             registry,
         };
-        let collectors: [Box<dyn Collector>; 8] = [
+        let collectors: [Box<dyn Collector>; 12] = [
+            Box::new(m.remediations.clone()),
+            Box::new(m.ladder_rung.clone()),
+            Box::new(m.remediation_suspended.clone()),
+            Box::new(m.findings.clone()),
             Box::new(m.vm_reachable.clone()),
             Box::new(m.probe_duration.clone()),
             Box::new(m.probe_failures.clone()),
@@ -169,7 +212,39 @@ impl Metrics {
         for phase in Phase::ALL {
             m.objects.with_label_values(&[phase.as_str()]);
         }
+        for reason in SUSPENSION_REASONS {
+            m.remediation_suspended.with_label_values(&[reason]);
+        }
         Ok(m)
+    }
+
+    /// Registers the Azure call counters.
+    pub fn register_azure(&self, azure: &CountedAzure) -> Result<(), MetricsError> {
+        for c in azure.collectors() {
+            self.registry.register(c).map_err(MetricsError::Register)?;
+        }
+        Ok(())
+    }
+
+    /// Counts one rung transition (`result`: started, fixed, not_fixed, failed, unknown).
+    pub fn remediation(&self, rung: Rung, result: &str) {
+        self.remediations
+            .with_label_values(&[rung.as_str(), result])
+            .inc();
+    }
+
+    /// Sets the suspended-object counts, by reason.
+    pub fn suspended(&self, counts: &[(&'static str, usize)]) {
+        for reason in SUSPENSION_REASONS {
+            let n = counts
+                .iter()
+                .filter(|(r, _)| *r == reason)
+                .map(|(_, n)| *n)
+                .sum::<usize>();
+            self.remediation_suspended
+                .with_label_values(&[reason])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// Records one probe.
@@ -195,6 +270,21 @@ impl Metrics {
             return;
         };
         let labels = [key.namespace.as_str(), key.name.as_str()];
+        let rung = status
+            .ladder
+            .current
+            .as_ref()
+            .map_or(0, |c| i64::from(c.step.rung.ordinal()));
+        self.ladder_rung.with_label_values(&labels).set(rung);
+        let active = findings(status);
+        for kind in FINDING_KINDS {
+            let l = [key.namespace.as_str(), key.name.as_str(), kind];
+            if active.contains(&kind) {
+                self.findings.with_label_values(&l).set(1);
+            } else {
+                let _ = self.findings.remove_label_values(&l);
+            }
+        }
         let reachable = conditions::status_of(&status.conditions, types::REACHABLE);
         self.vm_reachable
             .with_label_values(&labels)
@@ -242,6 +332,14 @@ impl Metrics {
             let _ = self.vm_reachable.remove_label_values(&labels);
             let _ = self.certificate_expiry.remove_label_values(&labels);
             let _ = self.unreachable_since.remove_label_values(&labels);
+            let _ = self.ladder_rung.remove_label_values(&labels);
+            for kind in FINDING_KINDS {
+                let _ = self.findings.remove_label_values(&[
+                    key.namespace.as_str(),
+                    key.name.as_str(),
+                    kind,
+                ]);
+            }
             false
         });
         for phase in Phase::ALL {
@@ -260,6 +358,51 @@ impl Metrics {
             .map_err(MetricsError::Encode)?;
         Ok(String::from_utf8_lossy(&buf).into_owned())
     }
+}
+
+/// The `rdphealth_remediation_suspended{reason}` label values.
+pub const SUSPENSION_REASONS: [&str; 4] = [
+    "StormBreaker",
+    "Paused",
+    "OutsideMaintenanceWindow",
+    "NotLeader",
+];
+
+/// The `rdphealth_findings{kind}` label values.
+pub const FINDING_KINDS: [&str; 6] = [
+    "certificate_expiring",
+    "certificate_expired",
+    "no_tls",
+    "rdp_open_to_internet",
+    "nsg_denied",
+    "vm_not_running",
+];
+
+/// The findings a status shows: certificate problems of the last probe (from the
+/// `CertificateValid` condition) and the current incident's evidence.
+pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    match conditions::find(&status.conditions, types::CERTIFICATE_VALID).map(|c| c.reason.as_str())
+    {
+        Some(reasons::CERTIFICATE_EXPIRING) => kinds.push("certificate_expiring"),
+        Some(reasons::CERTIFICATE_EXPIRED) => kinds.push("certificate_expired"),
+        Some(reasons::NO_TLS) => kinds.push("no_tls"),
+        _ => {}
+    }
+    if let Some(d) = &status.diagnosis {
+        if let Some(nsg) = &d.nsg {
+            if nsg.open_to_internet {
+                kinds.push("rdp_open_to_internet");
+            }
+            if nsg.verdict.access == Access::Deny {
+                kinds.push("nsg_denied");
+            }
+        }
+        if d.power_state.is_some_and(|p| p.is_down()) {
+            kinds.push("vm_not_running");
+        }
+    }
+    kinds
 }
 
 /// Records a reconcile's duration when dropped.

@@ -144,10 +144,12 @@ impl Operator {
                 grace_seconds: 1,
             }),
             instance: Some("replica-a".into()),
+            ..Settings::default()
         };
         let seams = Seams {
             prober: Arc::new(RdpProber::new().unwrap()),
             resolver: Arc::new(HostOverride),
+            azure: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(

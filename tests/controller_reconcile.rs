@@ -117,6 +117,7 @@ fn setup(prober: Arc<FakeProber>) -> (Arc<Context>, ApiHandle) {
     let seams = Seams {
         prober,
         resolver: Arc::new(HostOverride),
+        azure: None,
     };
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = Context::new(
@@ -348,7 +349,7 @@ async fn missing_host_is_reported_not_probed() {
         assert_eq!(reach["reason"], "EndpointUnresolved");
         assert_eq!(
             reach["message"],
-            "endpoint host required until Azure resolution is configured"
+            "spec.endpoint.host is required: the operator runs without Azure credentials, so it cannot look up the VM's address (observe-only)"
         );
         assert_eq!(body["status"]["phase"], "Pending");
     });
@@ -430,4 +431,96 @@ async fn malformed_object_is_evented_and_waits_for_a_change() {
     verifier.await.unwrap();
     assert_eq!(err.reason(), "MalformedObject");
     assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
+}
+
+/// Azure throttles the evidence read: the probe's result is stored, and the retry waits for
+/// Azure's `Retry-After` instead of backing off exponentially.
+#[tokio::test]
+async fn throttled_evidence_retries_after_retry_after() {
+    use rdphealth::{
+        azure::{ArmClient, ArmConfig, Azure, CountedAzure, StaticToken},
+        ladder::fleet::FleetPolicy,
+        sim::{HttpFault, Scenario, Simulator},
+    };
+    let sim = Simulator::start(
+        Scenario::from_yaml(
+            r#"
+subscriptions:
+  - id: 00000000-0000-0000-0000-000000000001
+    resourceGroups:
+      - name: rg-1
+        location: westeurope
+        virtualNetworks:
+          - { name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ { name: s, addressPrefix: 10.0.0.0/24 } ] }
+        vms:
+          - { name: vm-1, nic: { subnet: vnet/s } }
+"#,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    sim.inject_http_fault(HttpFault {
+        operation: "vm.get".into(),
+        status: 429,
+        retry_after: Some(7),
+        count: 5,
+    });
+    let client: Arc<dyn Azure> = Arc::new(ArmClient::new(
+        ArmConfig::new(sim.arm_url().parse().unwrap()),
+        Arc::new(StaticToken::new("t")),
+    ));
+    let (service, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+    let seams = Seams {
+        prober: FakeProber::with(vec![refused()]),
+        resolver: Arc::new(HostOverride),
+        azure: Some(Arc::new(CountedAzure::new(client).unwrap())),
+    };
+    let ctx = Arc::new(
+        Context::new(
+            Client::new(service, "default"),
+            seams,
+            Arc::new(Metrics::new().unwrap()),
+            Leadership::always(),
+            None,
+        )
+        .with_remediation(FleetPolicy::default(), None),
+    );
+    // Already unreachable: the incident opens and evidence is due.
+    let status = json!({
+        "observedGeneration": 2,
+        "phase": "Unreachable",
+        "consecutiveFailures": 3,
+        "conditions": [{"type": "Reachable", "status": "False", "reason": "TcpRefused", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 2}],
+        "lastProbe": {"time": "2026-01-01T00:00:00.000000Z", "reachable": false, "latencyMs": 1},
+    });
+    let mut spec = spec();
+    spec["remediation"] = json!({"mode": "Auto"});
+    let obj = object(spec, Some(status));
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, status_path());
+        assert_eq!(body["status"]["consecutiveFailures"], 4);
+    });
+    let guard = Arc::new(DeserializeGuard(Ok(obj)));
+    let err = reconcile(Arc::clone(&guard), Arc::clone(&ctx))
+        .await
+        .unwrap_err();
+    verifier.await.unwrap();
+    assert_eq!(err.reason(), "Throttled");
+    for _ in 0..3 {
+        assert_eq!(
+            error_policy(Arc::clone(&guard), &err, Arc::clone(&ctx)),
+            Action::requeue(Duration::from_secs(7))
+        );
+    }
+    let text = ctx.metrics().render().unwrap();
+    assert!(
+        text.contains(r#"rdphealth_reconcile_errors_total{reason="Throttled"} 3"#),
+        "{text}"
+    );
+    sim.shutdown().await;
 }

@@ -212,10 +212,12 @@ async fn e2e_real_cluster() {
                 grace_seconds: 5,
             }),
             instance: Some("e2e".into()),
+            ..Settings::default()
         },
         Seams {
             prober: Arc::new(RdpProber::new().unwrap()),
             resolver: Arc::new(HostOverride),
+            azure: None,
         },
         listener,
         async move {

@@ -203,3 +203,24 @@ pub fn from_environment() -> Result<Arc<dyn TokenCredential>, AzureError> {
     }
     Ok(Arc::new(azure_identity::AzureCliCredential::new()))
 }
+
+/// The credential the environment configures, or `None` when it configures none: a static
+/// token, workload identity, a client secret, or an `az` executable on `PATH` (Azure CLI).
+/// Without one the operator runs observe-only.
+pub fn configured() -> Result<Option<Arc<dyn TokenCredential>>, AzureError> {
+    let explicit = std::env::var(STATIC_TOKEN_ENV).is_ok_and(|t| !t.is_empty())
+        || std::env::var_os("AZURE_FEDERATED_TOKEN_FILE").is_some()
+        || std::env::var_os("AZURE_CLIENT_SECRET").is_some();
+    if explicit || azure_cli_on_path() {
+        from_environment().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn azure_cli_on_path() -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path)
+            .any(|dir| dir.join("az").is_file() || dir.join("az.cmd").is_file())
+    })
+}

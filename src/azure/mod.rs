@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod counted;
 pub mod credential;
 pub mod error;
 pub mod limiter;
@@ -15,6 +16,7 @@ pub mod policy;
 
 pub use self::{
     client::{ArmClient, ArmConfig},
+    counted::CountedAzure,
     credential::{ARM_SCOPE, StaticToken, WorkloadIdentity},
     error::{AzureError, RateLimitRemaining},
     limiter::{Limiter, LimiterConfig},

@@ -1,13 +1,18 @@
 //! `rdphealth run`: the operator. Every flag can also be set from the environment.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use kube::Client;
 use tokio::net::TcpListener;
 
 use crate::{
+    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, credential},
     controller::{self, LeaseSettings, RunError, Seams, Settings},
-    engine::HostOverride,
+    engine::{AzureResolver, EndpointResolver, HostOverride, ResolverPolicy},
+    ladder::fleet::FleetPolicy,
     probe::RdpProber,
 };
 
@@ -42,6 +47,29 @@ pub struct RunArgs {
     /// This replica's identity in the Lease and in Events (default: the host name, i.e. the pod name).
     #[arg(long, env = "RDPHEALTH_IDENTITY")]
     pub identity: Option<String>,
+    /// Azure Resource Manager endpoint (the simulator's URL for local runs). Azure is used
+    /// when credentials are found: workload identity, a client secret, the Azure CLI, or
+    /// `RDPHEALTH_AZURE_STATIC_TOKEN` for the simulator.
+    #[arg(
+        long,
+        env = "RDPHEALTH_AZURE_ENDPOINT",
+        default_value = "https://management.azure.com"
+    )]
+    pub azure_endpoint: azure_core::Url,
+    /// The prober's egress address as Azure sees it, for evaluating NSG rules (default: the
+    /// rules are evaluated for "any internet address").
+    #[arg(long, env = "RDPHEALTH_PROBE_SOURCE_ADDRESS")]
+    pub probe_source_address: Option<IpAddr>,
+    /// Storm breaker: above this percentage of unreachable VMs in a subscription, disruptive
+    /// rungs are suspended there.
+    #[arg(long, env = "RDPHEALTH_MAX_UNREACHABLE_PERCENT", default_value_t = 30, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub max_unreachable_percent: u8,
+    /// Storm breaker: only subscriptions with at least this many monitored VMs.
+    #[arg(long, env = "RDPHEALTH_MIN_FLEET_SIZE", default_value_t = 5)]
+    pub min_fleet_size: usize,
+    /// Disruptive rungs in flight at once per subscription.
+    #[arg(long, env = "RDPHEALTH_MAX_CONCURRENT_DISRUPTIVE", default_value_t = 1)]
+    pub max_concurrent_disruptive: usize,
 }
 
 /// Errors of `rdphealth run`.
@@ -65,6 +93,9 @@ pub enum RunCommandError {
     /// The operator stopped with an error.
     #[error("operator failed")]
     Run(#[source] RunError),
+    /// The Azure adapter could not be set up.
+    #[error("failed to set up Azure")]
+    Azure(#[source] AzureError),
 }
 
 impl RunCommandError {
@@ -75,6 +106,7 @@ impl RunCommandError {
             Self::Listen { .. } => "ListenFailed",
             Self::Prober(_) => "ProberSetupFailed",
             Self::Run(e) => e.reason(),
+            Self::Azure(e) => e.reason(),
         }
     }
 }
@@ -98,7 +130,32 @@ impl RunArgs {
                 grace_seconds: (self.lease_duration_seconds / 3).max(1),
             }),
             instance: Some(identity),
+            fleet: FleetPolicy {
+                max_unreachable_percent: self.max_unreachable_percent,
+                min_fleet_size: self.min_fleet_size,
+                max_concurrent_disruptive: self.max_concurrent_disruptive,
+            },
+            probe_source: self.probe_source_address,
         }
+    }
+
+    /// The Azure adapter, when credentials are configured.
+    pub fn azure(&self) -> Result<Option<Arc<CountedAzure>>, RunCommandError> {
+        let Some(credential) = credential::configured().map_err(RunCommandError::Azure)? else {
+            tracing::warn!(
+                "no Azure credentials found: observe-only (objects need spec.endpoint.host; no evidence, no remediation)"
+            );
+            return Ok(None);
+        };
+        let config = ArmConfig::new(self.azure_endpoint.clone());
+        let client: Arc<dyn Azure> = Arc::new(ArmClient::new(config, credential));
+        let counted = CountedAzure::new(client).map_err(|e| {
+            RunCommandError::Azure(AzureError::Invalid {
+                message: e.to_string(),
+            })
+        })?;
+        tracing::info!(endpoint = %self.azure_endpoint, "Azure configured: endpoint resolution, evidence and remediation");
+        Ok(Some(Arc::new(counted)))
     }
 }
 
@@ -113,9 +170,18 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
             addr: args.metrics_addr,
             source,
         })?;
+    let azure = args.azure()?;
+    let resolver: Arc<dyn EndpointResolver> = match &azure {
+        Some(azure) => Arc::new(AzureResolver::new(
+            azure.clone() as Arc<dyn Azure>,
+            ResolverPolicy::default(),
+        )),
+        None => Arc::new(HostOverride),
+    };
     let seams = Seams {
         prober: Arc::new(RdpProber::new().map_err(RunCommandError::Prober)?),
-        resolver: Arc::new(HostOverride),
+        resolver,
+        azure,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     controller::run(client, args.settings(), seams, listener, shutdown_signal())

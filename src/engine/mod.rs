@@ -21,8 +21,8 @@ use k8s_openapi::{
 
 pub use self::{
     conditions::{Desired, Status},
-    endpoint::{EndpointResolver, HostOverride, ResolveError},
-    schedule::{Schedule, schedule},
+    endpoint::{AzureResolver, EndpointResolver, HostOverride, ResolveError, ResolverPolicy},
+    schedule::{Schedule, ladder_due, schedule},
     spec::{ProbePolicy, SpecError, ValidSpec, VmId},
     thresholds::{Streak, Thresholds},
 };
@@ -33,6 +33,9 @@ use crate::{
     },
     probe::{Finding, ProbeReport},
 };
+
+/// A failed address lookup is retried no sooner than this.
+const MIN_LOOKUP_RETRY: Duration = Duration::from_secs(30);
 
 /// What the driver observed for an object.
 #[derive(Debug, Clone)]
@@ -103,7 +106,7 @@ pub fn evaluate(obj: &RdpHealth, observation: Observation, now: Timestamp) -> Ou
             } else {
                 match observation {
                     Observation::NotProbed => Next::Requeue(spec.probe.interval),
-                    Observation::Unresolved(e) => step.unresolved(&e),
+                    Observation::Unresolved(e) => step.unresolved(&spec, &e),
                     Observation::Probed { endpoint, report } => {
                         step.probed(&spec, endpoint, &report)
                     }
@@ -190,7 +193,7 @@ impl Step {
         Next::AwaitChange
     }
 
-    fn unresolved(&mut self, error: &ResolveError) -> Next {
+    fn unresolved(&mut self, spec: &ValidSpec, error: &ResolveError) -> Next {
         let message = error.to_string();
         self.set(Desired::new(
             types::REACHABLE,
@@ -206,7 +209,11 @@ impl Step {
         ));
         self.status.endpoint = None;
         self.status.phase = Some(Phase::Pending);
-        Next::AwaitChange
+        if error.needs_object_change() {
+            Next::AwaitChange
+        } else {
+            Next::Requeue(spec.probe.unhealthy_interval.max(MIN_LOOKUP_RETRY))
+        }
     }
 
     fn probed(

@@ -138,6 +138,14 @@ impl Fleet {
         }
     }
 
+    /// Drops the claims of objects that no longer exist: an object deleted while its
+    /// disruptive rung ran would otherwise hold its subscription's slot until a restart.
+    pub fn retain_claims(&self, live: impl Fn(&str) -> bool) {
+        if let Ok(mut claims) = self.claims.lock() {
+            claims.retain(|(_, key)| live(key));
+        }
+    }
+
     /// Whether `key` could take a slot now (without claiming it).
     fn slot_free(&self, subscription: &str, key: &str) -> bool {
         let (Ok(view), Ok(claims)) = (self.view.lock(), self.claims.lock()) else {
@@ -975,6 +983,16 @@ mod tests {
     #[case("111111110111", false)]
     fn flapping_cases(#[case] recent: &str, #[case] expected: bool) {
         assert_eq!(flapping(recent), expected);
+    }
+
+    #[test]
+    fn claims_of_deleted_objects_free_their_slot() {
+        let fleet = Fleet::new(FleetPolicy::default());
+        assert!(fleet.claim("sub", "ns/deleted"));
+        assert!(!fleet.slot_free("sub", "ns/other"));
+        fleet.retain_claims(|key| key != "ns/deleted");
+        assert!(fleet.slot_free("sub", "ns/other"));
+        assert!(fleet.claim("sub", "ns/other"));
     }
 
     #[test]

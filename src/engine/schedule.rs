@@ -9,7 +9,10 @@ use super::{
     conditions::{self, Status},
     spec::ValidSpec,
 };
-use crate::api::{Phase, RdpHealth, conditions as types, reasons};
+use crate::{
+    api::{Phase, RdpHealth, conditions as types, reasons},
+    ladder::ExecutionPhase,
+};
 
 /// What the driver should do with an object now.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +69,28 @@ pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
     match interval.checked_sub(elapsed) {
         Some(left) if !left.is_zero() => Schedule::Wait(left),
         _ => Schedule::Probe(Box::new(spec)),
+    }
+}
+
+/// When the remediation ladder needs a look of its own (no probe): the next poll of a running
+/// operation, the end of settling, the deadline of an unanswered request, or the end of a
+/// backoff. Drivers reconcile at that time without probing, so polling and settling never
+/// make probes more frequent than the probe intervals.
+pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
+    let ladder = &status.ladder;
+    let current = ladder.current.as_ref().and_then(|c| match c.phase {
+        ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
+        ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
+        ExecutionPhase::Settling => c.settle_until.as_ref().map(|t| t.0),
+    });
+    let backoff = ladder
+        .next_action_at
+        .as_ref()
+        .map(|t| t.0)
+        .filter(|_| ladder.current.is_none() && ladder.incident_started_at.is_some());
+    match (current, backoff) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -152,6 +177,54 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(schedule(&obj, at(100)), want);
+    }
+
+    fn ladder(phase: Option<ExecutionPhase>, next_action: Option<i64>) -> RdpHealthStatus {
+        use crate::ladder::{Rung, RungExecution, Step};
+        let mut status = RdpHealthStatus::default();
+        status.ladder.incident_started_at = Some(Time(at(0)));
+        status.ladder.next_action_at = next_action.map(|s| Time(at(s)));
+        status.ladder.current = phase.map(|phase| RungExecution {
+            step: Step::rung(Rung::Restart),
+            attempt: 1,
+            phase,
+            started_at: Time(at(100)),
+            operation: None,
+            next_poll_at: Some(Time(at(110))),
+            settle_until: Some(Time(at(130))),
+            message: None,
+        });
+        status
+    }
+
+    #[rstest]
+    #[case::idle(None, None, None)]
+    #[case::backoff(None, Some(500), Some(500))]
+    #[case::requested_waits_for_the_request_timeout(
+        Some(ExecutionPhase::Requested),
+        None,
+        Some(220)
+    )]
+    #[case::running_polls(Some(ExecutionPhase::Running), None, Some(110))]
+    #[case::settling_judges(Some(ExecutionPhase::Settling), None, Some(130))]
+    #[case::rung_in_flight_ignores_old_backoff(Some(ExecutionPhase::Running), Some(500), Some(110))]
+    fn ladder_looks_without_probing(
+        #[case] phase: Option<ExecutionPhase>,
+        #[case] next_action: Option<i64>,
+        #[case] want: Option<i64>,
+    ) {
+        let obj = object(|_| {});
+        let spec = ValidSpec::try_from(&obj.spec).unwrap();
+        assert_eq!(ladder_due(&ladder(phase, next_action), &spec), want.map(at));
+    }
+
+    #[test]
+    fn a_closed_incident_has_no_backoff_to_wait_for() {
+        let obj = object(|_| {});
+        let spec = ValidSpec::try_from(&obj.spec).unwrap();
+        let mut status = ladder(None, Some(500));
+        status.ladder.incident_started_at = None;
+        assert_eq!(ladder_due(&status, &spec), None);
     }
 
     #[test]

@@ -234,7 +234,7 @@ fn missing_host_is_a_condition_not_a_crash() {
     assert_eq!(reach.reason, "EndpointUnresolved");
     assert_eq!(
         reach.message,
-        "endpoint host required until Azure resolution is configured"
+        "spec.endpoint.host is required: the operator runs without Azure credentials, so it cannot look up the VM's address (observe-only)"
     );
     assert_eq!(out.status.phase, Some(Phase::Pending));
     assert_eq!(out.next, Next::AwaitChange);

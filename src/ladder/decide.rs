@@ -443,7 +443,11 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if s.policy.mode == Mode::Observe {
         return Decision::Observe;
     }
-    if s.ladder.exhausted {
+    // An exhausted ladder stays stopped, unless a one-time approval unlocks the rung it
+    // needed (LadderExhausted names the rungs that need permission).
+    let approved = s.approval.is_some()
+        && next_step(s, evidence).is_some_and(|step| Some(step.rung) == s.approval);
+    if s.ladder.exhausted && !approved {
         return Decision::GiveUp(exhausted(s, evidence));
     }
     if s.gates.paused {

@@ -189,6 +189,7 @@ impl LadderStatus {
         self.prune_ladder_starts(now);
         let attempt = self.attempts_of(step) + 1;
         self.planned = None;
+        self.exhausted = false;
         self.current = Some(RungExecution {
             step,
             attempt,

@@ -142,6 +142,8 @@ fn nsg_deny() -> NsgEvidence {
 #[case::cert_code_targets_certificate(|c: &mut Case| c.failure = Some(Failure { code: Some(3), ..failure(FailureReason::NegotiationFailure) }), Decision::Act(Step::repair(GuestRepair::RenewRdpCertificate)))]
 #[case::backoff(|c: &mut Case| c.ladder.next_action_at = Some(Time(at(100))), Decision::Wait { until: at(100), reason: WaitReason::Backoff })]
 #[case::exhausted_flag(|c: &mut Case| c.ladder.exhausted = true, Decision::GiveUp(GiveUp::Exhausted { need_permission: vec![], need_agent: vec![] }))]
+#[case::approval_after_exhaustion(|c: &mut Case| { c.ladder.exhausted = true; c.evidence.as_mut().unwrap().agent_ready = Some(false); c.policy.allowed_disruptive.clear(); c.approval = Some(Rung::Restart); }, Decision::Act(Step::rung(Rung::Restart)))]
+#[case::other_approval_keeps_it_exhausted(|c: &mut Case| { c.ladder.exhausted = true; c.evidence.as_mut().unwrap().agent_ready = Some(false); c.policy.allowed_disruptive.clear(); c.policy.ladder = vec![Rung::Restart]; c.approval = Some(Rung::Redeploy); }, Decision::GiveUp(GiveUp::Exhausted { need_permission: vec![Rung::Restart], need_agent: vec![] }))]
 fn decide_table(#[case] setup: fn(&mut Case), #[case] expected: Decision) {
     let mut case = Case::new();
     setup(&mut case);

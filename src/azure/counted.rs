@@ -1,0 +1,175 @@
+//! Counts every call through the [`Azure`] trait by operation and outcome
+//! (`rdphealth_azure_requests_total`, `rdphealth_azure_throttled_total`). One call of the trait
+//! may be more than one HTTP request (a VM's address is a VM, a NIC and a public IP read); the
+//! counters follow the trait, the operator's unit of work.
+
+use std::sync::Arc;
+
+use prometheus::{IntCounterVec, Opts, core::Collector};
+
+use super::{
+    Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint, FlowQuery, Health, NetworkRules,
+    Operation, Password, PollOutcome, VmRef, VmState, WatcherRef,
+};
+
+/// An [`Azure`] that counts the calls of another.
+pub struct CountedAzure {
+    inner: Arc<dyn Azure>,
+    requests: IntCounterVec,
+    throttled: IntCounterVec,
+}
+
+impl std::fmt::Debug for CountedAzure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedAzure").finish_non_exhaustive()
+    }
+}
+
+/// The `operation` label values, one per trait method.
+pub const OPERATIONS: [&str; 15] = [
+    "vm_state",
+    "endpoint",
+    "network_rules",
+    "start_effective_rules",
+    "start_ip_flow_verify",
+    "resource_health",
+    "boot_diagnostics",
+    "serial_log",
+    "reset_rdp_config",
+    "reset_password",
+    "run_command",
+    "reset_nic",
+    "restart",
+    "redeploy",
+    "poll",
+];
+
+impl CountedAzure {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Azure>) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "rdphealth_azure_requests_total",
+                "Calls the operator made to Azure Resource Manager, by operation and result code (OK or the error's reason).",
+            ),
+            &["operation", "code"],
+        )?;
+        let throttled = IntCounterVec::new(
+            Opts::new(
+                "rdphealth_azure_throttled_total",
+                "Azure Resource Manager calls answered with throttling (429/503), by operation.",
+            ),
+            &["operation"],
+        )?;
+        for op in OPERATIONS {
+            throttled.with_label_values(&[op]);
+        }
+        Ok(Self {
+            inner,
+            requests,
+            throttled,
+        })
+    }
+
+    /// The counters, for registration.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.throttled.clone()),
+        ]
+    }
+
+    fn count<T>(&self, operation: &'static str, result: AzureResult<T>) -> AzureResult<T> {
+        let code = match &result {
+            Ok(_) => "OK",
+            Err(e) => e.reason(),
+        };
+        self.requests.with_label_values(&[operation, code]).inc();
+        if matches!(result, Err(AzureError::Throttled { .. })) {
+            self.throttled.with_label_values(&[operation]).inc();
+        }
+        result
+    }
+}
+
+#[async_trait::async_trait]
+impl Azure for CountedAzure {
+    async fn vm_state(&self, vm: &VmRef) -> AzureResult<VmState> {
+        self.count("vm_state", self.inner.vm_state(vm).await)
+    }
+
+    async fn endpoint(&self, vm: &VmRef) -> AzureResult<Endpoint> {
+        self.count("endpoint", self.inner.endpoint(vm).await)
+    }
+
+    async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules> {
+        self.count("network_rules", self.inner.network_rules(vm).await)
+    }
+
+    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count(
+            "start_effective_rules",
+            self.inner.start_effective_rules(vm).await,
+        )
+    }
+
+    async fn start_ip_flow_verify(
+        &self,
+        vm: &VmRef,
+        watcher: &WatcherRef,
+        query: &FlowQuery,
+    ) -> AzureResult<Option<Operation>> {
+        self.count(
+            "start_ip_flow_verify",
+            self.inner.start_ip_flow_verify(vm, watcher, query).await,
+        )
+    }
+
+    async fn resource_health(&self, vm: &VmRef) -> AzureResult<Health> {
+        self.count("resource_health", self.inner.resource_health(vm).await)
+    }
+
+    async fn boot_diagnostics(&self, vm: &VmRef) -> AzureResult<BootDiagnosticsUris> {
+        self.count("boot_diagnostics", self.inner.boot_diagnostics(vm).await)
+    }
+
+    async fn serial_log(&self, uris: &BootDiagnosticsUris) -> AzureResult<String> {
+        self.count("serial_log", self.inner.serial_log(uris).await)
+    }
+
+    async fn reset_rdp_config(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count("reset_rdp_config", self.inner.reset_rdp_config(vm).await)
+    }
+
+    async fn reset_password(
+        &self,
+        vm: &VmRef,
+        user: &str,
+        password: &Password,
+    ) -> AzureResult<Operation> {
+        self.count(
+            "reset_password",
+            self.inner.reset_password(vm, user, password).await,
+        )
+    }
+
+    async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation> {
+        self.count("run_command", self.inner.run_command(vm, script).await)
+    }
+
+    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count("reset_nic", self.inner.reset_nic(vm).await)
+    }
+
+    async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count("restart", self.inner.restart(vm).await)
+    }
+
+    async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count("redeploy", self.inner.redeploy(vm).await)
+    }
+
+    async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
+        self.count("poll", self.inner.poll(op).await)
+    }
+}

@@ -1,0 +1,744 @@
+//! The whole loop with remediation: the real `Controller` against the in-process API server,
+//! with the simulator as Azure (the real SDK adapter talking to the ARM emulator) and the
+//! simulated VMs' live RDP responders. The endpoint comes from Azure (no `spec.endpoint.host`);
+//! a prober stand-in routes the addresses ARM reports to the VMs' loopback responders, the way
+//! a network would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fake_apiserver;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use azure_core::Url;
+use fake_apiserver::{FakeApiServer, Inner};
+use rdphealth::{
+    azure::{
+        ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure, Endpoint,
+        FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, StaticToken, VmRef,
+        VmState, WatcherRef,
+    },
+    controller::{self, LeaseSettings, Seams, Settings},
+    engine::{AzureResolver, ResolverPolicy},
+    probe::{BoxFuture, ProbeOptions, ProbeReport, Prober, RdpProber, Target},
+    sim::{Scenario, Shared, Simulator},
+};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+const NS: &str = "default";
+const WAIT: Duration = Duration::from_secs(30);
+const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
+
+fn scenario(vms: &str) -> Scenario {
+    let yaml = format!(
+        r#"
+timing: {{ operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
+subscriptions:
+  - id: {SUB}
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        networkSecurityGroups:
+          - name: nsg
+            rules:
+              - {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "3389" }}
+        virtualNetworks:
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg }} ] }}
+        vms:
+{vms}
+"#
+    );
+    Scenario::from_yaml(&yaml).unwrap()
+}
+
+fn resource_id(vm: &str) -> String {
+    format!(
+        "/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{vm}"
+    )
+}
+
+/// Routes the addresses ARM reports for a simulated VM to its loopback responder; any other
+/// address is unreachable (as an old address is after a redeploy).
+struct SimNetwork {
+    sim: Arc<Shared>,
+    prober: RdpProber,
+}
+
+impl Prober for SimNetwork {
+    fn probe<'a>(
+        &'a self,
+        target: &'a Target,
+        opts: &'a ProbeOptions,
+    ) -> BoxFuture<'a, ProbeReport> {
+        Box::pin(async move {
+            let route = self.sim.vm_summaries().into_iter().find(|vm| {
+                vm.public_ip.as_deref() == Some(target.host.as_str())
+                    || vm.private_ip.as_deref() == Some(target.host.as_str())
+            });
+            // Nothing listens on port 9 of loopback: an unknown address is refused.
+            let local = route.map_or(SocketAddr::from(([127, 0, 0, 1], 9)), |vm| vm.rdp);
+            let routed = Target {
+                host: local.ip().to_string(),
+                port: local.port(),
+            };
+            self.prober.probe_once(&routed, opts).await
+        })
+    }
+}
+
+/// What the API server held when a mutating Azure call was made.
+#[derive(Debug, Clone)]
+struct Call {
+    operation: &'static str,
+    /// `status.ladder.current` of every object at the time of the call.
+    current: Vec<Value>,
+}
+
+/// Passes calls to the adapter and, for every mutating call, records what the API server
+/// held at that moment (the intent must be stored before the call).
+struct Witness {
+    inner: ArmClient,
+    api: Arc<FakeApiServer>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Witness {
+    fn record(&self, operation: &'static str) {
+        let current = self.api.read(|inner| {
+            inner
+                .list("rdphealths", NS)
+                .iter()
+                .map(|o| o["status"]["ladder"]["current"].clone())
+                .collect()
+        });
+        self.calls.lock().unwrap().push(Call { operation, current });
+    }
+
+    fn mutating(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Azure for Witness {
+    async fn vm_state(&self, vm: &VmRef) -> AzureResult<VmState> {
+        self.inner.vm_state(vm).await
+    }
+    async fn endpoint(&self, vm: &VmRef) -> AzureResult<Endpoint> {
+        self.inner.endpoint(vm).await
+    }
+    async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules> {
+        self.inner.network_rules(vm).await
+    }
+    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.inner.start_effective_rules(vm).await
+    }
+    async fn start_ip_flow_verify(
+        &self,
+        vm: &VmRef,
+        watcher: &WatcherRef,
+        query: &FlowQuery,
+    ) -> AzureResult<Option<Operation>> {
+        self.inner.start_ip_flow_verify(vm, watcher, query).await
+    }
+    async fn resource_health(&self, vm: &VmRef) -> AzureResult<Health> {
+        self.inner.resource_health(vm).await
+    }
+    async fn boot_diagnostics(&self, vm: &VmRef) -> AzureResult<BootDiagnosticsUris> {
+        self.inner.boot_diagnostics(vm).await
+    }
+    async fn serial_log(&self, uris: &BootDiagnosticsUris) -> AzureResult<String> {
+        self.inner.serial_log(uris).await
+    }
+    async fn reset_rdp_config(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.record("reset_rdp_config");
+        self.inner.reset_rdp_config(vm).await
+    }
+    async fn reset_password(
+        &self,
+        vm: &VmRef,
+        user: &str,
+        password: &Password,
+    ) -> AzureResult<Operation> {
+        self.record("reset_password");
+        self.inner.reset_password(vm, user, password).await
+    }
+    async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation> {
+        self.record("run_command");
+        self.inner.run_command(vm, script).await
+    }
+    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.record("reset_nic");
+        self.inner.reset_nic(vm).await
+    }
+    async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.record("restart");
+        self.inner.restart(vm).await
+    }
+    async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.record("redeploy");
+        self.inner.redeploy(vm).await
+    }
+    async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
+        self.inner.poll(op).await
+    }
+}
+
+/// The operator running against the fake API server and the simulator.
+struct Operator {
+    http: SocketAddr,
+    witness: Arc<Witness>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), controller::RunError>>,
+}
+
+impl Operator {
+    async fn start(api: &Arc<FakeApiServer>, sim: &Simulator, identity: &str) -> Self {
+        Self::start_with(api, sim, identity, Settings::default()).await
+    }
+
+    async fn start_with(
+        api: &Arc<FakeApiServer>,
+        sim: &Simulator,
+        identity: &str,
+        base: Settings,
+    ) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        let settings = Settings {
+            concurrency: 4,
+            lease: Some(LeaseSettings {
+                name: "rdphealth-operator".into(),
+                namespace: NS.into(),
+                identity: identity.into(),
+                duration_seconds: 4,
+                grace_seconds: 1,
+            }),
+            instance: Some(identity.into()),
+            probe_source: Some("203.0.113.10".parse().unwrap()),
+            ..base
+        };
+        let witness = Arc::new(Witness {
+            inner: ArmClient::new(
+                ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+                Arc::new(StaticToken::new("test-token")),
+            ),
+            api: Arc::clone(api),
+            calls: Mutex::new(Vec::new()),
+        });
+        let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
+        let seams = Seams {
+            prober: Arc::new(SimNetwork {
+                sim: Arc::clone(sim.shared()),
+                prober: RdpProber::new().unwrap(),
+            }),
+            resolver: Arc::new(AzureResolver::new(
+                azure.clone() as Arc<dyn Azure>,
+                ResolverPolicy::default(),
+            )),
+            azure: Some(azure),
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(
+            api.client(),
+            settings,
+            seams,
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let op = Self {
+            http,
+            witness,
+            stop: Some(stop),
+            task,
+        };
+        op.wait_ready().await;
+        op
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !matches!(get(self.http, "/readyz").await, Ok((200, _))) {
+            assert!(tokio::time::Instant::now() < deadline, "never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_metrics(&self, present: &[&str]) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, text) = get(self.http, "/metrics").await.unwrap();
+            if present.iter().all(|p| text.contains(p)) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "metrics never matched {present:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, &mut self.task)
+            .await
+            .expect("operator did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let once = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(2), once)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+fn rdphealth(name: &str, vm: &str, remediation: Value) -> Value {
+    json!({
+        "apiVersion": "rdphealth.io/v1alpha1",
+        "kind": "RdpHealth",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "vm": {"resourceId": resource_id(vm)},
+            "probe": {
+                "interval": "1s", "unhealthyInterval": "300ms", "timeout": "250ms",
+                "failureThreshold": 2, "successThreshold": 1,
+            },
+            "remediation": remediation,
+        },
+    })
+}
+
+fn status(inner: &Inner, name: &str) -> Option<Value> {
+    inner
+        .get("rdphealths", NS, name)
+        .map(|o| o["status"].clone())
+        .filter(|s| !s.is_null())
+}
+
+fn condition(status: &Value, type_: &str) -> Option<Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+fn events(inner: &Inner, name: &str, reason: &str) -> usize {
+    inner
+        .list("events", NS)
+        .iter()
+        .filter(|e| e["reason"] == reason && e["regarding"]["name"] == name)
+        .count()
+}
+
+async fn wait_status(
+    api: &FakeApiServer,
+    name: &str,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    api.wait_for(what, WAIT, |inner| status(inner, name).filter(|s| f(s)))
+        .await
+}
+
+/// Phases of `status.ladder.current` in the order the API server stored them.
+fn stored_phases(inner: &Inner, name: &str) -> Vec<String> {
+    let mut phases: Vec<String> = Vec::new();
+    for change in &inner.log {
+        if change.resource != "rdphealths" || change.object["metadata"]["name"] != name {
+            continue;
+        }
+        if let Some(p) = change.object["status"]["ladder"]["current"]["phase"].as_str()
+            && phases.last().map(String::as_str) != Some(p)
+        {
+            phases.push(p.to_string());
+        }
+    }
+    phases
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.wait_for("the lease", WAIT, |inner| {
+        let lease = inner.get("leases", NS, "rdphealth-operator")?;
+        (lease["spec"]["holderIdentity"] == "replica-a").then_some(())
+    })
+    .await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "rdp",
+            "vm-rdp",
+            json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+
+    // The endpoint comes from Azure; the VM refuses RDP; evidence lands in status.
+    let public_ip = sim.vm("vm-rdp").unwrap().public_ip.unwrap();
+    let s = wait_status(&api, "rdp", "evidence in status", |s| {
+        s["diagnosis"].is_object()
+    })
+    .await;
+    assert_eq!(
+        s["endpoint"],
+        json!({"host": public_ip, "port": 3389, "source": "Azure"})
+    );
+    assert_eq!(s["diagnosis"]["agentReady"], true, "{s:#}");
+
+    // The rung runs, is polled, settles, and the endpoint answers again.
+    let s = wait_status(&api, "rdp", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["rung"], "ResetRdpConfig",
+        "{s:#}"
+    );
+    assert_eq!(condition(&s, "Reachable").unwrap()["status"], "True");
+    let history = s["ladder"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["outcome"], "Fixed");
+    assert_eq!(sim.count("extension.put"), 1);
+
+    // The intent was stored before the call, then the operation, then settling.
+    let calls = op.witness.mutating();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].operation, "reset_rdp_config");
+    assert_eq!(calls[0].current[0]["phase"], "Requested", "{calls:?}");
+    assert_eq!(calls[0].current[0]["step"]["rung"], "ResetRdpConfig");
+    let phases = api.read(|inner| stored_phases(inner, "rdp"));
+    assert_eq!(phases, ["Requested", "Running", "Settling"], "{phases:?}");
+    assert!(sim.count("operation.status") + sim.count("operation.result") >= 1);
+
+    api.wait_for("events", WAIT, |inner| {
+        (events(inner, "rdp", "RemediationStarted") == 1
+            && events(inner, "rdp", "RemediationSucceeded") == 1)
+            .then_some(())
+    })
+    .await;
+    let text = op
+        .wait_metrics(&[
+            r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_remediations_total{result="fixed",rung="ResetRdpConfig"} 1"#,
+            r#"rdphealth_ladder_rung{name="rdp",namespace="default"} 0"#,
+            r#"rdphealth_azure_requests_total{code="OK",operation="reset_rdp_config"} 1"#,
+            r#"rdphealth_vm_reachable{name="rdp",namespace="default"} 1"#,
+        ])
+        .await;
+
+    promtool_check(&text);
+
+    // A healthy VM costs no ARM reads per probe: its address stays cached.
+    let reads = sim.count("vm.get");
+    api.wait_for("more probes", WAIT, |inner| {
+        let s = status(inner, "rdp")?;
+        (s["consecutiveSuccesses"].as_u64()? >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(sim.count("vm.get"), reads, "probes must not read Azure");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-host, nic: { subnet: vnet/s }, faults: [host_failure] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let first = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "host",
+            "vm-host",
+            json!({
+                "mode": "Auto", "ladder": ["Redeploy"], "allowedDisruptiveActions": ["Redeploy"],
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    let before = sim.vm("vm-host").unwrap().public_ip.unwrap();
+    wait_status(&api, "host", "a running redeploy", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    first.shutdown().await;
+    assert_eq!(sim.count("vm.redeploy"), 1);
+
+    let second = Operator::start(&api, &sim, "replica-b").await;
+    let s = wait_status(&api, "host", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Redeploy", "{s:#}");
+    assert_eq!(sim.count("vm.redeploy"), 1, "redeployed twice");
+    assert!(
+        second.witness.mutating().is_empty(),
+        "the new operator only polled"
+    );
+    // A redeploy moves the VM: the endpoint was looked up again.
+    let after = sim.vm("vm-host").unwrap().public_ip.unwrap();
+    assert_ne!(before, after);
+    assert_eq!(s["endpoint"]["host"], after);
+    second
+        .wait_metrics(&[r#"rdphealth_remediations_total{result="fixed",rung="Redeploy"} 1"#])
+        .await;
+    second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_replica_never_changes_anything() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    // Another replica holds the Lease (and keeps it).
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    api.create(
+        "leases",
+        NS,
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "rdphealth-operator", "namespace": NS},
+            "spec": {"holderIdentity": "replica-a", "leaseDurationSeconds": 3600,
+                     "acquireTime": now, "renewTime": now, "leaseTransitions": 0},
+        }),
+    );
+    let standby = Operator::start(&api, &sim, "replica-b").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("rdp", "vm-rdp", json!({"mode": "Auto", "settleTime": "1s"})),
+    );
+    // It probes (its metrics say unreachable) but writes nothing and calls nothing.
+    standby
+        .wait_metrics(&[
+            r#"rdphealth_vm_reachable{name="rdp",namespace="default"} 0"#,
+            r#"rdphealth_probe_failures_total{reason="tcp_refused"} 3"#,
+        ])
+        .await;
+    assert!(standby.witness.mutating().is_empty());
+    assert_eq!(sim.count("extension.put"), 0);
+    assert!(api.read(|inner| status(inner, "rdp")).is_none());
+    standby.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storm_breaker_holds_disruptive_rungs() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-0, nic: { subnet: vnet/s } }
+          - { name: vm-1, nic: { subnet: vnet/s } }
+          - { name: vm-2, nic: { subnet: vnet/s } }
+          - { name: vm-3, nic: { subnet: vnet/s }, faults: [guest_hung] }
+          - { name: vm-4, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    for i in 0..5 {
+        api.create(
+            "rdphealths",
+            NS,
+            rdphealth(
+                &format!("vm-{i}"),
+                &format!("vm-{i}"),
+                json!({"mode": "Observe"}),
+            ),
+        );
+    }
+    // Two of five (40% > 30%) are unreachable.
+    for name in ["vm-3", "vm-4"] {
+        wait_status(&api, name, "unreachable", |s| {
+            s["phase"] == "Unreachable" || s["phase"] == "Diagnosing"
+        })
+        .await;
+    }
+    // Now allowed to restart: the breaker holds the disruptive rung.
+    for name in ["vm-3", "vm-4"] {
+        api.patch(
+            "rdphealths",
+            NS,
+            name,
+            json!({"spec": {"remediation": {
+                "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+                "settleTime": "1s",
+            }}}),
+        );
+    }
+    for name in ["vm-3", "vm-4"] {
+        let s = wait_status(&api, name, "suspension", |s| {
+            condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+        let c = condition(&s, "RemediationSuspended").unwrap();
+        assert_eq!(c["reason"], "StormBreaker", "{s:#}");
+    }
+    op.wait_metrics(&[
+        r#"rdphealth_remediation_suspended{reason="StormBreaker"} 5"#,
+        r#"rdphealth_findings{kind="rdp_open_to_internet",name="vm-3",namespace="default"} 1"#,
+        r#"rdphealth_ladder_rung{name="vm-3",namespace="default"} 0"#,
+    ])
+    .await;
+    api.wait_for("suspension events", WAIT, |inner| {
+        (events(inner, "vm-3", "RemediationSuspended") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(sim.count("vm.restart"), 0);
+    assert_eq!(sim.count("vm.redeploy"), 0);
+    assert!(op.witness.mutating().is_empty());
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// `promtool check metrics` on the remediation metrics too (skipped without promtool unless
+/// `RDPHEALTH_REQUIRE_PROMTOOL=1`).
+fn promtool_check(text: &str) {
+    use std::{io::Write, process::Command};
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let available = Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
+            "promtool is required but `{promtool}` is not installed"
+        );
+        return;
+    }
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_unlocks_one_disruptive_rung_once() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "hung",
+            "vm-hung",
+            json!({"mode": "Auto", "ladder": ["Restart"], "settleTime": "1s", "cooldown": "1s",
+                   "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    // Restart is disruptive and not allowed: the ladder stops and says what it needs.
+    let s = wait_status(&api, "hung", "LadderExhausted", |s| {
+        condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let message = condition(&s, "LadderExhausted").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("needs permission: Restart"),
+        "{message}"
+    );
+    assert_eq!(sim.count("vm.restart"), 0);
+
+    // One approval: one restart, remembered in status.
+    api.patch(
+        "rdphealths",
+        NS,
+        "hung",
+        json!({"metadata": {"annotations": {"rdphealth.io/approve": "Restart/ticket-1"}}}),
+    );
+    let s = wait_status(&api, "hung", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
+    assert_eq!(s["ladder"]["consumedApproval"], "Restart/ticket-1");
+    assert_eq!(sim.count("vm.restart"), 1);
+
+    // The same value approves nothing the next time.
+    sim.inject("vm-hung", rdphealth::sim::Fault::GuestHung)
+        .await;
+    wait_status(&api, "hung", "exhausted again", |s| {
+        s["ladder"]["exhausted"] == true
+            && condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    assert_eq!(sim.count("vm.restart"), 1, "an approval is used once");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
