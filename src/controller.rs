@@ -250,6 +250,7 @@ impl Context {
             fleet: Arc::new(Fleet::new(fleet)),
             probe_source,
             first_poll: Duration::from_secs(1),
+            vm_rdp_port: None,
         });
         self
     }
@@ -540,7 +541,8 @@ async fn reconcile_object(
         patch_status(&ctx.client, key, &outcome.status).await?;
     }
     ctx.metrics.object_status(key, &outcome.status);
-    count_remediations(&ctx.metrics, &before, &outcome.status.ladder, now);
+    ctx.metrics
+        .count_remediations(&before, &outcome.status.ladder, now);
     publish(ctx, obj, &outcome.events, probe_events).await;
     if let Some(Err(e)) = stage {
         return Err(Error::Remediate(e));
@@ -604,38 +606,6 @@ fn address_may_have_changed(before: &LadderStatus, after: &LadderStatus) -> bool
         .filter(|r| last_before.is_none_or(|t| r.finished_at.0 > t))
         .any(|r| r.step.rung.may_change_address());
     finished || (settling(after).is_some() && settling(after) != settling(before))
-}
-
-/// `rdphealth_remediations_total`: rungs started in this reconcile and rungs that ended.
-fn count_remediations(
-    metrics: &Metrics,
-    before: &LadderStatus,
-    after: &LadderStatus,
-    now: Timestamp,
-) {
-    let last_before = before.history.last().map(|r| r.finished_at.0);
-    let ended: Vec<_> = after
-        .history
-        .iter()
-        .filter(|r| last_before.is_none_or(|t| r.finished_at.0 > t))
-        .collect();
-    let started = ended
-        .iter()
-        .filter(|r| r.started_at.0 == now)
-        .map(|r| r.step.rung)
-        .chain(
-            after
-                .current
-                .as_ref()
-                .filter(|c| c.started_at.0 == now)
-                .map(|c| c.step.rung),
-        );
-    for rung in started {
-        metrics.remediation(rung, "started");
-    }
-    for r in ended {
-        metrics.remediation(r.step.rung, r.outcome.as_str());
-    }
 }
 
 /// Objects that need Azure (no host override, or a remediation mode) say that it is missing.
@@ -1053,15 +1023,15 @@ mod tests {
         before.open_incident(ts(1));
         let mut after = before.clone();
         after.start(Step::rung(Rung::ResetRdpConfig), ts(5));
-        count_remediations(&metrics, &before, &after, ts(5));
+        metrics.count_remediations(&before, &after, ts(5));
         before = after.clone();
         after.finish(RungOutcome::NotFixed, None, ts(9), None);
-        count_remediations(&metrics, &before, &after, ts(9));
+        metrics.count_remediations(&before, &after, ts(9));
         before = after.clone();
-        count_remediations(&metrics, &before, &after, ts(10));
+        metrics.count_remediations(&before, &after, ts(10));
         after.start(Step::rung(Rung::Restart), ts(11));
         after.finish(RungOutcome::Failed, None, ts(11), None);
-        count_remediations(&metrics, &before, &after, ts(11));
+        metrics.count_remediations(&before, &after, ts(11));
         let text = metrics.render().unwrap();
         for line in [
             r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,

@@ -12,12 +12,14 @@ use prometheus::{
     TextEncoder, core::Collector,
 };
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::{
     api::{Phase, RdpHealthStatus, conditions as types, reasons},
     azure::CountedAzure,
     engine::conditions::{self, Status},
     evidence::nsg::Access,
-    ladder::Rung,
+    ladder::{LadderStatus, Rung},
     probe::{FailureReason, ProbeReport},
 };
 
@@ -231,6 +233,34 @@ impl Metrics {
         self.remediations
             .with_label_values(&[rung.as_str(), result])
             .inc();
+    }
+
+    /// Counts the rungs started in this reconcile and the rungs that ended between `before`
+    /// and `after` (`rdphealth_remediations_total`).
+    pub fn count_remediations(&self, before: &LadderStatus, after: &LadderStatus, now: Timestamp) {
+        let last_before = before.history.last().map(|r| r.finished_at.0);
+        let ended: Vec<_> = after
+            .history
+            .iter()
+            .filter(|r| last_before.is_none_or(|t| r.finished_at.0 > t))
+            .collect();
+        let started = ended
+            .iter()
+            .filter(|r| r.started_at.0 == now)
+            .map(|r| r.step.rung)
+            .chain(
+                after
+                    .current
+                    .as_ref()
+                    .filter(|c| c.started_at.0 == now)
+                    .map(|c| c.step.rung),
+            );
+        for rung in started {
+            self.remediation(rung, "started");
+        }
+        for r in ended {
+            self.remediation(r.step.rung, r.outcome.as_str());
+        }
     }
 
     /// Sets the suspended-object counts, by reason.

@@ -226,6 +226,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
         Schedule::AwaitChange | Schedule::Report => (Observation::NotProbed, None),
     };
     let mut outcome = evaluate(&obj, observation, now);
+    let ladder_before = outcome.status.ladder.clone();
     if let Ok(spec) = ValidSpec::try_from(&obj.spec) {
         let uid = obj.metadata.uid.clone().unwrap_or_default();
         let subject = Subject {
@@ -257,6 +258,9 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     let at = engine.state.started.elapsed();
     let status = outcome.status.clone();
     engine.metrics.object_status(&key(&obj), &status);
+    engine
+        .metrics
+        .count_remediations(&ladder_before, &status.ladder, now);
     engine.state.with(name, |t| {
         record(t, &status, &outcome.events, at);
         t.obj.status = Some(status);

@@ -28,7 +28,7 @@ use crate::{
     api::{
         EndpointSpec, ProbeSpec, RdpHealth, RdpHealthSpec, RemediationMode, RemediationSpec, VmRef,
     },
-    azure::{ArmClient, ArmConfig, StaticToken},
+    azure::{ArmClient, ArmConfig, CountedAzure, StaticToken},
     engine::remediate::{Fleet, Remediator},
     ladder::{Rung, fleet::FleetPolicy, spec::BackoffSpec},
     metrics::Metrics,
@@ -140,12 +140,17 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         }
     }
     let arm = Url::parse(&sim.arm_url()).map_err(|e| DemoError::Setup(e.to_string()))?;
-    let azure = Arc::new(ArmClient::new(
+    let arm_client = Arc::new(ArmClient::new(
         ArmConfig::new(arm),
         Arc::new(StaticToken::new("demo-token")),
     ));
+    let azure =
+        Arc::new(CountedAzure::new(arm_client).map_err(|e| DemoError::Setup(e.to_string()))?);
     let fleet = Arc::new(Fleet::new(FleetPolicy::default()));
     let metrics = Arc::new(Metrics::new().map_err(|e| DemoError::Setup(e.to_string()))?);
+    metrics
+        .register_azure(&azure)
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
     let engine = Arc::new(Engine {
         prober: Arc::new(RdpProber::new().map_err(|e| DemoError::Setup(e.to_string()))?),
         remediator: Arc::new(Remediator {
