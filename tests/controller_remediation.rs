@@ -189,6 +189,10 @@ impl Azure for Witness {
         self.record("redeploy");
         self.inner.redeploy(vm).await
     }
+    async fn start(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.record("start");
+        self.inner.start(vm).await
+    }
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
         self.inner.poll(op).await
     }

@@ -216,3 +216,39 @@ async fn objects_from_files_replace_the_generated_specs_and_dry_run_never_acts()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_vm_is_started_only_with_allow_start() {
+    let dir = std::env::temp_dir().join(format!("rdphealth-demo-start-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("allow-start.yaml");
+    // The built-in fleet's eleventh VM (index 10) is deallocated; this object allows starting it.
+    std::fs::write(
+        &file,
+        "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealth\nmetadata: {name: start, namespace: demo}\nspec:\n  vm: {resourceId: /subscriptions/00000000-0000-0000-0000-00000000de02/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/vm-010-vm-stopped}\n  probe: {interval: 500ms, unhealthyInterval: 250ms, timeout: 200ms, failureThreshold: 2, successThreshold: 1}\n  remediation: {mode: Auto, allowStart: true, settleTime: 500ms}\n",
+    )
+    .unwrap();
+    let cfg = DemoConfig {
+        vms: 11,
+        speed: 2.0,
+        objects: vec![file],
+        timeout: Duration::from_secs(12),
+        exit_when_settled: false,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let summary = demo::run(&cfg).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let vm = summary
+        .vms
+        .iter()
+        .find(|t| t.fault == Some(Fault::VmStopped))
+        .unwrap();
+    assert_eq!(
+        vm.fixed_by,
+        Some(Step::rung(Rung::StartVm)),
+        "{}",
+        demo::view::render_summary(&summary)
+    );
+    assert_eq!(summary.arm_calls.get("vm.start").copied(), Some(1));
+}

@@ -910,6 +910,22 @@ impl Azure for ArmClient {
         ))
     }
 
+    async fn start(&self, vm: &VmRef) -> AzureResult<Operation> {
+        let rsp = self
+            .compute
+            .virtual_machines_client()
+            .start(&vm.resource_group, &vm.name, &vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
+        Ok(operation(
+            OperationKind::Start,
+            vm,
+            rsp.as_raw_response().headers(),
+            None,
+        ))
+    }
+
     async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
         let rsp = self
             .compute

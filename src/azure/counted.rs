@@ -26,7 +26,7 @@ impl std::fmt::Debug for CountedAzure {
 }
 
 /// The `operation` label values, one per trait method.
-pub const OPERATIONS: [&str; 15] = [
+pub const OPERATIONS: [&str; 16] = [
     "vm_state",
     "endpoint",
     "network_rules",
@@ -41,6 +41,7 @@ pub const OPERATIONS: [&str; 15] = [
     "reset_nic",
     "restart",
     "redeploy",
+    "start",
     "poll",
 ];
 
@@ -167,6 +168,10 @@ impl Azure for CountedAzure {
 
     async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
         self.count("redeploy", self.inner.redeploy(vm).await)
+    }
+
+    async fn start(&self, vm: &VmRef) -> AzureResult<Operation> {
+        self.count("start", self.inner.start(vm).await)
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {

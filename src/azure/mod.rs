@@ -81,6 +81,9 @@ pub trait Azure: Send + Sync {
     /// Redeploys the VM to another host.
     async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation>;
 
+    /// Starts a stopped or deallocated VM.
+    async fn start(&self, vm: &VmRef) -> AzureResult<Operation>;
+
     /// Polls an operation once.
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome>;
 }

@@ -317,6 +317,8 @@ pub enum OperationKind {
     Restart,
     /// Redeploy.
     Redeploy,
+    /// Start a stopped VM.
+    Start,
     /// Effective security rules of a NIC.
     EffectiveRules,
     /// Network Watcher IP flow verify.
@@ -333,6 +335,7 @@ impl OperationKind {
             Self::ResetNic => "reset_nic",
             Self::Restart => "restart",
             Self::Redeploy => "redeploy",
+            Self::Start => "start",
             Self::EffectiveRules => "effective_rules",
             Self::IpFlowVerify => "ip_flow_verify",
         }

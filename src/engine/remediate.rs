@@ -769,6 +769,7 @@ impl Remediator {
             (Rung::ResetNic, _) => self.azure.reset_nic(vm).await,
             (Rung::Restart, _) => self.azure.restart(vm).await,
             (Rung::Redeploy, _) => self.azure.redeploy(vm).await,
+            (Rung::StartVm, _) => self.azure.start(vm).await,
             (rung, _) => Err(AzureError::Invalid {
                 message: format!("{rung} cannot be run by this operator build"),
             }),
@@ -830,7 +831,8 @@ fn operation(vm: &VmRef, step: Step, op: &OperationRef) -> Operation {
         Rung::Restart => OperationKind::Restart,
         Rung::Redeploy => OperationKind::Redeploy,
         Rung::ResetPassword => OperationKind::ResetPassword,
-        Rung::StartVm | Rung::RepairNsg => OperationKind::Restart,
+        Rung::StartVm => OperationKind::Start,
+        Rung::RepairNsg => OperationKind::Restart,
     };
     Operation {
         kind,

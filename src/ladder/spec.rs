@@ -145,6 +145,9 @@ pub enum LadderSpecError {
     /// The NSG repair would open RDP too widely.
     #[error("remediation.nsgRepair.allowedSourcePrefixes: {0}")]
     NsgRepair(String),
+    /// A setting this version validates but does not execute yet.
+    #[error("remediation.{0} is not supported by this version of the operator yet")]
+    Unsupported(&'static str),
     /// A maintenance window is malformed.
     #[error("remediation.maintenanceWindows[{index}]: {why}")]
     Window {
@@ -342,6 +345,14 @@ pub fn policy_from_spec(
         spec.nsg_repair.enabled,
     )?;
     check_nsg_repair(&spec.nsg_repair)?;
+    // Validated above so a spec written for them is checked, but not executed by this
+    // version: refuse clearly instead of failing at the first attempt.
+    if spec.nsg_repair.enabled {
+        return Err(LadderSpecError::Unsupported("nsgRepair"));
+    }
+    if spec.password_reset.is_some() {
+        return Err(LadderSpecError::Unsupported("passwordReset"));
+    }
     for rung in &spec.allowed_disruptive_actions {
         if !rung.is_disruptive() {
             return Err(LadderSpecError::Ladder(format!(
@@ -412,6 +423,36 @@ mod tests {
     fn default_spec_gives_the_default_policy() {
         let policy = policy_from_spec(&crate::api::RemediationSpec::default()).unwrap();
         assert_eq!(policy, super::super::LadderPolicy::default());
+    }
+
+    #[test]
+    fn settings_not_executed_yet_are_refused_clearly() {
+        let spec = crate::api::RemediationSpec {
+            password_reset: Some(PasswordResetSpec {
+                username: "azureadmin".into(),
+                secret_name: "vm-admin".into(),
+            }),
+            ..Default::default()
+        };
+        assert!(
+            policy_from_spec(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("passwordReset is not supported")
+        );
+        let spec = crate::api::RemediationSpec {
+            nsg_repair: NsgRepairSpec {
+                enabled: true,
+                allowed_source_prefixes: vec!["203.0.113.0/24".into()],
+            },
+            ..Default::default()
+        };
+        assert!(
+            policy_from_spec(&spec)
+                .unwrap_err()
+                .to_string()
+                .contains("nsgRepair is not supported")
+        );
     }
 
     #[test]
