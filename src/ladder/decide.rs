@@ -453,13 +453,8 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if s.gates.paused {
         return Decision::Suspended(Suspension::Paused);
     }
-    if let Some(next) = s.ladder.next_action_at.as_ref()
-        && next.0 > s.now
-    {
-        return Decision::Wait {
-            until: next.0,
-            reason: WaitReason::Backoff,
-        };
+    if let Some(wait) = backoff_wait(s) {
+        return wait;
     }
     if let Some(d) = new_ladder_gate(s) {
         return d;
@@ -576,6 +571,15 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
     None
 }
 
+/// Waiting out the backoff after a failed or ineffective rung.
+fn backoff_wait(s: &Situation<'_>) -> Option<Decision> {
+    let next = s.ladder.next_action_at.as_ref()?;
+    (next.0 > s.now).then_some(Decision::Wait {
+        until: next.0,
+        reason: WaitReason::Backoff,
+    })
+}
+
 /// StartVm and RepairNsg run outside the ladder but under the same gates and attempt limit.
 fn gated_special(s: &Situation<'_>, step: Step) -> Decision {
     if s.ladder.attempts_of(step) >= s.policy.max_attempts_per_rung {
@@ -587,13 +591,8 @@ fn gated_special(s: &Situation<'_>, step: Step) -> Decision {
     if s.gates.paused {
         return Decision::Suspended(Suspension::Paused);
     }
-    if let Some(next) = s.ladder.next_action_at.as_ref()
-        && next.0 > s.now
-    {
-        return Decision::Wait {
-            until: next.0,
-            reason: WaitReason::Backoff,
-        };
+    if let Some(wait) = backoff_wait(s) {
+        return wait;
     }
     match (s.policy.mode, s.gates.leader) {
         (Mode::DryRun, _) => Decision::Plan(step),
