@@ -4,7 +4,7 @@
 # certificate facts), on the same loopback TLS responders, at the same rate, in one run.
 #
 # Usage: bench/compare-blackbox.sh            (after `cargo build --release`)
-# Knobs (environment): VMS=20 RATE=20 DURATION=30 SIM_PORT=18580 BB_PORT=19115
+# Knobs (environment): VMS=20 RATE=20 DURATION=30 BB_PORT=19115
 #   RDPHEALTH_BIN=target/release/rdphealth BLACKBOX_BIN=/usr/bin/prometheus-blackbox-exporter
 # Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 set -euo pipefail
@@ -14,7 +14,6 @@ BLACKBOX=${BLACKBOX_BIN:-/usr/bin/prometheus-blackbox-exporter}
 VMS=${VMS:-20}
 RATE=${RATE:-20}
 DURATION=${DURATION:-30}
-SIM_PORT=${SIM_PORT:-18580}
 BB_PORT=${BB_PORT:-19115}
 TICKS=$(getconf CLK_TCK)
 
@@ -38,15 +37,15 @@ cpu_of() {
 [ -x "$BIN" ] || { echo "missing $BIN: run cargo build --release" >&2; exit 2; }
 [ -x "$BLACKBOX" ] || { echo "missing $BLACKBOX" >&2; exit 2; }
 
-"$BIN" bench scenario --vms "$VMS" >"$work/scenario.yaml"
-RUST_LOG=warn "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --scenario "$work/scenario.yaml" \
+# The responders: their own process; each port answers direct TLS and X.224-then-TLS.
+"$BIN" bench responders --count "$VMS" --for "$((DURATION * 3 + 120))s" \
     >"$work/sim.out" 2>"$work/sim.err" &
 SIM_PID=$!
 for _ in $(seq 1 300); do
-    [ "$(grep -c '^VM ' "$work/sim.out" || true)" -ge "$VMS" ] && break
+    [ "$(grep -c '^responder ' "$work/sim.out" || true)" -ge "$VMS" ] && break
     sleep 0.1
 done
-mapfile -t TARGETS < <(awk '/^VM /{ print $4 }' "$work/sim.out")
+mapfile -t TARGETS < <(awk '/^responder /{ print $2 }' "$work/sim.out")
 [ "${#TARGETS[@]}" -ge 1 ] || { echo "simulator did not start" >&2; cat "$work/sim.err" >&2; exit 1; }
 
 cat >"$work/blackbox.yml" <<YAML
@@ -85,7 +84,7 @@ for i in $(seq 0 $((total - 1))); do
     pids+=($!)
     # Sleep until the next tick of the fixed schedule.
     next=$(awk -v s="$start" -v i="$i" -v p="$period" 'BEGIN { printf "%.6f", s + (i + 1) * p }')
-    wait_s=$(awk -v n="$next" -v now="$EPOCHREALTIME" 'BEGIN { d = n - now; printf "%.6f", d > 0 ? d : 0 }')
+    wait_s=$(awk -v n="$next" -v now="$EPOCHREALTIME" 'BEGIN { d = n - now; printf "%.6f", (d > 0 ? d : 0) }')
     sleep "$wait_s"
 done
 wait "${pids[@]}"
@@ -101,7 +100,7 @@ bb_per=$(awk -v c="$bb_cpu" -v n="$total" 'BEGIN { printf "%.3f", c * 1000 / n }
 our_per=$(echo "$ours" | sed 's/.*cpu_per_probe_ms=//')
 our_cpu=$(echo "$ours" | sed 's/.*cpu_ms=\([0-9.]*\).*/\1/' | awk '{ printf "%.3f", $1 / 1000 }')
 our_ok=$(echo "$ours" | sed 's/.*reachable=\([0-9]*\).*/\1/')
-ratio=$(awk -v a="$our_per" -v b="$bb_per" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
+ratio=$(awk -v a="$our_per" -v b="$bb_per" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
 
 echo "targets: ${#TARGETS[@]} loopback TLS responders; rate ${RATE}/s for ${DURATION}s = $total probes each"
 echo

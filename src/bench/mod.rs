@@ -4,6 +4,7 @@
 pub mod fleet;
 pub mod http;
 pub mod probe;
+pub mod responder;
 pub mod scenario;
 
 use std::time::Duration;

@@ -27,6 +27,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000)]
         vms: usize,
     },
+    /// Serve loopback TLS responders (direct TLS or X.224 then TLS) until ctrl-c or `--for`.
+    Responders {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Stop after this long.
+        #[arg(long = "for", default_value = "10m", value_parser = parse_positive_duration)]
+        run_for: Duration,
+    },
     /// Probe targets round-robin at a fixed rate and print the CPU spent per probe.
     Probe {
         /// Targets, `HOST:PORT`, comma-separated.
@@ -67,6 +76,16 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
     match &args.command {
         BenchCommand::Scenario { vms } => {
             print!("{}", bench::scenario::healthy_yaml(*vms));
+            Ok(())
+        }
+        BenchCommand::Responders { count, run_for } => {
+            for addr in bench::responder::start(*count).await? {
+                println!("responder {addr}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(*run_for) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
             Ok(())
         }
         BenchCommand::Probe {
