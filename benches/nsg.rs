@@ -15,13 +15,13 @@ fn rule(i: u32, access: Access, source: &str, ports: &str) -> SecurityRule {
     SecurityRule {
         name: format!("rule-{i:03}"),
         priority: 100 + i * 10,
-        direction: if i % 7 == 0 {
+        direction: if i.is_multiple_of(7) {
             Direction::Outbound
         } else {
             Direction::Inbound
         },
         access,
-        protocol: if i % 5 == 0 {
+        protocol: if i.is_multiple_of(5) {
             RuleProtocol::Udp
         } else {
             RuleProtocol::Tcp
