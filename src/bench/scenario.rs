@@ -36,7 +36,7 @@ mod tests {
 
     #[test]
     fn the_generated_scenario_parses() {
-        for n in [1, 3, 1001, 20_000] {
+        for n in [1, 3, 1001] {
             let s = Scenario::from_yaml(&healthy_yaml(n));
             assert!(s.is_ok(), "{n}: {:?}", s.err());
         }
