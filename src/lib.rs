@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod azure;
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod demo;

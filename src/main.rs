@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, crd, demo, probe, run, sim};
+use rdphealth::cli::{Cli, Command, LogFormat, bench, crd, demo, probe, run, sim};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -44,6 +44,13 @@ fn main() -> ExitCode {
             Command::Demo(args) => match demo::run(&args).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::Bench(args) => match bench::run(&args).await {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::from(2)

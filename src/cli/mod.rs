@@ -1,5 +1,6 @@
 //! Command-line interface: argument types shared by `main` and the subcommand runners.
 
+pub mod bench;
 pub mod crd;
 pub mod demo;
 pub mod probe;
@@ -40,6 +41,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Run the Azure simulator: an ARM emulator and one live RDP responder per VM.
     Sim(sim::SimArgs),
+    /// Benchmarks: cost per probe, fleet scale, Azure API budget (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 /// Log output format.
