@@ -148,14 +148,14 @@ async fn scale(objects: usize, window: Duration) {
     let task = tokio::spawn(controller::run(
         api.client(),
         Settings {
-            namespace: None,
             concurrency: 16,
-            lease: None,
             instance: Some("bench".into()),
+            ..Settings::default()
         },
         Seams {
             prober: Arc::new(Healthy),
             resolver: Arc::new(HostOverride),
+            azure: None,
         },
         listener,
         async move {

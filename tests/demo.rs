@@ -109,6 +109,7 @@ fn demo_command_exits_0_when_settled_and_its_metrics_pass_promtool() {
     for _ in 0..200 {
         if let Ok(text) = http_get(&addr, "/metrics")
             && text.contains("rdphealth_probe_duration_seconds_count")
+            && text.contains("rdphealth_vm_reachable{")
         {
             scraped = Some(text);
             break;
