@@ -167,28 +167,36 @@ fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
         .unwrap_or_default())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn objects_from_files_replace_the_generated_specs_and_dry_run_never_acts() {
-    let dir = std::env::temp_dir().join(format!("rdphealth-demo-{}", std::process::id()));
+/// Runs the demo with one object file (`yaml`) replacing a generated spec.
+async fn run_with_object(name: &str, yaml: &str, vms: usize, timeout: Duration) -> demo::Summary {
+    let dir = std::env::temp_dir().join(format!("rdphealth-demo-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("dry-run.yaml");
-    // The built-in fleet's second VM has rdp_disabled; this object puts it in DryRun.
-    std::fs::write(
-        &file,
-        "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealth\nmetadata: {name: dry, namespace: demo}\nspec:\n  vm: {resourceId: /subscriptions/00000000-0000-0000-0000-00000000de00/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/vm-001-rdp-disabled}\n  probe: {interval: 500ms, unhealthyInterval: 250ms, timeout: 200ms, failureThreshold: 2, successThreshold: 1}\n  remediation: {mode: DryRun}\n",
-    )
-    .unwrap();
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
     let cfg = DemoConfig {
-        vms: 2,
+        vms,
         speed: 2.0,
         objects: vec![file],
-        timeout: Duration::from_secs(6),
+        timeout,
         exit_when_settled: false,
         live_table: false,
         ..DemoConfig::default()
     };
     let summary = demo::run(&cfg).await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+    summary
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_from_files_replace_the_generated_specs_and_dry_run_never_acts() {
+    // The built-in fleet's second VM has rdp_disabled; this object puts it in DryRun.
+    let summary = run_with_object(
+        "dry-run",
+        "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealth\nmetadata: {name: dry, namespace: demo}\nspec:\n  vm: {resourceId: /subscriptions/00000000-0000-0000-0000-00000000de00/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/vm-001-rdp-disabled}\n  probe: {interval: 500ms, unhealthyInterval: 250ms, timeout: 200ms, failureThreshold: 2, successThreshold: 1}\n  remediation: {mode: DryRun}\n",
+        2,
+        Duration::from_secs(6),
+    )
+    .await;
     let vm = summary
         .vms
         .iter()
@@ -220,26 +228,14 @@ async fn objects_from_files_replace_the_generated_specs_and_dry_run_never_acts()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_vm_is_started_only_with_allow_start() {
-    let dir = std::env::temp_dir().join(format!("rdphealth-demo-start-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("allow-start.yaml");
     // The built-in fleet's eleventh VM (index 10) is deallocated; this object allows starting it.
-    std::fs::write(
-        &file,
+    let summary = run_with_object(
+        "allow-start",
         "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealth\nmetadata: {name: start, namespace: demo}\nspec:\n  vm: {resourceId: /subscriptions/00000000-0000-0000-0000-00000000de02/resourceGroups/rg-demo/providers/Microsoft.Compute/virtualMachines/vm-010-vm-stopped}\n  probe: {interval: 500ms, unhealthyInterval: 250ms, timeout: 200ms, failureThreshold: 2, successThreshold: 1}\n  remediation: {mode: Auto, allowStart: true, settleTime: 500ms}\n",
+        11,
+        Duration::from_secs(12),
     )
-    .unwrap();
-    let cfg = DemoConfig {
-        vms: 11,
-        speed: 2.0,
-        objects: vec![file],
-        timeout: Duration::from_secs(12),
-        exit_when_settled: false,
-        live_table: false,
-        ..DemoConfig::default()
-    };
-    let summary = demo::run(&cfg).await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    .await;
     let vm = summary
         .vms
         .iter()

@@ -587,6 +587,21 @@ fn retry_after(headers: &azure_core::headers::Headers) -> Duration {
     policy::retry_after_of(headers).unwrap_or(DEFAULT_POLL)
 }
 
+/// Sends a VM power action (restart, start, redeploy: each its own SDK builder type, same
+/// shape) and returns the operation handle from its headers; never waits for it.
+macro_rules! power_action {
+    ($self:ident, $vm:ident, $method:ident, $kind:expr) => {{
+        let rsp = $self
+            .compute
+            .virtual_machines_client()
+            .$method(&$vm.resource_group, &$vm.name, &$vm.subscription)
+            .send()
+            .await
+            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {}", $vm)))?;
+        Ok(operation($kind, $vm, rsp.as_raw_response().headers(), None))
+    }};
+}
+
 #[async_trait::async_trait]
 impl Azure for ArmClient {
     async fn vm_state(&self, vm: &VmRef) -> AzureResult<VmState> {
@@ -895,51 +910,15 @@ impl Azure for ArmClient {
     }
 
     async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {
-        let rsp = self
-            .compute
-            .virtual_machines_client()
-            .restart(&vm.resource_group, &vm.name, &vm.subscription)
-            .send()
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
-        Ok(operation(
-            OperationKind::Restart,
-            vm,
-            rsp.as_raw_response().headers(),
-            None,
-        ))
+        power_action!(self, vm, restart, OperationKind::Restart)
     }
 
     async fn start(&self, vm: &VmRef) -> AzureResult<Operation> {
-        let rsp = self
-            .compute
-            .virtual_machines_client()
-            .start(&vm.resource_group, &vm.name, &vm.subscription)
-            .send()
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
-        Ok(operation(
-            OperationKind::Start,
-            vm,
-            rsp.as_raw_response().headers(),
-            None,
-        ))
+        power_action!(self, vm, start, OperationKind::Start)
     }
 
     async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation> {
-        let rsp = self
-            .compute
-            .virtual_machines_client()
-            .redeploy(&vm.resource_group, &vm.name, &vm.subscription)
-            .send()
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))?;
-        Ok(operation(
-            OperationKind::Redeploy,
-            vm,
-            rsp.as_raw_response().headers(),
-            None,
-        ))
+        power_action!(self, vm, redeploy, OperationKind::Redeploy)
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
