@@ -921,6 +921,54 @@ impl Azure for ArmClient {
         power_action!(self, vm, redeploy, OperationKind::Redeploy)
     }
 
+    async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
+        use network::models::{
+            SecurityRuleAccess, SecurityRuleDirection, SecurityRulePropertiesFormat,
+            security_rule_properties_format::Protocol,
+        };
+        let r = ResourceId::parse(&rule.nsg_id)?;
+        let mut props = SecurityRulePropertiesFormat::new(
+            Protocol::Tcp,
+            SecurityRuleAccess::Allow,
+            rule.priority,
+            SecurityRuleDirection::Inbound,
+        );
+        props.description = Some(rule.description.clone());
+        props.source_port_range = Some("*".to_owned());
+        props.destination_port_range = Some(rule.port.to_string());
+        props.destination_address_prefix = Some(rule.destination_prefix.clone());
+        match rule.source_prefixes.as_slice() {
+            [one] => props.source_address_prefix = Some(one.clone()),
+            many => props.source_address_prefixes = many.to_vec(),
+        }
+        let body = network::models::SecurityRule {
+            properties: Some(props),
+            ..Default::default()
+        };
+        let rsp = self
+            .network
+            .security_rules_client()
+            .create_or_update(
+                &r.resource_group,
+                r.name(0)?,
+                &rule.name,
+                body,
+                &r.subscription,
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                AzureError::from_sdk(&e, &format!("rule {} of NSG {}", rule.name, rule.nsg_id))
+            })?;
+        self.nsg_cache.clear();
+        Ok(operation(
+            OperationKind::PutNsgRule,
+            vm,
+            rsp.as_raw_response().headers(),
+            Some(format!("{}/securityRules/{}", rule.nsg_id, rule.name)),
+        ))
+    }
+
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
         if op.completed {
             let result = match &op.detail {

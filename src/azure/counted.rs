@@ -8,8 +8,8 @@ use std::sync::Arc;
 use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::{
-    Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint, FlowQuery, Health, NetworkRules,
-    Operation, Password, PollOutcome, VmRef, VmState, WatcherRef,
+    AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint, FlowQuery, Health,
+    NetworkRules, Operation, Password, PollOutcome, VmRef, VmState, WatcherRef,
 };
 
 /// An [`Azure`] that counts the calls of another.
@@ -26,7 +26,7 @@ impl std::fmt::Debug for CountedAzure {
 }
 
 /// The `operation` label values, one per trait method.
-pub const OPERATIONS: [&str; 16] = [
+pub const OPERATIONS: [&str; 17] = [
     "vm_state",
     "endpoint",
     "network_rules",
@@ -42,6 +42,7 @@ pub const OPERATIONS: [&str; 16] = [
     "restart",
     "redeploy",
     "start",
+    "put_allow_rule",
     "poll",
 ];
 
@@ -172,6 +173,10 @@ impl Azure for CountedAzure {
 
     async fn start(&self, vm: &VmRef) -> AzureResult<Operation> {
         self.count("start", self.inner.start(vm).await)
+    }
+
+    async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
+        self.count("put_allow_rule", self.inner.put_allow_rule(vm, rule).await)
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {

@@ -81,6 +81,9 @@ pub trait Azure: Send + Sync {
     /// Redeploys the VM to another host.
     async fn redeploy(&self, vm: &VmRef) -> AzureResult<Operation>;
 
+    /// Creates or updates an inbound allow rule in an NSG.
+    async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation>;
+
     /// Starts a stopped or deallocated VM.
     async fn start(&self, vm: &VmRef) -> AzureResult<Operation>;
 

@@ -301,6 +301,26 @@ impl WatcherRef {
     }
 }
 
+/// An inbound TCP allow rule to create (or update) in one NSG.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowRule {
+    /// The NSG's resource id.
+    pub nsg_id: String,
+    /// Rule name (at most 80 characters).
+    pub name: String,
+    /// Priority, 100–4096.
+    pub priority: i32,
+    /// Source CIDRs or addresses; never `*` or a service tag.
+    pub source_prefixes: Vec<String>,
+    /// Destination address (the VM's private address).
+    pub destination_prefix: String,
+    /// Destination port.
+    pub port: u16,
+    /// Shown in the portal next to the rule.
+    pub description: String,
+}
+
 /// What a long-running operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -323,6 +343,8 @@ pub enum OperationKind {
     EffectiveRules,
     /// Network Watcher IP flow verify.
     IpFlowVerify,
+    /// Creation or update of an NSG security rule.
+    PutNsgRule,
 }
 
 impl OperationKind {
@@ -338,6 +360,7 @@ impl OperationKind {
             Self::Start => "start",
             Self::EffectiveRules => "effective_rules",
             Self::IpFlowVerify => "ip_flow_verify",
+            Self::PutNsgRule => "put_nsg_rule",
         }
     }
 }

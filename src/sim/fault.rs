@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// | fault | the RDP responder | ARM evidence | fixed by |
 /// |---|---|---|---|
 /// | `rdp_disabled` | connection refused (listener closed) | NSG allows, Resource Health `Available`, agent Ready; Run Command reading `RDP-Tcp` shows `fDenyTSConnections : 1` | rung 1, VMAccess reset of the RDP configuration (or a Run Command setting `fDenyTSConnections` to 0) |
-/// | `nsg_blocking` | accepts, never answers (X.224 timeout) | a `Deny` rule `sim-deny-rdp` (priority 100) on TCP 3389 in the NIC's NSG; IP flow verify says `Deny` | no rung: reported; cleared when the fault (rule) is removed |
+/// | `nsg_blocking` | accepts, never answers (X.224 timeout) | a `Deny` rule `sim-deny-rdp` (priority 200) on TCP 3389 in the NIC's NSG; IP flow verify says `Deny` | no VM rung: reported; with `nsgRepair` an allow rule for the allowed prefixes at priority 199 fixes it; cleared when the fault (rule) is removed |
 /// | `tls_disabled` | negotiates TLS, then a fatal `protocol_version` alert | Run Command event-log query shows Schannel 36871 | rung 2, Run Command enabling `SCHANNEL\Protocols\TLS 1.2\Server` `Enabled`=1 |
 /// | `certificate_expired` | reachable, the certificate is expired | Run Command event-log query shows TerminalServices-RemoteConnectionManager 1058 and Schannel 36870 | rung 2, Run Command renewing the certificate (remove `Cert:\LocalMachine\Remote Desktop\…`, restart `SessionEnv`) |
 /// | `flapping` | every other connection closes before the Connection Confirm | Run Command reading `RDP-Tcp` shows `KeepAliveTimeout : 0` | rung 2, Run Command setting `KeepAliveTimeout`=1 (keep-alive fixes) |

@@ -161,6 +161,7 @@ impl Shared {
                     behaviour: w.behaviour(&vm.name),
                     boot: vm.boot,
                     password_resets: vm.password_resets,
+                    password_sha256: vm.password_sha256.clone(),
                 }
             })
             .collect()
@@ -195,6 +196,8 @@ pub struct VmSummary {
     pub boot: u64,
     /// Password resets applied.
     pub password_resets: u32,
+    /// SHA-256 (hex) of the password the last reset set (never the password).
+    pub password_sha256: Option<String>,
 }
 
 /// A running simulator.

@@ -96,6 +96,8 @@ pub struct Vm {
     pub connections: u64,
     /// Password resets applied (the passwords themselves are never kept).
     pub password_resets: u32,
+    /// SHA-256 (hex) of the password set by the last successful reset.
+    pub password_sha256: Option<String>,
     /// Secret part of the serial log blob URL.
     pub blob_sig: String,
 }
@@ -560,6 +562,7 @@ impl World {
             port: 0,
             connections: 0,
             password_resets: 0,
+            password_sha256: None,
             blob_sig: format!(
                 "{:016x}",
                 fingerprint_u64(&format!("{sub}/{rg}/{}/{n}", spec.name))
@@ -744,7 +747,7 @@ impl World {
             if on {
                 nsg.rules.push(SecurityRule {
                     name: BLOCKING_RULE.to_owned(),
-                    priority: 100,
+                    priority: 200,
                     inbound: true,
                     allow: false,
                     protocol: RuleProtocol::Tcp,

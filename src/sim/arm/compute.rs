@@ -308,10 +308,19 @@ fn put_extension(
         .get("UserName")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let password_ok = p
+    let password = p
         .pointer("/protectedSettings/Password")
         .and_then(Value::as_str)
-        .is_some_and(|pw| !pw.is_empty());
+        .filter(|pw| !pw.is_empty());
+    let password_ok = password.is_some();
+    // Only a fingerprint is kept, so tests can match it with what the operator stored.
+    let password_sha256 = password.map(|pw| {
+        use sha2::Digest;
+        sha2::Sha256::digest(pw.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
     let mut w = s.lock();
     let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
@@ -386,6 +395,7 @@ fn put_extension(
             Err(("VMExtensionProvisioningError".to_owned(), "VM has reported a failure when processing extension 'VMAccessAgent'. Error message: 'password cannot be null or empty if provided the username'.".to_owned()))
         } else if user.is_some() {
             v.password_resets += 1;
+            v.password_sha256 = password_sha256;
             Ok("Enable succeeded: the local administrator password was reset".to_owned())
         } else {
             v.faults.remove(&Fault::RdpDisabled);

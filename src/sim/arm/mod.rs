@@ -293,6 +293,9 @@ impl Route {
                 match rest.first().map(|s| s.to_ascii_lowercase()) {
                     None => format!("{short}.{}", m.to_ascii_lowercase()),
                     Some(sub) if sub == "subnets" => format!("subnet.{}", m.to_ascii_lowercase()),
+                    Some(sub) if sub == "securityrules" => {
+                        format!("nsgrule.{}", m.to_ascii_lowercase())
+                    }
                     Some(action) => format!("{short}.{action}"),
                 }
             }

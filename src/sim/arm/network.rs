@@ -50,6 +50,14 @@ pub(super) fn network_route(call: Call<'_>, kind: &str, name: &str, rest: &[Stri
                 None => not_found("Microsoft.Network/networkSecurityGroups", name, rg),
             }
         }
+        ("PUT", "networksecuritygroups", ["securityrules", rule]) => put_rule(
+            s,
+            &k,
+            name,
+            rg,
+            rest.get(1).map_or(*rule, String::as_str),
+            body,
+        ),
         ("GET", "virtualnetworks", ["subnets", subnet]) => {
             let w = s.lock();
             match w.vnets.get(&k).and_then(|v| {
@@ -208,11 +216,11 @@ fn rule_json(nsg_id: &str, r: &crate::azure::model::SecurityRule, default: bool)
             "protocol": protocol,
             "sourcePortRange": "*",
             "destinationPortRange": r.destination_ports.first().cloned().unwrap_or_else(|| "*".into()),
-            "sourceAddressPrefix": r.source_prefixes.first().cloned().unwrap_or_else(|| "*".into()),
+            "sourceAddressPrefix": if r.source_prefixes.len() == 1 { json!(r.source_prefixes[0]) } else if r.source_prefixes.is_empty() { json!("*") } else { Value::Null },
             "destinationAddressPrefix": r.destination_prefixes.first().cloned().unwrap_or_else(|| "*".into()),
             "sourcePortRanges": [],
             "destinationPortRanges": [],
-            "sourceAddressPrefixes": [],
+            "sourceAddressPrefixes": if r.source_prefixes.len() > 1 { r.source_prefixes.clone() } else { Vec::new() },
             "destinationAddressPrefixes": [],
             "access": if r.allow { "Allow" } else { "Deny" },
             "priority": r.priority,
@@ -239,6 +247,124 @@ fn nsg_json(nsg: &crate::sim::world::Nsg) -> Value {
             "defaultSecurityRules": defaults
         }
     })
+}
+
+/// `PUT …/networkSecurityGroups/{nsg}/securityRules/{rule}`: validated like ARM, applied
+/// when the operation ends (Azure programs the rule asynchronously).
+fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u8]) -> Response {
+    let bad = |message: &str| error(StatusCode::BAD_REQUEST, "InvalidRequestFormat", message);
+    let Ok(b) = serde_json::from_slice::<Value>(body) else {
+        return bad("Cannot parse the request.");
+    };
+    if name.is_empty() || name.len() > 80 {
+        return bad("A security rule name must have 1-80 characters.");
+    }
+    let Some(p) = b.get("properties") else {
+        return bad("A security rule needs properties.");
+    };
+    let text = |f: &str| p.get(f).and_then(Value::as_str).map(str::to_owned);
+    let list = |single: &str, plural: &str| -> Vec<String> {
+        match (text(single), p.get(plural).and_then(Value::as_array)) {
+            (Some(one), _) => vec![one],
+            (None, Some(many)) => many
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            (None, None) => Vec::new(),
+        }
+    };
+    let protocol = match text("protocol").map(|t| t.to_ascii_lowercase()).as_deref() {
+        Some("tcp") => crate::azure::model::RuleProtocol::Tcp,
+        Some("udp") => crate::azure::model::RuleProtocol::Udp,
+        Some("*") => crate::azure::model::RuleProtocol::Any,
+        Some(_) => crate::azure::model::RuleProtocol::Other,
+        None => return bad("protocol is required."),
+    };
+    let (Some(access), Some(direction), Some(priority)) = (
+        text("access"),
+        text("direction"),
+        p.get("priority").and_then(Value::as_i64),
+    ) else {
+        return bad("access, direction and priority are required.");
+    };
+    if !(100..=4096).contains(&priority) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "SecurityRuleInvalidPriority",
+            &format!(
+                "Security rule has invalid Priority. Value provided: {priority}. Allowed range 100-4096."
+            ),
+        );
+    }
+    let source_prefixes = list("sourceAddressPrefix", "sourceAddressPrefixes");
+    let destination_ports = list("destinationPortRange", "destinationPortRanges");
+    if source_prefixes.is_empty() || destination_ports.is_empty() {
+        return bad("source address prefixes and destination port ranges are required.");
+    }
+    let rule = crate::azure::model::SecurityRule {
+        name: name.to_owned(),
+        priority: i32::try_from(priority).unwrap_or(i32::MAX),
+        inbound: direction.eq_ignore_ascii_case("Inbound"),
+        allow: access.eq_ignore_ascii_case("Allow"),
+        protocol,
+        source_prefixes,
+        destination_prefixes: {
+            let d = list("destinationAddressPrefix", "destinationAddressPrefixes");
+            if d.is_empty() {
+                vec!["*".to_owned()]
+            } else {
+                d
+            }
+        },
+        destination_ports,
+        default_rule: false,
+    };
+    let mut w = s.lock();
+    let timing = w.timing.clone();
+    let Some(group) = w.nsgs.get(k) else {
+        return not_found("Microsoft.Network/networkSecurityGroups", nsg, rg);
+    };
+    if let Some(other) = group.rules.iter().find(|r| {
+        !r.name.eq_ignore_ascii_case(name)
+            && r.priority == rule.priority
+            && r.inbound == rule.inbound
+    }) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "SecurityRuleConflict",
+            &format!(
+                "Security rule {} conflicts with rule {}. Rules cannot have the same Priority and Direction.",
+                name, other.name
+            ),
+        );
+    }
+    let existed = group
+        .rules
+        .iter()
+        .any(|r| r.name.eq_ignore_ascii_case(name));
+    let (sub, location, nsg_id) = (group.sub.clone(), group.location.clone(), group.id());
+    let mut body = rule_json(&nsg_id, &rule, false);
+    body["properties"]["provisioningState"] = json!("Updating");
+    let (id, aao, _) = start_op(s, &mut w, "Microsoft.Network", &sub, &location);
+    drop(w);
+    let key = k.to_owned();
+    finish_later(s, id, timing.operation, move |w| {
+        let Some(group) = w.nsgs.get_mut(&key) else {
+            return Err(("NotFound".into(), "NSG vanished".into()));
+        };
+        group
+            .rules
+            .retain(|r| !r.name.eq_ignore_ascii_case(&rule.name));
+        group.rules.push(rule);
+        Ok(None)
+    });
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    accepted(&aao, None, timing.retry_after, status, Some(body))
 }
 
 fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Response {
