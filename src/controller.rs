@@ -251,6 +251,9 @@ impl Context {
             probe_source,
             first_poll: Duration::from_secs(1),
             vm_rdp_port: None,
+            secrets: Some(Arc::new(crate::secrets::KubeSecrets::new(
+                self.client.clone(),
+            ))),
         });
         self
     }
@@ -982,6 +985,7 @@ mod tests {
             next_poll_at: None,
             settle_until: None,
             message: None,
+            outcome_unknown: false,
         }
     }
 

@@ -12,4 +12,5 @@ pub mod http;
 pub mod ladder;
 pub mod metrics;
 pub mod probe;
+pub mod secrets;
 pub mod sim;

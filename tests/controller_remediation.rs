@@ -18,12 +18,13 @@ use azure_core::Url;
 use fake_apiserver::{FakeApiServer, Inner};
 use rdphealth::{
     azure::{
-        ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure, Endpoint,
-        FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, StaticToken, VmRef,
-        VmState, WatcherRef,
+        AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
+        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, StaticToken,
+        VmRef, VmState, WatcherRef,
     },
     controller::{self, LeaseSettings, Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
+    ladder::fleet::FleetPolicy,
     probe::{BoxFuture, ProbeOptions, ProbeReport, Prober, RdpProber, Target},
     sim::{Scenario, Shared, Simulator},
 };
@@ -193,6 +194,10 @@ impl Azure for Witness {
         self.record("start");
         self.inner.start(vm).await
     }
+    async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
+        self.record("put_allow_rule");
+        self.inner.put_allow_rule(vm, rule).await
+    }
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
         self.inner.poll(op).await
     }
@@ -208,7 +213,7 @@ struct Operator {
 
 impl Operator {
     async fn start(api: &Arc<FakeApiServer>, sim: &Simulator, identity: &str) -> Self {
-        Self::start_with(api, sim, identity, Settings::default()).await
+        Self::start_with(api, sim, identity, grace(Duration::from_millis(200))).await
     }
 
     async fn start_with(
@@ -330,6 +335,17 @@ async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     tokio::time::timeout(Duration::from_secs(2), once)
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Settings whose disruptive rungs wait `d` after an incident opens.
+fn grace(d: Duration) -> Settings {
+    Settings {
+        fleet: FleetPolicy {
+            disruptive_grace: d,
+            ..FleetPolicy::default()
+        },
+        ..Settings::default()
+    }
 }
 
 fn rdphealth(name: &str, vm: &str, remediation: Value) -> Value {
@@ -743,6 +759,237 @@ async fn an_approval_unlocks_one_disruptive_rung_once() {
     })
     .await;
     assert_eq!(sim.count("vm.restart"), 1, "an approval is used once");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-0, nic: { subnet: vnet/s } }
+          - { name: vm-1, nic: { subnet: vnet/s } }
+          - { name: vm-2, nic: { subnet: vnet/s } }
+          - { name: vm-3, nic: { subnet: vnet/s }, faults: [guest_hung] }
+          - { name: vm-4, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::from_secs(3))).await;
+    // Every object may restart from the start: only the grace period stands between the
+    // first VM seen unreachable and a restart before the second one is seen.
+    for i in 0..5 {
+        api.create(
+            "rdphealths",
+            NS,
+            rdphealth(
+                &format!("vm-{i}"),
+                &format!("vm-{i}"),
+                json!({
+                    "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+                    "settleTime": "1s",
+                }),
+            ),
+        );
+    }
+    for name in ["vm-3", "vm-4"] {
+        let s = wait_status(&api, name, "suspension", |s| {
+            condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+        let c = condition(&s, "RemediationSuspended").unwrap();
+        assert_eq!(c["reason"], "StormBreaker", "{s:#}");
+    }
+    let waited = api.read(|inner| {
+        inner.log.iter().any(|c| {
+            c.resource == "rdphealths"
+                && condition(&c.object["status"], "Remediating")
+                    .is_some_and(|r| r["reason"] == "FleetGracePeriod")
+        })
+    });
+    assert!(waited, "a disruptive rung waited out the grace period");
+    assert_eq!(sim.count("vm.restart"), 0);
+    assert!(op.witness.mutating().is_empty());
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nsg_block_is_repaired_for_the_allowed_prefixes_only() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "nsg",
+            "vm-nsg",
+            json!({
+                "mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+                "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["203.0.113.0/28"]},
+            }),
+        ),
+    );
+    let s = wait_status(&api, "nsg", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "RepairNsg", "{s:#}");
+    let calls = op.witness.mutating();
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["put_allow_rule"],
+        "no VM rung for an NSG block"
+    );
+    assert_eq!(calls[0].current[0]["phase"], "Requested", "intent first");
+    assert_eq!(sim.count("nsgrule.put"), 1);
+    assert_eq!(sim.count("vm.restart") + sim.count("extension.put"), 0);
+
+    // The rule: allow TCP 3389 from the allowed prefix to the VM's address, just above the
+    // deny rule; the deny rule itself is untouched.
+    let vm = VmRef::new(SUB, "rg", "vm-nsg");
+    let rules = op.witness.inner.network_rules(&vm).await.unwrap();
+    let nic_nsg = rules.nic_nsg.unwrap();
+    let added = nic_nsg
+        .rules
+        .iter()
+        .find(|r| r.name == "rdphealth-allow-rdp-vm-nsg")
+        .expect("the allow rule");
+    assert!(added.allow && added.inbound);
+    assert_eq!(added.priority, 199);
+    assert_eq!(added.source_prefixes, ["203.0.113.0/28"]);
+    assert_eq!(
+        added.destination_prefixes,
+        [rules.endpoint.private_ip.unwrap()]
+    );
+    assert_eq!(added.destination_ports, ["3389"]);
+    assert!(
+        nic_nsg
+            .rules
+            .iter()
+            .any(|r| r.name == "sim-deny-rdp" && !r.allow)
+    );
+    api.wait_for("the NSG event", WAIT, |inner| {
+        (events(inner, "nsg", "NsgRuleWritten") == 1).then_some(())
+    })
+    .await;
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prober_outside_the_allowed_prefixes_is_not_let_in() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "nsg",
+            "vm-nsg",
+            json!({
+                "mode": "Auto", "settleTime": "1s",
+                "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["192.0.2.0/24"]},
+            }),
+        ),
+    );
+    let s = wait_status(&api, "nsg", "the refused repair", |s| {
+        s["ladder"]["history"]
+            .as_array()
+            .is_some_and(|h| h.iter().any(|r| r["outcome"] == "Failed"))
+    })
+    .await;
+    let text = s["ladder"]["history"].to_string();
+    assert!(text.contains("not inside"), "{s:#}");
+    assert_eq!(sim.count("nsgrule.put"), 0);
+    assert!(op.witness.mutating().is_empty());
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_reset_writes_the_password_to_its_secret_only() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "hung",
+            "vm-hung",
+            json!({
+                "mode": "Auto", "ladder": ["ResetPassword", "Restart"],
+                "allowedDisruptiveActions": ["ResetPassword", "Restart"],
+                "passwordReset": {"username": "rdpadmin", "secretName": "vm-hung-admin"},
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    let s = wait_status(&api, "hung", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
+    let calls = op.witness.mutating();
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["reset_password", "restart"]
+    );
+    assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 1);
+
+    // The Secret holds the password Azure received, as applied.
+    let secret = api.read(|inner| inner.get("secrets", NS, "vm-hung-admin").cloned());
+    let secret = secret.expect("the Secret was created");
+    let decode = |v: &Value| -> String {
+        let b: k8s_openapi::ByteString = serde_json::from_value(v.clone()).unwrap();
+        String::from_utf8(b.0).unwrap()
+    };
+    assert_eq!(decode(&secret["data"]["username"]), "rdpadmin");
+    let password = decode(&secret["data"]["password"]);
+    assert!(secret["data"]["pendingPassword"].is_null(), "{secret:#}");
+    assert_eq!(
+        secret["metadata"]["annotations"]["rdphealth.io/password-state"],
+        "applied"
+    );
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(password.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sim.vm("vm-hung").unwrap().password_sha256, Some(digest));
+
+    // Nowhere else: no other object the API server ever stored (status, Events, leases)
+    // contains it, in clear or base64.
+    let encoded = secret["data"]["password"].as_str().unwrap().to_string();
+    let leaked = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .filter(|c| c.resource != "secrets")
+            .map(|c| c.object.to_string())
+            .filter(|text| text.contains(&password) || text.contains(&encoded))
+            .count()
+    });
+    assert_eq!(leaked, 0);
+    api.wait_for("the stored event", WAIT, |inner| {
+        (events(inner, "hung", "PasswordStored") == 1).then_some(())
+    })
+    .await;
     op.shutdown().await;
     sim.shutdown().await;
 }

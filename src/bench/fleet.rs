@@ -381,6 +381,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
             probe_source: Some(std::net::IpAddr::from([203, 0, 113, 10])),
             first_poll: Duration::from_secs(2),
             vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
+            secrets: None,
         }),
         metrics: Arc::new(Metrics::new().map_err(|e| e.to_string())?),
         state: state.clone(),

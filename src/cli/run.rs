@@ -70,6 +70,10 @@ pub struct RunArgs {
     /// Disruptive rungs in flight at once per subscription.
     #[arg(long, env = "RDPHEALTH_MAX_CONCURRENT_DISRUPTIVE", default_value_t = 1)]
     pub max_concurrent_disruptive: usize,
+    /// Disruptive rungs wait this long after an incident opens, so that a fleet-wide outage
+    /// trips the storm breaker before any VM is rebooted.
+    #[arg(long, env = "RDPHEALTH_DISRUPTIVE_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub disruptive_grace: std::time::Duration,
 }
 
 /// Errors of `rdphealth run`.
@@ -134,6 +138,7 @@ impl RunArgs {
                 max_unreachable_percent: self.max_unreachable_percent,
                 min_fleet_size: self.min_fleet_size,
                 max_concurrent_disruptive: self.max_concurrent_disruptive,
+                disruptive_grace: self.disruptive_grace,
             },
             probe_source: self.probe_source_address,
         }

@@ -146,7 +146,11 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     ));
     let azure =
         Arc::new(CountedAzure::new(arm_client).map_err(|e| DemoError::Setup(e.to_string()))?);
-    let fleet = Arc::new(Fleet::new(FleetPolicy::default()));
+    // The demo's timers are compressed; so is the grace before disruptive rungs.
+    let fleet = Arc::new(Fleet::new(FleetPolicy {
+        disruptive_grace: Duration::from_secs_f64(2.0 / speed),
+        ..FleetPolicy::default()
+    }));
     let metrics = Arc::new(Metrics::new().map_err(|e| DemoError::Setup(e.to_string()))?);
     metrics
         .register_azure(&azure)
@@ -159,6 +163,7 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
             probe_source: Some(sim_probe_source()),
             first_poll: Duration::from_millis((300.0 / speed) as u64 + 20),
             vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
+            secrets: Some(Arc::new(crate::secrets::MemorySecrets::default())),
         }),
         metrics: metrics.clone(),
         state: state.clone(),

@@ -20,13 +20,14 @@ use super::{
 };
 use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
-    azure::{Azure, AzureError, Operation, OperationKind, PollOutcome, VmRef},
+    azure::{AllowRule, Azure, AzureError, Operation, OperationKind, PollOutcome, VmRef},
     ladder::{
         Decision, Gates, GiveUp, GuestRepair, Incident, LadderStatus, OperationRef, Reachability,
         Rung, RungOutcome, Situation, Step, Suspension, WaitReason, decide,
         fleet::{FleetPolicy, FleetView},
     },
     probe::Failure,
+    secrets::{SecretRef, SecretStore, generate_password},
 };
 
 /// Persists a status (the intent of a rung must be stored before its Azure call).
@@ -173,6 +174,26 @@ pub struct Remediator {
     /// The VM's own RDP port when the probed port is a translated one (a load balancer NAT
     /// rule, or the demo's loopback responders): NSGs see the VM's port.
     pub vm_rdp_port: Option<u16>,
+    /// Where `ResetPassword` stores the passwords it generates; without it the rung fails
+    /// before calling Azure.
+    pub secrets: Option<Arc<dyn SecretStore>>,
+}
+
+/// Why a rung's call did not start an operation.
+enum CallError {
+    /// Azure refused or failed.
+    Azure(AzureError),
+    /// The operator refused before calling Azure.
+    Refused(String),
+}
+
+impl CallError {
+    fn describe(&self) -> String {
+        match self {
+            Self::Azure(e) => format!("{}: {e}", e.reason()),
+            Self::Refused(m) => m.clone(),
+        }
+    }
 }
 
 /// Per-object inputs of one stage run.
@@ -294,6 +315,7 @@ impl Remediator {
                 paused: subject.paused,
                 storm: self.fleet.storm(&vm.subscription),
                 disruptive_slot_free: self.fleet.slot_free(&vm.subscription, subject.key),
+                disruptive_grace: self.fleet.policy.disruptive_grace,
             };
             let decision = {
                 let status = &outcome.status;
@@ -376,10 +398,7 @@ impl Remediator {
                 Continue::Done
             }
             Decision::GatherEvidence => {
-                let vantage = Vantage {
-                    source: self.probe_source,
-                    port: self.vm_rdp_port.unwrap_or(subject.spec.port),
-                };
+                let vantage = self.vantage(subject);
                 let ev = gather(self.azure.as_ref(), vm, vantage, now)
                     .await
                     .map_err(RemediateError::Azure)?;
@@ -454,7 +473,12 @@ impl Remediator {
             Decision::Poll => self.poll(subject, vm, status, events, now).await,
             Decision::AbandonRequest => {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
-                status.ladder.settle(until, Some("the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into()));
+                status.ladder.settle_unknown(until, "the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into());
+                events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{} was interrupted while calling Azure; it is not repeated and the probe judges it after {until}", current(&status.ladder).0),
+                });
                 Continue::Until(until)
             }
             Decision::NotFixed => {
@@ -463,10 +487,13 @@ impl Remediator {
                 let next = now
                     .checked_add(policy.backoff.delay(n, subject.seed))
                     .unwrap_or(now);
-                status
-                    .ladder
-                    .finish(RungOutcome::NotFixed, None, now, Some(next));
+                let rung = status.ladder.current.as_ref().map(|c| c.step.rung);
+                status.ladder.not_fixed(now, next);
                 self.fleet.release(&vm.subscription, subject.key);
+                if matches!(rung, Some(Rung::StartVm | Rung::RepairNsg)) {
+                    // They change what the evidence says: read it again before the next step.
+                    status.diagnosis = None;
+                }
                 events.push(Event {
                     severity: Severity::Warning,
                     reason: "RemediationNotFixed",
@@ -595,6 +622,9 @@ impl Remediator {
                 Continue::Until(next)
             }
             Ok(PollOutcome::Succeeded { result }) => {
+                if current.step.rung == Rung::ResetPassword {
+                    self.password_outcome(subject, true, events, now).await;
+                }
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 let message = match result {
                     crate::azure::OperationResult::RunCommand(out) => {
@@ -615,14 +645,19 @@ impl Remediator {
                 });
                 Continue::Until(until)
             }
-            Ok(PollOutcome::Failed { code, message }) => self.failed(
-                subject,
-                vm,
-                status,
-                events,
-                format!("{code}: {message}"),
-                now,
-            ),
+            Ok(PollOutcome::Failed { code, message }) => {
+                if current.step.rung == Rung::ResetPassword {
+                    self.password_outcome(subject, false, events, now).await;
+                }
+                self.failed(
+                    subject,
+                    vm,
+                    status,
+                    events,
+                    format!("{code}: {message}"),
+                    now,
+                )
+            }
             Err(e) if e.is_retryable() => {
                 let next = now
                     .checked_add(e.retry_after().unwrap_or(Duration::from_secs(30)))
@@ -630,14 +665,22 @@ impl Remediator {
                 status.ladder.poll_again(next);
                 Continue::Until(next)
             }
-            Err(e) => self.failed(
-                subject,
-                vm,
-                status,
-                events,
-                format!("{}: {e}", e.reason()),
-                now,
-            ),
+            Err(e) => {
+                // The operation's status cannot be read (it expired, or access changed):
+                // whether it ran is unknown. It is not repeated; the probe judges it.
+                let until = now.checked_add(policy.settle_time).unwrap_or(now);
+                let message = format!(
+                    "the operation's status could not be read ({}: {e}); the probe judges the rung",
+                    e.reason()
+                );
+                status.ladder.settle_unknown(until, message.clone());
+                events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{}: {message}", current.step),
+                });
+                Continue::Until(until)
+            }
         }
     }
 
@@ -722,8 +765,15 @@ impl Remediator {
                 status.ladder.attempts_of(step)
             ),
         });
-        match self.call(subject, vm, step).await {
-            Ok(op) => {
+        match self.call(subject, vm, step, now).await {
+            Ok((op, note)) => {
+                if let Some(note) = note {
+                    outcome.events.push(Event {
+                        severity: Severity::Warning,
+                        reason: "NsgRuleWritten",
+                        note,
+                    });
+                }
                 let first = now.checked_add(self.first_poll).unwrap_or(now);
                 status.ladder.running(
                     OperationRef {
@@ -733,6 +783,10 @@ impl Remediator {
                     first,
                 );
                 if op.completed {
+                    if step.rung == Rung::ResetPassword {
+                        self.password_outcome(subject, true, &mut outcome.events, now)
+                            .await;
+                    }
                     let until = now
                         .checked_add(subject.spec.ladder.settle_time)
                         .unwrap_or(now);
@@ -745,9 +799,9 @@ impl Remediator {
             Err(e) => Ok(self.failed(
                 subject,
                 vm,
-                status,
+                &mut outcome.status,
                 &mut outcome.events,
-                format!("{}: {e}", e.reason()),
+                e.describe(),
                 now,
             )),
         }
@@ -758,22 +812,209 @@ impl Remediator {
         subject: &Subject<'_>,
         vm: &VmRef,
         step: Step,
-    ) -> Result<Operation, AzureError> {
+        now: Timestamp,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        let plain =
+            |r: Result<Operation, AzureError>| r.map(|op| (op, None)).map_err(CallError::Azure);
         match (step.rung, step.repair) {
-            (Rung::ResetRdpConfig, _) => self.azure.reset_rdp_config(vm).await,
+            (Rung::ResetRdpConfig, _) => plain(self.azure.reset_rdp_config(vm).await),
             (Rung::RepairGuest, Some(repair)) => {
                 let script =
                     repair_script(repair, subject.spec.ladder.allow_insecure_listener_settings);
-                self.azure.run_command(vm, &script).await
+                plain(self.azure.run_command(vm, &script).await)
             }
-            (Rung::ResetNic, _) => self.azure.reset_nic(vm).await,
-            (Rung::Restart, _) => self.azure.restart(vm).await,
-            (Rung::Redeploy, _) => self.azure.redeploy(vm).await,
-            (Rung::StartVm, _) => self.azure.start(vm).await,
-            (rung, _) => Err(AzureError::Invalid {
-                message: format!("{rung} cannot be run by this operator build"),
+            (Rung::ResetNic, _) => plain(self.azure.reset_nic(vm).await),
+            (Rung::Restart, _) => plain(self.azure.restart(vm).await),
+            (Rung::Redeploy, _) => plain(self.azure.redeploy(vm).await),
+            (Rung::StartVm, _) => plain(self.azure.start(vm).await),
+            (Rung::ResetPassword, _) => self.reset_password(subject, vm, now).await,
+            (Rung::RepairNsg, _) => self.repair_nsg(subject, vm).await,
+            (rung, None) => Err(CallError::Refused(format!(
+                "{rung} needs a targeted repair and none was chosen"
+            ))),
+        }
+    }
+
+    fn vantage(&self, subject: &Subject<'_>) -> Vantage {
+        Vantage {
+            source: self.probe_source,
+            port: self.vm_rdp_port.unwrap_or(subject.spec.port),
+        }
+    }
+
+    fn secret_ref(subject: &Subject<'_>) -> Option<SecretRef> {
+        let p = subject.spec.ladder.password_reset.as_ref()?;
+        let namespace = subject.key.split_once('/').map_or("default", |(ns, _)| ns);
+        Some(SecretRef {
+            namespace: namespace.to_string(),
+            name: p.secret_name.clone(),
+        })
+    }
+
+    /// Generates a password, stores it in the Secret as pending, then asks VMAccess to set
+    /// it. Nothing is sent to Azure unless the Secret holds the password first.
+    async fn reset_password(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        now: Timestamp,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        let (Some(spec), Some(at)) = (
+            subject.spec.ladder.password_reset.as_ref(),
+            Self::secret_ref(subject),
+        ) else {
+            return Err(CallError::Refused(
+                "ResetPassword needs remediation.passwordReset".into(),
+            ));
+        };
+        let Some(store) = &self.secrets else {
+            return Err(CallError::Refused(
+                "this operator has no access to Secrets, so it cannot store a new password; nothing was sent to Azure".into(),
+            ));
+        };
+        let password = generate_password().map_err(|e| {
+            CallError::Refused(format!(
+                "no random source for the password ({e}); nothing was sent to Azure"
+            ))
+        })?;
+        store
+            .stage(&at, &spec.username, &password, now)
+            .await
+            .map_err(|e| {
+                CallError::Refused(format!(
+                    "could not store the new password ({e}); nothing was sent to Azure"
+                ))
+            })?;
+        match self
+            .azure
+            .reset_password(vm, &spec.username, &password)
+            .await
+        {
+            Ok(op) => Ok((op, None)),
+            Err(e) => {
+                // Azure refused outright: the pending password was never set.
+                if let Err(d) = store.discard(&at).await {
+                    tracing::warn!(secret = %at, error = %d, "could not drop the pending password");
+                }
+                Err(CallError::Azure(e))
+            }
+        }
+    }
+
+    /// Records the outcome of a password reset in its Secret (never the password itself in
+    /// anything but the Secret).
+    async fn password_outcome(
+        &self,
+        subject: &Subject<'_>,
+        applied: bool,
+        events: &mut Vec<Event>,
+        now: Timestamp,
+    ) {
+        let (Some(store), Some(at)) = (&self.secrets, Self::secret_ref(subject)) else {
+            return;
+        };
+        let result = if applied {
+            store.commit(&at, now).await
+        } else {
+            store.discard(&at).await
+        };
+        match result {
+            Ok(()) if applied => events.push(Event {
+                severity: Severity::Normal,
+                reason: "PasswordStored",
+                note: format!(
+                    "the new password of the reset account is in Secret {} under key password",
+                    at.name
+                ),
+            }),
+            Ok(()) => {}
+            Err(e) => events.push(Event {
+                severity: Severity::Warning,
+                reason: "PasswordStateNotRecorded",
+                note: format!(
+                    "could not record the reset's outcome in Secret {} ({e}); the password sent to Azure is under key pendingPassword",
+                    at.name
+                ),
             }),
         }
+    }
+
+    /// Adds an allow rule for the allowed prefixes to every NSG level that denies the
+    /// prober, after re-reading the rules (see [`crate::ladder::nsg_repair`]).
+    async fn repair_nsg(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        use crate::{
+            azure::nsg::to_evaluator,
+            evidence::nsg::{ANY_INTERNET_SOURCE, Flow, NetworkContext},
+            ladder::nsg_repair,
+        };
+        let rules = self
+            .azure
+            .network_rules(vm)
+            .await
+            .map_err(CallError::Azure)?;
+        let private: IpAddr = rules
+            .endpoint
+            .private_ip
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| CallError::Refused("the VM's NIC has no private address".into()))?;
+        let vantage = self.vantage(subject);
+        let flow = Flow::inbound_tcp(
+            vantage.source.unwrap_or(ANY_INTERNET_SOURCE),
+            private,
+            vantage.port,
+        );
+        let subnet = rules.subnet_nsg.as_ref().map(to_evaluator);
+        let nic = rules.nic_nsg.as_ref().map(to_evaluator);
+        let prefixes = &subject.spec.ladder.nsg_allowed_prefixes;
+        let plan = nsg_repair::plan(
+            &flow,
+            subnet.as_ref(),
+            nic.as_ref(),
+            &NetworkContext::private_ranges(),
+            prefixes,
+            &vm.name,
+        )
+        .map_err(|e| CallError::Refused(format!("NSG not changed: {e}")))?;
+        let mut last = None;
+        let mut written = Vec::new();
+        for rule in &plan {
+            let op = self
+                .azure
+                .put_allow_rule(
+                    vm,
+                    &AllowRule {
+                        nsg_id: rule.nsg.clone(),
+                        name: rule.name.clone(),
+                        priority: i32::try_from(rule.priority).unwrap_or(4096),
+                        source_prefixes: prefixes.clone(),
+                        destination_prefix: private.to_string(),
+                        port: vantage.port,
+                        description: nsg_repair::description(),
+                    },
+                )
+                .await
+                .map_err(CallError::Azure)?;
+            written.push(format!(
+                "{} at priority {} in NSG {} (outranks {})",
+                rule.name, rule.priority, rule.nsg, rule.outranks
+            ));
+            last = Some(op);
+        }
+        let op = last.ok_or_else(|| CallError::Refused("no NSG rule to write".into()))?;
+        Ok((
+            op,
+            Some(format!(
+                "allowed RDP to {private}:{} from {} only: {}",
+                vantage.port,
+                prefixes.join(", "),
+                written.join("; ")
+            )),
+        ))
     }
 
     fn phase(&self, outcome: &mut Outcome, reachability: Reachability, recovered: bool) {
@@ -832,7 +1073,7 @@ fn operation(vm: &VmRef, step: Step, op: &OperationRef) -> Operation {
         Rung::Redeploy => OperationKind::Redeploy,
         Rung::ResetPassword => OperationKind::ResetPassword,
         Rung::StartVm => OperationKind::Start,
-        Rung::RepairNsg => OperationKind::Restart,
+        Rung::RepairNsg => OperationKind::PutNsgRule,
     };
     Operation {
         kind,
@@ -925,6 +1166,9 @@ fn wait_message(reason: WaitReason, until: Timestamp) -> String {
             format!("maxLaddersPerDay reached; next ladder not before {until}")
         }
         WaitReason::FleetSlot => "another disruptive rung is in flight in this subscription".into(),
+        WaitReason::FleetGrace => format!(
+            "disruptive rungs wait until {until}, a grace period after the incident opened, so a fleet-wide outage reaches the storm breaker first"
+        ),
     }
 }
 

@@ -193,6 +193,7 @@ mod tests {
             next_poll_at: Some(Time(at(110))),
             settle_until: Some(Time(at(130))),
             message: None,
+            outcome_unknown: false,
         });
         status
     }

@@ -51,6 +51,10 @@ pub struct LadderPolicy {
     pub allow_start: bool,
     /// May add an NSG allow rule for the configured prefixes.
     pub nsg_repair: bool,
+    /// The source prefixes an NSG repair may allow (validated: never "everyone").
+    pub nsg_allowed_prefixes: Vec<String>,
+    /// Where `ResetPassword` resets and stores (`None`: the rung is not configured).
+    pub password_reset: Option<super::spec::PasswordResetSpec>,
     /// May apply the security-weakening listener settings.
     pub allow_insecure_listener_settings: bool,
     /// Evidence older than this is gathered again during an incident.
@@ -79,6 +83,8 @@ impl Default for LadderPolicy {
             windows: Vec::new(),
             allow_start: false,
             nsg_repair: false,
+            nsg_allowed_prefixes: Vec::new(),
+            password_reset: None,
             allow_insecure_listener_settings: false,
             evidence_refresh: Duration::from_secs(900),
             request_timeout: Duration::from_secs(120),
@@ -120,6 +126,9 @@ pub struct Gates {
     pub storm: bool,
     /// A fleet-wide disruptive slot is free.
     pub disruptive_slot_free: bool,
+    /// Disruptive rungs wait this long after an incident opens, so that a fleet-wide outage
+    /// shows in the storm breaker before the first VM acts on it.
+    pub disruptive_grace: Duration,
 }
 
 impl Gates {
@@ -129,6 +138,7 @@ impl Gates {
         paused: false,
         storm: false,
         disruptive_slot_free: true,
+        disruptive_grace: Duration::ZERO,
     };
 }
 
@@ -231,6 +241,8 @@ pub enum WaitReason {
     DailyBudget,
     /// All fleet-wide disruptive slots are taken.
     FleetSlot,
+    /// The incident is younger than the fleet's grace period for disruptive rungs.
+    FleetGrace,
 }
 
 impl WaitReason {
@@ -245,6 +257,7 @@ impl WaitReason {
             Self::Cooldown => "Cooldown",
             Self::DailyBudget => "DailyLadderBudget",
             Self::FleetSlot => "FleetConcurrencyLimit",
+            Self::FleetGrace => "FleetGracePeriod",
         }
     }
 }
@@ -475,6 +488,17 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     }
     if !s.gates.leader {
         return Decision::Suspended(Suspension::NotLeader);
+    }
+    if step.rung.is_disruptive()
+        && let Some(started) = &s.ladder.incident_started_at
+    {
+        let until = add(started.0, s.gates.disruptive_grace);
+        if until > s.now {
+            return Decision::Wait {
+                until,
+                reason: WaitReason::FleetGrace,
+            };
+        }
     }
     if step.rung.is_disruptive() && !s.gates.disruptive_slot_free {
         return Decision::Wait {

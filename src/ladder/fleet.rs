@@ -13,6 +13,9 @@ pub struct FleetPolicy {
     pub min_fleet_size: usize,
     /// Disruptive rungs allowed in flight at once per subscription.
     pub max_concurrent_disruptive: usize,
+    /// Disruptive rungs wait this long after an incident opens, so that the other VMs of a
+    /// fleet-wide outage are seen unreachable (and trip the breaker) before any VM acts.
+    pub disruptive_grace: std::time::Duration,
 }
 
 impl Default for FleetPolicy {
@@ -21,6 +24,7 @@ impl Default for FleetPolicy {
             max_unreachable_percent: 30,
             min_fleet_size: 5,
             max_concurrent_disruptive: 1,
+            disruptive_grace: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod decide;
 pub mod fleet;
+pub mod nsg_repair;
 pub mod rung;
 pub mod spec;
 pub mod status;

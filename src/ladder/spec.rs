@@ -115,8 +115,9 @@ pub struct NsgRepairSpec {
 pub struct PasswordResetSpec {
     /// The local administrator account to reset (created if missing).
     pub username: String,
-    /// Name of the Secret (same namespace) that receives the generated password under the
-    /// key `password`. The password never appears in status, Events or logs.
+    /// Name of the Secret (same namespace) that receives the generated password: under
+    /// `pendingPassword` before it is sent to Azure, under `password` once Azure confirmed
+    /// the reset. The password never appears in status, Events or logs.
     pub secret_name: String,
 }
 
@@ -145,9 +146,14 @@ pub enum LadderSpecError {
     /// The NSG repair would open RDP too widely.
     #[error("remediation.nsgRepair.allowedSourcePrefixes: {0}")]
     NsgRepair(String),
-    /// A setting this version validates but does not execute yet.
-    #[error("remediation.{0} is not supported by this version of the operator yet")]
-    Unsupported(&'static str),
+    /// The password reset names an invalid account or Secret.
+    #[error("remediation.passwordReset.{field}: {why}")]
+    PasswordReset {
+        /// Field.
+        field: &'static str,
+        /// What is wrong.
+        why: String,
+    },
     /// A maintenance window is malformed.
     #[error("remediation.maintenanceWindows[{index}]: {why}")]
     Window {
@@ -329,6 +335,43 @@ pub fn check_nsg_repair(spec: &NsgRepairSpec) -> Result<(), LadderSpecError> {
     Ok(())
 }
 
+/// Checks the account (a Windows local user name) and the Secret name (a DNS subdomain).
+pub fn check_password_reset(spec: &PasswordResetSpec) -> Result<(), LadderSpecError> {
+    let user = &spec.username;
+    let bad_user = |why: &str| LadderSpecError::PasswordReset {
+        field: "username",
+        why: format!("{user:?} {why}"),
+    };
+    if user.is_empty() || user.chars().count() > 20 {
+        return Err(bad_user("must have 1-20 characters"));
+    }
+    if user
+        .chars()
+        .any(|c| c.is_control() || "\"/\\[]:;|=,+*?<>@".contains(c))
+        || user.trim() != user
+        || user.ends_with('.')
+    {
+        return Err(bad_user(
+            "is not a Windows user name (no \"/\\[]:;|=,+*?<>@, no leading or trailing space, no trailing dot)",
+        ));
+    }
+    let name = &spec.secret_name;
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(LadderSpecError::PasswordReset {
+            field: "secretName",
+            why: format!("{name:?} is not a valid Secret name (lower-case DNS subdomain)"),
+        });
+    }
+    Ok(())
+}
+
 /// Validates the remediation settings into the policy `decide` trusts.
 pub fn policy_from_spec(
     spec: &crate::api::RemediationSpec,
@@ -345,13 +388,8 @@ pub fn policy_from_spec(
         spec.nsg_repair.enabled,
     )?;
     check_nsg_repair(&spec.nsg_repair)?;
-    // Validated above so a spec written for them is checked, but not executed by this
-    // version: refuse clearly instead of failing at the first attempt.
-    if spec.nsg_repair.enabled {
-        return Err(LadderSpecError::Unsupported("nsgRepair"));
-    }
-    if spec.password_reset.is_some() {
-        return Err(LadderSpecError::Unsupported("passwordReset"));
+    if let Some(p) = &spec.password_reset {
+        check_password_reset(p)?;
     }
     for rung in &spec.allowed_disruptive_actions {
         if !rung.is_disruptive() {
@@ -409,6 +447,12 @@ pub fn policy_from_spec(
         windows,
         allow_start: spec.allow_start,
         nsg_repair: spec.nsg_repair.enabled,
+        nsg_allowed_prefixes: if spec.nsg_repair.enabled {
+            spec.nsg_repair.allowed_source_prefixes.clone()
+        } else {
+            Vec::new()
+        },
+        password_reset: spec.password_reset.clone(),
         allow_insecure_listener_settings: spec.allow_insecure_listener_settings,
         ..super::LadderPolicy::default()
     })
@@ -426,33 +470,46 @@ mod tests {
     }
 
     #[test]
-    fn settings_not_executed_yet_are_refused_clearly() {
+    fn password_reset_and_nsg_repair_reach_the_policy() {
         let spec = crate::api::RemediationSpec {
             password_reset: Some(PasswordResetSpec {
                 username: "azureadmin".into(),
                 secret_name: "vm-admin".into(),
             }),
-            ..Default::default()
-        };
-        assert!(
-            policy_from_spec(&spec)
-                .unwrap_err()
-                .to_string()
-                .contains("passwordReset is not supported")
-        );
-        let spec = crate::api::RemediationSpec {
             nsg_repair: NsgRepairSpec {
                 enabled: true,
                 allowed_source_prefixes: vec!["203.0.113.0/24".into()],
             },
             ..Default::default()
         };
-        assert!(
-            policy_from_spec(&spec)
-                .unwrap_err()
-                .to_string()
-                .contains("nsgRepair is not supported")
-        );
+        let policy = policy_from_spec(&spec).unwrap();
+        assert_eq!(policy.password_reset, spec.password_reset);
+        assert!(policy.nsg_repair);
+        assert_eq!(policy.nsg_allowed_prefixes, vec!["203.0.113.0/24"]);
+    }
+
+    #[rstest::rstest]
+    #[case("azureadmin", "vm-admin", None)]
+    #[case("", "vm-admin", Some("username"))]
+    #[case("a-very-long-user-name-x", "vm-admin", Some("username"))]
+    #[case("bad/name", "vm-admin", Some("username"))]
+    #[case(" admin", "vm-admin", Some("username"))]
+    #[case("admin", "Vm_Admin", Some("secretName"))]
+    #[case("admin", "", Some("secretName"))]
+    #[case("admin", "vm.admin-2", None)]
+    fn password_reset_fields_are_checked(
+        #[case] username: &str,
+        #[case] secret_name: &str,
+        #[case] field: Option<&str>,
+    ) {
+        let r = check_password_reset(&PasswordResetSpec {
+            username: username.into(),
+            secret_name: secret_name.into(),
+        });
+        match field {
+            None => assert!(r.is_ok(), "{r:?}"),
+            Some(f) => assert!(r.unwrap_err().to_string().contains(f)),
+        }
     }
 
     #[test]

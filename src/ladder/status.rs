@@ -59,6 +59,11 @@ pub struct RungExecution {
     /// The operation's own result message, when it reported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Whether the call ran cannot be known (the operator stopped during the call, or the
+    /// operation's status could not be read): the probe still judges it, but a rung that
+    /// did not fix it is recorded `Unknown`, not `NotFixed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
 }
 
 /// How a rung ended.
@@ -199,6 +204,7 @@ impl LadderStatus {
             next_poll_at: None,
             settle_until: None,
             message: None,
+            outcome_unknown: false,
         });
     }
 
@@ -226,6 +232,25 @@ impl LadderStatus {
             c.settle_until = Some(Time(until));
             c.message = message;
         }
+    }
+
+    /// Settles a rung whose call's fate cannot be known; the probe judges it after `until`.
+    pub fn settle_unknown(&mut self, until: Timestamp, message: String) {
+        self.settle(until, Some(message));
+        if let Some(c) = &mut self.current {
+            c.outcome_unknown = true;
+        }
+    }
+
+    /// Ends the current rung after the probe still fails after settling: `NotFixed`, or
+    /// `Unknown` when whether the call ran was never known.
+    pub fn not_fixed(&mut self, now: Timestamp, next_action: Timestamp) {
+        let outcome = if self.current.as_ref().is_some_and(|c| c.outcome_unknown) {
+            RungOutcome::Unknown
+        } else {
+            RungOutcome::NotFixed
+        };
+        self.finish(outcome, None, now, Some(next_action));
     }
 
     /// Ends the current rung with `outcome`; the next rung waits until `next_action`.

@@ -136,6 +136,9 @@ fn nsg_deny() -> NsgEvidence {
 #[case::storm_holds_disruptive(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.storm = true; }, Decision::Suspended(Suspension::Storm))]
 #[case::storm_allows_mild(|c: &mut Case| c.gates.storm = true, Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
 #[case::no_slot(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_slot_free = false; }, Decision::Wait { until: at(40), reason: WaitReason::FleetSlot })]
+#[case::grace_holds_disruptive(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_grace = Duration::from_secs(60); }, Decision::Wait { until: at(60), reason: WaitReason::FleetGrace })]
+#[case::grace_over(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_grace = Duration::from_secs(5); }, Decision::Act(Step::rung(Rung::ResetNic)))]
+#[case::grace_spares_mild_rungs(|c: &mut Case| c.gates.disruptive_grace = Duration::from_secs(60), Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
 #[case::no_permission_gives_up(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.policy.allowed_disruptive.clear(); }, Decision::GiveUp(GiveUp::Exhausted { need_permission: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy], need_agent: vec![Rung::ResetRdpConfig] }))]
 #[case::approval_allows_once(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.policy.allowed_disruptive.clear(); c.approval = Some(Rung::Restart); }, Decision::Act(Step::rung(Rung::Restart)))]
 #[case::tls_failure_targets_guest_first(|c: &mut Case| c.failure = Some(failure(FailureReason::TlsHandshakeFailed)), Decision::Act(Step::repair(GuestRepair::EnableTls12)))]
@@ -174,6 +177,43 @@ fn maintenance_windows_hold_disruptive_rungs_outside() {
     case.ladder.open_incident(case.now);
     case.evidence.as_mut().unwrap().gathered_at = Time(case.now);
     assert_eq!(case.decide(), Decision::Act(Step::rung(Rung::ResetNic)));
+}
+
+#[test]
+fn a_rung_of_unknown_fate_is_judged_but_recorded_unknown() {
+    let mut case = Case::new();
+    case.ladder.start(Step::rung(Rung::ResetRdpConfig), at(10));
+    // The operator stopped during the call: after the request timeout it settles, unrepeated.
+    case.now = at(10 + 120);
+    assert_eq!(case.decide(), Decision::AbandonRequest);
+    case.ladder.settle_unknown(at(250), "interrupted".into());
+    case.now = at(260);
+    case.evidence.as_mut().unwrap().gathered_at = Time(at(200));
+    assert_eq!(case.decide(), Decision::NotFixed);
+    case.ladder.not_fixed(at(260), at(320));
+    let last = case.ladder.history.last().unwrap();
+    assert_eq!(last.outcome, RungOutcome::Unknown);
+    assert_eq!(last.outcome.as_str(), "unknown");
+    // A rung whose operation was seen to finish is `NotFixed`.
+    case.ladder.start(Step::rung(Rung::ResetNic), at(330));
+    case.ladder.settle(at(340), None);
+    case.ladder.not_fixed(at(350), at(400));
+    assert_eq!(
+        case.ladder.history.last().unwrap().outcome,
+        RungOutcome::NotFixed
+    );
+    // Reachable after an unknown rung: the rung gets the credit.
+    case.ladder.start(Step::rung(Rung::Restart), at(410));
+    case.ladder
+        .settle_unknown(at(420), "status unreadable".into());
+    assert_eq!(
+        case.ladder.recover(at(430)),
+        Some(Step::rung(Rung::Restart))
+    );
+    assert_eq!(
+        case.ladder.history.last().unwrap().outcome,
+        RungOutcome::Fixed
+    );
 }
 
 #[test]

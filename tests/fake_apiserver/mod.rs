@@ -298,6 +298,7 @@ fn kind_of(resource: &str) -> &'static str {
         "rdphealths" => "RdpHealth",
         "leases" => "Lease",
         "events" => "Event",
+        "secrets" => "Secret",
         _ => "Object",
     }
 }
@@ -482,6 +483,9 @@ fn create(
     if inner.objects.contains_key(&key) {
         return Err((StatusCode::CONFLICT, format!("{name} already exists")));
     }
+    if resource == "secrets" {
+        fold_string_data(&mut object);
+    }
     inner.uid += 1;
     let rv = inner.next_rv();
     let meta = &mut object["metadata"];
@@ -556,6 +560,9 @@ fn patch_object(
             meta.remove("resourceVersion");
         }
         merge(&mut next, &body);
+        if resource == "secrets" {
+            fold_string_data(&mut next);
+        }
     }
     commit(inner, key, current, next)
 }
@@ -624,6 +631,19 @@ fn delete(
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
     inner.record(resource, namespace, "DELETED", object.clone());
     Ok(object)
+}
+
+/// A Secret's `stringData` is write-only: the API server moves it into `data`, base64-encoded.
+fn fold_string_data(secret: &mut Value) {
+    let Some(Value::Object(plain)) = secret.as_object_mut().and_then(|o| o.remove("stringData"))
+    else {
+        return;
+    };
+    for (k, v) in plain {
+        let bytes = v.as_str().unwrap_or_default().as_bytes().to_vec();
+        secret["data"][k] =
+            serde_json::to_value(k8s_openapi::ByteString(bytes)).unwrap_or_default();
+    }
 }
 
 /// RFC 7386 JSON merge patch.
