@@ -348,6 +348,23 @@ fn grace(d: Duration) -> Settings {
     }
 }
 
+/// The simulator with one VM (`vm_line`, a scenario `vms:` entry), the API server, an operator
+/// holding the lease, and one object `name` for `vm` with `remediation`.
+async fn start_one(
+    vm_line: &str,
+    name: &str,
+    vm: &str,
+    remediation: Value,
+) -> (Simulator, Arc<FakeApiServer>, Operator) {
+    let sim = Simulator::start(scenario(&format!("          - {vm_line}")))
+        .await
+        .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create("rdphealths", NS, rdphealth(name, vm, remediation));
+    (sim, api, op)
+}
+
 fn rdphealth(name: &str, vm: &str, remediation: Value) -> Value {
     json!({
         "apiVersion": "rdphealth.io/v1alpha1",
@@ -703,23 +720,14 @@ fn promtool_check(text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_unlocks_one_disruptive_rung_once() {
-    let sim = Simulator::start(scenario(
-        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
-    ))
-    .await
-    .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
-    let op = Operator::start(&api, &sim, "replica-a").await;
-    api.create(
-        "rdphealths",
-        NS,
-        rdphealth(
-            "hung",
-            "vm-hung",
-            json!({"mode": "Auto", "ladder": ["Restart"], "settleTime": "1s", "cooldown": "1s",
+    let (sim, api, op) = start_one(
+        "{ name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+        "hung",
+        "vm-hung",
+        json!({"mode": "Auto", "ladder": ["Restart"], "settleTime": "1s", "cooldown": "1s",
                    "backoff": {"initial": "1s", "max": "2s"}}),
-        ),
-    );
+    )
+    .await;
     // Restart is disruptive and not allowed: the ladder stops and says what it needs.
     let s = wait_status(&api, "hung", "LadderExhausted", |s| {
         condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
@@ -816,25 +824,16 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_nsg_block_is_repaired_for_the_allowed_prefixes_only() {
-    let sim = Simulator::start(scenario(
-        "          - { name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
-    ))
-    .await
-    .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
-    let op = Operator::start(&api, &sim, "replica-a").await;
-    api.create(
-        "rdphealths",
-        NS,
-        rdphealth(
-            "nsg",
-            "vm-nsg",
-            json!({
-                "mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
-                "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["203.0.113.0/28"]},
-            }),
-        ),
-    );
+    let (sim, api, op) = start_one(
+        "{ name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
+        "nsg",
+        "vm-nsg",
+        json!({
+            "mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["203.0.113.0/28"]},
+        }),
+    )
+    .await;
     let s = wait_status(&api, "nsg", "phase Recovered", |s| {
         s["phase"] == "Recovered"
     })
@@ -884,25 +883,16 @@ async fn an_nsg_block_is_repaired_for_the_allowed_prefixes_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prober_outside_the_allowed_prefixes_is_not_let_in() {
-    let sim = Simulator::start(scenario(
-        "          - { name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
-    ))
-    .await
-    .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
-    let op = Operator::start(&api, &sim, "replica-a").await;
-    api.create(
-        "rdphealths",
-        NS,
-        rdphealth(
-            "nsg",
-            "vm-nsg",
-            json!({
-                "mode": "Auto", "settleTime": "1s",
-                "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["192.0.2.0/24"]},
-            }),
-        ),
-    );
+    let (sim, api, op) = start_one(
+        "{ name: vm-nsg, nic: { subnet: vnet/s }, faults: [nsg_blocking] }",
+        "nsg",
+        "vm-nsg",
+        json!({
+            "mode": "Auto", "settleTime": "1s",
+            "nsgRepair": {"enabled": true, "allowedSourcePrefixes": ["192.0.2.0/24"]},
+        }),
+    )
+    .await;
     let s = wait_status(&api, "nsg", "the refused repair", |s| {
         s["ladder"]["history"]
             .as_array()
@@ -919,27 +909,18 @@ async fn a_prober_outside_the_allowed_prefixes_is_not_let_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_reset_writes_the_password_to_its_secret_only() {
-    let sim = Simulator::start(scenario(
-        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
-    ))
-    .await
-    .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
-    let op = Operator::start(&api, &sim, "replica-a").await;
-    api.create(
-        "rdphealths",
-        NS,
-        rdphealth(
-            "hung",
-            "vm-hung",
-            json!({
-                "mode": "Auto", "ladder": ["ResetPassword", "Restart"],
-                "allowedDisruptiveActions": ["ResetPassword", "Restart"],
-                "passwordReset": {"username": "rdpadmin", "secretName": "vm-hung-admin"},
-                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
-            }),
-        ),
-    );
+    let (sim, api, op) = start_one(
+        "{ name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+        "hung",
+        "vm-hung",
+        json!({
+            "mode": "Auto", "ladder": ["ResetPassword", "Restart"],
+            "allowedDisruptiveActions": ["ResetPassword", "Restart"],
+            "passwordReset": {"username": "rdpadmin", "secretName": "vm-hung-admin"},
+            "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+        }),
+    )
+    .await;
     let s = wait_status(&api, "hung", "phase Recovered", |s| {
         s["phase"] == "Recovered"
     })

@@ -461,12 +461,19 @@ pub fn open_to_internet(
     wildcard.then_some(verdict)
 }
 
+/// Rules and NSGs for tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
-    use rstest::rstest;
 
-    fn rule(name: &str, priority: u32, access: Access, src: &str, ports: &str) -> SecurityRule {
+    /// An inbound TCP rule from `src` (comma-separated) to any address on `ports`.
+    pub(crate) fn rule(
+        name: &str,
+        priority: u32,
+        access: Access,
+        src: &str,
+        ports: &str,
+    ) -> SecurityRule {
         SecurityRule {
             name: name.into(),
             priority,
@@ -481,13 +488,22 @@ mod tests {
         }
     }
 
-    fn nsg(id: &str, rules: Vec<SecurityRule>) -> NetworkSecurityGroup {
+    /// An NSG with `rules` and Azure's default rules.
+    pub(crate) fn nsg(id: &str, rules: Vec<SecurityRule>) -> NetworkSecurityGroup {
         NetworkSecurityGroup {
             id: id.into(),
             rules,
             default_rules: Vec::new(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    use fixtures::{nsg, rule};
 
     fn ctx() -> NetworkContext {
         NetworkContext {

@@ -182,27 +182,10 @@ pub fn description() -> String {
 mod tests {
     use super::*;
 
-    fn rule(name: &str, priority: u32, access: Access, source: &str) -> SecurityRule {
-        SecurityRule {
-            name: name.into(),
-            priority,
-            direction: Direction::Inbound,
-            access,
-            protocol: RuleProtocol::Tcp,
-            source_prefixes: vec![source.into()],
-            source_ports: vec!["*".into()],
-            destination_prefixes: vec!["*".into()],
-            destination_ports: vec!["3389".into()],
-            default_rule: false,
-        }
-    }
+    use crate::evidence::nsg::fixtures::nsg;
 
-    fn nsg(id: &str, rules: Vec<SecurityRule>) -> NetworkSecurityGroup {
-        NetworkSecurityGroup {
-            id: id.into(),
-            rules,
-            default_rules: Vec::new(),
-        }
+    fn rule(name: &str, priority: u32, access: Access, source: &str) -> SecurityRule {
+        crate::evidence::nsg::fixtures::rule(name, priority, access, source, "3389")
     }
 
     fn flow() -> Flow {
