@@ -8,6 +8,7 @@
 //! | `username` | the account the rung resets |
 //! | `password` | the password the VM is known to have (after a reset that succeeded) |
 //! | `pendingPassword` | a password sent to Azure whose outcome is not known yet |
+//! | `unconfirmedPassword` | an earlier pending password whose outcome was never learned (the operator stopped mid-call), kept when a newer reset starts until one is confirmed |
 //! | `rdphealth.io/password-state` | `pending` (sent, outcome unknown: one of the two works), `applied`, `failed` (`password` is unchanged) |
 //! | `rdphealth.io/password-changed-at` | when `password` last changed |
 //!
@@ -32,6 +33,8 @@ pub const USERNAME_KEY: &str = "username";
 pub const PASSWORD_KEY: &str = "password";
 /// Key of a password whose reset has not been confirmed.
 pub const PENDING_KEY: &str = "pendingPassword";
+/// Key of an earlier pending password whose reset's outcome was never learned.
+pub const UNCONFIRMED_KEY: &str = "unconfirmedPassword";
 /// Annotation with the state of the last reset.
 pub const STATE_ANNOTATION: &str = "rdphealth.io/password-state";
 /// Annotation with the time `password` last changed.
@@ -187,13 +190,18 @@ impl SecretStore for KubeSecrets {
                 if type_ != "Opaque" {
                     return Err(SecretError::WrongType(at.to_string(), type_));
                 }
-                let patch = json!({
+                let mut patch = json!({
                     "metadata": { "annotations": { STATE_ANNOTATION: "pending" } },
                     "stringData": {
                         USERNAME_KEY: username,
                         PENDING_KEY: password.expose(),
                     }
                 });
+                // A pending password still here was never confirmed nor refused: the VM may
+                // have it. Keep it until a newer reset is confirmed.
+                if let Some(earlier) = s.data.as_ref().and_then(|d| d.get(PENDING_KEY)) {
+                    patch["data"] = json!({ UNCONFIRMED_KEY: earlier });
+                }
                 api.patch(&at.name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await
                     .map(|_| ())
@@ -213,7 +221,7 @@ impl SecretStore for KubeSecrets {
                 STATE_ANNOTATION: "applied",
                 CHANGED_ANNOTATION: now.to_string(),
             } },
-            "data": { PASSWORD_KEY: pending, PENDING_KEY: null }
+            "data": { PASSWORD_KEY: pending, PENDING_KEY: null, UNCONFIRMED_KEY: null }
         });
         api.patch(&at.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -285,6 +293,9 @@ impl SecretStore for MemorySecrets {
     ) -> Result<(), SecretError> {
         self.write(at, |m| {
             let s = m.entry(at.to_string()).or_default();
+            if let Some(earlier) = s.data.remove(PENDING_KEY) {
+                s.data.insert(UNCONFIRMED_KEY.into(), earlier);
+            }
             s.data.insert(USERNAME_KEY.into(), username.into());
             s.data
                 .insert(PENDING_KEY.into(), password.expose().to_string());
@@ -297,6 +308,7 @@ impl SecretStore for MemorySecrets {
             if let Some(s) = m.get_mut(&at.to_string())
                 && let Some(p) = s.data.remove(PENDING_KEY)
             {
+                s.data.remove(UNCONFIRMED_KEY);
                 s.data.insert(PASSWORD_KEY.into(), p);
                 s.state = "applied".into();
             }
@@ -364,5 +376,26 @@ mod tests {
         // Committing twice (a repeated poll) changes nothing.
         store.commit(&at, now).await.unwrap();
         assert_eq!(store.get(&at).unwrap().data[PASSWORD_KEY], "first");
+        // A reset whose outcome was never learned, then a new one: both stay until one is
+        // confirmed, so whichever the VM has is in the Secret.
+        for p in ["third", "fourth"] {
+            store
+                .stage(&at, "rdpadmin", &Password::new(p), now)
+                .await
+                .unwrap();
+        }
+        let s = store.get(&at).unwrap();
+        assert_eq!(s.data[UNCONFIRMED_KEY], "third");
+        assert_eq!(s.data[PENDING_KEY], "fourth");
+        store.discard(&at).await.unwrap();
+        assert_eq!(store.get(&at).unwrap().data[UNCONFIRMED_KEY], "third");
+        store
+            .stage(&at, "rdpadmin", &Password::new("fifth"), now)
+            .await
+            .unwrap();
+        store.commit(&at, now).await.unwrap();
+        let s = store.get(&at).unwrap();
+        assert_eq!(s.data[PASSWORD_KEY], "fifth");
+        assert!(!s.data.contains_key(UNCONFIRMED_KEY));
     }
 }
