@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{
     Event, Next, Outcome, Severity, ValidSpec,
     conditions::{self, Desired, Status},
-    gather::{Vantage, gather},
+    gather::{Gathering, Vantage, gather, poll_pending},
 };
 use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
@@ -376,11 +376,15 @@ impl Remediator {
                 Continue::Done
             }
             Decision::GatherEvidence => {
-                let vantage = Vantage {
-                    source: self.probe_source,
-                    port: self.vm_rdp_port.unwrap_or(subject.spec.port),
+                let how = Gathering {
+                    vantage: Vantage {
+                        source: self.probe_source,
+                        port: self.vm_rdp_port.unwrap_or(subject.spec.port),
+                    },
+                    previous: status.diagnosis.as_ref(),
+                    first_poll: self.first_poll,
                 };
-                let ev = gather(self.azure.as_ref(), vm, vantage, now)
+                let (ev, read_events) = gather(self.azure.as_ref(), vm, &how, now)
                     .await
                     .map_err(RemediateError::Azure)?;
                 events.push(Event {
@@ -388,6 +392,7 @@ impl Remediator {
                     reason: "EvidenceGathered",
                     note: summarize(&ev),
                 });
+                events.extend(read_events);
                 if ev.nsg.as_ref().is_some_and(|n| n.open_to_internet) {
                     events.push(Event {
                         severity: Severity::Warning,
@@ -396,6 +401,12 @@ impl Remediator {
                     });
                 }
                 status.diagnosis = Some(ev);
+                Continue::Again
+            }
+            Decision::PollEvidence => {
+                if let Some(ev) = status.diagnosis.as_mut() {
+                    events.extend(poll_pending(self.azure.as_ref(), vm, ev, now).await);
+                }
                 Continue::Again
             }
             Decision::Blocked(blocker) => {
@@ -786,7 +797,11 @@ impl Remediator {
             Some(Phase::Remediating)
         } else if ladder.incident_started_at.is_some()
             && reachability == Reachability::Unreachable
-            && outcome.status.diagnosis.is_none()
+            && outcome
+                .status
+                .diagnosis
+                .as_ref()
+                .is_none_or(|d| !d.pending.is_empty())
         {
             Some(Phase::Diagnosing)
         } else {
@@ -925,6 +940,9 @@ fn wait_message(reason: WaitReason, until: Timestamp) -> String {
             format!("maxLaddersPerDay reached; next ladder not before {until}")
         }
         WaitReason::FleetSlot => "another disruptive rung is in flight in this subscription".into(),
+        WaitReason::GatheringEvidence => format!(
+            "waiting for evidence reads running in Azure (in-guest query, IP flow verify); next look at {until}"
+        ),
     }
 }
 
@@ -954,6 +972,29 @@ pub fn summarize(ev: &crate::evidence::Evidence) -> String {
             Some(d) => parts.push(format!("NSG denies ({} {} {})", d.level, d.nsg, d.rule)),
             None => parts.push("NSG allows".into()),
         }
+        if let Some(flow) = &nsg.ip_flow_verify {
+            parts.push(format!(
+                "IP flow verify {:?} ({}){}",
+                flow.access,
+                flow.rule,
+                if flow.agrees_with_local_verdict {
+                    ""
+                } else {
+                    ", which the ladder trusts over the local verdict"
+                }
+            ));
+        }
+    }
+    if let Some(guest) = &ev.guest {
+        let scenarios: Vec<&str> = guest.scenarios(0).iter().map(|s| s.as_str()).collect();
+        parts.push(if scenarios.is_empty() {
+            "guest: nothing found".into()
+        } else {
+            format!("guest: {}", scenarios.join(", "))
+        });
+    }
+    for read in &ev.pending {
+        parts.push(format!("{} running", read.kind.describe()));
     }
     if let Some(sig) = ev.serial.as_ref().and_then(|s| s.latest) {
         parts.push(format!("serial log: {}", sig.as_str()));
