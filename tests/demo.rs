@@ -71,9 +71,10 @@ async fn every_fault_class_settles_as_expected() {
     assert!(by_fault(None).settled());
     // Disruptive rungs ran only where needed: the redeploy for the failing host, no others.
     assert_eq!(summary.arm_calls.get("vm.redeploy").copied(), Some(1));
-    // Healthy VMs cost no ARM calls: only incidents read evidence.
+    // Healthy VMs cost no ARM calls: only incidents read evidence (some 15–20 requests each,
+    // the in-guest query, IP flow verify and their polls included) and run their rungs.
     assert!(
-        summary.arm_calls.values().sum::<u64>() < 200,
+        summary.arm_calls.values().sum::<u64>() < 250,
         "{:?}",
         summary.arm_calls
     );
