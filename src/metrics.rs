@@ -424,7 +424,8 @@ pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
             if nsg.open_to_internet {
                 kinds.push("rdp_open_to_internet");
             }
-            if nsg.verdict.access == Access::Deny {
+            // The verdict the ladder acts on: IP flow verify's when it answered.
+            if nsg.trusted_access() == Access::Deny {
                 kinds.push("nsg_denied");
             }
         }
@@ -469,6 +470,44 @@ mod tests {
         ObjectKey {
             namespace: "default".into(),
             name: name.into(),
+        }
+    }
+
+    #[test]
+    fn nsg_denied_follows_the_verdict_the_ladder_trusts() {
+        use crate::evidence::{
+            Evidence, FlowCheck, NsgEvidence,
+            nsg::{Access, Verdict},
+        };
+        let nsg = |local, azure: Option<Access>| NsgEvidence {
+            verdict: Verdict {
+                access: local,
+                deciding: vec![],
+                unresolved_prefixes: vec![],
+            },
+            open_to_internet: false,
+            ip_flow_verify: azure.map(|access| FlowCheck {
+                access,
+                rule: "securityRules/r".into(),
+                agrees_with_local_verdict: access == local,
+            }),
+        };
+        let mut status = RdpHealthStatus::default();
+        for (local, azure, denied) in [
+            (Access::Deny, None, true),
+            (Access::Deny, Some(Access::Allow), false),
+            (Access::Allow, Some(Access::Deny), true),
+            (Access::Allow, None, false),
+        ] {
+            status.diagnosis = Some(Evidence {
+                nsg: Some(nsg(local, azure)),
+                ..Evidence::empty(at(0))
+            });
+            assert_eq!(
+                findings(&status).contains(&"nsg_denied"),
+                denied,
+                "{local:?} / {azure:?}"
+            );
         }
     }
 

@@ -41,9 +41,14 @@ const WAIT: Duration = Duration::from_secs(30);
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
 
 fn scenario(vms: &str) -> Scenario {
+    scenario_timed("300ms", vms)
+}
+
+/// [`scenario`] with Azure operations (Run Command, VMAccess…) taking `operation`.
+fn scenario_timed(operation: &str, vms: &str) -> Scenario {
     let yaml = format!(
         r#"
-timing: {{ operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
+timing: {{ operation: {operation}, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
 subscriptions:
   - id: {SUB}
     resourceGroups:
@@ -97,7 +102,8 @@ impl Prober for SimNetwork {
     }
 }
 
-/// What the API server held when a mutating Azure call was made.
+/// What the API server held when an Azure call was made (every mutating call, and the
+/// read-only in-guest evidence query, which is a Run Command too).
 #[derive(Debug, Clone)]
 struct Call {
     operation: &'static str,
@@ -125,9 +131,31 @@ impl Witness {
         self.calls.lock().unwrap().push(Call { operation, current });
     }
 
+    /// Mutating calls (not the evidence query).
     fn mutating(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.operation != "guest_query")
+            .cloned()
+            .collect()
     }
+
+    /// The in-guest evidence queries started.
+    fn guest_queries(&self) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| c.operation == "guest_query")
+            .count()
+    }
+}
+
+/// Whether a Run Command script is the operator's read-only evidence query.
+fn is_evidence_query(script: &[String]) -> bool {
+    script
+        .first()
+        .is_some_and(|l| l.contains("rdphealth-script: query-rdp-evidence"))
 }
 
 #[async_trait::async_trait]
@@ -175,7 +203,11 @@ impl Azure for Witness {
         self.inner.reset_password(vm, user, password).await
     }
     async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation> {
-        self.record("run_command");
+        self.record(if is_evidence_query(script) {
+            "guest_query"
+        } else {
+            "run_command"
+        });
         self.inner.run_command(vm, script).await
     }
     async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
@@ -414,6 +446,28 @@ async fn wait_status(
         .await
 }
 
+/// Every `status.diagnosis` the API server stored for `name`, in order.
+fn stored_diagnoses(inner: &Inner, name: &str) -> Vec<Value> {
+    inner
+        .log
+        .iter()
+        .filter(|c| c.resource == "rdphealths" && c.object["metadata"]["name"] == name)
+        .map(|c| c.object["status"]["diagnosis"].clone())
+        .filter(Value::is_object)
+        .collect()
+}
+
+fn pending_kinds(diagnosis: &Value) -> Vec<String> {
+    diagnosis["pending"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["kind"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Phases of `status.ladder.current` in the order the API server stored them.
 fn stored_phases(inner: &Inner, name: &str) -> Vec<String> {
     let mut phases: Vec<String> = Vec::new();
@@ -491,6 +545,33 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     assert_eq!(phases, ["Requested", "Running", "Settling"], "{phases:?}");
     assert!(sim.count("operation.status") + sim.count("operation.result") >= 1);
 
+    // The in-guest query ran through Run Command while no rung was in flight, was polled
+    // across reconciles, and its answer was in status before the rung started.
+    assert_eq!(op.witness.guest_queries(), 1);
+    assert_eq!(sim.guest_queries(), 1);
+    assert_eq!(
+        sim.count("vm.runcommand"),
+        1,
+        "only the query: the fix is VMAccess"
+    );
+    let all = op.witness.calls.lock().unwrap().clone();
+    assert_eq!(all[0].operation, "guest_query", "{all:?}");
+    assert!(all[0].current[0].is_null(), "a rung was in flight: {all:?}");
+    let diagnoses = api.read(|inner| stored_diagnoses(inner, "rdp"));
+    assert!(
+        diagnoses
+            .iter()
+            .any(|d| pending_kinds(d).contains(&"GuestQuery".to_string())),
+        "{diagnoses:#?}"
+    );
+    let answered = diagnoses
+        .iter()
+        .find(|d| d["guest"].is_object())
+        .unwrap_or_else(|| panic!("no guest evidence stored: {diagnoses:#?}"));
+    assert_eq!(answered["guest"]["registry"]["fDenyTSConnections"], "1");
+    assert_eq!(answered["guest"]["complete"], true);
+    assert!(pending_kinds(answered).is_empty(), "{answered:#}");
+
     api.wait_for("events", WAIT, |inner| {
         (events(inner, "rdp", "RemediationStarted") == 1
             && events(inner, "rdp", "RemediationSucceeded") == 1)
@@ -503,6 +584,7 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
             r#"rdphealth_remediations_total{result="fixed",rung="ResetRdpConfig"} 1"#,
             r#"rdphealth_ladder_rung{name="rdp",namespace="default"} 0"#,
             r#"rdphealth_azure_requests_total{code="OK",operation="reset_rdp_config"} 1"#,
+            r#"rdphealth_azure_requests_total{code="OK",operation="run_command"} 1"#,
             r#"rdphealth_vm_reachable{name="rdp",namespace="default"} 1"#,
         ])
         .await;
@@ -569,6 +651,144 @@ async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
         .wait_metrics(&[r#"rdphealth_remediations_total{result="fixed",rung="Redeploy"} 1"#])
         .await;
     second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_while_the_guest_query_runs_resumes_polling_it() {
+    // Run Command takes 3 s here, so the operator stops while the query runs.
+    let sim = Simulator::start(scenario_timed(
+        "3s",
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let first = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "rdp",
+            "vm-rdp",
+            json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    let s = wait_status(&api, "rdp", "a pending guest query", |s| {
+        pending_kinds(&s["diagnosis"]).contains(&"GuestQuery".to_string())
+    })
+    .await;
+    let c = condition(&s, "Remediating").unwrap();
+    assert_eq!(c["reason"], "GatheringEvidence", "{s:#}");
+    assert_eq!(s["phase"], "Diagnosing", "{s:#}");
+    let witness = Arc::clone(&first.witness);
+    first.shutdown().await;
+    assert_eq!(witness.guest_queries(), 1);
+    assert_eq!(sim.guest_queries(), 1);
+    let s = api.read(|inner| status(inner, "rdp")).unwrap();
+    assert!(
+        s["diagnosis"]["guest"].is_null() && !pending_kinds(&s["diagnosis"]).is_empty(),
+        "the first operator saw the answer: {s:#}"
+    );
+
+    let second = Operator::start(&api, &sim, "replica-b").await;
+    let s = wait_status(&api, "rdp", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["rung"], "ResetRdpConfig",
+        "{s:#}"
+    );
+    assert_eq!(
+        second.witness.guest_queries(),
+        0,
+        "the new operator started a second query"
+    );
+    assert_eq!(sim.guest_queries(), 1);
+    assert_eq!(sim.count("vm.runcommand"), 1);
+    let calls = second.witness.mutating();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].operation, "reset_rdp_config");
+    let diagnoses = api.read(|inner| stored_diagnoses(inner, "rdp"));
+    assert!(
+        diagnoses
+            .iter()
+            .any(|d| d["guest"]["registry"]["fDenyTSConnections"] == "1"),
+        "the resumed poll stored the answer: {diagnoses:#?}"
+    );
+    second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ip_flow_verify_answers_and_a_mismatch_is_reported() {
+    // The NIC's NSG allows RDP from a service tag that holds the prober's address: Azure
+    // resolves it, the operator's local evaluation cannot (it reads as DenyAllInBound).
+    let yaml = format!(
+        r#"
+timing: {{ operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
+serviceTags: {{ AzureCloud.westeurope: [203.0.113.0/24] }}
+subscriptions:
+  - id: {SUB}
+    networkWatchers: [westeurope]
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        networkSecurityGroups:
+          - name: nsg-nic
+            rules:
+              - {{ name: allow-rdp-azure, priority: 1000, access: Allow, protocol: Tcp, source: AzureCloud.westeurope, destinationPort: "3389" }}
+        virtualNetworks:
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24 }} ] }}
+        vms:
+          - {{ name: vm-tagged, nic: {{ subnet: vnet/s, networkSecurityGroup: nsg-nic }}, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }}
+"#
+    );
+    let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
+        .await
+        .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "tagged",
+            "vm-tagged",
+            json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    let s = wait_status(&api, "tagged", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    // Trusting Azure, the ladder was not blocked by the local NsgDenied verdict.
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["rung"], "ResetRdpConfig",
+        "{s:#}"
+    );
+    assert!(sim.count("watcher.ipflowverify") >= 1);
+    let diagnoses = api.read(|inner| stored_diagnoses(inner, "tagged"));
+    let checked = diagnoses
+        .iter()
+        .find(|d| d["nsg"]["ipFlowVerify"].is_object())
+        .unwrap_or_else(|| panic!("no IP flow verify answer stored: {diagnoses:#?}"));
+    assert_eq!(checked["nsg"]["verdict"]["access"], "Deny");
+    assert_eq!(
+        checked["nsg"]["ipFlowVerify"],
+        json!({"access": "Allow", "rule": "securityRules/allow-rdp-azure", "agreesWithLocalVerdict": false})
+    );
+    api.wait_for("the mismatch event", WAIT, |inner| {
+        (events(inner, "tagged", "NsgVerdictMismatch") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        api.read(|inner| events(inner, "tagged", "NsgDenied")),
+        0,
+        "the local verdict was reported as a blocker"
+    );
+    op.shutdown().await;
     sim.shutdown().await;
 }
 
@@ -777,15 +997,16 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
         "          - { name: vm-0, nic: { subnet: vnet/s } }
           - { name: vm-1, nic: { subnet: vnet/s } }
           - { name: vm-2, nic: { subnet: vnet/s } }
-          - { name: vm-3, nic: { subnet: vnet/s }, faults: [guest_hung] }
-          - { name: vm-4, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+          - { name: vm-3, nic: { subnet: vnet/s }, faults: [nic_broken] }
+          - { name: vm-4, nic: { subnet: vnet/s }, faults: [nic_broken] }",
     ))
     .await
     .unwrap();
     let api = Arc::new(FakeApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::from_secs(3))).await;
     // Every object may restart from the start: only the grace period stands between the
-    // first VM seen unreachable and a restart before the second one is seen.
+    // first VM seen unreachable and a restart before the second one is seen. (The VM agent
+    // is not Ready with a broken NIC, so no in-guest query delays the ladder.)
     for i in 0..5 {
         api.create(
             "rdphealths",

@@ -30,15 +30,21 @@ pub struct Verdict {
 /// Evaluates `flow` against the subnet NSG, then the NIC NSG, with the one evaluator the
 /// operator also uses for its evidence ([`crate::evidence::nsg`]).
 pub fn evaluate(subnet: Option<&NsgRules>, nic: Option<&NsgRules>, flow: &Flow) -> Verdict {
+    evaluate_in(subnet, nic, flow, &eval::NetworkContext::private_ranges())
+}
+
+/// [`evaluate`] with what the address tags mean given explicitly (e.g. service tags Azure
+/// knows and the operator does not).
+pub fn evaluate_in(
+    subnet: Option<&NsgRules>,
+    nic: Option<&NsgRules>,
+    flow: &Flow,
+    ctx: &eval::NetworkContext,
+) -> Verdict {
     let subnet = subnet.map(to_evaluator);
     let nic = nic.map(to_evaluator);
     let flow = eval::Flow::inbound_tcp(flow.source.into(), flow.destination.into(), flow.port);
-    let verdict = eval::evaluate(
-        &flow,
-        subnet.as_ref(),
-        nic.as_ref(),
-        &eval::NetworkContext::private_ranges(),
-    );
+    let verdict = eval::evaluate(&flow, subnet.as_ref(), nic.as_ref(), ctx);
     Verdict {
         allow: verdict.access == eval::Access::Allow,
         rule: verdict

@@ -294,24 +294,26 @@ fn record(
     if incident && t.detected_after.is_none() {
         t.detected_after = Some(at);
     }
-    if t.diagnosis.is_none() {
-        if let Some(c) = conditions::find(&status.conditions, types::REMEDIATING).filter(|c| {
-            matches!(
-                c.reason.as_str(),
-                "NsgDenied"
-                    | "VmNotRunning"
-                    | "PlatformIssue"
-                    | "PortTakenByOtherProgram"
-                    | "ConnectionBrokerError"
-            )
-        }) {
-            t.diagnosis = Some(format!("{}: {}", c.reason, c.message));
-        } else if let (true, Some(probe)) = (incident, status.last_probe.as_ref()) {
-            t.diagnosis = probe
-                .failure_reason
-                .clone()
-                .or_else(|| incident_kind(status).map(str::to_string));
-        }
+    // The evidence's verdict, once known (it may take a few reconciles while reads run in
+    // Azure), replaces the probe's failure reason.
+    if let Some(c) = conditions::find(&status.conditions, types::REMEDIATING).filter(|c| {
+        matches!(
+            c.reason.as_str(),
+            "NsgDenied"
+                | "VmNotRunning"
+                | "PlatformIssue"
+                | "PortTakenByOtherProgram"
+                | "ConnectionBrokerError"
+        )
+    }) {
+        t.diagnosis = Some(format!("{}: {}", c.reason, c.message));
+    } else if t.diagnosis.is_none()
+        && let (true, Some(probe)) = (incident, status.last_probe.as_ref())
+    {
+        t.diagnosis = probe
+            .failure_reason
+            .clone()
+            .or_else(|| incident_kind(status).map(str::to_string));
     }
     for e in events {
         if e.reason == "RemediationSucceeded" {

@@ -92,6 +92,8 @@ pub fn scenario_yaml(vms: usize, speed: f64) -> String {
     let groups = vms.div_ceil(VMS_PER_SUBSCRIPTION).max(1);
     for g in 0..groups {
         let _ = writeln!(y, "  - id: {}", subscription(g));
+        // A Network Watcher, so the evidence cross-checks the NSG verdict with IP flow verify.
+        y.push_str("    networkWatchers: [westeurope]\n");
         y.push_str("    resourceGroups:\n      - name: rg-demo\n        location: westeurope\n");
         y.push_str("        networkSecurityGroups:\n");
         y.push_str("          - {name: nsg-subnet, rules: [{name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: \"203.0.113.0/24\", destinationPort: \"3389\"}]}\n");

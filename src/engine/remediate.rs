@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{
     Event, Next, Outcome, Severity, ValidSpec,
     conditions::{self, Desired, Status},
-    gather::{Vantage, gather},
+    gather::{Gathering, Vantage, gather, poll_pending},
 };
 use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
@@ -398,8 +398,12 @@ impl Remediator {
                 Continue::Done
             }
             Decision::GatherEvidence => {
-                let vantage = self.vantage(subject);
-                let ev = gather(self.azure.as_ref(), vm, vantage, now)
+                let how = Gathering {
+                    vantage: self.vantage(subject),
+                    previous: status.diagnosis.as_ref(),
+                    first_poll: self.first_poll,
+                };
+                let (ev, read_events) = gather(self.azure.as_ref(), vm, &how, now)
                     .await
                     .map_err(RemediateError::Azure)?;
                 events.push(Event {
@@ -407,6 +411,7 @@ impl Remediator {
                     reason: "EvidenceGathered",
                     note: summarize(&ev),
                 });
+                events.extend(read_events);
                 if ev.nsg.as_ref().is_some_and(|n| n.open_to_internet) {
                     events.push(Event {
                         severity: Severity::Warning,
@@ -415,6 +420,12 @@ impl Remediator {
                     });
                 }
                 status.diagnosis = Some(ev);
+                Continue::Again
+            }
+            Decision::PollEvidence => {
+                if let Some(ev) = status.diagnosis.as_mut() {
+                    events.extend(poll_pending(self.azure.as_ref(), vm, ev, now).await);
+                }
                 Continue::Again
             }
             Decision::Blocked(blocker) => {
@@ -1027,7 +1038,11 @@ impl Remediator {
             Some(Phase::Remediating)
         } else if ladder.incident_started_at.is_some()
             && reachability == Reachability::Unreachable
-            && outcome.status.diagnosis.is_none()
+            && outcome
+                .status
+                .diagnosis
+                .as_ref()
+                .is_none_or(|d| !d.pending.is_empty())
         {
             Some(Phase::Diagnosing)
         } else {
@@ -1169,6 +1184,9 @@ fn wait_message(reason: WaitReason, until: Timestamp) -> String {
         WaitReason::FleetGrace => format!(
             "disruptive rungs wait until {until}, a grace period after the incident opened, so a fleet-wide outage reaches the storm breaker first"
         ),
+        WaitReason::GatheringEvidence => format!(
+            "waiting for evidence reads running in Azure (in-guest query, IP flow verify); next look at {until}"
+        ),
     }
 }
 
@@ -1198,6 +1216,29 @@ pub fn summarize(ev: &crate::evidence::Evidence) -> String {
             Some(d) => parts.push(format!("NSG denies ({} {} {})", d.level, d.nsg, d.rule)),
             None => parts.push("NSG allows".into()),
         }
+        if let Some(flow) = &nsg.ip_flow_verify {
+            parts.push(format!(
+                "IP flow verify {:?} ({}){}",
+                flow.access,
+                flow.rule,
+                if flow.agrees_with_local_verdict {
+                    ""
+                } else {
+                    ", which the ladder trusts over the local verdict"
+                }
+            ));
+        }
+    }
+    if let Some(guest) = &ev.guest {
+        let scenarios: Vec<&str> = guest.scenarios(0).iter().map(|s| s.as_str()).collect();
+        parts.push(if scenarios.is_empty() {
+            "guest: nothing found".into()
+        } else {
+            format!("guest: {}", scenarios.join(", "))
+        });
+    }
+    for read in &ev.pending {
+        parts.push(format!("{} running", read.kind.describe()));
     }
     if let Some(sig) = ev.serial.as_ref().and_then(|s| s.latest) {
         parts.push(format!("serial log: {}", sig.as_str()));

@@ -73,9 +73,9 @@ pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
 }
 
 /// When the remediation ladder needs a look of its own (no probe): the next poll of a running
-/// operation, the end of settling, the deadline of an unanswered request, or the end of a
-/// backoff. Drivers reconcile at that time without probing, so polling and settling never
-/// make probes more frequent than the probe intervals.
+/// operation or of an evidence read, the end of settling, the deadline of an unanswered
+/// request, or the end of a backoff. Drivers reconcile at that time without probing, so
+/// polling and settling never make probes more frequent than the probe intervals.
 pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
     let ladder = &status.ladder;
     let current = ladder.current.as_ref().and_then(|c| match c.phase {
@@ -88,10 +88,12 @@ pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Opt
         .as_ref()
         .map(|t| t.0)
         .filter(|_| ladder.current.is_none() && ladder.incident_started_at.is_some());
-    match (current, backoff) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    let reads = status
+        .diagnosis
+        .as_ref()
+        .and_then(crate::evidence::Evidence::pending_due)
+        .filter(|_| ladder.incident_started_at.is_some());
+    [current, backoff, reads].into_iter().flatten().min()
 }
 
 #[cfg(test)]
@@ -226,6 +228,31 @@ mod tests {
         let mut status = ladder(None, Some(500));
         status.ladder.incident_started_at = None;
         assert_eq!(ladder_due(&status, &spec), None);
+    }
+
+    #[test]
+    fn pending_evidence_reads_are_polled_without_probing() {
+        use crate::evidence::{Evidence, PendingRead, ReadKind};
+        let obj = object(|_| {});
+        let spec = ValidSpec::try_from(&obj.spec).unwrap();
+        let mut status = ladder(None, Some(500));
+        let mut ev = Evidence::empty(at(50));
+        ev.pending.push(PendingRead {
+            kind: ReadKind::GuestQuery,
+            async_operation_url: Some("http://arm/op/1".into()),
+            location_url: None,
+            started_at: Time(at(50)),
+            next_poll_at: Time(at(60)),
+        });
+        status.diagnosis = Some(ev);
+        assert_eq!(ladder_due(&status, &spec), Some(at(60)));
+        status.ladder.incident_started_at = None;
+        status.ladder.next_action_at = None;
+        assert_eq!(
+            ladder_due(&status, &spec),
+            None,
+            "reads of a closed incident are not polled"
+        );
     }
 
     #[test]

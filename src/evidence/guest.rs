@@ -163,7 +163,8 @@ impl GuestEvidence {
         self.registry.get(name).is_some_and(|v| v == value)
     }
 
-    /// The scenarios this evidence shows, in ladder order; `rdp_port` is the probed port.
+    /// The scenarios this evidence shows, in ladder order; `rdp_port` is the VM's RDP port
+    /// (0 when unknown: `PortChanged` is then not evaluated).
     pub fn scenarios(&self, rdp_port: u16) -> Vec<GuestScenario> {
         let mut out = Vec::new();
         let term_service_down = self
@@ -182,7 +183,8 @@ impl GuestEvidence {
         {
             out.push(GuestScenario::PortTakenByOtherProgram);
         }
-        if let Some(port) = self.registry.get("PortNumber")
+        if rdp_port != 0
+            && let Some(port) = self.registry.get("PortNumber")
             && port.parse::<u16>().is_ok_and(|p| p != rdp_port)
         {
             out.push(GuestScenario::PortChanged);
@@ -226,6 +228,10 @@ RDPHEALTH done
         assert_eq!(ev.tls.get("TLS 1.2"), Some(&true));
         assert_eq!(ev.port_owner.as_deref(), Some("TermService"));
         assert!(ev.scenarios(3389).is_empty());
+        assert!(
+            ev.scenarios(0).is_empty(),
+            "an unknown port is not a changed one"
+        );
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod serial;
 pub mod summary;
 
 pub use summary::{
-    Availability, BootDiagnostics, Evidence, NsgEvidence, PowerState, ResourceHealth,
+    Availability, BootDiagnostics, Evidence, FlowCheck, NsgEvidence, PendingRead, PowerState,
+    ReadKind, ResourceHealth,
 };

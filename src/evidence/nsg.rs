@@ -5,7 +5,7 @@
 //! rules are sorted by priority and the first match decides. The destination is the VM's
 //! private address (NAT happens before the NSG). Outbound is the mirror: NIC first, then subnet.
 
-use std::{fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -156,6 +156,10 @@ pub struct NetworkContext {
     /// Address space of the VM's virtual network (and peered / gateway-connected ranges):
     /// what the `VirtualNetwork` tag covers.
     pub virtual_network: Vec<IpNet>,
+    /// Further service tags (lower-case name → ranges), when known. The operator does not know
+    /// them (Azure publishes and changes them weekly): a rule using one is unresolved locally,
+    /// which is where IP flow verify's cross-check matters.
+    pub service_tags: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl NetworkContext {
@@ -168,6 +172,7 @@ impl NetworkContext {
                 .iter()
                 .filter_map(|n| n.parse().ok())
                 .collect(),
+            service_tags: BTreeMap::new(),
         }
     }
 }
@@ -355,7 +360,11 @@ pub fn prefix_contains(prefix: &str, addr: IpAddr, ctx: &NetworkContext) -> Opti
         "virtualnetwork" => return Some(in_vnet()),
         "azureloadbalancer" => return Some(addr == AZURE_LOAD_BALANCER),
         "internet" => return Some(!in_vnet() && addr != AZURE_LOAD_BALANCER && is_public(addr)),
-        _ => {}
+        tag => {
+            if let Some(ranges) = ctx.service_tags.get(tag) {
+                return Some(ranges.iter().any(|n| n.contains(&addr)));
+            }
+        }
     }
     if let Ok(net) = prefix.parse::<IpNet>() {
         return Some(net.contains(&addr));
@@ -508,6 +517,7 @@ mod tests {
     fn ctx() -> NetworkContext {
         NetworkContext {
             virtual_network: vec!["10.0.0.0/16".parse().unwrap()],
+            service_tags: BTreeMap::new(),
         }
     }
 
@@ -624,6 +634,21 @@ mod tests {
             v.unresolved_prefixes,
             vec!["AzureCloud.westeurope".to_string()]
         );
+    }
+
+    #[test]
+    fn known_service_tags_are_resolved() {
+        let mut known = ctx();
+        known.service_tags.insert(
+            "azurecloud.westeurope".into(),
+            vec!["198.51.100.0/24".parse().unwrap()],
+        );
+        let group = nsg("n", vec![allow_rdp("AzureCloud.westeurope")]);
+        let v = evaluate(&rdp_from("198.51.100.7"), Some(&group), None, &known);
+        assert_eq!(v.access, Access::Allow);
+        assert!(v.unresolved_prefixes.is_empty());
+        let v = evaluate(&rdp_from("192.0.2.7"), Some(&group), None, &known);
+        assert_eq!(v.access, Access::Deny, "outside the tag's ranges");
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! The evidence gathered for one incident, as the engine consumes it. The Azure driver fills
 //! it from read-only calls; everything here is plain data.
 
+use std::time::Duration;
+
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use serde::{Deserialize, Serialize};
 
-use super::{guest::GuestEvidence, nsg::Verdict, serial::SerialScan};
+use super::{
+    guest::GuestEvidence,
+    nsg::{Access, Verdict},
+    serial::SerialScan,
+};
 
 pub use crate::azure::PowerState;
 
@@ -65,19 +71,111 @@ pub struct NsgEvidence {
     pub verdict: Verdict,
     /// Whether RDP is open to the whole internet (a security finding).
     pub open_to_internet: bool,
-    /// IP flow verify's answer, when a Network Watcher exists.
+    /// IP flow verify's answer, when a Network Watcher exists in the VM's region. When it
+    /// disagrees with the local verdict, the ladder trusts it: Azure evaluates the rules it
+    /// actually enforces (service tags, application security groups, augmented rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_flow_verify: Option<FlowCheck>,
 }
 
-/// Network Watcher's IP flow verify answer.
+impl NsgEvidence {
+    /// The access the ladder acts on: IP flow verify's when it answered, else the local one.
+    pub fn trusted_access(&self) -> Access {
+        self.ip_flow_verify
+            .as_ref()
+            .map_or(self.verdict.access, |f| f.access)
+    }
+}
+
+/// Network Watcher's IP flow verify answer for the prober's flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlowCheck {
-    /// `Allow` or `Deny`.
-    pub access: String,
-    /// The deciding rule.
+    /// Azure's decision.
+    pub access: Access,
+    /// The deciding rule (`securityRules/X`, `defaultSecurityRules/X`).
     pub rule: String,
+    /// Whether the local verdict reached the same decision.
+    pub agrees_with_local_verdict: bool,
+}
+
+/// An evidence read that Azure runs as a long-running operation: started while gathering,
+/// polled on later reconciles (never waited for), kept here so a restarted operator resumes
+/// polling it instead of starting it again.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub enum ReadKind {
+    /// The in-guest event-log and RDP-configuration query, through Run Command.
+    GuestQuery,
+    /// Network Watcher IP flow verify of the prober's flow.
+    IpFlowVerify,
+}
+
+impl ReadKind {
+    /// How long the read may run before it is given up (and the ladder goes on without it).
+    /// Run Command needs at least about 20 seconds and usually answers within a minute or two;
+    /// IP flow verify within seconds.
+    pub fn timeout(self) -> Duration {
+        match self {
+            Self::GuestQuery => Duration::from_secs(300),
+            Self::IpFlowVerify => Duration::from_secs(120),
+        }
+    }
+
+    /// For people (Events, messages).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::GuestQuery => "the in-guest query",
+            Self::IpFlowVerify => "IP flow verify",
+        }
+    }
+
+    /// PascalCase prefix of its entries in `errors`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::GuestQuery => "GuestQuery",
+            Self::IpFlowVerify => "IpFlowVerify",
+        }
+    }
+}
+
+/// A started evidence read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingRead {
+    /// What it reads.
+    pub kind: ReadKind,
+    /// The `Azure-AsyncOperation` URL, when ARM returned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_operation_url: Option<String>,
+    /// The `Location` URL (the result comes from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_url: Option<String>,
+    /// When it was started.
+    pub started_at: Time,
+    /// When to poll it next.
+    pub next_poll_at: Time,
+}
+
+impl PendingRead {
+    /// When it is given up: `startedAt` plus the kind's timeout.
+    pub fn deadline(&self) -> Timestamp {
+        self.started_at
+            .0
+            .checked_add(self.kind.timeout())
+            .unwrap_or(self.started_at.0)
+    }
+
+    /// Whether it ran out of time.
+    pub fn timed_out(&self, now: Timestamp) -> bool {
+        now >= self.deadline()
+    }
+
+    /// When it needs a look: the next poll, or the deadline if that comes first.
+    pub fn due(&self) -> Timestamp {
+        self.next_poll_at.0.min(self.deadline())
+    }
 }
 
 /// Everything gathered for one incident.
@@ -102,7 +200,11 @@ pub struct Evidence {
     pub boot_diagnostics: Option<BootDiagnostics>,
     /// In-guest query (only when the agent is Ready).
     pub guest: Option<GuestEvidence>,
-    /// Reads that failed (reason and message); their parts stay empty.
+    /// Reads still running in Azure (the in-guest query, IP flow verify); the ladder waits
+    /// for them, at most for their timeout.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingRead>,
+    /// Reads that failed or timed out (reason and message); their parts stay empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
 }
@@ -135,8 +237,19 @@ impl Evidence {
             serial: None,
             boot_diagnostics: None,
             guest: None,
+            pending: Vec::new(),
             errors: Vec::new(),
         }
+    }
+
+    /// Whether a read of `kind` is running.
+    pub fn is_pending(&self, kind: ReadKind) -> bool {
+        self.pending.iter().any(|p| p.kind == kind)
+    }
+
+    /// When the earliest pending read needs a look (`None` when nothing is pending).
+    pub fn pending_due(&self) -> Option<Timestamp> {
+        self.pending.iter().map(PendingRead::due).min()
     }
 }
 

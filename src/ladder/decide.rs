@@ -11,7 +11,7 @@ use super::{
     status::{ExecutionPhase, LadderStatus},
 };
 use crate::{
-    evidence::{Evidence, guest::GuestScenario, nsg::Access, serial::BootSignal},
+    evidence::{Evidence, NsgEvidence, guest::GuestScenario, nsg::Access, serial::BootSignal},
     probe::{Failure, FailureReason},
 };
 
@@ -243,6 +243,9 @@ pub enum WaitReason {
     FleetSlot,
     /// The incident is younger than the fleet's grace period for disruptive rungs.
     FleetGrace,
+    /// Evidence reads run in Azure (the in-guest query, IP flow verify): they can block the
+    /// ladder or pick its first rung, and the in-guest query holds the VM's one Run Command.
+    GatheringEvidence,
 }
 
 impl WaitReason {
@@ -258,6 +261,7 @@ impl WaitReason {
             Self::DailyBudget => "DailyLadderBudget",
             Self::FleetSlot => "FleetConcurrencyLimit",
             Self::FleetGrace => "FleetGracePeriod",
+            Self::GatheringEvidence => "GatheringEvidence",
         }
     }
 }
@@ -310,6 +314,8 @@ pub enum Decision {
     Undecided,
     /// Gather (or refresh) the read-only evidence.
     GatherEvidence,
+    /// Poll the evidence reads running in Azure (or give up those past their timeout).
+    PollEvidence,
     /// Report the diagnosis only (Observe mode).
     Observe,
     /// Nothing the ladder may do helps: report.
@@ -450,6 +456,9 @@ pub fn decide(s: &Situation<'_>) -> Decision {
         Some(e) if !stale(e, s) => e,
         _ => return Decision::GatherEvidence,
     };
+    if let Some(d) = pending_reads(s, evidence) {
+        return d;
+    }
     if let Some(d) = evidence_gate(s, evidence) {
         return d;
     }
@@ -539,6 +548,21 @@ fn stale(e: &Evidence, s: &Situation<'_>) -> bool {
             > s.policy.evidence_refresh.as_secs_f64()
 }
 
+/// Evidence reads still running in Azure hold the ladder until they answer or time out: no
+/// rung starts meanwhile, so none can collide with the in-guest query's Run Command (Azure
+/// runs one per VM), and none is chosen without what the reads may still say.
+fn pending_reads(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
+    let due = e.pending_due()?;
+    Some(if due <= s.now {
+        Decision::PollEvidence
+    } else {
+        Decision::Wait {
+            until: due,
+            reason: WaitReason::GatheringEvidence,
+        }
+    })
+}
+
 /// Evidence that blocks or redirects the ladder before any generic rung.
 fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
     let refresh = add(e.gathered_at.0, s.policy.evidence_refresh);
@@ -559,17 +583,12 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
         });
     }
     if let Some(nsg) = &e.nsg
-        && nsg.verdict.access == Access::Deny
+        && nsg.trusted_access() == Access::Deny
     {
         return Some(if s.policy.nsg_repair && s.policy.mode != Mode::Observe {
             gated_special(s, Step::rung(Rung::RepairNsg))
         } else {
-            let d = nsg.verdict.denying_rule();
-            Decision::Blocked(Blocker::NsgDenied {
-                level: d.map(|d| d.level.to_string()).unwrap_or_default(),
-                nsg: d.map(|d| d.nsg.clone()).unwrap_or_default(),
-                rule: d.map(|d| d.rule.clone()).unwrap_or_default(),
-            })
+            Decision::Blocked(nsg_blocker(nsg))
         });
     }
     if let Some(guest) = &e.guest {
@@ -593,6 +612,28 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
         });
     }
     None
+}
+
+/// The rule that denies the prober: the local verdict's when it denies too (it names the NSG
+/// and its level), else IP flow verify's.
+fn nsg_blocker(nsg: &NsgEvidence) -> Blocker {
+    match (nsg.verdict.denying_rule(), &nsg.ip_flow_verify) {
+        (Some(d), _) => Blocker::NsgDenied {
+            level: d.level.to_string(),
+            nsg: d.nsg.clone(),
+            rule: d.rule.clone(),
+        },
+        (None, Some(flow)) => Blocker::NsgDenied {
+            level: "effective".into(),
+            nsg: "(per IP flow verify)".into(),
+            rule: flow.rule.clone(),
+        },
+        (None, None) => Blocker::NsgDenied {
+            level: String::new(),
+            nsg: String::new(),
+            rule: String::new(),
+        },
+    }
 }
 
 /// Waiting out the backoff after a failed or ineffective rung.

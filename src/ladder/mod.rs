@@ -9,6 +9,8 @@ pub mod spec;
 pub mod status;
 
 #[cfg(test)]
+mod pending_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::{

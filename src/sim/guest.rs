@@ -7,6 +7,16 @@ use super::{fault::Fault, world::Vm};
 /// Largest output Azure returns (the tail is kept).
 const MAX_OUTPUT: usize = 4096;
 
+/// The marker line of the operator's read-only evidence query.
+const QUERY_MARKER: &str = "rdphealth-script: query-rdp-evidence";
+
+/// Whether `script` is the operator's read-only evidence query.
+pub fn is_evidence_query(script: &[String]) -> bool {
+    script
+        .iter()
+        .any(|l| l.to_ascii_lowercase().contains(QUERY_MARKER))
+}
+
 /// Runs `script` (or the built-in `command`) on `vm`; returns standard output.
 pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
     let text = script.join("\n").to_ascii_lowercase();
@@ -14,7 +24,7 @@ pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
         || text.contains("new-itemproperty")
         || text.contains("reg add");
     let mut out = Vec::new();
-    if text.contains("rdphealth-script: query-rdp-evidence") {
+    if is_evidence_query(script) {
         // The operator's read-only evidence query: answer in its line format, change nothing.
         return tail(evidence_query(vm).join("\n"));
     }

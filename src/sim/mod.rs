@@ -320,6 +320,12 @@ impl Simulator {
         self.shared.lock().counters.clone()
     }
 
+    /// Accepted Run Commands that were the operator's read-only evidence query (they are
+    /// counted in `vm.runcommand` too), so tests can tell queries from repairs.
+    pub fn guest_queries(&self) -> u64 {
+        self.shared.lock().guest_queries
+    }
+
     /// Requests of one operation.
     pub fn count(&self, op: &str) -> u64 {
         self.shared.lock().counters.get(op).copied().unwrap_or(0)

@@ -2,7 +2,12 @@
 //! NICs, and initial faults. Parsed strictly (unknown fields are errors) and validated
 //! before the simulator starts.
 
-use std::{collections::HashSet, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+    path::Path,
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -21,6 +26,11 @@ pub struct Scenario {
     /// ARM's token buckets (per subscription).
     #[serde(default)]
     pub throttle: Throttle,
+    /// Service tags Azure resolves in NSG rules (name → CIDRs, e.g. `AzureCloud.westeurope`).
+    /// The operator's local NSG evaluation does not know them, as with real Azure: a rule
+    /// using one is where IP flow verify and the local verdict can disagree.
+    #[serde(default)]
+    pub service_tags: BTreeMap<String, Vec<String>>,
     /// Subscriptions.
     pub subscriptions: Vec<SubscriptionSpec>,
 }
@@ -320,6 +330,11 @@ impl Scenario {
         ] {
             if b.burst == 0 || !(b.per_second > 0.0 && b.per_second.is_finite()) {
                 return bad(format!("throttle.{name} needs a positive burst and rate"));
+            }
+        }
+        for (tag, ranges) in &self.service_tags {
+            if let Some(r) = ranges.iter().find(|r| parse_cidr(r).is_none()) {
+                return bad(format!("service tag {tag} has an invalid prefix {r:?}"));
             }
         }
         let mut vm_names = HashSet::new();

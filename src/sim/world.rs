@@ -13,10 +13,13 @@ use super::{
     fault::{Behaviour, Fault},
     scenario::{Access, Direction, Scenario, Timing, parse_cidr},
 };
-use crate::azure::{
-    limiter::{BucketShape, OpClass, TokenBucket},
-    model::{NsgRules, RuleProtocol, SecurityRule},
-    nsg::{self, Flow},
+use crate::{
+    azure::{
+        limiter::{BucketShape, OpClass, TokenBucket},
+        model::{NsgRules, RuleProtocol, SecurityRule},
+        nsg::{self, Flow},
+    },
+    evidence::nsg as nsg_eval,
 };
 
 /// The name of the rule the `nsg_blocking` fault adds.
@@ -324,6 +327,8 @@ pub struct World {
     pub timing: Timing,
     /// Client address NSGs are evaluated for.
     pub probe_source: Ipv4Addr,
+    /// What address tags mean to Azure, including the scenario's service tags.
+    pub network: nsg_eval::NetworkContext,
     /// Subscriptions by lower-case id.
     pub subs: BTreeMap<String, Subscription>,
     /// VMs by lower-case name.
@@ -340,12 +345,27 @@ pub struct World {
     pub ops: HashMap<String, Op>,
     /// Requests by operation name.
     pub counters: BTreeMap<String, u64>,
+    /// Accepted Run Commands that were the operator's read-only evidence query (counted in
+    /// `vm.runcommand` too).
+    pub guest_queries: u64,
     /// Scripted HTTP failures.
     pub http_faults: Vec<HttpFault>,
     /// Token endpoint log.
     pub tokens: TokenLog,
     next_id: u64,
     next_public: u32,
+}
+
+/// The private ranges plus the scenario's service tags (validated CIDRs).
+fn network_context(s: &Scenario) -> nsg_eval::NetworkContext {
+    let mut ctx = nsg_eval::NetworkContext::private_ranges();
+    for (tag, ranges) in &s.service_tags {
+        ctx.service_tags.insert(
+            tag.to_ascii_lowercase(),
+            ranges.iter().filter_map(|r| r.parse().ok()).collect(),
+        );
+    }
+    ctx
 }
 
 /// Builds a rule of the scenario.
@@ -369,6 +389,7 @@ impl World {
         let mut w = World {
             timing: s.timing.clone(),
             probe_source: s.probe_source,
+            network: network_context(s),
             subs: BTreeMap::new(),
             vms: BTreeMap::new(),
             nics: BTreeMap::new(),
@@ -377,6 +398,7 @@ impl World {
             pips: BTreeMap::new(),
             ops: HashMap::new(),
             counters: BTreeMap::new(),
+            guest_queries: 0,
             http_faults: Vec::new(),
             tokens: TokenLog::default(),
             next_id: 0,
@@ -668,7 +690,7 @@ impl World {
         let (subnet, nic_nsg) = self.nsgs_of(nic);
         let subnet = subnet.map(Nsg::all_rules);
         let nic_nsg = nic_nsg.map(Nsg::all_rules);
-        nsg::evaluate(
+        nsg::evaluate_in(
             subnet.as_ref(),
             nic_nsg.as_ref(),
             &Flow {
@@ -676,6 +698,7 @@ impl World {
                 destination: nic.private_ip,
                 port,
             },
+            &self.network,
         )
     }
 

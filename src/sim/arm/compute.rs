@@ -590,6 +590,9 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
     if let Some(v) = w.vms.get_mut(&key) {
         v.run_command_busy = true;
     }
+    if crate::sim::guest::is_evidence_query(&script) {
+        w.guest_queries += 1;
+    }
     let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
     drop(w);
     finish_later(s, id, timing.operation, move |w| {
