@@ -460,7 +460,7 @@ async fn reconcile_object(
             .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)),
         _ => None,
     };
-    let (observation, next_probe) = match engine::schedule(obj, now) {
+    let (observation, next_probe) = match engine::schedule(obj, None, now) {
         Schedule::Wait(left) => match due {
             Some(d) if d.is_zero() => (Observation::NotProbed, Some(left)),
             other => {
