@@ -136,6 +136,7 @@ impl RunArgs {
                 max_concurrent_disruptive: self.max_concurrent_disruptive,
             },
             probe_source: self.probe_source_address,
+            status_heartbeat: crate::engine::writes::HEARTBEAT,
         }
     }
 
