@@ -209,14 +209,27 @@ pub struct Seams {
     pub azure: Option<Arc<CountedAzure>>,
 }
 
-/// What this replica remembers about one object between reconciles.
+/// What this replica remembers about one object between reconciles: enough to continue from
+/// the last status it computed, written or (when only per-probe facts changed, see [`writes`])
+/// not, in a few bytes.
 #[derive(Debug, Clone)]
 struct Remembered {
     /// When it last probed the object (`None` when it only looked at it).
     probed_at: Option<Timestamp>,
-    /// The last status it computed: written, or not written because only per-probe facts
-    /// changed (see [`writes`]).
-    status: RdpHealthStatus,
+    /// [`writes::fingerprint`] of that status.
+    story: u64,
+    /// Its per-probe facts.
+    per_probe: writes::PerProbe,
+}
+
+impl Remembered {
+    fn of(probed_at: Option<Timestamp>, status: &RdpHealthStatus) -> Self {
+        Self {
+            probed_at,
+            story: writes::fingerprint(status),
+            per_probe: writes::PerProbe::of(status),
+        }
+    }
 }
 
 /// Per-object memory of this replica, keyed by object UID: when each object was last probed
@@ -289,9 +302,11 @@ fn memory_id(meta: &kube::api::ObjectMeta) -> Option<String> {
 /// was lost, or another replica wrote since).
 fn continued<'a>(obj: &'a RdpHealth, remembered: Option<&Remembered>) -> Cow<'a, RdpHealth> {
     match (&obj.status, remembered) {
-        (Some(stored), Some(r)) if writes::same_for_users(stored, &r.status) => {
+        (Some(stored), Some(r)) if writes::fingerprint(stored) == r.story => {
             let mut newer = obj.clone();
-            newer.status = Some(r.status.clone());
+            if let Some(status) = newer.status.as_mut() {
+                r.per_probe.apply(status);
+            }
             Cow::Owned(newer)
         }
         _ => Cow::Borrowed(obj),
@@ -621,13 +636,8 @@ async fn reconcile_object(
         // Only the Lease holder writes status and Events: a stale write from a standby
         // replica could erase the intent of a rung in flight. Standbys probe for their metrics.
         ctx.metrics.object_status(key, &outcome.status);
-        ctx.memory.remember(
-            id,
-            Remembered {
-                probed_at,
-                status: outcome.status,
-            },
-        );
+        ctx.memory
+            .remember(id, Remembered::of(probed_at, &outcome.status));
         return Ok(action(outcome.next));
     }
     let probe_events = outcome.events.len();
@@ -680,20 +690,14 @@ async fn reconcile_object(
     ctx.metrics
         .count_remediations(&before, &outcome.status.ladder, now);
     publish(ctx, obj, &outcome.events, probe_events).await;
-    let (next, phase) = (outcome.next, outcome.status.phase);
-    ctx.memory.remember(
-        id,
-        Remembered {
-            probed_at,
-            status: outcome.status,
-        },
-    );
+    ctx.memory
+        .remember(id, Remembered::of(probed_at, &outcome.status));
     if let Some(Err(e)) = stage {
         return Err(Error::Remediate(e));
     }
     ctx.failures().remove(key);
-    debug!(?phase, ?next, "reconciled");
-    Ok(action(next))
+    debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
+    Ok(action(outcome.next))
 }
 
 /// The failure of the last probe, as recorded in status.
@@ -1221,10 +1225,7 @@ mod tests {
     }
 
     fn remembered() -> Remembered {
-        Remembered {
-            probed_at: Some(ts(1)),
-            status: RdpHealthStatus::default(),
-        }
+        Remembered::of(Some(ts(1)), &RdpHealthStatus::default())
     }
 
     #[test]
@@ -1291,13 +1292,15 @@ mod tests {
             p.time = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(ts(130));
         }
         newer.consecutive_successes = 4;
-        let mut remembered = Remembered {
-            probed_at: Some(ts(130)),
-            status: newer.clone(),
-        };
-        assert_eq!(continued(&obj, Some(&remembered)).status, Some(newer));
+        let remembered = Remembered::of(Some(ts(130)), &newer);
+        assert_eq!(
+            continued(&obj, Some(&remembered)).status,
+            Some(newer.clone())
+        );
         // Something else was written since (another replica, a lost write): the stored wins.
-        remembered.status.consecutive_failures = 1;
+        let mut other = newer;
+        other.consecutive_failures = 1;
+        let remembered = Remembered::of(Some(ts(130)), &other);
         assert_eq!(
             continued(&obj, Some(&remembered)).status,
             Some(stored.clone())

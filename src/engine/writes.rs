@@ -8,7 +8,12 @@
 //! `status.lastProbe.time` never looks older than that (plus one probe interval) while the
 //! operator keeps probing. Every probe is still counted in the metrics.
 
-use std::time::Duration;
+use std::{
+    hash::{DefaultHasher, Hasher},
+    time::Duration,
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
 use crate::api::{LastProbe, RdpHealthStatus};
 
@@ -70,6 +75,109 @@ fn same_probe(a: Option<&LastProbe>, b: Option<&LastProbe>) -> bool {
         && *selected_protocol == b.selected_protocol
         && *tls_version == b.tls_version
         && *certificate_not_after == b.certificate_not_after
+}
+
+/// A hash of what [`same_for_users`] compares: equal statuses (for users) have equal
+/// fingerprints. Lets a driver remember a status in a few bytes.
+pub fn fingerprint(status: &RdpHealthStatus) -> u64 {
+    let RdpHealthStatus {
+        observed_generation,
+        phase,
+        conditions,
+        last_probe,
+        consecutive_failures,
+        consecutive_successes: _,
+        last_transition_to_unreachable,
+        endpoint,
+        recent_probes: _,
+        diagnosis,
+        ladder,
+    } = status;
+    let probe = last_probe.as_ref().map(|p| {
+        let LastProbe {
+            time: _,
+            reachable,
+            failure_reason,
+            message,
+            latency_ms: _,
+            selected_protocol,
+            tls_version,
+            certificate_not_after,
+        } = p;
+        (
+            reachable,
+            failure_reason,
+            message,
+            selected_protocol,
+            tls_version,
+            certificate_not_after,
+        )
+    });
+    let mut hasher = HashWriter(DefaultHasher::new());
+    // Serializing these types cannot fail (no maps with non-string keys); the hash of
+    // whatever was written before a failure would still be deterministic.
+    let _ = serde_json::to_writer(
+        &mut hasher,
+        &(
+            observed_generation,
+            phase,
+            conditions,
+            probe,
+            consecutive_failures,
+            last_transition_to_unreachable,
+            endpoint,
+            diagnosis,
+            ladder,
+        ),
+    );
+    hasher.0.finish()
+}
+
+struct HashWriter(DefaultHasher);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The facts of a status that [`same_for_users`] ignores: what a driver keeps in memory when it
+/// does not write them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerProbe {
+    time: Option<MicroTime>,
+    latency_ms: Option<u64>,
+    consecutive_successes: u32,
+    recent_probes: String,
+}
+
+impl PerProbe {
+    /// The per-probe facts of `status`.
+    pub fn of(status: &RdpHealthStatus) -> Self {
+        Self {
+            time: status.last_probe.as_ref().map(|p| p.time.clone()),
+            latency_ms: status.last_probe.as_ref().map(|p| p.latency_ms),
+            consecutive_successes: status.consecutive_successes,
+            recent_probes: status.recent_probes.clone(),
+        }
+    }
+
+    /// Puts these facts into `status` (a status that tells the same story).
+    pub fn apply(&self, status: &mut RdpHealthStatus) {
+        if let (Some(probe), Some(time), Some(latency_ms)) =
+            (status.last_probe.as_mut(), &self.time, self.latency_ms)
+        {
+            probe.time = time.clone();
+            probe.latency_ms = latency_ms;
+        }
+        status.consecutive_successes = self.consecutive_successes;
+        status.recent_probes.clone_from(&self.recent_probes);
+    }
 }
 
 /// Whether `new` must be written over `stored` (the status as the API server has it): when
@@ -212,7 +320,20 @@ mod tests {
         let mut new = stored.clone();
         edit(&mut new);
         assert_eq!(same_for_users(&stored, &new), !news);
+        assert_eq!(fingerprint(&stored) == fingerprint(&new), !news);
         assert_eq!(needs_write(Some(&stored), &new, HB), write);
+    }
+
+    #[test]
+    fn per_probe_facts_carry_over_to_a_status_with_the_same_story() {
+        let stored = healthy(100);
+        let mut newer = healthy(160);
+        newer.last_probe.as_mut().unwrap().latency_ms = 80;
+        newer.consecutive_successes = 9;
+        newer.recent_probes.push_str("11");
+        let mut continued = stored.clone();
+        PerProbe::of(&newer).apply(&mut continued);
+        assert_eq!(continued, newer);
     }
 
     #[test]
