@@ -3,7 +3,6 @@
 //! Events on transitions, metrics).
 
 use std::{
-    borrow::Cow,
     collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
@@ -297,19 +296,20 @@ fn memory_id(meta: &kube::api::ObjectMeta) -> Option<String> {
         .or_else(|| key_of(meta).map(|k| format!("{}/{}", k.namespace, k.name)))
 }
 
-/// `obj` with the status to continue from: the remembered one while the stored status tells
-/// the same story (it lags behind only in per-probe facts), otherwise the stored one (a write
-/// was lost, or another replica wrote since).
-fn continued<'a>(obj: &'a RdpHealth, remembered: Option<&Remembered>) -> Cow<'a, RdpHealth> {
+/// `obj` with the remembered status, while the stored one tells the same story (it lags behind
+/// only in per-probe facts); `None` when the stored status is the one to continue from (nothing
+/// remembered, a write was lost, or another replica wrote since). Boxed: it lives across the
+/// awaits of a reconcile, and an inline object would make every reconcile future that large.
+fn continued(obj: &RdpHealth, remembered: Option<&Remembered>) -> Option<Box<RdpHealth>> {
     match (&obj.status, remembered) {
         (Some(stored), Some(r)) if writes::fingerprint(stored) == r.story => {
-            let mut newer = obj.clone();
+            let mut newer = Box::new(obj.clone());
             if let Some(status) = newer.status.as_mut() {
                 r.per_probe.apply(status);
             }
-            Cow::Owned(newer)
+            Some(newer)
         }
-        _ => Cow::Borrowed(obj),
+        _ => None,
     }
 }
 
@@ -586,8 +586,8 @@ async fn reconcile_object(
     let remembered = ctx.memory.get(&id);
     let last_probed = remembered.as_ref().and_then(|r| r.probed_at);
     // From here on `obj` may carry a newer status than the API server has: see `continued`.
-    let obj = continued(stored, remembered.as_deref());
-    let obj = obj.as_ref();
+    let newer = continued(stored, remembered.as_deref());
+    let obj = newer.as_deref().unwrap_or(stored);
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
     let due = match (&ctx.remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
@@ -1293,21 +1293,19 @@ mod tests {
         }
         newer.consecutive_successes = 4;
         let remembered = Remembered::of(Some(ts(130)), &newer);
+        let status = |o: Option<Box<RdpHealth>>| o.map(|o| o.status);
         assert_eq!(
-            continued(&obj, Some(&remembered)).status,
-            Some(newer.clone())
+            status(continued(&obj, Some(&remembered))),
+            Some(Some(newer.clone()))
         );
         // Something else was written since (another replica, a lost write): the stored wins.
         let mut other = newer;
         other.consecutive_failures = 1;
         let remembered = Remembered::of(Some(ts(130)), &other);
-        assert_eq!(
-            continued(&obj, Some(&remembered)).status,
-            Some(stored.clone())
-        );
-        assert_eq!(continued(&obj, None).status, Some(stored));
+        assert!(continued(&obj, Some(&remembered)).is_none());
+        assert!(continued(&obj, None).is_none());
         obj.status = None;
-        assert_eq!(continued(&obj, Some(&remembered)).status, None);
+        assert!(continued(&obj, Some(&remembered)).is_none());
     }
 
     #[rstest]
