@@ -245,6 +245,23 @@ fn probes(text: &str) -> f64 {
         .sum()
 }
 
+/// Failed reconciles so far, by reason: `reason=n, …` (or `none`).
+fn reconcile_errors(text: &str) -> String {
+    let errors: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("rdphealth_reconcile_errors_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, n) = l.split_once("\"} ")?;
+            (n.trim() != "0").then(|| format!("{reason}={}", n.trim()))
+        })
+        .collect();
+    if errors.is_empty() {
+        "none".into()
+    } else {
+        errors.join(", ")
+    }
+}
+
 /// (count, sum, [(le, cumulative)]) of the reconcile histogram.
 fn reconcile_histogram(text: &str) -> (f64, f64, Vec<(f64, f64)>) {
     let mut count = 0.0;
@@ -379,6 +396,14 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     println!(
         "| API stand-in process RSS at the end (its own process, not the controller's) | {:.1} MiB |",
         mib(after.rss)
+    );
+    println!(
+        "| objects with a status at the end | {} of {objects} |",
+        after.with_status
+    );
+    println!(
+        "| failed reconciles (whole run, by reason) | {} |",
+        reconcile_errors(&text)
     );
     println!("| steady window (fleet healthy, unchanged) | {secs:.0} s |");
     println!(
