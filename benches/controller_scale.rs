@@ -1,12 +1,17 @@
-//! Scale of the Kubernetes path: the real controller against the in-process API-server
-//! stand-in with many `RdpHealth` objects, a prober that answers "reachable" at once (this
-//! measures the controller, its store and its writes, not sockets), and then:
-//! time until every object has a status, memory, status writes per second while the whole
-//! fleet is healthy and unchanged, and reconcile latency from the operator's own histogram.
+//! Scale of the Kubernetes path: the real controller against the API-server stand-in of the
+//! integration tests with many `RdpHealth` objects, and a prober that answers "reachable" at
+//! once (this measures the controller, its store and its writes, not sockets). The stand-in
+//! runs in a child process (this binary again), so the controller's memory is measured on its
+//! own. It prints: time until every object has a status, the controller process's memory,
+//! status writes and other API requests while the whole fleet is healthy and unchanged, probes,
+//! and reconcile latency from the operator's own histogram.
 //!
 //! `cargo bench --bench controller_scale` runs 10,000 objects for a 60 s window
-//! (`RDPHEALTH_BENCH_OBJECTS`, `RDPHEALTH_BENCH_WINDOW_SECS`); under `cargo test` it runs a
-//! handful of objects for a moment, to keep the target compiling and working.
+//! (`RDPHEALTH_BENCH_OBJECTS`, `RDPHEALTH_BENCH_WINDOW_SECS`, and `RDPHEALTH_BENCH_HEARTBEAT_SECS`
+//! for the status heartbeat, default the operator's). `RDPHEALTH_BENCH_MEASURE=store` measures
+//! the watch cache (reflector store) alone instead: the objects, with the status a healthy probe
+//! writes, watched without a controller. Under `cargo test` it runs a handful of objects for a
+//! moment, to keep the target compiling and working.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,22 +19,38 @@
 mod fake_apiserver;
 
 use std::{
+    net::SocketAddr,
+    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use fake_apiserver::FakeApiServer;
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api,
+    core::DeserializeGuard,
+    runtime::{reflector, watcher},
+};
 use rdphealth::{
+    api::{EndpointSource, RdpHealth, ResolvedEndpoint},
     bench::{cpu_time, rss},
     controller::{self, Seams, Settings},
-    engine::HostOverride,
+    engine::{self, HostOverride, Observation, writes},
     probe::{
         BoxFuture, CertificateFacts, Layers, ProbeOptions, ProbeReport, Prober, SecurityProtocol,
         Target, TlsFacts,
     },
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpListener,
+    process::{Child, ChildStdin, ChildStdout, Command},
+    sync::oneshot,
+};
 
 const NS: &str = "default";
 
@@ -38,35 +59,55 @@ struct Healthy;
 
 impl Prober for Healthy {
     fn probe<'a>(&'a self, target: &'a Target, _: &'a ProbeOptions) -> BoxFuture<'a, ProbeReport> {
-        Box::pin(async move {
-            ProbeReport {
-                target: target.to_string(),
-                reachable: true,
-                failure: None,
-                layers: Layers::default(),
-                selected_protocol: Some(SecurityProtocol::Hybrid),
-                tls: Some(TlsFacts {
-                    version: "TLSv1.3".into(),
-                    cipher_suite: None,
-                    certificate: Some(CertificateFacts {
-                        subject: "CN=vm".into(),
-                        issuer: "CN=vm".into(),
-                        not_before: "2026-01-01T00:00:00Z".into(),
-                        not_after: "2027-06-01T00:00:00Z".into(),
-                        self_signed: true,
-                        expired: false,
-                        not_yet_valid: false,
-                        days_left: 180,
-                        sha1_thumbprint: "AB".into(),
-                        not_after_unix: 1_811_808_000,
-                    }),
-                }),
-                findings: vec![],
-                likely_causes: vec![],
-                total_ms: 1.0,
-            }
-        })
+        Box::pin(async move { healthy_report(target.to_string()) })
     }
+}
+
+fn healthy_report(target: String) -> ProbeReport {
+    ProbeReport {
+        target,
+        reachable: true,
+        failure: None,
+        layers: Layers::default(),
+        selected_protocol: Some(SecurityProtocol::Hybrid),
+        tls: Some(TlsFacts {
+            version: "TLSv1.3".into(),
+            cipher_suite: None,
+            certificate: Some(CertificateFacts {
+                subject: "CN=vm".into(),
+                issuer: "CN=vm".into(),
+                not_before: "2026-01-01T00:00:00Z".into(),
+                not_after: "2027-06-01T00:00:00Z".into(),
+                self_signed: true,
+                expired: false,
+                not_yet_valid: false,
+                days_left: 180,
+                sha1_thumbprint: "AB".into(),
+                not_after_unix: 1_811_808_000,
+            }),
+        }),
+        findings: vec![],
+        likely_causes: vec![],
+        total_ms: 1.0,
+    }
+}
+
+/// `object(i)` with the status the controller writes after a healthy probe.
+fn object_with_status(i: usize) -> Value {
+    let mut value = object(i);
+    value["metadata"]["generation"] = json!(1);
+    let obj: RdpHealth = serde_json::from_value(value.clone()).unwrap();
+    let observation = Observation::Probed {
+        endpoint: ResolvedEndpoint {
+            host: "127.0.0.1".into(),
+            port: 3389,
+            source: EndpointSource::Spec,
+        },
+        report: Box::new(healthy_report("127.0.0.1:3389".into())),
+    };
+    let status = engine::evaluate(&obj, observation, Timestamp::now()).status;
+    value["status"] = serde_json::to_value(status).unwrap();
+    value
 }
 
 fn object(i: usize) -> Value {
@@ -88,6 +129,137 @@ fn has_status(o: &Value) -> bool {
 
 fn is_status_write(method: &str, path: &str) -> bool {
     path.ends_with("/status") && matches!(method, "PATCH" | "PUT")
+}
+
+/// What the stand-in process reports about itself (totals since it started).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct StandInStats {
+    /// Objects whose status holds a probe.
+    with_status: usize,
+    status_writes: usize,
+    events: usize,
+    requests: usize,
+    cpu_s: f64,
+    rss: u64,
+}
+
+/// The child process: the API-server stand-in holding `objects` objects. Prints its address,
+/// then answers every line on stdin with a JSON line of [`StandInStats`]; exits at EOF.
+async fn serve_stand_in(objects: usize, with_status: bool) {
+    let api = FakeApiServer::start().await;
+    for i in 0..objects {
+        let obj = if with_status {
+            object_with_status(i)
+        } else {
+            object(i)
+        };
+        api.create("rdphealths", NS, obj);
+    }
+    let mut out = tokio::io::stdout();
+    out.write_all(format!("{}\n", api.addr).as_bytes())
+        .await
+        .unwrap();
+    out.flush().await.unwrap();
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(_)) = lines.next_line().await {
+        let mut stats = api.read(|s| StandInStats {
+            with_status: s
+                .list("rdphealths", NS)
+                .iter()
+                .filter(|o| has_status(o))
+                .count(),
+            status_writes: s
+                .requests
+                .iter()
+                .filter(|r| is_status_write(r.method.as_str(), &r.path))
+                .count(),
+            events: s
+                .requests
+                .iter()
+                .filter(|r| r.method.as_str() == "POST" && r.path.contains("events"))
+                .count(),
+            requests: s.requests.len(),
+            ..StandInStats::default()
+        });
+        stats.cpu_s = cpu_time().unwrap().as_secs_f64();
+        stats.rss = rss().unwrap().0;
+        let line = serde_json::to_string(&stats).unwrap() + "\n";
+        out.write_all(line.as_bytes()).await.unwrap();
+        out.flush().await.unwrap();
+    }
+}
+
+/// The stand-in running in a child process.
+struct StandIn {
+    addr: SocketAddr,
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: tokio::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl StandIn {
+    async fn spawn(objects: usize, with_status: bool) -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(ROLE, "api-server")
+            .env("RDPHEALTH_BENCH_OBJECTS", objects.to_string())
+            .env(
+                "RDPHEALTH_BENCH_WITH_STATUS",
+                if with_status { "1" } else { "0" },
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = stdout.next_line().await.unwrap().unwrap().parse().unwrap();
+        Self {
+            addr,
+            _child: child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn client(&self) -> kube::Client {
+        let url = format!("http://{}", self.addr).parse().unwrap();
+        kube::Client::try_from(kube::Config::new(url)).unwrap()
+    }
+
+    async fn stats(&mut self) -> StandInStats {
+        self.stdin.write_all(b"stats\n").await.unwrap();
+        self.stdin.flush().await.unwrap();
+        let line = self.stdout.next_line().await.unwrap().unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+const ROLE: &str = "RDPHEALTH_BENCH_ROLE";
+
+/// Probes so far (every probe, written or not).
+fn probes(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("rdphealth_probe_duration_seconds_count{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Failed reconciles so far, by reason: `reason=n, …` (or `none`).
+fn reconcile_errors(text: &str) -> String {
+    let errors: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("rdphealth_reconcile_errors_total{reason=\""))
+        .filter_map(|l| {
+            let (reason, n) = l.split_once("\"} ")?;
+            (n.trim() != "0").then(|| format!("{reason}={}", n.trim()))
+        })
+        .collect();
+    if errors.is_empty() {
+        "none".into()
+    } else {
+        errors.join(", ")
+    }
 }
 
 /// (count, sum, [(le, cumulative)]) of the reconcile histogram.
@@ -135,21 +307,20 @@ async fn metrics(addr: std::net::SocketAddr) -> String {
     out
 }
 
-async fn scale(objects: usize, window: Duration) {
-    let api = FakeApiServer::start().await;
-    for i in 0..objects {
-        api.create("rdphealths", NS, object(i));
-    }
+async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
+    let mut api = StandIn::spawn(objects, false).await;
+    let client = api.client();
     let rss0 = rss().unwrap().0;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let started = Instant::now();
     let task = tokio::spawn(controller::run(
-        api.client(),
+        client,
         Settings {
             concurrency: 16,
             instance: Some("bench".into()),
+            status_heartbeat: heartbeat,
             ..Settings::default()
         },
         Seams {
@@ -166,13 +337,7 @@ async fn scale(objects: usize, window: Duration) {
     let limit = Duration::from_secs(60) + Duration::from_millis(20 * objects as u64);
     let mut first_pass = None;
     while started.elapsed() < limit {
-        let done = api.read(|s| {
-            s.list("rdphealths", NS)
-                .iter()
-                .filter(|o| has_status(o))
-                .count()
-        });
-        if done == objects {
+        if api.stats().await.with_status == objects {
             first_pass = Some(started.elapsed());
             break;
         }
@@ -180,25 +345,17 @@ async fn scale(objects: usize, window: Duration) {
     }
     let rss1 = rss().unwrap().0;
     // Steady state: the whole fleet healthy and unchanged.
-    let before = tokio::time::Instant::now();
+    let before = api.stats().await;
     let cpu0 = cpu_time().unwrap();
-    let (count0, sum0, _) = reconcile_histogram(&metrics(http).await);
+    let text0 = metrics(http).await;
+    let (count0, sum0, _) = reconcile_histogram(&text0);
+    let probes0 = probes(&text0);
     tokio::time::sleep(window).await;
     let cpu = cpu_time().unwrap() - cpu0;
+    let after = api.stats().await;
     let text = metrics(http).await;
     let (count1, sum1, buckets) = reconcile_histogram(&text);
-    let (writes, events, requests) = api.read(|s| {
-        let recent: Vec<_> = s.requests.iter().filter(|r| r.at >= before).collect();
-        let writes = recent
-            .iter()
-            .filter(|r| is_status_write(r.method.as_str(), &r.path))
-            .count();
-        let events = recent
-            .iter()
-            .filter(|r| r.method.as_str() == "POST" && r.path.contains("events"))
-            .count();
-        (writes, events, recent.len())
-    });
+    let probed = probes(&text) - probes0;
     let (rss_end, hwm) = rss().unwrap();
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
@@ -206,8 +363,11 @@ async fn scale(objects: usize, window: Duration) {
     let secs = window.as_secs_f64();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     let reconciles = count1 - count0;
+    let writes = after.status_writes - before.status_writes;
+    let requests = after.requests - before.requests;
     println!("| measure | value |\n|---|---|");
     println!("| RdpHealth objects watched | {objects} |");
+    println!("| status heartbeat | {} s |", heartbeat.as_secs());
     match first_pass {
         Some(d) => println!(
             "| time until every object has a status (first pass) | {:.1} s ({:.0} objects/s) |",
@@ -220,26 +380,45 @@ async fn scale(objects: usize, window: Duration) {
         ),
     }
     println!(
-        "| RSS with objects in the API stand-in, before the controller | {:.1} MiB |",
+        "| controller process RSS before the controller starts (runtime, client) | {:.1} MiB |",
         mib(rss0)
     );
     println!(
-        "| RSS after the first pass / end / peak | {:.1} / {:.1} / {:.1} MiB |",
+        "| controller process RSS after the first pass / end / peak | {:.1} / {:.1} / {:.1} MiB |",
         mib(rss1),
         mib(rss_end),
         mib(hwm)
     );
     println!(
-        "| controller growth per object ((end − before) / N, includes the stand-in's change log) | {:.1} KiB |",
+        "| controller growth per object ((end − before) / N) | {:.1} KiB |",
         rss_end.saturating_sub(rss0) as f64 / objects as f64 / 1024.0
     );
+    println!(
+        "| API stand-in process RSS at the end (its own process, not the controller's) | {:.1} MiB |",
+        mib(after.rss)
+    );
+    println!(
+        "| objects with a status at the end | {} of {objects} |",
+        after.with_status
+    );
+    println!(
+        "| failed reconciles (whole run, by reason) | {} |",
+        reconcile_errors(&text)
+    );
     println!("| steady window (fleet healthy, unchanged) | {secs:.0} s |");
+    println!(
+        "| probes in window | {probed:.0} ({:.1}/s) |",
+        probed / secs
+    );
     println!(
         "| status writes in window | {writes} ({:.2}/s, {:.1}/min) |",
         writes as f64 / secs,
         writes as f64 * 60.0 / secs
     );
-    println!("| events posted in window | {events} |");
+    println!(
+        "| events posted in window | {} |",
+        after.events - before.events
+    );
     println!(
         "| API requests in window (all kinds) | {requests} ({:.2}/s) |",
         requests as f64 / secs
@@ -262,20 +441,81 @@ async fn scale(objects: usize, window: Duration) {
         bucket_quantile(&buckets, count1, 0.99)
     );
     println!(
-        "| process CPU in window (controller + stand-in) | {:.2} s ({:.3} core) |",
+        "| controller process CPU in window | {:.2} s ({:.3} core) |",
         cpu.as_secs_f64(),
         cpu.as_secs_f64() / secs
     );
+    println!(
+        "| API stand-in process CPU in window | {:.2} s ({:.3} core) |",
+        after.cpu_s - before.cpu_s,
+        (after.cpu_s - before.cpu_s) / secs
+    );
+}
+
+/// The watch cache alone: a reflector over `objects` objects that carry a healthy status, no
+/// controller, no probes, no writes.
+async fn store_only(objects: usize) {
+    let api = StandIn::spawn(objects, true).await;
+    let rdph: Api<DeserializeGuard<RdpHealth>> = Api::all(api.client());
+    let rss0 = rss().unwrap().0;
+    let started = Instant::now();
+    let writer = reflector::store::Writer::default();
+    let store = writer.as_reader();
+    let watch = tokio::spawn(
+        reflector::reflector(writer, watcher(rdph, watcher::Config::default()))
+            .for_each(|_| async {}),
+    );
+    store.wait_until_ready().await.unwrap();
+    while store.state().len() < objects {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let listed = started.elapsed();
+    // Let the watch settle before reading memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss1, hwm) = rss().unwrap();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let sample = serde_json::to_vec(&object_with_status(0)).unwrap().len();
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| RdpHealth objects in the store | {} |",
+        store.state().len()
+    );
+    println!(
+        "| one object as JSON (spec and a healthy status) | {:.1} KiB |",
+        sample as f64 / 1024.0
+    );
+    println!(
+        "| time until the store holds every object | {:.1} s |",
+        listed.as_secs_f64()
+    );
+    println!(
+        "| process RSS before the watch / with the store / peak | {:.1} / {:.1} / {:.1} MiB |",
+        mib(rss0),
+        mib(rss1),
+        mib(hwm)
+    );
+    println!(
+        "| store growth per object ((with store − before) / N) | {:.1} KiB |",
+        rss1.saturating_sub(rss0) as f64 / objects as f64 / 1024.0
+    );
+    watch.abort();
 }
 
 fn main() {
-    let bench = std::env::args().any(|a| a == "--bench");
     let env = |k: &str, d: u64| {
         std::env::var(k)
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::var(ROLE).as_deref() == Ok("api-server") {
+        let objects = env("RDPHEALTH_BENCH_OBJECTS", 5) as usize;
+        let with_status = env("RDPHEALTH_BENCH_WITH_STATUS", 0) == 1;
+        rt.block_on(serve_stand_in(objects, with_status));
+        return;
+    }
+    let bench = std::env::args().any(|a| a == "--bench");
     let (objects, window) = if bench {
         (
             env("RDPHEALTH_BENCH_OBJECTS", 10_000) as usize,
@@ -284,6 +524,12 @@ fn main() {
     } else {
         (5, 1)
     };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(scale(objects, Duration::from_secs(window)));
+    let heartbeat = Duration::from_secs(env(
+        "RDPHEALTH_BENCH_HEARTBEAT_SECS",
+        writes::HEARTBEAT.as_secs(),
+    ));
+    match std::env::var("RDPHEALTH_BENCH_MEASURE").as_deref() {
+        Ok("store") => rt.block_on(store_only(objects)),
+        _ => rt.block_on(scale(objects, Duration::from_secs(window), heartbeat)),
+    }
 }

@@ -110,13 +110,13 @@ fn engine_bench(c: &mut Criterion) {
     let fresh = object();
     let healthy = healthy();
     c.bench_function("schedule_new_object", |b| {
-        b.iter(|| schedule(black_box(&fresh), at(0)))
+        b.iter(|| schedule(black_box(&fresh), None, at(0)))
     });
     c.bench_function("schedule_healthy_not_due", |b| {
-        b.iter(|| schedule(black_box(&healthy), at(40)))
+        b.iter(|| schedule(black_box(&healthy), None, at(40)))
     });
     c.bench_function("schedule_healthy_due", |b| {
-        b.iter(|| schedule(black_box(&healthy), at(61)))
+        b.iter(|| schedule(black_box(&healthy), None, at(61)))
     });
     c.bench_function("evaluate_healthy_probe", |b| {
         b.iter(|| evaluate(black_box(&healthy), probed(), at(61)))

@@ -433,13 +433,19 @@ pub struct RdpHealthStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
-    /// The most recent probe.
+    /// The most recent probe, as last written. A probe that changes nothing but this probe's
+    /// time and latency is not written: while a VM stays healthy and unchanged, this is
+    /// refreshed at least every 10 minutes (the status heartbeat), so `time` may be up to
+    /// 10 minutes plus one probe interval old. Any change (a failed probe, another protocol,
+    /// TLS version or certificate, a condition) is written at once. Every probe is counted in
+    /// the `rdphealth_probe_duration_seconds` metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_probe: Option<LastProbe>,
     /// Failed probes in a row (0 after a success).
     #[serde(default)]
     pub consecutive_failures: u32,
-    /// Successful probes in a row (0 after a failure).
+    /// Successful probes in a row (0 after a failure), as of the last write: like
+    /// `lastProbe`, it is refreshed with the status heartbeat while nothing else changes.
     #[serde(default)]
     pub consecutive_successes: u32,
     /// When `Reachable` last became False.
@@ -449,7 +455,8 @@ pub struct RdpHealthStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<ResolvedEndpoint>,
     /// Results of the last probes, oldest first (`1` reachable, `0` not; at most 20): what
-    /// flapping is judged from.
+    /// flapping is judged from. Written with every failed probe; further successes are
+    /// written with the next change or the status heartbeat.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub recent_probes: String,
     /// The read-only evidence of the current incident.

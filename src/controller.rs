@@ -3,7 +3,7 @@
 //! Events on transitions, metrics).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     net::IpAddr,
     sync::{
@@ -39,6 +39,7 @@ use crate::{
         self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec,
         conditions::{self, Desired, Status},
         remediate::{Fleet, RemediateError, Remediator, StatusSink, Subject},
+        writes,
     },
     http::{self, HttpError, HttpState},
     ladder::{ExecutionPhase, LadderStatus},
@@ -176,6 +177,9 @@ pub struct Settings {
     pub fleet: FleetPolicy,
     /// The prober's source address as Azure sees it (NSG evaluation), if known.
     pub probe_source: Option<IpAddr>,
+    /// How often a status whose only changes are per-probe facts (probe time and latency) is
+    /// written anyway ([`writes::HEARTBEAT`] by default).
+    pub status_heartbeat: Duration,
 }
 
 impl Default for Settings {
@@ -187,6 +191,7 @@ impl Default for Settings {
             instance: None,
             fleet: FleetPolicy::default(),
             probe_source: None,
+            status_heartbeat: writes::HEARTBEAT,
         }
     }
 }
@@ -203,6 +208,111 @@ pub struct Seams {
     pub azure: Option<Arc<CountedAzure>>,
 }
 
+/// What this replica remembers about one object between reconciles: enough to continue from
+/// the last status it computed, written or (when only per-probe facts changed, see [`writes`])
+/// not, in a few bytes.
+#[derive(Debug, Clone)]
+struct Remembered {
+    /// When it last probed the object (`None` when it only looked at it).
+    probed_at: Option<Timestamp>,
+    /// [`writes::fingerprint`] of that status.
+    story: u64,
+    /// Its per-probe facts.
+    per_probe: writes::PerProbe,
+}
+
+impl Remembered {
+    fn of(probed_at: Option<Timestamp>, status: &RdpHealthStatus) -> Self {
+        Self {
+            probed_at,
+            story: writes::fingerprint(status),
+            per_probe: writes::PerProbe::of(status),
+        }
+    }
+}
+
+/// Per-object memory of this replica, keyed by object UID: when each object was last probed
+/// and the status that produced, which the stored status may lag behind (healthy probes that
+/// change nothing a user cares about are not written). Entries go when their object is
+/// deleted. Lost on restart, by design: the schedule then works from `status.lastProbe`.
+#[derive(Debug, Default)]
+struct ProbeMemory {
+    objects: Mutex<HashMap<String, Arc<Remembered>>>,
+}
+
+impl ProbeMemory {
+    fn objects(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Remembered>>> {
+        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Remembered>> {
+        self.objects().get(id).cloned()
+    }
+
+    fn remember(&self, id: String, remembered: Remembered) {
+        self.objects().insert(id, Arc::new(remembered));
+    }
+
+    fn forget(&self, id: &str) {
+        self.objects().remove(id);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.objects().len()
+    }
+
+    /// Follows the watch: a deleted object is forgotten; after a (re)list, every object the
+    /// list no longer holds is (its deletion may have happened while the watch was down).
+    fn follow(
+        &self,
+        event: &watcher::Event<DeserializeGuard<RdpHealth>>,
+        store: &Store<DeserializeGuard<RdpHealth>>,
+    ) {
+        match event {
+            watcher::Event::Delete(guard) => {
+                if let Some(id) = memory_id(meta_of(guard)) {
+                    self.forget(&id);
+                }
+            }
+            watcher::Event::InitDone => {
+                let live: HashSet<String> = store
+                    .state()
+                    .iter()
+                    .filter_map(|g| memory_id(meta_of(g)))
+                    .collect();
+                self.objects().retain(|id, _| live.contains(id));
+            }
+            watcher::Event::Apply(_) | watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+}
+
+/// The key of an object in [`ProbeMemory`]: its UID (a re-created object starts afresh), or
+/// `namespace/name` when it has none.
+fn memory_id(meta: &kube::api::ObjectMeta) -> Option<String> {
+    meta.uid
+        .clone()
+        .or_else(|| key_of(meta).map(|k| format!("{}/{}", k.namespace, k.name)))
+}
+
+/// `obj` with the remembered status, while the stored one tells the same story (it lags behind
+/// only in per-probe facts); `None` when the stored status is the one to continue from (nothing
+/// remembered, a write was lost, or another replica wrote since). Boxed: it lives across the
+/// awaits of a reconcile, and an inline object would make every reconcile future that large.
+fn continued(obj: &RdpHealth, remembered: Option<&Remembered>) -> Option<Box<RdpHealth>> {
+    match (&obj.status, remembered) {
+        (Some(stored), Some(r)) if writes::fingerprint(stored) == r.story => {
+            let mut newer = Box::new(obj.clone());
+            if let Some(status) = newer.status.as_mut() {
+                r.per_probe.apply(status);
+            }
+            Some(newer)
+        }
+        _ => None,
+    }
+}
+
 /// What every reconcile shares.
 pub struct Context {
     client: Client,
@@ -216,6 +326,10 @@ pub struct Context {
     remediator: Option<Remediator>,
     /// Every object (the controller's cache), for fleet safety.
     store: Option<Store<DeserializeGuard<RdpHealth>>>,
+    /// When each object was last probed, and the status that produced.
+    memory: Arc<ProbeMemory>,
+    /// How often a status whose only changes are per-probe facts is written anyway.
+    heartbeat: Duration,
 }
 
 impl Context {
@@ -240,7 +354,21 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             remediator: None,
             store: None,
+            memory: Arc::new(ProbeMemory::default()),
+            heartbeat: writes::HEARTBEAT,
         }
+    }
+
+    /// Shares `memory` (the watch stream forgets deleted objects in it).
+    fn with_memory(mut self, memory: Arc<ProbeMemory>) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// Writes a status whose only changes are per-probe facts at most this often.
+    fn with_status_heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
     }
 
     /// Enables the remediation stage with `fleet` limits (needs `seams.azure`).
@@ -451,19 +579,25 @@ pub async fn reconcile(
 }
 
 async fn reconcile_object(
-    obj: &RdpHealth,
+    stored: &RdpHealth,
     key: &ObjectKey,
     ctx: &Context,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
     let leader = ctx.leadership.is_leader();
+    let id = memory_id(&stored.metadata).ok_or(Error::MissingKey)?;
+    let remembered = ctx.memory.get(&id);
+    let last_probed = remembered.as_ref().and_then(|r| r.probed_at);
+    // From here on `obj` may carry a newer status than the API server has: see `continued`.
+    let newer = continued(stored, remembered.as_deref());
+    let obj = newer.as_deref().unwrap_or(stored);
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
     let due = match (&ctx.remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
             .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)),
         _ => None,
     };
-    let (observation, next_probe) = match engine::schedule(obj, now) {
+    let (observation, next_probe) = match engine::schedule(obj, last_probed, now) {
         Schedule::Wait(left) => match due {
             Some(d) if d.is_zero() => (Observation::NotProbed, Some(left)),
             other => {
@@ -485,6 +619,11 @@ async fn reconcile_object(
         Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),
         _ => None,
     };
+    let probed_at = if probed.is_some() {
+        Some(now)
+    } else {
+        last_probed
+    };
     // Without a probe in this reconcile, the ladder reasons from the last one.
     let failure = match &probed {
         Some((_, failure)) => failure.clone(),
@@ -500,6 +639,8 @@ async fn reconcile_object(
         // Only the Lease holder writes status and Events: a stale write from a standby
         // replica could erase the intent of a rung in flight. Standbys probe for their metrics.
         ctx.metrics.object_status(key, &outcome.status);
+        ctx.memory
+            .remember(id, Remembered::of(probed_at, &outcome.status));
         return Ok(action(outcome.next));
     }
     let probe_events = outcome.events.len();
@@ -539,14 +680,21 @@ async fn reconcile_object(
         }
         _ => None,
     };
-    // A look for the ladder that changed nothing writes nothing (no watch event either).
-    if obj.status.as_ref() != Some(&outcome.status) {
-        patch_status(&ctx.client, key, &outcome.status).await?;
+    // Only news is written (and a heartbeat): a healthy, unchanged object costs no write and
+    // so no watch event either. Compared with what the API server holds, not with `obj`.
+    if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat)
+        && let Err(e) = patch_status(&ctx.client, key, &outcome.status).await
+    {
+        // Start again from the stored status: the retry probes and writes afresh.
+        ctx.memory.forget(&id);
+        return Err(e);
     }
     ctx.metrics.object_status(key, &outcome.status);
     ctx.metrics
         .count_remediations(&before, &outcome.status.ladder, now);
     publish(ctx, obj, &outcome.events, probe_events).await;
+    ctx.memory
+        .remember(id, Remembered::of(probed_at, &outcome.status));
     if let Some(Err(e)) = stage {
         return Err(Error::Remediate(e));
     }
@@ -829,11 +977,12 @@ impl LeaseTask {
     }
 }
 
-/// A controller over `api` whose watch marks `ready` after its first complete list, and the
-/// object cache it fills.
+/// A controller over `api` whose watch marks `ready` after its first complete list and keeps
+/// `memory` free of deleted objects, and the object cache it fills.
 fn controller_for(
     api: Api<DeserializeGuard<RdpHealth>>,
     ready: Arc<AtomicBool>,
+    memory: Arc<ProbeMemory>,
 ) -> (
     Controller<DeserializeGuard<RdpHealth>>,
     Store<DeserializeGuard<RdpHealth>>,
@@ -845,7 +994,11 @@ fn controller_for(
             info!("first watch sync done: ready");
         }
     });
-    let objects = reflector(writer, events).applied_objects();
+    let cache = store.clone();
+    // After the reflector, so that the cache already reflects the event.
+    let objects = reflector(writer, events)
+        .inspect_ok(move |event| memory.follow(event, &cache))
+        .applied_objects();
     (Controller::for_stream(objects, store.clone()), store)
 }
 
@@ -871,7 +1024,8 @@ pub async fn run(
         None => Api::all(client.clone()),
     };
     let ready = Arc::new(AtomicBool::new(false));
-    let (controller, store) = controller_for(api, Arc::clone(&ready));
+    let memory = Arc::new(ProbeMemory::default());
+    let (controller, store) = controller_for(api, Arc::clone(&ready), Arc::clone(&memory));
     let controller =
         controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let state = HttpState {
@@ -894,7 +1048,9 @@ pub async fn run(
             settings.instance.clone(),
         )
         .with_remediation(settings.fleet, settings.probe_source)
-        .with_store(store),
+        .with_store(store)
+        .with_memory(memory)
+        .with_status_heartbeat(settings.status_heartbeat),
     );
     info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
     controller
@@ -1063,6 +1219,97 @@ mod tests {
         });
         let f = last_failure(Some(&status)).unwrap();
         assert_eq!(f.reason, FailureReason::TlsHandshakeFailed);
+    }
+
+    fn named(name: &str, uid: &str) -> DeserializeGuard<RdpHealth> {
+        let (mut obj, _) = with_annotation(None, None);
+        obj.metadata.name = Some(name.into());
+        obj.metadata.uid = Some(uid.into());
+        DeserializeGuard(Ok(obj))
+    }
+
+    fn remembered() -> Remembered {
+        Remembered::of(Some(ts(1)), &RdpHealthStatus::default())
+    }
+
+    #[test]
+    fn deleted_objects_are_forgotten() {
+        let mut writer: Writer<DeserializeGuard<RdpHealth>> = Writer::default();
+        let store = writer.as_reader();
+        let memory = ProbeMemory::default();
+        for (name, uid) in [("a", "uid-a"), ("b", "uid-b"), ("c", "uid-c")] {
+            let event = watcher::Event::Apply(named(name, uid));
+            writer.apply_watcher_event(&event);
+            memory.follow(&event, &store);
+            memory.remember(uid.into(), remembered());
+        }
+        assert_eq!(memory.len(), 3);
+        // A deletion seen on the watch.
+        let event = watcher::Event::Delete(named("a", "uid-a"));
+        writer.apply_watcher_event(&event);
+        memory.follow(&event, &store);
+        assert!(memory.get("uid-a").is_none());
+        assert_eq!(memory.len(), 2);
+        // A deletion missed while the watch was down: the relist no longer holds "b".
+        for event in [
+            watcher::Event::Init,
+            watcher::Event::InitApply(named("c", "uid-c")),
+            watcher::Event::InitDone,
+        ] {
+            writer.apply_watcher_event(&event);
+            memory.follow(&event, &store);
+        }
+        assert!(memory.get("uid-b").is_none());
+        assert!(memory.get("uid-c").is_some());
+        assert_eq!(memory.len(), 1);
+    }
+
+    #[test]
+    fn a_recreated_object_is_remembered_afresh() {
+        let first = named("a", "uid-1");
+        let again = named("a", "uid-2");
+        assert_ne!(memory_id(meta_of(&first)), memory_id(meta_of(&again)));
+        let mut nameless = named("a", "x");
+        if let Ok(obj) = &mut nameless.0 {
+            obj.metadata.uid = None;
+        }
+        assert_eq!(memory_id(meta_of(&nameless)).as_deref(), Some("ns/a"));
+    }
+
+    #[test]
+    fn the_remembered_status_is_continued_while_the_stored_one_tells_the_same_story() {
+        let (mut obj, mut stored) = with_annotation(None, None);
+        stored.last_probe = Some(crate::api::LastProbe {
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(ts(100)),
+            reachable: true,
+            failure_reason: None,
+            message: None,
+            latency_ms: 1,
+            selected_protocol: Some("rdp".into()),
+            tls_version: None,
+            certificate_not_after: None,
+        });
+        stored.consecutive_successes = 3;
+        obj.status = Some(stored.clone());
+        let mut newer = stored.clone();
+        if let Some(p) = newer.last_probe.as_mut() {
+            p.time = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(ts(130));
+        }
+        newer.consecutive_successes = 4;
+        let remembered = Remembered::of(Some(ts(130)), &newer);
+        let status = |o: Option<Box<RdpHealth>>| o.map(|o| o.status);
+        assert_eq!(
+            status(continued(&obj, Some(&remembered))),
+            Some(Some(newer.clone()))
+        );
+        // Something else was written since (another replica, a lost write): the stored wins.
+        let mut other = newer;
+        other.consecutive_failures = 1;
+        let remembered = Remembered::of(Some(ts(130)), &other);
+        assert!(continued(&obj, Some(&remembered)).is_none());
+        assert!(continued(&obj, None).is_none());
+        obj.status = None;
+        assert!(continued(&obj, Some(&remembered)).is_none());
     }
 
     #[rstest]

@@ -6,7 +6,12 @@
 
 mod fake_apiserver;
 
-use std::{net::SocketAddr, process::Command, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use fake_apiserver::{FakeApiServer, Inner};
 use rdphealth::{
@@ -32,6 +37,8 @@ const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGr
 struct Responder {
     port: u16,
     task: JoinHandle<()>,
+    /// When each connection (probe) arrived.
+    accepted: Arc<Mutex<Vec<tokio::time::Instant>>>,
 }
 
 impl Responder {
@@ -48,12 +55,41 @@ impl Responder {
     async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&accepted);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                seen.lock().unwrap().push(tokio::time::Instant::now());
                 tokio::spawn(answer(stream, tls.clone()));
             }
         });
-        Self { port, task }
+        Self {
+            port,
+            task,
+            accepted,
+        }
+    }
+
+    /// When the probes so far arrived.
+    fn probes(&self) -> Vec<tokio::time::Instant> {
+        self.accepted.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` probes have arrived in all.
+    async fn wait_probes(&self, n: usize) -> Vec<tokio::time::Instant> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let probes = self.probes();
+            if probes.len() >= n {
+                return probes;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {} of {n} probes arrived",
+                probes.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -338,18 +374,20 @@ async fn whole_loop_healthy_unreachable_spec_change_delete() {
     )
     .await;
 
-    // Our own status writes come back as watch events; they must not cause extra probes:
-    // consecutive status writes (one per probe) stay about one interval apart.
-    let patches = api
-        .wait_for("three probes", WAIT, |inner| {
-            let p = status_patches(inner);
-            (p.len() >= 3).then_some(p)
-        })
-        .await;
-    for pair in patches.windows(2) {
+    // Healthy and unchanged: probed once per interval (our own status write comes back as a
+    // watch event and must not cause an extra probe), and not written again, since nothing
+    // but the probe's time and latency changes.
+    let writes = api.read(|inner| status_patches(inner).len());
+    let probes = rdp.wait_probes(rdp.probes().len() + 3).await;
+    for pair in probes.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(gap >= Duration::from_millis(900), "probes {gap:?} apart");
     }
+    assert_eq!(
+        api.read(|inner| status_patches(inner).len()),
+        writes,
+        "status written while healthy and unchanged"
+    );
 
     // The responder goes away → Unreachable after failureThreshold probes, one Event.
     let port = rdp.port;
@@ -475,10 +513,7 @@ async fn expiring_certificate_degrades_with_one_event_and_an_expiry_metric() {
         condition(&s, "Healthy").unwrap()["reason"],
         "CertificateExpiring"
     );
-    api.wait_for("a second probe", WAIT, |inner| {
-        (status_patches(inner).len() >= 2).then_some(())
-    })
-    .await;
+    rdp.wait_probes(2).await;
     api.wait_for("a CertificateExpiring event", WAIT, |inner| {
         (events(inner, "CertificateExpiring") == 1).then_some(())
     })

@@ -19,7 +19,7 @@ use kube::{Client, client::Body, core::DeserializeGuard, runtime::controller::Ac
 use rdphealth::{
     api::RdpHealth,
     controller::{Context, Error, Leadership, Seams, error_policy, reconcile},
-    engine::HostOverride,
+    engine::{HostOverride, writes},
     metrics::Metrics,
     probe::{
         BoxFuture, Failure, FailureReason, Layers, ProbeOptions, ProbeReport, Prober,
@@ -523,4 +523,104 @@ subscriptions:
         "{text}"
     );
     sim.shutdown().await;
+}
+
+/// The status a first probe of `report` writes, as the API server would store it.
+async fn first_status(report: ProbeReport) -> Value {
+    let (ctx, mut api) = setup(FakeProber::with(vec![report]));
+    let obj = object(spec(), None);
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier =
+        tokio::spawn(async move { expect_call(&mut api, StatusCode::OK, reply).await.2 });
+    run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap()["status"].clone()
+}
+
+/// `status` with its last probe `ago` before now.
+fn probed_ago(mut status: Value, ago: Duration) -> Value {
+    let at = Timestamp::now().checked_sub(ago).unwrap();
+    status["lastProbe"]["time"] = json!(at.to_string());
+    status
+}
+
+/// Runs a reconcile that must not call the API: nothing answers, so a call would hang it.
+async fn run_without_api_calls(ctx: &Arc<Context>, obj: RdpHealth) -> Action {
+    tokio::time::timeout(Duration::from_secs(5), run(ctx, obj))
+        .await
+        .expect("the reconcile waited for an API answer (a status write?)")
+        .unwrap()
+}
+
+async fn no_api_call(api: &mut ApiHandle) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), api.next_request())
+            .await
+            .is_err(),
+        "no API call expected"
+    );
+}
+
+/// A healthy object whose probe finds what its status already says costs no status write
+/// (only the probe's time and latency differ); the next reconcile, before the status shows that
+/// probe, does not probe again: the controller remembers it.
+#[tokio::test]
+async fn a_healthy_unchanged_probe_writes_nothing() {
+    let written = first_status(reachable()).await;
+    // As after a restart (nothing remembered): the schedule works from status.lastProbe.
+    let slower = ProbeReport {
+        total_ms: 250.0,
+        ..reachable()
+    };
+    let prober = FakeProber::with(vec![slower]);
+    let (ctx, mut api) = setup(prober.clone());
+    let obj = object(spec(), Some(probed_ago(written, Duration::from_secs(40))));
+    let action = run_without_api_calls(&ctx, obj.clone()).await;
+    assert_eq!(prober.calls.load(Ordering::SeqCst), 1, "the probe was due");
+    no_api_call(&mut api).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    // The stored status still says 40 s ago; the probe a moment ago is remembered.
+    let action = run_without_api_calls(&ctx, obj).await;
+    assert_eq!(prober.calls.load(Ordering::SeqCst), 1, "no second probe");
+    no_api_call(&mut api).await;
+    assert_ne!(action, Action::await_change());
+}
+
+/// The same object, but the probe fails: that is news, and written at once.
+#[tokio::test]
+async fn a_failed_probe_of_a_healthy_object_is_written() {
+    let written = first_status(reachable()).await;
+    let (ctx, mut api) = setup(FakeProber::with(vec![refused()]));
+    let obj = object(spec(), Some(probed_ago(written, Duration::from_secs(40))));
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!((method, uri.as_str()), (Method::PATCH, status_path()));
+        assert_eq!(body["status"]["consecutiveFailures"], 1);
+        assert_eq!(body["status"]["lastProbe"]["failureReason"], "tcp_refused");
+        no_api_call(&mut api).await;
+    });
+    let action = run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+}
+
+/// A healthy, unchanged object whose stored last probe is older than the heartbeat is written
+/// again, so `lastProbe.time` never lags far behind.
+#[tokio::test]
+async fn a_healthy_unchanged_object_is_written_on_the_heartbeat() {
+    let written = first_status(reachable()).await;
+    let (ctx, mut api) = setup(FakeProber::with(vec![reachable()]));
+    let old = probed_ago(written, writes::HEARTBEAT + Duration::from_secs(1));
+    let before = old["lastProbe"]["time"].clone();
+    let obj = object(spec(), Some(old));
+    let reply = serde_json::to_value(&obj).unwrap();
+    let verifier = tokio::spawn(async move {
+        let (method, _, body) = expect_call(&mut api, StatusCode::OK, reply).await;
+        assert_eq!(method, Method::PATCH);
+        assert_ne!(body["status"]["lastProbe"]["time"], before);
+        assert_eq!(body["status"]["phase"], "Healthy");
+        no_api_call(&mut api).await;
+    });
+    run(&ctx, obj).await.unwrap();
+    verifier.await.unwrap();
 }

@@ -141,6 +141,7 @@ impl RunArgs {
                 disruptive_grace: self.disruptive_grace,
             },
             probe_source: self.probe_source_address,
+            status_heartbeat: crate::engine::writes::HEARTBEAT,
         }
     }
 

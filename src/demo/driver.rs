@@ -202,7 +202,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     let now = Timestamp::now();
     let mut failure = None;
     let mut probed = None;
-    let (observation, wait) = match schedule(&obj, now) {
+    let (observation, wait) = match schedule(&obj, None, now) {
         Schedule::Probe(spec) => match HostOverride.resolve(&spec).await {
             Err(e) => (Observation::Unresolved(e), None),
             Ok(endpoint) => match Target::new(endpoint.host.clone(), endpoint.port) {

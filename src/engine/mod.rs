@@ -11,6 +11,7 @@ pub mod remediate;
 pub mod schedule;
 pub mod spec;
 pub mod thresholds;
+pub mod writes;
 
 use std::time::Duration;
 

@@ -1,5 +1,9 @@
 //! When to probe. Every status write comes back as a watch event; `schedule` makes those
 //! reconciles cheap (no probe) unless a probe is actually due or the spec changed.
+//!
+//! The last probe's time comes from the driver's memory when it has one: a probe that changed
+//! nothing a user cares about is not written (see [`super::writes`]), so `status.lastProbe`
+//! may lag behind. After a restart, with nothing remembered, the status is the memory.
 
 use std::time::Duration;
 
@@ -28,8 +32,9 @@ pub enum Schedule {
     Probe(Box<ValidSpec>),
 }
 
-/// Decides whether `obj` needs a probe at `now`.
-pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
+/// Decides whether `obj` needs a probe at `now`. `probed_at` is when this driver last probed
+/// the object, if it remembers; the later of it and `status.lastProbe.time` counts.
+pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -> Schedule {
     let status = obj.status.clone().unwrap_or_default();
     let current = status.observed_generation.is_some()
         && status.observed_generation == obj.metadata.generation;
@@ -53,7 +58,8 @@ pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
     if unresolved {
         return Schedule::AwaitChange;
     }
-    let Some(last) = status.last_probe.as_ref() else {
+    let stored = status.last_probe.as_ref().map(|p| p.time.0);
+    let Some(last) = stored.max(probed_at) else {
         return Schedule::Probe(Box::new(spec));
     };
     let failing = status.consecutive_failures > 0
@@ -63,7 +69,7 @@ pub fn schedule(obj: &RdpHealth, now: Timestamp) -> Schedule {
     } else {
         spec.probe.interval
     };
-    let elapsed = now.duration_since(last.time.0);
+    let elapsed = now.duration_since(last);
     // A last probe "in the future" (clock skew between replicas) counts as just done.
     let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
     match interval.checked_sub(elapsed) {
@@ -152,7 +158,7 @@ mod tests {
     fn probe_timing(#[case] status: Option<RdpHealthStatus>, #[case] now: i64, #[case] want: &str) {
         let mut obj = object(|_| {});
         obj.status = status;
-        let got = schedule(&obj, at(now));
+        let got = schedule(&obj, None, at(now));
         match want {
             "probe" => assert!(matches!(got, Schedule::Probe(_)), "{got:?}"),
             "wait 20" => assert_eq!(got, secs(20)),
@@ -178,7 +184,7 @@ mod tests {
             phase,
             ..Default::default()
         });
-        assert_eq!(schedule(&obj, at(100)), want);
+        assert_eq!(schedule(&obj, None, at(100)), want);
     }
 
     fn ladder(phase: Option<ExecutionPhase>, next_action: Option<i64>) -> RdpHealthStatus {
@@ -262,6 +268,38 @@ mod tests {
         status.conditions[0].reason = reasons::ENDPOINT_UNRESOLVED.into();
         status.last_probe = None;
         obj.status = Some(status);
-        assert_eq!(schedule(&obj, at(100)), Schedule::AwaitChange);
+        assert_eq!(schedule(&obj, None, at(100)), Schedule::AwaitChange);
+    }
+
+    /// Object with interval 30s; the status was last written at second 10.
+    #[rstest]
+    #[case::nothing_remembered(None, 100, "probe")]
+    #[case::remembered_recent_probe(Some(90), 100, "wait 20")]
+    #[case::remembered_probe_due(Some(70), 100, "probe")]
+    #[case::stored_probe_is_newer(Some(5), 12, "wait 28")]
+    fn a_remembered_probe_counts_over_the_stored_one(
+        #[case] probed_at: Option<i64>,
+        #[case] now: i64,
+        #[case] want: &str,
+    ) {
+        let mut obj = object(|_| {});
+        obj.status = Some(probed(10, 0, "True", 1));
+        let got = schedule(&obj, probed_at.map(at), at(now));
+        match want {
+            "probe" => assert!(matches!(got, Schedule::Probe(_)), "{got:?}"),
+            "wait 20" => assert_eq!(got, secs(20)),
+            "wait 28" => assert_eq!(got, secs(28)),
+            other => panic!("bad case {other}"),
+        }
+    }
+
+    #[test]
+    fn a_remembered_probe_does_not_hide_a_spec_change() {
+        let mut obj = object(|o| o.metadata.generation = Some(2));
+        obj.status = Some(probed(99, 0, "True", 1));
+        assert!(matches!(
+            schedule(&obj, Some(at(99)), at(100)),
+            Schedule::Probe(_)
+        ));
     }
 }
