@@ -259,18 +259,7 @@ mod tests {
     }
 
     fn evidence() -> Evidence {
-        Evidence {
-            gathered_at: Time(at(120)),
-            power_state: None,
-            provisioning_state: None,
-            agent_ready: None,
-            resource_health: None,
-            nsg: None,
-            serial: None,
-            boot_diagnostics: None,
-            guest: None,
-            errors: vec![],
-        }
+        Evidence::empty(at(120))
     }
 
     const HB: Duration = HEARTBEAT;
