@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// trips the storm breaker before any VM is rebooted.
     #[arg(long, env = "RDPHEALTH_DISRUPTIVE_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub disruptive_grace: std::time::Duration,
+    /// A healthy, unchanged object's status (and so `lastProbe`) is rewritten this often;
+    /// `0s` never rewrites it (status changes only with news).
+    #[arg(long, env = "RDPHEALTH_STATUS_HEARTBEAT", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub status_heartbeat: std::time::Duration,
 }
 
 /// Errors of `rdphealth run`.
@@ -141,7 +145,12 @@ impl RunArgs {
                 disruptive_grace: self.disruptive_grace,
             },
             probe_source: self.probe_source_address,
-            status_heartbeat: crate::engine::writes::HEARTBEAT,
+            // `0s` on the command line: never rewrite an unchanged status.
+            status_heartbeat: if self.status_heartbeat.is_zero() {
+                std::time::Duration::MAX
+            } else {
+                self.status_heartbeat
+            },
         }
     }
 
