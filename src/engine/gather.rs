@@ -374,15 +374,36 @@ fn flow_query(rules: &azure::NetworkRules, vantage: Vantage) -> Option<FlowQuery
     })
 }
 
-fn evaluate_nsgs(rules: &azure::NetworkRules, vantage: Vantage) -> Option<NsgEvidence> {
+/// The prober's flow to the VM's private address, and the subnet's and NIC's NSGs in the
+/// evaluator's form; `None` when the NIC has no private address.
+pub fn probe_flow(
+    rules: &azure::NetworkRules,
+    vantage: Vantage,
+) -> Option<(
+    nsg::Flow,
+    Option<nsg::NetworkSecurityGroup>,
+    Option<nsg::NetworkSecurityGroup>,
+)> {
     let private: IpAddr = rules.endpoint.private_ip.as_deref()?.parse().ok()?;
-    let subnet = rules.subnet_nsg.as_ref().map(azure::nsg::to_evaluator);
-    let nic = rules.nic_nsg.as_ref().map(azure::nsg::to_evaluator);
-    let ctx = NetworkContext::private_ranges();
     let source = vantage.source.unwrap_or(nsg::ANY_INTERNET_SOURCE);
-    let flow = nsg::Flow::inbound_tcp(source, private, vantage.port);
+    Some((
+        nsg::Flow::inbound_tcp(source, private, vantage.port),
+        rules.subnet_nsg.as_ref().map(azure::nsg::to_evaluator),
+        rules.nic_nsg.as_ref().map(azure::nsg::to_evaluator),
+    ))
+}
+
+fn evaluate_nsgs(rules: &azure::NetworkRules, vantage: Vantage) -> Option<NsgEvidence> {
+    let (flow, subnet, nic) = probe_flow(rules, vantage)?;
+    let ctx = NetworkContext::private_ranges();
     let verdict = nsg::evaluate(&flow, subnet.as_ref(), nic.as_ref(), &ctx);
-    let open = nsg::open_to_internet(private, vantage.port, subnet.as_ref(), nic.as_ref(), &ctx);
+    let open = nsg::open_to_internet(
+        flow.destination,
+        vantage.port,
+        subnet.as_ref(),
+        nic.as_ref(),
+        &ctx,
+    );
     Some(NsgEvidence {
         verdict,
         open_to_internet: open.is_some(),

@@ -957,30 +957,16 @@ impl Remediator {
         subject: &Subject<'_>,
         vm: &VmRef,
     ) -> Result<(Operation, Option<String>), CallError> {
-        use crate::{
-            azure::nsg::to_evaluator,
-            evidence::nsg::{ANY_INTERNET_SOURCE, Flow, NetworkContext},
-            ladder::nsg_repair,
-        };
+        use crate::{evidence::nsg::NetworkContext, ladder::nsg_repair};
         let rules = self
             .azure
             .network_rules(vm)
             .await
             .map_err(CallError::Azure)?;
-        let private: IpAddr = rules
-            .endpoint
-            .private_ip
-            .as_deref()
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| CallError::Refused("the VM's NIC has no private address".into()))?;
         let vantage = self.vantage(subject);
-        let flow = Flow::inbound_tcp(
-            vantage.source.unwrap_or(ANY_INTERNET_SOURCE),
-            private,
-            vantage.port,
-        );
-        let subnet = rules.subnet_nsg.as_ref().map(to_evaluator);
-        let nic = rules.nic_nsg.as_ref().map(to_evaluator);
+        let (flow, subnet, nic) = super::gather::probe_flow(&rules, vantage)
+            .ok_or_else(|| CallError::Refused("the VM's NIC has no private address".into()))?;
+        let private = flow.destination;
         let prefixes = &subject.spec.ladder.nsg_allowed_prefixes;
         let plan = nsg_repair::plan(
             &flow,
