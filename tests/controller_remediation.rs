@@ -1215,3 +1215,84 @@ async fn a_password_reset_writes_the_password_to_its_secret_only() {
     op.shutdown().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_url_that_is_not_arms_is_never_polled() {
+    // Restart takes long enough here that the operator stops while it runs.
+    let sim = Simulator::start(scenario_timed(
+        "300ms",
+        "          - { name: vm-host, nic: { subnet: vnet/s }, faults: [host_failure] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let first = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "host",
+            "vm-host",
+            json!({
+                "mode": "Auto", "ladder": ["Redeploy"], "allowedDisruptiveActions": ["Redeploy"],
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    wait_status(&api, "host", "a running redeploy", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    first.shutdown().await;
+    // Whoever can write the status points the operation at their own listener.
+    let spy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spy_url = format!("http://{}/operations/steal", spy.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = Arc::clone(&received);
+    let spy_task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = spy.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            log.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    api.patch_status(
+        "rdphealths",
+        NS,
+        "host",
+        json!({"status": {"ladder": {"current": {"operation": {
+            "asyncOperationUrl": spy_url, "locationUrl": spy_url,
+        }}}}}),
+    );
+    let second = Operator::start(&api, &sim, "replica-b").await;
+    let s = wait_status(&api, "host", "the refused URL said in status", |s| {
+        condition(s, "OperationUrlsTrusted").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let c = condition(&s, "OperationUrlsTrusted").unwrap();
+    assert_eq!(c["reason"], "UntrustedOperationUrl", "{c:#}");
+    assert!(
+        !c["message"].as_str().unwrap().contains("steal"),
+        "only the origin is named: {c:#}"
+    );
+    api.wait_for("an UntrustedOperationUrl Event", WAIT, |inner| {
+        (events(inner, "host", "UntrustedOperationUrl") > 0).then_some(())
+    })
+    .await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "the listener received a request: {:?}",
+        received.lock().unwrap()
+    );
+    // The rung is not sent again: its fate is unknown and the probe judges it.
+    assert_eq!(sim.count("vm.redeploy"), 1);
+    assert!(second.witness.mutating().is_empty(), "nothing re-sent");
+    spy_task.abort();
+    second.shutdown().await;
+    sim.shutdown().await;
+}

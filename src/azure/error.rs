@@ -66,6 +66,13 @@ pub enum AzureError {
         /// What happened.
         message: String,
     },
+    /// A URL that is not the configured ARM endpoint's origin was to receive the ARM token
+    /// (an operation URL from status or a response header): nothing was sent to it.
+    #[error("refused to send the ARM token to {origin}: it is not the configured ARM endpoint")]
+    UntrustedUrl {
+        /// The refused URL's origin (scheme, host and port; never its path or query).
+        origin: String,
+    },
     /// A bad request, an unparsable answer, or a resource missing a field we need.
     #[error("failed to use an Azure answer: {message}")]
     Invalid {
@@ -85,6 +92,7 @@ impl AzureError {
             Self::Forbidden { .. } => "Forbidden",
             Self::Transient { .. } => "Transient",
             Self::Invalid { .. } => "Invalid",
+            Self::UntrustedUrl { .. } => "UntrustedOperationUrl",
         }
     }
 

@@ -70,7 +70,21 @@ impl Remediator {
             }
             Decision::PollEvidence => {
                 if let Some(ev) = status.diagnosis.as_mut() {
-                    events.extend(poll_pending(self.azure.as_ref(), vm, ev, now).await);
+                    let polled = poll_pending(self.azure.as_ref(), vm, ev, now).await;
+                    if let Some(refused) = polled
+                        .iter()
+                        .find(|e| e.reason == crate::engine::gather::UNTRUSTED_OPERATION_URL)
+                    {
+                        set(
+                            status,
+                            types::OPERATION_URLS_TRUSTED,
+                            Status::False,
+                            refused.reason,
+                            refused.note.clone(),
+                            now,
+                        );
+                    }
+                    events.extend(polled);
                 }
                 Continue::Again
             }
@@ -238,6 +252,18 @@ impl Remediator {
                     now,
                 );
                 clear_suspension(status, now);
+                if conditions::status_of(&status.conditions, types::OPERATION_URLS_TRUSTED)
+                    == Some(Status::False)
+                {
+                    set(
+                        status,
+                        types::OPERATION_URLS_TRUSTED,
+                        Status::True,
+                        "ArmEndpointOnly",
+                        "the incident ended; operation URLs are polled only at the ARM endpoint",
+                        now,
+                    );
+                }
                 events.push(Event {
                     severity: Severity::Normal,
                     reason: "RemediationSucceeded",
