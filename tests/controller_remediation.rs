@@ -254,6 +254,17 @@ impl Operator {
         identity: &str,
         base: Settings,
     ) -> Self {
+        let arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+        Self::start_with_arm(api, sim, identity, base, arm).await
+    }
+
+    async fn start_with_arm(
+        api: &Arc<FakeApiServer>,
+        sim: &Simulator,
+        identity: &str,
+        base: Settings,
+        arm: ArmConfig,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -274,10 +285,7 @@ impl Operator {
             ..base
         };
         let witness = Arc::new(Witness {
-            inner: ArmClient::new(
-                ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
-                Arc::new(StaticToken::new("test-token")),
-            ),
+            inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
             api: Arc::clone(api),
             calls: Mutex::new(Vec::new()),
         });
@@ -1294,5 +1302,92 @@ async fn an_operation_url_that_is_not_arms_is_never_polled() {
     assert!(second.witness.mutating().is_empty(), "nothing re-sent");
     spy_task.abort();
     second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-a, nic: { subnet: vnet/s }, faults: [guest_hung] }
+          - { name: vm-b, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    // Azure carries out the first restart but its answer never arrives within the client's
+    // timeout, as after a lost connection.
+    sim.drop_next_response("vm.restart", Duration::from_secs(4));
+    let api = Arc::new(FakeApiServer::start().await);
+    let mut arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+    arm.request_timeout = Duration::from_millis(1500);
+    let op = Operator::start_with_arm(
+        &api,
+        &sim,
+        "replica-a",
+        grace(Duration::from_millis(200)),
+        arm,
+    )
+    .await;
+    let remediation = json!({
+        "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+        "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+    });
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("a", "vm-a", remediation.clone()),
+    );
+    api.create("rdphealths", NS, rdphealth("b", "vm-b", remediation));
+    for name in ["a", "b"] {
+        wait_status(&api, name, "recovered by the restart", |s| {
+            s["ladder"]["recoveredBy"]["rung"] == "Restart"
+        })
+        .await;
+    }
+    assert_eq!(sim.count("dropped_response"), 1);
+    assert_eq!(
+        sim.count("vm.restart"),
+        2,
+        "one restart per VM, none re-sent"
+    );
+    // The rung whose answer was lost was recorded as of unknown outcome while it settled.
+    let unknown = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .filter(|c| c.resource == "rdphealths")
+            .filter(|c| c.object["status"]["ladder"]["current"]["outcomeUnknown"] == true)
+            .map(|c| c.object["metadata"]["name"].as_str().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    assert_eq!(
+        unknown.len(),
+        1,
+        "exactly one rung of unknown outcome: {unknown:?}"
+    );
+    // Its fleet slot stayed claimed: the other VM's restart started only once no other
+    // rung was in flight.
+    let restarts: Vec<Call> = op
+        .witness
+        .mutating()
+        .into_iter()
+        .filter(|c| c.operation == "restart")
+        .collect();
+    assert_eq!(restarts.len(), 2);
+    let in_flight = restarts[1]
+        .current
+        .iter()
+        .filter(|current| !current.is_null())
+        .count();
+    assert_eq!(
+        in_flight, 1,
+        "the second restart was sent while the first rung still held its slot: {:?}",
+        restarts[1].current
+    );
+    let events_unknown = api.read(|inner| {
+        events(inner, "a", "RemediationOutcomeUnknown")
+            + events(inner, "b", "RemediationOutcomeUnknown")
+    });
+    assert_eq!(events_unknown, 1);
+    op.shutdown().await;
     sim.shutdown().await;
 }
