@@ -46,9 +46,16 @@ fn scenario(vms: &str) -> Scenario {
 
 /// [`scenario`] with Azure operations (Run Command, VMAccess…) taking `operation`.
 fn scenario_timed(operation: &str, vms: &str) -> Scenario {
-    let yaml = format!(
+    let timing =
+        format!("{{ operation: {operation}, restart: 1s, redeploy: 2s, retryAfter: 200ms }}");
+    Scenario::from_yaml(&scenario_yaml(&timing, vms)).unwrap()
+}
+
+/// A scenario with one subscription, network and NSG, `timing` and `vms`.
+fn scenario_yaml(timing: &str, vms: &str) -> String {
+    format!(
         r#"
-timing: {{ operation: {operation}, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
+timing: {timing}
 subscriptions:
   - id: {SUB}
     resourceGroups:
@@ -63,8 +70,7 @@ subscriptions:
         vms:
 {vms}
 "#
-    );
-    Scenario::from_yaml(&yaml).unwrap()
+    )
 }
 
 fn resource_id(vm: &str) -> String {
@@ -235,6 +241,28 @@ impl Azure for Witness {
     }
 }
 
+/// The I/O of an operator against `sim`, with the witness of its Azure calls.
+fn seams(api: &Arc<FakeApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
+    let witness = Arc::new(Witness {
+        inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
+        api: Arc::clone(api),
+        calls: Mutex::new(Vec::new()),
+    });
+    let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
+    let seams = Seams {
+        prober: Arc::new(SimNetwork {
+            sim: Arc::clone(sim.shared()),
+            prober: RdpProber::new().unwrap(),
+        }),
+        resolver: Arc::new(AzureResolver::new(
+            azure.clone() as Arc<dyn Azure>,
+            ResolverPolicy::default(),
+        )),
+        azure: Some(azure),
+    };
+    (seams, witness)
+}
+
 /// The operator running against the fake API server and the simulator.
 struct Operator {
     http: SocketAddr,
@@ -284,23 +312,7 @@ impl Operator {
             probe_source: Some("203.0.113.10".parse().unwrap()),
             ..base
         };
-        let witness = Arc::new(Witness {
-            inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
-            api: Arc::clone(api),
-            calls: Mutex::new(Vec::new()),
-        });
-        let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
-        let seams = Seams {
-            prober: Arc::new(SimNetwork {
-                sim: Arc::clone(sim.shared()),
-                prober: RdpProber::new().unwrap(),
-            }),
-            resolver: Arc::new(AzureResolver::new(
-                azure.clone() as Arc<dyn Azure>,
-                ResolverPolicy::default(),
-            )),
-            azure: Some(azure),
-        };
+        let (seams, witness) = seams(api, sim, arm);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(
             api.client(),
@@ -1389,5 +1401,90 @@ async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
     });
     assert_eq!(events_unknown, 1);
     op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_taken_on_a_stale_copy_sends_nothing() {
+    // The restart takes long enough that the VM is still down when the stale copy is seen.
+    let sim = Simulator::start(
+        Scenario::from_yaml(&scenario_yaml(
+            "{ operation: 300ms, restart: 20s, redeploy: 2s, retryAfter: 200ms }",
+            "          - { name: vm-a, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::ZERO)).await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "a",
+            "vm-a",
+            json!({
+                "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+                "settleTime": "30s",
+            }),
+        ),
+    );
+    wait_status(&api, "a", "a running restart", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    op.shutdown().await;
+    assert_eq!(sim.count("vm.restart"), 1);
+    // The copy the restart was decided on: the last stored version without an intent.
+    let stale: Value = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .rfind(|c| {
+                c.resource == "rdphealths"
+                    && c.object["metadata"]["name"] == "a"
+                    && c.object["status"]["ladder"]["current"].is_null()
+                    && condition(&c.object["status"], "Reachable")
+                        .is_some_and(|r| r["status"] == "False")
+            })
+            .map(|c| c.object.clone())
+            .expect("a stored version before the intent")
+    });
+    // A replica whose cache still holds that copy reconciles it.
+    let (seams, witness) = seams(
+        &api,
+        &sim,
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+    );
+    let ctx = controller::Context::new(
+        api.client(),
+        seams,
+        Arc::new(rdphealth::metrics::Metrics::new().unwrap()),
+        controller::Leadership::always(),
+        Some("replica-a".into()),
+    )
+    .with_remediation(
+        FleetPolicy {
+            disruptive_grace: Duration::ZERO,
+            ..FleetPolicy::default()
+        },
+        Some("203.0.113.10".parse().unwrap()),
+    );
+    let obj: rdphealth::api::RdpHealth = serde_json::from_value(stale).unwrap();
+    let guard = Arc::new(kube::core::DeserializeGuard(Ok(obj)));
+    let result = controller::reconcile(guard, Arc::new(ctx)).await;
+    assert_eq!(sim.count("vm.restart"), 1, "restarted twice");
+    assert!(witness.mutating().is_empty(), "nothing was sent");
+    assert!(result.is_err(), "the stale decision must fail: {result:?}");
+    let s = api.read(|inner| status(inner, "a")).unwrap();
+    assert_eq!(
+        s["ladder"]["current"]["phase"], "Running",
+        "the first intent is kept: {s:#}"
+    );
+    assert_eq!(
+        s["ladder"]["current"]["lease"]["holder"], "replica-a",
+        "{s:#}"
+    );
     sim.shutdown().await;
 }
