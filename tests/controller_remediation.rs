@@ -1,4 +1,4 @@
-//! The whole loop with remediation: the real `Controller` against the in-process API server,
+//! The whole loop with remediation: the real `Controller` against a real API server,
 //! with the simulator as Azure (the real SDK adapter talking to the ARM emulator) and the
 //! simulated VMs' live RDP responders. The endpoint comes from Azure (no `spec.endpoint.host`);
 //! a prober stand-in routes the addresses ARM reports to the VMs' loopback responders, the way
@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_apiserver;
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -15,7 +15,7 @@ use std::{
 };
 
 use azure_core::Url;
-use fake_apiserver::{FakeApiServer, Inner};
+use common::real_api::{Inner, RealApiServer};
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
@@ -37,7 +37,7 @@ use tokio::{
 };
 
 const NS: &str = "default";
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
 
 fn scenario(vms: &str) -> Scenario {
@@ -115,7 +115,7 @@ struct Call {
 /// held at that moment (the intent must be stored before the call).
 struct Witness {
     inner: ArmClient,
-    api: Arc<FakeApiServer>,
+    api: Arc<RealApiServer>,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -244,12 +244,12 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(api: &Arc<FakeApiServer>, sim: &Simulator, identity: &str) -> Self {
+    async fn start(api: &Arc<RealApiServer>, sim: &Simulator, identity: &str) -> Self {
         Self::start_with(api, sim, identity, grace(Duration::from_millis(200))).await
     }
 
     async fn start_with(
-        api: &Arc<FakeApiServer>,
+        api: &Arc<RealApiServer>,
         sim: &Simulator,
         identity: &str,
         base: Settings,
@@ -411,11 +411,11 @@ async fn start_one(
     name: &str,
     vm: &str,
     remediation: Value,
-) -> (Simulator, Arc<FakeApiServer>, Operator) {
+) -> (Simulator, Arc<RealApiServer>, Operator) {
     let sim = Simulator::start(scenario(&format!("          - {vm_line}")))
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create("rdphealths", NS, rdphealth(name, vm, remediation));
     (sim, api, op)
@@ -461,7 +461,7 @@ fn events(inner: &Inner, name: &str, reason: &str) -> usize {
 }
 
 async fn wait_status(
-    api: &FakeApiServer,
+    api: &RealApiServer,
     name: &str,
     what: &str,
     f: impl Fn(&Value) -> bool,
@@ -515,7 +515,7 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.wait_for("the lease", WAIT, |inner| {
         let lease = inner.get("leases", NS, "rdphealth-operator")?;
@@ -630,7 +630,7 @@ async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -683,7 +683,7 @@ async fn restart_while_the_guest_query_runs_resumes_polling_it() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -768,7 +768,7 @@ subscriptions:
     let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -819,9 +819,12 @@ async fn a_standby_replica_never_changes_anything() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     // Another replica holds the Lease (and keeps it).
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // MicroTime: microseconds, as the API server stores them.
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
     api.create(
         "leases",
         NS,
@@ -863,7 +866,7 @@ async fn the_storm_breaker_holds_disruptive_rungs() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     for i in 0..5 {
         api.create(
@@ -1022,7 +1025,7 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::from_secs(3))).await;
     // Every object may restart from the start: only the grace period stands between the
     // first VM seen unreachable and a restart before the second one is seen. (The VM agent

@@ -564,7 +564,7 @@ async fn operator_status_through_kubectl() {
         assert_eq!(row[1], "True", "{out}");
         let stored = api.get_status("vm-e2e").await.unwrap();
         let status = stored.status.unwrap();
-        let phase = serde_json::to_value(&status.phase).unwrap();
+        let phase = serde_json::to_value(status.phase).unwrap();
         assert_eq!(row[2], phase.as_str().unwrap(), "{out}");
         let reason = &status
             .conditions
