@@ -259,7 +259,7 @@ impl Operator {
     }
 
     async fn start_with_arm(
-        api: &Arc<FakeApiServer>,
+        api: &Arc<RealApiServer>,
         sim: &Simulator,
         identity: &str,
         base: Settings,
@@ -1236,7 +1236,7 @@ async fn an_operation_url_that_is_not_arms_is_never_polled() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -1319,7 +1319,7 @@ async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
     // Azure carries out the first restart but its answer never arrives within the client's
     // timeout, as after a lost connection.
     sim.drop_next_response("vm.restart", Duration::from_secs(4));
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let mut arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
     arm.request_timeout = Duration::from_millis(1500);
     let op = Operator::start_with_arm(

@@ -314,6 +314,31 @@ impl RealApiServer {
         serde_json::from_str(&out).unwrap()
     }
 
+    /// Merge-patches an object's status as anyone allowed to write the status subresource
+    /// could (`kubectl patch --subresource status`).
+    pub fn patch_status(&self, resource: &str, namespace: &str, name: &str, patch: Value) -> Value {
+        let kind = FOLLOWED
+            .iter()
+            .find(|f| f.0 == resource)
+            .map_or(resource, |f| f.1);
+        let out = self.cp.kubectl(&[
+            "patch",
+            kind,
+            name,
+            "-n",
+            namespace,
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+            "-o",
+            "json",
+        ]);
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// Deletes an object as a user would (`kubectl delete`).
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
         let kind = FOLLOWED
