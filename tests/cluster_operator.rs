@@ -5,7 +5,8 @@
 //!   `helm template` and applied; the operator authenticates with a TokenRequest token of that
 //!   ServiceAccount, runs a whole incident (probe, evidence, a rung, Events, Lease) and the API
 //!   server's audit log shows no 403 for it, while a request outside its role is denied;
-//! - `helm install` of the chart with its default values;
+//! - `helm install` of the chart with its default values, and with the ServiceMonitor and
+//!   PrometheusRule on after their CRDs are installed;
 //! - leader election through a real Lease: the leader is killed (SIGKILL) while its rung's Azure
 //!   operation runs, the other process takes the Lease and only polls that operation;
 //! - a restart of the API server while a rung runs: watches resume, nothing is repeated.
@@ -486,6 +487,73 @@ fn helm_install_with_default_values() {
     );
     let status = cp.helm(&["status", "rdphealth-operator", "-n", "rdphealth-helm"]);
     assert!(status.contains("STATUS: deployed"), "{status}");
+}
+
+/// With the ServiceMonitor and PrometheusRule turned on, after their CRDs (generated from
+/// prometheus-operator's API types) are installed: the server accepts both objects.
+#[test]
+fn helm_install_with_service_monitor_and_prometheus_rule() {
+    let cp = control_plane();
+    for crd in k8s::monitoring_crds() {
+        cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+    }
+    for name in [
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        cp.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            &format!("crd/{name}"),
+            "--timeout=60s",
+        ]);
+    }
+    let chart = root().join(CHART);
+    let out = cp.helm(&[
+        "install",
+        "monitoring",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "rdphealth-monitoring",
+        "--create-namespace",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "prometheusRule.enabled=true",
+    ]);
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let objects = cp.kubectl(&[
+        "get",
+        "servicemonitors.monitoring.coreos.com,prometheusrules.monitoring.coreos.com",
+        "-n",
+        "rdphealth-monitoring",
+        "-o",
+        "name",
+    ]);
+    assert!(
+        objects.contains("servicemonitor.monitoring.coreos.com/"),
+        "{objects}"
+    );
+    assert!(
+        objects.contains("prometheusrule.monitoring.coreos.com/"),
+        "{objects}"
+    );
+    let rule: Value = serde_json::from_str(&cp.kubectl(&[
+        "get",
+        "prometheusrules.monitoring.coreos.com",
+        "-n",
+        "rdphealth-monitoring",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let groups = rule["items"][0]["spec"]["groups"].as_array().unwrap();
+    assert!(
+        groups
+            .iter()
+            .any(|g| !g["rules"].as_array().unwrap().is_empty()),
+        "{rule}"
+    );
 }
 
 /// Two operator processes share a real Lease. The leader is killed with SIGKILL while its

@@ -29,7 +29,7 @@ use tokio::{
 
 const NS: &str = "default";
 const NAME: &str = "vm-1";
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-1/providers/Microsoft.Compute/virtualMachines/vm-1";
 
 /// A loopback RDP listener that answers every Connection Request with "standard RDP

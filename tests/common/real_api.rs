@@ -153,11 +153,17 @@ impl RealApiServer {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
             // The initial list makes sure the watch is open before the test acts.
             let list = api.list(&ListParams::default()).await.unwrap();
-            let rv = list.metadata.resource_version.unwrap_or_default();
+            let rv = list.metadata.resource_version.clone().unwrap_or_default();
+            let mut known = BTreeMap::new();
+            for object in list.items {
+                known.insert(name_of(&object), object.metadata.resource_version.clone());
+                record(&log, &changed, plural, "ADDED", &object);
+            }
             tasks.push(tokio::spawn(follow(
                 api,
                 plural,
                 rv,
+                known,
                 Arc::clone(&log),
                 changed.clone(),
             )));
@@ -248,8 +254,9 @@ impl RealApiServer {
             .collect()
     }
 
-    /// Waits until `f` returns `Some`, re-checking after every change the watches report (and
-    /// at least every 250 ms); panics after `limit`.
+    /// Waits until `f` returns `Some` for the state after one of the changes the watches
+    /// report, checking each change in order (so the first state that satisfies `f` is the one
+    /// found, however fast the changes come); panics after `limit`.
     pub async fn wait_for<T>(
         &self,
         what: &str,
@@ -258,9 +265,36 @@ impl RealApiServer {
     ) -> T {
         let mut changes = self.changed.subscribe();
         let deadline = tokio::time::Instant::now() + limit;
+        let mut state = Inner::default();
         loop {
-            if let Some(found) = f(&self.snapshot()) {
+            state.requests = self.requests();
+            let pending: Vec<Change> = {
+                let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+                log[state.log.len()..].to_vec()
+            };
+            if pending.is_empty()
+                && let Some(found) = f(&state)
+            {
                 return found;
+            }
+            for change in pending {
+                let key = (
+                    change.resource.clone(),
+                    change.namespace.clone(),
+                    change.object["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+                if change.kind == "DELETED" {
+                    state.objects.remove(&key);
+                } else {
+                    state.objects.insert(key, change.object.clone());
+                }
+                state.log.push(change);
+                if let Some(found) = f(&state) {
+                    return found;
+                }
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -376,12 +410,46 @@ impl RealApiServer {
     }
 }
 
+fn name_of(object: &DynamicObject) -> (String, String) {
+    (
+        object.metadata.namespace.clone().unwrap_or_default(),
+        object.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+fn record(
+    log: &Mutex<Vec<Change>>,
+    changed: &watch::Sender<u64>,
+    plural: &str,
+    kind: &'static str,
+    object: &DynamicObject,
+) {
+    let change = Change {
+        rv: object
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|rv| rv.parse().ok())
+            .unwrap_or(0),
+        resource: plural.into(),
+        namespace: object.metadata.namespace.clone().unwrap_or_default(),
+        kind,
+        object: serde_json::to_value(object).unwrap(),
+    };
+    log.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(change);
+    changed.send_modify(|n| *n += 1);
+}
+
 /// Records every change to one resource, from `rv` on, re-opening the watch when the server
-/// ends it.
+/// ends it. When the server no longer has `rv` (410 Gone, e.g. after the CRD changed), it lists
+/// again and records the differences to what it knew.
 async fn follow(
     api: Api<DynamicObject>,
     plural: &'static str,
     mut rv: String,
+    mut known: BTreeMap<(String, String), Option<String>>,
     log: Arc<Mutex<Vec<Change>>>,
     changed: watch::Sender<u64>,
 ) {
@@ -401,20 +469,48 @@ async fn follow(
                     rv = b.metadata.resource_version;
                     continue;
                 }
+                WatchEvent::Error(e) if e.code == 410 => {
+                    let Ok(list) = api.list(&ListParams::default()).await else {
+                        break;
+                    };
+                    let mut now = BTreeMap::new();
+                    for object in &list.items {
+                        let name = name_of(object);
+                        let version = object.metadata.resource_version.clone();
+                        match known.get(&name) {
+                            None => record(&log, &changed, plural, "ADDED", object),
+                            Some(v) if *v != version => {
+                                record(&log, &changed, plural, "MODIFIED", object);
+                            }
+                            Some(_) => {}
+                        }
+                        now.insert(name, version);
+                    }
+                    for (ns, name) in known.keys().filter(|k| !now.contains_key(*k)) {
+                        let gone = DynamicObject {
+                            types: None,
+                            metadata: kube::api::ObjectMeta {
+                                name: Some(name.clone()),
+                                namespace: Some(ns.clone()),
+                                ..Default::default()
+                            },
+                            data: serde_json::json!({}),
+                        };
+                        record(&log, &changed, plural, "DELETED", &gone);
+                    }
+                    known = now;
+                    rv = list.metadata.resource_version.unwrap_or_default();
+                    break;
+                }
                 WatchEvent::Error(e) => panic!("watch of {plural} failed: {e:?}"),
             };
             rv = object.metadata.resource_version.clone().unwrap_or_default();
-            let change = Change {
-                rv: rv.parse().unwrap_or(0),
-                resource: plural.into(),
-                namespace: object.metadata.namespace.clone().unwrap_or_default(),
-                kind,
-                object: serde_json::to_value(&object).unwrap(),
-            };
-            log.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(change);
-            changed.send_modify(|n| *n += 1);
+            if kind == "DELETED" {
+                known.remove(&name_of(&object));
+            } else {
+                known.insert(name_of(&object), object.metadata.resource_version.clone());
+            }
+            record(&log, &changed, plural, kind, &object);
         }
     }
 }
