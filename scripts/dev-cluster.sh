@@ -146,8 +146,13 @@ EOF
         }
     echo "dev-cluster: API server https://127.0.0.1:$port ready in $((SECONDS - start)) s" >&2
     KUBECONFIG=$DIR/kubeconfig "$bin/kubectl" apply --server-side -f "$ROOT/crds/" >&2
-    KUBECONFIG=$DIR/kubeconfig "$bin/kubectl" wait --for=condition=Established \
-        crd/rdphealths.rdphealth.io --timeout=60s >&2
+    # (kubectl wait fails instead of waiting while a fresh CRD has no conditions yet.)
+    for _ in $(seq 600); do
+        [[ "$(KUBECONFIG=$DIR/kubeconfig "$bin/kubectl" get crd/rdphealths.rdphealth.io \
+            -o 'jsonpath={.status.conditions[?(@.type=="Established")].status}')" == True ]] && break
+        sleep 0.1
+    done
+    echo "dev-cluster: CRD rdphealths.rdphealth.io established" >&2
     echo "dev-cluster: use it with: eval \"\$(scripts/dev-cluster.sh env)\"" >&2
     print_env
 }

@@ -36,10 +36,6 @@ use rdphealth::{
     sim::{Scenario, Simulator},
 };
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 const WAIT: Duration = Duration::from_secs(90);
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
@@ -61,12 +57,7 @@ fn control_plane() -> &'static ControlPlane {
 fn install_crd(cp: &ControlPlane) {
     let crd = root().join("crds").join(CRD_FILE);
     cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/rdphealths.rdphealth.io",
-        "--timeout=60s",
-    ]);
+    cp.wait_established("rdphealths.rdphealth.io");
 }
 
 fn scenario(timing: &str, vms: &str) -> Scenario {
@@ -211,7 +202,7 @@ impl Operator {
 
     async fn wait_ready(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(get(self.http, "/readyz").await, Ok((200, _))) {
+        while !matches!(common::http_get(self.http, "/readyz").await, Ok((200, _))) {
             if let Some(status) = self.process.exited() {
                 panic!("operator exited ({status}):\n{}", self.log_text());
             }
@@ -229,29 +220,6 @@ impl Operator {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let once = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), once)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// What the chart ships for a release with leader election on, rendered by `helm template`.
@@ -501,12 +469,7 @@ fn helm_install_with_service_monitor_and_prometheus_rule() {
         "servicemonitors.monitoring.coreos.com",
         "prometheusrules.monitoring.coreos.com",
     ] {
-        cp.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            &format!("crd/{name}"),
-            "--timeout=60s",
-        ]);
+        cp.wait_established(name);
     }
     let chart = root().join(CHART);
     let out = cp.helm(&[

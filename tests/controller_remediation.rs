@@ -31,7 +31,7 @@ use rdphealth::{
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::oneshot,
     task::JoinHandle,
 };
@@ -323,7 +323,7 @@ impl Operator {
 
     async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(get(self.http, "/readyz").await, Ok((200, _))) {
+        while !matches!(common::http_get(self.http, "/readyz").await, Ok((200, _))) {
             assert!(tokio::time::Instant::now() < deadline, "never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -331,7 +331,7 @@ impl Operator {
 
     /// Probes so far that found an endpoint reachable (every probe counts, written or not).
     async fn reachable_probes(&self) -> u64 {
-        let (_, text) = get(self.http, "/metrics").await.unwrap();
+        let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(r#"rdphealth_probe_duration_seconds_count{result="reachable"} "#)
@@ -356,7 +356,7 @@ impl Operator {
     async fn wait_metrics(&self, present: &[&str]) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (_, text) = get(self.http, "/metrics").await.unwrap();
+            let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
             if present.iter().all(|p| text.contains(p)) {
                 return text;
             }
@@ -376,29 +376,6 @@ impl Operator {
             .unwrap()
             .unwrap();
     }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let once = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), once)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// Settings whose disruptive rungs wait `d` after an incident opens.

@@ -83,12 +83,7 @@ fn cluster() -> &'static Cluster {
             "-f",
             crd.to_str().unwrap(),
         ]);
-        cluster.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            &format!("crd/{CRD_NAME}"),
-            "--timeout=60s",
-        ]);
+        k8s::wait_established(&cluster.kubectl, &cluster.kubeconfig, CRD_NAME);
         cluster
     })
 }

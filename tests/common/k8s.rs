@@ -94,6 +94,33 @@ pub fn monitoring_crds() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Waits until the API server reports CRD `name` (e.g. `rdphealths.rdphealth.io`) Established.
+/// (`kubectl wait` fails instead of waiting while a fresh CRD has no conditions yet.)
+pub fn wait_established(kubectl: &Path, kubeconfig: &Path, name: &str) {
+    let deadline = Instant::now() + READY_WITHIN;
+    loop {
+        let out = Command::new(kubectl)
+            .env("KUBECONFIG", kubeconfig)
+            .args([
+                "get",
+                &format!("crd/{name}"),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "True" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CRD {name} not Established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A free loopback port (bound, then released for the process that will use it).
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -406,6 +433,11 @@ impl ControlPlane {
     /// The directory of this control plane (certificates, logs, kubeconfigs).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Waits until CRD `name` is Established.
+    pub fn wait_established(&self, name: &str) {
+        wait_established(&self.bin.join("kubectl"), &self.kubeconfig, name);
     }
 
     /// One of the built tools (`kubectl`, `helm`, ...).

@@ -131,12 +131,7 @@ impl RealApiServer {
             .join("crds")
             .join(rdphealth::api::CRD_FILE);
         cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-        cp.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/rdphealths.rdphealth.io",
-            "--timeout=60s",
-        ]);
+        cp.wait_established("rdphealths.rdphealth.io");
         let client = cp.client().await;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (changed, _) = watch::channel(0);
