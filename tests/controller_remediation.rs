@@ -1,4 +1,4 @@
-//! The whole loop with remediation: the real `Controller` against the in-process API server,
+//! The whole loop with remediation: the real `Controller` against a real API server,
 //! with the simulator as Azure (the real SDK adapter talking to the ARM emulator) and the
 //! simulated VMs' live RDP responders. The endpoint comes from Azure (no `spec.endpoint.host`);
 //! a prober stand-in routes the addresses ARM reports to the VMs' loopback responders, the way
@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_apiserver;
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -15,7 +15,7 @@ use std::{
 };
 
 use azure_core::Url;
-use fake_apiserver::{FakeApiServer, Inner};
+use common::real_api::{Inner, RealApiServer};
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
@@ -31,13 +31,13 @@ use rdphealth::{
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::oneshot,
     task::JoinHandle,
 };
 
 const NS: &str = "default";
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
 
 fn scenario(vms: &str) -> Scenario {
@@ -121,7 +121,7 @@ struct Call {
 /// held at that moment (the intent must be stored before the call).
 struct Witness {
     inner: ArmClient,
-    api: Arc<FakeApiServer>,
+    api: Arc<RealApiServer>,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -272,12 +272,12 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(api: &Arc<FakeApiServer>, sim: &Simulator, identity: &str) -> Self {
+    async fn start(api: &Arc<RealApiServer>, sim: &Simulator, identity: &str) -> Self {
         Self::start_with(api, sim, identity, grace(Duration::from_millis(200))).await
     }
 
     async fn start_with(
-        api: &Arc<FakeApiServer>,
+        api: &Arc<RealApiServer>,
         sim: &Simulator,
         identity: &str,
         base: Settings,
@@ -287,7 +287,7 @@ impl Operator {
     }
 
     async fn start_with_arm(
-        api: &Arc<FakeApiServer>,
+        api: &Arc<RealApiServer>,
         sim: &Simulator,
         identity: &str,
         base: Settings,
@@ -335,7 +335,7 @@ impl Operator {
 
     async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(get(self.http, "/readyz").await, Ok((200, _))) {
+        while !matches!(common::http_get(self.http, "/readyz").await, Ok((200, _))) {
             assert!(tokio::time::Instant::now() < deadline, "never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -343,7 +343,7 @@ impl Operator {
 
     /// Probes so far that found an endpoint reachable (every probe counts, written or not).
     async fn reachable_probes(&self) -> u64 {
-        let (_, text) = get(self.http, "/metrics").await.unwrap();
+        let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(r#"rdphealth_probe_duration_seconds_count{result="reachable"} "#)
@@ -368,7 +368,7 @@ impl Operator {
     async fn wait_metrics(&self, present: &[&str]) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (_, text) = get(self.http, "/metrics").await.unwrap();
+            let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
             if present.iter().all(|p| text.contains(p)) {
                 return text;
             }
@@ -390,29 +390,6 @@ impl Operator {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let once = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), once)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
 /// Settings whose disruptive rungs wait `d` after an incident opens.
 fn grace(d: Duration) -> Settings {
     Settings {
@@ -431,11 +408,11 @@ async fn start_one(
     name: &str,
     vm: &str,
     remediation: Value,
-) -> (Simulator, Arc<FakeApiServer>, Operator) {
+) -> (Simulator, Arc<RealApiServer>, Operator) {
     let sim = Simulator::start(scenario(&format!("          - {vm_line}")))
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create("rdphealths", NS, rdphealth(name, vm, remediation));
     (sim, api, op)
@@ -481,7 +458,7 @@ fn events(inner: &Inner, name: &str, reason: &str) -> usize {
 }
 
 async fn wait_status(
-    api: &FakeApiServer,
+    api: &RealApiServer,
     name: &str,
     what: &str,
     f: impl Fn(&Value) -> bool,
@@ -535,7 +512,7 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.wait_for("the lease", WAIT, |inner| {
         let lease = inner.get("leases", NS, "rdphealth-operator")?;
@@ -650,7 +627,7 @@ async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -703,7 +680,7 @@ async fn restart_while_the_guest_query_runs_resumes_polling_it() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -788,7 +765,7 @@ subscriptions:
     let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -839,9 +816,12 @@ async fn a_standby_replica_never_changes_anything() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     // Another replica holds the Lease (and keeps it).
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // MicroTime: microseconds, as the API server stores them.
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
     api.create(
         "leases",
         NS,
@@ -883,7 +863,7 @@ async fn the_storm_breaker_holds_disruptive_rungs() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     for i in 0..5 {
         api.create(
@@ -1042,7 +1022,7 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::from_secs(3))).await;
     // Every object may restart from the start: only the grace period stands between the
     // first VM seen unreachable and a restart before the second one is seen. (The VM agent
@@ -1245,7 +1225,7 @@ async fn an_operation_url_that_is_not_arms_is_never_polled() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -1328,7 +1308,7 @@ async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
     // Azure carries out the first restart but its answer never arrives within the client's
     // timeout, as after a lost connection.
     sim.drop_next_response("vm.restart", Duration::from_secs(4));
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let mut arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
     arm.request_timeout = Duration::from_millis(1500);
     let op = Operator::start_with_arm(
