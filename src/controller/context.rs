@@ -19,6 +19,8 @@ pub struct Context {
     pub(super) memory: Arc<ProbeMemory>,
     /// How often a status whose only changes are per-probe facts is written anyway.
     pub(super) heartbeat: Duration,
+    /// Whether this replica led at the last fleet refresh (a new term clears the claims).
+    pub(super) was_leader: AtomicBool,
 }
 
 impl Context {
@@ -45,6 +47,7 @@ impl Context {
             store: None,
             memory: Arc::new(ProbeMemory::default()),
             heartbeat: writes::HEARTBEAT,
+            was_leader: AtomicBool::new(false),
         }
     }
 
@@ -110,11 +113,15 @@ impl Context {
         }));
         let storming = match &self.remediator {
             Some(r) => {
-                let live: std::collections::HashSet<String> = objects
-                    .iter()
-                    .filter_map(|g| key_of(meta_of(g)))
-                    .map(|k| format!("{}/{}", k.namespace, k.name))
-                    .collect();
+                // A new term starts from the statuses, not from claims of an earlier one.
+                if leader && !self.was_leader.swap(true, Ordering::AcqRel) {
+                    r.fleet.clear_claims();
+                } else if !leader {
+                    self.was_leader.store(false, Ordering::Release);
+                }
+                // Deleted and suspended objects hold no slot.
+                let live: std::collections::HashSet<&str> =
+                    members.iter().map(|m| m.key.as_str()).collect();
                 r.fleet.retain_claims(|key| live.contains(key));
                 r.fleet.update(view);
                 r.fleet.storming()

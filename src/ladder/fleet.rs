@@ -65,9 +65,10 @@ impl FleetView {
     pub fn from_members<'a>(members: impl IntoIterator<Item = Member<'a>>) -> Self {
         let mut view = Self::default();
         for m in members {
+            // Subscription IDs are GUIDs that Azure spells in either case.
             let counts = view
                 .subscriptions
-                .entry(m.subscription.to_string())
+                .entry(m.subscription.to_ascii_lowercase())
                 .or_default();
             counts.total += 1;
             counts.unreachable += usize::from(m.unreachable);
@@ -82,18 +83,22 @@ impl FleetView {
     /// unreachable at once that the cause is probably shared (network, platform, or the
     /// operator's own vantage point), and restarting VMs would not help.
     pub fn storm(&self, subscription: &str, policy: &FleetPolicy) -> bool {
-        self.subscriptions.get(subscription).is_some_and(|c| {
-            c.total >= policy.min_fleet_size
-                && c.unreachable * 100 > usize::from(policy.max_unreachable_percent) * c.total
-        })
+        self.subscriptions
+            .get(&subscription.to_ascii_lowercase())
+            .is_some_and(|c| {
+                c.total >= policy.min_fleet_size
+                    && c.unreachable * 100 > usize::from(policy.max_unreachable_percent) * c.total
+            })
     }
 
     /// Whether `key` may start a disruptive rung in `subscription` now.
     pub fn slot_free(&self, subscription: &str, key: &str, policy: &FleetPolicy) -> bool {
-        self.subscriptions.get(subscription).is_none_or(|c| {
-            c.disruptive_in_flight.iter().filter(|k| *k != key).count()
-                < policy.max_concurrent_disruptive
-        })
+        self.subscriptions
+            .get(&subscription.to_ascii_lowercase())
+            .is_none_or(|c| {
+                c.disruptive_in_flight.iter().filter(|k| *k != key).count()
+                    < policy.max_concurrent_disruptive
+            })
     }
 
     /// Subscriptions whose breaker is on.

@@ -10,7 +10,8 @@ use super::*;
 pub struct Fleet {
     pub(super) policy: FleetPolicy,
     view: Mutex<FleetView>,
-    claims: Mutex<BTreeSet<(String, String)>>,
+    /// Claims by (subscription, object key), with when they were taken.
+    claims: Mutex<BTreeMap<(String, String), std::time::Instant>>,
 }
 
 impl Fleet {
@@ -31,6 +32,7 @@ impl Fleet {
 
     /// Whether the storm breaker holds `subscription`.
     pub fn storm(&self, subscription: &str) -> bool {
+        let subscription = &subscription.to_ascii_lowercase();
         self.view
             .lock()
             .map(|v| v.storm(subscription, &self.policy))
@@ -47,32 +49,58 @@ impl Fleet {
 
     /// Claims a disruptive slot for `key`; false when the subscription's slots are taken.
     pub(super) fn claim(&self, subscription: &str, key: &str) -> bool {
+        let subscription = &subscription.to_ascii_lowercase();
         let (Ok(view), Ok(mut claims)) = (self.view.lock(), self.claims.lock()) else {
             return false;
         };
         let held = claims
-            .iter()
+            .keys()
             .filter(|(s, k)| s == subscription && k != key)
             .count();
         let in_status = view.subscriptions.get(subscription).map_or(0, |c| {
             c.disruptive_in_flight
                 .iter()
                 .filter(|k| {
-                    *k != key && !claims.contains(&(subscription.to_string(), (*k).clone()))
+                    *k != key && !claims.contains_key(&(subscription.to_string(), (*k).clone()))
                 })
                 .count()
         });
         if held + in_status >= self.policy.max_concurrent_disruptive {
             return false;
         }
-        claims.insert((subscription.to_string(), key.to_string()));
+        claims.insert(
+            (subscription.to_string(), key.to_string()),
+            std::time::Instant::now(),
+        );
         true
     }
 
     /// Releases `key`'s claim (its disruptive rung ended).
     pub(super) fn release(&self, subscription: &str, key: &str) {
+        let subscription = &subscription.to_ascii_lowercase();
         if let Ok(mut claims) = self.claims.lock() {
             claims.remove(&(subscription.to_string(), key.to_string()));
+        }
+    }
+
+    /// Releases `key`'s claim if it is older than `age`: by then a stored intent is in the
+    /// cache (and so in the view), so a claim whose object shows no rung in flight is one
+    /// whose rung ended, however it ended (idle, finished by another replica, suspended).
+    pub(super) fn release_settled(&self, subscription: &str, key: &str, age: Duration) {
+        let subscription = &subscription.to_ascii_lowercase();
+        if let Ok(mut claims) = self.claims.lock() {
+            let id = (subscription.to_string(), key.to_string());
+            if claims.get(&id).is_some_and(|t| t.elapsed() >= age) {
+                claims.remove(&id);
+            }
+        }
+    }
+
+    /// Drops every claim: a replica that becomes the leader starts from the statuses (which
+    /// show every rung in flight), not from claims it held in an earlier term.
+    pub fn clear_claims(&self) {
+        if let Ok(mut claims) = self.claims.lock() {
+            claims.clear();
         }
     }
 
@@ -80,17 +108,18 @@ impl Fleet {
     /// disruptive rung ran would otherwise hold its subscription's slot until a restart.
     pub fn retain_claims(&self, live: impl Fn(&str) -> bool) {
         if let Ok(mut claims) = self.claims.lock() {
-            claims.retain(|(_, key)| live(key));
+            claims.retain(|(_, key), _| live(key));
         }
     }
 
     /// Whether `key` could take a slot now (without claiming it).
     pub(super) fn slot_free(&self, subscription: &str, key: &str) -> bool {
+        let subscription = &subscription.to_ascii_lowercase();
         let (Ok(view), Ok(claims)) = (self.view.lock(), self.claims.lock()) else {
             return false;
         };
         let held = claims
-            .iter()
+            .keys()
             .filter(|(s, k)| s == subscription && k != key)
             .count();
         held < self.policy.max_concurrent_disruptive
@@ -110,5 +139,29 @@ mod tests {
         fleet.retain_claims(|key| key != "ns/deleted");
         assert!(fleet.slot_free("sub", "ns/other"));
         assert!(fleet.claim("sub", "ns/other"));
+    }
+
+    #[test]
+    fn subscriptions_are_compared_whatever_their_case() {
+        let fleet = Fleet::new(FleetPolicy::default());
+        assert!(fleet.claim("ABCDEF00-0000-0000-0000-000000000001", "ns/a"));
+        assert!(!fleet.slot_free("abcdef00-0000-0000-0000-000000000001", "ns/b"));
+        assert!(!fleet.claim("abcdef00-0000-0000-0000-000000000001", "ns/b"));
+        fleet.release("AbCdEf00-0000-0000-0000-000000000001", "ns/a");
+        assert!(fleet.claim("abcdef00-0000-0000-0000-000000000001", "ns/b"));
+    }
+
+    #[test]
+    fn a_claim_whose_rung_ended_elsewhere_is_released_once_settled() {
+        let fleet = Fleet::new(FleetPolicy::default());
+        assert!(fleet.claim("sub", "ns/a"));
+        // A fresh claim covers the time before the intent reaches the cache: kept.
+        fleet.release_settled("sub", "ns/a", Duration::from_secs(60));
+        assert!(!fleet.slot_free("sub", "ns/b"));
+        fleet.release_settled("sub", "ns/a", Duration::ZERO);
+        assert!(fleet.slot_free("sub", "ns/b"));
+        assert!(fleet.claim("sub", "ns/b"));
+        fleet.clear_claims();
+        assert!(fleet.slot_free("sub", "ns/c"));
     }
 }

@@ -15,7 +15,7 @@ mod messages;
 mod poll;
 
 use std::{
-    collections::BTreeSet,
+    collections::BTreeMap,
     net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -164,6 +164,10 @@ pub struct Subject<'a> {
 
 const RECENT_PROBES: usize = 20;
 
+/// How old a claim must be before a status without a rung in flight releases it (longer than
+/// the object cache takes to show a stored intent).
+const CLAIM_SETTLE_AGE: Duration = Duration::from_secs(60);
+
 /// Clean probes needed after a keep-alive repair before flapping counts as fixed.
 const CLEAN_PROBES_AFTER_REPAIR: usize = 2;
 
@@ -220,6 +224,21 @@ pub fn flapping(recent: &str) -> bool {
 }
 
 impl Remediator {
+    /// A claim is held exactly while the object's status shows a disruptive rung in flight:
+    /// whatever ended it (recovered, not fixed, failed, idle, another replica finishing it),
+    /// the slot is free again.
+    fn release_unless_in_flight(&self, subscription: &str, key: &str, status: &RdpHealthStatus) {
+        let in_flight = status
+            .ladder
+            .current
+            .as_ref()
+            .is_some_and(|c| c.step.rung.is_disruptive());
+        if !in_flight {
+            self.fleet
+                .release_settled(subscription, key, CLAIM_SETTLE_AGE);
+        }
+    }
+
     /// Runs the ladder for one object after its probe was evaluated, updating `outcome`.
     pub async fn remediate(
         &self,
@@ -252,6 +271,7 @@ impl Remediator {
             &subject.spec.vm.resource_group,
             &subject.spec.vm.name,
         );
+        self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
         let mut wait: Option<Timestamp> = None;
         let mut recovered = None;
         for _ in 0..4 {
@@ -294,6 +314,7 @@ impl Remediator {
                 Continue::Done => break,
             }
         }
+        self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
         self.phase(outcome, reachability, recovered.is_some());
         if let Some(until) = wait {
             let secs = until.duration_since(now).as_secs_f64().max(1.0);
