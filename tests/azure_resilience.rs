@@ -44,6 +44,7 @@ async fn a_429_surfaces_retry_after_and_is_not_retried() {
         status: 429,
         retry_after: Some(1200),
         count: 5,
+        code: None,
     });
     let err = az.vm_state(&vm("vm-healthy")).await.unwrap_err();
     match &err {
@@ -100,6 +101,7 @@ async fn a_post_that_gets_a_500_is_not_sent_again() {
         status: 500,
         retry_after: None,
         count: 1,
+        code: None,
     });
     let err = az.restart(&vm("vm-healthy")).await.unwrap_err();
     assert_eq!(err.reason(), "Transient");
@@ -125,6 +127,7 @@ async fn a_get_that_gets_a_500_is_retried_a_bounded_number_of_times() {
         status: 500,
         retry_after: None,
         count: 1,
+        code: None,
     });
     az.endpoint(&vm("vm-healthy")).await.unwrap();
     assert_eq!(sim.count("pip.get"), 2);
@@ -133,6 +136,7 @@ async fn a_get_that_gets_a_500_is_retried_a_bounded_number_of_times() {
         status: 502,
         retry_after: None,
         count: 10,
+        code: None,
     });
     let err = az.endpoint(&vm("vm-healthy")).await.unwrap_err();
     assert_eq!(err.reason(), "Transient");
@@ -290,4 +294,63 @@ async fn the_limiter_caps_concurrent_writes() {
     let third =
         tokio::time::timeout(Duration::from_secs(5), limiter.acquire("s", OpClass::Write)).await;
     assert!(third.is_ok());
+}
+
+/// Compute throttles with 429 `OperationNotAllowed` (detail `TooManyRequests`) and Retry-After
+/// up to 20 minutes: it is throttling, not a conflict, and the wait is carried as sent; the
+/// throttled write reports the writes budget, not the reads one.
+#[tokio::test]
+async fn computes_throttling_shape_is_throttling_with_its_long_retry_after() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let az = client(&sim, token());
+    sim.inject_http_fault(HttpFault {
+        operation: "vm.restart".into(),
+        status: 429,
+        retry_after: Some(1200),
+        count: 1,
+        code: Some("OperationNotAllowed".into()),
+    });
+    let err = az.restart(&vm("vm-healthy")).await.unwrap_err();
+    match &err {
+        AzureError::Throttled {
+            status,
+            retry_after,
+            remaining,
+        } => {
+            assert_eq!(*status, 429);
+            assert_eq!(*retry_after, Some(Duration::from_secs(1200)));
+            assert!(remaining.subscription_writes.is_some());
+            assert!(remaining.subscription_reads.is_none());
+        }
+        other => panic!("expected Throttled, got {other:?}"),
+    }
+    assert_eq!(
+        sim.count("vm.restart"),
+        1,
+        "a throttled write is not re-sent"
+    );
+    sim.shutdown().await;
+}
+
+/// Network's answer to a concurrent change is a lock, not throttling: a conflict the caller
+/// waits out, with the Retry-After Azure sent.
+#[tokio::test]
+async fn networks_retryable_conflict_is_a_conflict_with_its_wait() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let az = client(&sim, token());
+    sim.inject_http_fault(HttpFault {
+        operation: "nic.get".into(),
+        status: 429,
+        retry_after: Some(10),
+        count: 1,
+        code: Some("RetryableErrorDueToAnotherOperation".into()),
+    });
+    let err = az.endpoint(&vm("vm-healthy")).await.unwrap_err();
+    assert!(
+        matches!(&err, AzureError::Conflict { code, .. } if code == "RetryableErrorDueToAnotherOperation"),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(10)));
+    sim.shutdown().await;
 }

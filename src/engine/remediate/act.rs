@@ -90,6 +90,14 @@ impl Remediator {
                     Ok(Continue::Until(first))
                 }
             }
+            Err(CallError::Azure(e)) if refusal::not_now(&e) => Ok(self.deferred(
+                subject,
+                vm,
+                &mut outcome.status,
+                &mut outcome.events,
+                (&e.to_string(), e.retry_after()),
+                now,
+            )),
             Err(e) => Ok(self.failed(
                 subject,
                 vm,

@@ -395,32 +395,19 @@ async fn arm(
                     ),
                 );
                 retry_headers(&mut rsp, wait);
-                set_header(&mut rsp, "x-ms-ratelimit-remaining-subscription-reads", "0");
+                set_header(&mut rsp, remaining_header(class), "0");
                 return rsp;
             }
         }
     };
+    let used = if class == OpClass::Read {
+        remaining.0
+    } else {
+        remaining.1
+    };
     if let Some(f) = s.lock().take_http_fault(&op) {
-        let code = match f.status {
-            429 => "TooManyRequests",
-            500 => "InternalServerError",
-            503 => "ServiceUnavailable",
-            409 => "Conflict",
-            _ => "InjectedFault",
-        };
-        let mut rsp = error(
-            StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code,
-            "scripted failure",
-        );
-        if let Some(secs) = f.retry_after {
-            set_header(&mut rsp, "retry-after", &secs.to_string());
-        }
-        set_header(
-            &mut rsp,
-            "x-ms-ratelimit-remaining-subscription-reads",
-            &remaining.0.to_string(),
-        );
+        let mut rsp = scripted(&f);
+        set_header(&mut rsp, remaining_header(class), &used.to_string());
         return rsp;
     }
     let query: HashMap<String, String> = query
@@ -466,21 +453,55 @@ async fn arm(
             error(StatusCode::NOT_FOUND, "NotFound", "unreachable route")
         }
     };
-    set_header(
-        &mut rsp,
-        "x-ms-ratelimit-remaining-subscription-reads",
-        &remaining.0.to_string(),
-    );
-    set_header(
-        &mut rsp,
-        "x-ms-ratelimit-remaining-subscription-writes",
-        &remaining.1.to_string(),
-    );
+    // ARM counts reads on GETs and writes on PUT/POST/DELETE, and says so in the header of
+    // that kind only (ARM request-limits and throttling doc).
+    set_header(&mut rsp, remaining_header(class), &used.to_string());
     set_header(
         &mut rsp,
         "x-ms-request-id",
         &format!("{:016x}", fingerprint_u64(&now())),
     );
+    rsp
+}
+
+fn remaining_header(class: OpClass) -> &'static str {
+    match class {
+        OpClass::Read => "x-ms-ratelimit-remaining-subscription-reads",
+        OpClass::Write => "x-ms-ratelimit-remaining-subscription-writes",
+    }
+}
+
+/// The answer of a scripted HTTP failure, in the shape the real service sends for its code:
+/// Compute throttles with 429 `OperationNotAllowed` and a `TooManyRequests` detail naming the
+/// policy (compute-throttling-limits doc); Network answers a concurrent change with 429
+/// `RetryableErrorDueToAnotherOperation` (ARM request-limits doc).
+fn scripted(f: &HttpFault) -> Response {
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = f.code.clone().unwrap_or_else(|| {
+        match f.status {
+            429 => "TooManyRequests",
+            500 => "InternalServerError",
+            503 => "ServiceUnavailable",
+            409 => "Conflict",
+            _ => "InjectedFault",
+        }
+        .to_owned()
+    });
+    let mut body = json!({ "error": { "code": code, "message": "scripted failure" } });
+    if f.status == 429 && code == "OperationNotAllowed" {
+        body["error"]["message"] = json!(
+            "The server rejected the request because too many requests have been received for this subscription."
+        );
+        body["error"]["details"] = json!([{
+            "code": "TooManyRequests",
+            "target": "PutVMSubscriptionMaximum",
+            "message": "{\"operationGroup\":\"PutVMSubscriptionMaximum\",\"startTime\":\"2024-01-01T00:00:00+00:00\",\"endTime\":\"2024-01-01T00:20:00+00:00\",\"allowedRequestCount\":1500,\"measuredRequestCount\":1507}"
+        }]);
+    }
+    let mut rsp = json_response(status, &body);
+    if let Some(secs) = f.retry_after {
+        set_header(&mut rsp, "retry-after", &secs.to_string());
+    }
     rsp
 }
 
@@ -616,7 +637,17 @@ where
     let s = s.clone();
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        let outcome = effect(&mut s.lock());
+        let outcome = {
+            let mut w = s.lock();
+            // A preempted operation never takes effect: the newer one owns the resource.
+            if w.ops
+                .get(&id)
+                .is_some_and(|o| o.status == OpStatus::Canceled)
+            {
+                return;
+            }
+            effect(&mut w)
+        };
         // The responders reach their new state before anyone can see the operation end.
         s.notify();
         s.settled().await;
@@ -661,7 +692,7 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
                 Some(r) => json_response(StatusCode::OK, r),
                 None => StatusCode::NO_CONTENT.into_response(),
             },
-            OpStatus::Failed => {
+            OpStatus::Failed | OpStatus::Canceled => {
                 let (code, message) = op.error.clone().unwrap_or_default();
                 conflict(&code, &message)
             }
@@ -677,9 +708,13 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
                 body["properties"] = json!({ "output": r });
             }
         }
-        OpStatus::Failed => {
+        OpStatus::Failed | OpStatus::Canceled => {
             let (code, message) = op.error.clone().unwrap_or_default();
-            body["status"] = json!("Failed");
+            body["status"] = json!(if op.status == OpStatus::Failed {
+                "Failed"
+            } else {
+                "Canceled"
+            });
             body["endTime"] = json!(now());
             body["error"] = json!({ "code": code, "message": message });
         }
