@@ -354,3 +354,57 @@ async fn networks_retryable_conflict_is_a_conflict_with_its_wait() {
     assert_eq!(err.retry_after(), Some(Duration::from_secs(10)));
     sim.shutdown().await;
 }
+
+/// The emulator issues JWT-shaped tokens with `exp` and refuses them once expired (401
+/// `ExpiredAuthenticationToken`). A token that expires while a restart runs is refreshed by
+/// the credential; the operation is polled to its end and the restart is sent once.
+#[tokio::test]
+async fn a_token_expiring_mid_operation_is_refreshed_and_polled_to_the_end() {
+    let mut s = scenario();
+    s.timing.token_lifetime = Duration::from_secs(2);
+    s.timing.restart = Duration::from_secs(5);
+    s.timing.retry_after = Duration::from_millis(200);
+    let sim = Simulator::start(s).await.unwrap();
+    let file = token_file("expiry");
+    std::fs::write(&file, "projected-token").unwrap();
+    let cred = WorkloadIdentity::new(
+        azure_core::new_http_client(),
+        Url::parse(&sim.arm_url()).unwrap(),
+        "tenant-id",
+        "client-id",
+        &file,
+    )
+    .with_refresh_margin(Duration::from_secs(1));
+    let first = cred.get_token(&[ARM_SCOPE]).await.unwrap();
+    let jwt: Vec<&str> = first.token.secret().split('.').collect();
+    assert_eq!(jwt.len(), 3, "a JWT: header, claims, signature");
+    let stale = client(&sim, Arc::new(StaticToken::new(first.token.secret())));
+    let az = client(&sim, Arc::new(cred));
+    let op = az.restart(&vm("vm-hung")).await.unwrap();
+    let started = std::time::Instant::now();
+    let outcome = loop {
+        match az.poll(&op).await.unwrap() {
+            rdphealth::azure::PollOutcome::Pending { .. } => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "it outlived a token"
+    );
+    assert!(
+        matches!(outcome, rdphealth::azure::PollOutcome::Succeeded { .. }),
+        "{outcome:?}"
+    );
+    assert!(sim.token_log().count >= 3, "{:?}", sim.token_log());
+    assert_eq!(sim.count("vm.restart"), 1, "the write was sent once");
+    assert_eq!(sim.token_log().expired_rejections, 0, "refreshed in time");
+    // The first token is past its `exp` by now: refused, and said so.
+    let err = stale.vm_state(&vm("vm-healthy")).await.unwrap_err();
+    assert_eq!(err.reason(), "Unauthorized", "{err:?}");
+    assert_eq!(sim.token_log().expired_rejections, 1);
+    std::fs::remove_file(&file).unwrap();
+    sim.shutdown().await;
+}

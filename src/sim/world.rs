@@ -328,6 +328,11 @@ pub struct TokenLog {
     pub count: u64,
     /// A short SHA-256 fingerprint of each client assertion or secret, in order.
     pub credential_fingerprints: Vec<String>,
+    /// When each issued access token expires (Unix seconds), by token.
+    #[serde(skip)]
+    pub expiry: std::collections::HashMap<String, u64>,
+    /// Requests refused because their token had expired.
+    pub expired_rejections: u64,
 }
 
 /// The whole simulated state.
