@@ -21,9 +21,11 @@ const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// larger value is read as a garbled header, not as a reason to stall for hours).
 const MAX_WAIT: Duration = Duration::from_secs(1_200);
 
-/// Whether Azure refused a write without running it and asked to come back later.
+/// Whether Azure refused a write without running it and asked to come back later: a 429
+/// (throttling or Network's lock) is answered before anything runs. A 503 is not read as
+/// one: without a body it says nothing about what was done.
 pub(super) fn not_now(e: &AzureError) -> bool {
-    matches!(e, AzureError::Throttled { .. }) || e.is_another_operation()
+    matches!(e, AzureError::Throttled { status: 429, .. }) || e.is_another_operation()
 }
 
 /// Whether an accepted operation failed only because another one held the resource.
@@ -118,6 +120,31 @@ mod tests {
             Duration::from_secs(1_200)
         );
         assert_eq!(wait_for(Some(Duration::from_secs(86_400))), MAX_WAIT);
+    }
+
+    #[test]
+    fn only_a_429_is_a_refusal_before_anything_ran() {
+        let throttled = |status| AzureError::Throttled {
+            status,
+            retry_after: None,
+            remaining: Default::default(),
+        };
+        assert!(not_now(&throttled(429)));
+        assert!(!not_now(&throttled(503)));
+        let lock = AzureError::Conflict {
+            what: "nic".into(),
+            code: ANOTHER_OPERATION.into(),
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(not_now(&lock));
+        let stopped = AzureError::Conflict {
+            what: "vm".into(),
+            code: "OperationNotAllowed".into(),
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(!not_now(&stopped));
     }
 
     #[test]
