@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use azure_core::Url;
 use rdphealth::{
     azure::{
-        ArmClient, ArmConfig, Azure, AzureError, FlowQuery, Operation, OperationKind,
+        AllowRule, ArmClient, ArmConfig, Azure, AzureError, FlowQuery, Operation, OperationKind,
         OperationResult, Password, PollOutcome, PowerState, StaticToken, VmRef, WatcherRef,
     },
     sim::{Fault, Scenario, Simulator},
@@ -511,4 +511,45 @@ async fn the_arm_token_is_sent_only_to_the_arm_endpoint() {
         requests[0]
     );
     spy.task.abort();
+}
+
+/// Network accepts a second rule change on an NSG while one runs and fails it later with
+/// `AnotherOperationInProgress`; the first one is applied. A second NIC change while one runs
+/// is refused at once with 429 `RetryableErrorDueToAnotherOperation`.
+#[tokio::test]
+async fn concurrent_network_changes_fail_the_way_azure_fails_them() {
+    let (sim, az) = start_with(Duration::from_millis(700)).await;
+    let rules = az.network_rules(&vm("vm-healthy")).await.unwrap();
+    let nsg_id = rules.nic_nsg.unwrap().id;
+    let rule = |name: &str, priority| AllowRule {
+        nsg_id: nsg_id.clone(),
+        name: name.to_owned(),
+        priority,
+        source_prefixes: vec!["198.51.100.0/24".into()],
+        destination_prefix: "10.10.1.4".into(),
+        port: 3389,
+        description: "test".into(),
+    };
+    let first = az
+        .put_allow_rule(&vm("vm-healthy"), &rule("first", 300))
+        .await
+        .unwrap();
+    let second = az
+        .put_allow_rule(&vm("vm-healthy"), &rule("second", 301))
+        .await
+        .unwrap();
+    assert!(matches!(
+        wait(&az, &first).await,
+        PollOutcome::Succeeded { .. }
+    ));
+    match wait(&az, &second).await {
+        PollOutcome::Failed { code, .. } => assert_eq!(code, "AnotherOperationInProgress"),
+        other => panic!("expected AnotherOperationInProgress, got {other:?}"),
+    }
+    let op = az.reset_nic(&vm("vm-nic-broken")).await.unwrap();
+    let err = az.reset_nic(&vm("vm-nic-broken")).await.unwrap_err();
+    assert!(err.is_another_operation(), "{err:?}");
+    assert!(err.retry_after().is_some());
+    wait(&az, &op).await;
+    sim.shutdown().await;
 }
