@@ -532,6 +532,7 @@ async fn no_nsg_on_a_standard_public_ip_is_closed_and_reported() {
         },
         previous: None,
         first_poll: Duration::ZERO,
+        leadership: &rdphealth::engine::remediate::SoleReplica,
     };
     let (ev, _) = gather(&az, &vm, &inside, Timestamp::now()).await.unwrap();
     let nsg = ev.nsg.as_ref().unwrap();
