@@ -130,6 +130,8 @@ fn evidence() -> Evidence {
         resource_health: Some(ResourceHealth {
             availability: Availability::Available,
             reason_type: None,
+            context: None,
+            category: None,
             summary: None,
         }),
         ..Evidence::empty(t0())

@@ -486,6 +486,7 @@ mod tests {
                 unresolved_prefixes: vec![],
             },
             open_to_internet: false,
+            closed_public_ip: false,
             ip_flow_verify: azure.map(|access| FlowCheck {
                 access,
                 rule: "securityRules/r".into(),

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use azure_core::Url;
 use rdphealth::{
     azure::{
-        ArmClient, ArmConfig, Azure, AzureError, FlowQuery, Operation, OperationKind,
+        AllowRule, ArmClient, ArmConfig, Azure, AzureError, FlowQuery, Operation, OperationKind,
         OperationResult, Password, PollOutcome, PowerState, StaticToken, VmRef, WatcherRef,
     },
     sim::{Fault, Scenario, Simulator},
@@ -118,28 +118,8 @@ async fn resolves_endpoint_and_reads_nsg_rules_with_cache() {
 }
 
 #[tokio::test]
-async fn effective_rules_and_ip_flow_verify_poll_to_their_results() {
+async fn ip_flow_verify_polls_to_its_result() {
     let (sim, az) = start().await;
-    let op = az
-        .start_effective_rules(&vm("vm-nsg-blocked"))
-        .await
-        .unwrap();
-    assert_eq!(op.kind, OperationKind::EffectiveRules);
-    assert!(op.location.is_some() && op.async_operation.is_some());
-    let PollOutcome::Succeeded {
-        result: OperationResult::EffectiveRules(groups),
-    } = wait(&az, &op).await
-    else {
-        panic!("expected effective rules");
-    };
-    assert_eq!(groups.len(), 2);
-    assert!(
-        groups
-            .iter()
-            .flat_map(|g| &g.rules)
-            .any(|r| r.name == "sim-deny-rdp" && !r.allow)
-    );
-
     let watcher = WatcherRef::default_for("westeurope");
     let e = az.endpoint(&vm("vm-nsg-blocked")).await.unwrap();
     let query = FlowQuery {
@@ -186,11 +166,15 @@ async fn resource_health_reports_platform_and_host_problems() {
     let outage = az.resource_health(&vm("vm-outage")).await.unwrap();
     assert_eq!(outage.availability_state, "Unavailable");
     assert_eq!(outage.reason_type.as_deref(), Some("Unplanned"));
-    assert_eq!(outage.category.as_deref(), Some("Platform Initiated"));
+    // Azure's own example: `context` says who, `category` planned or not.
+    assert_eq!(outage.context.as_deref(), Some("Platform Initiated"));
+    assert_eq!(outage.category.as_deref(), Some("Unplanned"));
     let host = az.resource_health(&vm("vm-host-failure")).await.unwrap();
     assert_eq!(host.availability_state, "Degraded");
     let stopped = az.resource_health(&vm("vm-stopped")).await.unwrap();
-    assert_eq!(stopped.reason_type.as_deref(), Some("UserInitiated"));
+    assert_eq!(stopped.context.as_deref(), Some("Customer Initiated"));
+    assert_eq!(stopped.category.as_deref(), Some("Not Applicable"));
+    assert_eq!(stopped.reason_type.as_deref(), Some("User Initiated"));
     sim.shutdown().await;
 }
 
@@ -369,17 +353,19 @@ async fn restart_and_redeploy_are_polled_by_our_own_poller() {
     let (sim, az) = start_with(Duration::from_millis(700)).await;
     let op = az.restart(&vm("vm-hung")).await.unwrap();
     assert!(op.async_operation.is_some() && op.location.is_some());
-    // Another operation while it runs: 409.
-    assert_eq!(
-        az.redeploy(&vm("vm-hung")).await.unwrap_err().reason(),
-        "Conflict"
-    );
     assert!(matches!(
         az.poll(&op).await.unwrap(),
         PollOutcome::Pending { .. }
     ));
+    // A newer power operation preempts the running one: it ends `Canceled` with
+    // `OperationPreempted`, and the newer one runs to its end.
+    let newer = az.restart(&vm("vm-hung")).await.unwrap();
+    match wait(&az, &op).await {
+        PollOutcome::Failed { code, .. } => assert_eq!(code, "OperationPreempted"),
+        other => panic!("expected the older restart preempted, got {other:?}"),
+    }
     assert_eq!(
-        wait(&az, &op).await,
+        wait(&az, &newer).await,
         PollOutcome::Succeeded {
             result: OperationResult::Done
         }
@@ -402,10 +388,7 @@ async fn restart_and_redeploy_are_polled_by_our_own_poller() {
         }
     );
     let ip_after = az.endpoint(&vm("vm-host-failure")).await.unwrap().public_ip;
-    assert_ne!(
-        ip_before, ip_after,
-        "redeploy changes the dynamic public IP"
-    );
+    assert_eq!(ip_before, ip_after, "redeploy keeps a Standard public IP");
     assert!(
         !sim.vm("vm-host-failure")
             .unwrap()
@@ -528,4 +511,45 @@ async fn the_arm_token_is_sent_only_to_the_arm_endpoint() {
         requests[0]
     );
     spy.task.abort();
+}
+
+/// Network accepts a second rule change on an NSG while one runs and fails it later with
+/// `AnotherOperationInProgress`; the first one is applied. A second NIC change while one runs
+/// is refused at once with 429 `RetryableErrorDueToAnotherOperation`.
+#[tokio::test]
+async fn concurrent_network_changes_fail_the_way_azure_fails_them() {
+    let (sim, az) = start_with(Duration::from_millis(700)).await;
+    let rules = az.network_rules(&vm("vm-healthy")).await.unwrap();
+    let nsg_id = rules.nic_nsg.unwrap().id;
+    let rule = |name: &str, priority| AllowRule {
+        nsg_id: nsg_id.clone(),
+        name: name.to_owned(),
+        priority,
+        source_prefixes: vec!["198.51.100.0/24".into()],
+        destination_prefix: "10.10.1.4".into(),
+        port: 3389,
+        description: "test".into(),
+    };
+    let first = az
+        .put_allow_rule(&vm("vm-healthy"), &rule("first", 300))
+        .await
+        .unwrap();
+    let second = az
+        .put_allow_rule(&vm("vm-healthy"), &rule("second", 301))
+        .await
+        .unwrap();
+    assert!(matches!(
+        wait(&az, &first).await,
+        PollOutcome::Succeeded { .. }
+    ));
+    match wait(&az, &second).await {
+        PollOutcome::Failed { code, .. } => assert_eq!(code, "AnotherOperationInProgress"),
+        other => panic!("expected AnotherOperationInProgress, got {other:?}"),
+    }
+    let op = az.reset_nic(&vm("vm-nic-broken")).await.unwrap();
+    let err = az.reset_nic(&vm("vm-nic-broken")).await.unwrap_err();
+    assert!(err.is_another_operation(), "{err:?}");
+    assert!(err.retry_after().is_some());
+    wait(&az, &op).await;
+    sim.shutdown().await;
 }

@@ -44,6 +44,7 @@ async fn a_429_surfaces_retry_after_and_is_not_retried() {
         status: 429,
         retry_after: Some(1200),
         count: 5,
+        code: None,
     });
     let err = az.vm_state(&vm("vm-healthy")).await.unwrap_err();
     match &err {
@@ -100,6 +101,7 @@ async fn a_post_that_gets_a_500_is_not_sent_again() {
         status: 500,
         retry_after: None,
         count: 1,
+        code: None,
     });
     let err = az.restart(&vm("vm-healthy")).await.unwrap_err();
     assert_eq!(err.reason(), "Transient");
@@ -125,6 +127,7 @@ async fn a_get_that_gets_a_500_is_retried_a_bounded_number_of_times() {
         status: 500,
         retry_after: None,
         count: 1,
+        code: None,
     });
     az.endpoint(&vm("vm-healthy")).await.unwrap();
     assert_eq!(sim.count("pip.get"), 2);
@@ -133,6 +136,7 @@ async fn a_get_that_gets_a_500_is_retried_a_bounded_number_of_times() {
         status: 502,
         retry_after: None,
         count: 10,
+        code: None,
     });
     let err = az.endpoint(&vm("vm-healthy")).await.unwrap_err();
     assert_eq!(err.reason(), "Transient");
@@ -290,4 +294,117 @@ async fn the_limiter_caps_concurrent_writes() {
     let third =
         tokio::time::timeout(Duration::from_secs(5), limiter.acquire("s", OpClass::Write)).await;
     assert!(third.is_ok());
+}
+
+/// Compute throttles with 429 `OperationNotAllowed` (detail `TooManyRequests`) and Retry-After
+/// up to 20 minutes: it is throttling, not a conflict, and the wait is carried as sent; the
+/// throttled write reports the writes budget, not the reads one.
+#[tokio::test]
+async fn computes_throttling_shape_is_throttling_with_its_long_retry_after() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let az = client(&sim, token());
+    sim.inject_http_fault(HttpFault {
+        operation: "vm.restart".into(),
+        status: 429,
+        retry_after: Some(1200),
+        count: 1,
+        code: Some("OperationNotAllowed".into()),
+    });
+    let err = az.restart(&vm("vm-healthy")).await.unwrap_err();
+    match &err {
+        AzureError::Throttled {
+            status,
+            retry_after,
+            remaining,
+        } => {
+            assert_eq!(*status, 429);
+            assert_eq!(*retry_after, Some(Duration::from_secs(1200)));
+            assert!(remaining.subscription_writes.is_some());
+            assert!(remaining.subscription_reads.is_none());
+        }
+        other => panic!("expected Throttled, got {other:?}"),
+    }
+    assert_eq!(
+        sim.count("vm.restart"),
+        1,
+        "a throttled write is not re-sent"
+    );
+    sim.shutdown().await;
+}
+
+/// Network's answer to a concurrent change is a lock, not throttling: a conflict the caller
+/// waits out, with the Retry-After Azure sent.
+#[tokio::test]
+async fn networks_retryable_conflict_is_a_conflict_with_its_wait() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let az = client(&sim, token());
+    sim.inject_http_fault(HttpFault {
+        operation: "nic.get".into(),
+        status: 429,
+        retry_after: Some(10),
+        count: 1,
+        code: Some("RetryableErrorDueToAnotherOperation".into()),
+    });
+    let err = az.endpoint(&vm("vm-healthy")).await.unwrap_err();
+    assert!(
+        matches!(&err, AzureError::Conflict { code, .. } if code == "RetryableErrorDueToAnotherOperation"),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(10)));
+    sim.shutdown().await;
+}
+
+/// The emulator issues JWT-shaped tokens with `exp` and refuses them once expired (401
+/// `ExpiredAuthenticationToken`). A token that expires while a restart runs is refreshed by
+/// the credential; the operation is polled to its end and the restart is sent once.
+#[tokio::test]
+async fn a_token_expiring_mid_operation_is_refreshed_and_polled_to_the_end() {
+    let mut s = scenario();
+    s.timing.token_lifetime = Duration::from_secs(2);
+    s.timing.restart = Duration::from_secs(5);
+    s.timing.retry_after = Duration::from_millis(200);
+    let sim = Simulator::start(s).await.unwrap();
+    let file = token_file("expiry");
+    std::fs::write(&file, "projected-token").unwrap();
+    let cred = WorkloadIdentity::new(
+        azure_core::new_http_client(),
+        Url::parse(&sim.arm_url()).unwrap(),
+        "tenant-id",
+        "client-id",
+        &file,
+    )
+    .with_refresh_margin(Duration::from_secs(1));
+    let first = cred.get_token(&[ARM_SCOPE]).await.unwrap();
+    let jwt: Vec<&str> = first.token.secret().split('.').collect();
+    assert_eq!(jwt.len(), 3, "a JWT: header, claims, signature");
+    let stale = client(&sim, Arc::new(StaticToken::new(first.token.secret())));
+    let az = client(&sim, Arc::new(cred));
+    let op = az.restart(&vm("vm-hung")).await.unwrap();
+    let started = std::time::Instant::now();
+    let outcome = loop {
+        match az.poll(&op).await.unwrap() {
+            rdphealth::azure::PollOutcome::Pending { .. } => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "it outlived a token"
+    );
+    assert!(
+        matches!(outcome, rdphealth::azure::PollOutcome::Succeeded { .. }),
+        "{outcome:?}"
+    );
+    assert!(sim.token_log().count >= 3, "{:?}", sim.token_log());
+    assert_eq!(sim.count("vm.restart"), 1, "the write was sent once");
+    assert_eq!(sim.token_log().expired_rejections, 0, "refreshed in time");
+    // The first token is past its `exp` by now: refused, and said so.
+    let err = stale.vm_state(&vm("vm-healthy")).await.unwrap_err();
+    assert_eq!(err.reason(), "Unauthorized", "{err:?}");
+    assert_eq!(sim.token_log().expired_rejections, 1);
+    std::fs::remove_file(&file).unwrap();
+    sim.shutdown().await;
 }

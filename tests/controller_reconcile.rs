@@ -465,6 +465,7 @@ subscriptions:
         status: 429,
         retry_after: Some(7),
         count: 5,
+        code: None,
     });
     let client: Arc<dyn Azure> = Arc::new(ArmClient::new(
         ArmConfig::new(sim.arm_url().parse().unwrap()),

@@ -26,7 +26,7 @@ use rdphealth::{
     engine::{AzureResolver, ResolverPolicy},
     ladder::fleet::FleetPolicy,
     probe::{BoxFuture, ProbeOptions, ProbeReport, Prober, RdpProber, Target},
-    sim::{Scenario, Shared, Simulator},
+    sim::{HttpFault, Scenario, Shared, Simulator},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -174,9 +174,6 @@ impl Azure for Witness {
     }
     async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules> {
         self.inner.network_rules(vm).await
-    }
-    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
-        self.inner.start_effective_rules(vm).await
     }
     async fn start_ip_flow_verify(
         &self,
@@ -660,9 +657,10 @@ async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
         second.witness.mutating().is_empty(),
         "the new operator only polled"
     );
-    // A redeploy moves the VM: the endpoint was looked up again.
+    // A redeploy moves the VM to another host but keeps its Standard public IP; the endpoint
+    // was looked up again and is the same.
     let after = sim.vm("vm-host").unwrap().public_ip.unwrap();
-    assert_ne!(before, after);
+    assert_eq!(before, after);
     assert_eq!(s["endpoint"]["host"], after);
     second
         .wait_metrics(&[r#"rdphealth_remediations_total{result="fixed",rung="Redeploy"} 1"#])
@@ -1210,6 +1208,103 @@ async fn a_password_reset_writes_the_password_to_its_secret_only() {
     assert_eq!(leaked, 0);
     api.wait_for("the stored event", WAIT, |inner| {
         (events(inner, "hung", "PasswordStored") == 1).then_some(())
+    })
+    .await;
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// Compute throttles the rung's write (429 `OperationNotAllowed`, `TooManyRequests`): nothing
+/// ran, so the ladder waits what Azure asked and decides again; the rung is carried out once
+/// after the wait and no failed attempt is recorded (one attempt per rung would otherwise end
+/// the ladder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_write_is_waited_out_and_decided_again_never_failed() {
+    let (sim, api, op) = start_one(
+        "{ name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+        "busy",
+        "vm-rdp",
+        json!({"mode": "Auto", "ladder": ["ResetRdpConfig"], "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+    )
+    .await;
+    sim.inject_http_fault(HttpFault {
+        operation: "extension.put".into(),
+        status: 429,
+        retry_after: Some(2),
+        count: 1,
+        code: Some("OperationNotAllowed".into()),
+    });
+    let s = wait_status(&api, "busy", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["rung"], "ResetRdpConfig",
+        "{s:#}"
+    );
+    let history = s["ladder"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{s:#}");
+    assert_eq!(history[0]["outcome"], "Fixed");
+    assert_eq!(history[0]["attempt"], 1);
+    assert_eq!(
+        sim.count("extension.put"),
+        2,
+        "the refused PUT and one more"
+    );
+    api.wait_for("the deferral event", WAIT, |inner| {
+        (events(inner, "busy", "RemediationDeferred") == 1
+            && events(inner, "busy", "RemediationFailed") == 0)
+            .then_some(())
+    })
+    .await;
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// Someone else restarts the VM while the operator's restart runs: Compute preempts the
+/// operator's operation (`Canceled`, `OperationPreempted`). It is not repeated; the probe
+/// judges it, and it is recorded with what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preempted_restart_is_never_repeated_and_the_probe_judges_it() {
+    let (sim, api, op) = start_one(
+        "{ name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+        "preempt",
+        "vm-hung",
+        json!({
+            "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+            "settleTime": "2s", "backoff": {"initial": "1s", "max": "2s"},
+        }),
+    )
+    .await;
+    wait_status(&api, "preempt", "a running restart", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    let az = ArmClient::new(
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+        Arc::new(StaticToken::new("someone-else")),
+    );
+    az.restart(&VmRef::new(SUB, "rg", "vm-hung")).await.unwrap();
+    let s = wait_status(&api, "preempt", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    let history = s["ladder"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "{s:#}");
+    assert_eq!(history[0]["outcome"], "Fixed", "{s:#}");
+    assert!(
+        history[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("OperationPreempted")),
+        "{s:#}"
+    );
+    assert_eq!(
+        sim.count("vm.restart"),
+        2,
+        "ours and the other one, never a third"
+    );
+    api.wait_for("the preemption event", WAIT, |inner| {
+        (events(inner, "preempt", "RemediationPreempted") == 1).then_some(())
     })
     .await;
     op.shutdown().await;

@@ -224,6 +224,7 @@ async fn reads_run_in_azure_are_polled_never_started_twice_and_hold_the_ladder()
         status: 429,
         retry_after: Some(1),
         count: 2,
+        code: None,
     });
     let now = Timestamp::now();
     let events = poll_pending(&az, &vm, &mut refreshed, now).await;
@@ -393,6 +394,153 @@ async fn without_a_network_watcher_the_local_verdict_stands_alone() {
     assert!(matches!(
         first_decision(&ev, FailureReason::TcpRefused),
         Decision::Blocked(Blocker::NsgDenied { .. })
+    ));
+    sim.shutdown().await;
+}
+
+/// Azure words a user's action in `context` (`Customer Initiated`) and spells `reasonType`
+/// its own way; a restart someone asked for is not a platform outage to wait out.
+#[tokio::test]
+async fn a_user_restart_is_not_taken_for_a_platform_outage() {
+    let mut scenario = Scenario::from_file(std::path::Path::new("scenarios/demo.yaml")).unwrap();
+    scenario.timing.operation = Duration::from_millis(50);
+    scenario.timing.restart = Duration::from_secs(60);
+    let sim = Simulator::start(scenario).await.unwrap();
+    let az = ArmClient::new(
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+        Arc::new(StaticToken::new("test-token")),
+    );
+    let vm = VmRef::new(SUB, "rg-rdp", "vm-hung");
+    rdphealth::azure::Azure::restart(&az, &vm).await.unwrap();
+    let (rebooting, _) = gather(&az, &vm, &how(None), Timestamp::now())
+        .await
+        .unwrap();
+    let health = rebooting.resource_health.as_ref().unwrap();
+    assert_eq!(
+        health.availability,
+        rdphealth::evidence::Availability::Unavailable
+    );
+    assert_eq!(health.context.as_deref(), Some("Customer Initiated"));
+    assert!(!health.is_platform_problem(), "{health:?}");
+    assert!(!matches!(
+        first_decision(&rebooting, FailureReason::X224Timeout),
+        Decision::Wait {
+            reason: WaitReason::PlatformIssue,
+            ..
+        }
+    ));
+    sim.shutdown().await;
+}
+
+/// Resource Health `Unknown` (no signal) says nothing about Azure: the ladder acts on the rest
+/// of the evidence instead of waiting for a signal that may never come.
+#[tokio::test]
+async fn unknown_health_does_not_hold_the_ladder() {
+    let (sim, az) = start().await;
+    assert!(
+        sim.inject("vm-rdp-disabled", rdphealth::sim::Fault::HealthUnknown)
+            .await
+    );
+    let ev = evidence(&az, "vm-rdp-disabled").await;
+    assert_eq!(
+        ev.resource_health.as_ref().unwrap().availability,
+        rdphealth::evidence::Availability::Unknown
+    );
+    assert_eq!(
+        first_decision(&ev, FailureReason::TcpRefused),
+        Decision::Act(Step::rung(Rung::ResetRdpConfig))
+    );
+    sim.shutdown().await;
+}
+
+/// A VM behind a Standard public IP with no NSG on its NIC or subnet: `probeSource` picks the
+/// path (a public prober comes through the public IP, a private one reaches the private
+/// address inside the network).
+fn no_nsg_scenario(probe_source: &str) -> Scenario {
+    Scenario::from_yaml(&format!(
+        r#"
+timing: {{ operation: 50ms, retryAfter: 50ms }}
+probeSource: {probe_source}
+subscriptions:
+  - id: {SUB}
+    networkWatchers: [westeurope]
+    resourceGroups:
+      - name: rg-rdp
+        location: westeurope
+        virtualNetworks:
+          - {{ name: vnet, addressPrefix: 10.10.0.0/16, subnets: [ {{ name: default, addressPrefix: 10.10.1.0/24 }} ] }}
+        vms:
+          - {{ name: vm-bare, nic: {{ subnet: vnet/default }} }}
+"#
+    ))
+    .unwrap()
+}
+
+/// Through a Standard public IP, "no NSG" means closed: Azure drops the prober's traffic,
+/// IP flow verify (which evaluates NSGs only) still says Allow and names no rule, and the
+/// ladder reports instead of restarting a VM that is fine. From inside the network the same
+/// VM is open.
+#[tokio::test]
+async fn no_nsg_on_a_standard_public_ip_is_closed_and_reported() {
+    let sim = Simulator::start(no_nsg_scenario("203.0.113.10"))
+        .await
+        .unwrap();
+    let az = ArmClient::new(
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+        Arc::new(StaticToken::new("test-token")),
+    );
+    let vm = VmRef::new(SUB, "rg-rdp", "vm-bare");
+    let endpoint = rdphealth::azure::Azure::endpoint(&az, &vm).await.unwrap();
+    assert_eq!(endpoint.public_ip_sku.as_deref(), Some("Standard"));
+    let (mut ev, _) = gather(&az, &vm, &how(None), Timestamp::now())
+        .await
+        .unwrap();
+    settle(&az, &vm, &mut ev).await;
+    let nsg = ev.nsg.as_ref().unwrap();
+    assert!(nsg.closed_public_ip, "{nsg:?}");
+    assert_eq!(nsg.verdict.access, Access::Allow, "no NSG rule denies");
+    let flow = nsg.ip_flow_verify.as_ref().unwrap();
+    assert_eq!(flow.access, Access::Allow);
+    assert!(
+        !flow.rule.is_empty(),
+        "Azure named no rule; the evidence says so"
+    );
+    assert_eq!(nsg.trusted_access(), Access::Deny);
+    assert_eq!(
+        first_decision(&ev, FailureReason::X224Timeout),
+        Decision::Blocked(Blocker::PublicIpClosed)
+    );
+    // The emulated VM is unreachable from the public prober.
+    assert_eq!(
+        sim.shared().lock().behaviour("vm-bare"),
+        rdphealth::sim::Behaviour::Silent
+    );
+    sim.shutdown().await;
+
+    // A prober inside the network takes the private path: no NSG there means allowed.
+    let sim = Simulator::start(no_nsg_scenario("10.10.1.200"))
+        .await
+        .unwrap();
+    let az = ArmClient::new(
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+        Arc::new(StaticToken::new("test-token")),
+    );
+    let inside = Gathering {
+        vantage: Vantage {
+            source: Some("10.10.1.200".parse().unwrap()),
+            port: 3389,
+        },
+        previous: None,
+        first_poll: Duration::ZERO,
+        leadership: &rdphealth::engine::remediate::SoleReplica,
+    };
+    let (ev, _) = gather(&az, &vm, &inside, Timestamp::now()).await.unwrap();
+    let nsg = ev.nsg.as_ref().unwrap();
+    assert!(!nsg.closed_public_ip);
+    assert_eq!(nsg.trusted_access(), Access::Allow);
+    assert!(matches!(
+        sim.shared().lock().behaviour("vm-bare"),
+        rdphealth::sim::Behaviour::Healthy { .. }
     ));
     sim.shutdown().await;
 }

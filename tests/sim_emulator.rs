@@ -17,8 +17,13 @@ subscriptions:
     resourceGroups:
       - name: rg
         location: westeurope
+        # A Standard public IP admits nothing without an NSG that allows it.
+        networkSecurityGroups:
+          - name: nsg
+            rules:
+              - { name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "3389" }
         virtualNetworks:
-          - { name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ { name: s, addressPrefix: 10.0.0.0/24 } ] }
+          - { name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ { name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg } ] }
         vms:
           - { name: vm1, nic: { subnet: vnet/s } }
 "#;
@@ -31,14 +36,7 @@ async fn start() -> Simulator {
 
 /// One raw HTTP/1.1 exchange; returns (status, body).
 async fn http(sim: &Simulator, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(sim.arm_addr()).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let text = exchange(sim, request).await;
     let status = text
         .split_whitespace()
         .nth(1)
@@ -49,6 +47,18 @@ async fn http(sim: &Simulator, request: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// One raw HTTP/1.1 exchange; returns the whole answer, headers included.
+async fn exchange(sim: &Simulator, request: &str) -> String {
+    let mut s = TcpStream::connect(sim.arm_addr()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn get(path: &str, auth: bool) -> String {
@@ -121,6 +131,37 @@ async fn arm_errors_have_arm_shapes() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("PowerState/running"));
+    sim.shutdown().await;
+}
+
+/// Azure's answers where the operator could trip: the agent's version is `Unknown` while it is
+/// not Ready, and the remaining-budget header names the kind of request that was counted.
+#[tokio::test]
+async fn agent_version_and_rate_limit_headers_follow_azure() {
+    let sim = start().await;
+    let vm =
+        "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
+    let view = format!("{vm}/instanceView?api-version=2024-07-01");
+    let ready = exchange(&sim, &get(&view, true)).await;
+    assert!(ready.contains("\"vmAgentVersion\":\"2."), "{ready}");
+    let lower = ready.to_ascii_lowercase();
+    assert!(lower.contains("x-ms-ratelimit-remaining-subscription-reads"));
+    assert!(!lower.contains("x-ms-ratelimit-remaining-subscription-writes"));
+    assert!(sim.inject("vm1", rdphealth::sim::Fault::NicBroken).await);
+    let down = exchange(&sim, &get(&view, true)).await;
+    assert!(down.contains("\"vmAgentVersion\":\"Unknown\""), "{down}");
+    assert!(down.contains("Not Ready"));
+    let restart = exchange(
+        &sim,
+        &format!(
+            "POST {vm}/restart?api-version=2024-07-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(restart.starts_with("http/1.1 202"), "{restart}");
+    assert!(restart.contains("x-ms-ratelimit-remaining-subscription-writes"));
+    assert!(!restart.contains("x-ms-ratelimit-remaining-subscription-reads"));
     sim.shutdown().await;
 }
 

@@ -492,52 +492,6 @@ fn map_nsg(id: &str, nsg: &network::models::NetworkSecurityGroup) -> NsgRules {
     }
 }
 
-fn map_effective(body: &[u8]) -> AzureResult<Vec<NsgRules>> {
-    let groups: network::models::EffectiveNetworkSecurityGroupListResult =
-        serde_json::from_slice(body)
-            .map_err(|e| AzureError::invalid(format!("effective rules: {e}")))?;
-    Ok(groups
-        .value
-        .iter()
-        .map(|g| NsgRules {
-            id: g
-                .network_security_group
-                .as_ref()
-                .and_then(|s| s.id.clone())
-                .unwrap_or_default(),
-            rules: g
-                .effective_security_rules
-                .iter()
-                .map(|r| {
-                    let name = r.name.clone().unwrap_or_default();
-                    let default_rule = name.starts_with("defaultSecurityRules/");
-                    let mut sources = list(&r.source_address_prefix, &r.source_address_prefixes);
-                    sources.extend(r.expanded_source_address_prefix.iter().cloned());
-                    SecurityRule {
-                        name: name.rsplit('/').next().unwrap_or_default().to_owned(),
-                        priority: r.priority.unwrap_or(i32::MAX),
-                        inbound: r.direction.as_ref().map(enum_str).as_deref() == Some("Inbound"),
-                        allow: r.access.as_ref().map(enum_str).as_deref() == Some("Allow"),
-                        protocol: RuleProtocol::parse(
-                            &r.protocol.as_ref().map(enum_str).unwrap_or_default(),
-                        ),
-                        source_prefixes: sources,
-                        destination_prefixes: list(
-                            &r.destination_address_prefix,
-                            &r.destination_address_prefixes,
-                        ),
-                        destination_ports: list(
-                            &r.destination_port_range,
-                            &r.destination_port_ranges,
-                        ),
-                        default_rule,
-                    }
-                })
-                .collect(),
-        })
-        .collect())
-}
-
 fn map_run_command(value: &[compute::models::InstanceViewStatus]) -> RunCommandOutput {
     let mut out = RunCommandOutput::default();
     for s in value {
@@ -559,7 +513,6 @@ fn parse_result(kind: OperationKind, body: &[u8]) -> AzureResult<OperationResult
                 .map_err(|e| AzureError::invalid(format!("run command result: {e}")))?;
             Ok(OperationResult::RunCommand(map_run_command(&r.value)))
         }
-        OperationKind::EffectiveRules => Ok(OperationResult::EffectiveRules(map_effective(body)?)),
         OperationKind::IpFlowVerify => {
             let r: network::models::VerificationIpFlowResult = serde_json::from_slice(body)
                 .map_err(|e| AzureError::invalid(format!("IP flow verify result: {e}")))?;
@@ -575,7 +528,7 @@ fn parse_result(kind: OperationKind, body: &[u8]) -> AzureResult<OperationResult
 fn needs_result(kind: OperationKind) -> bool {
     matches!(
         kind,
-        OperationKind::RunCommand | OperationKind::EffectiveRules | OperationKind::IpFlowVerify
+        OperationKind::RunCommand | OperationKind::IpFlowVerify
     )
 }
 
@@ -638,7 +591,7 @@ impl Azure for ArmClient {
             .public_ip_address
             .as_ref()
             .and_then(|p| p.resource.id.clone());
-        let public_ip = match &public_ip_id {
+        let (public_ip, public_ip_sku) = match &public_ip_id {
             Some(id) => {
                 let r = ResourceId::parse(id)?;
                 let pip = self
@@ -647,15 +600,17 @@ impl Azure for ArmClient {
                     .get(&r.resource_group, r.name(0)?, &r.subscription)
                     .await
                     .map_err(|e| AzureError::from_sdk(&e, &format!("public IP {id}")))?;
-                pip.properties.and_then(|p| p.ip_address)
+                let sku = pip.sku.and_then(|s| s.name).map(|n| enum_str(&n));
+                (pip.properties.and_then(|p| p.ip_address), sku)
             }
-            None => None,
+            None => (None, None),
         };
         Ok(Endpoint {
             nic_id,
             private_ip: cfg.private_ip_address,
             public_ip_id,
             public_ip,
+            public_ip_sku,
             subnet_id: cfg.subnet.and_then(|s| s.sub_resource.id),
             nic_nsg_id: props.network_security_group.and_then(|n| n.resource.id),
         })
@@ -679,29 +634,6 @@ impl Azure for ArmClient {
             subnet_nsg,
             nic_nsg,
         })
-    }
-
-    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
-        let nic_id = self.primary_nic_id(vm).await?;
-        let r = ResourceId::parse(&nic_id)?;
-        let rsp = self
-            .network
-            .network_interfaces_client()
-            .list_effective_network_security_groups(&r.resource_group, r.name(0)?, &r.subscription)
-            .send()
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("effective rules of {nic_id}")))?;
-        let raw = rsp.into_raw_response();
-        let mut op = operation(OperationKind::EffectiveRules, vm, raw.headers(), None);
-        if op.completed {
-            let body = raw
-                .into_body()
-                .collect_string()
-                .await
-                .map_err(|e| AzureError::transient(e.to_string()))?;
-            op.detail = Some(body);
-        }
-        Ok(op)
     }
 
     async fn start_ip_flow_verify(
@@ -772,6 +704,7 @@ impl Azure for ArmClient {
             reason_type: p.reason_type,
             summary: p.summary,
             category: p.category,
+            context: p.context,
         })
     }
 
@@ -898,6 +831,7 @@ impl Azure for ArmClient {
                 what: subnet_id.clone(),
                 code: "NoFreeAddress".to_owned(),
                 message: "the subnet has no free address to move the NIC to".to_owned(),
+                retry_after: None,
             })?;
         // Step 2: move the NIC to it as a static address (Azure re-initialises the NIC).
         cfg.private_ip_address = Some(new_ip.clone());

@@ -26,11 +26,10 @@ impl std::fmt::Debug for CountedAzure {
 }
 
 /// The `operation` label values, one per trait method.
-pub const OPERATIONS: [&str; 17] = [
+pub const OPERATIONS: [&str; 16] = [
     "vm_state",
     "endpoint",
     "network_rules",
-    "start_effective_rules",
     "start_ip_flow_verify",
     "resource_health",
     "boot_diagnostics",
@@ -106,13 +105,6 @@ impl Azure for CountedAzure {
 
     async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules> {
         self.count("network_rules", self.inner.network_rules(vm).await)
-    }
-
-    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation> {
-        self.count(
-            "start_effective_rules",
-            self.inner.start_effective_rules(vm).await,
-        )
     }
 
     async fn start_ip_flow_verify(

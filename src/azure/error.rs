@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use azure_core::{StatusCode, error::ErrorKind};
 
-use super::policy::Throttled;
+use super::policy::{ANOTHER_OPERATION, AnotherOperation, Throttled};
 
 /// The `x-ms-ratelimit-remaining-*` values of a response, when present.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub enum AzureError {
         code: String,
         /// Azure's message.
         message: String,
+        /// How long Azure asked to wait (Network's 429 `RetryableErrorDueToAnotherOperation`
+        /// sends `Retry-After`).
+        retry_after: Option<Duration>,
     },
     /// The credential was missing, expired or rejected (401, or no token at all).
     #[error("failed to authenticate to Azure: {message}")]
@@ -108,9 +111,17 @@ impl AzureError {
     /// How long to wait before trying again, when the server said so.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Throttled { retry_after, .. } => *retry_after,
+            Self::Throttled { retry_after, .. } | Self::Conflict { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
+    }
+
+    /// Whether Azure refused because another operation holds the resource and asked to come
+    /// back later (Network's 429 `RetryableErrorDueToAnotherOperation`): nothing was done.
+    pub fn is_another_operation(&self) -> bool {
+        matches!(self, Self::Conflict { code, .. } if code == ANOTHER_OPERATION)
     }
 
     /// Whether trying again later may succeed without any change on our side.
@@ -138,11 +149,19 @@ impl AzureError {
 
     /// Maps an error from the SDK pipeline; `what` names the resource for messages.
     pub fn from_sdk(err: &azure_core::Error, what: &str) -> Self {
-        if let Some(t) = find_throttled(err) {
+        if let Some(t) = find_source::<Throttled>(err) {
             return Self::Throttled {
                 status: t.status,
                 retry_after: t.retry_after,
                 remaining: t.remaining.clone(),
+            };
+        }
+        if let Some(busy) = find_source::<AnotherOperation>(err) {
+            return Self::Conflict {
+                what: what.to_owned(),
+                code: ANOTHER_OPERATION.to_owned(),
+                message: busy.message.clone(),
+                retry_after: busy.retry_after,
             };
         }
         match err.kind() {
@@ -192,25 +211,27 @@ pub(crate) fn from_status(
             what: what.to_owned(),
             code: code.to_owned(),
             message,
+            retry_after: None,
         },
         // Network's "RetryableErrorDueToAnotherOperation" is a lock, not throttling.
-        429 if code == "RetryableErrorDueToAnotherOperation" => AzureError::Conflict {
+        429 if code == ANOTHER_OPERATION => AzureError::Conflict {
             what: what.to_owned(),
             code: code.to_owned(),
             message,
+            retry_after: None,
         },
         408 | 429 | 500..=599 => AzureError::transient(format!("{code}: {message}")),
         _ => AzureError::invalid(format!("{code}: {message}")),
     }
 }
 
-fn find_throttled(err: &azure_core::Error) -> Option<&Throttled> {
-    if let Some(t) = err.downcast_ref::<Throttled>() {
+fn find_source<T: std::error::Error + 'static>(err: &azure_core::Error) -> Option<&T> {
+    if let Some(t) = err.downcast_ref::<T>() {
         return Some(t);
     }
     let mut source = std::error::Error::source(err);
     while let Some(e) = source {
-        if let Some(t) = e.downcast_ref::<Throttled>() {
+        if let Some(t) = e.downcast_ref::<T>() {
             return Some(t);
         }
         source = e.source();

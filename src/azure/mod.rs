@@ -38,9 +38,6 @@ pub trait Azure: Send + Sync {
     /// The NSGs of the primary NIC and of its subnet, with custom and default rules.
     async fn network_rules(&self, vm: &VmRef) -> AzureResult<NetworkRules>;
 
-    /// Starts the effective-security-rules computation of the primary NIC.
-    async fn start_effective_rules(&self, vm: &VmRef) -> AzureResult<Operation>;
-
     /// Starts IP flow verify; `None` when the region has no such Network Watcher.
     async fn start_ip_flow_verify(
         &self,

@@ -145,6 +145,10 @@ pub struct Endpoint {
     pub public_ip_id: Option<String>,
     /// Public IP address.
     pub public_ip: Option<String>,
+    /// The public IP's SKU (`Standard`, `Basic`); Standard is closed to inbound traffic
+    /// unless an NSG allows it.
+    #[serde(default)]
+    pub public_ip_sku: Option<String>,
     /// Subnet id.
     pub subnet_id: Option<String>,
     /// NIC-level NSG id.
@@ -232,8 +236,11 @@ pub struct Health {
     pub reason_type: Option<String>,
     /// Human summary.
     pub summary: Option<String>,
-    /// E.g. `Platform Initiated`.
+    /// `Planned`/`Unplanned` for platform events, else `Not Applicable`.
     pub category: Option<String>,
+    /// Who started it: `Platform Initiated`, `Customer Initiated`, `VM Initiated`.
+    #[serde(default)]
+    pub context: Option<String>,
 }
 
 impl Health {
@@ -339,8 +346,6 @@ pub enum OperationKind {
     Redeploy,
     /// Start a stopped VM.
     Start,
-    /// Effective security rules of a NIC.
-    EffectiveRules,
     /// Network Watcher IP flow verify.
     IpFlowVerify,
     /// Creation or update of an NSG security rule.
@@ -358,7 +363,6 @@ impl OperationKind {
             Self::Restart => "restart",
             Self::Redeploy => "redeploy",
             Self::Start => "start",
-            Self::EffectiveRules => "effective_rules",
             Self::IpFlowVerify => "ip_flow_verify",
             Self::PutNsgRule => "put_nsg_rule",
         }
@@ -415,8 +419,6 @@ pub enum OperationResult {
     Done,
     /// Run Command streams.
     RunCommand(RunCommandOutput),
-    /// Effective rules, one entry per NSG.
-    EffectiveRules(Vec<NsgRules>),
     /// IP flow verify.
     Flow(FlowVerdict),
 }

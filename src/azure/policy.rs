@@ -27,6 +27,20 @@ pub struct Throttled {
     pub remaining: RateLimitRemaining,
 }
 
+/// Network's code for "another operation on this or a dependent resource is in progress"
+/// (429; ARM request-limits doc): a lock to wait out, not throttling.
+pub const ANOTHER_OPERATION: &str = "RetryableErrorDueToAnotherOperation";
+
+/// Network's lock answer, carried as the source of an `azure_core::Error` with its wait.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("another operation is in progress: {message}")]
+pub struct AnotherOperation {
+    /// Azure's message.
+    pub message: String,
+    /// `Retry-After`.
+    pub retry_after: Option<Duration>,
+}
+
 const REMAINING_READS: HeaderName =
     HeaderName::from_static("x-ms-ratelimit-remaining-subscription-reads");
 const REMAINING_WRITES: HeaderName =
@@ -91,9 +105,20 @@ impl Policy for ThrottleCapture {
                 error_code: Some(code),
                 ..
             } = &kind
-                && code == "RetryableErrorDueToAnotherOperation"
+                && code == ANOTHER_OPERATION
             {
-                return Err(Error::message(kind, "another operation is in progress"));
+                let busy = AnotherOperation {
+                    message: serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| {
+                            v.pointer("/error/message")
+                                .and_then(serde_json::Value::as_str)
+                                .map(str::to_owned)
+                        })
+                        .unwrap_or_else(|| "another operation is in progress".to_owned()),
+                    retry_after: retry_after_of(&headers),
+                };
+                return Err(Error::full(kind, busy, "another operation is in progress"));
             }
             let throttled = Throttled {
                 status: u16::from(status),

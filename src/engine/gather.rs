@@ -82,6 +82,8 @@ pub async fn gather(
         ev.resource_health = Some(ResourceHealth {
             availability: Availability::parse(&health.availability_state),
             reason_type: health.reason_type,
+            context: health.context,
+            category: health.category,
             summary: health.summary,
         });
     }
@@ -279,7 +281,11 @@ fn apply_flow(ev: &mut Evidence, flow: azure::FlowVerdict) -> Option<Event> {
     let agrees = access == nsg.verdict.access;
     let check = FlowCheck {
         access,
-        rule: flow.rule_name.unwrap_or_default(),
+        // Azure omits the name when no rule decided (no NSG on the path).
+        rule: flow
+            .rule_name
+            .filter(|r| !r.trim().is_empty())
+            .unwrap_or_else(|| "(no rule: no NSG on the path)".to_owned()),
         agrees_with_local_verdict: agrees,
     };
     let event = (!agrees).then(|| mismatch_event(&nsg.verdict, &check));
@@ -372,11 +378,13 @@ fn give_up(ev: &mut Evidence, kind: ReadKind, ending: Ending) -> Event {
     }
 }
 
-/// Keeps a successful read; records a failed one (throttling propagates).
+/// Keeps a successful read; records a failed one. Throttling and Network's "another
+/// operation is in progress" propagate: the gathering is tried again after their Retry-After.
 fn keep<T>(result: Result<T, AzureError>, ev: &mut Evidence) -> Result<Option<T>, AzureError> {
     match result {
         Ok(v) => Ok(Some(v)),
         Err(e @ AzureError::Throttled { .. }) => Err(e),
+        Err(e) if e.is_another_operation() => Err(e),
         Err(e) => {
             ev.errors.push(format!("{}: {e}", e.reason()));
             Ok(None)
@@ -431,6 +439,32 @@ fn evaluate_nsgs(rules: &azure::NetworkRules, vantage: Vantage) -> Option<NsgEvi
     Some(NsgEvidence {
         verdict,
         open_to_internet: open.is_some(),
+        closed_public_ip: closed_public_ip(
+            &rules.endpoint,
+            vantage,
+            subnet.is_some() || nic.is_some(),
+        ),
         ip_flow_verify: None,
     })
+}
+
+/// Whether the probe's path is a Standard public IP with no NSG on it. The path follows
+/// from the prober's source: a public source reaches the VM through its public IP (where a
+/// Standard SKU denies inbound traffic unless an NSG allows it), a private one reaches the
+/// private address inside the network (where no NSG means allowed). Basic public IPs (retired
+/// in 2025) were open without an NSG.
+fn closed_public_ip(endpoint: &azure::Endpoint, vantage: Vantage, any_nsg: bool) -> bool {
+    let public_path = endpoint.public_ip.is_some() && vantage.source.is_none_or(|s| !is_private(s));
+    let standard = endpoint
+        .public_ip_sku
+        .as_deref()
+        .is_none_or(|s| !s.eq_ignore_ascii_case("Basic"));
+    public_path && standard && !any_nsg
+}
+
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
 }

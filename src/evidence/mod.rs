@@ -7,6 +7,6 @@ pub mod serial;
 pub mod summary;
 
 pub use summary::{
-    Availability, BootDiagnostics, Evidence, FlowCheck, NsgEvidence, PendingRead, PowerState,
-    ReadKind, ResourceHealth,
+    Availability, BootDiagnostics, Evidence, FlowCheck, Initiator, NsgEvidence, PendingRead,
+    PowerState, ReadKind, ResourceHealth,
 };

@@ -45,21 +45,72 @@ impl Availability {
 pub struct ResourceHealth {
     /// Availability.
     pub availability: Availability,
-    /// `Planned`, `Unplanned`, `UserInitiated`, or platform-specific text.
+    /// Where the event came from, as Azure words it (`Unplanned`, `Planned`, `User Initiated`,
+    /// …); its exact spellings are not documented.
     pub reason_type: Option<String>,
+    /// Who started the event: `Platform Initiated`, `Customer Initiated`, `VM Initiated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// For platform-initiated events: `Planned`, `Unplanned`; else `Not Applicable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
     /// Azure's summary.
     pub summary: Option<String>,
 }
 
+/// Who started the event behind a VM's unavailability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Initiator {
+    /// Azure (planned maintenance, an outage, a host failure).
+    Platform,
+    /// The customer (a restart, a stop, a redeploy — ours included).
+    Customer,
+    /// The guest itself (a crash, a reboot from inside).
+    Vm,
+    /// Nothing Azure sent says.
+    Unclear,
+}
+
+/// Lower case without spaces, hyphens or underscores: `Platform Initiated`,
+/// `platformInitiated` and `PLATFORM_INITIATED` read alike.
+fn squash(s: &str) -> String {
+    s.chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '_' | '\t'))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+fn initiator_of(value: Option<&str>) -> Initiator {
+    match value.map(squash).as_deref() {
+        Some("platforminitiated" | "platform" | "planned" | "unplanned" | "outage") => {
+            Initiator::Platform
+        }
+        Some("customerinitiated" | "userinitiated" | "customer" | "user") => Initiator::Customer,
+        Some("vminitiated" | "vm") => Initiator::Vm,
+        _ => Initiator::Unclear,
+    }
+}
+
 impl ResourceHealth {
-    /// An Azure-side outage (platform or planned): the ladder waits instead of acting. A
-    /// `Degraded` VM (e.g. a failing host) is not one: redeploying moves it to a healthy host.
+    /// Who started the event: from `context` (Azure's documented field), else `reasonType`,
+    /// else `category` (which Azure fills with `Planned`/`Unplanned` only for platform
+    /// events). Case, spaces and separators are ignored.
+    pub fn initiator(&self) -> Initiator {
+        [&self.context, &self.reason_type, &self.category]
+            .into_iter()
+            .map(|v| initiator_of(v.as_deref()))
+            .find(|i| *i != Initiator::Unclear)
+            .unwrap_or(Initiator::Unclear)
+    }
+
+    /// An Azure-side outage (platform or planned): the ladder waits instead of acting. An
+    /// unavailability nobody can attribute counts as one (when in doubt, wait; the wait ends
+    /// when Resource Health changes). A `Degraded` VM (e.g. a failing host) is not one:
+    /// redeploying moves it to a healthy host. `Unknown` (Resource Health has had no signal
+    /// for a while) is not one either: it says nothing about Azure, so the ladder goes on.
     pub fn is_platform_problem(&self) -> bool {
         self.availability == Availability::Unavailable
-            && self
-                .reason_type
-                .as_deref()
-                .is_none_or(|r| !r.eq_ignore_ascii_case("UserInitiated"))
+            && matches!(self.initiator(), Initiator::Platform | Initiator::Unclear)
     }
 }
 
@@ -71,6 +122,11 @@ pub struct NsgEvidence {
     pub verdict: Verdict,
     /// Whether RDP is open to the whole internet (a security finding).
     pub open_to_internet: bool,
+    /// The prober comes in through a Standard public IP and no NSG is on the path: Azure
+    /// drops the traffic (a Standard public IP is closed to inbound traffic unless an NSG
+    /// allows it). IP flow verify evaluates NSGs only and cannot see this.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub closed_public_ip: bool,
     /// IP flow verify's answer, when a Network Watcher exists in the VM's region. When it
     /// disagrees with the local verdict, the ladder trusts it: Azure evaluates the rules it
     /// actually enforces (service tags, application security groups, augmented rules).
@@ -79,8 +135,12 @@ pub struct NsgEvidence {
 }
 
 impl NsgEvidence {
-    /// The access the ladder acts on: IP flow verify's when it answered, else the local one.
+    /// The access the ladder acts on: IP flow verify's when it answered, else the local one;
+    /// always `Deny` through a Standard public IP with no NSG on the path.
     pub fn trusted_access(&self) -> Access {
+        if self.closed_public_ip {
+            return Access::Deny;
+        }
         self.ip_flow_verify
             .as_ref()
             .map_or(self.verdict.access, |f| f.access)
@@ -257,18 +317,92 @@ impl Evidence {
 mod tests {
     use super::*;
 
+    fn rh(
+        a: Availability,
+        context: Option<&str>,
+        reason: Option<&str>,
+        category: Option<&str>,
+    ) -> ResourceHealth {
+        ResourceHealth {
+            availability: a,
+            reason_type: reason.map(str::to_string),
+            context: context.map(str::to_string),
+            category: category.map(str::to_string),
+            summary: None,
+        }
+    }
+
     #[test]
     fn platform_problems() {
-        let rh = |a, r: Option<&str>| ResourceHealth {
-            availability: a,
-            reason_type: r.map(str::to_string),
-            summary: None,
-        };
-        assert!(rh(Availability::Unavailable, Some("Unplanned")).is_platform_problem());
-        assert!(rh(Availability::Unavailable, Some("Planned")).is_platform_problem());
-        assert!(!rh(Availability::Degraded, Some("Unplanned")).is_platform_problem());
-        assert!(!rh(Availability::Unavailable, Some("UserInitiated")).is_platform_problem());
-        assert!(!rh(Availability::Available, None).is_platform_problem());
+        use Availability::*;
+        // Azure's spec example and its Event Grid schema.
+        assert!(
+            rh(
+                Unavailable,
+                Some("Platform Initiated"),
+                Some("Unplanned"),
+                Some("Unplanned")
+            )
+            .is_platform_problem()
+        );
+        assert!(rh(Unavailable, None, Some("Planned"), None).is_platform_problem());
+        assert!(
+            !rh(
+                Unavailable,
+                Some("Customer Initiated"),
+                None,
+                Some("Not Applicable")
+            )
+            .is_platform_problem()
+        );
+        assert!(
+            !rh(
+                Degraded,
+                Some("Platform Initiated"),
+                Some("Unplanned"),
+                None
+            )
+            .is_platform_problem()
+        );
+        assert!(!rh(Available, None, None, None).is_platform_problem());
+        // Nothing says who: when in doubt, wait.
+        assert!(rh(Unavailable, None, None, Some("Not Applicable")).is_platform_problem());
+        // No signal says nothing about Azure.
+        assert!(
+            !rh(Unknown, Some("Platform Initiated"), Some("Unplanned"), None).is_platform_problem()
+        );
+    }
+
+    #[test]
+    fn user_initiated_is_recognised_however_it_is_spelled() {
+        for spelling in [
+            "UserInitiated",
+            "User Initiated",
+            "user initiated",
+            "USER_INITIATED",
+            "Customer Initiated",
+            "customerInitiated",
+        ] {
+            let by_context = rh(
+                Availability::Unavailable,
+                Some(spelling),
+                Some("Unplanned"),
+                None,
+            );
+            assert_eq!(by_context.initiator(), Initiator::Customer, "{spelling}");
+            assert!(!by_context.is_platform_problem(), "{spelling}");
+            let by_reason = rh(Availability::Unavailable, None, Some(spelling), None);
+            assert!(!by_reason.is_platform_problem(), "{spelling}");
+        }
+        // The context wins over a reason type that says otherwise.
+        let vm = rh(
+            Availability::Unavailable,
+            Some("VM Initiated"),
+            Some("Unplanned"),
+            None,
+        );
+        assert_eq!(vm.initiator(), Initiator::Vm);
+        assert!(!vm.is_platform_problem());
     }
 
     #[test]

@@ -181,6 +181,9 @@ pub enum Blocker {
         /// The deciding rule.
         rule: String,
     },
+    /// The prober comes through a Standard public IP and no NSG is on the path: Azure drops
+    /// inbound traffic there unless an NSG allows it.
+    PublicIpClosed,
     /// Another program owns the RDP port in the guest.
     PortTakenByOtherProgram,
     /// RDP listens on a different port in the guest.
@@ -195,6 +198,7 @@ impl Blocker {
         match self {
             Self::VmNotRunning => "VmNotRunning",
             Self::NsgDenied { .. } => "NsgDenied",
+            Self::PublicIpClosed => "PublicIpClosed",
             Self::PortTakenByOtherProgram => "PortTakenByOtherProgram",
             Self::PortChanged => "PortChanged",
             Self::ConnectionBroker => "ConnectionBrokerError",
@@ -210,6 +214,7 @@ impl Blocker {
             Self::NsgDenied { level, nsg, rule } => format!(
                 "{level} NSG {nsg} denies RDP from the prober with rule {rule}; restarting cannot fix that"
             ),
+            Self::PublicIpClosed => "the VM's Standard public IP admits no inbound traffic without an NSG that allows it, and neither its NIC nor its subnet has one; add an NSG allowing RDP from the users' addresses".into(),
             Self::PortTakenByOtherProgram => {
                 "another program listens on the RDP port inside the guest".into()
             }
@@ -581,6 +586,10 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
             until: refresh,
             reason: WaitReason::PlatformIssue,
         });
+    }
+    if e.nsg.as_ref().is_some_and(|n| n.closed_public_ip) {
+        // No NSG to add a rule to: creating one is a person's decision.
+        return Some(Decision::Blocked(Blocker::PublicIpClosed));
     }
     if let Some(nsg) = &e.nsg
         && nsg.trusted_access() == Access::Deny

@@ -57,6 +57,7 @@ fn nsg(local: Access, azure: Option<Access>) -> NsgEvidence {
     NsgEvidence {
         verdict: verdict(local),
         open_to_internet: false,
+        closed_public_ip: false,
         ip_flow_verify: azure.map(|access| FlowCheck {
             access,
             rule: "securityRules/azure-rule".into(),
@@ -73,6 +74,8 @@ fn gathering() -> Evidence {
         resource_health: Some(ResourceHealth {
             availability: Availability::Available,
             reason_type: None,
+            context: None,
+            category: None,
             summary: None,
         }),
         nsg: Some(nsg(Access::Allow, None)),

@@ -269,6 +269,19 @@ impl LadderStatus {
         self.finish(outcome, None, now, Some(next_action));
     }
 
+    /// Azure refused the current rung's call without running it (throttled, or another
+    /// operation held the resource): the intent is dropped without counting an attempt, and
+    /// the ladder decides again — on what it then sees — at `next_action`.
+    pub fn defer(&mut self, next_action: Timestamp) {
+        if let Some(c) = self.current.take()
+            && self.incident_history().next().is_none()
+        {
+            // The ladder has not really started.
+            self.ladder_starts.retain(|t| *t != c.started_at);
+        }
+        self.next_action_at = Some(Time(next_action));
+    }
+
     /// Ends the current rung with `outcome`; the next rung waits until `next_action`.
     pub fn finish(
         &mut self,

@@ -32,6 +32,8 @@ fn healthy_evidence() -> Evidence {
         resource_health: Some(ResourceHealth {
             availability: Availability::Available,
             reason_type: None,
+            context: None,
+            category: None,
             summary: None,
         }),
         ..Evidence::empty(t0())
@@ -110,6 +112,7 @@ fn nsg_deny() -> NsgEvidence {
             unresolved_prefixes: vec![],
         },
         open_to_internet: false,
+        closed_public_ip: false,
         ip_flow_verify: None,
     }
 }
@@ -125,7 +128,7 @@ fn nsg_deny() -> NsgEvidence {
 #[case::vm_stopped_allow_start(|c: &mut Case| { c.evidence.as_mut().unwrap().power_state = Some(PowerState::Stopped); c.policy.allow_start = true; }, Decision::Act(Step::rung(Rung::StartVm)))]
 #[case::nsg_deny(|c: &mut Case| c.evidence.as_mut().unwrap().nsg = Some(nsg_deny()), Decision::Blocked(Blocker::NsgDenied { level: "nic".into(), nsg: "vm1-nsg".into(), rule: "securityRules/deny-rdp".into() }))]
 #[case::nsg_deny_with_repair(|c: &mut Case| { c.evidence.as_mut().unwrap().nsg = Some(nsg_deny()); c.policy.nsg_repair = true; }, Decision::Act(Step::rung(Rung::RepairNsg)))]
-#[case::platform_outage(|c: &mut Case| c.evidence.as_mut().unwrap().resource_health = Some(ResourceHealth { availability: Availability::Unavailable, reason_type: Some("Unplanned".into()), summary: None }), Decision::Wait { until: at(900), reason: WaitReason::PlatformIssue })]
+#[case::platform_outage(|c: &mut Case| c.evidence.as_mut().unwrap().resource_health = Some(ResourceHealth { availability: Availability::Unavailable, reason_type: Some("Unplanned".into()), context: Some("Platform Initiated".into()), category: Some("Unplanned".into()), summary: None }), Decision::Wait { until: at(900), reason: WaitReason::PlatformIssue })]
 #[case::guest_updating(|c: &mut Case| c.evidence.as_mut().unwrap().serial = Some(SerialScan { latest: Some(BootSignal::InstallingUpdates), matches: vec![] }), Decision::Wait { until: at(900), reason: WaitReason::GuestBusy })]
 #[case::observe(|c: &mut Case| c.policy.mode = Mode::Observe, Decision::Observe)]
 #[case::dry_run(|c: &mut Case| c.policy.mode = Mode::DryRun, Decision::Plan(Step::rung(Rung::ResetRdpConfig)))]

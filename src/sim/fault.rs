@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 /// | `guest_hung` | accepts, never answers | agent Ready, Resource Health `Available`; serial log: `The TermService service hung on starting.` | rung 4/7, any reboot: NIC reset, restart, redeploy (or Run Command `Restart-Service TermService`) |
 /// | `nic_broken` | accepts, never answers | agent Not Ready; serial log: `netvsc: the network adapter failed to initialize` | rung 4, NIC reset (a redeploy also clears it) |
 /// | `host_failure` | accepts, never answers | agent Not Ready; Resource Health `Degraded` (`Unplanned`, host hardware) | rung 8, redeploy only (restart keeps the host) |
-/// | `platform_outage` | accepts, never answers | Resource Health `Unavailable`, reason `Unplanned`, category `Platform Initiated` | nothing: wait; cleared at run time through the admin API |
-/// | `vm_stopped` | connection refused | instance view `PowerState/deallocated`; Resource Health `Unavailable` (`UserInitiated`) | not a ladder rung: starting the VM (`POST …/start`) clears it |
+/// | `platform_outage` | accepts, never answers | Resource Health `Unavailable`, context `Platform Initiated`, category `Unplanned` | nothing: wait; cleared at run time through the admin API |
+/// | `vm_stopped` | connection refused | instance view `PowerState/deallocated`; Resource Health `Unavailable` (context `Customer Initiated`, reason `User Initiated`) | not a ladder rung: starting the VM (`POST …/start`) clears it |
+/// | `health_unknown` | as its other faults make it | Resource Health `Unknown` (no signal) | a modifier: it never clears by itself; the ladder acts on the other evidence |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -40,11 +41,13 @@ pub enum Fault {
     PlatformOutage,
     /// The VM is deallocated.
     VmStopped,
+    /// Resource Health has no signal from the VM (`Unknown`).
+    HealthUnknown,
 }
 
 impl Fault {
     /// Every fault, in a stable order.
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 11] = [
         Self::RdpDisabled,
         Self::NsgBlocking,
         Self::TlsDisabled,
@@ -55,6 +58,7 @@ impl Fault {
         Self::HostFailure,
         Self::PlatformOutage,
         Self::VmStopped,
+        Self::HealthUnknown,
     ];
 
     /// The snake_case name used in scenarios and the admin API.
@@ -70,6 +74,7 @@ impl Fault {
             Self::HostFailure => "host_failure",
             Self::PlatformOutage => "platform_outage",
             Self::VmStopped => "vm_stopped",
+            Self::HealthUnknown => "health_unknown",
         }
     }
 

@@ -312,7 +312,7 @@ impl Simulator {
     /// Requests received, by operation name. Names: `vm.get`, `vm.instanceView`,
     /// `vm.restart`, `vm.redeploy`, `vm.start`, `vm.runcommand`,
     /// `vm.retrievebootdiagnosticsdata`, `extension.get`, `extension.put`, `health.get`,
-    /// `nic.get`, `nic.put`, `nic.effectivenetworksecuritygroups`, `nsg.get`, `subnet.get`,
+    /// `nic.get`, `nic.put`, `nsg.get`, `subnet.get`,
     /// `vnet.checkipaddressavailability`, `pip.get`, `watcher.ipflowverify`,
     /// `operation.status` (Azure-AsyncOperation polls), `operation.result` (Location polls),
     /// `token`, `blob.get`; plus `throttled` and `unauthorized` for rejected requests.

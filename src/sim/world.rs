@@ -87,6 +87,8 @@ pub struct Vm {
     pub extension: Option<Extension>,
     /// A compute operation (restart, redeploy, start, extension) is running.
     pub busy: bool,
+    /// The running power operation (restart, redeploy, start), which a newer one preempts.
+    pub power_op: Option<String>,
     /// A Run Command is running.
     pub run_command_busy: bool,
     /// Rebooting: connections are refused.
@@ -183,6 +185,8 @@ pub struct Nsg {
     pub location: String,
     /// Custom rules.
     pub rules: Vec<SecurityRule>,
+    /// A rule change is running.
+    pub busy: bool,
 }
 
 impl Nsg {
@@ -267,6 +271,8 @@ pub enum OpStatus {
     Succeeded,
     /// Failed.
     Failed,
+    /// Preempted by a newer operation on the same resource (`OperationPreempted`).
+    Canceled,
 }
 
 /// A long-running operation.
@@ -301,6 +307,10 @@ pub struct HttpFault {
     /// `Retry-After` seconds to send.
     #[serde(default)]
     pub retry_after: Option<u64>,
+    /// The ARM error code (`RetryableErrorDueToAnotherOperation`, `OperationNotAllowed`…);
+    /// by default one that fits the status.
+    #[serde(default)]
+    pub code: Option<String>,
     /// How many requests it applies to.
     #[serde(default = "one")]
     pub count: u32,
@@ -318,6 +328,11 @@ pub struct TokenLog {
     pub count: u64,
     /// A short SHA-256 fingerprint of each client assertion or secret, in order.
     pub credential_fingerprints: Vec<String>,
+    /// When each issued access token expires (Unix seconds), by token.
+    #[serde(skip)]
+    pub expiry: std::collections::HashMap<String, u64>,
+    /// Requests refused because their token had expired.
+    pub expired_rejections: u64,
 }
 
 /// The whole simulated state.
@@ -437,6 +452,7 @@ impl World {
                             name: n.name.clone(),
                             location: loc.clone(),
                             rules: n.rules.iter().map(rule_of).collect(),
+                            busy: false,
                         },
                     );
                 }
@@ -582,6 +598,7 @@ impl World {
             faults: BTreeSet::new(),
             extension,
             busy: false,
+            power_op: None,
             run_command_busy: false,
             rebooting: false,
             boot: 0,
@@ -712,6 +729,19 @@ impl World {
         )
     }
 
+    /// Whether the prober's traffic meets a Standard public IP with no NSG on its path: Azure
+    /// drops it ("public-ip-addresses" doc: Standard IPs are secure by default and closed to
+    /// inbound traffic). A prober inside the network (a private source) reaches the private
+    /// address instead, where no NSG means allowed.
+    pub fn closed_public_ip(&self, nic: &Nic) -> bool {
+        let (subnet, nic_nsg) = self.nsgs_of(nic);
+        nic.pip.is_some()
+            && !self.probe_source.is_private()
+            && !self.probe_source.is_loopback()
+            && subnet.is_none()
+            && nic_nsg.is_none()
+    }
+
     /// How the VM's responder treats a new connection now.
     pub fn behaviour(&self, vm_name: &str) -> Behaviour {
         let Some(vm) = self.vms.get(&vm_name.to_ascii_lowercase()) else {
@@ -724,10 +754,9 @@ impl World {
         if f(Fault::PlatformOutage) || f(Fault::HostFailure) || f(Fault::NicBroken) {
             return Behaviour::Silent;
         }
-        let blocked = self
-            .nics
-            .get(&vm.nic)
-            .is_some_and(|nic| !self.flow_verdict(nic, self.probe_source, 3389).allow);
+        let blocked = self.nics.get(&vm.nic).is_some_and(|nic| {
+            !self.flow_verdict(nic, self.probe_source, 3389).allow || self.closed_public_ip(nic)
+        });
         if blocked || f(Fault::GuestHung) {
             return Behaviour::Silent;
         }
@@ -767,6 +796,7 @@ impl World {
                         name,
                         location: nic.location.clone(),
                         rules: vec![allow_rdp()],
+                        busy: false,
                     },
                 );
                 if let Some(n) = self.nics.get_mut(&vm_key_nic(vm)) {
@@ -872,22 +902,6 @@ impl World {
                 u32::from(net) & mask == u32::from(ip) & mask
             })
             .map(|s| s.name.clone())
-    }
-
-    /// Gives the VM a new public address (redeploy).
-    pub fn renew_public_ip(&mut self, vm_name: &str) {
-        let Some(pip) = self
-            .vms
-            .get(vm_name)
-            .and_then(|vm| self.nics.get(&vm.nic))
-            .and_then(|nic| nic.pip.clone())
-        else {
-            return;
-        };
-        let address = self.next_public_address();
-        if let Some(p) = self.pips.get_mut(&pip) {
-            p.address = address;
-        }
     }
 
     /// The serial console log the VM would show.

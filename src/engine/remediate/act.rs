@@ -103,6 +103,14 @@ impl Remediator {
                     Ok(Continue::Until(first))
                 }
             }
+            Err(CallError::Azure(e)) if refusal::not_now(&e) => Ok(self.deferred(
+                subject,
+                vm,
+                &mut outcome.status,
+                &mut outcome.events,
+                (&e.to_string(), e.retry_after()),
+                now,
+            )),
             Err(CallError::Azure(e @ AzureError::OutcomeUnknown { .. })) => {
                 // Azure may be carrying it out: never re-sent, the slot stays claimed, and
                 // what Azure shows and the probe settle it.

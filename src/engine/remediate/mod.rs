@@ -6,13 +6,15 @@
 //!
 //! The stage is split along its seams: [`dispatch`] turns a decision into status and events,
 //! [`act`] stores an intent and makes the Azure call, [`poll`] follows the operation until it
-//! settles, [`fleet`] holds the fleet-wide claims, [`messages`] the wording.
+//! settles, [`refusal`] handles Azure's "not now" (throttling, locks, preemption), [`fleet`]
+//! holds the fleet-wide claims, [`messages`] the wording.
 
 mod act;
 mod dispatch;
 mod fleet;
 mod messages;
 mod poll;
+mod refusal;
 
 use std::{
     collections::BTreeMap,

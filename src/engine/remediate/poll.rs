@@ -59,6 +59,24 @@ impl Remediator {
                 });
                 Continue::Until(until)
             }
+            Ok(PollOutcome::Failed { code, message }) if refusal::preempted(&code) => {
+                self.preempted(subject, status, events, &format!("{code}: {message}"), now)
+            }
+            Ok(PollOutcome::Failed { code, message })
+                if refusal::failed_for_another_operation(&code) =>
+            {
+                if current.step.rung == Rung::ResetPassword {
+                    self.password_outcome(subject, false, events, now).await;
+                }
+                self.deferred(
+                    subject,
+                    vm,
+                    status,
+                    events,
+                    (&format!("{code}: {message}"), None),
+                    now,
+                )
+            }
             Ok(PollOutcome::Failed { code, message }) => {
                 if current.step.rung == Rung::ResetPassword {
                     self.password_outcome(subject, false, events, now).await;

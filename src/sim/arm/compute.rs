@@ -12,7 +12,7 @@ use super::{
 use crate::sim::{
     Shared,
     fault::Fault,
-    world::{Extension, Vm, World},
+    world::{Extension, OpStatus, Vm, World},
 };
 
 pub(super) async fn vm_route(call: Call<'_>, name: &str, rest: &[String]) -> Response {
@@ -125,8 +125,16 @@ fn instance_view(vm: &Vm) -> Value {
             "ProvisioningState/Unavailable",
             "Not Ready",
             "Warning",
-            Some("VM status blob is found but not yet populated."),
+            Some("VM Agent is unresponsive."),
         )
+    };
+    // Azure reports the version the agent last sent; with the agent not Ready it says
+    // `Unknown` (compute 2024-07-01 `VirtualMachine_Get_InstanceViewAutoPlacedOnDedicatedHostGroup.json`
+    // and the VM agent troubleshooting guide).
+    let agent_version = if vm.agent_ready() {
+        "2.7.41491.1102"
+    } else {
+        "Unknown"
     };
     let extensions: Vec<Value> = vm
         .extension
@@ -155,7 +163,7 @@ fn instance_view(vm: &Vm) -> Value {
         "osName": "Windows Server 2022 Datacenter",
         "osVersion": "10.0.20348",
         "vmAgent": {
-            "vmAgentVersion": "2.7.41491.1102",
+            "vmAgentVersion": agent_version,
             "statuses": [agent],
             "extensionHandlers": []
         },
@@ -206,40 +214,50 @@ fn extension_json(vm: &Vm, e: &Extension) -> Value {
     })
 }
 
+/// Resource Health's availability status. The fields follow Azure's documentation and its own
+/// examples: `context` says who started the event (`Platform Initiated`, `Customer Initiated`),
+/// `category` is `Planned`/`Unplanned` for platform events and `Not Applicable` otherwise
+/// (resourcehealth 2024-02-01 `AvailabilityStatuses_ListByResourceGroup.json`; the Event Grid
+/// HealthResources schema). `reasonType`'s spellings are not documented: the docs word it
+/// "user initiated", so a user's action is sent as `User Initiated`. `Unknown` is what Azure
+/// shows when it has had no signal from the VM for a while.
 fn health_json(vm: &Vm) -> Value {
-    let (state, reason, category, summary) = if vm.faults.contains(&Fault::PlatformOutage) {
+    const CUSTOMER: (&str, &str, &str) = ("User Initiated", "Customer Initiated", "Not Applicable");
+    const PLATFORM: (&str, &str, &str) = ("Unplanned", "Platform Initiated", "Unplanned");
+    let (state, why, summary) = if vm.faults.contains(&Fault::PlatformOutage) {
         (
             "Unavailable",
-            "Unplanned",
-            "Platform Initiated",
+            Some(PLATFORM),
             "We're sorry, your virtual machine isn't available because of an Azure platform problem. We're working to resolve it.",
         )
     } else if !vm.running() {
         (
             "Unavailable",
-            "UserInitiated",
-            "User Initiated",
+            Some(CUSTOMER),
             "This virtual machine was stopped and deallocated by an authorized user or process.",
         )
     } else if vm.rebooting {
         (
             "Unavailable",
-            "UserInitiated",
-            "User Initiated",
+            Some(CUSTOMER),
             "This virtual machine is restarting as requested by an authorized user or process.",
         )
     } else if vm.faults.contains(&Fault::HostFailure) {
         (
             "Degraded",
-            "Unplanned",
-            "Platform Initiated",
+            Some(PLATFORM),
             "We're sorry, your virtual machine is degraded because the host it runs on has a hardware problem. Redeploying moves it to a healthy host.",
+        )
+    } else if vm.faults.contains(&Fault::HealthUnknown) {
+        (
+            "Unknown",
+            None,
+            "We are currently unable to determine the health of this virtual machine.",
         )
     } else {
         (
             "Available",
-            "",
-            "",
+            None,
             "There aren't any known Azure platform problems affecting this virtual machine.",
         )
     };
@@ -251,8 +269,9 @@ fn health_json(vm: &Vm) -> Value {
         "detailedStatus": "",
         "reportedTime": now()
     });
-    if !reason.is_empty() {
+    if let Some((reason, context, category)) = why {
         props["reasonType"] = json!(reason);
+        props["context"] = json!(context);
         props["category"] = json!(category);
     }
     json!({
@@ -464,10 +483,22 @@ fn begin_power_action(
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return Err(not_found("Microsoft.Compute/virtualMachines", name, rg));
     };
-    if vm.busy {
+    // Compute preempts an older restart/redeploy/start with a newer one: the older operation
+    // ends `Canceled` with `OperationPreempted` (Azure/azure-sdk-for-java#1783,
+    // osbuild/osbuild-composer#1447). An extension update still blocks with 409.
+    if vm.busy && vm.power_op.is_none() {
         return Err(conflict(
             "OperationNotAllowed",
             "Operation is not allowed since another operation is in progress on the VM. Retry after it completes.",
+        ));
+    }
+    if let Some(old) = vm.power_op.as_ref().and_then(|id| w.ops.get_mut(id))
+        && old.status == OpStatus::InProgress
+    {
+        old.status = OpStatus::Canceled;
+        old.error = Some((
+            "OperationPreempted".to_owned(),
+            "Operation execution has been preempted by a more recent operation.".to_owned(),
         ));
     }
     if matches!(action, Action::Restart) && !vm.running() {
@@ -490,19 +521,22 @@ fn begin_power_action(
         }
     }
     let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    if let Some(v) = w.vms.get_mut(&key) {
+        v.power_op = Some(id.clone());
+    }
     Ok((id, aao, location, key, after, timing.retry_after))
 }
 
 fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration, action: Action) {
     finish_later(s, id, after, move |w| {
-        if matches!(action, Action::Redeploy) {
-            w.renew_public_ip(&key);
-        }
+        // A redeploy keeps a Standard (static) public IP; the dynamic private address may
+        // change, which the emulator does not model ("public-ip-addresses" doc).
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
         v.busy = false;
         v.rebooting = false;
+        v.power_op = None;
         match action {
             Action::Restart => {
                 v.faults.remove(&Fault::GuestHung);

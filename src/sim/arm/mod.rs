@@ -352,13 +352,16 @@ async fn arm(
         Route::Blob { vm, file } => return blob(&s, vm, file, &query),
         _ => {}
     }
-    if !authorized(&headers) {
+    let Some(bearer) = bearer(&headers) else {
         s.lock().count("unauthorized");
         return error(
             StatusCode::UNAUTHORIZED,
             "AuthenticationFailed",
             "Authentication failed. The 'Authorization' header is missing or not a bearer token.",
         );
+    };
+    if let Some(expired) = expired(&s, &bearer) {
+        return expired;
     }
     if !query.contains_key("api-version") {
         return error(
@@ -395,32 +398,19 @@ async fn arm(
                     ),
                 );
                 retry_headers(&mut rsp, wait);
-                set_header(&mut rsp, "x-ms-ratelimit-remaining-subscription-reads", "0");
+                set_header(&mut rsp, remaining_header(class), "0");
                 return rsp;
             }
         }
     };
+    let used = if class == OpClass::Read {
+        remaining.0
+    } else {
+        remaining.1
+    };
     if let Some(f) = s.lock().take_http_fault(&op) {
-        let code = match f.status {
-            429 => "TooManyRequests",
-            500 => "InternalServerError",
-            503 => "ServiceUnavailable",
-            409 => "Conflict",
-            _ => "InjectedFault",
-        };
-        let mut rsp = error(
-            StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            code,
-            "scripted failure",
-        );
-        if let Some(secs) = f.retry_after {
-            set_header(&mut rsp, "retry-after", &secs.to_string());
-        }
-        set_header(
-            &mut rsp,
-            "x-ms-ratelimit-remaining-subscription-reads",
-            &remaining.0.to_string(),
-        );
+        let mut rsp = scripted(&f);
+        set_header(&mut rsp, remaining_header(class), &used.to_string());
         return rsp;
     }
     let query: HashMap<String, String> = query
@@ -466,16 +456,9 @@ async fn arm(
             error(StatusCode::NOT_FOUND, "NotFound", "unreachable route")
         }
     };
-    set_header(
-        &mut rsp,
-        "x-ms-ratelimit-remaining-subscription-reads",
-        &remaining.0.to_string(),
-    );
-    set_header(
-        &mut rsp,
-        "x-ms-ratelimit-remaining-subscription-writes",
-        &remaining.1.to_string(),
-    );
+    // ARM counts reads on GETs and writes on PUT/POST/DELETE, and says so in the header of
+    // that kind only (ARM request-limits and throttling doc).
+    set_header(&mut rsp, remaining_header(class), &used.to_string());
     set_header(
         &mut rsp,
         "x-ms-request-id",
@@ -489,12 +472,118 @@ async fn arm(
     rsp
 }
 
-fn authorized(headers: &HeaderMap) -> bool {
+fn remaining_header(class: OpClass) -> &'static str {
+    match class {
+        OpClass::Read => "x-ms-ratelimit-remaining-subscription-reads",
+        OpClass::Write => "x-ms-ratelimit-remaining-subscription-writes",
+    }
+}
+
+/// The answer of a scripted HTTP failure, in the shape the real service sends for its code:
+/// Compute throttles with 429 `OperationNotAllowed` and a `TooManyRequests` detail naming the
+/// policy (compute-throttling-limits doc); Network answers a concurrent change with 429
+/// `RetryableErrorDueToAnotherOperation` (ARM request-limits doc).
+fn scripted(f: &HttpFault) -> Response {
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = f.code.clone().unwrap_or_else(|| {
+        match f.status {
+            429 => "TooManyRequests",
+            500 => "InternalServerError",
+            503 => "ServiceUnavailable",
+            409 => "Conflict",
+            _ => "InjectedFault",
+        }
+        .to_owned()
+    });
+    let mut body = json!({ "error": { "code": code, "message": "scripted failure" } });
+    if f.status == 429 && code == "OperationNotAllowed" {
+        body["error"]["message"] = json!(
+            "The server rejected the request because too many requests have been received for this subscription."
+        );
+        body["error"]["details"] = json!([{
+            "code": "TooManyRequests",
+            "target": "PutVMSubscriptionMaximum",
+            "message": "{\"operationGroup\":\"PutVMSubscriptionMaximum\",\"startTime\":\"2024-01-01T00:00:00+00:00\",\"endTime\":\"2024-01-01T00:20:00+00:00\",\"allowedRequestCount\":1500,\"measuredRequestCount\":1507}"
+        }]);
+    }
+    let mut rsp = json_response(status, &body);
+    if let Some(secs) = f.retry_after {
+        set_header(&mut rsp, "retry-after", &secs.to_string());
+    }
+    rsp
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| !t.trim().is_empty())
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// ARM's answer to a token the emulator issued whose `exp` has passed (401
+/// `ExpiredAuthenticationToken`). Tokens it did not issue (fixed test tokens) are accepted.
+fn expired(s: &Shared, token: &str) -> Option<Response> {
+    let mut w = s.lock();
+    let exp = *w.tokens.expiry.get(token)?;
+    let now = unix_now();
+    // `exp` has a resolution of one second, like `expires_in`: the token is good through it.
+    if now <= exp {
+        return None;
+    }
+    w.tokens.expired_rejections += 1;
+    w.count("unauthorized");
+    let mut rsp = error(
+        StatusCode::UNAUTHORIZED,
+        "ExpiredAuthenticationToken",
+        &format!(
+            "The access token expiry UTC time '{exp}' is earlier than current UTC time '{now}'."
+        ),
+    );
+    set_header(
+        &mut rsp,
+        "www-authenticate",
+        "Bearer authorization_uri=\"https://login.windows.net/\", error=\"invalid_token\", error_description=\"The access token has expired.\"",
+    );
+    Some(rsp)
+}
+
+/// Base64url without padding, as JWT segments use.
+fn b64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// A JWT-shaped access token (header, claims with `exp`, signature) like Entra ID's.
+fn access_token(n: u64, lifetime: u64) -> (String, u64) {
+    let iat = unix_now();
+    let exp = iat + lifetime;
+    let header = b64url(br#"{"typ":"JWT","alg":"RS256","kid":"sim"}"#);
+    let claims = b64url(
+        json!({"aud": "https://management.azure.com/", "iss": "https://sts.windows.net/sim/", "iat": iat, "nbf": iat, "exp": exp, "jti": format!("sim-token-{n}")})
+            .to_string()
+            .as_bytes(),
+    );
+    let signature = b64url(&fingerprint_u64(&format!("{header}.{claims}")).to_be_bytes());
+    (format!("{header}.{claims}.{signature}"), exp)
 }
 
 fn token(s: &Shared, body: &[u8]) -> Response {
@@ -514,9 +603,11 @@ fn token(s: &Shared, body: &[u8]) -> Response {
     w.tokens.credential_fingerprints.push(fp);
     let lifetime = w.timing.token_lifetime.as_secs();
     let n = w.tokens.count;
+    let (token, exp) = access_token(n, lifetime);
+    w.tokens.expiry.insert(token.clone(), exp);
     json_response(
         StatusCode::OK,
-        &json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": format!("sim-token-{n}")}),
+        &json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}),
     )
 }
 
@@ -621,7 +712,17 @@ where
     let s = s.clone();
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        let outcome = effect(&mut s.lock());
+        let outcome = {
+            let mut w = s.lock();
+            // A preempted operation never takes effect: the newer one owns the resource.
+            if w.ops
+                .get(&id)
+                .is_some_and(|o| o.status == OpStatus::Canceled)
+            {
+                return;
+            }
+            effect(&mut w)
+        };
         // The responders reach their new state before anyone can see the operation end.
         s.notify();
         s.settled().await;
@@ -666,7 +767,7 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
                 Some(r) => json_response(StatusCode::OK, r),
                 None => StatusCode::NO_CONTENT.into_response(),
             },
-            OpStatus::Failed => {
+            OpStatus::Failed | OpStatus::Canceled => {
                 let (code, message) = op.error.clone().unwrap_or_default();
                 conflict(&code, &message)
             }
@@ -682,9 +783,13 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
                 body["properties"] = json!({ "output": r });
             }
         }
-        OpStatus::Failed => {
+        OpStatus::Failed | OpStatus::Canceled => {
             let (code, message) = op.error.clone().unwrap_or_default();
-            body["status"] = json!("Failed");
+            body["status"] = json!(if op.status == OpStatus::Failed {
+                "Failed"
+            } else {
+                "Canceled"
+            });
             body["endTime"] = json!(now());
             body["error"] = json!({ "code": code, "message": message });
         }

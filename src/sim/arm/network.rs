@@ -1,5 +1,6 @@
 //! Microsoft.Network: NICs (and their reset), NSGs, subnets, public IPs, address
-//! availability, effective security rules and IP flow verify.
+//! availability and IP flow verify. (Effective security rules are not emulated: the operator
+//! evaluates the NSGs itself and cross-checks with IP flow verify.)
 
 use std::{net::Ipv4Addr, sync::Arc};
 
@@ -10,13 +11,10 @@ use super::{
     Call, accepted, conflict, error, finish_later, json_response, not_found, retry_headers,
     set_header, start_op,
 };
-use crate::{
-    azure::nsg::rule_path,
-    sim::{
-        Shared,
-        fault::Fault,
-        world::{Vm, World},
-    },
+use crate::sim::{
+    Shared,
+    fault::Fault,
+    world::{Vm, World},
 };
 
 pub(super) fn network_route(call: Call<'_>, kind: &str, name: &str, rest: &[String]) -> Response {
@@ -40,9 +38,6 @@ pub(super) fn network_route(call: Call<'_>, kind: &str, name: &str, rest: &[Stri
             }
         }
         ("PUT", "networkinterfaces", []) => put_nic(s, &k, name, rg, body),
-        ("POST", "networkinterfaces", ["effectivenetworksecuritygroups"]) => {
-            effective_rules(s, sub, &k, name, rg)
-        }
         ("GET", "networksecuritygroups", []) => {
             let w = s.lock();
             match w.nsgs.get(&k) {
@@ -132,10 +127,12 @@ pub(super) fn network_route(call: Call<'_>, kind: &str, name: &str, rest: &[Stri
                         "name": p.name,
                         "type": "Microsoft.Network/publicIPAddresses",
                         "location": p.location,
-                        "sku": { "name": "Basic", "tier": "Regional" },
+                        // Basic public IPs were retired on 2025-09-30; Standard ones are static
+                        // ("public-ip-basic-upgrade-guidance", "public-ip-addresses" docs).
+                        "sku": { "name": "Standard", "tier": "Regional" },
                         "properties": {
                             "ipAddress": p.address.to_string(),
-                            "publicIPAllocationMethod": "Dynamic",
+                            "publicIPAllocationMethod": "Static",
                             "publicIPAddressVersion": "IPv4",
                             "provisioningState": "Succeeded"
                         }
@@ -343,16 +340,32 @@ fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u
         .rules
         .iter()
         .any(|r| r.name.eq_ignore_ascii_case(name));
+    // Network may accept a change while another one runs on the same NSG and fail it later
+    // with `AnotherOperationInProgress` (Azure/bicep#5132, microsoft/AzureTRE#2222).
+    let collides = group.busy;
     let (sub, location, nsg_id) = (group.sub.clone(), group.location.clone(), group.id());
     let mut body = rule_json(&nsg_id, &rule, false);
     body["properties"]["provisioningState"] = json!("Updating");
     let (id, aao, _) = start_op(s, &mut w, "Microsoft.Network", &sub, &location);
+    if let Some(g) = w.nsgs.get_mut(k) {
+        g.busy = true;
+    }
     drop(w);
     let key = k.to_owned();
     finish_later(s, id, timing.operation, move |w| {
         let Some(group) = w.nsgs.get_mut(&key) else {
             return Err(("NotFound".into(), "NSG vanished".into()));
         };
+        if collides {
+            return Err((
+                "AnotherOperationInProgress".into(),
+                format!(
+                    "Another operation on this or dependent resource is in progress. To retrieve status of the operation use uri: {}",
+                    group.id()
+                ),
+            ));
+        }
+        group.busy = false;
         group
             .rules
             .retain(|r| !r.name.eq_ignore_ascii_case(&rule.name));
@@ -381,13 +394,18 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
         return not_found("Microsoft.Network/networkInterfaces", name, rg);
     };
     if nic.busy {
-        return conflict(
-            "AnotherOperationInProgress",
+        // Network answers a concurrent change with 429 and a Retry-After (ARM request-limits
+        // doc: "RetryableErrorDueToAnotherOperation").
+        let mut rsp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RetryableErrorDueToAnotherOperation",
             &format!(
-                "Another operation on this or dependent resource is in progress. To retrieve status of the operation use uri: {}",
+                "Operation on {} is not allowed because another operation on this or a dependent resource is in progress. Retry after some time.",
                 nic.id()
             ),
         );
+        retry_headers(&mut rsp, timing.retry_after);
+        return rsp;
     }
     let configs = b
         .pointer("/properties/ipConfigurations")
@@ -487,76 +505,6 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
     rsp
 }
 
-fn effective_rules(s: &Arc<Shared>, sub: &str, k: &str, name: &str, rg: &str) -> Response {
-    let mut w = s.lock();
-    let timing = w.timing.clone();
-    let Some(nic) = w.nics.get(k).cloned() else {
-        return not_found("Microsoft.Network/networkInterfaces", name, rg);
-    };
-    let running = w
-        .vms
-        .get(&nic.vm.to_ascii_lowercase())
-        .is_some_and(|v| v.running());
-    if !running {
-        return conflict(
-            "OperationNotAllowed",
-            "Effective security rules need the network interface to be attached to a running virtual machine.",
-        );
-    }
-    let (subnet_nsg, nic_nsg) = w.nsgs_of(&nic);
-    let mut groups = Vec::new();
-    let subnet_id = w
-        .vnets
-        .get(&nic.vnet)
-        .map(|v| format!("{}/subnets/{}", v.id(), nic.subnet))
-        .unwrap_or_default();
-    for (nsg, assoc) in [
-        (subnet_nsg, json!({ "subnet": { "id": subnet_id } })),
-        (nic_nsg, json!({ "networkInterface": { "id": nic.id() } })),
-    ] {
-        let Some(nsg) = nsg else { continue };
-        let all = nsg.all_rules();
-        let rules: Vec<Value> = all
-            .rules
-            .iter()
-            .map(|r| {
-                let port = r.destination_ports.first().map(String::as_str).unwrap_or("*");
-                let port = if port == "*" { "0-65535".to_owned() } else if port.contains('-') { port.to_owned() } else { format!("{port}-{port}") };
-                json!({
-                    "name": rule_path(r),
-                    "protocol": match r.protocol { crate::azure::model::RuleProtocol::Tcp => "Tcp", crate::azure::model::RuleProtocol::Udp => "Udp", _ => "All" },
-                    "sourcePortRange": "0-65535",
-                    "destinationPortRange": port,
-                    "sourceAddressPrefix": r.source_prefixes.first().cloned().unwrap_or_else(|| "*".into()),
-                    "destinationAddressPrefix": r.destination_prefixes.first().cloned().unwrap_or_else(|| "*".into()),
-                    "expandedSourceAddressPrefix": [],
-                    "expandedDestinationAddressPrefix": [],
-                    "access": if r.allow { "Allow" } else { "Deny" },
-                    "priority": r.priority,
-                    "direction": if r.inbound { "Inbound" } else { "Outbound" }
-                })
-            })
-            .collect();
-        groups.push(json!({
-            "networkSecurityGroup": { "id": nsg.id() },
-            "association": assoc,
-            "effectiveSecurityRules": rules,
-            "tagMap": "{}"
-        }));
-    }
-    let result = json!({ "value": groups });
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Network", sub, &nic.location);
-    drop(w);
-    finish_later(s, id, timing.operation, move |_| Ok(Some(result)));
-    accepted(
-        &aao,
-        Some(&location),
-        timing.retry_after,
-        StatusCode::ACCEPTED,
-        None,
-    )
-}
-
 fn ip_flow_verify(s: &Arc<Shared>, sub: &str, rg: &str, watcher: &str, body: &[u8]) -> Response {
     let mut w = s.lock();
     let timing = w.timing.clone();
@@ -613,10 +561,13 @@ fn ip_flow_verify(s: &Arc<Shared>, sub: &str, rg: &str, watcher: &str, body: &[u
         );
     };
     let verdict = w.flow_verdict(&nic, remote, port);
-    let result = json!({
-        "access": if verdict.allow { "Allow" } else { "Deny" },
-        "ruleName": verdict.rule.map(|(r, _)| r).unwrap_or_default()
-    });
+    // Azure names the deciding rule (`securityRules/X`, `defaultSecurityRules/X`) and omits
+    // `ruleName` when no rule decided (no NSG on either level): Network Watcher's IP flow
+    // verify overview and `NetworkWatcherIpFlowVerify.json` (network 2024-03-01).
+    let mut result = json!({ "access": if verdict.allow { "Allow" } else { "Deny" } });
+    if let Some((rule, _)) = verdict.rule {
+        result["ruleName"] = json!(rule);
+    }
     let (id, aao, location) = start_op(s, &mut w, "Microsoft.Network", sub, &vm.location);
     drop(w);
     finish_later(s, id, timing.operation, move |_| Ok(Some(result)));
