@@ -394,7 +394,10 @@ fn certificate_condition(report: &ProbeReport) -> Desired {
             reasons::CERTIFICATE_UNREADABLE,
             "the server's certificate could not be read".to_string(),
         )),
-        Finding::NoTls => None,
+        Finding::NoTls
+        | Finding::NlaDisabled
+        | Finding::ClockSkew { .. }
+        | Finding::CertificateNameMismatch { .. } => None,
     });
     match (finding, &report.tls) {
         (Some((reason, message)), _) => {

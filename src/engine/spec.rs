@@ -66,6 +66,7 @@ impl ProbePolicy {
             timeout: self.timeout,
             layer_timeout: None,
             cert_warning: self.certificate_warning,
+            ..ProbeOptions::default()
         }
     }
 }

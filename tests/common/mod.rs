@@ -1,6 +1,7 @@
 //! Loopback test peers shared by the integration tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod shadow;
 pub mod xrdp;
 
 use std::{
