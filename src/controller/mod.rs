@@ -1,0 +1,330 @@
+//! The Kubernetes driver: a kube-runtime `Controller` over `RdpHealth` objects that asks the
+//! engine what to do, probes, and persists the engine's verdict (status by server-side apply,
+//! Events on transitions, metrics).
+//!
+//! Split along its seams: [`reconcile`] runs one object through the engine, [`status`] writes
+//! what it decided (status, Events), [`context`] holds what every reconcile shares (including
+//! the fleet view), [`memory`] what this replica remembers between reconciles, [`lease`] leader
+//! election; this file wires them into a running controller.
+
+mod context;
+mod lease;
+mod memory;
+mod reconcile;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::{api::core::v1::ObjectReference, jiff::Timestamp};
+use kube::{
+    Client, Resource,
+    api::{Api, Patch, PatchParams},
+    core::{DeserializeGuard, error_boundary::InvalidObject},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{Action, Config},
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
+        reflector::{Store, reflector, store::Writer},
+        watcher,
+    },
+};
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus, RemediationMode, conditions as types},
+    azure::{Azure, CountedAzure},
+    engine::{
+        self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec,
+        conditions::{self, Desired, Status},
+        remediate::{Fleet, RemediateError, Remediator, StatusSink, Subject},
+        writes,
+    },
+    http::{self, HttpError, HttpState},
+    ladder::{ExecutionPhase, LadderStatus},
+    ladder::{
+        Rung,
+        fleet::{FleetPolicy, FleetView, Member},
+    },
+    metrics::{Inventory, Metrics, MetricsError, ObjectKey},
+    probe::{Failure, FailureReason, Prober, Target},
+};
+
+pub use context::Context;
+use lease::elect;
+pub use lease::{Leadership, LeaseSettings};
+use memory::ProbeMemory;
+pub use reconcile::{error_policy, reconcile};
+
+/// The annotation that holds every rung (`"true"`).
+pub const PAUSE_ANNOTATION: &str = "rdphealth.io/pause";
+/// The annotation that approves one disruptive rung once: `<Rung>[/<token>]`.
+pub const APPROVE_ANNOTATION: &str = "rdphealth.io/approve";
+
+/// Errors of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object does not match the schema this operator understands.
+    #[error("failed to decode the object: {0}")]
+    Malformed(#[source] Box<InvalidObject>),
+    /// The object has no namespace (RdpHealth is namespaced; this is a broken object).
+    #[error("failed to identify the object: it has no namespace or name")]
+    MissingKey,
+    /// The status patch was rejected.
+    #[error("failed to patch the status")]
+    PatchStatus(#[source] kube::Error),
+    /// The remediation stage could not run (Azure throttled a read, the intent could not be
+    /// stored); the probe's result was stored.
+    #[error("failed to remediate")]
+    Remediate(#[source] RemediateError),
+}
+
+impl Error {
+    /// PascalCase reason (metric label, event reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "MalformedObject",
+            Self::MissingKey => "MissingKey",
+            Self::PatchStatus(_) => "PatchStatusFailed",
+            Self::Remediate(e) => e.reason(),
+        }
+    }
+
+    /// When to try again, when Azure said (throttling): not exponential.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Remediate(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+
+    /// Errors that retrying cannot fix: wait for the object to change instead.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Malformed(_) | Self::MissingKey)
+    }
+}
+
+/// Errors that stop the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Metrics could not be set up.
+    #[error("failed to set up metrics")]
+    Metrics(#[source] MetricsError),
+    /// The lease for leader election could not be set up.
+    #[error("failed to set up leader election")]
+    Lease(#[source] LeaseManagerError),
+    /// The HTTP server failed.
+    #[error("failed to serve HTTP")]
+    Http(#[source] HttpError),
+}
+
+impl RunError {
+    /// PascalCase reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Metrics(_) => "MetricsSetupFailed",
+            Self::Lease(_) => "LeaseSetupFailed",
+            Self::Http(_) => "HttpFailed",
+        }
+    }
+}
+
+/// How the operator runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Watch one namespace, or all when `None`.
+    pub namespace: Option<String>,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Leader election, or `None` for a single replica.
+    pub lease: Option<LeaseSettings>,
+    /// This replica's name, shown as the reporting instance of Events.
+    pub instance: Option<String>,
+    /// Fleet-wide remediation limits.
+    pub fleet: FleetPolicy,
+    /// The prober's source address as Azure sees it (NSG evaluation), if known.
+    pub probe_source: Option<IpAddr>,
+    /// How often a status whose only changes are per-probe facts (probe time and latency) is
+    /// written anyway ([`writes::HEARTBEAT`] by default).
+    pub status_heartbeat: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: None,
+            concurrency: 16,
+            lease: None,
+            instance: None,
+            fleet: FleetPolicy::default(),
+            probe_source: None,
+            status_heartbeat: writes::HEARTBEAT,
+        }
+    }
+}
+
+/// The I/O the engine is fed through: swapped in tests.
+#[derive(Clone)]
+pub struct Seams {
+    /// Probes endpoints.
+    pub prober: Arc<dyn Prober>,
+    /// Finds endpoints.
+    pub resolver: Arc<dyn EndpointResolver>,
+    /// Azure (evidence and remediation); `None` runs observe-only, probing objects that name
+    /// `spec.endpoint.host`.
+    pub azure: Option<Arc<CountedAzure>>,
+}
+
+/// Delay before retrying after `attempt` failed reconciles in a row: 1 s doubling to 5 min.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    const MAX: Duration = Duration::from_secs(300);
+    let exp = attempt.saturating_sub(1).min(16);
+    Duration::from_secs(1u64 << exp).min(MAX)
+}
+
+fn key_of(meta: &kube::api::ObjectMeta) -> Option<ObjectKey> {
+    Some(ObjectKey {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+    })
+}
+
+fn meta_of(guard: &DeserializeGuard<RdpHealth>) -> &kube::api::ObjectMeta {
+    match &guard.0 {
+        Ok(obj) => &obj.metadata,
+        Err(invalid) => &invalid.metadata,
+    }
+}
+
+/// The controller's object cache, as the metrics see it.
+struct StoreInventory(Store<DeserializeGuard<RdpHealth>>);
+
+impl Inventory for StoreInventory {
+    fn objects(&self) -> Vec<(ObjectKey, Option<Phase>)> {
+        self.0
+            .state()
+            .iter()
+            .filter_map(|guard| {
+                let key = key_of(meta_of(guard))?;
+                let phase = guard
+                    .0
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| o.status.as_ref())
+                    .and_then(|s| s.phase);
+                Some((key, phase))
+            })
+            .collect()
+    }
+}
+
+/// A controller over `api` whose watch marks `ready` after its first complete list and keeps
+/// `memory` free of deleted objects, and the object cache it fills.
+fn controller_for(
+    api: Api<DeserializeGuard<RdpHealth>>,
+    ready: Arc<AtomicBool>,
+    memory: Arc<ProbeMemory>,
+) -> (
+    Controller<DeserializeGuard<RdpHealth>>,
+    Store<DeserializeGuard<RdpHealth>>,
+) {
+    let writer = Writer::default();
+    let store = writer.as_reader();
+    let events = watcher(api, watcher::Config::default()).inspect_ok(move |event| {
+        if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
+            info!("first watch sync done: ready");
+        }
+    });
+    let cache = store.clone();
+    // After the reflector, so that the cache already reflects the event.
+    let objects = reflector(writer, events)
+        .inspect_ok(move |event| memory.follow(event, &cache))
+        .applied_objects();
+    (Controller::for_stream(objects, store.clone()), store)
+}
+
+/// Runs the operator until `shutdown` resolves: the controller, the HTTP endpoints on
+/// `listener`, and leader election when configured.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    seams: Seams,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new().map_err(RunError::Metrics)?);
+    if let Some(azure) = &seams.azure {
+        metrics.register_azure(azure).map_err(RunError::Metrics)?;
+    }
+    let (leadership, lease_task) = match &settings.lease {
+        Some(lease) => elect(&client, lease).await?,
+        None => (Leadership::always(), None),
+    };
+    let api: Api<DeserializeGuard<RdpHealth>> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let ready = Arc::new(AtomicBool::new(false));
+    let memory = Arc::new(ProbeMemory::default());
+    let (controller, store) = controller_for(api, Arc::clone(&ready), Arc::clone(&memory));
+    let controller =
+        controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
+    let state = HttpState {
+        metrics: Arc::clone(&metrics),
+        inventory: Arc::new(StoreInventory(store.clone())),
+        ready,
+    };
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, state, async move {
+        let _ = http_stopped.await;
+    }));
+
+    let remediation = seams.azure.is_some();
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            seams,
+            metrics,
+            leadership,
+            settings.instance.clone(),
+        )
+        .with_remediation(settings.fleet, settings.probe_source)
+        .with_store(store)
+        .with_memory(memory)
+        .with_status_heartbeat(settings.status_heartbeat),
+    );
+    info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
+    controller
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+    info!("controller stopped; shutting down");
+    let _ = stop_http.send(());
+    let served = server.await;
+    if let Some(lease) = lease_task {
+        lease.release().await;
+    }
+    match served {
+        Ok(result) => result.map_err(RunError::Http),
+        Err(_) => Ok(()),
+    }
+}

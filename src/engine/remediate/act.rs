@@ -1,0 +1,359 @@
+//! Storing a rung's intent, then making its Azure call.
+
+use super::messages::{set, summarize};
+use super::*;
+
+impl Remediator {
+    pub(super) async fn act(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        step: Step,
+        outcome: &mut Outcome,
+        sink: &dyn StatusSink,
+        now: Timestamp,
+    ) -> Result<Continue, RemediateError> {
+        let disruptive = step.rung.is_disruptive();
+        if disruptive && !self.fleet.claim(&vm.subscription, subject.key) {
+            return Ok(Continue::Until(
+                now.checked_add(Duration::from_secs(30)).unwrap_or(now),
+            ));
+        }
+        let status = &mut outcome.status;
+        if let Some((value, rung)) = &subject.approval
+            && *rung == step.rung
+        {
+            status.ladder.consumed_approval = Some(value.clone());
+        }
+        if disruptive {
+            // Evidence before disruption: it is in status; say so in an Event too.
+            outcome.events.push(Event {
+                severity: Severity::Normal,
+                reason: "EvidenceCaptured",
+                note: status
+                    .diagnosis
+                    .as_ref()
+                    .map_or_else(|| "no evidence could be read".into(), summarize),
+            });
+        }
+        status.ladder.start(step, now);
+        set(
+            status,
+            types::REMEDIATING,
+            Status::True,
+            "RungStarted",
+            format!("{step} started"),
+            now,
+        );
+        if let Err(e) = sink.persist(status).await {
+            // Nothing was called: forget the intent so the next reconcile decides again.
+            status.ladder.current = None;
+            self.fleet.release(&vm.subscription, subject.key);
+            return Err(RemediateError::Persist(e));
+        }
+        outcome.events.push(Event {
+            severity: Severity::Normal,
+            reason: "RemediationStarted",
+            note: format!(
+                "{step} started (attempt {})",
+                status.ladder.attempts_of(step)
+            ),
+        });
+        match self.call(subject, vm, step, now).await {
+            Ok((op, note)) => {
+                if let Some(note) = note {
+                    outcome.events.push(Event {
+                        severity: Severity::Warning,
+                        reason: "NsgRuleWritten",
+                        note,
+                    });
+                }
+                let first = now.checked_add(self.first_poll).unwrap_or(now);
+                status.ladder.running(
+                    OperationRef {
+                        async_operation_url: op.async_operation.clone(),
+                        location_url: op.location.clone(),
+                    },
+                    first,
+                );
+                if op.completed {
+                    if step.rung == Rung::ResetPassword {
+                        self.password_outcome(subject, true, &mut outcome.events, now)
+                            .await;
+                    }
+                    let until = now
+                        .checked_add(subject.spec.ladder.settle_time)
+                        .unwrap_or(now);
+                    status.ladder.settle(until, None);
+                    Ok(Continue::Until(until))
+                } else {
+                    Ok(Continue::Until(first))
+                }
+            }
+            Err(CallError::Azure(e @ AzureError::OutcomeUnknown { .. })) => {
+                // Azure may be carrying it out: never re-sent, the slot stays claimed, and
+                // what Azure shows and the probe settle it.
+                let until = now
+                    .checked_add(subject.spec.ladder.settle_time)
+                    .unwrap_or(now);
+                let message = format!(
+                    "{e}; Azure may be carrying it out, so it is not sent again and is judged by the VM's state and the probe"
+                );
+                outcome.status.ladder.settle_unknown(until, message.clone());
+                outcome.events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{step}: {message}; judged after {until}"),
+                });
+                Ok(Continue::Until(until))
+            }
+            Err(e) => Ok(self.failed(
+                subject,
+                vm,
+                &mut outcome.status,
+                &mut outcome.events,
+                e.describe(),
+                now,
+            )),
+        }
+    }
+
+    pub(super) async fn call(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        step: Step,
+        now: Timestamp,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        let plain =
+            |r: Result<Operation, AzureError>| r.map(|op| (op, None)).map_err(CallError::Azure);
+        match (step.rung, step.repair) {
+            (Rung::ResetRdpConfig, _) => plain(self.azure.reset_rdp_config(vm).await),
+            (Rung::RepairGuest, Some(repair)) => {
+                let script =
+                    repair_script(repair, subject.spec.ladder.allow_insecure_listener_settings);
+                plain(self.azure.run_command(vm, &script).await)
+            }
+            (Rung::ResetNic, _) => plain(self.azure.reset_nic(vm).await),
+            (Rung::Restart, _) => plain(self.azure.restart(vm).await),
+            (Rung::Redeploy, _) => plain(self.azure.redeploy(vm).await),
+            (Rung::StartVm, _) => plain(self.azure.start(vm).await),
+            (Rung::ResetPassword, _) => self.reset_password(subject, vm, now).await,
+            (Rung::RepairNsg, _) => self.repair_nsg(subject, vm).await,
+            (rung, None) => Err(CallError::Refused(format!(
+                "{rung} needs a targeted repair and none was chosen"
+            ))),
+        }
+    }
+
+    pub(super) fn vantage(&self, subject: &Subject<'_>) -> Vantage {
+        Vantage {
+            source: self.probe_source,
+            port: self.vm_rdp_port.unwrap_or(subject.spec.port),
+        }
+    }
+
+    pub(super) fn secret_ref(subject: &Subject<'_>) -> Option<SecretRef> {
+        let p = subject.spec.ladder.password_reset.as_ref()?;
+        let namespace = subject.key.split_once('/').map_or("default", |(ns, _)| ns);
+        Some(SecretRef {
+            namespace: namespace.to_string(),
+            name: p.secret_name.clone(),
+        })
+    }
+
+    /// Generates a password, stores it in the Secret as pending, then asks VMAccess to set
+    /// it. Nothing is sent to Azure unless the Secret holds the password first.
+    pub(super) async fn reset_password(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        now: Timestamp,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        let (Some(spec), Some(at)) = (
+            subject.spec.ladder.password_reset.as_ref(),
+            Self::secret_ref(subject),
+        ) else {
+            return Err(CallError::Refused(
+                "ResetPassword needs remediation.passwordReset".into(),
+            ));
+        };
+        let Some(store) = &self.secrets else {
+            return Err(CallError::Refused(
+                "this operator has no access to Secrets, so it cannot store a new password; nothing was sent to Azure".into(),
+            ));
+        };
+        let password = generate_password().map_err(|e| {
+            CallError::Refused(format!(
+                "no random source for the password ({e}); nothing was sent to Azure"
+            ))
+        })?;
+        store
+            .stage(&at, &spec.username, &password, now)
+            .await
+            .map_err(|e| {
+                CallError::Refused(format!(
+                    "could not store the new password ({e}); nothing was sent to Azure"
+                ))
+            })?;
+        match self
+            .azure
+            .reset_password(vm, &spec.username, &password)
+            .await
+        {
+            Ok(op) => Ok((op, None)),
+            Err(e @ AzureError::OutcomeUnknown { .. }) => {
+                // The VM may have the new password: it stays in the Secret (pending, then
+                // unconfirmed) until a later reset is confirmed.
+                Err(CallError::Azure(e))
+            }
+            Err(e) => {
+                // Azure refused outright: the pending password was never set.
+                if let Err(d) = store.discard(&at).await {
+                    tracing::warn!(secret = %at, error = %d, "could not drop the pending password");
+                }
+                Err(CallError::Azure(e))
+            }
+        }
+    }
+
+    /// Records the outcome of a password reset in its Secret (never the password itself in
+    /// anything but the Secret).
+    pub(super) async fn password_outcome(
+        &self,
+        subject: &Subject<'_>,
+        applied: bool,
+        events: &mut Vec<Event>,
+        now: Timestamp,
+    ) {
+        let (Some(store), Some(at)) = (&self.secrets, Self::secret_ref(subject)) else {
+            return;
+        };
+        let result = if applied {
+            store.commit(&at, now).await
+        } else {
+            store.discard(&at).await
+        };
+        match result {
+            Ok(()) if applied => events.push(Event {
+                severity: Severity::Normal,
+                reason: "PasswordStored",
+                note: format!(
+                    "the new password of the reset account is in Secret {} under key password",
+                    at.name
+                ),
+            }),
+            Ok(()) => {}
+            Err(e) => events.push(Event {
+                severity: Severity::Warning,
+                reason: "PasswordStateNotRecorded",
+                note: format!(
+                    "could not record the reset's outcome in Secret {} ({e}); the password sent to Azure is under key pendingPassword",
+                    at.name
+                ),
+            }),
+        }
+    }
+
+    /// Adds an allow rule for the allowed prefixes to every NSG level that denies the
+    /// prober, after re-reading the rules (see [`crate::ladder::nsg_repair`]).
+    pub(super) async fn repair_nsg(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+    ) -> Result<(Operation, Option<String>), CallError> {
+        use crate::{evidence::nsg::NetworkContext, ladder::nsg_repair};
+        let rules = self
+            .azure
+            .network_rules(vm)
+            .await
+            .map_err(CallError::Azure)?;
+        let vantage = self.vantage(subject);
+        let (flow, subnet, nic) = crate::engine::gather::probe_flow(&rules, vantage)
+            .ok_or_else(|| CallError::Refused("the VM's NIC has no private address".into()))?;
+        let private = flow.destination;
+        let prefixes = &subject.spec.ladder.nsg_allowed_prefixes;
+        let plan = nsg_repair::plan(
+            &flow,
+            subnet.as_ref(),
+            nic.as_ref(),
+            &NetworkContext::private_ranges(),
+            prefixes,
+            &vm.name,
+        )
+        .map_err(|e| CallError::Refused(format!("NSG not changed: {e}")))?;
+        let mut last = None;
+        let mut written = Vec::new();
+        for rule in &plan {
+            let op = self
+                .azure
+                .put_allow_rule(
+                    vm,
+                    &AllowRule {
+                        nsg_id: rule.nsg.clone(),
+                        name: rule.name.clone(),
+                        priority: i32::try_from(rule.priority).unwrap_or(4096),
+                        source_prefixes: prefixes.clone(),
+                        destination_prefix: private.to_string(),
+                        port: vantage.port,
+                        description: nsg_repair::description(),
+                    },
+                )
+                .await
+                .map_err(CallError::Azure)?;
+            written.push(format!(
+                "{} at priority {} in NSG {} (outranks {})",
+                rule.name, rule.priority, rule.nsg, rule.outranks
+            ));
+            last = Some(op);
+        }
+        let op = last.ok_or_else(|| CallError::Refused("no NSG rule to write".into()))?;
+        Ok((
+            op,
+            Some(format!(
+                "allowed RDP to {private}:{} from {} only: {}",
+                vantage.port,
+                prefixes.join(", "),
+                written.join("; ")
+            )),
+        ))
+    }
+}
+
+/// The script lines of a repair, with the consent switch applied.
+pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
+    let text = repair.script();
+    let text = if repair == GuestRepair::ListenerKeepAlive && allow_insecure {
+        text.replace(
+            "param([string]$AllowInsecureListenerSettings = 'false')",
+            "param([string]$AllowInsecureListenerSettings = 'true')",
+        )
+    } else {
+        text.to_string()
+    };
+    text.lines().map(str::to_string).collect()
+}
+
+pub(super) fn script_result(stdout: &str) -> String {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("RDPHEALTH result"))
+        .unwrap_or("script finished")
+        .chars()
+        .take(300)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consent_switch_is_applied_only_with_consent() {
+        let safe = repair_script(GuestRepair::ListenerKeepAlive, false).join("\n");
+        assert!(safe.contains("AllowInsecureListenerSettings = 'false'"));
+        let consented = repair_script(GuestRepair::ListenerKeepAlive, true).join("\n");
+        assert!(consented.contains("AllowInsecureListenerSettings = 'true'"));
+    }
+}

@@ -1,0 +1,322 @@
+//! From a decision to status, events and what to do next.
+
+use super::messages::{
+    clear_suspension, current, names, refresh_at, set, summarize, suspension_message, wait_message,
+};
+use super::*;
+
+/// How long a rung of unknown outcome may wait for Azure to show that it is done.
+const UNKNOWN_OUTCOME_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+impl Remediator {
+    /// For a rung whose call's outcome is unknown: while Azure shows the VM still being
+    /// changed (provisioning state not terminal, or unreadable), the rung keeps settling
+    /// (and its fleet slot) instead of being judged, up to [`UNKNOWN_OUTCOME_LIMIT`].
+    /// Returns when to look again.
+    async fn still_busy(
+        &self,
+        vm: &VmRef,
+        status: &mut RdpHealthStatus,
+        settle: Duration,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let current = status.ladder.current.as_ref()?;
+        if !current.outcome_unknown {
+            return None;
+        }
+        let started = current.started_at.0;
+        if now.duration_since(started).as_secs_f64() >= UNKNOWN_OUTCOME_LIMIT.as_secs_f64() {
+            return None;
+        }
+        let busy = match self.azure.vm_state(vm).await {
+            Ok(state) => state
+                .provisioning_state
+                .as_deref()
+                .is_some_and(|p| !matches!(p, "Succeeded" | "Failed" | "Canceled")),
+            Err(_) => true,
+        };
+        if !busy {
+            return None;
+        }
+        let until = now
+            .checked_add(settle.max(Duration::from_secs(10)))
+            .unwrap_or(now);
+        let message = current.message.clone().unwrap_or_default();
+        status.ladder.settle_unknown(until, message);
+        Some(until)
+    }
+
+    pub(super) async fn execute(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        decision: Decision,
+        outcome: &mut Outcome,
+        sink: &dyn StatusSink,
+        now: Timestamp,
+    ) -> Result<Continue, RemediateError> {
+        let status = &mut outcome.status;
+        let events = &mut outcome.events;
+        let policy = &subject.spec.ladder;
+        Ok(match decision {
+            Decision::Undecided => Continue::Done,
+            Decision::Idle => {
+                set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    "Idle",
+                    "nothing to remediate",
+                    now,
+                );
+                clear_suspension(status, now);
+                Continue::Done
+            }
+            Decision::Observe => {
+                set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    "ObserveOnly",
+                    "remediation.mode is Observe: evidence is reported, nothing is changed",
+                    now,
+                );
+                Continue::Done
+            }
+            Decision::GatherEvidence => {
+                let how = Gathering {
+                    vantage: self.vantage(subject),
+                    previous: status.diagnosis.as_ref(),
+                    first_poll: self.first_poll,
+                };
+                let (ev, read_events) = gather(self.azure.as_ref(), vm, &how, now)
+                    .await
+                    .map_err(RemediateError::Azure)?;
+                events.push(Event {
+                    severity: Severity::Normal,
+                    reason: "EvidenceGathered",
+                    note: summarize(&ev),
+                });
+                events.extend(read_events);
+                if ev.nsg.as_ref().is_some_and(|n| n.open_to_internet) {
+                    events.push(Event {
+                        severity: Severity::Warning,
+                        reason: "RdpOpenToInternet",
+                        note: "an NSG rule allows RDP from the whole internet; restrict it to the users' addresses".into(),
+                    });
+                }
+                status.diagnosis = Some(ev);
+                Continue::Again
+            }
+            Decision::PollEvidence => {
+                if let Some(ev) = status.diagnosis.as_mut() {
+                    let polled = poll_pending(self.azure.as_ref(), vm, ev, now).await;
+                    if let Some(refused) = polled
+                        .iter()
+                        .find(|e| e.reason == crate::engine::gather::UNTRUSTED_OPERATION_URL)
+                    {
+                        set(
+                            status,
+                            types::OPERATION_URLS_TRUSTED,
+                            Status::False,
+                            refused.reason,
+                            refused.note.clone(),
+                            now,
+                        );
+                    }
+                    events.extend(polled);
+                }
+                Continue::Again
+            }
+            Decision::Blocked(blocker) => {
+                let changed = set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    blocker.reason(),
+                    blocker.message(),
+                    now,
+                );
+                if changed {
+                    events.push(Event {
+                        severity: Severity::Warning,
+                        reason: blocker.reason(),
+                        note: blocker.message(),
+                    });
+                }
+                Continue::Until(refresh_at(status, policy.evidence_refresh, now))
+            }
+            Decision::Wait { until, reason } => {
+                let status_value = match reason {
+                    WaitReason::Polling | WaitReason::Settling | WaitReason::Backoff => {
+                        Status::True
+                    }
+                    _ => Status::False,
+                };
+                set(
+                    status,
+                    types::REMEDIATING,
+                    status_value,
+                    reason.reason(),
+                    wait_message(reason, until),
+                    now,
+                );
+                Continue::Until(until)
+            }
+            Decision::Suspended(s) => {
+                let changed = set(
+                    status,
+                    types::REMEDIATION_SUSPENDED,
+                    Status::True,
+                    s.reason(),
+                    suspension_message(s),
+                    now,
+                );
+                if changed && s != Suspension::NotLeader {
+                    events.push(Event {
+                        severity: Severity::Warning,
+                        reason: "RemediationSuspended",
+                        note: suspension_message(s),
+                    });
+                }
+                Continue::Until(now.checked_add(Duration::from_secs(60)).unwrap_or(now))
+            }
+            Decision::Poll => self.poll(subject, vm, status, events, now).await,
+            Decision::AbandonRequest => {
+                let until = now.checked_add(policy.settle_time).unwrap_or(now);
+                status.ladder.settle_unknown(until, "the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into());
+                events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{} was interrupted while calling Azure; it is not repeated and the probe judges it after {until}", current(&status.ladder).0),
+                });
+                Continue::Until(until)
+            }
+            Decision::NotFixed => {
+                if let Some(until) = self.still_busy(vm, status, policy.settle_time, now).await {
+                    return Ok(Continue::Until(until));
+                }
+                let (step, attempt) = current(&status.ladder);
+                let n = status.ladder.incident_attempts();
+                let next = now
+                    .checked_add(policy.backoff.delay(n, subject.seed))
+                    .unwrap_or(now);
+                let rung = status.ladder.current.as_ref().map(|c| c.step.rung);
+                status.ladder.not_fixed(now, next);
+                self.fleet.release(&vm.subscription, subject.key);
+                if matches!(rung, Some(Rung::StartVm | Rung::RepairNsg)) {
+                    // They change what the evidence says: read it again before the next step.
+                    status.diagnosis = None;
+                }
+                events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationNotFixed",
+                    note: format!("{step} (attempt {attempt}) finished but RDP is still unreachable; next step not before {next}"),
+                });
+                Continue::Again
+            }
+            Decision::Plan(step) => {
+                if status.ladder.planned != Some(step) {
+                    events.push(Event {
+                        severity: Severity::Normal,
+                        reason: "RemediationPlanned",
+                        note: format!("DryRun: would run {step} now"),
+                    });
+                }
+                status.ladder.planned = Some(step);
+                set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    "DryRun",
+                    format!("DryRun: the next step would be {step}"),
+                    now,
+                );
+                Continue::Until(refresh_at(status, policy.evidence_refresh, now))
+            }
+            Decision::Act(step) => self.act(subject, vm, step, outcome, sink, now).await?,
+            Decision::GiveUp(GiveUp::Exhausted {
+                need_permission,
+                need_agent,
+            }) => {
+                let first = !status.ladder.exhausted;
+                status.ladder.exhaust(now);
+                let mut message =
+                    "every usable rung was tried and RDP is still unreachable".to_string();
+                if !need_permission.is_empty() {
+                    message.push_str(&format!("; needs permission: {}", names(&need_permission)));
+                }
+                if !need_agent.is_empty() {
+                    message.push_str(&format!("; needs a Ready VM agent: {}", names(&need_agent)));
+                }
+                set(
+                    status,
+                    types::LADDER_EXHAUSTED,
+                    Status::True,
+                    "LadderExhausted",
+                    message.clone(),
+                    now,
+                );
+                set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    "LadderExhausted",
+                    message.clone(),
+                    now,
+                );
+                if first {
+                    events.push(Event {
+                        severity: Severity::Warning,
+                        reason: "LadderExhausted",
+                        note: message,
+                    });
+                }
+                Continue::Until(refresh_at(status, policy.evidence_refresh, now))
+            }
+            Decision::Recovered => {
+                let by = status.ladder.recover(now);
+                self.fleet.release(&vm.subscription, subject.key);
+                status.diagnosis = None;
+                set(
+                    status,
+                    types::LADDER_EXHAUSTED,
+                    Status::False,
+                    "Recovered",
+                    "reachable again",
+                    now,
+                );
+                set(
+                    status,
+                    types::REMEDIATING,
+                    Status::False,
+                    "Recovered",
+                    "reachable again",
+                    now,
+                );
+                clear_suspension(status, now);
+                if conditions::status_of(&status.conditions, types::OPERATION_URLS_TRUSTED)
+                    == Some(Status::False)
+                {
+                    set(
+                        status,
+                        types::OPERATION_URLS_TRUSTED,
+                        Status::True,
+                        "ArmEndpointOnly",
+                        "the incident ended; operation URLs are polled only at the ARM endpoint",
+                        now,
+                    );
+                }
+                events.push(Event {
+                    severity: Severity::Normal,
+                    reason: "RemediationSucceeded",
+                    note: match by {
+                        Some(step) => format!("RDP is reachable again after {step}"),
+                        None => "RDP is reachable again without a remediation rung".into(),
+                    },
+                });
+                Continue::Recovered(by)
+            }
+        })
+    }
+}
