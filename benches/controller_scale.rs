@@ -104,6 +104,7 @@ fn object_with_status(i: usize) -> Value {
             host: "127.0.0.1".into(),
             port: 3389,
             source: EndpointSource::Spec,
+            computer_name: None,
         },
         report: Box::new(healthy_report("127.0.0.1:3389".into())),
     };

@@ -94,6 +94,7 @@ fn probed() -> Observation {
             host: "10.0.0.4".into(),
             port: 3389,
             source: EndpointSource::Spec,
+            computer_name: None,
         },
         report: Box::new(ok_report()),
     }

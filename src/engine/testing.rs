@@ -53,6 +53,7 @@ pub(crate) fn endpoint() -> ResolvedEndpoint {
         host: "10.0.0.4".into(),
         port: 3389,
         source: EndpointSource::Spec,
+        computer_name: None,
     }
 }
 
