@@ -60,7 +60,14 @@ fn crd_names_and_columns() {
         .collect();
     assert_eq!(
         columns,
-        ["Reachable", "Phase", "Reason", "Computer", "Last Probe", "Age"]
+        [
+            "Reachable",
+            "Phase",
+            "Reason",
+            "Computer",
+            "Last Probe",
+            "Age"
+        ]
     );
     // The computer name the endpoint answered as shows with `kubectl get rdph -o wide`.
     let computer = &version["additionalPrinterColumns"][3];

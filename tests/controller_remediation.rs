@@ -546,9 +546,10 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
         s["diagnosis"].is_object()
     })
     .await;
+    // osProfile.computerName is read with the address: what the endpoint must answer as.
     assert_eq!(
         s["endpoint"],
-        json!({"host": public_ip, "port": 3389, "source": "Azure"})
+        json!({"host": public_ip, "port": 3389, "source": "Azure", "computerName": "vm-rdp"})
     );
     assert_eq!(s["diagnosis"]["agentReady"], true, "{s:#}");
 

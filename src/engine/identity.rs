@@ -168,7 +168,10 @@ mod tests {
         };
         if id.answers_as("vm-1") == Some(false) {
             report.reachable = false;
-            report.failure = Some(Failure::new(FailureReason::WrongHost, "answered as another"));
+            report.failure = Some(Failure::new(
+                FailureReason::WrongHost,
+                "answered as another",
+            ));
         }
         report.nla = Some(NlaFacts {
             credssp,
@@ -213,12 +216,18 @@ mod tests {
         assert_eq!(status.identity.as_ref().unwrap().matches, Some(true));
         assert!(!identity_due(&spec, Some(&status), &ep, at(1030)));
         assert!(!identity_due(&spec, Some(&status), &ep, at(1599)));
-        assert!(identity_due(&spec, Some(&status), &ep, at(1600)), "every 10 minutes");
+        assert!(
+            identity_due(&spec, Some(&status), &ep, at(1600)),
+            "every 10 minutes"
+        );
         let moved = ResolvedEndpoint {
             host: "10.0.0.9".into(),
             ..ep.clone()
         };
-        assert!(identity_due(&spec, Some(&status), &moved, at(1030)), "a new address");
+        assert!(
+            identity_due(&spec, Some(&status), &moved, at(1030)),
+            "a new address"
+        );
         let mut redeployed = status.clone();
         redeployed.ladder.history.push(crate::ladder::RungRecord {
             step: crate::ladder::Step::rung(crate::ladder::Rung::Redeploy),
@@ -228,7 +237,10 @@ mod tests {
             outcome: crate::ladder::RungOutcome::Fixed,
             message: None,
         });
-        assert!(identity_due(&spec, Some(&redeployed), &ep, at(1030)), "after a redeploy");
+        assert!(
+            identity_due(&spec, Some(&redeployed), &ep, at(1030)),
+            "after a redeploy"
+        );
         let opts = probe_options(&spec, Some(&status), &ep, at(1030));
         assert!(!opts.identity);
         assert_eq!(opts.expect_name.as_deref(), Some("vm-1"));
@@ -248,10 +260,18 @@ mod tests {
         let message = &conditions::find(&out.status.conditions, types::HOST_IDENTITY)
             .unwrap()
             .message;
-        assert!(message.contains("VM-7") && message.contains("vm-1"), "{message}");
+        assert!(
+            message.contains("VM-7") && message.contains("vm-1"),
+            "{message}"
+        );
         assert_eq!(reasons_of(&out.events), [reasons::WRONG_HOST]);
         let spec = ValidSpec::try_from(&obj.spec).unwrap();
-        assert!(identity_due(&spec, obj.status.as_ref(), &azure_endpoint(), at(1011)));
+        assert!(identity_due(
+            &spec,
+            obj.status.as_ref(),
+            &azure_endpoint(),
+            at(1011)
+        ));
         // Plain handshakes with the other machine do not look healthy: still wrong_host.
         for t in [1020, 1030, 1040] {
             let out = step(&mut obj, ok_report(), t);
@@ -281,7 +301,13 @@ mod tests {
             ("True".into(), reasons::HOST_VERIFIED.into())
         );
         assert!(out.status.last_probe.as_ref().unwrap().reachable);
-        assert!(step(&mut obj, ok_report(), 1080).status.last_probe.unwrap().reachable);
+        assert!(
+            step(&mut obj, ok_report(), 1080)
+                .status
+                .last_probe
+                .unwrap()
+                .reachable
+        );
     }
 
     #[test]

@@ -229,7 +229,11 @@ impl Step {
         let judged;
         let report = if report.reachable
             && report.nla.is_none()
-            && self.status.identity.as_ref().is_some_and(|i| i.matches == Some(false))
+            && self
+                .status
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.matches == Some(false))
         {
             judged = identity::judge(Some(&self.status), &endpoint, report.clone());
             &judged

@@ -75,8 +75,20 @@ impl Shadow {
         shadow
     }
 
-    /// Starts a server named `hostname` whose home (and certificate) is `home`.
+    /// Starts a server named `hostname` whose home (and certificate) is `home`. A server that
+    /// exits before listening (a port taken meanwhile by a parallel test) is started again.
     pub fn start_in(hostname: &str, args: &[&str], home: &Path) -> Self {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(hostname, args, home) {
+                Ok(shadow) => return shadow,
+                Err(why) => last = why,
+            }
+        }
+        panic!("the shadow server did not start: {last}");
+    }
+
+    fn try_start(hostname: &str, args: &[&str], home: &Path) -> Result<Self, String> {
         let mut xvfb = Command::new(XVFB)
             .args([
                 "-displayfd",
@@ -108,7 +120,7 @@ impl Shadow {
             .env("HOME", home)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(home.join("shadow.log")).unwrap())
             .spawn()
             .unwrap();
         let shadow = Self {
@@ -123,15 +135,15 @@ impl Shadow {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !listening(port) {
             if let Ok(Some(status)) = shadow.server.try_wait() {
-                panic!("the shadow server exited with {status} before listening");
+                let log = std::fs::read_to_string(home.join("shadow.log")).unwrap_or_default();
+                return Err(format!("it exited with {status} before listening:\n{log}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "the shadow server did not listen on {port} within 15 s"
-            );
+            if Instant::now() > deadline {
+                return Err(format!("it did not listen on {port} within 15 s"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        shadow
+        Ok(shadow)
     }
 
     /// `127.0.0.1:PORT`.
