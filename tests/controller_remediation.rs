@@ -242,7 +242,7 @@ impl Azure for Witness {
 }
 
 /// The I/O of an operator against `sim`, with the witness of its Azure calls.
-fn seams(api: &Arc<FakeApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
+fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
     let witness = Arc::new(Witness {
         inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
         api: Arc::clone(api),
@@ -535,7 +535,6 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
         s["diagnosis"].is_object()
     })
     .await;
-    // osProfile.computerName is read with the address: what the endpoint must answer as.
     assert_eq!(
         s["endpoint"],
         json!({"host": public_ip, "port": 3389, "source": "Azure", "computerName": "vm-rdp"})
@@ -1397,7 +1396,7 @@ async fn a_decision_taken_on_a_stale_copy_sends_nothing() {
     )
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::ZERO)).await;
     api.create(
         "rdphealths",
