@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the checks need, then runs every check.
-# Real peers (xrdp, promtool, network namespaces) are required here, never skipped.
+# Real peers (xrdp, FreeRDP's shadow server, promtool, network namespaces) are required here, never skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,9 @@ log() { printf '\n==> %s\n' "$*"; }
 install_system_packages() {
   local need=()
   [ -x /usr/sbin/xrdp ] || need+=(xrdp)
+  # A real CredSSP/NTLM server for the identity step, and the X display it shadows.
+  [ -x /usr/bin/freerdp-shadow-cli ] || need+=(freerdp2-shadow-x11)
+  [ -x /usr/bin/Xvfb ] || need+=(xvfb)
   command -v promtool >/dev/null || need+=(prometheus)
   command -v iptables >/dev/null || need+=(iptables)
   command -v ip >/dev/null || need+=(iproute2)
@@ -62,6 +65,7 @@ install_python_tools
 
 # Tests that need a real peer fail instead of skipping when it is missing.
 export RDPHEALTH_REQUIRE_XRDP=1
+export RDPHEALTH_REQUIRE_FREERDP_SHADOW=1
 export RDPHEALTH_REQUIRE_NETNS=1
 export RDPHEALTH_REQUIRE_PROMTOOL=1
 export RDPHEALTH_REQUIRE_HADOLINT=1

@@ -41,6 +41,12 @@ pub mod conditions {
     /// when one in status pointed elsewhere: it was not polled (the ARM token goes only to
     /// ARM), and the rung or read it belonged to is settled without it.
     pub const OPERATION_URLS_TRUSTED: &str = "OperationUrlsTrusted";
+    /// The endpoint answered as the VM's own computer name (`osProfile.computerName`). False
+    /// (`WrongHost`) when it answered as another machine: the ladder never acts then.
+    pub const HOST_IDENTITY: &str = "HostIdentity";
+    /// The server requires Network Level Authentication (CredSSP); False (`NlaDisabled`) when
+    /// clients can connect without it.
+    pub const NLA_REQUIRED: &str = "NlaRequired";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -82,6 +88,22 @@ pub mod reasons {
     pub const RECOVERED: &str = "Recovered";
     /// Reachable=False, but recent probes succeed (below the success threshold).
     pub const RECOVERING: &str = "Recovering";
+    /// HostIdentity=True: the endpoint answered as the VM's computer name.
+    pub const HOST_VERIFIED: &str = "HostVerified";
+    /// HostIdentity=True without an expected name to compare with: the name was read only.
+    pub const IDENTITY_READ: &str = "IdentityRead";
+    /// HostIdentity=Unknown: no identity read yet (no CredSSP, or the step failed).
+    pub const IDENTITY_UNKNOWN: &str = "IdentityUnknown";
+    /// HostIdentity=False, and Event: the endpoint answered as another computer.
+    pub const WRONG_HOST: &str = "WrongHost";
+    /// NlaRequired=True.
+    pub const NLA_REQUIRED: &str = "NlaRequired";
+    /// NlaRequired=False, and Event: clients can connect without NLA.
+    pub const NLA_DISABLED: &str = "NlaDisabled";
+    /// Event: the server's clock is off by more than 5 minutes (NLA logons fail).
+    pub const CLOCK_SKEW: &str = "ClockSkew";
+    /// Event: the RDP certificate is not issued to the computer that answered.
+    pub const CERTIFICATE_NAME_MISMATCH: &str = "CertificateNameMismatch";
 }
 
 /// Pattern of a Go-style duration that Kubernetes CEL `duration()` understands.
@@ -116,6 +138,13 @@ pub const RESOURCE_ID_PATTERN: &str = r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-
         name = "Reason",
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="Reachable")].reason"#
+    ),
+    printcolumn(
+        name = "Computer",
+        type_ = "string",
+        priority = "1",
+        description = "The computer name the endpoint answered as (NTLM CHALLENGE)",
+        json_path = ".status.identity.computerName"
     ),
     printcolumn(
         name = "Last Probe",
@@ -231,6 +260,14 @@ pub struct ProbeSpec {
     #[serde(default = "default_certificate_warning")]
     #[schemars(length(max = 32), regex(pattern = LONG_DURATION_PATTERN))]
     pub certificate_warning: String,
+    /// How often a probe also runs the identity step (an NTLM NEGOTIATE in CredSSP, no
+    /// credentials) that tells which computer answers, whether NLA is enforced and the
+    /// server's clock. It also runs on the first probe of a newly resolved endpoint and after
+    /// rungs that can change addresses, and on every probe while the endpoint answers as
+    /// another computer. e.g. `10m`.
+    #[serde(default = "default_identity_check_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub identity_check_interval: String,
 }
 
 impl Default for ProbeSpec {
@@ -242,6 +279,7 @@ impl Default for ProbeSpec {
             failure_threshold: default_failure_threshold(),
             success_threshold: default_success_threshold(),
             certificate_warning: default_certificate_warning(),
+            identity_check_interval: default_identity_check_interval(),
         }
     }
 }
@@ -263,6 +301,9 @@ fn default_success_threshold() -> u32 {
 }
 fn default_certificate_warning() -> String {
     "14d".into()
+}
+fn default_identity_check_interval() -> String {
+    "10m".into()
 }
 
 /// How far the operator may go to restore RDP access.
@@ -470,6 +511,45 @@ pub struct RdpHealthStatus {
     /// budgets and history.
     #[serde(default, skip_serializing_if = "LadderStatus::is_empty")]
     pub ladder: LadderStatus,
+    /// Whom the endpoint answered as, from the last identity step (NTLM CHALLENGE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityStatus>,
+}
+
+/// The computer behind the endpoint, from the server's NTLM CHALLENGE (no credentials used).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityStatus {
+    /// When the identity step ran.
+    pub observed_at: Time,
+    /// The endpoint it ran against (`host:port`).
+    pub endpoint: String,
+    /// NetBIOS computer name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computer_name: Option<String>,
+    /// DNS computer name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+    /// NetBIOS domain (the computer name on a workgroup server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// DNS domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_domain: Option<String>,
+    /// OS version from the NTLM Version field (`major.minor.build`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_version: Option<String>,
+    /// Server clock minus the operator's clock, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_skew_seconds: Option<i64>,
+    /// `required`, `not_required`, `offered` or `not_offered`.
+    pub credssp: String,
+    /// The name it had to answer as (`osProfile.computerName`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_name: Option<String>,
+    /// Whether it answered as `expectedName` (absent when there was nothing to compare).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matches: Option<bool>,
 }
 
 /// The outcome of one probe.
@@ -518,6 +598,10 @@ pub struct ResolvedEndpoint {
     pub port: u16,
     /// Where `host` came from.
     pub source: EndpointSource,
+    /// The VM's computer name (`osProfile.computerName`), read from Azure with the address:
+    /// the name the endpoint must answer as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computer_name: Option<String>,
 }
 
 /// Conditions as a list-map keyed by `type`, so server-side apply merges them per type.

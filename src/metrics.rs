@@ -399,17 +399,21 @@ pub const SUSPENSION_REASONS: [&str; 4] = [
 ];
 
 /// The `rdphealth_findings{kind}` label values.
-pub const FINDING_KINDS: [&str; 6] = [
+pub const FINDING_KINDS: [&str; 9] = [
     "certificate_expiring",
     "certificate_expired",
     "no_tls",
     "rdp_open_to_internet",
     "nsg_denied",
     "vm_not_running",
+    "wrong_host",
+    "nla_disabled",
+    "clock_skew",
 ];
 
 /// The findings a status shows: certificate problems of the last probe (from the
-/// `CertificateValid` condition) and the current incident's evidence.
+/// `CertificateValid` condition), the identity step's (`HostIdentity`, `NlaRequired`, the
+/// recorded clock skew) and the current incident's evidence.
 pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
     let mut kinds = Vec::new();
     match conditions::find(&status.conditions, types::CERTIFICATE_VALID).map(|c| c.reason.as_str())
@@ -418,6 +422,18 @@ pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
         Some(reasons::CERTIFICATE_EXPIRED) => kinds.push("certificate_expired"),
         Some(reasons::NO_TLS) => kinds.push("no_tls"),
         _ => {}
+    }
+    if conditions::status_of(&status.conditions, types::HOST_IDENTITY) == Some(Status::False) {
+        kinds.push("wrong_host");
+    }
+    if conditions::status_of(&status.conditions, types::NLA_REQUIRED) == Some(Status::False) {
+        kinds.push("nla_disabled");
+    }
+    let limit = i64::try_from(crate::probe::DEFAULT_MAX_CLOCK_SKEW.as_secs()).unwrap_or(300);
+    if let Some(skew) = status.identity.as_ref().and_then(|i| i.clock_skew_seconds)
+        && skew.abs() > limit
+    {
+        kinds.push("clock_skew");
     }
     if let Some(d) = &status.diagnosis {
         if let Some(nsg) = &d.nsg {

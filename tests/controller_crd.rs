@@ -60,8 +60,19 @@ fn crd_names_and_columns() {
         .collect();
     assert_eq!(
         columns,
-        ["Reachable", "Phase", "Reason", "Last Probe", "Age"]
+        [
+            "Reachable",
+            "Phase",
+            "Reason",
+            "Computer",
+            "Last Probe",
+            "Age"
+        ]
     );
+    // The computer name the endpoint answered as shows with `kubectl get rdph -o wide`.
+    let computer = &version["additionalPrinterColumns"][3];
+    assert_eq!(computer["priority"], 1);
+    assert_eq!(computer["jsonPath"], ".status.identity.computerName");
     let schema = schema();
     let conditions = &schema["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");

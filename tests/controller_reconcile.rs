@@ -77,6 +77,7 @@ fn reachable() -> ProbeReport {
         layers: Layers::default(),
         selected_protocol: Some(SecurityProtocol::Rdp),
         tls: None,
+        nla: None,
         findings: vec![],
         likely_causes: vec![],
         total_ms: 3.0,

@@ -534,7 +534,7 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     .await;
     assert_eq!(
         s["endpoint"],
-        json!({"host": public_ip, "port": 3389, "source": "Azure"})
+        json!({"host": public_ip, "port": 3389, "source": "Azure", "computerName": "vm-rdp"})
     );
     assert_eq!(s["diagnosis"]["agentReady"], true, "{s:#}");
 

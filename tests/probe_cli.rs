@@ -58,11 +58,21 @@ fn xrdp_negotiate_selects_ssl_with_tls13_and_its_certificate() {
         assert_eq!(json["layers"][layer]["ok"], true, "{layer}");
         assert!(json["layers"][layer]["ms"].as_f64().unwrap() >= 0.0);
     }
-    assert_eq!(json["findings"], serde_json::json!([]));
+    // xrdp has no CredSSP: the probe says so, as a finding, and sends nothing after TLS.
+    assert_eq!(json["nla"]["credssp"], "not_offered", "{json}");
+    assert_eq!(json["layers"].get("nla"), None);
+    assert_eq!(
+        json["findings"],
+        serde_json::json!([{"kind": "nla_disabled"}])
+    );
 
     let (code, human) = probe_human(&server.target());
     assert_eq!(code, 0);
     assert!(human.contains("selected ssl"), "{human}");
+    assert!(
+        human.contains("CredSSP not_offered (server selected ssl)"),
+        "{human}"
+    );
     assert!(human.contains("TLSv1.3"), "{human}");
     assert!(human.contains("result: reachable"), "{human}");
 }
@@ -89,7 +99,10 @@ fn xrdp_rdp_layer_is_reachable_without_tls() {
     assert_eq!(code, 0, "{json}");
     assert_eq!(json["selectedProtocol"], "rdp");
     assert_eq!(json["tls"], Value::Null);
-    assert_eq!(json["findings"], serde_json::json!([{"kind": "no_tls"}]));
+    assert_eq!(
+        json["findings"],
+        serde_json::json!([{"kind": "no_tls"}, {"kind": "nla_disabled"}])
+    );
     assert!(json["layers"].get("tls").is_none());
 
     let (_, human) = probe_human(&server.target());

@@ -230,3 +230,52 @@ async fn only_redeploy_fixes_a_host_failure() {
     );
     sim.shutdown().await;
 }
+
+/// The responders answer the identity step like a Windows server with NLA: the CHALLENGE names
+/// the VM's computer name, TLS alone is refused; a VM whose address another machine took
+/// answers with that machine's name, which `expect_name` turns into `wrong_host`.
+#[tokio::test]
+async fn responders_name_the_machine_that_answers() {
+    let yaml = std::fs::read_to_string("scenarios/minimal.yaml")
+        .unwrap()
+        .replace(
+            "privateIp: 10.20.0.10 } }",
+            "privateIp: 10.20.0.10 } }\n          - { name: vm-reused, nic: { subnet: vnet-web/default, networkSecurityGroup: nsg-web }, answersAs: vm-retired }",
+        );
+    let scenario = Scenario::from_yaml(&yaml).unwrap();
+    let sim = Simulator::start(scenario).await.unwrap();
+    let identify = |expect: Option<&str>| ProbeOptions {
+        identity: true,
+        expect_name: expect.map(str::to_owned),
+        ..opts()
+    };
+    let probe_with = async |vm: &str, o: ProbeOptions| {
+        let addr = sim.responder(vm).unwrap();
+        let target = Target::new(addr.ip().to_string(), addr.port()).unwrap();
+        RdpProber::new().unwrap().probe_once(&target, &o).await
+    };
+    let own = probe_with("vm-web", identify(Some("vm-web"))).await;
+    assert!(own.reachable, "{own:?}");
+    let nla = own.nla.as_ref().unwrap();
+    assert_eq!(nla.credssp, rdphealth::probe::Credssp::Required);
+    let id = nla.identity.as_ref().unwrap();
+    assert_eq!(id.computer_name.as_deref(), Some("VM-WEB"));
+    assert_eq!(id.dns_computer_name.as_deref(), Some("vm-web"));
+    assert_eq!(id.os_version.as_deref(), Some("10.0.20348"));
+    assert!(id.clock_skew_seconds.unwrap().abs() <= 5);
+    assert!(own.findings.is_empty(), "{:?}", own.findings);
+
+    let reused = probe_with("vm-reused", identify(Some("vm-reused"))).await;
+    assert_eq!(
+        reason(&reused),
+        Some(FailureReason::WrongHost),
+        "{reused:?}"
+    );
+    let detail = &reused.failure.as_ref().unwrap().detail;
+    assert!(
+        detail.contains("VM-RETIRED") && detail.contains("vm-reused"),
+        "{detail}"
+    );
+    // Without the identity step the reused address looks healthy: that is the risk.
+    assert!(probe(&sim, "vm-reused").await.reachable);
+}

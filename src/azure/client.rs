@@ -449,6 +449,7 @@ fn map_vm(vm: compute::models::VirtualMachine) -> VmState {
             .and_then(|b| b.enabled)
             .unwrap_or(false),
         nic_ids: nics.into_iter().map(|(_, id)| id).collect(),
+        computer_name: props.os_profile.and_then(|o| o.computer_name),
     }
 }
 
@@ -572,7 +573,13 @@ impl Azure for ArmClient {
     }
 
     async fn endpoint(&self, vm: &VmRef) -> AzureResult<Endpoint> {
-        let nic_id = self.primary_nic_id(vm).await?;
+        let state = map_vm(self.get_vm(vm).await?);
+        let computer_name = state.computer_name;
+        let nic_id = state
+            .nic_ids
+            .into_iter()
+            .next()
+            .ok_or_else(|| AzureError::invalid(format!("VM {vm} has no network interface")))?;
         let nic = self.get_nic(&nic_id).await?;
         let props = nic.properties.unwrap_or_default();
         let cfg = props
@@ -613,6 +620,7 @@ impl Azure for ArmClient {
             public_ip_sku,
             subnet_id: cfg.subnet.and_then(|s| s.sub_resource.id),
             nic_nsg_id: props.network_security_group.and_then(|n| n.resource.id),
+            computer_name,
         })
     }
 

@@ -131,6 +131,8 @@ pub struct VmState {
     pub boot_diagnostics: bool,
     /// NIC resource ids, primary first.
     pub nic_ids: Vec<String>,
+    /// The guest's computer name (`osProfile.computerName`).
+    pub computer_name: Option<String>,
 }
 
 /// Where the VM's RDP endpoint is.
@@ -153,6 +155,10 @@ pub struct Endpoint {
     pub subnet_id: Option<String>,
     /// NIC-level NSG id.
     pub nic_nsg_id: Option<String>,
+    /// The guest's computer name (`osProfile.computerName`), read with the address: what
+    /// the endpoint must answer as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computer_name: Option<String>,
 }
 
 /// Protocol of a rule.

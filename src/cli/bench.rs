@@ -50,6 +50,10 @@ pub enum BenchCommand {
         /// Deadline of one probe.
         #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
         timeout: Duration,
+        /// Run the identity step (NTLM NEGOTIATE / CHALLENGE and the NLA check) on every
+        /// probe, to measure what it adds.
+        #[arg(long)]
+        identity: bool,
     },
     /// Drive every VM of a running simulator with the engine and print one table.
     Fleet {
@@ -93,6 +97,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             rate,
             duration,
             timeout,
+            identity,
         } => {
             let targets = targets
                 .iter()
@@ -100,6 +105,7 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
                 .collect::<Result<Vec<_>, _>>()?;
             let opts = ProbeOptions {
                 timeout: *timeout,
+                identity: *identity,
                 ..ProbeOptions::default()
             };
             let run = bench::probe::run(&targets, *rate, *duration, &opts).await?;

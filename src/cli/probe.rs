@@ -14,12 +14,21 @@ pub struct ProbeArgs {
     /// Endpoint to probe: HOST, HOST:PORT, [IPv6]:PORT (default port 3389).
     #[arg(value_name = "HOST[:PORT]")]
     pub target: String,
-    /// Overall deadline of one probe (DNS, TCP, X.224 and TLS together).
+    /// Overall deadline of one probe (DNS, TCP, X.224, TLS and the identity step together).
     #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
     /// Report a certificate that expires within this period.
     #[arg(long, default_value = "14d", value_parser = parse_duration)]
     pub cert_warning: Duration,
+    /// The computer the endpoint must answer as (NetBIOS or DNS name); another name exits 1.
+    #[arg(long, value_name = "NAME")]
+    pub expect_name: Option<String>,
+    /// Skip the identity step (NTLM NEGOTIATE / CHALLENGE after TLS when CredSSP is selected).
+    #[arg(long)]
+    pub no_identity: bool,
+    /// Report a server clock further off than this.
+    #[arg(long, default_value = "5m", value_parser = parse_positive_duration)]
+    pub max_clock_skew: Duration,
     /// Print one JSON object per probe instead of the human report.
     #[arg(long)]
     pub json: bool,
@@ -59,6 +68,9 @@ pub async fn run(args: &ProbeArgs) -> Result<ProbeOutcome, ProbeCommandError> {
         timeout: args.timeout,
         layer_timeout: None,
         cert_warning: args.cert_warning,
+        identity: !args.no_identity,
+        expect_name: args.expect_name.clone(),
+        max_clock_skew: args.max_clock_skew,
     };
     let mut ticker = tokio::time::interval(args.interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -121,7 +133,7 @@ pub fn summarize(reports: &[ProbeReport]) -> String {
         "  {:<6} {:>6} {:>9} {:>9} {:>9} {:>9}",
         "layer", "ok", "min ms", "p50 ms", "avg ms", "max ms"
     );
-    for layer in [Layer::Dns, Layer::Tcp, Layer::X224, Layer::Tls] {
+    for layer in Layer::ALL {
         let results: Vec<_> = reports.iter().filter_map(|r| r.layers.get(layer)).collect();
         if results.is_empty() {
             continue;

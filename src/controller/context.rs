@@ -172,8 +172,14 @@ impl Context {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves the endpoint and probes it once.
-    pub(super) async fn observe(&self, spec: &ValidSpec) -> Observation {
+    /// Resolves the endpoint and probes it once (with the identity step when it is due),
+    /// judged against the identity recorded in `status`.
+    pub(super) async fn observe(
+        &self,
+        spec: &ValidSpec,
+        status: Option<&RdpHealthStatus>,
+        now: Timestamp,
+    ) -> Observation {
         let endpoint = match self.seams.resolver.resolve(spec).await {
             Ok(endpoint) => endpoint,
             Err(e) => return Observation::Unresolved(e),
@@ -182,11 +188,9 @@ impl Context {
             host: endpoint.host.clone(),
             port: endpoint.port,
         };
-        let report = self
-            .seams
-            .prober
-            .probe(&target, &spec.probe.options())
-            .await;
+        let options = engine::identity::probe_options(spec, status, &endpoint, now);
+        let report = self.seams.prober.probe(&target, &options).await;
+        let report = engine::identity::judge(status, &endpoint, report);
         self.metrics.probe_finished(&report);
         if !report.reachable {
             self.seams.resolver.probe_failed(spec);

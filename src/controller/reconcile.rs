@@ -59,7 +59,7 @@ pub(super) async fn reconcile_object(
             None => return Ok(Action::await_change()),
         },
         Schedule::Report => (Observation::NotProbed, None),
-        Schedule::Probe(spec) => (ctx.observe(&spec).await, None),
+        Schedule::Probe(spec) => (ctx.observe(&spec, obj.status.as_ref(), now).await, None),
     };
     let probed = match &observation {
         Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),

@@ -17,7 +17,7 @@ use crate::{
     engine::{
         EndpointResolver, HostOverride, Next, Observation, Schedule, ValidSpec,
         conditions::{self, Status},
-        evaluate,
+        evaluate, identity,
         remediate::{Remediator, StatusSink, Subject},
         schedule,
     },
@@ -208,7 +208,10 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
             Ok(endpoint) => match Target::new(endpoint.host.clone(), endpoint.port) {
                 Err(_) => (Observation::NotProbed, None),
                 Ok(target) => {
-                    let report = engine.prober.probe(&target, &spec.probe.options()).await;
+                    let status = obj.status.as_ref();
+                    let options = identity::probe_options(&spec, status, &endpoint, now);
+                    let report = engine.prober.probe(&target, &options).await;
+                    let report = identity::judge(status, &endpoint, report);
                     engine.metrics.probe_finished(&report);
                     failure = report.failure.clone();
                     probed = Some(report.reachable);

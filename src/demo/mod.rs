@@ -305,6 +305,7 @@ fn object_for(vm: &crate::sim::VmSummary, speed: f64, given: Option<&RdpHealth>)
                 failure_threshold: 2,
                 success_threshold: 1,
                 certificate_warning: "14d".into(),
+                identity_check_interval: "10m".into(),
             },
             remediation: RemediationSpec {
                 mode: RemediationMode::Auto,

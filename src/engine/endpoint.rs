@@ -83,6 +83,7 @@ impl HostOverride {
                 host: host.clone(),
                 port: spec.port,
                 source: EndpointSource::Spec,
+                computer_name: None,
             }),
             None => Err(ResolveError::HostRequired),
         }
@@ -187,6 +188,7 @@ impl AzureResolver {
             host,
             port: spec.port,
             source: EndpointSource::Azure,
+            computer_name: endpoint.computer_name,
         })
     }
 }

@@ -7,6 +7,7 @@
 pub mod conditions;
 pub mod endpoint;
 pub mod gather;
+pub mod identity;
 pub mod remediate;
 pub mod schedule;
 pub mod spec;
@@ -29,8 +30,8 @@ pub use self::{
 };
 use crate::{
     api::{
-        LastProbe, Phase, RdpHealth, RdpHealthStatus, ResolvedEndpoint, conditions as types,
-        reasons,
+        IdentityStatus, LastProbe, Phase, RdpHealth, RdpHealthStatus, ResolvedEndpoint,
+        conditions as types, reasons,
     },
     probe::{Finding, ProbeReport},
 };
@@ -223,6 +224,22 @@ impl Step {
         endpoint: ResolvedEndpoint,
         report: &ProbeReport,
     ) -> Next {
+        // Drivers judge the report already; judging again keeps a wrong host sticky for any
+        // driver. Only a plain success on an endpoint recorded as wrong changes (and is cloned).
+        let judged;
+        let report = if report.reachable
+            && report.nla.is_none()
+            && self
+                .status
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.matches == Some(false))
+        {
+            judged = identity::judge(Some(&self.status), &endpoint, report.clone());
+            &judged
+        } else {
+            report
+        };
         let policy = spec.probe;
         let streak = Streak {
             failures: self.status.consecutive_failures,
@@ -272,6 +289,9 @@ impl Step {
         self.status.last_probe = Some(last_probe(report, self.now));
         self.status.consecutive_failures = streak.failures;
         self.status.consecutive_successes = streak.successes;
+        let before = self.status.identity.take();
+        self.status.identity = identity::observed(before.as_ref(), &endpoint, report, self.now);
+        self.identity_conditions(before.as_ref());
         self.status.endpoint = Some(endpoint);
         let certificate_ok =
             conditions::status_of(&self.status.conditions, types::CERTIFICATE_VALID)
@@ -288,6 +308,92 @@ impl Step {
             Next::Requeue(policy.unhealthy_interval)
         } else {
             Next::Requeue(policy.interval)
+        }
+    }
+
+    /// `HostIdentity` and `NlaRequired` from `status.identity`; a new wrong host, NLA turned
+    /// off or a clock skew appearing is an event.
+    fn identity_conditions(&mut self, before: Option<&IdentityStatus>) {
+        let Some(id) = self.status.identity.clone() else {
+            return;
+        };
+        let name = id.computer_name.as_deref().or(id.dns_name.as_deref());
+        let host = match (id.matches, name) {
+            (Some(false), _) => Desired::new(
+                types::HOST_IDENTITY,
+                Status::False,
+                reasons::WRONG_HOST,
+                identity::wrong_host_message(&id),
+            ),
+            (Some(true), Some(name)) => Desired::new(
+                types::HOST_IDENTITY,
+                Status::True,
+                reasons::HOST_VERIFIED,
+                format!("{} answered as {name}, the VM's computer name", id.endpoint),
+            ),
+            (_, Some(name)) => Desired::new(
+                types::HOST_IDENTITY,
+                Status::True,
+                reasons::IDENTITY_READ,
+                format!(
+                    "{} answered as {name}; the VM's computer name is not known to compare",
+                    id.endpoint
+                ),
+            ),
+            (_, None) => Desired::new(
+                types::HOST_IDENTITY,
+                Status::Unknown,
+                reasons::IDENTITY_UNKNOWN,
+                format!(
+                    "the identity of {} is not known (CredSSP {})",
+                    id.endpoint, id.credssp
+                ),
+            ),
+        };
+        let message = host.message.clone();
+        let wrong = host.status == Status::False;
+        if self.set(host) != Some(Status::False) && wrong {
+            self.emit(Severity::Warning, reasons::WRONG_HOST, message);
+        }
+        let nla = match id.credssp.as_str() {
+            "required" => Desired::new(
+                types::NLA_REQUIRED,
+                Status::True,
+                reasons::NLA_REQUIRED,
+                "the server requires Network Level Authentication",
+            ),
+            "offered" => Desired::new(
+                types::NLA_REQUIRED,
+                Status::Unknown,
+                reasons::IDENTITY_UNKNOWN,
+                "the server offers CredSSP; whether it requires it could not be told",
+            ),
+            other => Desired::new(
+                types::NLA_REQUIRED,
+                Status::False,
+                reasons::NLA_DISABLED,
+                format!(
+                    "clients can connect without Network Level Authentication (CredSSP {other}); Microsoft recommends requiring it"
+                ),
+            ),
+        };
+        let message = nla.message.clone();
+        let disabled = nla.status == Status::False;
+        if self.set(nla) != Some(Status::False) && disabled {
+            self.emit(Severity::Warning, reasons::NLA_DISABLED, message);
+        }
+        let limit = i64::try_from(crate::probe::DEFAULT_MAX_CLOCK_SKEW.as_secs()).unwrap_or(300);
+        let skewed = |i: &IdentityStatus| i.clock_skew_seconds.is_some_and(|s| s.abs() > limit);
+        if skewed(&id) && !before.is_some_and(skewed) {
+            self.emit(
+                Severity::Warning,
+                reasons::CLOCK_SKEW,
+                format!(
+                    "the clock of {} is off by {} s: NLA logons fail beyond {limit} s",
+                    id.endpoint,
+                    id.clock_skew_seconds.unwrap_or_default()
+                ),
+            );
         }
     }
 
@@ -394,7 +500,10 @@ fn certificate_condition(report: &ProbeReport) -> Desired {
             reasons::CERTIFICATE_UNREADABLE,
             "the server's certificate could not be read".to_string(),
         )),
-        Finding::NoTls => None,
+        Finding::NoTls
+        | Finding::NlaDisabled
+        | Finding::ClockSkew { .. }
+        | Finding::CertificateNameMismatch { .. } => None,
     });
     match (finding, &report.tls) {
         (Some((reason, message)), _) => {

@@ -57,6 +57,8 @@ pub struct ProbePolicy {
     pub success_threshold: u32,
     /// Certificate warning period.
     pub certificate_warning: Duration,
+    /// Period of the identity step.
+    pub identity_check_interval: Duration,
 }
 
 impl ProbePolicy {
@@ -66,6 +68,7 @@ impl ProbePolicy {
             timeout: self.timeout,
             layer_timeout: None,
             cert_warning: self.certificate_warning,
+            ..ProbeOptions::default()
         }
     }
 }
@@ -134,6 +137,8 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
         let unhealthy_interval = duration("unhealthyInterval", &p.unhealthy_interval, false)?;
         let timeout = duration("timeout", &p.timeout, false)?;
         let certificate_warning = duration("certificateWarning", &p.certificate_warning, true)?;
+        let identity_check_interval =
+            duration("identityCheckInterval", &p.identity_check_interval, false)?;
         for (field, value) in [
             ("interval", &p.interval),
             ("unhealthyInterval", &p.unhealthy_interval),
@@ -172,6 +177,7 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
                 failure_threshold,
                 success_threshold,
                 certificate_warning,
+                identity_check_interval,
             },
             mode: spec.remediation.mode,
             ladder: policy_from_spec(&spec.remediation).map_err(SpecError::Remediation)?,

@@ -53,6 +53,7 @@ pub(crate) fn endpoint() -> ResolvedEndpoint {
         host: "10.0.0.4".into(),
         port: 3389,
         source: EndpointSource::Spec,
+        computer_name: None,
     }
 }
 
@@ -77,9 +78,11 @@ pub(crate) fn tls_report(days_left: i64, findings: Vec<Finding>) -> ProbeReport 
                 not_yet_valid: false,
                 days_left,
                 sha1_thumbprint: "AB".into(),
+                names: vec!["vm-1".into()],
                 not_after_unix: 1_798_761_600,
             }),
         }),
+        nla: None,
         findings,
         likely_causes: vec![],
         total_ms: 12.4,
@@ -100,6 +103,7 @@ pub(crate) fn failed_report(reason: FailureReason) -> ProbeReport {
         layers: Layers::default(),
         selected_protocol: None,
         tls: None,
+        nla: None,
         findings: vec![],
         likely_causes: vec![],
         total_ms: 5000.0,

@@ -43,6 +43,7 @@ pub fn same_for_users(a: &RdpHealthStatus, b: &RdpHealthStatus) -> bool {
         recent_probes: _,
         diagnosis,
         ladder,
+        identity,
     } = a;
     *observed_generation == b.observed_generation
         && *phase == b.phase
@@ -53,6 +54,8 @@ pub fn same_for_users(a: &RdpHealthStatus, b: &RdpHealthStatus) -> bool {
         && *endpoint == b.endpoint
         && *diagnosis == b.diagnosis
         && *ladder == b.ladder
+        // Includes observedAt: the identity step's cadence is kept in status.
+        && *identity == b.identity
 }
 
 fn same_probe(a: Option<&LastProbe>, b: Option<&LastProbe>) -> bool {
@@ -92,6 +95,7 @@ pub fn fingerprint(status: &RdpHealthStatus) -> u64 {
         recent_probes: _,
         diagnosis,
         ladder,
+        identity,
     } = status;
     let probe = last_probe.as_ref().map(|p| {
         let LastProbe {
@@ -128,6 +132,7 @@ pub fn fingerprint(status: &RdpHealthStatus) -> u64 {
             endpoint,
             diagnosis,
             ladder,
+            identity,
         ),
     );
     hasher.0.finish()
@@ -247,10 +252,12 @@ mod tests {
                 host: "10.0.0.4".into(),
                 port: 3389,
                 source: EndpointSource::Spec,
+                computer_name: None,
             }),
             recent_probes: "1111111".into(),
             diagnosis: None,
             ladder: Default::default(),
+            identity: None,
         }
     }
 

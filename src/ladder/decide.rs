@@ -190,6 +190,12 @@ pub enum Blocker {
     PortChanged,
     /// RD Connection Broker errors: not automated.
     ConnectionBroker,
+    /// The endpoint answered as another computer: acting on this VM could harm the wrong
+    /// machine or nothing at all. Reported with both names, never remediated.
+    WrongHost {
+        /// Who answered and who was expected.
+        detail: String,
+    },
 }
 
 impl Blocker {
@@ -202,6 +208,7 @@ impl Blocker {
             Self::PortTakenByOtherProgram => "PortTakenByOtherProgram",
             Self::PortChanged => "PortChanged",
             Self::ConnectionBroker => "ConnectionBrokerError",
+            Self::WrongHost { .. } => "WrongHost",
         }
     }
 
@@ -223,6 +230,9 @@ impl Blocker {
                 "RD Connection Broker errors (events 2056/1296): reinstall the broker role; not automated"
                     .into()
             }
+            Self::WrongHost { detail } => format!(
+                "{detail}: the address belongs to another machine; no rung acts on this VM until it answers as itself"
+            ),
         }
     }
 }
@@ -456,6 +466,15 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 _ => Decision::NotFixed,
             },
         };
+    }
+    // Whatever answers on the address is not this VM: nothing done to this VM is justified
+    // by it, and nothing is gathered about a machine that is not the one in question.
+    if let Some(f) = s.failure
+        && f.reason == FailureReason::WrongHost
+    {
+        return Decision::Blocked(Blocker::WrongHost {
+            detail: f.detail.clone(),
+        });
     }
     let evidence = match s.evidence {
         Some(e) if !stale(e, s) => e,

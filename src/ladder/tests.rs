@@ -131,6 +131,8 @@ fn nsg_deny() -> NsgEvidence {
 #[case::platform_outage(|c: &mut Case| c.evidence.as_mut().unwrap().resource_health = Some(ResourceHealth { availability: Availability::Unavailable, reason_type: Some("Unplanned".into()), context: Some("Platform Initiated".into()), category: Some("Unplanned".into()), summary: None }), Decision::Wait { until: at(900), reason: WaitReason::PlatformIssue })]
 #[case::guest_updating(|c: &mut Case| c.evidence.as_mut().unwrap().serial = Some(SerialScan { latest: Some(BootSignal::InstallingUpdates), matches: vec![] }), Decision::Wait { until: at(900), reason: WaitReason::GuestBusy })]
 #[case::observe(|c: &mut Case| c.policy.mode = Mode::Observe, Decision::Observe)]
+#[case::wrong_host(|c: &mut Case| c.failure = Some(Failure::new(FailureReason::WrongHost, "10.0.0.4:3389 answered as VM-B")), Decision::Blocked(Blocker::WrongHost { detail: "10.0.0.4:3389 answered as VM-B".into() }))]
+#[case::wrong_host_even_approved_without_evidence(|c: &mut Case| { c.failure = Some(Failure::new(FailureReason::WrongHost, "x")); c.evidence = None; c.approval = Some(Rung::Redeploy); }, Decision::Blocked(Blocker::WrongHost { detail: "x".into() }))]
 #[case::dry_run(|c: &mut Case| c.policy.mode = Mode::DryRun, Decision::Plan(Step::rung(Rung::ResetRdpConfig)))]
 #[case::first_rung(|_: &mut Case| {}, Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
 #[case::not_leader(|c: &mut Case| c.gates.leader = false, Decision::Suspended(Suspension::NotLeader))]
@@ -466,6 +468,7 @@ proptest! {
             let decision = decide(&situation);
             match decision {
                 Decision::Act(step) => {
+                    prop_assert_ne!(failure_reason, FailureReason::WrongHost, "never acts on a VM whose endpoint answered as another machine");
                     prop_assert_eq!(policy.mode, Mode::Auto, "only Auto acts");
                     prop_assert!(ladder.current.is_none(), "never two actions in flight");
                     prop_assert_eq!(in_flight_calls, 0);

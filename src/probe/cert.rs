@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha1::Digest as _;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 /// What the prober reports about the RDP certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct CertificateFacts {
     /// SHA-1 thumbprint, upper-case hex: how Windows names the RDP certificate
     /// (`SSLCertificateSHA1Hash`).
     pub sha1_thumbprint: String,
+    /// The names the certificate is issued to: subject common names, then DNS SANs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
     /// `notAfter` as Unix seconds (for the expiry metric).
     #[serde(skip)]
     pub not_after_unix: i64,
@@ -61,6 +64,7 @@ impl CertificateFacts {
             not_yet_valid: now < not_before,
             days_left: (not_after - now).div_euclid(86_400),
             sha1_thumbprint: upper_hex(&sha1::Sha1::digest(der)),
+            names: names(&cert),
             not_after_unix: not_after,
         })
     }
@@ -70,6 +74,25 @@ impl CertificateFacts {
         let left = self.not_after_unix - unix_seconds(now);
         !self.expired && left < i64::try_from(warning.as_secs()).unwrap_or(i64::MAX)
     }
+}
+
+/// Subject common names and DNS subject alternative names, in that order, without repeats.
+fn names(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(dns) = name
+                && !names.iter().any(|n| n == dns)
+            {
+                names.push((*dns).to_owned());
+            }
+        }
+    }
+    names
 }
 
 fn unix_seconds(t: SystemTime) -> i64 {
@@ -115,6 +138,7 @@ mod tests {
         let facts = CertificateFacts::from_der(&cert_der(nb, na), now).unwrap();
         assert_eq!(facts.subject, "CN=localhost");
         assert_eq!(facts.issuer, "CN=localhost");
+        assert_eq!(facts.names, ["localhost"]);
         assert!(facts.self_signed);
         assert!(!facts.expired);
         assert_eq!(facts.days_left, 10);

@@ -33,11 +33,13 @@ pub enum FailureReason {
     TlsHandshakeFailed,
     /// The TLS handshake did not finish before the deadline.
     TlsTimeout,
+    /// The endpoint answered (NTLM CHALLENGE) as another computer than the one expected.
+    WrongHost,
 }
 
 impl FailureReason {
     /// Every reason, in a stable order (metric label pre-registration, docs, tests).
-    pub const ALL: [FailureReason; 11] = [
+    pub const ALL: [FailureReason; 12] = [
         Self::DnsFailure,
         Self::TcpRefused,
         Self::TcpTimeout,
@@ -49,6 +51,7 @@ impl FailureReason {
         Self::UnexpectedPdu,
         Self::TlsHandshakeFailed,
         Self::TlsTimeout,
+        Self::WrongHost,
     ];
 
     /// The stable snake_case name.
@@ -65,6 +68,7 @@ impl FailureReason {
             Self::UnexpectedPdu => "unexpected_pdu",
             Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::TlsTimeout => "tls_timeout",
+            Self::WrongHost => "wrong_host",
         }
     }
 
@@ -84,6 +88,7 @@ impl FailureReason {
             | Self::NegotiationFailure
             | Self::UnexpectedPdu => Layer::X224,
             Self::TlsHandshakeFailed | Self::TlsTimeout => Layer::Tls,
+            Self::WrongHost => Layer::Nla,
         }
     }
 
@@ -139,6 +144,11 @@ impl FailureReason {
                 "a middlebox interferes with the TLS handshake",
                 "the server is stuck creating its TLS credentials",
             ],
+            Self::WrongHost => &[
+                "the address now belongs to another VM (IP reuse after a deallocation, a redeploy or a NIC change)",
+                "a DNS record or load-balancer rule points at the wrong machine",
+                "the VM was renamed inside Windows and no longer matches its Azure computer name",
+            ],
         }
     }
 }
@@ -183,9 +193,14 @@ pub enum Layer {
     X224,
     /// TLS handshake.
     Tls,
+    /// CredSSP / NTLM identity step after TLS.
+    Nla,
 }
 
 impl Layer {
+    /// Every layer, in the order a probe walks them.
+    pub const ALL: [Layer; 5] = [Self::Dns, Self::Tcp, Self::X224, Self::Tls, Self::Nla];
+
     /// The layer's name as printed.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -193,6 +208,7 @@ impl Layer {
             Self::Tcp => "tcp",
             Self::X224 => "x224",
             Self::Tls => "tls",
+            Self::Nla => "nla",
         }
     }
 }
@@ -257,7 +273,8 @@ mod tests {
                 "negotiation_failure",
                 "unexpected_pdu",
                 "tls_handshake_failed",
-                "tls_timeout"
+                "tls_timeout",
+                "wrong_host"
             ]
         );
         for r in FailureReason::ALL {

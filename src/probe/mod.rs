@@ -2,12 +2,18 @@
 //!
 //! TCP connect → X.224 Connection Request (cookie `mstshash=probe`, RDP_NEG_REQ SSL|HYBRID)
 //! → Connection Confirm → TLS handshake on the same socket when TLS was selected →
-//! certificate facts → close. No credentials are ever sent. Every layer has its own timeout,
-//! all inside one overall deadline.
+//! certificate facts → (when asked and CredSSP was selected) the identity step: an NTLM
+//! NEGOTIATE inside a CredSSP TSRequest, whose CHALLENGE names the computer → close.
+//! No credentials are ever sent. Every layer has its own timeout, all inside one overall
+//! deadline.
 
 pub mod cert;
 pub mod codec;
+pub mod credssp;
 pub mod failure;
+pub mod identity;
+mod nla;
+pub mod ntlm;
 pub mod report;
 pub mod target;
 pub mod tls;
@@ -33,12 +39,16 @@ pub use self::{
     cert::CertificateFacts,
     codec::{ConnectionConfirm, SecurityProtocol},
     failure::{Failure, FailureReason, Layer},
+    identity::{Credssp, NlaFacts, ServerIdentity},
     report::{Finding, LayerResult, Layers, ProbeReport, TlsFacts},
     target::{DEFAULT_RDP_PORT, Target, TargetError},
 };
 
 /// A boxed future, so probers and resolvers can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Kerberos' default tolerance: beyond it NLA logons fail.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Probe settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +60,13 @@ pub struct ProbeOptions {
     pub layer_timeout: Option<Duration>,
     /// A certificate expiring within this period is reported as a finding.
     pub cert_warning: Duration,
+    /// Run the identity step (NTLM NEGOTIATE / CHALLENGE, NLA enforcement) when the server
+    /// selects CredSSP.
+    pub identity: bool,
+    /// The computer the endpoint must answer as; another name is a `wrong_host` failure.
+    pub expect_name: Option<String>,
+    /// A server clock further off than this is a `clock_skew` finding.
+    pub max_clock_skew: Duration,
 }
 
 impl Default for ProbeOptions {
@@ -58,6 +75,9 @@ impl Default for ProbeOptions {
             timeout: Duration::from_secs(5),
             layer_timeout: None,
             cert_warning: Duration::from_secs(14 * 86_400),
+            identity: false,
+            expect_name: None,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -150,6 +170,7 @@ struct Run<'a> {
     layers: Layers,
     selected: Option<SecurityProtocol>,
     tls: Option<TlsFacts>,
+    nla: Option<NlaFacts>,
     findings: Vec<Finding>,
 }
 
@@ -164,6 +185,7 @@ impl<'a> Run<'a> {
             layers: Layers::default(),
             selected: None,
             tls: None,
+            nla: None,
             findings: Vec::new(),
         }
     }
@@ -209,6 +231,7 @@ impl<'a> Run<'a> {
         };
         let deadline = self.layer_deadline();
         let mut stream = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
+        let peer = stream.peer_addr().ok();
         let deadline = self.layer_deadline();
         let selected = self
             .layer(Layer::X224, async {
@@ -218,18 +241,109 @@ impl<'a> Run<'a> {
         self.selected = Some(selected);
         if !selected.starts_tls() {
             self.findings.push(Finding::NoTls);
+            if self.opts.identity {
+                self.nla = Some(not_offered());
+            }
             return Ok(());
         }
         let deadline = self.layer_deadline();
         let server_name = server_name(self.target);
-        let facts = self
+        let (tls, facts) = self
             .layer(
                 Layer::Tls,
                 handshake(&prober.tls, stream, server_name, deadline),
             )
             .await?;
         self.tls = Some(facts);
-        Ok(())
+        let credssp = matches!(
+            selected,
+            SecurityProtocol::Hybrid | SecurityProtocol::HybridEx
+        );
+        match (self.opts.identity, credssp, peer) {
+            (true, true, Some(peer)) => self.identify(tls, peer).await,
+            (true, false, _) => {
+                self.nla = Some(not_offered());
+                close(tls, deadline).await;
+                Ok(())
+            }
+            _ => {
+                close(tls, deadline).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// The identity step: the CHALLENGE on the TLS session, then the NLA enforcement check.
+    async fn identify(&mut self, mut tls: TlsStream, peer: SocketAddr) -> Result<(), Failure> {
+        let since = Instant::now();
+        let deadline = self.layer_deadline();
+        let exchange = nla::read_challenge(&mut tls, deadline).await;
+        let received_ms = unix_ms(SystemTime::now());
+        close(tls, deadline).await;
+        let credssp = nla::enforcement(peer, deadline).await;
+        self.record(Layer::Nla, since, exchange.is_ok());
+        let facts = match exchange {
+            Ok(ex) => NlaFacts {
+                credssp,
+                credssp_version: Some(ex.credssp_version),
+                identity: Some(ServerIdentity::from_challenge(&ex.challenge, received_ms)),
+                error: None,
+            },
+            Err(error) => NlaFacts {
+                credssp,
+                credssp_version: None,
+                identity: None,
+                error: Some(error),
+            },
+        };
+        let wrong = match (&self.opts.expect_name, &facts.identity) {
+            (Some(expected), Some(id)) if id.answers_as(expected) == Some(false) => {
+                Some(Failure::new(
+                    FailureReason::WrongHost,
+                    format!(
+                        "the endpoint answered as {}, expected {expected}",
+                        id.name().unwrap_or("another computer")
+                    ),
+                ))
+            }
+            _ => None,
+        };
+        self.nla = Some(facts);
+        match wrong {
+            Some(failure) => {
+                if let Some(layer) = self.layers.nla.as_mut() {
+                    layer.ok = false;
+                }
+                Err(failure)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Findings from the identity step: NLA off, clock skew, certificate naming another machine.
+    fn identity_findings(&mut self) {
+        let Some(nla) = &self.nla else {
+            return;
+        };
+        if nla.credssp.nla_disabled() {
+            self.findings.push(Finding::NlaDisabled);
+        }
+        let Some(id) = &nla.identity else {
+            return;
+        };
+        if let Some(seconds) = id.clock_skew_seconds
+            && seconds.unsigned_abs() > self.opts.max_clock_skew.as_secs()
+        {
+            self.findings.push(Finding::ClockSkew { seconds });
+        }
+        let cert = self.tls.as_ref().and_then(|t| t.certificate.as_ref());
+        if let (Some(cert), Some(name)) = (cert, id.name())
+            && id.certificate_names_it(cert) == Some(false)
+        {
+            self.findings.push(Finding::CertificateNameMismatch {
+                computer_name: name.to_owned(),
+            });
+        }
     }
 
     fn finish(mut self, outcome: Result<(), Failure>) -> ProbeReport {
@@ -247,6 +361,7 @@ impl<'a> Run<'a> {
         } else if self.tls.is_some() {
             self.findings.push(Finding::CertificateUnreadable);
         }
+        self.identity_findings();
         let failure = outcome.err();
         let mut likely_causes: Vec<String> = failure
             .iter()
@@ -262,6 +377,7 @@ impl<'a> Run<'a> {
             layers: self.layers,
             selected_protocol: self.selected,
             tls: self.tls,
+            nla: self.nla,
             findings: self.findings,
             likely_causes,
             total_ms: (self.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
@@ -453,13 +569,39 @@ fn server_name(target: &Target) -> ServerName<'static> {
     }
 }
 
+/// The client side of a TLS session on the probe's connection.
+type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+fn not_offered() -> NlaFacts {
+    NlaFacts {
+        credssp: Credssp::NotOffered,
+        credssp_version: None,
+        identity: None,
+        error: None,
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Polite close: close_notify, then FIN. Never wait long for it.
+async fn close(mut tls: TlsStream, deadline: Instant) {
+    let _ = timeout_at(
+        deadline.min(Instant::now() + Duration::from_millis(100)),
+        tls.shutdown(),
+    )
+    .await;
+}
+
 async fn handshake(
     connector: &TlsConnector,
     stream: TcpStream,
     name: ServerName<'static>,
     deadline: Instant,
-) -> Result<TlsFacts, Failure> {
-    let mut tls = match timeout_at(deadline, connector.connect(name, stream)).await {
+) -> Result<(TlsStream, TlsFacts), Failure> {
+    let tls = match timeout_at(deadline, connector.connect(name, stream)).await {
         Err(_) => {
             return Err(Failure::new(
                 FailureReason::TlsTimeout,
@@ -485,15 +627,10 @@ async fn handshake(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|der| CertificateFacts::from_der(der.as_ref(), SystemTime::now()).ok());
-    // Polite close: close_notify, then FIN. Never wait long for it.
-    let _ = timeout_at(
-        deadline.min(Instant::now() + Duration::from_millis(100)),
-        tls.shutdown(),
-    )
-    .await;
-    Ok(TlsFacts {
+    let facts = TlsFacts {
         version,
         cipher_suite,
         certificate,
-    })
+    };
+    Ok((tls, facts))
 }

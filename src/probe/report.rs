@@ -9,6 +9,7 @@ use super::{
     cert::CertificateFacts,
     codec::SecurityProtocol,
     failure::{Failure, Layer},
+    identity::{NlaFacts, ServerIdentity},
 };
 
 /// Timing and outcome of one layer.
@@ -35,6 +36,9 @@ pub struct Layers {
     /// TLS handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<LayerResult>,
+    /// CredSSP identity step (NTLM NEGOTIATE / CHALLENGE) and the NLA enforcement check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nla: Option<LayerResult>,
 }
 
 impl Layers {
@@ -45,6 +49,7 @@ impl Layers {
             Layer::Tcp => self.tcp,
             Layer::X224 => self.x224,
             Layer::Tls => self.tls,
+            Layer::Nla => self.nla,
         }
     }
 
@@ -55,6 +60,7 @@ impl Layers {
             Layer::Tcp => &mut self.tcp,
             Layer::X224 => &mut self.x224,
             Layer::Tls => &mut self.tls,
+            Layer::Nla => &mut self.nla,
         };
         *slot = Some(result);
     }
@@ -91,6 +97,19 @@ pub enum Finding {
     CertificateUnreadable,
     /// The server selected Standard RDP Security: no TLS, no server authentication.
     NoTls,
+    /// Clients can connect without Network Level Authentication.
+    NlaDisabled,
+    /// The server's clock differs from the prober's by more than the threshold.
+    ClockSkew {
+        /// Server clock minus prober clock, seconds.
+        seconds: i64,
+    },
+    /// The certificate is not issued to the computer that answered.
+    CertificateNameMismatch {
+        /// The computer name from the NTLM CHALLENGE.
+        #[serde(rename = "computerName")]
+        computer_name: String,
+    },
 }
 
 impl Finding {
@@ -102,6 +121,9 @@ impl Finding {
             Self::CertificateNotYetValid => "certificate_not_yet_valid",
             Self::CertificateUnreadable => "certificate_unreadable",
             Self::NoTls => "no_tls",
+            Self::NlaDisabled => "nla_disabled",
+            Self::ClockSkew { .. } => "clock_skew",
+            Self::CertificateNameMismatch { .. } => "certificate_name_mismatch",
         }
     }
 
@@ -119,6 +141,17 @@ impl Finding {
             Self::NoTls => &[
                 "SecurityLayer=0 (native RDP encryption), possibly a leftover troubleshooting workaround",
                 "the server has no usable certificate and fell back to Standard RDP Security",
+            ],
+            Self::NlaDisabled => &[
+                "Network Level Authentication is off (UserAuthentication=0, or SecurityLayer below 2): Microsoft recommends keeping it on",
+                "a troubleshooting workaround that disabled NLA was left in place",
+            ],
+            Self::ClockSkew { .. } => &[
+                "the VM's clock drifted (Windows Time service stopped, or no time source): NLA/Kerberos logons fail beyond 5 minutes",
+            ],
+            Self::CertificateNameMismatch { .. } => &[
+                "a certificate issued to another machine is bound to the listener (SSLCertificateSHA1Hash)",
+                "the VM was renamed or cloned and kept the old self-signed certificate",
             ],
         }
     }
@@ -140,6 +173,9 @@ pub struct ProbeReport {
     pub selected_protocol: Option<SecurityProtocol>,
     /// TLS facts, when a handshake completed.
     pub tls: Option<TlsFacts>,
+    /// The CredSSP step, when the probe ran it: NLA enforcement and the server's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nla: Option<NlaFacts>,
     /// Findings on a reachable endpoint.
     pub findings: Vec<Finding>,
     /// Likely causes of the failure and of the findings.
@@ -158,7 +194,11 @@ impl ProbeReport {
     pub fn render_human(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "probe {}", self.target);
-        for layer in [Layer::Dns, Layer::Tcp, Layer::X224, Layer::Tls] {
+        for layer in Layer::ALL {
+            if layer == Layer::Nla {
+                self.render_nla(&mut out);
+                continue;
+            }
             let Some(result) = self.layers.get(layer) else {
                 continue;
             };
@@ -220,6 +260,13 @@ impl ProbeReport {
                         "  finding: certificate_expiring ({days_left} days left)"
                     )
                 }
+                Finding::ClockSkew { seconds } => {
+                    writeln!(out, "  finding: clock_skew (server {seconds:+} s)")
+                }
+                Finding::CertificateNameMismatch { computer_name } => writeln!(
+                    out,
+                    "  finding: certificate_name_mismatch (certificate does not name {computer_name})"
+                ),
                 other => writeln!(out, "  finding: {}", other.kind()),
             };
         }
@@ -235,5 +282,59 @@ impl ProbeReport {
             }
         }
         out
+    }
+
+    /// The `nla` line and the identity lines under it.
+    fn render_nla(&self, out: &mut String) {
+        let Some(nla) = &self.nla else {
+            return;
+        };
+        let (status, ms) = match self.layers.nla {
+            Some(r) => (
+                if r.ok { "ok" } else { "FAIL" },
+                format!("{:>9.1} ms", r.ms),
+            ),
+            None => ("-", format!("{:>12}", "")),
+        };
+        let _ = write!(
+            out,
+            "  {:<5} {:<5} {ms}  CredSSP {}",
+            "nla",
+            status,
+            nla.credssp.as_str()
+        );
+        if nla.credssp == super::identity::Credssp::NotOffered {
+            let selected = self.selected_protocol.map_or("unknown", |p| p.as_str());
+            let _ = write!(out, " (server selected {selected})");
+        }
+        match (&self.failure, &nla.error) {
+            (Some(f), _) if f.reason.layer() == Layer::Nla => {
+                let _ = write!(out, "  {}: {}", f.reason, f.detail);
+            }
+            (_, Some(e)) => {
+                let _ = write!(out, "  identity not read: {e}");
+            }
+            _ => {}
+        }
+        out.push('\n');
+        if let Some(id) = &nla.identity {
+            render_identity(out, id);
+        }
+    }
+}
+
+fn render_identity(out: &mut String, id: &ServerIdentity) {
+    let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let _ = writeln!(
+        out,
+        "  host  {} (dns {}), domain {} (dns {}), os {}",
+        or_dash(&id.computer_name),
+        or_dash(&id.dns_computer_name),
+        or_dash(&id.domain),
+        or_dash(&id.dns_domain_name),
+        or_dash(&id.os_version),
+    );
+    if let (Some(time), Some(skew)) = (&id.server_time, id.clock_skew_seconds) {
+        let _ = writeln!(out, "        server time {time} (skew {skew:+} s)");
     }
 }

@@ -227,6 +227,7 @@ impl Simulator {
             .local_addr()
             .map_err(bind_err(listen.to_string()))?;
         let mut responders = Vec::new();
+        let cert_key = responder::CertificateKey::generate()?;
         for (key, vm) in world.vms.iter_mut() {
             let l = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
                 .await
@@ -235,10 +236,13 @@ impl Simulator {
                 .local_addr()
                 .map_err(bind_err("127.0.0.1:0".into()))?
                 .port();
-            responders.push((key.clone(), l));
+            let computer = vm.answers_as.as_deref().unwrap_or(&vm.name);
+            responders.push((key.clone(), l, cert_key.certificates(computer)?));
         }
-        let certs = responder::Certificates::generate()?;
-        let applied = responders.iter().map(|(vm, _)| (vm.clone(), 0)).collect();
+        let applied = responders
+            .iter()
+            .map(|(vm, _, _)| (vm.clone(), 0))
+            .collect();
         let (changed, _) = watch::channel(1);
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
@@ -249,12 +253,12 @@ impl Simulator {
         });
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        for (vm, listener) in responders {
+        for (vm, listener, certs) in responders {
             tasks.spawn(responder::run(
                 shared.clone(),
                 vm,
                 listener,
-                certs.clone(),
+                certs,
                 rx.clone(),
             ));
         }

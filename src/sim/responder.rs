@@ -1,5 +1,6 @@
 //! Live RDP responders: one loopback listener per simulated VM whose behaviour follows the
-//! VM's state. Enough of RDP for the prober: X.224 negotiation, then a real TLS handshake.
+//! VM's state. Enough of RDP for the prober: X.224 negotiation, a real TLS handshake, and the
+//! first CredSSP round: an NTLM NEGOTIATE is answered with a CHALLENGE naming the computer.
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,9 +16,10 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use super::{Shared, SimError, fault::Behaviour};
-use crate::probe::codec;
+use crate::probe::{codec, credssp, ntlm};
 
-/// The two certificates responders serve.
+/// The two certificates a responder serves, both issued to the computer that answers (as
+/// Windows issues its self-signed RDP certificate to the computer's name).
 #[derive(Clone)]
 pub struct Certificates {
     valid: TlsAcceptor,
@@ -30,16 +32,37 @@ impl std::fmt::Debug for Certificates {
     }
 }
 
-impl Certificates {
-    /// Generates a valid and an expired self-signed certificate.
+/// The key every simulated certificate uses (one key generation per simulator, one signature
+/// per certificate).
+pub struct CertificateKey(rcgen::KeyPair);
+
+impl std::fmt::Debug for CertificateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertificateKey")
+    }
+}
+
+impl CertificateKey {
+    /// Generates the key.
     pub fn generate() -> Result<Self, SimError> {
+        rcgen::KeyPair::generate()
+            .map(Self)
+            .map_err(|e| SimError::Tls(e.to_string()))
+    }
+
+    /// A valid and an expired self-signed certificate issued to `computer_name`.
+    pub fn certificates(&self, computer_name: &str) -> Result<Certificates, SimError> {
         let now = time::OffsetDateTime::now_utc();
-        Ok(Self {
+        Ok(Certificates {
             valid: acceptor(
+                &self.0,
+                computer_name,
                 now - time::Duration::days(1),
                 now + time::Duration::days(180),
             )?,
             expired: acceptor(
+                &self.0,
+                computer_name,
                 now - time::Duration::days(400),
                 now - time::Duration::days(35),
             )?,
@@ -48,19 +71,20 @@ impl Certificates {
 }
 
 fn acceptor(
+    key: &rcgen::KeyPair,
+    computer_name: &str,
     not_before: time::OffsetDateTime,
     not_after: time::OffsetDateTime,
 ) -> Result<TlsAcceptor, SimError> {
     let tls = |e: String| SimError::Tls(e);
-    let mut params = rcgen::CertificateParams::new(vec!["rdp-sim.invalid".to_owned()])
+    let mut params = rcgen::CertificateParams::new(vec![computer_name.to_owned()])
         .map_err(|e| tls(e.to_string()))?;
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "rdp-sim");
+        .push(rcgen::DnType::CommonName, computer_name);
     params.not_before = not_before;
     params.not_after = not_after;
-    let key = rcgen::KeyPair::generate().map_err(|e| tls(e.to_string()))?;
-    let cert = params.self_signed(&key).map_err(|e| tls(e.to_string()))?;
+    let cert = params.self_signed(key).map_err(|e| tls(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -111,19 +135,20 @@ pub async fn run(
             changed = changes.changed() => if changed.is_err() { return },
             accepted = accept(listener.as_ref()) => {
                 if let Ok((stream, _)) = accepted {
-                    let (behaviour, boot, nth) = {
+                    let (behaviour, boot, nth, computer_name) = {
                         let mut w = shared.lock();
                         let behaviour = w.behaviour(&vm);
+                        let computer_name = w.computer_name(&vm).unwrap_or_default();
                         match w.vms.get_mut(&vm) {
                             Some(v) => {
                                 v.connections += 1;
-                                (behaviour, v.boot, v.connections)
+                                (behaviour, v.boot, v.connections, computer_name)
                             }
-                            None => (Behaviour::Refuse, 0, 0),
+                            None => (Behaviour::Refuse, 0, 0, computer_name),
                         }
                     };
                     let conn = Connection { shared: shared.clone(), vm: vm.clone(), boot, certs: certs.clone(), shutdown: shutdown.clone() };
-                    tokio::spawn(conn.serve(stream, behaviour, nth));
+                    tokio::spawn(conn.serve(stream, behaviour, nth, computer_name));
                 }
             }
         }
@@ -148,14 +173,14 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: TcpStream, behaviour: Behaviour, nth: u64) {
+    async fn serve(self, stream: TcpStream, behaviour: Behaviour, nth: u64, computer_name: String) {
         let dropped = dropped(
             self.shared.clone(),
             self.vm.clone(),
             self.boot,
             self.shutdown.clone(),
         );
-        let work = talk(stream, behaviour, nth, self.certs.clone());
+        let work = talk(stream, behaviour, nth, self.certs.clone(), &computer_name);
         tokio::select! {
             _ = work => {}
             _ = dropped => {}
@@ -181,7 +206,13 @@ async fn dropped(shared: Arc<Shared>, vm: String, boot: u64, mut shutdown: watch
     }
 }
 
-async fn talk(mut stream: TcpStream, behaviour: Behaviour, nth: u64, certs: Certificates) {
+async fn talk(
+    mut stream: TcpStream,
+    behaviour: Behaviour,
+    nth: u64,
+    certs: Certificates,
+    computer_name: &str,
+) {
     let _ = stream.set_nodelay(true);
     match behaviour {
         Behaviour::Refuse => {}
@@ -223,6 +254,9 @@ async fn talk(mut stream: TcpStream, behaviour: Behaviour, nth: u64, certs: Cert
             if let Ok(Ok(mut tls)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
             {
+                if selected == codec::PROTOCOL_HYBRID {
+                    answer_credssp(&mut tls, computer_name).await;
+                }
                 let mut buf = [0u8; 1024];
                 while let Ok(n) = tls.read(&mut buf).await {
                     if n == 0 {
@@ -264,6 +298,71 @@ async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// RDP_NEG_FAILURE code: the server requires CredSSP.
+const HYBRID_REQUIRED_BY_SERVER: u32 = 5;
+
+/// Reads the client's first TSRequest; when it carries an NTLM NEGOTIATE, answers with a
+/// TSRequest carrying a CHALLENGE that names `computer_name` and gives the current time.
+/// Anything else (or nothing within 10 s) is left unanswered, as the real server would.
+async fn answer_credssp<S>(tls: &mut S, computer_name: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(total) = credssp::frame_len(&buf).ok()?
+                && buf.len() >= total
+            {
+                return credssp::decode(&buf[..total]).ok();
+            }
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let Ok(Some(request)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
+        return;
+    };
+    let is_negotiate = request.nego_token.as_deref().is_some_and(|t| {
+        t.len() >= 12
+            && t.starts_with(ntlm::SIGNATURE)
+            && t[8..12] == ntlm::NEGOTIATE_MESSAGE.to_le_bytes()
+    });
+    if !is_negotiate {
+        return;
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let netbios = computer_name.to_ascii_uppercase();
+    let challenge = ntlm::encode_challenge(&ntlm::ChallengeSpec {
+        nb_computer_name: &netbios,
+        nb_domain_name: &netbios,
+        dns_computer_name: computer_name,
+        dns_domain_name: computer_name,
+        timestamp: ntlm::unix_ms_to_filetime(now_ms),
+        version: ntlm::NtlmVersion {
+            major: 10,
+            minor: 0,
+            build: 20348,
+            ntlm_revision: 15,
+        },
+        server_challenge: rand_challenge(),
+    });
+    let reply = credssp::encode_nego_request(credssp::PROBE_VERSION, &challenge);
+    let _ = tls.write_all(&reply).await;
+    let _ = tls.flush().await;
+}
+
+fn rand_challenge() -> [u8; 8] {
+    let mut nonce = [0u8; 8];
+    let _ = getrandom::fill(&mut nonce);
+    nonce
+}
+
 /// Answers the Connection Request; returns the selected protocol (0 = standard RDP security).
 async fn negotiate(stream: &mut TcpStream) -> Option<u32> {
     let pdu = read_request(stream).await?;
@@ -273,9 +372,10 @@ async fn negotiate(stream: &mut TcpStream) -> Option<u32> {
             codec::encode_negotiation_response(codec::PROTOCOL_HYBRID, 0x1f),
             codec::PROTOCOL_HYBRID,
         ),
+        // NLA is required (Azure's Windows images): TLS alone is refused.
         Some(p) if p & codec::PROTOCOL_SSL != 0 => (
-            codec::encode_negotiation_response(codec::PROTOCOL_SSL, 0x1f),
-            codec::PROTOCOL_SSL,
+            codec::encode_negotiation_failure(HYBRID_REQUIRED_BY_SERVER),
+            0,
         ),
         _ => (codec::encode_legacy_confirm(), 0),
     };

@@ -273,6 +273,10 @@ pub struct VmSpec {
     /// Faults present at start.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Another machine answers on this VM's address (IP reuse): the computer name its
+    /// responder gives in the NTLM CHALLENGE instead of the VM's own.
+    #[serde(default)]
+    pub answers_as: Option<String>,
 }
 
 fn yes() -> bool {

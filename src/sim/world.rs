@@ -105,6 +105,8 @@ pub struct Vm {
     pub password_sha256: Option<String>,
     /// Secret part of the serial log blob URL.
     pub blob_sig: String,
+    /// The computer name of another machine answering on this VM's address, if any.
+    pub answers_as: Option<String>,
 }
 
 impl Vm {
@@ -610,6 +612,7 @@ impl World {
                 "{:016x}",
                 fingerprint_u64(&format!("{sub}/{rg}/{}/{n}", spec.name))
             ),
+            answers_as: spec.answers_as.clone(),
         };
         let name = vm.name.to_ascii_lowercase();
         for f in &spec.faults {
@@ -740,6 +743,13 @@ impl World {
             && !self.probe_source.is_loopback()
             && subnet.is_none()
             && nic_nsg.is_none()
+    }
+
+    /// The computer name the machine answering on `vm_name`'s address gives (its
+    /// `osProfile.computerName`, the VM name, unless another machine took the address).
+    pub fn computer_name(&self, vm_name: &str) -> Option<String> {
+        let vm = self.vms.get(&vm_name.to_ascii_lowercase())?;
+        Some(vm.answers_as.clone().unwrap_or_else(|| vm.name.clone()))
     }
 
     /// How the VM's responder treats a new connection now.

@@ -3,6 +3,7 @@
 
 pub mod k8s;
 pub mod real_api;
+pub mod shadow;
 pub mod xrdp;
 
 use std::{

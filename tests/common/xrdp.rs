@@ -97,13 +97,8 @@ impl Xrdp {
     /// Waits until the kernel shows the port in LISTEN state (no probing connection made).
     fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let needle = format!(":{:04X} ", self.port);
         while Instant::now() < deadline {
-            let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-            if tcp.lines().any(|l| {
-                let cols: Vec<_> = l.split_whitespace().collect();
-                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
-            }) {
+            if listening(self.port) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -132,6 +127,16 @@ impl Drop for Xrdp {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether the kernel shows a socket in LISTEN state on `port` (no connection made).
+pub fn listening(port: u16) -> bool {
+    let needle = format!(":{port:04X} ");
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines().any(|l| {
+        let cols: Vec<_> = l.split_whitespace().collect();
+        cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
+    })
 }
 
 /// A free loopback TCP port (bound to 0, then released).
