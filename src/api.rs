@@ -37,6 +37,9 @@ pub mod conditions {
     pub const LADDER_EXHAUSTED: &str = "LadderExhausted";
     /// Remediation is held (pause, storm breaker, maintenance window, not the leader).
     pub const REMEDIATION_SUSPENDED: &str = "RemediationSuspended";
+    /// The operator's prober could probe this object (False: its own local error, e.g. out of
+    /// file descriptors; the VM's state is then unknown and nothing acts on it).
+    pub const PROBER_READY: &str = "ProberReady";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -78,6 +81,10 @@ pub mod reasons {
     pub const RECOVERED: &str = "Recovered";
     /// Reachable=False, but recent probes succeed (below the success threshold).
     pub const RECOVERING: &str = "Recovering";
+    /// ProberReady=False and its Event: the prober failed locally (`prober_error`).
+    pub const PROBER_ERROR: &str = "ProberError";
+    /// ProberReady=True: the last probe ran (whatever it found).
+    pub const PROBE_COMPLETED: &str = "ProbeCompleted";
 }
 
 /// Pattern of a Go-style duration that Kubernetes CEL `duration()` understands.

@@ -1063,6 +1063,159 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
     sim.shutdown().await;
 }
 
+/// Three of four VMs, spread over two subscriptions too small for the storm breaker, fail
+/// together: the fleet-wide breaker holds every rung, the mild ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_wide_breaker_holds_every_rung_across_subscriptions() {
+    const OTHER: &str = "00000000-0000-0000-0000-0000000000bb";
+    let group = |vms: &str| {
+        format!(
+            r#"
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        virtualNetworks:
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24 }} ] }}
+        vms:
+{vms}"#
+        )
+    };
+    let broken = "faults: [rdp_disabled], vmAccessExtension: enablevmAccess";
+    let yaml = format!(
+        "timing: {{ operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms }}\nsubscriptions:\n  - id: {SUB}{}\n  - id: {OTHER}{}\n",
+        group(&format!(
+            "          - {{ name: vm-a0, nic: {{ subnet: vnet/s }} }}\n          - {{ name: vm-a1, nic: {{ subnet: vnet/s }}, {broken} }}"
+        )),
+        group(&format!(
+            "          - {{ name: vm-b0, nic: {{ subnet: vnet/s }}, {broken} }}\n          - {{ name: vm-b1, nic: {{ subnet: vnet/s }}, {broken} }}"
+        )),
+    );
+    let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
+        .await
+        .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    let object = |vm: &str, sub: &str, remediation: Value| {
+        let mut o = rdphealth(vm, vm, remediation);
+        o["spec"]["vm"]["resourceId"] = json!(format!(
+            "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{vm}"
+        ));
+        o
+    };
+    let vms = [
+        ("vm-a0", SUB),
+        ("vm-a1", SUB),
+        ("vm-b0", OTHER),
+        ("vm-b1", OTHER),
+    ];
+    for (vm, sub) in vms {
+        api.create(
+            "rdphealths",
+            NS,
+            object(vm, sub, json!({"mode": "Observe"})),
+        );
+    }
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        wait_status(&api, name, "unreachable", |s| {
+            condition(s, "Reachable").is_some_and(|c| c["status"] == "False")
+        })
+        .await;
+    }
+    // Now allowed to act, with the mild rung first: the breaker holds it.
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        api.patch(
+            "rdphealths",
+            NS,
+            name,
+            json!({"spec": {"remediation": {"mode": "Auto", "settleTime": "1s"}}}),
+        );
+    }
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        let s = wait_status(&api, name, "suspension", |s| {
+            condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+        let c = condition(&s, "RemediationSuspended").unwrap();
+        assert_eq!(c["reason"], "FleetBreaker", "{s:#}");
+    }
+    op.wait_metrics(&[
+        r#"rdphealth_observer_blind{cause="fleet_breaker"} 1"#,
+        r#"rdphealth_remediation_suspended{reason="FleetBreaker"} 3"#,
+        r#"rdphealth_remediation_suspended{reason="StormBreaker"} 0"#,
+    ])
+    .await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.count("extension.put"), 0);
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// A canary the prober cannot reach: the prober may be blind, so no rung runs anywhere, not
+/// even the mild ones the storm breaker lets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_holds_every_rung() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = canary.local_addr().unwrap().port();
+    drop(canary);
+    let settings = Settings {
+        canary: Some(Target {
+            host: "127.0.0.1".into(),
+            port,
+        }),
+        ..grace(Duration::from_millis(200))
+    };
+    let op = Operator::start_with(&api, &sim, "replica-a", settings).await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "rdp",
+            "vm-rdp",
+            json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    let s = wait_status(&api, "rdp", "suspension", |s| {
+        condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let c = condition(&s, "RemediationSuspended").unwrap();
+    assert_eq!(c["reason"], "CanaryDown", "{s:#}");
+    op.wait_metrics(&[
+        r#"rdphealth_observer_blind{cause="canary"} 1"#,
+        r#"rdphealth_remediation_suspended{reason="CanaryDown"} 1"#,
+    ])
+    .await;
+    api.wait_for("suspension event", WAIT, |inner| {
+        (events(inner, "rdp", "RemediationSuspended") == 1).then_some(())
+    })
+    .await;
+    // Still held a while later (several ladder looks at a 1 s backoff): nothing was sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.count("extension.put"), 0);
+    let s = api.read(|inner| status(inner, "rdp")).unwrap();
+    assert_eq!(
+        condition(&s, "RemediationSuspended").unwrap()["reason"],
+        "CanaryDown"
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_nsg_block_is_repaired_for_the_allowed_prefixes_only() {
     let (sim, api, op) = start_one(

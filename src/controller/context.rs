@@ -101,11 +101,17 @@ impl Context {
                 Some(m)
             })
             .collect();
+        let window = self
+            .remediator
+            .as_ref()
+            .map(|r| r.fleet.policy().fleet_window);
+        let now = Timestamp::now();
         let view = FleetView::from_members(members.iter().map(|m| Member {
             key: &m.key,
             subscription: &m.subscription,
             unreachable: m.unreachable,
             disruptive_in_flight: m.disruptive_in_flight,
+            failed_recently: m.failed_within(window, now),
         }));
         let storming = match &self.remediator {
             Some(r) => {
@@ -116,6 +122,8 @@ impl Context {
                     .collect();
                 r.fleet.retain_claims(|key| live.contains(key));
                 r.fleet.update(view);
+                self.metrics
+                    .observer_blind("fleet_breaker", r.fleet.fleet_breaker());
                 r.fleet.storming()
             }
             None => Vec::new(),
@@ -128,6 +136,8 @@ impl Context {
                 "StormBreaker",
                 count(&|m: &FleetMember| storming.contains(&m.subscription)),
             ),
+            ("FleetBreaker", suspended_by("FleetBreaker")),
+            ("CanaryDown", suspended_by("CanaryDown")),
             ("Paused", suspended_by("Paused")),
             (
                 "OutsideMaintenanceWindow",
@@ -200,6 +210,8 @@ pub(super) struct FleetMember {
     acting: bool,
     /// The reason of a `RemediationSuspended=True` condition.
     suspended: Option<String>,
+    /// When it last became unreachable.
+    unreachable_since: Option<Timestamp>,
 }
 
 impl FleetMember {
@@ -228,6 +240,19 @@ impl FleetMember {
             suspended: conditions::find(conditions, types::REMEDIATION_SUSPENDED)
                 .filter(|c| c.status == Status::True.as_str())
                 .map(|c| c.reason.clone()),
+            unreachable_since: status
+                .and_then(|s| s.last_transition_to_unreachable.as_ref())
+                .map(|t| t.0),
         })
+    }
+
+    /// Whether it became unreachable within `window` before `now` (fleet-wide breaker).
+    fn failed_within(&self, window: Option<Duration>, now: Timestamp) -> bool {
+        match (self.unreachable_since, window) {
+            (Some(since), Some(window)) => {
+                Duration::try_from(now.duration_since(since)).is_ok_and(|d| d <= window)
+            }
+            _ => false,
+        }
     }
 }

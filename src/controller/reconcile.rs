@@ -61,8 +61,13 @@ pub(super) async fn reconcile_object(
         Schedule::Report => (Observation::NotProbed, None),
         Schedule::Probe(spec) => (ctx.observe(&spec).await, None),
     };
+    // A probe that failed on the prober's side says nothing about the VM: no rung on it.
+    let blind =
+        matches!(&observation, Observation::Probed { report, .. } if report.prober_failed());
     let probed = match &observation {
-        Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),
+        Observation::Probed { report, .. } if !blind => {
+            Some((report.reachable, report.failure.clone()))
+        }
         _ => None,
     };
     let probed_at = if probed.is_some() {
@@ -96,7 +101,7 @@ pub(super) async fn reconcile_object(
         .map(|s| s.ladder.clone())
         .unwrap_or_default();
     let stage = match (&ctx.remediator, &spec) {
-        (Some(remediator), Some(spec)) => {
+        (Some(remediator), Some(spec)) if !blind => {
             let approval = approval(obj, &outcome.status);
             let subject = Subject {
                 key: &format!("{}/{}", key.namespace, key.name),

@@ -33,11 +33,15 @@ pub enum FailureReason {
     TlsHandshakeFailed,
     /// The TLS handshake did not finish before the deadline.
     TlsTimeout,
+    /// The prober itself could not probe (out of file descriptors, buffers or local
+    /// addresses, no route from the prober): says nothing about the VM, so it is never an
+    /// incident and never a reason for a rung.
+    ProberError,
 }
 
 impl FailureReason {
     /// Every reason, in a stable order (metric label pre-registration, docs, tests).
-    pub const ALL: [FailureReason; 11] = [
+    pub const ALL: [FailureReason; 12] = [
         Self::DnsFailure,
         Self::TcpRefused,
         Self::TcpTimeout,
@@ -49,6 +53,7 @@ impl FailureReason {
         Self::UnexpectedPdu,
         Self::TlsHandshakeFailed,
         Self::TlsTimeout,
+        Self::ProberError,
     ];
 
     /// The stable snake_case name.
@@ -65,6 +70,7 @@ impl FailureReason {
             Self::UnexpectedPdu => "unexpected_pdu",
             Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::TlsTimeout => "tls_timeout",
+            Self::ProberError => "prober_error",
         }
     }
 
@@ -77,7 +83,9 @@ impl FailureReason {
     pub fn layer(self) -> Layer {
         match self {
             Self::DnsFailure => Layer::Dns,
-            Self::TcpRefused | Self::TcpTimeout | Self::TcpUnreachable => Layer::Tcp,
+            Self::TcpRefused | Self::TcpTimeout | Self::TcpUnreachable | Self::ProberError => {
+                Layer::Tcp
+            }
             Self::ConnectionClosed
             | Self::X224Timeout
             | Self::NotRdp
@@ -138,6 +146,11 @@ impl FailureReason {
             Self::TlsTimeout => &[
                 "a middlebox interferes with the TLS handshake",
                 "the server is stuck creating its TLS credentials",
+            ],
+            Self::ProberError => &[
+                "the operator ran out of file descriptors (EMFILE/ENFILE): raise its open-files limit or lower its probe concurrency",
+                "the operator's host ran out of socket buffers or local ports (ENOBUFS, EADDRNOTAVAIL)",
+                "the operator's pod has no route to the VM's network (ENETUNREACH from its own routing table)",
             ],
         }
     }
@@ -231,6 +244,11 @@ impl Failure {
         }
     }
 
+    /// Whether the failure is the prober's own, not the VM's.
+    pub fn is_prober_error(&self) -> bool {
+        self.reason == FailureReason::ProberError
+    }
+
     /// Likely causes of this failure.
     pub fn likely_causes(&self) -> &'static [&'static str] {
         self.reason.likely_causes(self.code)
@@ -257,7 +275,8 @@ mod tests {
                 "negotiation_failure",
                 "unexpected_pdu",
                 "tls_handshake_failed",
-                "tls_timeout"
+                "tls_timeout",
+                "prober_error"
             ]
         );
         for r in FailureReason::ALL {
