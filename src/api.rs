@@ -40,6 +40,10 @@ pub mod conditions {
     /// The operator's prober could probe this object (False: its own local error, e.g. out of
     /// file descriptors; the VM's state is then unknown and nothing acts on it).
     pub const PROBER_READY: &str = "ProberReady";
+    /// Every operation URL the operator was asked to poll belonged to the ARM endpoint. False
+    /// when one in status pointed elsewhere: it was not polled (the ARM token goes only to
+    /// ARM), and the rung or read it belonged to is settled without it.
+    pub const OPERATION_URLS_TRUSTED: &str = "OperationUrlsTrusted";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded

@@ -254,6 +254,17 @@ impl Operator {
         identity: &str,
         base: Settings,
     ) -> Self {
+        let arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+        Self::start_with_arm(api, sim, identity, base, arm).await
+    }
+
+    async fn start_with_arm(
+        api: &Arc<FakeApiServer>,
+        sim: &Simulator,
+        identity: &str,
+        base: Settings,
+        arm: ArmConfig,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -274,10 +285,7 @@ impl Operator {
             ..base
         };
         let witness = Arc::new(Witness {
-            inner: ArmClient::new(
-                ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
-                Arc::new(StaticToken::new("test-token")),
-            ),
+            inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
             api: Arc::clone(api),
             calls: Mutex::new(Vec::new()),
         });
@@ -1365,6 +1373,174 @@ async fn a_password_reset_writes_the_password_to_its_secret_only() {
         (events(inner, "hung", "PasswordStored") == 1).then_some(())
     })
     .await;
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_url_that_is_not_arms_is_never_polled() {
+    // Restart takes long enough here that the operator stops while it runs.
+    let sim = Simulator::start(scenario_timed(
+        "300ms",
+        "          - { name: vm-host, nic: { subnet: vnet/s }, faults: [host_failure] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let first = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "host",
+            "vm-host",
+            json!({
+                "mode": "Auto", "ladder": ["Redeploy"], "allowedDisruptiveActions": ["Redeploy"],
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    wait_status(&api, "host", "a running redeploy", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    first.shutdown().await;
+    // Whoever can write the status points the operation at their own listener.
+    let spy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spy_url = format!("http://{}/operations/steal", spy.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = Arc::clone(&received);
+    let spy_task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = spy.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            log.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    api.patch_status(
+        "rdphealths",
+        NS,
+        "host",
+        json!({"status": {"ladder": {"current": {"operation": {
+            "asyncOperationUrl": spy_url, "locationUrl": spy_url,
+        }}}}}),
+    );
+    let second = Operator::start(&api, &sim, "replica-b").await;
+    let s = wait_status(&api, "host", "the refused URL said in status", |s| {
+        condition(s, "OperationUrlsTrusted").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let c = condition(&s, "OperationUrlsTrusted").unwrap();
+    assert_eq!(c["reason"], "UntrustedOperationUrl", "{c:#}");
+    assert!(
+        !c["message"].as_str().unwrap().contains("steal"),
+        "only the origin is named: {c:#}"
+    );
+    api.wait_for("an UntrustedOperationUrl Event", WAIT, |inner| {
+        (events(inner, "host", "UntrustedOperationUrl") > 0).then_some(())
+    })
+    .await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "the listener received a request: {:?}",
+        received.lock().unwrap()
+    );
+    // The rung is not sent again: its fate is unknown and the probe judges it.
+    assert_eq!(sim.count("vm.redeploy"), 1);
+    assert!(second.witness.mutating().is_empty(), "nothing re-sent");
+    spy_task.abort();
+    second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-a, nic: { subnet: vnet/s }, faults: [guest_hung] }
+          - { name: vm-b, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    // Azure carries out the first restart but its answer never arrives within the client's
+    // timeout, as after a lost connection.
+    sim.drop_next_response("vm.restart", Duration::from_secs(4));
+    let api = Arc::new(FakeApiServer::start().await);
+    let mut arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+    arm.request_timeout = Duration::from_millis(1500);
+    let op = Operator::start_with_arm(
+        &api,
+        &sim,
+        "replica-a",
+        grace(Duration::from_millis(200)),
+        arm,
+    )
+    .await;
+    let remediation = json!({
+        "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+        "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+    });
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("a", "vm-a", remediation.clone()),
+    );
+    api.create("rdphealths", NS, rdphealth("b", "vm-b", remediation));
+    for name in ["a", "b"] {
+        wait_status(&api, name, "recovered by the restart", |s| {
+            s["ladder"]["recoveredBy"]["rung"] == "Restart"
+        })
+        .await;
+    }
+    assert_eq!(sim.count("dropped_response"), 1);
+    assert_eq!(
+        sim.count("vm.restart"),
+        2,
+        "one restart per VM, none re-sent"
+    );
+    // The rung whose answer was lost was recorded as of unknown outcome while it settled.
+    let unknown = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .filter(|c| c.resource == "rdphealths")
+            .filter(|c| c.object["status"]["ladder"]["current"]["outcomeUnknown"] == true)
+            .map(|c| c.object["metadata"]["name"].as_str().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    assert_eq!(
+        unknown.len(),
+        1,
+        "exactly one rung of unknown outcome: {unknown:?}"
+    );
+    // Its fleet slot stayed claimed: the other VM's restart started only once no other
+    // rung was in flight.
+    let restarts: Vec<Call> = op
+        .witness
+        .mutating()
+        .into_iter()
+        .filter(|c| c.operation == "restart")
+        .collect();
+    assert_eq!(restarts.len(), 2);
+    let in_flight = restarts[1]
+        .current
+        .iter()
+        .filter(|current| !current.is_null())
+        .count();
+    assert_eq!(
+        in_flight, 1,
+        "the second restart was sent while the first rung still held its slot: {:?}",
+        restarts[1].current
+    );
+    let events_unknown = api.read(|inner| {
+        events(inner, "a", "RemediationOutcomeUnknown")
+            + events(inner, "b", "RemediationOutcomeUnknown")
+    });
+    assert_eq!(events_unknown, 1);
     op.shutdown().await;
     sim.shutdown().await;
 }

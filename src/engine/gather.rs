@@ -200,6 +200,10 @@ pub async fn poll_pending(
                 let after = e.retry_after().unwrap_or(POLL_RETRY);
                 ev.pending.push(again(read, after, now));
             }
+            Err(e @ AzureError::UntrustedUrl { .. }) => {
+                events.push(untrusted_url(read.kind.describe(), &e));
+                events.push(give_up(ev, read.kind, Ending::Failed(e.to_string())));
+            }
             Err(e) => events.push(give_up(
                 ev,
                 read.kind,
@@ -328,6 +332,20 @@ enum Ending {
 }
 
 /// Records that a read ended without an answer (in `errors` and an Event).
+/// The Event for an operation URL that was not polled because it is not ARM's.
+pub fn untrusted_url(what: &str, e: &AzureError) -> Event {
+    Event {
+        severity: Severity::Warning,
+        reason: UNTRUSTED_OPERATION_URL,
+        note: format!(
+            "{what}: {e}; the URL in status was not polled and the ARM token was not sent (check who can write this object's status)"
+        ),
+    }
+}
+
+/// Event and condition reason for an operation URL that is not ARM's.
+pub const UNTRUSTED_OPERATION_URL: &str = "UntrustedOperationUrl";
+
 fn give_up(ev: &mut Evidence, kind: ReadKind, ending: Ending) -> Event {
     let (suffix, detail) = match ending {
         Ending::TimedOut => (

@@ -90,6 +90,23 @@ impl Remediator {
                     Ok(Continue::Until(first))
                 }
             }
+            Err(CallError::Azure(e @ AzureError::OutcomeUnknown { .. })) => {
+                // Azure may be carrying it out: never re-sent, the slot stays claimed, and
+                // what Azure shows and the probe settle it.
+                let until = now
+                    .checked_add(subject.spec.ladder.settle_time)
+                    .unwrap_or(now);
+                let message = format!(
+                    "{e}; Azure may be carrying it out, so it is not sent again and is judged by the VM's state and the probe"
+                );
+                outcome.status.ladder.settle_unknown(until, message.clone());
+                outcome.events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{step}: {message}; judged after {until}"),
+                });
+                Ok(Continue::Until(until))
+            }
             Err(e) => Ok(self.failed(
                 subject,
                 vm,
@@ -185,6 +202,11 @@ impl Remediator {
             .await
         {
             Ok(op) => Ok((op, None)),
+            Err(e @ AzureError::OutcomeUnknown { .. }) => {
+                // The VM may have the new password: it stays in the Secret (pending, then
+                // unconfirmed) until a later reset is confirmed.
+                Err(CallError::Azure(e))
+            }
             Err(e) => {
                 // Azure refused outright: the pending password was never set.
                 if let Err(d) = store.discard(&at).await {
