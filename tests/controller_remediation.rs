@@ -1544,3 +1544,72 @@ async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
     op.shutdown().await;
     sim.shutdown().await;
 }
+
+/// A Secret someone else created, named as the password Secret: the operator does not touch
+/// it, sends no password to Azure, and says why in status and an Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_secret_the_operator_did_not_create_is_left_alone() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let theirs = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "app-db", "namespace": NS, "labels": {"app": "db"}},
+        "type": "Opaque",
+        "data": {"password": "ZGItcGFzcw=="},
+    });
+    api.create("secrets", NS, theirs);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "hung",
+            "vm-hung",
+            json!({
+                "mode": "Auto", "ladder": ["ResetPassword"],
+                "allowedDisruptiveActions": ["ResetPassword"],
+                "passwordReset": {"username": "rdpadmin", "secretName": "app-db"},
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    let s = wait_status(&api, "hung", "a refused rung", |s| {
+        s["ladder"]["history"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    })
+    .await;
+    let record = &s["ladder"]["history"][0];
+    assert_eq!(record["outcome"], "Failed", "{s:#}");
+    assert!(
+        record["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was not created by rdphealth-operator")),
+        "{s:#}"
+    );
+    api.wait_for("the refusal event", WAIT, |inner| {
+        (events(inner, "hung", "RemediationFailed") >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 0);
+    let secret = api
+        .read(|inner| inner.get("secrets", NS, "app-db").cloned())
+        .unwrap();
+    assert_eq!(
+        secret["data"],
+        json!({"password": "ZGItcGFzcw=="}),
+        "{secret:#}"
+    );
+    assert!(secret["metadata"]["annotations"].is_null(), "{secret:#}");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
