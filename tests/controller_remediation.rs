@@ -1613,3 +1613,59 @@ async fn a_password_secret_the_operator_did_not_create_is_left_alone() {
     op.shutdown().await;
     sim.shutdown().await;
 }
+
+/// The operator's tenancy policy grants the namespace another subscription: the object naming
+/// a VM outside it is `Valid=False` with a clear message, and no request reaches ARM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_naming_a_vm_outside_its_scopes_is_refused_without_an_arm_request() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let policy = rdphealth::tenancy::TenancyPolicy::from_yaml(&format!(
+        "namespaces:\n  - name: {NS}\n    scopes: [/subscriptions/00000000-0000-0000-0000-0000000000bb]\n  - name: other\n    scopes: [/subscriptions/{SUB}]\n"
+    ))
+    .unwrap();
+    let settings = Settings {
+        tenancy: Some(policy),
+        ..grace(Duration::from_millis(200))
+    };
+    let op = Operator::start_with(&api, &sim, "replica-a", settings).await;
+    let before = sim.counters().values().sum::<u64>();
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("rdp", "vm-rdp", json!({"mode": "Auto", "settleTime": "1s"})),
+    );
+    let s = wait_status(&api, "rdp", "Valid=False", |s| {
+        condition(s, "Valid").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let message = condition(&s, "Valid").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .is_some_and(|m| m.contains("outside the Azure scopes")
+                && m.contains(SUB)
+                && m.contains("\"default\"")),
+        "{s:#}"
+    );
+    assert_eq!(s["phase"], "Invalid", "{s:#}");
+    api.wait_for("the event", WAIT, |inner| {
+        (events(inner, "rdp", "InvalidSpec") == 1).then_some(())
+    })
+    .await;
+    // Given time to act, it asks nothing of Azure: no read, no write.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(op.witness.calls.lock().unwrap().is_empty());
+    assert_eq!(
+        sim.counters().values().sum::<u64>(),
+        before,
+        "{:?}",
+        sim.counters()
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}

@@ -15,6 +15,7 @@ use crate::{
     evidence::exposure::{self, ExposureLimit},
     ladder::fleet::FleetPolicy,
     probe::{RdpProber, Target},
+    tenancy::{TenancyError, TenancyPolicy},
 };
 
 /// Arguments of `rdphealth run`.
@@ -96,6 +97,11 @@ pub struct RunArgs {
     /// The same for IPv6 (32 allows a /32; only stricter values, up to 128).
     #[arg(long, env = "RDPHEALTH_MAX_PUBLIC_SOURCE_V6_PREFIX", default_value_t = 32, value_parser = clap::value_parser!(u8).range(32..=128))]
     pub max_public_source_v6_prefix: u8,
+    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace
+    /// may name; an object outside them is `Valid=False` and causes no Azure call. Unset:
+    /// every namespace may name every VM the operator's identity reaches.
+    #[arg(long, env = "RDPHEALTH_TENANCY_POLICY")]
+    pub tenancy_policy: Option<std::path::PathBuf>,
     /// A healthy, unchanged object's status (and so `lastProbe`) is rewritten this often;
     /// `0s` never rewrites it (status changes only with news).
     #[arg(long, env = "RDPHEALTH_STATUS_HEARTBEAT", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -126,6 +132,9 @@ pub enum RunCommandError {
     /// The Azure adapter could not be set up.
     #[error("failed to set up Azure")]
     Azure(#[source] AzureError),
+    /// The tenancy policy could not be loaded.
+    #[error("failed to load the tenancy policy")]
+    Tenancy(#[source] TenancyError),
 }
 
 impl RunCommandError {
@@ -137,6 +146,7 @@ impl RunCommandError {
             Self::Prober(_) => "ProberSetupFailed",
             Self::Run(e) => e.reason(),
             Self::Azure(e) => e.reason(),
+            Self::Tenancy(e) => e.reason(),
         }
     }
 }
@@ -170,6 +180,8 @@ impl RunArgs {
                 fleet_window: self.fleet_window,
             },
             canary: self.canary.clone(),
+            // Loaded from `--tenancy-policy` by `run` (reading a file can fail).
+            tenancy: None,
             probe_source: self.probe_source_address,
             // `0s` on the command line: never rewrite an unchanged status.
             status_heartbeat: if self.status_heartbeat.is_zero() {
@@ -229,7 +241,12 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         azure,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
-    controller::run(client, args.settings(), seams, listener, shutdown_signal())
+    let mut settings = args.settings();
+    settings.tenancy = match &args.tenancy_policy {
+        Some(path) => Some(TenancyPolicy::load(path).map_err(RunCommandError::Tenancy)?),
+        None => None,
+    };
+    controller::run(client, settings, seams, listener, shutdown_signal())
         .await
         .map_err(RunCommandError::Run)
 }

@@ -1,6 +1,7 @@
 //! What every reconcile shares, and the fleet view computed from the object cache.
 
 use super::*;
+use crate::tenancy::TenancyPolicy;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -19,6 +20,8 @@ pub struct Context {
     pub(super) memory: Arc<ProbeMemory>,
     /// How often a status whose only changes are per-probe facts is written anyway.
     pub(super) heartbeat: Duration,
+    /// Which Azure scopes each namespace may name; `None`: every namespace, every scope.
+    pub(super) tenancy: Option<Arc<TenancyPolicy>>,
 }
 
 impl Context {
@@ -45,7 +48,22 @@ impl Context {
             store: None,
             memory: Arc::new(ProbeMemory::default()),
             heartbeat: writes::HEARTBEAT,
+            tenancy: None,
         }
+    }
+
+    /// Enforces `policy` (namespaces name only VMs inside their scopes).
+    pub(super) fn with_tenancy(mut self, policy: Option<TenancyPolicy>) -> Self {
+        self.tenancy = policy.map(Arc::new);
+        self
+    }
+
+    /// Why `obj`'s namespace may not name its VM, if it may not. A resource ID that does not
+    /// parse is left to the spec validation.
+    pub(super) fn outside_tenancy(&self, obj: &RdpHealth, key: &ObjectKey) -> Option<String> {
+        let policy = self.tenancy.as_ref()?;
+        let vm = engine::spec::parse_resource_id(&obj.spec.vm.resource_id).ok()?;
+        policy.admit(&key.namespace, &vm).err()
     }
 
     /// Shares `memory` (the watch stream forgets deleted objects in it).

@@ -165,6 +165,8 @@ pub struct Settings {
     /// An endpoint that should always accept connections; while it does not, every mutating
     /// rung is held (`--canary`).
     pub canary: Option<Target>,
+    /// Which Azure scopes each namespace may name (`--tenancy-policy`); `None`: no limit.
+    pub tenancy: Option<crate::tenancy::TenancyPolicy>,
 }
 
 impl Default for Settings {
@@ -178,6 +180,7 @@ impl Default for Settings {
             probe_source: None,
             status_heartbeat: writes::HEARTBEAT,
             canary: None,
+            tenancy: None,
         }
     }
 }
@@ -310,7 +313,8 @@ pub async fn run(
         .with_remediation(settings.fleet, settings.probe_source)
         .with_store(store)
         .with_memory(memory)
-        .with_status_heartbeat(settings.status_heartbeat),
+        .with_status_heartbeat(settings.status_heartbeat)
+        .with_tenancy(settings.tenancy.clone()),
     );
     let canary = match (&settings.canary, &ctx.remediator) {
         (Some(target), Some(r)) => Some(tokio::spawn(canary::watch(

@@ -37,6 +37,9 @@ pub(super) async fn reconcile_object(
     // From here on `obj` may carry a newer status than the API server has: see `continued`.
     let newer = continued(stored, remembered.as_deref());
     let obj = newer.as_deref().unwrap_or(stored);
+    if let Some(why) = ctx.outside_tenancy(obj, key) {
+        return refuse_outside_scope(stored, obj, key, ctx, why, now, leader).await;
+    }
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
     let due = match (&ctx.remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
@@ -152,6 +155,29 @@ pub(super) async fn reconcile_object(
     ctx.failures().remove(key);
     debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
     Ok(action(outcome.next))
+}
+
+/// An object naming a VM outside its namespace's scopes: `Valid=False`, no probe, no Azure
+/// call; it waits for a change of the object.
+async fn refuse_outside_scope(
+    stored: &RdpHealth,
+    obj: &RdpHealth,
+    key: &ObjectKey,
+    ctx: &Context,
+    why: String,
+    now: Timestamp,
+    leader: bool,
+) -> Result<Action, Error> {
+    let outcome = engine::refuse(obj, why, now);
+    if !leader {
+        return Ok(Action::await_change());
+    }
+    if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat) {
+        patch_status(&ctx.client, key, &outcome.status).await?;
+    }
+    ctx.metrics.object_status(key, &outcome.status);
+    publish(ctx, obj, &outcome.events, outcome.events.len()).await;
+    Ok(Action::await_change())
 }
 
 /// The failure of the last probe, as recorded in status.

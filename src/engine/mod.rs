@@ -122,6 +122,14 @@ pub fn evaluate(obj: &RdpHealth, observation: Observation, now: Timestamp) -> Ou
     step.finish(next)
 }
 
+/// The verdict for an object whose namespace may not name its VM (the operator's tenancy
+/// policy): `Valid=False` saying why; nothing is probed and nothing is asked of Azure.
+pub fn refuse(obj: &RdpHealth, why: String, now: Timestamp) -> Outcome {
+    let mut step = Step::new(obj, now);
+    let next = step.invalid(&SpecError::OutsideTenancyScope(why));
+    step.finish(next)
+}
+
 /// One evaluation in progress.
 struct Step {
     status: RdpHealthStatus,
