@@ -115,6 +115,8 @@ impl Context {
                 {
                     m.unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
                         == Some(Status::False);
+                    m.unreachable_since =
+                        status.last_transition_to_unreachable.as_ref().map(|t| t.0);
                 }
                 Some(m)
             })
