@@ -45,6 +45,7 @@ fn how(previous: Option<&Evidence>) -> Gathering<'_> {
         },
         previous,
         first_poll: Duration::ZERO,
+        leadership: &rdphealth::engine::remediate::SoleReplica,
     }
 }
 

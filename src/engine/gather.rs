@@ -48,6 +48,8 @@ pub struct Gathering<'a> {
     pub previous: Option<&'a Evidence>,
     /// When to poll a read started now for the first time.
     pub first_poll: Duration,
+    /// Asked right before the reads that are Azure writes (IP flow verify, Run Command).
+    pub leadership: &'a dyn crate::engine::remediate::LeaderCheck,
 }
 
 /// Client port of the flow IP flow verify checks (the local evaluation uses the same).
@@ -104,6 +106,7 @@ pub async fn gather(
         .filter(|s| s.power_state == PowerState::Running)
     {
         if !ev.is_pending(ReadKind::IpFlowVerify)
+            && how.leadership.term().is_some()
             && let Some(query) = rules.as_ref().and_then(|r| flow_query(r, how.vantage))
         {
             let watcher = WatcherRef::default_for(&state.location);
@@ -119,7 +122,10 @@ pub async fn gather(
             }
         }
         // Run Command is delivered by the VM agent.
-        if state.agent_ready && !ev.is_pending(ReadKind::GuestQuery) {
+        if state.agent_ready
+            && !ev.is_pending(ReadKind::GuestQuery)
+            && how.leadership.term().is_some()
+        {
             let script: Vec<String> = QUERY_SCRIPT.lines().map(str::to_string).collect();
             if let Some(op) = keep(azure.run_command(vm, &script).await, &mut ev)? {
                 events.extend(track(azure, ReadKind::GuestQuery, op, how, &mut ev, now).await);

@@ -208,21 +208,6 @@ impl FakeApiServer {
         patched
     }
 
-    /// Merge-patches an object's status as anyone allowed to write the status subresource
-    /// could.
-    pub fn patch_status(&self, resource: &str, namespace: &str, name: &str, patch: Value) -> Value {
-        let patched = patch_object(
-            &mut self.shared.lock(),
-            (resource, namespace, name),
-            &patch,
-            PatchKind::Merge,
-            true,
-        )
-        .unwrap_or_else(|(code, msg)| panic!("status patch failed: {code} {msg}"));
-        self.shared.notify();
-        patched
-    }
-
     /// Deletes an object as a user would.
     pub fn delete(&self, resource: &str, namespace: &str, name: &str) {
         delete(&mut self.shared.lock(), resource, namespace, name)
@@ -598,6 +583,11 @@ fn replace(
         .get(&key)
         .cloned()
         .ok_or((StatusCode::NOT_FOUND, format!("{name} not found")))?;
+    if let Some(expected) = object["metadata"]["resourceVersion"].as_str()
+        && current["metadata"]["resourceVersion"].as_str() != Some(expected)
+    {
+        return Err((StatusCode::CONFLICT, "the object has been modified".into()));
+    }
     let next = if status {
         let mut next = current.clone();
         next["status"] = object["status"].take();
