@@ -15,6 +15,7 @@ install_system_packages() {
   command -v promtool >/dev/null || need+=(prometheus)
   command -v iptables >/dev/null || need+=(iptables)
   command -v ip >/dev/null || need+=(iproute2)
+  command -v prlimit >/dev/null || need+=(util-linux)
   command -v python3 >/dev/null || need+=(python3)
   python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
   if [ ${#need[@]} -eq 0 ]; then

@@ -37,6 +37,9 @@ pub mod conditions {
     pub const LADDER_EXHAUSTED: &str = "LadderExhausted";
     /// Remediation is held (pause, storm breaker, maintenance window, not the leader).
     pub const REMEDIATION_SUSPENDED: &str = "RemediationSuspended";
+    /// The operator's prober could probe this object (False: its own local error, e.g. out of
+    /// file descriptors; the VM's state is then unknown and nothing acts on it).
+    pub const PROBER_READY: &str = "ProberReady";
     /// Every operation URL the operator was asked to poll belonged to the ARM endpoint. False
     /// when one in status pointed elsewhere: it was not polled (the ARM token goes only to
     /// ARM), and the rung or read it belonged to is settled without it.
@@ -104,6 +107,10 @@ pub mod reasons {
     pub const CLOCK_SKEW: &str = "ClockSkew";
     /// Event: the RDP certificate is not issued to the computer that answered.
     pub const CERTIFICATE_NAME_MISMATCH: &str = "CertificateNameMismatch";
+    /// ProberReady=False and its Event: the prober failed locally (`prober_error`).
+    pub const PROBER_ERROR: &str = "ProberError";
+    /// ProberReady=True: the last probe ran (whatever it found).
+    pub const PROBE_COMPLETED: &str = "ProbeCompleted";
 }
 
 /// Pattern of a Go-style duration that Kubernetes CEL `duration()` understands.

@@ -1,5 +1,6 @@
 //! The operator's HTTP endpoints: `/metrics`, `/healthz` (the process serves) and `/readyz`
-//! (the first watch list has been received).
+//! (the first watch list has been received, and the prober's last probe did not fail on its
+//! own side).
 
 use std::{
     future::Future,
@@ -88,13 +89,19 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        "ready".into_response()
-    } else {
+    if !state.ready.load(Ordering::Acquire) {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first watch sync",
         )
             .into_response()
+    } else if state.metrics.prober_blind() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the prober fails on its own side (prober_error): see rdphealth_prober_errors_total",
+        )
+            .into_response()
+    } else {
+        "ready".into_response()
     }
 }

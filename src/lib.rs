@@ -14,3 +14,4 @@ pub mod metrics;
 pub mod probe;
 pub mod secrets;
 pub mod sim;
+pub mod tenancy;

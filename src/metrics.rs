@@ -3,13 +3,16 @@
 
 use std::{
     collections::HashSet,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder, core::Collector,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder, core::Collector,
 };
 
 use k8s_openapi::jiff::Timestamp;
@@ -66,6 +69,10 @@ pub struct Metrics {
     vm_reachable: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_failures: IntCounterVec,
+    prober_errors: IntCounter,
+    observer: IntGaugeVec,
+    /// The last probe failed on the prober's side (readiness reports it).
+    prober_blind: AtomicBool,
     certificate_expiry: IntGaugeVec,
     unreachable_since: IntGaugeVec,
     reconcile_duration: Histogram,
@@ -113,6 +120,20 @@ impl Metrics {
                 &["reason"],
             )
             .map_err(MetricsError::Register)?,
+            prober_errors: IntCounter::with_opts(Opts::new(
+                "rdphealth_prober_errors_total",
+                "Probes that failed on the prober's own side (out of file descriptors, buffers or local ports, no route from the prober): never counted against a VM.",
+            ))
+            .map_err(MetricsError::Register)?,
+            observer: IntGaugeVec::new(
+                Opts::new(
+                    "rdphealth_observer_blind",
+                    "1 while the operator holds every mutating rung because its own view may be wrong, by cause: fleet_breaker (too many VMs of all subscriptions failed together) or canary (the --canary endpoint fails).",
+                ),
+                &["cause"],
+            )
+            .map_err(MetricsError::Register)?,
+            prober_blind: AtomicBool::new(false),
             certificate_expiry: IntGaugeVec::new(
                 Opts::new(
                     "rdphealth_certificate_expiry_timestamp_seconds",
@@ -187,7 +208,9 @@ impl Metrics {
             tracked: Mutex::new(HashSet::new()),
             registry,
         };
-        let collectors: [Box<dyn Collector>; 12] = [
+        let collectors: [Box<dyn Collector>; 14] = [
+            Box::new(m.prober_errors.clone()),
+            Box::new(m.observer.clone()),
             Box::new(m.remediations.clone()),
             Box::new(m.ladder_rung.clone()),
             Box::new(m.remediation_suspended.clone()),
@@ -216,6 +239,9 @@ impl Metrics {
         }
         for reason in SUSPENSION_REASONS {
             m.remediation_suspended.with_label_values(&[reason]);
+        }
+        for cause in ["fleet_breaker", "canary"] {
+            m.observer.with_label_values(&[cause]);
         }
         Ok(m)
     }
@@ -292,6 +318,23 @@ impl Metrics {
                 .with_label_values(&[failure.reason.as_str()])
                 .inc();
         }
+        let blind = report.prober_failed();
+        if blind {
+            self.prober_errors.inc();
+        }
+        self.prober_blind.store(blind, Ordering::Relaxed);
+    }
+
+    /// Records whether the observer is held blind by `cause` (`fleet_breaker`, `canary`).
+    pub fn observer_blind(&self, cause: &'static str, blind: bool) {
+        self.observer
+            .with_label_values(&[cause])
+            .set(i64::from(blind));
+    }
+
+    /// Whether the last probe failed on the prober's own side (`prober_error`).
+    pub fn prober_blind(&self) -> bool {
+        self.prober_blind.load(Ordering::Relaxed)
     }
 
     /// Updates an object's series from its new status.
@@ -391,8 +434,10 @@ impl Metrics {
 }
 
 /// The `rdphealth_remediation_suspended{reason}` label values.
-pub const SUSPENSION_REASONS: [&str; 4] = [
+pub const SUSPENSION_REASONS: [&str; 6] = [
     "StormBreaker",
+    "FleetBreaker",
+    "CanaryDown",
     "Paused",
     "OutsideMaintenanceWindow",
     "NotLeader",

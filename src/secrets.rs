@@ -12,6 +12,11 @@
 //! | `rdphealth.io/password-state` | `pending` (sent, outcome unknown: one of the two works), `applied`, `failed` (`password` is unchanged) |
 //! | `rdphealth.io/password-changed-at` | when `password` last changed |
 //!
+//! The operator writes only into Secrets it created: they carry the label
+//! `app.kubernetes.io/managed-by: rdphealth-operator`. A Secret of that name that exists
+//! without the label belongs to someone else and is left untouched (the rung is refused with
+//! that reason before anything is sent to Azure).
+//!
 //! When Azure reports success the pending password replaces `password`; when it reports a
 //! failure the pending password is dropped. If the operator stops in between, the Secret stays
 //! `pending` with both values.
@@ -25,7 +30,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::azure::Password;
+use crate::{api::FIELD_MANAGER, azure::Password};
 
 /// Key of the account name.
 pub const USERNAME_KEY: &str = "username";
@@ -64,6 +69,11 @@ pub enum SecretError {
     /// The Secret exists with a type other than `Opaque`.
     #[error("Secret {0} has type {1}; the password is only written to an Opaque Secret")]
     WrongType(String, String),
+    /// The Secret exists but the operator did not create it.
+    #[error(
+        "Secret {0} was not created by rdphealth-operator (it lacks the label {MANAGED_BY_LABEL}={FIELD_MANAGER}); the operator never writes into a Secret it did not create: name a Secret that does not exist yet"
+    )]
+    NotManaged(String),
     /// The API server refused or failed.
     #[error("Secret {0}: {1}")]
     Api(String, String),
@@ -142,11 +152,26 @@ fn api_error(at: &SecretRef, e: &kube::Error) -> SecretError {
     SecretError::Api(at.to_string(), message)
 }
 
+/// The label that marks Secrets the operator created.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
 fn managed_labels() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "app.kubernetes.io/managed-by".to_string(),
-        "rdphealth-operator".to_string(),
-    )])
+    BTreeMap::from([(MANAGED_BY_LABEL.to_string(), FIELD_MANAGER.to_string())])
+}
+
+/// Refuses a Secret the operator did not create (no managed-by label with its name).
+fn ensure_managed(at: &SecretRef, secret: &Secret) -> Result<(), SecretError> {
+    let ours = secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == FIELD_MANAGER);
+    if ours {
+        Ok(())
+    } else {
+        Err(SecretError::NotManaged(at.to_string()))
+    }
 }
 
 #[async_trait::async_trait]
@@ -186,10 +211,11 @@ impl SecretStore for KubeSecrets {
                     .map_err(|e| api_error(at, &e))
             }
             Some(s) => {
-                let type_ = s.type_.unwrap_or_else(|| "Opaque".into());
+                let type_ = s.type_.clone().unwrap_or_else(|| "Opaque".into());
                 if type_ != "Opaque" {
                     return Err(SecretError::WrongType(at.to_string(), type_));
                 }
+                ensure_managed(at, &s)?;
                 let mut patch = json!({
                     "metadata": { "annotations": { STATE_ANNOTATION: "pending" } },
                     "stringData": {
@@ -213,6 +239,7 @@ impl SecretStore for KubeSecrets {
     async fn commit(&self, at: &SecretRef, now: Timestamp) -> Result<(), SecretError> {
         let api = self.api(at);
         let secret = api.get(&at.name).await.map_err(|e| api_error(at, &e))?;
+        ensure_managed(at, &secret)?;
         let Some(pending) = secret.data.as_ref().and_then(|d| d.get(PENDING_KEY)) else {
             return Ok(());
         };
@@ -230,6 +257,12 @@ impl SecretStore for KubeSecrets {
     }
 
     async fn discard(&self, at: &SecretRef) -> Result<(), SecretError> {
+        let secret = self
+            .api(at)
+            .get(&at.name)
+            .await
+            .map_err(|e| api_error(at, &e))?;
+        ensure_managed(at, &secret)?;
         let patch = json!({
             "metadata": { "annotations": { STATE_ANNOTATION: "failed" } },
             "data": { PENDING_KEY: null }

@@ -167,6 +167,8 @@ fn required_alerts_exist_with_severity_and_annotations() {
         "RdpHealthVmUnreachable",
         "RdpHealthLadderExhausted",
         "RdpHealthRemediationStormBreaker",
+        "RdpHealthObserverBlind",
+        "RdpHealthProberErrors",
         "RdpHealthCertificateExpiringSoon",
         "RdpHealthCertificateExpired",
         "RdpHealthRdpOpenToInternet",

@@ -236,3 +236,39 @@ fn cel_rules_reject_bad_timeouts_and_resource_id_changes() {
     tuned.spec.probe.interval = "1m".into();
     validate_cel_update(&tuned, &ok).unwrap();
 }
+
+/// The CRD refuses NSG repair prefixes that name or span the public internet, whatever their
+/// spelling; the operator's validator also measures the union (tested with the validator).
+#[test]
+fn cel_rules_refuse_internet_wide_nsg_repair_prefixes() {
+    use kube::core::cel::validate_cel;
+
+    let with = |prefixes: &[&str]| {
+        typed(
+            json!({"vm": {"resourceId": VM}, "remediation": {"nsgRepair": {"enabled": true, "allowedSourcePrefixes": prefixes}}}),
+        )
+    };
+    for refused in [
+        &["0.0.0.0/1", "128.0.0.0/1"][..],
+        &["::0/0"],
+        &["1.0.0.0/2"],
+        &["*"],
+        &[" Internet"],
+        &["any"],
+        &["10.0.0.0/7"],
+        &["2001:db8::/31"],
+    ] {
+        assert!(
+            validate_cel(&with(refused)).is_err(),
+            "{refused:?} was accepted"
+        );
+    }
+    for accepted in [
+        &["10.20.30.0/24"][..],
+        &["203.0.113.0/24", "198.51.100.7"],
+        &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        &["fd00::/8", "2001:db8:1::/48"],
+    ] {
+        validate_cel(&with(accepted)).unwrap_or_else(|e| panic!("{accepted:?}: {e:?}"));
+    }
+}

@@ -1563,3 +1563,281 @@ async fn a_decision_taken_on_a_stale_copy_sends_nothing() {
     );
     sim.shutdown().await;
 }
+
+/// Three of four VMs, spread over two subscriptions too small for the storm breaker, fail
+/// together: the fleet-wide breaker holds every rung, the mild ones too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_wide_breaker_holds_every_rung_across_subscriptions() {
+    const OTHER: &str = "00000000-0000-0000-0000-0000000000bb";
+    let group = |vms: &str| {
+        format!(
+            r#"
+    resourceGroups:
+      - name: rg
+        location: westeurope
+        virtualNetworks:
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24 }} ] }}
+        vms:
+{vms}"#
+        )
+    };
+    let broken = "faults: [rdp_disabled], vmAccessExtension: enablevmAccess";
+    let yaml = format!(
+        "timing: {{ operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms }}\nsubscriptions:\n  - id: {SUB}{}\n  - id: {OTHER}{}\n",
+        group(&format!(
+            "          - {{ name: vm-a0, nic: {{ subnet: vnet/s }} }}\n          - {{ name: vm-a1, nic: {{ subnet: vnet/s }}, {broken} }}"
+        )),
+        group(&format!(
+            "          - {{ name: vm-b0, nic: {{ subnet: vnet/s }}, {broken} }}\n          - {{ name: vm-b1, nic: {{ subnet: vnet/s }}, {broken} }}"
+        )),
+    );
+    let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
+        .await
+        .unwrap();
+    let api = Arc::new(RealApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    let object = |vm: &str, sub: &str, remediation: Value| {
+        let mut o = rdphealth(vm, vm, remediation);
+        o["spec"]["vm"]["resourceId"] = json!(format!(
+            "/subscriptions/{sub}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{vm}"
+        ));
+        o
+    };
+    let vms = [
+        ("vm-a0", SUB),
+        ("vm-a1", SUB),
+        ("vm-b0", OTHER),
+        ("vm-b1", OTHER),
+    ];
+    for (vm, sub) in vms {
+        api.create(
+            "rdphealths",
+            NS,
+            object(vm, sub, json!({"mode": "Observe"})),
+        );
+    }
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        wait_status(&api, name, "unreachable", |s| {
+            condition(s, "Reachable").is_some_and(|c| c["status"] == "False")
+        })
+        .await;
+    }
+    // Now allowed to act, with the mild rung first: the breaker holds it.
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        api.patch(
+            "rdphealths",
+            NS,
+            name,
+            json!({"spec": {"remediation": {"mode": "Auto", "settleTime": "1s"}}}),
+        );
+    }
+    for name in ["vm-a1", "vm-b0", "vm-b1"] {
+        let s = wait_status(&api, name, "suspension", |s| {
+            condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+        })
+        .await;
+        let c = condition(&s, "RemediationSuspended").unwrap();
+        assert_eq!(c["reason"], "FleetBreaker", "{s:#}");
+    }
+    op.wait_metrics(&[
+        r#"rdphealth_observer_blind{cause="fleet_breaker"} 1"#,
+        r#"rdphealth_remediation_suspended{reason="FleetBreaker"} 3"#,
+        r#"rdphealth_remediation_suspended{reason="StormBreaker"} 0"#,
+    ])
+    .await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.count("extension.put"), 0);
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// A canary the prober cannot reach: the prober may be blind, so no rung runs anywhere, not
+/// even the mild ones the storm breaker lets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_holds_every_rung() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(RealApiServer::start().await);
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = canary.local_addr().unwrap().port();
+    drop(canary);
+    let settings = Settings {
+        canary: Some(Target {
+            host: "127.0.0.1".into(),
+            port,
+        }),
+        ..grace(Duration::from_millis(200))
+    };
+    let op = Operator::start_with(&api, &sim, "replica-a", settings).await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "rdp",
+            "vm-rdp",
+            json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    );
+    let s = wait_status(&api, "rdp", "suspension", |s| {
+        condition(s, "RemediationSuspended").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let c = condition(&s, "RemediationSuspended").unwrap();
+    assert_eq!(c["reason"], "CanaryDown", "{s:#}");
+    op.wait_metrics(&[
+        r#"rdphealth_observer_blind{cause="canary"} 1"#,
+        r#"rdphealth_remediation_suspended{reason="CanaryDown"} 1"#,
+    ])
+    .await;
+    api.wait_for("suspension event", WAIT, |inner| {
+        (events(inner, "rdp", "RemediationSuspended") == 1).then_some(())
+    })
+    .await;
+    // Still held a while later (several ladder looks at a 1 s backoff): nothing was sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.count("extension.put"), 0);
+    let s = api.read(|inner| status(inner, "rdp")).unwrap();
+    assert_eq!(
+        condition(&s, "RemediationSuspended").unwrap()["reason"],
+        "CanaryDown"
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// A Secret someone else created, named as the password Secret: the operator does not touch
+/// it, sends no password to Azure, and says why in status and an Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_secret_the_operator_did_not_create_is_left_alone() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(RealApiServer::start().await);
+    let theirs = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "app-db", "namespace": NS, "labels": {"app": "db"}},
+        "type": "Opaque",
+        "data": {"password": "ZGItcGFzcw=="},
+    });
+    api.create("secrets", NS, theirs);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "hung",
+            "vm-hung",
+            json!({
+                "mode": "Auto", "ladder": ["ResetPassword"],
+                "allowedDisruptiveActions": ["ResetPassword"],
+                "passwordReset": {"username": "rdpadmin", "secretName": "app-db"},
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    let s = wait_status(&api, "hung", "a refused rung", |s| {
+        s["ladder"]["history"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    })
+    .await;
+    let record = &s["ladder"]["history"][0];
+    assert_eq!(record["outcome"], "Failed", "{s:#}");
+    assert!(
+        record["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was not created by rdphealth-operator")),
+        "{s:#}"
+    );
+    api.wait_for("the refusal event", WAIT, |inner| {
+        (events(inner, "hung", "RemediationFailed") >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 0);
+    let secret = api
+        .read(|inner| inner.get("secrets", NS, "app-db").cloned())
+        .unwrap();
+    assert_eq!(
+        secret["data"],
+        json!({"password": "ZGItcGFzcw=="}),
+        "{secret:#}"
+    );
+    assert!(secret["metadata"]["annotations"].is_null(), "{secret:#}");
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+/// The operator's tenancy policy grants the namespace another subscription: the object naming
+/// a VM outside it is `Valid=False` with a clear message, and no request reaches ARM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_naming_a_vm_outside_its_scopes_is_refused_without_an_arm_request() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(RealApiServer::start().await);
+    let policy = rdphealth::tenancy::TenancyPolicy::from_yaml(&format!(
+        "namespaces:\n  - name: {NS}\n    scopes: [/subscriptions/00000000-0000-0000-0000-0000000000bb]\n  - name: other\n    scopes: [/subscriptions/{SUB}]\n"
+    ))
+    .unwrap();
+    let settings = Settings {
+        tenancy: Some(policy),
+        ..grace(Duration::from_millis(200))
+    };
+    let op = Operator::start_with(&api, &sim, "replica-a", settings).await;
+    let before = sim.counters().values().sum::<u64>();
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("rdp", "vm-rdp", json!({"mode": "Auto", "settleTime": "1s"})),
+    );
+    let s = wait_status(&api, "rdp", "Valid=False", |s| {
+        condition(s, "Valid").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let message = condition(&s, "Valid").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .is_some_and(|m| m.contains("outside the Azure scopes")
+                && m.contains(SUB)
+                && m.contains("\"default\"")),
+        "{s:#}"
+    );
+    assert_eq!(s["phase"], "Invalid", "{s:#}");
+    api.wait_for("the event", WAIT, |inner| {
+        (events(inner, "rdp", "InvalidSpec") == 1).then_some(())
+    })
+    .await;
+    // Given time to act, it asks nothing of Azure: no read, no write.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(op.witness.calls.lock().unwrap().is_empty());
+    assert_eq!(
+        sim.counters().values().sum::<u64>(),
+        before,
+        "{:?}",
+        sim.counters()
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}

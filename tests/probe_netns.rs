@@ -56,7 +56,7 @@ fn tools_available() -> bool {
 }
 
 #[test]
-fn dropped_syn_is_tcp_timeout_and_icmp_reject_is_tcp_unreachable() {
+fn dropped_syn_is_tcp_timeout_icmp_reject_is_tcp_unreachable_and_no_route_is_prober_error() {
     let required = std::env::var("RDPHEALTH_REQUIRE_NETNS").is_ok_and(|v| v == "1");
     let ns = if tools_available() {
         Netns::create()
@@ -88,18 +88,12 @@ fn dropped_syn_is_tcp_timeout_and_icmp_reject_is_tcp_unreachable() {
         "icmp-host-unreachable",
     ]);
     let bin = env!("CARGO_BIN_EXE_rdphealth");
-    let probe = |port: &str| -> Value {
-        let out = ns.exec(&[
-            bin,
-            "probe",
-            &format!("127.0.0.1:{port}"),
-            "--json",
-            "--timeout",
-            "600ms",
-        ]);
+    let probe_at = |target: &str| -> Value {
+        let out = ns.exec(&[bin, "probe", target, "--json", "--timeout", "600ms"]);
         assert_eq!(out.status.code(), Some(1));
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    let probe = |port: &str| probe_at(&format!("127.0.0.1:{port}"));
     let dropped = probe("3389");
     assert_eq!(dropped["failure"]["reason"], "tcp_timeout", "{dropped}");
     assert!(dropped["layers"]["tcp"]["ms"].as_f64().unwrap() >= 500.0);
@@ -116,4 +110,8 @@ fn dropped_syn_is_tcp_timeout_and_icmp_reject_is_tcp_unreachable() {
     );
     let refused = probe("3391");
     assert_eq!(refused["failure"]["reason"], "tcp_refused", "{refused}");
+    // The namespace has only loopback: no route leaves the prober (ENETUNREACH, no packet
+    // sent). That is the prober's blindness, not the VM's failure.
+    let no_route = probe_at("192.0.2.10:3389");
+    assert_eq!(no_route["failure"]["reason"], "prober_error", "{no_route}");
 }

@@ -142,3 +142,78 @@ async fn a_secret_of_another_type_is_not_touched() {
     let (_, keys) = data(&api, "tls");
     assert_eq!(keys, kv(&[("tls.crt", "crt"), ("tls.key", "key")]));
 }
+
+#[tokio::test]
+async fn a_secret_the_operator_did_not_create_is_not_touched() {
+    let api = RealApiServer::start().await;
+    api.create_namespace("ns");
+    api.create(
+        "secrets",
+        "ns",
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "app-db", "namespace": "ns", "labels": {"app": "db"}},
+            "type": "Opaque",
+            "data": {"password": "ZGItcGFzcw=="},
+        }),
+    );
+    let store = KubeSecrets::new(api.client());
+    let err = store
+        .stage(
+            &at("app-db"),
+            "rdpadmin",
+            &Password::new("p1"),
+            Timestamp::UNIX_EPOCH,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SecretError::NotManaged(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("not created by rdphealth-operator")
+    );
+    assert!(!err.to_string().contains("p1"));
+    assert!(
+        store
+            .commit(&at("app-db"), Timestamp::UNIX_EPOCH)
+            .await
+            .is_err()
+    );
+    assert!(store.discard(&at("app-db")).await.is_err());
+    let (state, keys) = data(&api, "app-db");
+    assert!(state.is_null(), "no annotation was added");
+    assert_eq!(keys, kv(&[("password", "db-pass")]));
+    let modified = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .filter(|c| c.resource == "secrets" && c.object["metadata"]["name"] == "app-db")
+            .filter(|c| c.kind != "ADDED")
+            .count()
+    });
+    assert_eq!(modified, 0, "nothing was written to it");
+
+    // A Secret the operator created itself carries the label and is written as before.
+    store
+        .stage(
+            &at("vm-admin"),
+            "rdpadmin",
+            &Password::new("p2"),
+            Timestamp::UNIX_EPOCH,
+        )
+        .await
+        .unwrap();
+    let labels = api.read(|inner| {
+        inner.get("secrets", "ns", "vm-admin").unwrap()["metadata"]["labels"].clone()
+    });
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "rdphealth-operator");
+    store
+        .stage(
+            &at("vm-admin"),
+            "rdpadmin",
+            &Password::new("p3"),
+            Timestamp::UNIX_EPOCH,
+        )
+        .await
+        .unwrap();
+}

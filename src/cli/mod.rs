@@ -34,7 +34,7 @@ pub enum Command {
     /// Probe an RDP endpoint layer by layer (TCP, X.224, TLS, certificate).
     Probe(probe::ProbeArgs),
     /// Run the operator: watch RdpHealth objects, probe, and keep their status true.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Print the RdpHealth CustomResourceDefinition (YAML).
     Crd,
     /// Run the whole product on one machine: simulator, faulty fleet, engine, live view.

@@ -12,8 +12,10 @@ use crate::{
     azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, credential},
     controller::{self, LeaseSettings, RunError, Seams, Settings},
     engine::{AzureResolver, EndpointResolver, HostOverride, ResolverPolicy},
+    evidence::exposure::{self, ExposureLimit},
     ladder::fleet::FleetPolicy,
-    probe::RdpProber,
+    probe::{RdpProber, Target},
+    tenancy::{TenancyError, TenancyPolicy},
 };
 
 /// Arguments of `rdphealth run`.
@@ -74,6 +76,32 @@ pub struct RunArgs {
     /// trips the storm breaker before any VM is rebooted.
     #[arg(long, env = "RDPHEALTH_DISRUPTIVE_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub disruptive_grace: std::time::Duration,
+    /// Fleet-wide breaker: above this percentage of all monitored VMs (every subscription
+    /// together) turning unreachable within `--fleet-window`, every mutating rung is held.
+    #[arg(long, env = "RDPHEALTH_FLEET_MAX_FAILING_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub fleet_max_failing_percent: u8,
+    /// Fleet-wide breaker: only with at least this many monitored VMs.
+    #[arg(long, env = "RDPHEALTH_FLEET_MIN_SIZE", default_value_t = 4)]
+    pub fleet_min_size: usize,
+    /// Fleet-wide breaker: how recently a VM must have turned unreachable to count.
+    #[arg(long, env = "RDPHEALTH_FLEET_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub fleet_window: std::time::Duration,
+    /// An endpoint (`HOST:PORT`) that should always accept TCP connections; while the prober
+    /// cannot connect to it, every mutating rung is held (the prober may be blind).
+    #[arg(long, env = "RDPHEALTH_CANARY")]
+    pub canary: Option<Target>,
+    /// The most public address space `nsgRepair.allowedSourcePrefixes` may cover together,
+    /// as an IPv4 prefix length (16 allows a /16; only stricter values, up to 32).
+    #[arg(long, env = "RDPHEALTH_MAX_PUBLIC_SOURCE_V4_PREFIX", default_value_t = 16, value_parser = clap::value_parser!(u8).range(16..=32))]
+    pub max_public_source_v4_prefix: u8,
+    /// The same for IPv6 (32 allows a /32; only stricter values, up to 128).
+    #[arg(long, env = "RDPHEALTH_MAX_PUBLIC_SOURCE_V6_PREFIX", default_value_t = 32, value_parser = clap::value_parser!(u8).range(32..=128))]
+    pub max_public_source_v6_prefix: u8,
+    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace
+    /// may name; an object outside them is `Valid=False` and causes no Azure call. Unset:
+    /// every namespace may name every VM the operator's identity reaches.
+    #[arg(long, env = "RDPHEALTH_TENANCY_POLICY")]
+    pub tenancy_policy: Option<std::path::PathBuf>,
     /// A healthy, unchanged object's status (and so `lastProbe`) is rewritten this often;
     /// `0s` never rewrites it (status changes only with news).
     #[arg(long, env = "RDPHEALTH_STATUS_HEARTBEAT", default_value = "10m", value_parser = humantime::parse_duration)]
@@ -104,6 +132,9 @@ pub enum RunCommandError {
     /// The Azure adapter could not be set up.
     #[error("failed to set up Azure")]
     Azure(#[source] AzureError),
+    /// The tenancy policy could not be loaded.
+    #[error("failed to load the tenancy policy")]
+    Tenancy(#[source] TenancyError),
 }
 
 impl RunCommandError {
@@ -115,6 +146,7 @@ impl RunCommandError {
             Self::Prober(_) => "ProberSetupFailed",
             Self::Run(e) => e.reason(),
             Self::Azure(e) => e.reason(),
+            Self::Tenancy(e) => e.reason(),
         }
     }
 }
@@ -143,7 +175,13 @@ impl RunArgs {
                 min_fleet_size: self.min_fleet_size,
                 max_concurrent_disruptive: self.max_concurrent_disruptive,
                 disruptive_grace: self.disruptive_grace,
+                fleet_max_failing_percent: self.fleet_max_failing_percent,
+                fleet_min_size: self.fleet_min_size,
+                fleet_window: self.fleet_window,
             },
+            canary: self.canary.clone(),
+            // Loaded from `--tenancy-policy` by `run` (reading a file can fail).
+            tenancy: None,
             probe_source: self.probe_source_address,
             // `0s` on the command line: never rewrite an unchanged status.
             status_heartbeat: if self.status_heartbeat.is_zero() {
@@ -193,13 +231,22 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         )),
         None => Arc::new(HostOverride),
     };
+    exposure::configure(ExposureLimit {
+        v4_prefix: args.max_public_source_v4_prefix,
+        v6_prefix: args.max_public_source_v6_prefix,
+    });
     let seams = Seams {
         prober: Arc::new(RdpProber::new().map_err(RunCommandError::Prober)?),
         resolver,
         azure,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
-    controller::run(client, args.settings(), seams, listener, shutdown_signal())
+    let mut settings = args.settings();
+    settings.tenancy = match &args.tenancy_policy {
+        Some(path) => Some(TenancyPolicy::load(path).map_err(RunCommandError::Tenancy)?),
+        None => None,
+    };
+    controller::run(client, settings, seams, listener, shutdown_signal())
         .await
         .map_err(RunCommandError::Run)
 }

@@ -1,6 +1,7 @@
 //! What every reconcile shares, and the fleet view computed from the object cache.
 
 use super::*;
+use crate::tenancy::TenancyPolicy;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -21,6 +22,8 @@ pub struct Context {
     pub(super) heartbeat: Duration,
     /// Whether this replica led at the last fleet refresh (a new term clears the claims).
     pub(super) was_leader: AtomicBool,
+    /// Which Azure scopes each namespace may name; `None`: every namespace, every scope.
+    pub(super) tenancy: Option<Arc<TenancyPolicy>>,
 }
 
 impl Context {
@@ -48,7 +51,22 @@ impl Context {
             memory: Arc::new(ProbeMemory::default()),
             heartbeat: writes::HEARTBEAT,
             was_leader: AtomicBool::new(false),
+            tenancy: None,
         }
+    }
+
+    /// Enforces `policy` (namespaces name only VMs inside their scopes).
+    pub(super) fn with_tenancy(mut self, policy: Option<TenancyPolicy>) -> Self {
+        self.tenancy = policy.map(Arc::new);
+        self
+    }
+
+    /// Why `obj`'s namespace may not name its VM, if it may not. A resource ID that does not
+    /// parse is left to the spec validation.
+    pub(super) fn outside_tenancy(&self, obj: &RdpHealth, key: &ObjectKey) -> Option<String> {
+        let policy = self.tenancy.as_ref()?;
+        let vm = engine::spec::parse_resource_id(&obj.spec.vm.resource_id).ok()?;
+        policy.admit(&key.namespace, &vm).err()
     }
 
     /// Shares `memory` (the watch stream forgets deleted objects in it).
@@ -101,15 +119,23 @@ impl Context {
                 {
                     m.unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
                         == Some(Status::False);
+                    m.unreachable_since =
+                        status.last_transition_to_unreachable.as_ref().map(|t| t.0);
                 }
                 Some(m)
             })
             .collect();
+        let window = self
+            .remediator
+            .as_ref()
+            .map(|r| r.fleet.policy().fleet_window);
+        let now = Timestamp::now();
         let view = FleetView::from_members(members.iter().map(|m| Member {
             key: &m.key,
             subscription: &m.subscription,
             unreachable: m.unreachable,
             disruptive_in_flight: m.disruptive_in_flight,
+            failed_recently: m.failed_within(window, now),
         }));
         let storming = match &self.remediator {
             Some(r) => {
@@ -124,6 +150,8 @@ impl Context {
                     members.iter().map(|m| m.key.as_str()).collect();
                 r.fleet.retain_claims(|key| live.contains(key));
                 r.fleet.update(view);
+                self.metrics
+                    .observer_blind("fleet_breaker", r.fleet.fleet_breaker());
                 r.fleet.storming()
             }
             None => Vec::new(),
@@ -136,6 +164,8 @@ impl Context {
                 "StormBreaker",
                 count(&|m: &FleetMember| storming.contains(&m.subscription)),
             ),
+            ("FleetBreaker", suspended_by("FleetBreaker")),
+            ("CanaryDown", suspended_by("CanaryDown")),
             ("Paused", suspended_by("Paused")),
             (
                 "OutsideMaintenanceWindow",
@@ -212,6 +242,8 @@ pub(super) struct FleetMember {
     acting: bool,
     /// The reason of a `RemediationSuspended=True` condition.
     suspended: Option<String>,
+    /// When it last became unreachable.
+    unreachable_since: Option<Timestamp>,
 }
 
 impl FleetMember {
@@ -240,6 +272,19 @@ impl FleetMember {
             suspended: conditions::find(conditions, types::REMEDIATION_SUSPENDED)
                 .filter(|c| c.status == Status::True.as_str())
                 .map(|c| c.reason.clone()),
+            unreachable_since: status
+                .and_then(|s| s.last_transition_to_unreachable.as_ref())
+                .map(|t| t.0),
         })
+    }
+
+    /// Whether it became unreachable within `window` before `now` (fleet-wide breaker).
+    fn failed_within(&self, window: Option<Duration>, now: Timestamp) -> bool {
+        match (self.unreachable_since, window) {
+            (Some(since), Some(window)) => {
+                Duration::try_from(now.duration_since(since)).is_ok_and(|d| d <= window)
+            }
+            _ => false,
+        }
     }
 }

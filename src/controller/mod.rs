@@ -7,6 +7,7 @@
 //! the fleet view), [`memory`] what this replica remembers between reconciles, [`lease`] leader
 //! election; this file wires them into a running controller.
 
+mod canary;
 mod context;
 mod lease;
 mod memory;
@@ -156,6 +157,11 @@ pub struct Settings {
     /// How often a status whose only changes are per-probe facts (probe time and latency) is
     /// written anyway ([`writes::HEARTBEAT`] by default).
     pub status_heartbeat: Duration,
+    /// An endpoint that should always accept connections; while it does not, every mutating
+    /// rung is held (`--canary`).
+    pub canary: Option<Target>,
+    /// Which Azure scopes each namespace may name (`--tenancy-policy`); `None`: no limit.
+    pub tenancy: Option<crate::tenancy::TenancyPolicy>,
 }
 
 impl Default for Settings {
@@ -168,6 +174,8 @@ impl Default for Settings {
             fleet: FleetPolicy::default(),
             probe_source: None,
             status_heartbeat: writes::HEARTBEAT,
+            canary: None,
+            tenancy: None,
         }
     }
 }
@@ -303,8 +311,19 @@ pub async fn run(
         .with_remediation(settings.fleet, settings.probe_source)
         .with_store(store)
         .with_memory(memory)
-        .with_status_heartbeat(settings.status_heartbeat),
+        .with_status_heartbeat(settings.status_heartbeat)
+        .with_tenancy(settings.tenancy.clone()),
     );
+    let canary = match (&settings.canary, &ctx.remediator) {
+        (Some(target), Some(r)) => Some(tokio::spawn(canary::watch(
+            Arc::clone(&ctx.seams.prober),
+            target.clone(),
+            Arc::clone(&r.fleet),
+            Arc::clone(&ctx.metrics),
+            canary::CANARY_INTERVAL,
+        ))),
+        _ => None,
+    };
     info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
     controller
         .graceful_shutdown_on(shutdown)
@@ -316,6 +335,9 @@ pub async fn run(
         })
         .await;
     info!("controller stopped; shutting down");
+    if let Some(canary) = canary {
+        canary.abort();
+    }
     let _ = stop_http.send(());
     let served = server.await;
     if let Some(lease) = lease_task {

@@ -37,6 +37,9 @@ pub(super) async fn reconcile_object(
     // From here on `obj` may carry a newer status than the API server has: see `continued`.
     let newer = continued(stored, remembered.as_deref());
     let obj = newer.as_deref().unwrap_or(stored);
+    if let Some(why) = ctx.outside_tenancy(obj, key) {
+        return refuse_outside_scope(stored, obj, key, ctx, why, now, leader).await;
+    }
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
     let due = match (&ctx.remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
@@ -61,8 +64,13 @@ pub(super) async fn reconcile_object(
         Schedule::Report => (Observation::NotProbed, None),
         Schedule::Probe(spec) => (ctx.observe(&spec, obj.status.as_ref(), now).await, None),
     };
+    // A probe that failed on the prober's side says nothing about the VM: no rung on it.
+    let blind =
+        matches!(&observation, Observation::Probed { report, .. } if report.prober_failed());
     let probed = match &observation {
-        Observation::Probed { report, .. } => Some((report.reachable, report.failure.clone())),
+        Observation::Probed { report, .. } if !blind => {
+            Some((report.reachable, report.failure.clone()))
+        }
         _ => None,
     };
     let probed_at = if probed.is_some() {
@@ -97,7 +105,7 @@ pub(super) async fn reconcile_object(
         .map(|s| s.ladder.clone())
         .unwrap_or_default();
     let stage = match (&ctx.remediator, &spec) {
-        (Some(remediator), Some(spec)) => {
+        (Some(remediator), Some(spec)) if !blind => {
             let approval = approval(obj, &outcome.status);
             let subject = Subject {
                 key: &format!("{}/{}", key.namespace, key.name),
@@ -149,6 +157,31 @@ pub(super) async fn reconcile_object(
     ctx.failures().remove(key);
     debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
     Ok(action(outcome.next))
+}
+
+/// An object naming a VM outside its namespace's scopes: `Valid=False`, no probe, no Azure
+/// call; it waits for a change of the object.
+async fn refuse_outside_scope(
+    stored: &RdpHealth,
+    obj: &RdpHealth,
+    key: &ObjectKey,
+    ctx: &Context,
+    why: String,
+    now: Timestamp,
+    leader: bool,
+) -> Result<Action, Error> {
+    let outcome = engine::refuse(obj, why, now);
+    if !leader {
+        return Ok(Action::await_change());
+    }
+    if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat) {
+        StatusWriter::new(&ctx.client, key, stored)
+            .write(&outcome.status)
+            .await?;
+    }
+    ctx.metrics.object_status(key, &outcome.status);
+    publish(ctx, obj, &outcome.events, outcome.events.len()).await;
+    Ok(Action::await_change())
 }
 
 /// The failure of the last probe, as recorded in status.

@@ -133,6 +133,7 @@ impl State {
             subscription: s,
             unreachable: *u,
             disruptive_in_flight: *d,
+            failed_recently: *u,
         }))
     }
 }

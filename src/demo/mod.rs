@@ -146,9 +146,11 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     ));
     let azure =
         Arc::new(CountedAzure::new(arm_client).map_err(|e| DemoError::Setup(e.to_string()))?);
-    // The demo's timers are compressed; so is the grace before disruptive rungs.
+    // The demo's timers are compressed; so is the grace before disruptive rungs. Its fleet
+    // is broken on purpose, mostly at once, so the fleet-wide breaker is off.
     let fleet = Arc::new(Fleet::new(FleetPolicy {
         disruptive_grace: Duration::from_secs_f64(2.0 / speed),
+        fleet_max_failing_percent: 100,
         ..FleetPolicy::default()
     }));
     let metrics = Arc::new(Metrics::new().map_err(|e| DemoError::Setup(e.to_string()))?);

@@ -21,7 +21,7 @@ use crate::{
     },
     evidence::{
         Availability, BootDiagnostics, Evidence, FlowCheck, NsgEvidence, PendingRead, ReadKind,
-        ResourceHealth,
+        ResourceHealth, exposure,
         guest::{self, QUERY_SCRIPT},
         nsg::{self, Access, NetworkContext},
         serial,
@@ -435,10 +435,11 @@ fn evaluate_nsgs(rules: &azure::NetworkRules, vantage: Vantage) -> Option<NsgEvi
         subnet.as_ref(),
         nic.as_ref(),
         &ctx,
+        exposure::configured(),
     );
     Some(NsgEvidence {
         verdict,
-        open_to_internet: open.is_some(),
+        open_to_internet: open,
         closed_public_ip: closed_public_ip(
             &rules.endpoint,
             vantage,

@@ -109,13 +109,25 @@ pub fn evaluate(obj: &RdpHealth, observation: Observation, now: Timestamp) -> Ou
                 match observation {
                     Observation::NotProbed => Next::Requeue(spec.probe.interval),
                     Observation::Unresolved(e) => step.unresolved(&spec, &e),
+                    Observation::Probed { report, .. } if report.prober_failed() => {
+                        step.blind(&spec, &report)
+                    }
                     Observation::Probed { endpoint, report } => {
+                        step.prober_ready();
                         step.probed(&spec, endpoint, &report)
                     }
                 }
             }
         }
     };
+    step.finish(next)
+}
+
+/// The verdict for an object whose namespace may not name its VM (the operator's tenancy
+/// policy): `Valid=False` saying why; nothing is probed and nothing is asked of Azure.
+pub fn refuse(obj: &RdpHealth, why: String, now: Timestamp) -> Outcome {
+    let mut step = Step::new(obj, now);
+    let next = step.invalid(&SpecError::OutsideTenancyScope(why));
     step.finish(next)
 }
 
@@ -193,6 +205,41 @@ impl Step {
         ));
         self.status.phase = Some(Phase::Suspended);
         Next::AwaitChange
+    }
+
+    /// The prober could not probe (its own error): the VM's conditions, streaks and last probe
+    /// stay as they were, so nothing downstream takes it for a VM failure.
+    fn blind(&mut self, spec: &ValidSpec, report: &ProbeReport) -> Next {
+        let detail = report
+            .failure
+            .as_ref()
+            .map_or_else(String::new, |f| f.detail.clone());
+        let message = format!(
+            "the operator's prober failed locally ({detail}); the VM's state is unknown and no action is taken"
+        );
+        let previous = self.set(Desired::new(
+            types::PROBER_READY,
+            Status::False,
+            reasons::PROBER_ERROR,
+            message.clone(),
+        ));
+        if previous != Some(Status::False) {
+            self.emit(Severity::Warning, reasons::PROBER_ERROR, message);
+        }
+        Next::Requeue(spec.probe.unhealthy_interval)
+    }
+
+    /// A probe ran: clears an earlier `ProberReady=False` (the condition is only added once
+    /// the prober has failed).
+    fn prober_ready(&mut self) {
+        if conditions::find(&self.status.conditions, types::PROBER_READY).is_some() {
+            self.set(Desired::new(
+                types::PROBER_READY,
+                Status::True,
+                reasons::PROBE_COMPLETED,
+                "the prober probed this endpoint",
+            ));
+        }
     }
 
     fn unresolved(&mut self, spec: &ValidSpec, error: &ResolveError) -> Next {

@@ -119,6 +119,9 @@ pub enum SpecError {
     /// The remediation settings are invalid.
     #[error(transparent)]
     Remediation(#[from] LadderSpecError),
+    /// The VM is outside the Azure scopes the operator's tenancy policy grants the namespace.
+    #[error("{0}")]
+    OutsideTenancyScope(String),
 }
 
 impl SpecError {

@@ -1,6 +1,7 @@
 //! Read-only evidence about an unreachable VM, interpreted purely (no I/O here): NSG
 //! evaluation, boot-diagnostics serial-log signatures, and the in-guest event-log and RDP-configuration query.
 
+pub mod exposure;
 pub mod guest;
 pub mod nsg;
 pub mod serial;

@@ -10,6 +10,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::exposure::{self, AddressSet, ExposureLimit};
+
 /// Whether a rule allows or denies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Access {
@@ -255,6 +257,34 @@ fn evaluate_one(
     ctx: &NetworkContext,
     unresolved: &mut Vec<String>,
 ) -> DecidingRule {
+    let decided = in_priority_order(nsg, flow.direction, |rules| {
+        rules
+            .into_iter()
+            .find(|rule| rule_matches(rule, flow, ctx, unresolved))
+            .map(|rule| DecidingRule {
+                level,
+                nsg: nsg.id.clone(),
+                rule: qualified_name(rule),
+                access: rule.access,
+                priority: rule.priority,
+            })
+    });
+    // Unreachable with complete default rules (DenyAll* matches everything), kept total.
+    decided.unwrap_or_else(|| DecidingRule {
+        level,
+        nsg: nsg.id.clone(),
+        rule: "defaultSecurityRules/DenyAllInBound".into(),
+        access: Access::Deny,
+        priority: 65500,
+    })
+}
+
+/// Calls `f` with the NSG's rules for `direction` (custom and default) in evaluation order.
+fn in_priority_order<R>(
+    nsg: &NetworkSecurityGroup,
+    direction: Direction,
+    f: impl FnOnce(Vec<&SecurityRule>) -> R,
+) -> R {
     let defaults;
     let default_rules = if nsg.default_rules.is_empty() {
         defaults = default_rules();
@@ -266,29 +296,11 @@ fn evaluate_one(
         .rules
         .iter()
         .chain(default_rules.iter())
-        .filter(|r| r.direction == flow.direction)
+        .filter(|r| r.direction == direction)
         .collect();
     // Custom rules win ties over default rules (they cannot share priorities in practice).
     rules.sort_by_key(|r| (r.priority, r.default_rule));
-    for rule in rules {
-        if rule_matches(rule, flow, ctx, unresolved) {
-            return DecidingRule {
-                level,
-                nsg: nsg.id.clone(),
-                rule: qualified_name(rule),
-                access: rule.access,
-                priority: rule.priority,
-            };
-        }
-    }
-    // Unreachable with complete default rules (DenyAll* matches everything), kept total.
-    DecidingRule {
-        level,
-        nsg: nsg.id.clone(),
-        rule: "defaultSecurityRules/DenyAllInBound".into(),
-        access: Access::Deny,
-        priority: 65500,
-    }
+    f(rules)
 }
 
 fn qualified_name(rule: &SecurityRule) -> String {
@@ -441,33 +453,92 @@ pub fn default_rules() -> Vec<SecurityRule> {
 /// for "anyone on the internet".
 pub const ANY_INTERNET_SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 77));
 
-/// Whether RDP on `port` is open to the whole internet: an arbitrary public source is
-/// allowed, and every deciding allow rule uses a wildcard source (`*`, `Internet`, `0.0.0.0/0`).
+/// Whether RDP on `port` is open to more of the internet than `limit` allows: the sources
+/// that both NSG levels let through to the VM, measured by the public address space they
+/// cover (the computation that also bounds `nsgRepair.allowedSourcePrefixes`), so that
+/// `0.0.0.0/1` + `128.0.0.0/1` counts as open as `*`. A VM without any NSG is not reported.
 pub fn open_to_internet(
     vm_private_ip: IpAddr,
     port: u16,
     subnet: Option<&NetworkSecurityGroup>,
     nic: Option<&NetworkSecurityGroup>,
     ctx: &NetworkContext,
-) -> Option<Verdict> {
-    let flow = Flow::inbound_tcp(ANY_INTERNET_SOURCE, vm_private_ip, port);
-    let verdict = evaluate(&flow, subnet, nic, ctx);
-    if verdict.access != Access::Allow || verdict.deciding.is_empty() {
-        return None;
+    limit: ExposureLimit,
+) -> bool {
+    if subnet.is_none() && nic.is_none() {
+        return false;
     }
-    let all_rules = subnet.into_iter().chain(nic).flat_map(|n| n.rules.iter());
-    let wildcard = verdict.deciding.iter().all(|d| {
-        all_rules.clone().any(|r| {
-            qualified_name(r) == d.rule
-                && r.source_prefixes.iter().any(|p| {
-                    matches!(
-                        p.trim().to_ascii_lowercase().as_str(),
-                        "*" | "any" | "internet" | "0.0.0.0/0"
-                    )
-                })
+    [subnet, nic]
+        .into_iter()
+        .flatten()
+        .fold(AddressSet::everything(), |reach, nsg| {
+            reach.intersection(&allowed_sources(nsg, vm_private_ip, port, ctx))
         })
-    });
-    wildcard.then_some(verdict)
+        .exceeds(limit)
+}
+
+/// The sources one NSG lets through to `vm:port` over TCP: each rule, in priority order,
+/// decides for the sources no earlier rule decided for. A rule whose prefixes cannot be
+/// evaluated locally decides for nobody (so an unknown deny never hides an open allow).
+fn allowed_sources(
+    nsg: &NetworkSecurityGroup,
+    vm: IpAddr,
+    port: u16,
+    ctx: &NetworkContext,
+) -> AddressSet {
+    let probe = Flow::inbound_tcp(ANY_INTERNET_SOURCE, vm, port);
+    in_priority_order(nsg, Direction::Inbound, |rules| {
+        let mut undecided = AddressSet::everything();
+        let mut allowed = AddressSet::default();
+        for rule in rules {
+            let applies = (rule.protocol == RuleProtocol::Any || rule.protocol == probe.protocol)
+                && ports_match(&rule.source_ports, probe.source_port)
+                && ports_match(&rule.destination_ports, port)
+                && rule
+                    .destination_prefixes
+                    .iter()
+                    .any(|p| prefix_contains(p.trim(), vm, ctx) == Some(true));
+            if !applies {
+                continue;
+            }
+            let sources = rule
+                .source_prefixes
+                .iter()
+                .fold(AddressSet::default(), |acc, p| {
+                    acc.union(&prefix_set(p, ctx))
+                });
+            if rule.access == Access::Allow {
+                allowed = allowed.union(&undecided.intersection(&sources));
+            }
+            undecided = undecided.difference(&sources);
+        }
+        allowed
+    })
+}
+
+/// The addresses a rule prefix names; empty when it cannot be evaluated locally.
+fn prefix_set(prefix: &str, ctx: &NetworkContext) -> AddressSet {
+    let vnet = || {
+        ctx.virtual_network
+            .iter()
+            .fold(AddressSet::default(), |acc, n| {
+                acc.union(&AddressSet::of_net(*n))
+            })
+    };
+    match prefix.trim().to_ascii_lowercase().as_str() {
+        "*" | "any" => AddressSet::everything(),
+        "virtualnetwork" => vnet(),
+        "azureloadbalancer" => AddressSet::of_addr(AZURE_LOAD_BALANCER),
+        "internet" => exposure::public_internet()
+            .difference(&vnet())
+            .difference(&AddressSet::of_addr(AZURE_LOAD_BALANCER)),
+        tag => match ctx.service_tags.get(tag) {
+            Some(ranges) => ranges.iter().fold(AddressSet::default(), |acc, n| {
+                acc.union(&AddressSet::of_net(*n))
+            }),
+            None => AddressSet::parse(prefix).unwrap_or_default(),
+        },
+    }
 }
 
 /// Rules and NSGs for tests.
@@ -683,19 +754,79 @@ mod tests {
     #[case::open_cidr("0.0.0.0/0", true)]
     #[case::internet("Internet", true)]
     #[case::restricted("198.51.100.0/24", false)]
+    #[case::two_halves("0.0.0.0/1,128.0.0.0/1", true)]
+    #[case::v6_everything("::0/0", true)]
+    #[case::quarter("1.0.0.0/2", true)]
+    #[case::private("10.20.30.0/24", false)]
     fn open_to_internet_finding(#[case] src: &str, #[case] open: bool) {
         let group = nsg("n", vec![allow_rdp(src)]);
-        let found = open_to_internet(VM.parse().unwrap(), 3389, Some(&group), None, &ctx());
-        assert_eq!(found.is_some(), open);
+        let found = open_to_internet(
+            VM.parse().unwrap(),
+            3389,
+            Some(&group),
+            None,
+            &ctx(),
+            ExposureLimit::default(),
+        );
+        assert_eq!(found, open);
+    }
+
+    #[test]
+    fn earlier_denies_narrow_what_a_wide_allow_opens() {
+        let half_denied = nsg(
+            "n",
+            vec![
+                rule("deny-low", 100, Access::Deny, "0.0.0.0/1", "3389"),
+                allow_rdp("*"),
+            ],
+        );
+        let all_denied = nsg(
+            "n",
+            vec![
+                rule("deny-all", 100, Access::Deny, "*", "3389"),
+                allow_rdp("*"),
+            ],
+        );
+        let vm = VM.parse().unwrap();
+        let limit = ExposureLimit::default();
+        assert!(open_to_internet(
+            vm,
+            3389,
+            Some(&half_denied),
+            None,
+            &ctx(),
+            limit
+        ));
+        assert!(!open_to_internet(
+            vm,
+            3389,
+            Some(&all_denied),
+            None,
+            &ctx(),
+            limit
+        ));
+        let other_port = nsg("n", vec![rule("web", 100, Access::Allow, "*", "443")]);
+        assert!(!open_to_internet(
+            vm,
+            3389,
+            Some(&other_port),
+            None,
+            &ctx(),
+            limit
+        ));
     }
 
     #[test]
     fn open_at_nic_but_restricted_at_subnet_is_not_open() {
         let subnet = nsg("s", vec![allow_rdp("198.51.100.0/24")]);
         let nic = nsg("n", vec![allow_rdp("*")]);
-        assert!(
-            open_to_internet(VM.parse().unwrap(), 3389, Some(&subnet), Some(&nic), &ctx())
-                .is_none()
-        );
+        assert!(!open_to_internet(
+            VM.parse().unwrap(),
+            3389,
+            Some(&subnet),
+            Some(&nic),
+            &ctx(),
+            ExposureLimit::default()
+        ));
     }
 }

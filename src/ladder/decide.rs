@@ -124,6 +124,9 @@ pub struct Gates {
     pub paused: bool,
     /// The storm breaker suspended disruptive rungs for the subscription.
     pub storm: bool,
+    /// The observer may be blind (fleet-wide breaker, failing canary): every mutating rung
+    /// is held, disruptive or not.
+    pub blind: Option<Suspension>,
     /// A fleet-wide disruptive slot is free.
     pub disruptive_slot_free: bool,
     /// Disruptive rungs wait this long after an incident opens, so that a fleet-wide outage
@@ -137,6 +140,7 @@ impl Gates {
         leader: true,
         paused: false,
         storm: false,
+        blind: None,
         disruptive_slot_free: true,
         disruptive_grace: Duration::ZERO,
     };
@@ -292,6 +296,11 @@ pub enum Suspension {
     OutsideMaintenanceWindow,
     /// This replica is not the leader.
     NotLeader,
+    /// Too many VMs of all subscriptions failed within a short window: every mutating rung
+    /// is held (fleet-wide breaker).
+    FleetBreaker,
+    /// The canary endpoint fails: the observer is blind and every mutating rung is held.
+    CanaryDown,
 }
 
 impl Suspension {
@@ -302,6 +311,8 @@ impl Suspension {
             Self::Storm => "StormBreaker",
             Self::OutsideMaintenanceWindow => "OutsideMaintenanceWindow",
             Self::NotLeader => "NotLeader",
+            Self::FleetBreaker => "FleetBreaker",
+            Self::CanaryDown => "CanaryDown",
         }
     }
 }
@@ -499,6 +510,9 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if s.gates.paused {
         return Decision::Suspended(Suspension::Paused);
     }
+    if let Some(blind) = s.gates.blind {
+        return Decision::Suspended(blind);
+    }
     if let Some(wait) = backoff_wait(s) {
         return wait;
     }
@@ -683,6 +697,9 @@ fn gated_special(s: &Situation<'_>, step: Step) -> Decision {
     }
     if s.gates.paused {
         return Decision::Suspended(Suspension::Paused);
+    }
+    if let Some(blind) = s.gates.blind {
+        return Decision::Suspended(blind);
     }
     if let Some(wait) = backoff_wait(s) {
         return wait;

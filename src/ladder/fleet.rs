@@ -1,5 +1,5 @@
-//! Fleet safety: the per-subscription storm breaker and the cap on concurrent disruptive
-//! rungs. Computed from every object's status (the controller's cache), so it survives
+//! Fleet safety: the per-subscription storm breaker, the fleet-wide breaker (every
+//! subscription together) and the cap on concurrent disruptive rungs. Computed from every object's status (the controller's cache), so it survives
 //! restarts and leader changes: a rung in flight is visible in its object's status.
 
 use std::collections::BTreeMap;
@@ -16,6 +16,14 @@ pub struct FleetPolicy {
     /// Disruptive rungs wait this long after an incident opens, so that the other VMs of a
     /// fleet-wide outage are seen unreachable (and trip the breaker) before any VM acts.
     pub disruptive_grace: std::time::Duration,
+    /// Above this percentage of all monitored VMs (every subscription together) having become
+    /// unreachable within `fleet_window`, every mutating rung stops: the observer is probably
+    /// the problem (its network, its DNS, its node), not the VMs.
+    pub fleet_max_failing_percent: u8,
+    /// The fleet-wide breaker only applies with at least this many monitored VMs.
+    pub fleet_min_size: usize,
+    /// How recent a VM's turn to unreachable must be to count for the fleet-wide breaker.
+    pub fleet_window: std::time::Duration,
 }
 
 impl Default for FleetPolicy {
@@ -25,6 +33,9 @@ impl Default for FleetPolicy {
             min_fleet_size: 5,
             max_concurrent_disruptive: 1,
             disruptive_grace: std::time::Duration::from_secs(60),
+            fleet_max_failing_percent: 50,
+            fleet_min_size: 4,
+            fleet_window: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -40,6 +51,8 @@ pub struct Member<'a> {
     pub unreachable: bool,
     /// A disruptive rung is in flight for it.
     pub disruptive_in_flight: bool,
+    /// It became unreachable within the fleet-wide breaker's window.
+    pub failed_recently: bool,
 }
 
 /// Counts for one subscription.
@@ -58,6 +71,10 @@ pub struct SubscriptionCounts {
 pub struct FleetView {
     /// Counts per subscription.
     pub subscriptions: BTreeMap<String, SubscriptionCounts>,
+    /// Monitored VMs in every subscription.
+    pub total: usize,
+    /// VMs (every subscription) that became unreachable within the fleet-wide window.
+    pub failed_recently: usize,
 }
 
 impl FleetView {
@@ -72,6 +89,8 @@ impl FleetView {
                 .or_default();
             counts.total += 1;
             counts.unreachable += usize::from(m.unreachable);
+            view.total += 1;
+            view.failed_recently += usize::from(m.unreachable && m.failed_recently);
             if m.disruptive_in_flight {
                 counts.disruptive_in_flight.push(m.key.to_string());
             }
@@ -89,6 +108,15 @@ impl FleetView {
                 c.total >= policy.min_fleet_size
                     && c.unreachable * 100 > usize::from(policy.max_unreachable_percent) * c.total
             })
+    }
+
+    /// Whether the fleet-wide breaker holds every mutating rung: so large a share of all
+    /// monitored VMs, across every subscription, failed within a short window that the
+    /// observer itself is the likelier cause.
+    pub fn fleet_breaker(&self, policy: &FleetPolicy) -> bool {
+        self.total >= policy.fleet_min_size
+            && self.failed_recently * 100
+                > usize::from(policy.fleet_max_failing_percent) * self.total
     }
 
     /// Whether `key` may start a disruptive rung in `subscription` now.
@@ -122,7 +150,46 @@ mod tests {
             subscription: "sub",
             unreachable: i < unreachable,
             disruptive_in_flight: in_flight.contains(&k.as_str()),
+            failed_recently: true,
         }))
+    }
+
+    #[test]
+    fn the_fleet_wide_breaker_counts_every_subscription_and_only_recent_failures() {
+        let policy = FleetPolicy::default();
+        let keys: Vec<String> = (0..8).map(|i| format!("ns/vm{i}")).collect();
+        // Eight VMs in four subscriptions of two: no subscription reaches the storm
+        // breaker's minimum size, but five of eight (62% > 50%) failed together.
+        let members = |recent: bool| {
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| Member {
+                    key: k,
+                    subscription: ["a", "b", "c", "d"][i / 2],
+                    unreachable: i < 5,
+                    disruptive_in_flight: false,
+                    failed_recently: recent,
+                })
+                .collect::<Vec<_>>()
+        };
+        let view = FleetView::from_members(members(true));
+        assert!(view.fleet_breaker(&policy));
+        assert_eq!(view.storming(&policy).count(), 0);
+        let old = FleetView::from_members(members(false));
+        assert!(
+            !old.fleet_breaker(&policy),
+            "long-known failures do not count"
+        );
+        let at = FleetView::from_members(
+            members(true)
+                .into_iter()
+                .take(4)
+                .chain(members(true).into_iter().skip(5)),
+        );
+        assert_eq!((at.total, at.failed_recently), (7, 4));
+        assert!(at.fleet_breaker(&policy), "4 of 7 is above half");
+        let small = FleetView::from_members(members(true).into_iter().take(3));
+        assert!(!small.fleet_breaker(&policy), "below the minimum size");
     }
 
     #[rstest]

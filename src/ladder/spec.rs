@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use k8s_openapi::jiff::{Timestamp, civil::Weekday, tz::TimeZone};
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::rung::Rung;
+use crate::evidence::exposure::{self, Coverage, ExposureLimit};
 
 /// Backoff between rung attempts: `initial × multiplier^(n-1)`, capped at `max`, plus up to
 /// `jitter` × that delay of deterministic jitter.
@@ -97,15 +99,31 @@ impl WeekdayName {
     }
 }
 
+/// CEL: no entry names the whole internet.
+const NOT_THE_INTERNET: &str = "self.all(p, !p.matches('^(?i)[ ]*([*]|any|internet)[ ]*$'))";
+/// CEL: each IPv4 CIDR broader than the default limit (/16) is inside an RFC 1918 range. The
+/// union of several entries is measured by the operator's validator, which CEL cannot do.
+const NO_BROAD_PUBLIC_V4: &str = "self.all(p, !p.matches('^[0-9.]+/([0-9]|1[0-5])$') || p.matches('^10[.][0-9.]+/([89]|1[0-5])$') || p.matches('^172[.](1[6-9]|2[0-9]|3[01])[.][0-9.]+/1[2-5]$'))";
+/// CEL: each IPv6 CIDR broader than the default limit (/32) is inside fc00::/7.
+const NO_BROAD_PUBLIC_V6: &str = "self.all(p, !p.matches('^[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*/([0-9]|[12][0-9]|3[01])$') || p.matches('^[Ff][CcDd][0-9A-Fa-f]{0,2}:[0-9A-Fa-f:.]*/([7-9]|[12][0-9]|3[01])$'))";
+
 /// Opt-in NSG repair: add an inbound allow rule for RDP from these prefixes only.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct NsgRepairSpec {
     /// Enables the `RepairNsg` rung.
     #[serde(default)]
     pub enabled: bool,
-    /// Source CIDRs the added rule allows. Never `*`, `Internet` or `0.0.0.0/0`.
+    /// Source addresses or CIDRs the added rule allows. Together they may cover at most a /16
+    /// of public IPv4 and a /32 of public IPv6 (private ranges do not count; the operator may
+    /// set a stricter limit); `*`, `Any` and `Internet` are refused.
     #[serde(default)]
+    #[schemars(length(max = 64), inner(length(max = 64)))]
+    #[x_kube(
+        validation = Rule::new(NOT_THE_INTERNET).message("allowedSourcePrefixes must not name the whole internet (*, Any, Internet)"),
+        validation = Rule::new(NO_BROAD_PUBLIC_V4).message("allowedSourcePrefixes: an IPv4 CIDR broader than /16 must lie inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"),
+        validation = Rule::new(NO_BROAD_PUBLIC_V6).message("allowedSourcePrefixes: an IPv6 CIDR broader than /32 must lie inside fc00::/7"),
+    )]
     pub allowed_source_prefixes: Vec<String>,
 }
 
@@ -304,8 +322,10 @@ pub fn check_ladder(
     Ok(())
 }
 
-/// Checks that NSG repair prefixes are concrete CIDRs or addresses, never "everyone".
-pub fn check_nsg_repair(spec: &NsgRepairSpec) -> Result<(), LadderSpecError> {
+/// Checks that NSG repair prefixes are concrete addresses or CIDRs whose union covers no more
+/// public address space than the operator's limit (by coverage, not by spelling:
+/// `0.0.0.0/1` + `128.0.0.0/1` is refused like `*`).
+pub fn check_nsg_repair(spec: &NsgRepairSpec, limit: ExposureLimit) -> Result<(), LadderSpecError> {
     if !spec.enabled {
         return Ok(());
     }
@@ -314,23 +334,22 @@ pub fn check_nsg_repair(spec: &NsgRepairSpec) -> Result<(), LadderSpecError> {
             "must list at least one source CIDR when nsgRepair is enabled".into(),
         ));
     }
-    for p in &spec.allowed_source_prefixes {
-        let lower = p.trim().to_ascii_lowercase();
-        let wide = matches!(
-            lower.as_str(),
-            "*" | "any" | "internet" | "0.0.0.0/0" | "::/0"
-        );
-        let parsed = p.parse::<ipnet::IpNet>().is_ok() || p.parse::<std::net::IpAddr>().is_ok();
-        if wide {
-            return Err(LadderSpecError::NsgRepair(format!(
-                "{p:?} would open RDP to the whole internet"
-            )));
-        }
-        if !parsed {
-            return Err(LadderSpecError::NsgRepair(format!(
-                "{p:?} is not an IP address or CIDR"
-            )));
-        }
+    let coverage = Coverage::of(spec.allowed_source_prefixes.iter().map(String::as_str));
+    if let Some(p) = coverage.internet.first() {
+        return Err(LadderSpecError::NsgRepair(format!(
+            "{p:?} would open RDP to the whole internet"
+        )));
+    }
+    if let Some(p) = coverage.unresolved.first() {
+        return Err(LadderSpecError::NsgRepair(format!(
+            "{p:?} is not an IP address or CIDR"
+        )));
+    }
+    if coverage.exceeds(limit) {
+        return Err(LadderSpecError::NsgRepair(format!(
+            "the prefixes together cover more public address space than {} and would open RDP to too much of the internet",
+            limit.describe()
+        )));
     }
     Ok(())
 }
@@ -387,7 +406,7 @@ pub fn policy_from_spec(
         spec.password_reset.is_some(),
         spec.nsg_repair.enabled,
     )?;
-    check_nsg_repair(&spec.nsg_repair)?;
+    check_nsg_repair(&spec.nsg_repair, exposure::configured())?;
     if let Some(p) = &spec.password_reset {
         check_password_reset(p)?;
     }
@@ -653,12 +672,19 @@ mod tests {
             enabled: true,
             allowed_source_prefixes: prefixes.iter().map(|s| s.to_string()).collect(),
         };
-        assert!(check_nsg_repair(&spec(&["203.0.113.0/24"])).is_ok());
-        for wide in ["*", "Internet", "0.0.0.0/0", "any"] {
-            assert!(check_nsg_repair(&spec(&[wide])).is_err(), "{wide}");
+        let check = |s: &NsgRepairSpec| check_nsg_repair(s, ExposureLimit::default());
+        assert!(check(&spec(&["203.0.113.0/24"])).is_ok());
+        assert!(check(&spec(&["10.20.30.0/24"])).is_ok(), "a private /24");
+        for wide in ["*", "Internet", "0.0.0.0/0", "any", "::0/0", "1.0.0.0/2"] {
+            assert!(check(&spec(&[wide])).is_err(), "{wide}");
         }
-        assert!(check_nsg_repair(&spec(&[])).is_err());
-        assert!(check_nsg_repair(&spec(&["not-an-ip"])).is_err());
-        assert!(check_nsg_repair(&NsgRepairSpec::default()).is_ok());
+        let halves = check(&spec(&["0.0.0.0/1", "128.0.0.0/1"])).unwrap_err();
+        assert!(
+            halves.to_string().contains("a /16 of public IPv4"),
+            "{halves}"
+        );
+        assert!(check(&spec(&[])).is_err());
+        assert!(check(&spec(&["not-an-ip"])).is_err());
+        assert!(check(&NsgRepairSpec::default()).is_ok());
     }
 }

@@ -140,6 +140,8 @@ fn nsg_deny() -> NsgEvidence {
 #[case::agent_not_ready_skips_to_nic(|c: &mut Case| c.evidence.as_mut().unwrap().agent_ready = Some(false), Decision::Act(Step::rung(Rung::ResetNic)))]
 #[case::storm_holds_disruptive(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.storm = true; }, Decision::Suspended(Suspension::Storm))]
 #[case::storm_allows_mild(|c: &mut Case| c.gates.storm = true, Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
+#[case::fleet_breaker_holds_mild_rungs_too(|c: &mut Case| c.gates.blind = Some(Suspension::FleetBreaker), Decision::Suspended(Suspension::FleetBreaker))]
+#[case::canary_holds_everything(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.blind = Some(Suspension::CanaryDown); }, Decision::Suspended(Suspension::CanaryDown))]
 #[case::no_slot(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_slot_free = false; }, Decision::Wait { until: at(40), reason: WaitReason::FleetSlot })]
 #[case::grace_holds_disruptive(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_grace = Duration::from_secs(60); }, Decision::Wait { until: at(60), reason: WaitReason::FleetGrace })]
 #[case::grace_over(|c: &mut Case| { c.evidence.as_mut().unwrap().agent_ready = Some(false); c.gates.disruptive_grace = Duration::from_secs(5); }, Decision::Act(Step::rung(Rung::ResetNic)))]

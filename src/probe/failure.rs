@@ -35,11 +35,15 @@ pub enum FailureReason {
     TlsTimeout,
     /// The endpoint answered (NTLM CHALLENGE) as another computer than the one expected.
     WrongHost,
+    /// The prober itself could not probe (out of file descriptors, buffers or local
+    /// addresses, no route from the prober): says nothing about the VM, so it is never an
+    /// incident and never a reason for a rung.
+    ProberError,
 }
 
 impl FailureReason {
     /// Every reason, in a stable order (metric label pre-registration, docs, tests).
-    pub const ALL: [FailureReason; 12] = [
+    pub const ALL: [FailureReason; 13] = [
         Self::DnsFailure,
         Self::TcpRefused,
         Self::TcpTimeout,
@@ -52,6 +56,7 @@ impl FailureReason {
         Self::TlsHandshakeFailed,
         Self::TlsTimeout,
         Self::WrongHost,
+        Self::ProberError,
     ];
 
     /// The stable snake_case name.
@@ -69,6 +74,7 @@ impl FailureReason {
             Self::TlsHandshakeFailed => "tls_handshake_failed",
             Self::TlsTimeout => "tls_timeout",
             Self::WrongHost => "wrong_host",
+            Self::ProberError => "prober_error",
         }
     }
 
@@ -81,7 +87,9 @@ impl FailureReason {
     pub fn layer(self) -> Layer {
         match self {
             Self::DnsFailure => Layer::Dns,
-            Self::TcpRefused | Self::TcpTimeout | Self::TcpUnreachable => Layer::Tcp,
+            Self::TcpRefused | Self::TcpTimeout | Self::TcpUnreachable | Self::ProberError => {
+                Layer::Tcp
+            }
             Self::ConnectionClosed
             | Self::X224Timeout
             | Self::NotRdp
@@ -148,6 +156,11 @@ impl FailureReason {
                 "the address now belongs to another VM (IP reuse after a deallocation, a redeploy or a NIC change)",
                 "a DNS record or load-balancer rule points at the wrong machine",
                 "the VM was renamed inside Windows and no longer matches its Azure computer name",
+            ],
+            Self::ProberError => &[
+                "the operator ran out of file descriptors (EMFILE/ENFILE): raise its open-files limit or lower its probe concurrency",
+                "the operator's host ran out of socket buffers or local ports (ENOBUFS, EADDRNOTAVAIL)",
+                "the operator's pod has no route to the VM's network (ENETUNREACH from its own routing table)",
             ],
         }
     }
@@ -247,6 +260,11 @@ impl Failure {
         }
     }
 
+    /// Whether the failure is the prober's own, not the VM's.
+    pub fn is_prober_error(&self) -> bool {
+        self.reason == FailureReason::ProberError
+    }
+
     /// Likely causes of this failure.
     pub fn likely_causes(&self) -> &'static [&'static str] {
         self.reason.likely_causes(self.code)
@@ -274,7 +292,8 @@ mod tests {
                 "unexpected_pdu",
                 "tls_handshake_failed",
                 "tls_timeout",
-                "wrong_host"
+                "wrong_host",
+                "prober_error"
             ]
         );
         for r in FailureReason::ALL {

@@ -430,11 +430,43 @@ async fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, F
 
 fn classify_connect_error(addr: SocketAddr, e: &io::Error) -> Failure {
     let reason = match e.kind() {
+        _ if is_local_error(e) => FailureReason::ProberError,
         io::ErrorKind::ConnectionRefused => FailureReason::TcpRefused,
         io::ErrorKind::TimedOut => FailureReason::TcpTimeout,
         _ => FailureReason::TcpUnreachable,
     };
     Failure::new(reason, format!("connect to {addr}: {e}"))
+}
+
+/// Errors that come from the prober's own host, not from the path to the VM: no descriptors
+/// (EMFILE, ENFILE), no memory or buffers (ENOMEM, ENOBUFS), no local address or port
+/// (EADDRNOTAVAIL, EADDRINUSE), no route in the prober's own table (ENETUNREACH), or a
+/// local policy refusing the socket (EACCES, EPERM). ICMP host-unreachable stays the VM's.
+pub fn is_local_error(e: &io::Error) -> bool {
+    // Linux errno values (the operator's platform).
+    const EPERM: i32 = 1;
+    const ENOMEM: i32 = 12;
+    const EACCES: i32 = 13;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const EADDRINUSE: i32 = 98;
+    const EADDRNOTAVAIL: i32 = 99;
+    const ENETUNREACH: i32 = 101;
+    const ENOBUFS: i32 = 105;
+    matches!(
+        e.raw_os_error(),
+        Some(
+            EPERM
+                | ENOMEM
+                | EACCES
+                | ENFILE
+                | EMFILE
+                | EADDRINUSE
+                | EADDRNOTAVAIL
+                | ENETUNREACH
+                | ENOBUFS
+        )
+    )
 }
 
 /// What the Connection Confirm means for reachability: the selected protocol, or a failure.

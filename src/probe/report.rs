@@ -185,6 +185,11 @@ pub struct ProbeReport {
 }
 
 impl ProbeReport {
+    /// Whether the probe failed on the prober's side (`prober_error`): no verdict on the VM.
+    pub fn prober_failed(&self) -> bool {
+        self.failure.as_ref().is_some_and(Failure::is_prober_error)
+    }
+
     /// The certificate, if one was read.
     pub fn certificate(&self) -> Option<&CertificateFacts> {
         self.tls.as_ref().and_then(|t| t.certificate.as_ref())

@@ -12,6 +12,21 @@ pub struct Fleet {
     view: Mutex<FleetView>,
     /// Claims by (subscription, object key), with when they were taken.
     claims: Mutex<BTreeMap<(String, String), std::time::Instant>>,
+    canary: Mutex<Canary>,
+}
+
+/// What the canary endpoint last showed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Canary {
+    /// No canary configured.
+    #[default]
+    None,
+    /// Configured, not probed yet: held, as when it fails (when in doubt, wait).
+    Pending,
+    /// Its last probe reached it.
+    Up,
+    /// Its last probe failed.
+    Down,
 }
 
 impl Fleet {
@@ -27,6 +42,52 @@ impl Fleet {
     pub fn update(&self, view: FleetView) {
         if let Ok(mut v) = self.view.lock() {
             *v = view;
+        }
+    }
+
+    /// The limits.
+    pub fn policy(&self) -> &FleetPolicy {
+        &self.policy
+    }
+
+    /// Declares that a canary endpoint is watched: every rung waits for its first success.
+    pub fn expect_canary(&self) {
+        if let Ok(mut c) = self.canary.lock() {
+            *c = Canary::Pending;
+        }
+    }
+
+    /// Records the canary's latest probe.
+    pub fn canary_probed(&self, reachable: bool) {
+        if let Ok(mut c) = self.canary.lock() {
+            *c = if reachable { Canary::Up } else { Canary::Down };
+        }
+    }
+
+    /// Whether the canary holds every rung (pending or failing).
+    pub fn canary_down(&self) -> bool {
+        self.canary
+            .lock()
+            .map(|c| matches!(*c, Canary::Pending | Canary::Down))
+            .unwrap_or(true)
+    }
+
+    /// Whether the fleet-wide breaker (every subscription together) is on.
+    pub fn fleet_breaker(&self) -> bool {
+        self.view
+            .lock()
+            .map(|v| v.fleet_breaker(&self.policy))
+            .unwrap_or(true)
+    }
+
+    /// Why every mutating rung is held, if it is: the observer may be blind.
+    pub fn blind(&self) -> Option<Suspension> {
+        if self.canary_down() {
+            Some(Suspension::CanaryDown)
+        } else if self.fleet_breaker() {
+            Some(Suspension::FleetBreaker)
+        } else {
+            None
         }
     }
 
@@ -130,6 +191,22 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_canary_holds_everything_until_it_answers() {
+        let fleet = Fleet::new(FleetPolicy::default());
+        assert_eq!(fleet.blind(), None, "no canary configured");
+        fleet.expect_canary();
+        assert_eq!(
+            fleet.blind(),
+            Some(Suspension::CanaryDown),
+            "not probed yet"
+        );
+        fleet.canary_probed(true);
+        assert_eq!(fleet.blind(), None);
+        fleet.canary_probed(false);
+        assert_eq!(fleet.blind(), Some(Suspension::CanaryDown));
+    }
 
     #[test]
     fn claims_of_deleted_objects_free_their_slot() {

@@ -90,6 +90,8 @@ pub(super) fn suspension_message(s: Suspension) -> String {
         Suspension::Storm => "too many VMs of this subscription are unreachable at once: disruptive rungs are suspended (storm breaker)".into(),
         Suspension::OutsideMaintenanceWindow => "disruptive rungs wait for a maintenance window".into(),
         Suspension::NotLeader => "another replica holds the lease and acts".into(),
+        Suspension::FleetBreaker => "too many VMs of all subscriptions became unreachable within a short window: the operator's own view is suspect, so every rung is held (fleet-wide breaker)".into(),
+        Suspension::CanaryDown => "the canary endpoint (--canary) fails: the operator's prober may be blind, so every rung is held".into(),
     }
 }
 

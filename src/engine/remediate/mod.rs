@@ -282,6 +282,7 @@ impl Remediator {
                 leader: subject.leader,
                 paused: subject.paused,
                 storm: self.fleet.storm(&vm.subscription),
+                blind: self.fleet.blind(),
                 disruptive_slot_free: self.fleet.slot_free(&vm.subscription, subject.key),
                 disruptive_grace: self.fleet.policy.disruptive_grace,
             };
