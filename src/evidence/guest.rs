@@ -130,7 +130,7 @@ pub fn parse(output: &str) -> GuestEvidence {
 }
 
 /// Splits `a=1 b="two words" c=3` into a map.
-fn parse_fields(s: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_fields(s: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut rest = s.trim();
     while let Some((key, after)) = rest.split_once('=') {
