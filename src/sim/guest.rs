@@ -317,11 +317,13 @@ fn evidence_query(vm: &Vm) -> Vec<String> {
         let key = format!(
             r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\{version}\Server"
         );
-        // A missing value means the operating system default: enabled.
+        // A missing value means the operating system default: enabled, not off by default.
         let enabled = reg.dword(&key, "Enabled").is_none_or(|v| v != 0);
+        let by_default = reg.dword(&key, "DisabledByDefault").is_some_and(|v| v != 0);
         out.push(format!(
-            "RDPHEALTH tls name=\"{version}\" enabled={}",
-            u8::from(enabled)
+            "RDPHEALTH tls name=\"{version}\" enabled={} disabledByDefault={}",
+            u8::from(enabled),
+            u8::from(by_default)
         ));
     }
     let port = reg
