@@ -48,6 +48,8 @@ pub struct Gathering<'a> {
     pub previous: Option<&'a Evidence>,
     /// When to poll a read started now for the first time.
     pub first_poll: Duration,
+    /// Whether the in-guest evidence query may run (`evidence.guestQuery`).
+    pub guest_query: bool,
 }
 
 /// Client port of the flow IP flow verify checks (the local evaluation uses the same).
@@ -119,7 +121,7 @@ pub async fn gather(
             }
         }
         // Run Command is delivered by the VM agent.
-        if state.agent_ready && !ev.is_pending(ReadKind::GuestQuery) {
+        if how.guest_query && state.agent_ready && !ev.is_pending(ReadKind::GuestQuery) {
             let script: Vec<String> = QUERY_SCRIPT.lines().map(str::to_string).collect();
             if let Some(op) = keep(azure.run_command(vm, &script).await, &mut ev)? {
                 events.extend(track(azure, ReadKind::GuestQuery, op, how, &mut ev, now).await);
