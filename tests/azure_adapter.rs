@@ -419,3 +419,113 @@ async fn restart_and_redeploy_are_polled_by_our_own_poller() {
     );
     sim.shutdown().await;
 }
+
+/// A loopback listener that records every request it receives (headers included).
+struct Eavesdropper {
+    addr: std::net::SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Eavesdropper {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 8192];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let body = "serial log line\n";
+                let _ = sock
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        Self { addr, seen, task }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test]
+async fn the_arm_token_is_sent_only_to_the_arm_endpoint() {
+    let (sim, az) = start().await;
+    let spy = Eavesdropper::start().await;
+    let arm = Url::parse(&sim.arm_url()).unwrap();
+    let elsewhere = [
+        // Another listener on loopback.
+        format!("http://{}/subscriptions/{SUB}/operations/x", spy.addr),
+        // The ARM host on another port.
+        format!(
+            "http://{}:{}/operations/x",
+            arm.host_str().unwrap(),
+            spy.addr.port()
+        ),
+        // The ARM host and port under another scheme.
+        format!(
+            "https://{}:{}/operations/x",
+            arm.host_str().unwrap(),
+            arm.port().unwrap()
+        ),
+    ];
+    for url in &elsewhere {
+        for (async_operation, location) in [(Some(url.clone()), None), (None, Some(url.clone()))] {
+            let op = Operation {
+                kind: OperationKind::Restart,
+                vm: vm("vm-rdp-disabled"),
+                async_operation,
+                location,
+                started_at: String::new(),
+                detail: None,
+                completed: false,
+            };
+            let err = az.poll(&op).await.unwrap_err();
+            assert_eq!(err.reason(), "UntrustedOperationUrl", "{url}: {err}");
+            assert!(!err.is_retryable(), "a refused URL is never retried");
+            assert!(
+                !err.to_string().contains("/operations/x"),
+                "only the origin is named: {err}"
+            );
+        }
+    }
+    assert!(
+        spy.requests().is_empty(),
+        "no request reached the other listener: {:?}",
+        spy.requests()
+    );
+    // A real operation URL of the ARM endpoint is still polled.
+    let op = az.restart(&vm("vm-rdp-disabled")).await.unwrap();
+    assert!(matches!(
+        wait(&az, &op).await,
+        PollOutcome::Succeeded { .. }
+    ));
+    // Boot-diagnostics blobs live elsewhere and are fetched without the token.
+    let uris = rdphealth::azure::BootDiagnosticsUris {
+        screenshot: None,
+        serial_log: Some(format!("http://{}/bootdiagnostics/serial.log", spy.addr)),
+    };
+    let log = az.serial_log(&uris).await.unwrap();
+    assert!(log.contains("serial log line"));
+    let requests = spy.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(
+        !requests[0].to_ascii_lowercase().contains("authorization"),
+        "a blob request carries no token: {}",
+        requests[0]
+    );
+    spy.task.abort();
+}

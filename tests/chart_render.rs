@@ -1,9 +1,10 @@
 //! The chart rendered by Helm itself: `helm lint --strict` and `helm template` with every
-//! values set in `charts/rdphealth-operator/ci/`, and the objects that come out. Helm is an
-//! optional peer: with RDPHEALTH_REQUIRE_HELM=1 a missing `helm` fails the tests, otherwise
-//! they print a note and pass.
+//! values set in `charts/rdphealth-operator/ci/`, and the objects that come out. Helm is the
+//! real one, built from `tools/k8s` by `scripts/k8s-tools.sh`; the tests fail without it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::{
     fs,
@@ -26,20 +27,9 @@ fn chart() -> PathBuf {
     root().join("charts/rdphealth-operator")
 }
 
-fn helm() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("helm"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var("RDPHEALTH_REQUIRE_HELM").as_deref() != Ok("1"),
-            "helm is required (RDPHEALTH_REQUIRE_HELM=1) but not on PATH"
-        );
-        eprintln!("note: helm not found, skipping; set RDPHEALTH_REQUIRE_HELM=1 to fail");
-    }
-    found
+/// The helm built from `tools/k8s` (the same release the tests' control plane runs with).
+fn helm() -> PathBuf {
+    common::k8s::tools().join("helm")
 }
 
 fn helm_run(helm: &Path, args: &[&str]) -> Output {
@@ -115,7 +105,7 @@ fn ci_files() -> Vec<PathBuf> {
 
 #[test]
 fn helm_lint_passes_with_every_values_set() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     for file in ci_files() {
         let out = helm_run(
             &helm,
@@ -141,7 +131,7 @@ fn helm_lint_passes_with_every_values_set() {
 
 #[test]
 fn defaults_render_one_locked_down_replica_with_cluster_wide_read_access() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let objects = render(&helm, &[Path::new("default-values.yaml")]);
     let deployment = one(&objects, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);
@@ -197,7 +187,7 @@ fn defaults_render_one_locked_down_replica_with_cluster_wide_read_access() {
 
 #[test]
 fn leader_election_renders_a_lease_role_and_rolling_updates() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let objects = render(&helm, &[Path::new("leader-election-values.yaml")]);
     let deployment = one(&objects, "Deployment");
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -227,7 +217,7 @@ fn leader_election_renders_a_lease_role_and_rolling_updates() {
 
 #[test]
 fn more_replicas_without_leader_election_fail_to_render() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let dir = std::env::temp_dir().join(format!("rdphealth-chart-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let cases = [
@@ -265,7 +255,7 @@ fn more_replicas_without_leader_election_fail_to_render() {
 
 #[test]
 fn a_watch_namespace_narrows_rbac_to_a_role_there() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let objects = render(&helm, &[Path::new("namespaced-values.yaml")]);
     assert!(find(&objects, "ClusterRole").is_empty());
     assert!(find(&objects, "ClusterRoleBinding").is_empty());
@@ -293,7 +283,7 @@ fn a_watch_namespace_narrows_rbac_to_a_role_there() {
 
 #[test]
 fn monitoring_objects_carry_the_rules_file_and_the_dashboard() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let objects = render(&helm, &[Path::new("full-values.yaml")]);
     let sa = one(&objects, "ServiceAccount");
     assert_eq!(
@@ -337,7 +327,7 @@ fn monitoring_objects_carry_the_rules_file_and_the_dashboard() {
 
 #[test]
 fn client_secret_fallback_reads_an_existing_secret() {
-    let Some(helm) = helm() else { return };
+    let helm = helm();
     let objects = render(&helm, &[Path::new("client-secret-values.yaml")]);
     let deployment = one(&objects, "Deployment");
     let secret = env_value(deployment, "AZURE_CLIENT_SECRET").unwrap();

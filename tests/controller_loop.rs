@@ -1,10 +1,10 @@
-//! The whole loop: the real `Controller`, prober and HTTP endpoints against an in-process API
-//! server stand-in and a loopback RDP responder.
+//! The whole loop: the real `Controller`, prober and HTTP endpoints against a real API server
+//! (a control plane of its own per test) and a loopback RDP responder.
 
 // Test helpers outside `#[test]` functions may panic on broken fixtures.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_apiserver;
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use fake_apiserver::{FakeApiServer, Inner};
+use common::real_api::{Inner, RealApiServer};
 use rdphealth::{
     controller::{self, LeaseSettings, Seams, Settings},
     engine::HostOverride,
@@ -29,7 +29,7 @@ use tokio::{
 
 const NS: &str = "default";
 const NAME: &str = "vm-1";
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(60);
 const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-1/providers/Microsoft.Compute/virtualMachines/vm-1";
 
 /// A loopback RDP listener that answers every Connection Request with "standard RDP
@@ -161,7 +161,7 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(api: &FakeApiServer) -> Self {
+    async fn start(api: &RealApiServer) -> Self {
         // Logs for failing runs: RUST_LOG=rdphealth=debug cargo test --test controller_loop
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -321,7 +321,7 @@ fn events(inner: &Inner, reason: &str) -> usize {
 }
 
 /// Waits until the object's status has `phase` (and describes `generation`).
-async fn wait_phase(api: &FakeApiServer, phase: &str, generation: i64) -> Value {
+async fn wait_phase(api: &RealApiServer, phase: &str, generation: i64) -> Value {
     api.wait_for(&format!("phase {phase}"), WAIT, |inner| {
         let s = status(inner)?;
         (s["phase"] == phase && s["observedGeneration"] == generation).then_some(s)
@@ -329,18 +329,19 @@ async fn wait_phase(api: &FakeApiServer, phase: &str, generation: i64) -> Value 
     .await
 }
 
-fn status_patches(inner: &Inner) -> Vec<tokio::time::Instant> {
+/// When each status patch reached the server.
+fn status_patches(inner: &Inner) -> Vec<String> {
     inner
         .requests
         .iter()
         .filter(|r| r.method == "PATCH" && r.path.ends_with(&format!("/rdphealths/{NAME}/status")))
-        .map(|r| r.at)
+        .map(|r| r.at.clone())
         .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_loop_healthy_unreachable_spec_change_delete() {
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
     let rdp = Responder::start().await;
     let op = Operator::start(&api).await;
 
@@ -465,13 +466,71 @@ async fn whole_loop_healthy_unreachable_spec_change_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_object_does_not_break_the_watch() {
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
     let rdp = Responder::start().await;
     let op = Operator::start(&api).await;
+    // An object the current schema rejects can still be stored: it was created under an
+    // earlier, looser version of the CRD, which is then replaced (stored objects are not
+    // validated again).
+    let cp = api.control_plane();
+    let crd_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crds")
+        .join(rdphealth::api::CRD_FILE);
+    let crd_text = std::fs::read_to_string(&crd_path).unwrap();
+    let mut loose: Value = serde_saphyr::from_str(&crd_text).unwrap();
+    loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = json!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    });
+    loose["spec"]["versions"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("additionalPrinterColumns");
+    let loose_path = cp.dir().join("loose-crd.json");
+    std::fs::write(&loose_path, loose.to_string()).unwrap();
+    let apply = |path: &std::path::Path| {
+        cp.kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+    };
+    apply(&loose_path);
     let mut broken = rdphealth(rdp.port);
     broken["metadata"]["name"] = json!("broken");
     broken["spec"]["probe"]["failureThreshold"] = json!("three");
-    api.create("rdphealths", NS, broken);
+    // The looser schema is served once the server accepts the object.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = Command::new(cp.tool("kubectl"))
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .args(["create", "-n", NS, "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write as _;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(broken.to_string().as_bytes())?;
+                child.wait()
+            })
+            .unwrap();
+        if out.success() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "loose CRD never served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    apply(&crd_path);
     api.create("rdphealths", NS, rdphealth(rdp.port));
     wait_phase(&api, "Healthy", 1).await;
     op.wait_metrics(
@@ -492,7 +551,7 @@ async fn malformed_object_does_not_break_the_watch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiring_certificate_degrades_with_one_event_and_an_expiry_metric() {
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
     let rdp = Responder::tls(5).await;
     let op = Operator::start(&api).await;
     api.create("rdphealths", NS, rdphealth(rdp.port));
@@ -549,7 +608,7 @@ async fn metrics_pass_promtool() {
         );
         return;
     }
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
     let rdp = Responder::start().await;
     let op = Operator::start(&api).await;
     api.create("rdphealths", NS, rdphealth(rdp.port));

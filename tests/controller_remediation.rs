@@ -1,4 +1,4 @@
-//! The whole loop with remediation: the real `Controller` against the in-process API server,
+//! The whole loop with remediation: the real `Controller` against a real API server,
 //! with the simulator as Azure (the real SDK adapter talking to the ARM emulator) and the
 //! simulated VMs' live RDP responders. The endpoint comes from Azure (no `spec.endpoint.host`);
 //! a prober stand-in routes the addresses ARM reports to the VMs' loopback responders, the way
@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_apiserver;
+mod common;
 
 use std::{
     net::SocketAddr,
@@ -15,7 +15,7 @@ use std::{
 };
 
 use azure_core::Url;
-use fake_apiserver::{FakeApiServer, Inner};
+use common::real_api::{Inner, RealApiServer};
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
@@ -31,13 +31,13 @@ use rdphealth::{
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::oneshot,
     task::JoinHandle,
 };
 
 const NS: &str = "default";
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
 
 fn scenario(vms: &str) -> Scenario {
@@ -46,9 +46,16 @@ fn scenario(vms: &str) -> Scenario {
 
 /// [`scenario`] with Azure operations (Run Command, VMAccess…) taking `operation`.
 fn scenario_timed(operation: &str, vms: &str) -> Scenario {
-    let yaml = format!(
+    let timing =
+        format!("{{ operation: {operation}, restart: 1s, redeploy: 2s, retryAfter: 200ms }}");
+    Scenario::from_yaml(&scenario_yaml(&timing, vms)).unwrap()
+}
+
+/// A scenario with one subscription, network and NSG, `timing` and `vms`.
+fn scenario_yaml(timing: &str, vms: &str) -> String {
+    format!(
         r#"
-timing: {{ operation: {operation}, restart: 1s, redeploy: 2s, retryAfter: 200ms }}
+timing: {timing}
 subscriptions:
   - id: {SUB}
     resourceGroups:
@@ -63,8 +70,7 @@ subscriptions:
         vms:
 {vms}
 "#
-    );
-    Scenario::from_yaml(&yaml).unwrap()
+    )
 }
 
 fn resource_id(vm: &str) -> String {
@@ -115,7 +121,7 @@ struct Call {
 /// held at that moment (the intent must be stored before the call).
 struct Witness {
     inner: ArmClient,
-    api: Arc<FakeApiServer>,
+    api: Arc<RealApiServer>,
     calls: Mutex<Vec<Call>>,
 }
 
@@ -235,6 +241,28 @@ impl Azure for Witness {
     }
 }
 
+/// The I/O of an operator against `sim`, with the witness of its Azure calls.
+fn seams(api: &Arc<FakeApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
+    let witness = Arc::new(Witness {
+        inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
+        api: Arc::clone(api),
+        calls: Mutex::new(Vec::new()),
+    });
+    let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
+    let seams = Seams {
+        prober: Arc::new(SimNetwork {
+            sim: Arc::clone(sim.shared()),
+            prober: RdpProber::new().unwrap(),
+        }),
+        resolver: Arc::new(AzureResolver::new(
+            azure.clone() as Arc<dyn Azure>,
+            ResolverPolicy::default(),
+        )),
+        azure: Some(azure),
+    };
+    (seams, witness)
+}
+
 /// The operator running against the fake API server and the simulator.
 struct Operator {
     http: SocketAddr,
@@ -244,15 +272,26 @@ struct Operator {
 }
 
 impl Operator {
-    async fn start(api: &Arc<FakeApiServer>, sim: &Simulator, identity: &str) -> Self {
+    async fn start(api: &Arc<RealApiServer>, sim: &Simulator, identity: &str) -> Self {
         Self::start_with(api, sim, identity, grace(Duration::from_millis(200))).await
     }
 
     async fn start_with(
-        api: &Arc<FakeApiServer>,
+        api: &Arc<RealApiServer>,
         sim: &Simulator,
         identity: &str,
         base: Settings,
+    ) -> Self {
+        let arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+        Self::start_with_arm(api, sim, identity, base, arm).await
+    }
+
+    async fn start_with_arm(
+        api: &Arc<RealApiServer>,
+        sim: &Simulator,
+        identity: &str,
+        base: Settings,
+        arm: ArmConfig,
     ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -273,26 +312,7 @@ impl Operator {
             probe_source: Some("203.0.113.10".parse().unwrap()),
             ..base
         };
-        let witness = Arc::new(Witness {
-            inner: ArmClient::new(
-                ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
-                Arc::new(StaticToken::new("test-token")),
-            ),
-            api: Arc::clone(api),
-            calls: Mutex::new(Vec::new()),
-        });
-        let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
-        let seams = Seams {
-            prober: Arc::new(SimNetwork {
-                sim: Arc::clone(sim.shared()),
-                prober: RdpProber::new().unwrap(),
-            }),
-            resolver: Arc::new(AzureResolver::new(
-                azure.clone() as Arc<dyn Azure>,
-                ResolverPolicy::default(),
-            )),
-            azure: Some(azure),
-        };
+        let (seams, witness) = seams(api, sim, arm);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(
             api.client(),
@@ -315,7 +335,7 @@ impl Operator {
 
     async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(get(self.http, "/readyz").await, Ok((200, _))) {
+        while !matches!(common::http_get(self.http, "/readyz").await, Ok((200, _))) {
             assert!(tokio::time::Instant::now() < deadline, "never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -323,7 +343,7 @@ impl Operator {
 
     /// Probes so far that found an endpoint reachable (every probe counts, written or not).
     async fn reachable_probes(&self) -> u64 {
-        let (_, text) = get(self.http, "/metrics").await.unwrap();
+        let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
         text.lines()
             .find_map(|l| {
                 l.strip_prefix(r#"rdphealth_probe_duration_seconds_count{result="reachable"} "#)
@@ -348,7 +368,7 @@ impl Operator {
     async fn wait_metrics(&self, present: &[&str]) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (_, text) = get(self.http, "/metrics").await.unwrap();
+            let (_, text) = common::http_get(self.http, "/metrics").await.unwrap();
             if present.iter().all(|p| text.contains(p)) {
                 return text;
             }
@@ -370,29 +390,6 @@ impl Operator {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let once = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    };
-    tokio::time::timeout(Duration::from_secs(2), once)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-}
-
 /// Settings whose disruptive rungs wait `d` after an incident opens.
 fn grace(d: Duration) -> Settings {
     Settings {
@@ -411,11 +408,11 @@ async fn start_one(
     name: &str,
     vm: &str,
     remediation: Value,
-) -> (Simulator, Arc<FakeApiServer>, Operator) {
+) -> (Simulator, Arc<RealApiServer>, Operator) {
     let sim = Simulator::start(scenario(&format!("          - {vm_line}")))
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create("rdphealths", NS, rdphealth(name, vm, remediation));
     (sim, api, op)
@@ -461,7 +458,7 @@ fn events(inner: &Inner, name: &str, reason: &str) -> usize {
 }
 
 async fn wait_status(
-    api: &FakeApiServer,
+    api: &RealApiServer,
     name: &str,
     what: &str,
     f: impl Fn(&Value) -> bool,
@@ -515,7 +512,7 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.wait_for("the lease", WAIT, |inner| {
         let lease = inner.get("leases", NS, "rdphealth-operator")?;
@@ -630,7 +627,7 @@ async fn restart_during_redeploy_resumes_polling_without_a_second_redeploy() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -683,7 +680,7 @@ async fn restart_while_the_guest_query_runs_resumes_polling_it() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let first = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -768,7 +765,7 @@ subscriptions:
     let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
         .await
         .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create(
         "rdphealths",
@@ -819,9 +816,12 @@ async fn a_standby_replica_never_changes_anything() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     // Another replica holds the Lease (and keeps it).
-    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    // MicroTime: microseconds, as the API server stores them.
+    let now = k8s_openapi::jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
     api.create(
         "leases",
         NS,
@@ -863,7 +863,7 @@ async fn the_storm_breaker_holds_disruptive_rungs() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     for i in 0..5 {
         api.create(
@@ -1022,7 +1022,7 @@ async fn a_simultaneous_outage_trips_the_breaker_before_any_vm_acts() {
     ))
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::from_secs(3))).await;
     // Every object may restart from the start: only the grace period stands between the
     // first VM seen unreachable and a restart before the second one is seen. (The VM agent
@@ -1289,5 +1289,258 @@ async fn an_in_guest_repair_reports_old_to_new_and_a_failed_change_fails_the_run
             .any(|f| f.as_str() == "tls_disabled")
     );
     op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_url_that_is_not_arms_is_never_polled() {
+    // Restart takes long enough here that the operator stops while it runs.
+    let sim = Simulator::start(scenario_timed(
+        "300ms",
+        "          - { name: vm-host, nic: { subnet: vnet/s }, faults: [host_failure] }",
+    ))
+    .await
+    .unwrap();
+    let api = Arc::new(RealApiServer::start().await);
+    let first = Operator::start(&api, &sim, "replica-a").await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "host",
+            "vm-host",
+            json!({
+                "mode": "Auto", "ladder": ["Redeploy"], "allowedDisruptiveActions": ["Redeploy"],
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    );
+    wait_status(&api, "host", "a running redeploy", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    first.shutdown().await;
+    // Whoever can write the status points the operation at their own listener.
+    let spy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let spy_url = format!("http://{}/operations/steal", spy.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = Arc::clone(&received);
+    let spy_task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = spy.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            log.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let _ = sock
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    api.patch_status(
+        "rdphealths",
+        NS,
+        "host",
+        json!({"status": {"ladder": {"current": {"operation": {
+            "asyncOperationUrl": spy_url, "locationUrl": spy_url,
+        }}}}}),
+    );
+    let second = Operator::start(&api, &sim, "replica-b").await;
+    let s = wait_status(&api, "host", "the refused URL said in status", |s| {
+        condition(s, "OperationUrlsTrusted").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let c = condition(&s, "OperationUrlsTrusted").unwrap();
+    assert_eq!(c["reason"], "UntrustedOperationUrl", "{c:#}");
+    assert!(
+        !c["message"].as_str().unwrap().contains("steal"),
+        "only the origin is named: {c:#}"
+    );
+    api.wait_for("an UntrustedOperationUrl Event", WAIT, |inner| {
+        (events(inner, "host", "UntrustedOperationUrl") > 0).then_some(())
+    })
+    .await;
+    assert!(
+        received.lock().unwrap().is_empty(),
+        "the listener received a request: {:?}",
+        received.lock().unwrap()
+    );
+    // The rung is not sent again: its fate is unknown and the probe judges it.
+    assert_eq!(sim.count("vm.redeploy"), 1);
+    assert!(second.witness.mutating().is_empty(), "nothing re-sent");
+    spy_task.abort();
+    second.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_answer_is_lost_is_never_sent_again() {
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-a, nic: { subnet: vnet/s }, faults: [guest_hung] }
+          - { name: vm-b, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    // Azure carries out the first restart but its answer never arrives within the client's
+    // timeout, as after a lost connection.
+    sim.drop_next_response("vm.restart", Duration::from_secs(4));
+    let api = Arc::new(RealApiServer::start().await);
+    let mut arm = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+    arm.request_timeout = Duration::from_millis(1500);
+    let op = Operator::start_with_arm(
+        &api,
+        &sim,
+        "replica-a",
+        grace(Duration::from_millis(200)),
+        arm,
+    )
+    .await;
+    let remediation = json!({
+        "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+        "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+    });
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth("a", "vm-a", remediation.clone()),
+    );
+    api.create("rdphealths", NS, rdphealth("b", "vm-b", remediation));
+    for name in ["a", "b"] {
+        wait_status(&api, name, "recovered by the restart", |s| {
+            s["ladder"]["recoveredBy"]["rung"] == "Restart"
+        })
+        .await;
+    }
+    assert_eq!(sim.count("dropped_response"), 1);
+    assert_eq!(
+        sim.count("vm.restart"),
+        2,
+        "one restart per VM, none re-sent"
+    );
+    // The rung whose answer was lost was recorded as of unknown outcome while it settled.
+    let unknown = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .filter(|c| c.resource == "rdphealths")
+            .filter(|c| c.object["status"]["ladder"]["current"]["outcomeUnknown"] == true)
+            .map(|c| c.object["metadata"]["name"].as_str().unwrap().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+    });
+    assert_eq!(
+        unknown.len(),
+        1,
+        "exactly one rung of unknown outcome: {unknown:?}"
+    );
+    // Its fleet slot stayed claimed: the other VM's restart started only once no other
+    // rung was in flight.
+    let restarts: Vec<Call> = op
+        .witness
+        .mutating()
+        .into_iter()
+        .filter(|c| c.operation == "restart")
+        .collect();
+    assert_eq!(restarts.len(), 2);
+    let in_flight = restarts[1]
+        .current
+        .iter()
+        .filter(|current| !current.is_null())
+        .count();
+    assert_eq!(
+        in_flight, 1,
+        "the second restart was sent while the first rung still held its slot: {:?}",
+        restarts[1].current
+    );
+    let events_unknown = api.read(|inner| {
+        events(inner, "a", "RemediationOutcomeUnknown")
+            + events(inner, "b", "RemediationOutcomeUnknown")
+    });
+    assert_eq!(events_unknown, 1);
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_taken_on_a_stale_copy_sends_nothing() {
+    // The restart takes long enough that the VM is still down when the stale copy is seen.
+    let sim = Simulator::start(
+        Scenario::from_yaml(&scenario_yaml(
+            "{ operation: 300ms, restart: 20s, redeploy: 2s, retryAfter: 200ms }",
+            "          - { name: vm-a, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+        ))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let api = Arc::new(FakeApiServer::start().await);
+    let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::ZERO)).await;
+    api.create(
+        "rdphealths",
+        NS,
+        rdphealth(
+            "a",
+            "vm-a",
+            json!({
+                "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+                "settleTime": "30s",
+            }),
+        ),
+    );
+    wait_status(&api, "a", "a running restart", |s| {
+        s["ladder"]["current"]["phase"] == "Running"
+    })
+    .await;
+    op.shutdown().await;
+    assert_eq!(sim.count("vm.restart"), 1);
+    // The copy the restart was decided on: the last stored version without an intent.
+    let stale: Value = api.read(|inner| {
+        inner
+            .log
+            .iter()
+            .rfind(|c| {
+                c.resource == "rdphealths"
+                    && c.object["metadata"]["name"] == "a"
+                    && c.object["status"]["ladder"]["current"].is_null()
+                    && condition(&c.object["status"], "Reachable")
+                        .is_some_and(|r| r["status"] == "False")
+            })
+            .map(|c| c.object.clone())
+            .expect("a stored version before the intent")
+    });
+    // A replica whose cache still holds that copy reconciles it.
+    let (seams, witness) = seams(
+        &api,
+        &sim,
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+    );
+    let ctx = controller::Context::new(
+        api.client(),
+        seams,
+        Arc::new(rdphealth::metrics::Metrics::new().unwrap()),
+        controller::Leadership::always(),
+        Some("replica-a".into()),
+    )
+    .with_remediation(
+        FleetPolicy {
+            disruptive_grace: Duration::ZERO,
+            ..FleetPolicy::default()
+        },
+        Some("203.0.113.10".parse().unwrap()),
+    );
+    let obj: rdphealth::api::RdpHealth = serde_json::from_value(stale).unwrap();
+    let guard = Arc::new(kube::core::DeserializeGuard(Ok(obj)));
+    let result = controller::reconcile(guard, Arc::new(ctx)).await;
+    assert_eq!(sim.count("vm.restart"), 1, "restarted twice");
+    assert!(witness.mutating().is_empty(), "nothing was sent");
+    assert!(result.is_err(), "the stale decision must fail: {result:?}");
+    let s = api.read(|inner| status(inner, "a")).unwrap();
+    assert_eq!(
+        s["ladder"]["current"]["phase"], "Running",
+        "the first intent is kept: {s:#}"
+    );
+    assert_eq!(
+        s["ladder"]["current"]["lease"]["holder"], "replica-a",
+        "{s:#}"
+    );
     sim.shutdown().await;
 }

@@ -46,6 +46,7 @@ fn how(previous: Option<&Evidence>) -> Gathering<'_> {
         previous,
         first_poll: Duration::ZERO,
         guest_query: true,
+        leadership: &rdphealth::engine::remediate::SoleReplica,
     }
 }
 

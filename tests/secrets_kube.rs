@@ -1,11 +1,11 @@
-//! The Secret store against the in-process API server: what lands in the Secret at each step
+//! The Secret store against a real API server: what lands in the Secret at each step
 //! of a password reset, and what is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_apiserver;
+mod common;
 
-use fake_apiserver::FakeApiServer;
+use common::real_api::RealApiServer;
 use k8s_openapi::{ByteString, jiff::Timestamp};
 use rdphealth::{
     azure::Password,
@@ -20,7 +20,7 @@ fn at(name: &str) -> SecretRef {
     }
 }
 
-fn data(api: &FakeApiServer, name: &str) -> (Value, Vec<(String, String)>) {
+fn data(api: &RealApiServer, name: &str) -> (Value, Vec<(String, String)>) {
     let secret = api.read(|inner| inner.get("secrets", "ns", name).cloned().unwrap());
     let mut keys: Vec<(String, String)> = secret["data"]
         .as_object()
@@ -50,7 +50,8 @@ fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_reset_goes_pending_then_applied_and_never_loses_a_password() {
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
+    api.create_namespace("ns");
     let store = KubeSecrets::new(api.client());
     let now = Timestamp::UNIX_EPOCH;
     let s = at("vm-admin");
@@ -114,7 +115,8 @@ async fn a_reset_goes_pending_then_applied_and_never_loses_a_password() {
 
 #[tokio::test]
 async fn a_secret_of_another_type_is_not_touched() {
-    let api = FakeApiServer::start().await;
+    let api = RealApiServer::start().await;
+    api.create_namespace("ns");
     api.create(
         "secrets",
         "ns",

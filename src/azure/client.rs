@@ -64,6 +64,8 @@ pub struct ArmClient {
     network: network::Client,
     health: health::Client,
     credential: Arc<dyn TokenCredential>,
+    /// The only origin (scheme, host, port) the ARM token is sent to.
+    arm_origin: azure_core::Url,
     pipeline: Pipeline,
     nsg_cache: TtlCache<NsgRules>,
     subnet_cache: TtlCache<Option<String>>,
@@ -122,6 +124,7 @@ impl ArmClient {
                 Vec::new(),
             ),
             credential,
+            arm_origin: config.endpoint.clone(),
             nsg_cache: TtlCache::new(config.cache_ttl),
             subnet_cache: TtlCache::new(config.cache_ttl),
             serial_log_max_bytes: config.serial_log_max_bytes,
@@ -240,6 +243,13 @@ impl ArmClient {
         authorized: bool,
     ) -> AzureResult<(u16, azure_core::headers::Headers, Vec<u8>)> {
         let url = Url::parse(url).map_err(|e| AzureError::invalid(format!("bad URL: {e}")))?;
+        if authorized && url.origin() != self.arm_origin.origin() {
+            // Operation URLs come from status and from response headers: whoever can write
+            // either must not receive the token. Refused before any connection is made.
+            return Err(AzureError::UntrustedUrl {
+                origin: url.origin().ascii_serialization(),
+            });
+        }
         let mut req = Request::new(url, Method::Get);
         if authorized {
             let token = self.credential.get_token(&[ARM_SCOPE]).await.map_err(|e| {

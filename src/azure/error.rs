@@ -66,6 +66,21 @@ pub enum AzureError {
         /// What happened.
         message: String,
     },
+    /// A URL that is not the configured ARM endpoint's origin was to receive the ARM token
+    /// (an operation URL from status or a response header): nothing was sent to it.
+    #[error("refused to send the ARM token to {origin}: it is not the configured ARM endpoint")]
+    UntrustedUrl {
+        /// The refused URL's origin (scheme, host and port; never its path or query).
+        origin: String,
+    },
+    /// The request may have reached Azure but no answer came back: a timeout, a connection
+    /// lost after sending, or a 5xx without an ARM error body. For a read, worth retrying;
+    /// for a write, its outcome is unknown and it must never be re-sent blindly.
+    #[error("failed to learn the outcome of an Azure call: {message}")]
+    OutcomeUnknown {
+        /// What happened.
+        message: String,
+    },
     /// A bad request, an unparsable answer, or a resource missing a field we need.
     #[error("failed to use an Azure answer: {message}")]
     Invalid {
@@ -85,6 +100,8 @@ impl AzureError {
             Self::Forbidden { .. } => "Forbidden",
             Self::Transient { .. } => "Transient",
             Self::Invalid { .. } => "Invalid",
+            Self::UntrustedUrl { .. } => "UntrustedOperationUrl",
+            Self::OutcomeUnknown { .. } => "OutcomeUnknown",
         }
     }
 
@@ -100,7 +117,10 @@ impl AzureError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Throttled { .. } | Self::Transient { .. } | Self::Conflict { .. }
+            Self::Throttled { .. }
+                | Self::Transient { .. }
+                | Self::Conflict { .. }
+                | Self::OutcomeUnknown { .. }
         )
     }
 
@@ -126,6 +146,13 @@ impl AzureError {
             };
         }
         match err.kind() {
+            // A server error without an ARM error body says nothing about what was done.
+            ErrorKind::HttpResponse {
+                status,
+                error_code: None,
+            } if u16::from(*status) >= 500 => Self::OutcomeUnknown {
+                message: format!("{status} without an error body"),
+            },
             ErrorKind::HttpResponse { status, error_code } => {
                 let message = err
                     .as_http_error()
@@ -134,7 +161,10 @@ impl AzureError {
                 let code = error_code.clone().unwrap_or_else(|| status.to_string());
                 from_status(*status, &code, message, what)
             }
-            ErrorKind::Io => Self::transient(format!("network error: {err}")),
+            // A timeout or a connection lost while the request may already have been sent.
+            ErrorKind::Io => Self::OutcomeUnknown {
+                message: format!("network error or timeout: {err}"),
+            },
             ErrorKind::Credential => Self::Unauthorized {
                 message: err.to_string(),
             },

@@ -383,6 +383,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
             first_poll: Duration::from_secs(2),
             vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
             secrets: None,
+            leadership: Arc::new(crate::engine::remediate::SoleReplica),
         }),
         metrics: Arc::new(Metrics::new().map_err(|e| e.to_string())?),
         state: state.clone(),

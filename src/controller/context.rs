@@ -71,6 +71,7 @@ impl Context {
             secrets: Some(Arc::new(crate::secrets::KubeSecrets::new(
                 self.client.clone(),
             ))),
+            leadership: Arc::new(self.leadership.clone()),
         });
         self
     }

@@ -40,7 +40,6 @@ use kube::{
         watcher,
     },
 };
-use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -124,9 +123,6 @@ pub enum RunError {
     /// Metrics could not be set up.
     #[error("failed to set up metrics")]
     Metrics(#[source] MetricsError),
-    /// The lease for leader election could not be set up.
-    #[error("failed to set up leader election")]
-    Lease(#[source] LeaseManagerError),
     /// The HTTP server failed.
     #[error("failed to serve HTTP")]
     Http(#[source] HttpError),
@@ -137,7 +133,6 @@ impl RunError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Metrics(_) => "MetricsSetupFailed",
-            Self::Lease(_) => "LeaseSetupFailed",
             Self::Http(_) => "HttpFailed",
         }
     }
@@ -271,7 +266,10 @@ pub async fn run(
         metrics.register_azure(azure).map_err(RunError::Metrics)?;
     }
     let (leadership, lease_task) = match &settings.lease {
-        Some(lease) => elect(&client, lease).await?,
+        Some(lease) => {
+            let (leadership, task) = elect(&client, lease);
+            (leadership, Some(task))
+        }
         None => (Leadership::always(), None),
     };
     let api: Api<DeserializeGuard<RdpHealth>> = match &settings.namespace {

@@ -3,7 +3,7 @@
 use super::*;
 use super::{
     memory::{Remembered, continued, memory_id},
-    status::{ApplyStatus, patch_status, publish, report_malformed},
+    status::{StatusWriter, publish, report_malformed},
 };
 
 /// Reconciles one object: schedule → (resolve, probe) → evaluate → status, metrics, events.
@@ -90,6 +90,7 @@ pub(super) async fn reconcile_object(
         return Ok(action(outcome.next));
     }
     let probe_events = outcome.events.len();
+    let writer = StatusWriter::new(&ctx.client, key, stored);
     let before = obj
         .status
         .as_ref()
@@ -108,12 +109,8 @@ pub(super) async fn reconcile_object(
                 paused: annotation(obj, PAUSE_ANNOTATION) == Some("true"),
                 approval,
             };
-            let sink = ApplyStatus {
-                client: &ctx.client,
-                key,
-            };
             let result = remediator
-                .remediate(&subject, &mut outcome, &sink, now)
+                .remediate(&subject, &mut outcome, &writer, now)
                 .await;
             if address_may_have_changed(&before, &outcome.status.ladder) {
                 ctx.seams.resolver.forget(spec);
@@ -128,12 +125,17 @@ pub(super) async fn reconcile_object(
     };
     // Only news is written (and a heartbeat): a healthy, unchanged object costs no write and
     // so no watch event either. Compared with what the API server holds, not with `obj`.
-    if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat)
-        && let Err(e) = patch_status(&ctx.client, key, &outcome.status).await
-    {
-        // Start again from the stored status: the retry probes and writes afresh.
-        ctx.memory.forget(&id);
-        return Err(e);
+    if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat) {
+        if !ctx.leadership.is_leader() {
+            // The lease was lost during this reconcile: the next leader writes.
+            ctx.memory.forget(&id);
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        if let Err(e) = writer.write(&outcome.status).await {
+            // Start again from the stored status: the retry probes and writes afresh.
+            ctx.memory.forget(&id);
+            return Err(e);
+        }
     }
     ctx.metrics.object_status(key, &outcome.status);
     ctx.metrics

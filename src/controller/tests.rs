@@ -1,18 +1,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use rstest::rstest;
 
-use super::{lease::*, memory::*, reconcile::*, *};
+use super::{memory::*, reconcile::*, *};
 use crate::ladder::{RungExecution, RungOutcome, Step};
-
-#[test]
-fn leadership_follows_the_lease() {
-    assert!(Leadership::always().is_leader());
-    let (tx, rx) = watch::channel(false);
-    let leadership = Leadership::from_receiver(rx);
-    assert!(!leadership.is_leader());
-    tx.send_replace(true);
-    assert!(leadership.is_leader());
-}
 
 fn with_annotation(value: Option<&str>, consumed: Option<&str>) -> (RdpHealth, RdpHealthStatus) {
     let mut obj: RdpHealth = serde_json::from_value(json!({
@@ -60,6 +50,7 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         settle_until: None,
         message: None,
         outcome_unknown: false,
+        lease: None,
     }
 }
 

@@ -164,6 +164,7 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
             first_poll: Duration::from_millis((300.0 / speed) as u64 + 20),
             vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
             secrets: Some(Arc::new(crate::secrets::MemorySecrets::default())),
+            leadership: Arc::new(crate::engine::remediate::SoleReplica),
         }),
         metrics: metrics.clone(),
         state: state.clone(),

@@ -50,6 +50,8 @@ pub struct Gathering<'a> {
     pub first_poll: Duration,
     /// Whether the in-guest evidence query may run (`evidence.guestQuery`).
     pub guest_query: bool,
+    /// Asked right before the reads that are Azure writes (IP flow verify, Run Command).
+    pub leadership: &'a dyn crate::engine::remediate::LeaderCheck,
 }
 
 /// Client port of the flow IP flow verify checks (the local evaluation uses the same).
@@ -106,6 +108,7 @@ pub async fn gather(
         .filter(|s| s.power_state == PowerState::Running)
     {
         if !ev.is_pending(ReadKind::IpFlowVerify)
+            && how.leadership.term().is_some()
             && let Some(query) = rules.as_ref().and_then(|r| flow_query(r, how.vantage))
         {
             let watcher = WatcherRef::default_for(&state.location);
@@ -121,7 +124,11 @@ pub async fn gather(
             }
         }
         // Run Command is delivered by the VM agent.
-        if how.guest_query && state.agent_ready && !ev.is_pending(ReadKind::GuestQuery) {
+        if how.guest_query
+            && state.agent_ready
+            && !ev.is_pending(ReadKind::GuestQuery)
+            && how.leadership.term().is_some()
+        {
             let script: Vec<String> = QUERY_SCRIPT.lines().map(str::to_string).collect();
             if let Some(op) = keep(azure.run_command(vm, &script).await, &mut ev)? {
                 events.extend(track(azure, ReadKind::GuestQuery, op, how, &mut ev, now).await);
@@ -201,6 +208,10 @@ pub async fn poll_pending(
             Err(e) if e.is_retryable() => {
                 let after = e.retry_after().unwrap_or(POLL_RETRY);
                 ev.pending.push(again(read, after, now));
+            }
+            Err(e @ AzureError::UntrustedUrl { .. }) => {
+                events.push(untrusted_url(read.kind.describe(), &e));
+                events.push(give_up(ev, read.kind, Ending::Failed(e.to_string())));
             }
             Err(e) => events.push(give_up(
                 ev,
@@ -330,6 +341,20 @@ enum Ending {
 }
 
 /// Records that a read ended without an answer (in `errors` and an Event).
+/// The Event for an operation URL that was not polled because it is not ARM's.
+pub fn untrusted_url(what: &str, e: &AzureError) -> Event {
+    Event {
+        severity: Severity::Warning,
+        reason: UNTRUSTED_OPERATION_URL,
+        note: format!(
+            "{what}: {e}; the URL in status was not polled and the ARM token was not sent (check who can write this object's status)"
+        ),
+    }
+}
+
+/// Event and condition reason for an operation URL that is not ARM's.
+pub const UNTRUSTED_OPERATION_URL: &str = "UntrustedOperationUrl";
+
 fn give_up(ev: &mut Evidence, kind: ReadKind, ending: Ending) -> Event {
     let (suffix, detail) = match ending {
         Ending::TimedOut => (

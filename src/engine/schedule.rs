@@ -202,6 +202,7 @@ mod tests {
             settle_until: Some(Time(at(130))),
             message: None,
             outcome_unknown: false,
+            lease: None,
         });
         status
     }

@@ -20,5 +20,8 @@ pub use self::{
     },
     rung::{GuestRepair, Rung, Step},
     spec::{Backoff, LadderSpecError},
-    status::{ExecutionPhase, LadderStatus, OperationRef, RungExecution, RungOutcome, RungRecord},
+    status::{
+        ExecutionPhase, LadderStatus, LeaseTerm, OperationRef, RungExecution, RungOutcome,
+        RungRecord,
+    },
 };

@@ -64,6 +64,21 @@ pub struct RungExecution {
     /// did not fix it is recorded `Unknown`, not `NotFixed`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub outcome_unknown: bool,
+    /// The leadership term under which the intent was recorded: a replica that finds another
+    /// term here knows it inherited the rung from an earlier leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseTerm>,
+}
+
+/// One term of leadership over the operator's Lease.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseTerm {
+    /// The Lease holder (the replica's identity); absent without leader election.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The Lease's `leaseTransitions` when the term began.
+    pub transitions: i32,
 }
 
 /// How a rung ended.
@@ -205,6 +220,7 @@ impl LadderStatus {
             settle_until: None,
             message: None,
             outcome_unknown: false,
+            lease: None,
         });
     }
 

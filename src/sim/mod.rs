@@ -347,6 +347,16 @@ impl Simulator {
         self.shared.lock().http_faults.push(fault);
     }
 
+    /// Carries out the next `operation` request (e.g. `vm.restart`) but holds its response
+    /// back for `hold`: a caller whose timeout is shorter never learns that Azure accepted it,
+    /// as after a lost connection.
+    pub fn drop_next_response(&self, operation: &str, hold: std::time::Duration) {
+        self.shared
+            .lock()
+            .dropped_responses
+            .push((operation.to_string(), hold));
+    }
+
     /// Token exchanges answered and fingerprints of the credentials presented.
     pub fn token_log(&self) -> world::TokenLog {
         self.shared.lock().tokens.clone()

@@ -352,6 +352,9 @@ pub struct World {
     pub guest_queries: u64,
     /// Scripted HTTP failures.
     pub http_faults: Vec<HttpFault>,
+    /// Requests that are carried out but whose response is held back this long, so the
+    /// caller times out without learning the outcome (by operation name, each used once).
+    pub dropped_responses: Vec<(String, std::time::Duration)>,
     /// Token endpoint log.
     pub tokens: TokenLog,
     next_id: u64,
@@ -402,6 +405,7 @@ impl World {
             counters: BTreeMap::new(),
             guest_queries: 0,
             http_faults: Vec::new(),
+            dropped_responses: Vec::new(),
             tokens: TokenLog::default(),
             next_id: 0,
             next_public: 0,
@@ -643,6 +647,12 @@ impl World {
             OpClass::Write => s.writes.try_take(now)?,
         }
         Ok((s.reads.remaining(now), s.writes.remaining(now)))
+    }
+
+    /// A held-back response for `op`, consumed.
+    pub fn take_dropped_response(&mut self, op: &str) -> Option<std::time::Duration> {
+        let i = self.dropped_responses.iter().position(|(o, _)| o == op)?;
+        Some(self.dropped_responses.remove(i).1)
     }
 
     /// A scripted failure for `op`, consumed.

@@ -13,6 +13,10 @@ impl Remediator {
         sink: &dyn StatusSink,
         now: Timestamp,
     ) -> Result<Continue, RemediateError> {
+        // Asked now, not when the reconcile began: a reconcile can outlive a lease.
+        let Some(term) = self.leadership.term() else {
+            return Err(RemediateError::NotLeader);
+        };
         let disruptive = step.rung.is_disruptive();
         if disruptive && !self.fleet.claim(&vm.subscription, subject.key) {
             return Ok(Continue::Until(
@@ -37,6 +41,9 @@ impl Remediator {
             });
         }
         status.ladder.start(step, now);
+        if let Some(current) = status.ladder.current.as_mut() {
+            current.lease = Some(term.clone());
+        }
         set(
             status,
             types::REMEDIATING,
@@ -46,10 +53,16 @@ impl Remediator {
             now,
         );
         if let Err(e) = sink.persist(status).await {
-            // Nothing was called: forget the intent so the next reconcile decides again.
+            // Nothing was called: forget the intent so the next reconcile decides again (on
+            // fresh data, when the write lost a race with another one).
             status.ladder.current = None;
             self.fleet.release(&vm.subscription, subject.key);
             return Err(RemediateError::Persist(e));
+        }
+        if self.leadership.term().as_ref() != Some(&term) {
+            // The lease was lost while the intent was written: the call is not made. The next
+            // leader finds the intent and settles it as of unknown outcome, never re-sending.
+            return Err(RemediateError::NotLeader);
         }
         outcome.events.push(Event {
             severity: Severity::Normal,
@@ -89,6 +102,23 @@ impl Remediator {
                 } else {
                     Ok(Continue::Until(first))
                 }
+            }
+            Err(CallError::Azure(e @ AzureError::OutcomeUnknown { .. })) => {
+                // Azure may be carrying it out: never re-sent, the slot stays claimed, and
+                // what Azure shows and the probe settle it.
+                let until = now
+                    .checked_add(subject.spec.ladder.settle_time)
+                    .unwrap_or(now);
+                let message = format!(
+                    "{e}; Azure may be carrying it out, so it is not sent again and is judged by the VM's state and the probe"
+                );
+                outcome.status.ladder.settle_unknown(until, message.clone());
+                outcome.events.push(Event {
+                    severity: Severity::Warning,
+                    reason: "RemediationOutcomeUnknown",
+                    note: format!("{step}: {message}; judged after {until}"),
+                });
+                Ok(Continue::Until(until))
             }
             Err(e) => Ok(self.failed(
                 subject,
@@ -185,6 +215,11 @@ impl Remediator {
             .await
         {
             Ok(op) => Ok((op, None)),
+            Err(e @ AzureError::OutcomeUnknown { .. }) => {
+                // The VM may have the new password: it stays in the Secret (pending, then
+                // unconfirmed) until a later reset is confirmed.
+                Err(CallError::Azure(e))
+            }
             Err(e) => {
                 // Azure refused outright: the pending password was never set.
                 if let Err(d) = store.discard(&at).await {

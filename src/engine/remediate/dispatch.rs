@@ -5,7 +5,47 @@ use super::messages::{
 };
 use super::*;
 
+/// How long a rung of unknown outcome may wait for Azure to show that it is done.
+const UNKNOWN_OUTCOME_LIMIT: Duration = Duration::from_secs(30 * 60);
+
 impl Remediator {
+    /// For a rung whose call's outcome is unknown: while Azure shows the VM still being
+    /// changed (provisioning state not terminal, or unreadable), the rung keeps settling
+    /// (and its fleet slot) instead of being judged, up to [`UNKNOWN_OUTCOME_LIMIT`].
+    /// Returns when to look again.
+    async fn still_busy(
+        &self,
+        vm: &VmRef,
+        status: &mut RdpHealthStatus,
+        settle: Duration,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let current = status.ladder.current.as_ref()?;
+        if !current.outcome_unknown {
+            return None;
+        }
+        let started = current.started_at.0;
+        if now.duration_since(started).as_secs_f64() >= UNKNOWN_OUTCOME_LIMIT.as_secs_f64() {
+            return None;
+        }
+        let busy = match self.azure.vm_state(vm).await {
+            Ok(state) => state
+                .provisioning_state
+                .as_deref()
+                .is_some_and(|p| !matches!(p, "Succeeded" | "Failed" | "Canceled")),
+            Err(_) => true,
+        };
+        if !busy {
+            return None;
+        }
+        let until = now
+            .checked_add(settle.max(Duration::from_secs(10)))
+            .unwrap_or(now);
+        let message = current.message.clone().unwrap_or_default();
+        status.ladder.settle_unknown(until, message);
+        Some(until)
+    }
+
     pub(super) async fn execute(
         &self,
         subject: &Subject<'_>,
@@ -49,6 +89,7 @@ impl Remediator {
                     previous: status.diagnosis.as_ref(),
                     first_poll: self.first_poll,
                     guest_query: subject.spec.guest_query,
+                    leadership: self.leadership.as_ref(),
                 };
                 let (ev, read_events) = gather(self.azure.as_ref(), vm, &how, now)
                     .await
@@ -71,7 +112,21 @@ impl Remediator {
             }
             Decision::PollEvidence => {
                 if let Some(ev) = status.diagnosis.as_mut() {
-                    events.extend(poll_pending(self.azure.as_ref(), vm, ev, now).await);
+                    let polled = poll_pending(self.azure.as_ref(), vm, ev, now).await;
+                    if let Some(refused) = polled
+                        .iter()
+                        .find(|e| e.reason == crate::engine::gather::UNTRUSTED_OPERATION_URL)
+                    {
+                        set(
+                            status,
+                            types::OPERATION_URLS_TRUSTED,
+                            Status::False,
+                            refused.reason,
+                            refused.note.clone(),
+                            now,
+                        );
+                    }
+                    events.extend(polled);
                 }
                 Continue::Again
             }
@@ -140,6 +195,9 @@ impl Remediator {
                 Continue::Until(until)
             }
             Decision::NotFixed => {
+                if let Some(until) = self.still_busy(vm, status, policy.settle_time, now).await {
+                    return Ok(Continue::Until(until));
+                }
                 let (step, attempt) = current(&status.ladder);
                 let n = status.ladder.incident_attempts();
                 let next = now
@@ -239,6 +297,18 @@ impl Remediator {
                     now,
                 );
                 clear_suspension(status, now);
+                if conditions::status_of(&status.conditions, types::OPERATION_URLS_TRUSTED)
+                    == Some(Status::False)
+                {
+                    set(
+                        status,
+                        types::OPERATION_URLS_TRUSTED,
+                        Status::True,
+                        "ArmEndpointOnly",
+                        "the incident ended; operation URLs are polled only at the ARM endpoint",
+                        now,
+                    );
+                }
                 events.push(Event {
                     severity: Severity::Normal,
                     reason: "RemediationSucceeded",

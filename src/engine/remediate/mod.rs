@@ -32,8 +32,8 @@ use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
     azure::{AllowRule, Azure, AzureError, Operation, OperationKind, PollOutcome, VmRef},
     ladder::{
-        Decision, Gates, GiveUp, GuestRepair, Incident, LadderStatus, OperationRef, Reachability,
-        Rung, RungOutcome, Situation, Step, Suspension, WaitReason, decide,
+        Decision, Gates, GiveUp, GuestRepair, Incident, LadderStatus, LeaseTerm, OperationRef,
+        Reachability, Rung, RungOutcome, Situation, Step, Suspension, WaitReason, decide,
         fleet::{FleetPolicy, FleetView},
     },
     probe::Failure,
@@ -60,6 +60,10 @@ pub enum RemediateError {
     /// The intent could not be persisted, so nothing was called.
     #[error("failed to record the rung's intent before acting: {0}")]
     Persist(String),
+    /// This replica's leadership ended (or could not be confirmed) before it could act, so
+    /// nothing was called.
+    #[error("failed to act: this replica no longer holds the lease")]
+    NotLeader,
 }
 
 impl RemediateError {
@@ -68,6 +72,7 @@ impl RemediateError {
         match self {
             Self::Azure(e) => e.reason(),
             Self::Persist(_) => "PersistIntent",
+            Self::NotLeader => "NotLeader",
         }
     }
 
@@ -75,8 +80,28 @@ impl RemediateError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Azure(e) => e.retry_after(),
-            Self::Persist(_) => None,
+            Self::Persist(_) | Self::NotLeader => None,
         }
+    }
+}
+
+/// Who may act, asked at the moment of acting: right before a rung's intent is stored and
+/// again right before its Azure call.
+pub trait LeaderCheck: Send + Sync + std::fmt::Debug {
+    /// The current leadership term, or `None` when this replica must not act.
+    fn term(&self) -> Option<LeaseTerm>;
+}
+
+/// A single replica without election: always the leader.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SoleReplica;
+
+impl LeaderCheck for SoleReplica {
+    fn term(&self) -> Option<LeaseTerm> {
+        Some(LeaseTerm {
+            holder: None,
+            transitions: 0,
+        })
     }
 }
 
@@ -96,6 +121,8 @@ pub struct Remediator {
     /// Where `ResetPassword` stores the passwords it generates; without it the rung fails
     /// before calling Azure.
     pub secrets: Option<Arc<dyn SecretStore>>,
+    /// Whether this replica may act, asked right before every intent write and Azure write.
+    pub leadership: Arc<dyn LeaderCheck>,
 }
 
 /// Why a rung's call did not start an operation.

@@ -1,7 +1,11 @@
 //! Following a running operation until it settles or fails.
 
 use super::*;
-use super::{act::script_result, messages::current};
+use super::{
+    act::script_result,
+    messages::{current, set},
+};
+use crate::engine::gather::{UNTRUSTED_OPERATION_URL, untrusted_url};
 
 impl Remediator {
     pub(super) async fn poll(
@@ -74,6 +78,24 @@ impl Remediator {
                     format!("{code}: {message}"),
                     now,
                 )
+            }
+            Err(e @ AzureError::UntrustedUrl { .. }) => {
+                // Never polled, never retried: the rung's fate is unknown, so it is settled
+                // like any rung whose operation cannot be read, and the probe judges it.
+                events.push(untrusted_url(&current.step.to_string(), &e));
+                set(
+                    status,
+                    types::OPERATION_URLS_TRUSTED,
+                    Status::False,
+                    UNTRUSTED_OPERATION_URL,
+                    e.to_string(),
+                    now,
+                );
+                let until = now.checked_add(policy.settle_time).unwrap_or(now);
+                status
+                    .ladder
+                    .settle_unknown(until, format!("{e}; the probe judges the rung"));
+                Continue::Until(until)
             }
             Err(e) if e.is_retryable() => {
                 let next = now

@@ -481,6 +481,11 @@ async fn arm(
         "x-ms-request-id",
         &format!("{:016x}", fingerprint_u64(&now())),
     );
+    let held = s.lock().take_dropped_response(&op);
+    if let Some(hold) = held {
+        s.lock().count("dropped_response");
+        tokio::time::sleep(hold).await;
+    }
     rsp
 }
 

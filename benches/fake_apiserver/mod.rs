@@ -583,6 +583,11 @@ fn replace(
         .get(&key)
         .cloned()
         .ok_or((StatusCode::NOT_FOUND, format!("{name} not found")))?;
+    if let Some(expected) = object["metadata"]["resourceVersion"].as_str()
+        && current["metadata"]["resourceVersion"].as_str() != Some(expected)
+    {
+        return Err((StatusCode::CONFLICT, "the object has been modified".into()));
+    }
     let next = if status {
         let mut next = current.clone();
         next["status"] = object["status"].take();
