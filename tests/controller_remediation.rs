@@ -242,7 +242,7 @@ impl Azure for Witness {
 }
 
 /// The I/O of an operator against `sim`, with the witness of its Azure calls.
-fn seams(api: &Arc<FakeApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
+fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, Arc<Witness>) {
     let witness = Arc::new(Witness {
         inner: ArmClient::new(arm, Arc::new(StaticToken::new("test-token"))),
         api: Arc::clone(api),
@@ -1259,7 +1259,7 @@ async fn an_in_guest_repair_reports_old_to_new_and_a_failed_change_fails_the_run
         .unwrap()
         .registry
         .deny_writes(rdphealth::guest::changes::TLS12_SERVER);
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start(&api, &sim, "replica-a").await;
     api.create("rdphealths", NS, rdphealth("tls", "vm-tls", remediation));
     let s = wait_status(&api, "tls", "a failed rung", |s| {
@@ -1472,7 +1472,7 @@ async fn a_decision_taken_on_a_stale_copy_sends_nothing() {
     )
     .await
     .unwrap();
-    let api = Arc::new(FakeApiServer::start().await);
+    let api = Arc::new(RealApiServer::start().await);
     let op = Operator::start_with(&api, &sim, "replica-a", grace(Duration::ZERO)).await;
     api.create(
         "rdphealths",
