@@ -51,6 +51,7 @@ fn object() -> RdpHealth {
             },
             probe: ProbeSpec::default(),
             remediation: Default::default(),
+            evidence: Default::default(),
             suspend: false,
         },
         status: None,

@@ -177,9 +177,23 @@ pub struct RdpHealthSpec {
     /// What the operator may do when the VM is unreachable.
     #[serde(default)]
     pub remediation: RemediationSpec,
+    /// Which evidence the operator may read.
+    #[serde(default)]
+    pub evidence: EvidenceSpec,
     /// Stops probing and reporting while true; the status keeps its last observations.
     #[serde(default)]
     pub suspend: bool,
+}
+
+/// Which evidence the operator may read when the VM is unreachable.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceSpec {
+    /// Run the read-only evidence query inside the VM (Azure Run Command: a script executed
+    /// as SYSTEM, one per VM at a time). Default: off in `Observe`, on in `DryRun` and `Auto`.
+    /// Off, the operator runs nothing inside the VM and needs no `runCommand/action`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_query: Option<bool>,
 }
 
 /// Names the Azure VM.

@@ -1312,6 +1312,82 @@ async fn a_preempted_restart_is_never_repeated_and_the_probe_judges_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_guest_repair_reports_old_to_new_and_a_failed_change_fails_the_rung() {
+    let remediation = json!({
+        "mode": "Auto", "ladder": ["RepairGuest"],
+        "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+    });
+    // Applied: the rung fixes the VM; its record says what changed, old → new.
+    let (sim, api, op) = start_one(
+        "{ name: vm-tls, nic: { subnet: vnet/s }, faults: [tls_disabled] }",
+        "tls",
+        "vm-tls",
+        remediation.clone(),
+    )
+    .await;
+    let s = wait_status(&api, "tls", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    let fixed = &s["ladder"]["history"][0];
+    assert_eq!(fixed["step"]["repair"], "EnableTls12", "{s:#}");
+    assert_eq!(fixed["outcome"], "Fixed", "{s:#}");
+    let message = fixed["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("Enabled 0→1") && message.contains("DisabledByDefault 1→0"),
+        "{s:#}"
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+
+    // The SCHANNEL key refuses writes: the applier stops at its first change and the ladder
+    // records the rung Failed, naming that change.
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-tls, nic: { subnet: vnet/s }, faults: [tls_disabled] }",
+    ))
+    .await
+    .unwrap();
+    sim.shared()
+        .lock()
+        .vms
+        .get_mut("vm-tls")
+        .unwrap()
+        .registry
+        .deny_writes(rdphealth::guest::changes::TLS12_SERVER);
+    let api = Arc::new(RealApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    api.create("rdphealths", NS, rdphealth("tls", "vm-tls", remediation));
+    let s = wait_status(&api, "tls", "a failed rung", |s| {
+        s["ladder"]["history"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    })
+    .await;
+    let failed = &s["ladder"]["history"][0];
+    assert_eq!(failed["outcome"], "Failed", "{s:#}");
+    let message = failed["message"].as_str().unwrap();
+    assert!(
+        message.contains("change 1 of 2")
+            && message.contains(r"TLS 1.2\Server\Enabled")
+            && message.contains("Requested registry access is not allowed."),
+        "{message}"
+    );
+    api.wait_for("the failure event", WAIT, |inner| {
+        (events(inner, "tls", "RemediationFailed") >= 1).then_some(())
+    })
+    .await;
+    assert!(
+        sim.vm("vm-tls")
+            .unwrap()
+            .faults
+            .iter()
+            .any(|f| f.as_str() == "tls_disabled")
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_url_that_is_not_arms_is_never_polled() {
     // Restart takes long enough here that the operator stops while it runs.
     let sim = Simulator::start(scenario_timed(

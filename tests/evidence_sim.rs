@@ -45,6 +45,7 @@ fn how(previous: Option<&Evidence>) -> Gathering<'_> {
         },
         previous,
         first_poll: Duration::ZERO,
+        guest_query: true,
         leadership: &rdphealth::engine::remediate::SoleReplica,
     }
 }
@@ -533,6 +534,7 @@ async fn no_nsg_on_a_standard_public_ip_is_closed_and_reported() {
         previous: None,
         first_poll: Duration::ZERO,
         leadership: &rdphealth::engine::remediate::SoleReplica,
+        guest_query: true,
     };
     let (ev, _) = gather(&az, &vm, &inside, Timestamp::now()).await.unwrap();
     let nsg = ev.nsg.as_ref().unwrap();
@@ -542,5 +544,28 @@ async fn no_nsg_on_a_standard_public_ip_is_closed_and_reported() {
         sim.shared().lock().behaviour("vm-bare"),
         rdphealth::sim::Behaviour::Healthy { .. }
     ));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_guest_query_nothing_runs_inside_the_vm() {
+    let (sim, az) = start().await;
+    let name = "vm-tls-broken".to_owned();
+    let vm = VmRef::new(SUB, "rg-rdp", &name);
+    let off = Gathering {
+        guest_query: false,
+        ..how(None)
+    };
+    let (mut ev, _) = gather(&az, &vm, &off, Timestamp::now()).await.unwrap();
+    settle(&az, &vm, &mut ev).await;
+    assert_eq!(
+        sim.count("vm.runcommand"),
+        0,
+        "Observe runs nothing in the guest"
+    );
+    assert!(ev.guest.is_none());
+    assert!(ev.power_state.is_some(), "the ARM reads still ran");
+    evidence(&az, &name).await;
+    assert_eq!(sim.count("vm.runcommand"), 1, "on, the query runs");
     sim.shutdown().await;
 }

@@ -175,6 +175,7 @@ fn object_for(vm: &SimVm, interval: Duration) -> RdpHealth {
                 ..ProbeSpec::default()
             },
             remediation: Default::default(),
+            evidence: Default::default(),
             suspend: false,
         },
         status: None,

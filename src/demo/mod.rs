@@ -322,6 +322,7 @@ fn object_for(vm: &crate::sim::VmSummary, speed: f64, given: Option<&RdpHealth>)
                 cooldown: d(5000.0),
                 ..RemediationSpec::default()
             },
+            evidence: Default::default(),
             suspend: false,
         });
     // The simulated VMs' addresses are documentation ranges: probe the loopback responder.

@@ -48,6 +48,8 @@ pub struct Gathering<'a> {
     pub previous: Option<&'a Evidence>,
     /// When to poll a read started now for the first time.
     pub first_poll: Duration,
+    /// Whether the in-guest evidence query may run (`evidence.guestQuery`).
+    pub guest_query: bool,
     /// Asked right before the reads that are Azure writes (IP flow verify, Run Command).
     pub leadership: &'a dyn crate::engine::remediate::LeaderCheck,
 }
@@ -124,7 +126,8 @@ pub async fn gather(
             }
         }
         // Run Command is delivered by the VM agent.
-        if state.agent_ready
+        if how.guest_query
+            && state.agent_ready
             && !ev.is_pending(ReadKind::GuestQuery)
             && how.leadership.term().is_some()
         {

@@ -40,6 +40,8 @@ pub struct ValidSpec {
     pub ladder: LadderPolicy,
     /// Monitoring suspended.
     pub suspend: bool,
+    /// The in-guest evidence query may run (`evidence.guestQuery`, by default not in `Observe`).
+    pub guest_query: bool,
 }
 
 /// Probe cadence, thresholds and certificate policy, parsed.
@@ -185,6 +187,10 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
             mode: spec.remediation.mode,
             ladder: policy_from_spec(&spec.remediation).map_err(SpecError::Remediation)?,
             suspend: spec.suspend,
+            guest_query: spec
+                .evidence
+                .guest_query
+                .unwrap_or(spec.remediation.mode != RemediationMode::Observe),
         })
     }
 }
@@ -307,6 +313,7 @@ mod tests {
             },
             probe: ProbeSpec::default(),
             remediation: Default::default(),
+            evidence: Default::default(),
             suspend: false,
         }
     }
@@ -323,6 +330,23 @@ mod tests {
     #[case::negative("-1s", false, None)]
     fn durations(#[case] s: &str, #[case] days: bool, #[case] ms: Option<u64>) {
         assert_eq!(parse_duration(s, days).map(|d| d.as_millis() as u64), ms);
+    }
+
+    #[rstest]
+    #[case::observe_runs_nothing_in_the_guest(RemediationMode::Observe, None, false)]
+    #[case::observe_may_opt_in(RemediationMode::Observe, Some(true), true)]
+    #[case::dry_run_queries(RemediationMode::DryRun, None, true)]
+    #[case::auto_queries(RemediationMode::Auto, None, true)]
+    #[case::auto_may_opt_out(RemediationMode::Auto, Some(false), false)]
+    fn guest_query_defaults_by_mode(
+        #[case] mode: RemediationMode,
+        #[case] choice: Option<bool>,
+        #[case] expected: bool,
+    ) {
+        let mut s = spec();
+        s.remediation.mode = mode;
+        s.evidence.guest_query = choice;
+        assert_eq!(ValidSpec::try_from(&s).unwrap().guest_query, expected);
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub(crate) fn object(edit: impl FnOnce(&mut RdpHealth)) -> RdpHealth {
             },
             probe: ProbeSpec::default(),
             remediation: Default::default(),
+            evidence: Default::default(),
             suspend: false,
         },
         status: None,

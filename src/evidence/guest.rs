@@ -32,7 +32,8 @@ pub struct GuestEvidence {
     pub services: BTreeMap<String, String>,
     /// RDP registry values (`fDenyTSConnections`, `fEnableWinStation`, `PortNumber`, …).
     pub registry: BTreeMap<String, String>,
-    /// SCHANNEL server protocol switches: `TLS 1.2` → enabled.
+    /// SCHANNEL server protocol switches: `TLS 1.2` → enabled (`Enabled` not 0 and
+    /// `DisabledByDefault` not 1).
     pub tls: BTreeMap<String, bool>,
     /// The process owning the RDP port, if any.
     pub port_owner: Option<String>,
@@ -114,8 +115,11 @@ pub fn parse(output: &str) -> GuestEvidence {
                 }
             }
             "tls" => {
+                // `DisabledByDefault`=1 keeps the protocol off for a server that does not ask
+                // for it explicitly, as TermService does not: off as well.
                 if let (Some(name), Some(enabled)) = (get("name"), get("enabled")) {
-                    ev.tls.insert(name, enabled != "0");
+                    let by_default = get("disabledByDefault").is_some_and(|v| v == "1");
+                    ev.tls.insert(name, enabled != "0" && !by_default);
                 }
             }
             "port" => ev.port_owner = get("owner").filter(|o| !o.is_empty()),
@@ -130,7 +134,7 @@ pub fn parse(output: &str) -> GuestEvidence {
 }
 
 /// Splits `a=1 b="two words" c=3` into a map.
-fn parse_fields(s: &str) -> BTreeMap<String, String> {
+pub(crate) fn parse_fields(s: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let mut rest = s.trim();
     while let Some((key, after)) = rest.split_once('=') {
@@ -288,6 +292,18 @@ RDPHEALTH done
             "{HEALTHY}RDPHEALTH tls name=\"TLS 1.2\" enabled=0\n"
         ));
         assert_eq!(ev.scenarios(3389), vec![GuestScenario::TlsDisabled]);
+        let ev = parse(&format!(
+            "{HEALTHY}RDPHEALTH tls name=\"TLS 1.2\" enabled=1 disabledByDefault=1\n"
+        ));
+        assert_eq!(
+            ev.scenarios(3389),
+            vec![GuestScenario::TlsDisabled],
+            "DisabledByDefault=1 turns TLS 1.2 off for RDP"
+        );
+        let ev = parse(&format!(
+            "{HEALTHY}RDPHEALTH tls name=\"TLS 1.2\" enabled=1 disabledByDefault=0\n"
+        ));
+        assert!(ev.scenarios(3389).is_empty());
     }
 
     #[test]
@@ -298,6 +314,27 @@ RDPHEALTH done
         assert!(!ev.complete);
         assert!(ev.events.is_empty());
         assert!(ev.scenarios(3389).is_empty());
+    }
+
+    #[test]
+    fn recorded_failures_and_truncation_are_incomplete_or_partial() {
+        // The script stopped on an unexpected error: facts so far, an error line, no `done`.
+        let failed = "RDPHEALTH event provider=Schannel id=36871 count=3\r\n\
+RDPHEALTH service name=TermService status=Running\r\n\
+RDPHEALTH error detail=\"Access is denied\"\r\n";
+        let ev = parse(failed);
+        assert!(!ev.complete);
+        assert_eq!(ev.events.len(), 1);
+        // Run Command kept the last 4 KiB: the head is gone, mid-line; the tail is complete.
+        let long = format!(
+            "{}{HEALTHY}",
+            "RDPHEALTH event provider=Schannel id=36870 count=1\r\n".repeat(100)
+        );
+        let cut = &long[long.len() - 4096..];
+        let ev = parse(cut);
+        assert!(ev.complete);
+        assert_eq!(ev.port_owner.as_deref(), Some("TermService"));
+        assert!(ev.events.iter().all(|e| e.id == 36870));
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl fmt::Display for Rung {
     }
 }
 
-/// A targeted in-guest repair (`RepairGuest`), one reviewed script each.
+/// A targeted in-guest repair (`RepairGuest`): a list of typed changes (`crate::guest::changes`).
 #[derive(
     JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord,
 )]
@@ -132,19 +132,6 @@ impl GuestRepair {
             Self::EnableTls12 => "EnableTls12",
             Self::RenewRdpCertificate => "RenewRdpCertificate",
             Self::ListenerKeepAlive => "ListenerKeepAlive",
-        }
-    }
-
-    /// The reviewed PowerShell script.
-    pub fn script(self) -> &'static str {
-        match self {
-            Self::EnableTls12 => include_str!("../../guest-scripts/repair-enable-tls12.ps1"),
-            Self::RenewRdpCertificate => {
-                include_str!("../../guest-scripts/repair-rdp-certificate.ps1")
-            }
-            Self::ListenerKeepAlive => {
-                include_str!("../../guest-scripts/repair-listener-keepalive.ps1")
-            }
         }
     }
 }
@@ -193,39 +180,6 @@ impl fmt::Display for Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scripts_carry_their_marker() {
-        for (repair, name) in [
-            (GuestRepair::EnableTls12, "repair-enable-tls12"),
-            (GuestRepair::RenewRdpCertificate, "repair-rdp-certificate"),
-            (GuestRepair::ListenerKeepAlive, "repair-listener-keepalive"),
-        ] {
-            assert!(
-                repair
-                    .script()
-                    .starts_with(&format!("# rdphealth-script: {name} v1"))
-            );
-        }
-    }
-
-    #[test]
-    fn insecure_settings_are_gated_in_the_script() {
-        let script = GuestRepair::ListenerKeepAlive.script();
-        let gate = script
-            .find("if ($AllowInsecureListenerSettings -eq 'true')")
-            .unwrap();
-        let weaken = script.find("'SecurityLayer' 0").unwrap();
-        assert!(
-            gate < weaken,
-            "SecurityLayer=0 must only be set inside the consent gate"
-        );
-        assert!(
-            !GuestRepair::EnableTls12
-                .script()
-                .contains("TLS 1.0\\Server")
-        );
-    }
 
     #[test]
     fn disruptive_rungs() {

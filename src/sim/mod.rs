@@ -7,6 +7,7 @@
 pub mod arm;
 pub mod fault;
 pub mod guest;
+pub mod registry;
 pub mod responder;
 pub mod scenario;
 pub mod world;

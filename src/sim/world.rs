@@ -83,6 +83,8 @@ pub struct Vm {
     pub admin_user: String,
     /// Current faults.
     pub faults: BTreeSet<Fault>,
+    /// The guest's registry (the keys the RDP guides read and change).
+    pub registry: crate::sim::registry::Registry,
     /// The VMAccessAgent extension, once one exists.
     pub extension: Option<Extension>,
     /// A compute operation (restart, redeploy, start, extension) is running.
@@ -598,6 +600,7 @@ impl World {
             boot_diagnostics: spec.boot_diagnostics,
             admin_user: spec.admin_user.clone(),
             faults: BTreeSet::new(),
+            registry: crate::sim::registry::Registry::windows_default(3389),
             extension,
             busy: false,
             power_op: None,
@@ -618,6 +621,7 @@ impl World {
         for f in &spec.faults {
             vm.faults.insert(*f);
         }
+        crate::sim::guest::show_faults(&mut vm);
         let blocking = vm.faults.contains(&Fault::NsgBlocking);
         self.vms.insert(name.clone(), vm);
         if blocking {
@@ -770,7 +774,7 @@ impl World {
         if blocked || f(Fault::GuestHung) {
             return Behaviour::Silent;
         }
-        if f(Fault::RdpDisabled) {
+        if f(Fault::RdpDisabled) || vm.registry.listener(3389).is_err() {
             return Behaviour::Refuse;
         }
         if f(Fault::TlsDisabled) {

@@ -341,29 +341,15 @@ impl Remediator {
     }
 }
 
-/// The script lines of a repair, with the consent switch applied.
+/// The script lines of a repair: the applier with the repair's declared changes (the
+/// security-weakening listener settings only with consent).
 pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
-    let text = repair.script();
-    let text = if repair == GuestRepair::ListenerKeepAlive && allow_insecure {
-        text.replace(
-            "param([string]$AllowInsecureListenerSettings = 'false')",
-            "param([string]$AllowInsecureListenerSettings = 'true')",
-        )
-    } else {
-        text.to_string()
-    };
-    text.lines().map(str::to_string).collect()
+    crate::guest::changes::script(repair, allow_insecure)
 }
 
-pub(super) fn script_result(stdout: &str) -> String {
-    stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("RDPHEALTH result"))
-        .unwrap_or("script finished")
-        .chars()
-        .take(300)
-        .collect()
+/// The applier's report as the rung's message; `Err` when the rung failed.
+pub(super) fn script_result(stdout: &str) -> Result<String, String> {
+    crate::guest::report::parse(stdout).verdict()
 }
 
 #[cfg(test)]
@@ -371,10 +357,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn consent_switch_is_applied_only_with_consent() {
+    fn consent_adds_the_weakening_settings_only_with_consent() {
         let safe = repair_script(GuestRepair::ListenerKeepAlive, false).join("\n");
-        assert!(safe.contains("AllowInsecureListenerSettings = 'false'"));
+        assert!(!safe.contains("'SecurityLayer'"));
         let consented = repair_script(GuestRepair::ListenerKeepAlive, true).join("\n");
-        assert!(consented.contains("AllowInsecureListenerSettings = 'true'"));
+        assert!(consented.contains("Name = 'SecurityLayer'; Type = 'DWord'; Value = 0"));
     }
 }

@@ -88,6 +88,7 @@ impl Remediator {
                     vantage: self.vantage(subject),
                     previous: status.diagnosis.as_ref(),
                     first_poll: self.first_poll,
+                    guest_query: subject.spec.guest_query,
                     leadership: self.leadership.as_ref(),
                 };
                 let (ev, read_events) = gather(self.azure.as_ref(), vm, &how, now)

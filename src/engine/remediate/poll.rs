@@ -42,7 +42,14 @@ impl Remediator {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 let message = match result {
                     crate::azure::OperationResult::RunCommand(out) => {
-                        Some(script_result(&out.stdout))
+                        match script_result(&out.stdout) {
+                            Ok(message) => Some(message),
+                            // A change failed or the applier did not finish: the rung failed,
+                            // naming the change; nothing after it ran.
+                            Err(message) => {
+                                return self.failed(subject, vm, status, events, message, now);
+                            }
+                        }
                     }
                     _ => None,
                 };
