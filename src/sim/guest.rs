@@ -379,9 +379,10 @@ mod tests {
         );
     }
 
+    /// One VM probed from inside its network (no NSG on the private path means allowed).
     fn world(faults: &str) -> crate::sim::world::World {
         let yaml = format!(
-            "subscriptions: [{{id: s, resourceGroups: [{{name: rg, location: l, virtualNetworks: [{{name: v, addressPrefix: 10.0.0.0/16, subnets: [{{name: s, addressPrefix: 10.0.0.0/24}}]}}], vms: [{{name: vm, nic: {{subnet: v/s}}, faults: [{faults}]}}]}}]}}]"
+            "probeSource: 10.0.0.200\nsubscriptions: [{{id: s, resourceGroups: [{{name: rg, location: l, virtualNetworks: [{{name: v, addressPrefix: 10.0.0.0/16, subnets: [{{name: s, addressPrefix: 10.0.0.0/24}}]}}], vms: [{{name: vm, nic: {{subnet: v/s}}, faults: [{faults}]}}]}}]}}]"
         );
         crate::sim::world::World::new(&crate::sim::Scenario::from_yaml(&yaml).unwrap()).unwrap()
     }
