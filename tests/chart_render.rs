@@ -210,7 +210,7 @@ fn leader_election_renders_a_lease_role_and_rolling_updates() {
     assert!(rules.iter().all(|r| r["resources"] == json!(["leases"])));
     let named = rules
         .iter()
-        .find(|r| r["verbs"] == json!(["get", "patch"]))
+        .find(|r| r["verbs"] == json!(["get", "update"]))
         .unwrap();
     assert_eq!(named["resourceNames"], json!(["rdphealth-leader"]));
 }
@@ -267,10 +267,7 @@ fn a_watch_namespace_narrows_rbac_to_a_role_there() {
         .iter()
         .find(|r| r["resources"] == json!(["secrets"]))
         .expect("password reset grants Secrets");
-    assert_eq!(
-        secrets["verbs"],
-        json!(["get", "create", "update", "patch"])
-    );
+    assert_eq!(secrets["verbs"], json!(["get", "create", "patch"]));
     let binding = one(&objects, "RoleBinding");
     assert_eq!(binding["metadata"]["namespace"], "windows-fleet");
     assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);

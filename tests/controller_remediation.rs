@@ -1651,8 +1651,12 @@ async fn the_fleet_wide_breaker_holds_every_rung_across_subscriptions() {
     resourceGroups:
       - name: rg
         location: westeurope
+        networkSecurityGroups:
+          - name: nsg
+            rules:
+              - {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "3389" }}
         virtualNetworks:
-          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24 }} ] }}
+          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg }} ] }}
         vms:
 {vms}"#
         )
