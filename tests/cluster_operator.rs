@@ -688,3 +688,121 @@ async fn api_server_restart_mid_rung_loses_and_repeats_nothing() {
     drop(op);
     sim.shutdown().await;
 }
+
+/// Two operator processes share a real Lease. The leader is stopped (SIGSTOP) in the middle of
+/// a reconcile that is gathering the evidence for a rung (an Azure read held back), stays
+/// stopped past its renew deadline while the other replica takes the Lease and restarts the VM,
+/// then resumes (SIGCONT) with its reconcile's stale picture. It must not act on it: exactly one
+/// restart in the simulator's counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_past_its_renew_deadline_makes_no_azure_write() {
+    let cp = control_plane();
+    let admin = cp.client().await;
+    namespace(&admin, "fleet-stopped").await;
+    let sim = Simulator::start(scenario(
+        "operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms",
+        "{ name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
+    ))
+    .await
+    .unwrap();
+    let rdp = sim.vm("vm-hung").unwrap().rdp;
+    let api = rdph_api(&admin, "fleet-stopped");
+    let args = [
+        "--namespace",
+        "fleet-stopped",
+        "--leader-election",
+        "--lease-namespace",
+        "fleet-stopped",
+        "--lease-name",
+        "rdphealth-stop-test",
+        "--lease-duration-seconds",
+        "3",
+    ];
+    let mut a = Operator::start(cp, &cp.kubeconfig, &sim, "op-a", &args, &[]);
+    a.wait_ready().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), "fleet-stopped");
+    let holder = || async {
+        leases
+            .get_opt("rdphealth-stop-test")
+            .await
+            .unwrap()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while holder().await.as_deref() != Some("op-a") {
+        assert!(tokio::time::Instant::now() < deadline, "op-a never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut b = Operator::start(cp, &cp.kubeconfig, &sim, "op-b", &args, &[]);
+    b.wait_ready().await;
+
+    // The leader's Resource Health read during evidence gathering is answered late.
+    sim.drop_next_response("health.get", Duration::from_secs(2));
+    api.create(
+        &PostParams::default(),
+        &rdphealth(
+            "hung",
+            "vm-hung",
+            rdp,
+            json!({
+                "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sim.count("dropped_response") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never gathered evidence:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.process.signal("STOP");
+    assert_eq!(
+        sim.count("vm.restart"),
+        0,
+        "the leader acted before it stopped"
+    );
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while holder().await.as_deref() != Some("op-b") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "op-b never took the lease:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = wait_status(&api, "hung", "recovered by op-b's restart", |s| {
+        s["ladder"]["recoveredBy"]["rung"] == "Restart"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["history"][0]["step"]["rung"], "Restart",
+        "{s:#}"
+    );
+    assert_eq!(sim.count("vm.restart"), 1);
+
+    // The stopped leader resumes with a reconcile that was about to decide on stale evidence.
+    a.process.signal("CONT");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        sim.count("vm.restart"),
+        1,
+        "the resumed replica restarted the VM again:\n{}",
+        a.log_text()
+    );
+    assert_eq!(holder().await.as_deref(), Some("op-b"));
+    assert!(
+        a.process.exited().is_none(),
+        "op-a keeps running as a standby"
+    );
+    drop(a);
+    drop(b);
+    sim.shutdown().await;
+}
