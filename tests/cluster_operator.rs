@@ -519,6 +519,49 @@ fn helm_install_with_service_monitor_and_prometheus_rule() {
     );
 }
 
+/// Two operator processes (`op-a`, then `op-b`) electing a leader over Lease `lease` in `ns`
+/// with a 3 s lease; returns once `op-a` holds it and both are ready.
+async fn two_replicas(
+    cp: &ControlPlane,
+    admin: &Client,
+    sim: &Simulator,
+    ns: &str,
+    lease: &str,
+) -> (Operator, Operator, Api<Lease>) {
+    let args = [
+        "--namespace",
+        ns,
+        "--leader-election",
+        "--lease-namespace",
+        ns,
+        "--lease-name",
+        lease,
+        "--lease-duration-seconds",
+        "3",
+    ];
+    let mut a = Operator::start(cp, &cp.kubeconfig, sim, "op-a", &args, &[]);
+    a.wait_ready().await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while lease_holder(&leases, lease).await.as_deref() != Some("op-a") {
+        assert!(tokio::time::Instant::now() < deadline, "op-a never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut b = Operator::start(cp, &cp.kubeconfig, sim, "op-b", &args, &[]);
+    b.wait_ready().await;
+    (a, b, leases)
+}
+
+/// The Lease's holder.
+async fn lease_holder(leases: &Api<Lease>, name: &str) -> Option<String> {
+    leases
+        .get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
 /// Two operator processes share a real Lease. The leader is killed with SIGKILL while its
 /// Redeploy runs in Azure (intent stored, operation not finished); the other takes the Lease,
 /// polls that operation to its end, and the simulator saw exactly one redeploy.
@@ -535,35 +578,9 @@ async fn killed_leader_mid_rung_the_other_resumes_without_a_second_redeploy() {
     .unwrap();
     let rdp = sim.vm("vm-host").unwrap().rdp;
     let api = rdph_api(&admin, "fleet-lease");
-    let args = [
-        "--namespace",
-        "fleet-lease",
-        "--leader-election",
-        "--lease-namespace",
-        "fleet-lease",
-        "--lease-name",
-        "rdphealth-lease-test",
-        "--lease-duration-seconds",
-        "3",
-    ];
-    let mut a = Operator::start(cp, &cp.kubeconfig, &sim, "op-a", &args, &[]);
-    a.wait_ready().await;
-    let leases: Api<Lease> = Api::namespaced(admin.clone(), "fleet-lease");
-    let holder = || async {
-        leases
-            .get_opt("rdphealth-lease-test")
-            .await
-            .unwrap()
-            .and_then(|l| l.spec)
-            .and_then(|s| s.holder_identity)
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while holder().await.as_deref() != Some("op-a") {
-        assert!(tokio::time::Instant::now() < deadline, "op-a never led");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut b = Operator::start(cp, &cp.kubeconfig, &sim, "op-b", &args, &[]);
-    b.wait_ready().await;
+    let (mut a, b, leases) =
+        two_replicas(cp, &admin, &sim, "fleet-lease", "rdphealth-lease-test").await;
+    let holder = || lease_holder(&leases, "rdphealth-lease-test");
 
     api.create(
         &PostParams::default(),
@@ -707,35 +724,9 @@ async fn a_leader_stopped_past_its_renew_deadline_makes_no_azure_write() {
     .unwrap();
     let rdp = sim.vm("vm-hung").unwrap().rdp;
     let api = rdph_api(&admin, "fleet-stopped");
-    let args = [
-        "--namespace",
-        "fleet-stopped",
-        "--leader-election",
-        "--lease-namespace",
-        "fleet-stopped",
-        "--lease-name",
-        "rdphealth-stop-test",
-        "--lease-duration-seconds",
-        "3",
-    ];
-    let mut a = Operator::start(cp, &cp.kubeconfig, &sim, "op-a", &args, &[]);
-    a.wait_ready().await;
-    let leases: Api<Lease> = Api::namespaced(admin.clone(), "fleet-stopped");
-    let holder = || async {
-        leases
-            .get_opt("rdphealth-stop-test")
-            .await
-            .unwrap()
-            .and_then(|l| l.spec)
-            .and_then(|s| s.holder_identity)
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while holder().await.as_deref() != Some("op-a") {
-        assert!(tokio::time::Instant::now() < deadline, "op-a never led");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut b = Operator::start(cp, &cp.kubeconfig, &sim, "op-b", &args, &[]);
-    b.wait_ready().await;
+    let (mut a, b, leases) =
+        two_replicas(cp, &admin, &sim, "fleet-stopped", "rdphealth-stop-test").await;
+    let holder = || lease_holder(&leases, "rdphealth-stop-test");
 
     // The leader's Resource Health read during evidence gathering is answered late.
     sim.drop_next_response("health.get", Duration::from_secs(2));
