@@ -3,6 +3,7 @@
 
 mod compute;
 mod network;
+mod token;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -348,11 +349,11 @@ async fn arm(
     let op = route.op_name(&method);
     s.lock().count(&op);
     match &route {
-        Route::Token => return token(&s, &body),
+        Route::Token => return token::token(&s, &body),
         Route::Blob { vm, file } => return blob(&s, vm, file, &query),
         _ => {}
     }
-    let Some(bearer) = bearer(&headers) else {
+    let Some(bearer) = token::bearer(&headers) else {
         s.lock().count("unauthorized");
         return error(
             StatusCode::UNAUTHORIZED,
@@ -360,7 +361,7 @@ async fn arm(
             "Authentication failed. The 'Authorization' header is missing or not a bearer token.",
         );
     };
-    if let Some(expired) = expired(&s, &bearer) {
+    if let Some(expired) = token::expired(&s, &bearer) {
         return expired;
     }
     if !query.contains_key("api-version") {
@@ -511,104 +512,6 @@ fn scripted(f: &HttpFault) -> Response {
         set_header(&mut rsp, "retry-after", &secs.to_string());
     }
     rsp
-}
-
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// ARM's answer to a token the emulator issued whose `exp` has passed (401
-/// `ExpiredAuthenticationToken`). Tokens it did not issue (fixed test tokens) are accepted.
-fn expired(s: &Shared, token: &str) -> Option<Response> {
-    let mut w = s.lock();
-    let exp = *w.tokens.expiry.get(token)?;
-    let now = unix_now();
-    // `exp` has a resolution of one second, like `expires_in`: the token is good through it.
-    if now <= exp {
-        return None;
-    }
-    w.tokens.expired_rejections += 1;
-    w.count("unauthorized");
-    let mut rsp = error(
-        StatusCode::UNAUTHORIZED,
-        "ExpiredAuthenticationToken",
-        &format!(
-            "The access token expiry UTC time '{exp}' is earlier than current UTC time '{now}'."
-        ),
-    );
-    set_header(
-        &mut rsp,
-        "www-authenticate",
-        "Bearer authorization_uri=\"https://login.windows.net/\", error=\"invalid_token\", error_description=\"The access token has expired.\"",
-    );
-    Some(rsp)
-}
-
-/// Base64url without padding, as JWT segments use.
-fn b64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
-}
-
-/// A JWT-shaped access token (header, claims with `exp`, signature) like Entra ID's.
-fn access_token(n: u64, lifetime: u64) -> (String, u64) {
-    let iat = unix_now();
-    let exp = iat + lifetime;
-    let header = b64url(br#"{"typ":"JWT","alg":"RS256","kid":"sim"}"#);
-    let claims = b64url(
-        json!({"aud": "https://management.azure.com/", "iss": "https://sts.windows.net/sim/", "iat": iat, "nbf": iat, "exp": exp, "jti": format!("sim-token-{n}")})
-            .to_string()
-            .as_bytes(),
-    );
-    let signature = b64url(&fingerprint_u64(&format!("{header}.{claims}")).to_be_bytes());
-    (format!("{header}.{claims}.{signature}"), exp)
-}
-
-fn token(s: &Shared, body: &[u8]) -> Response {
-    let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
-    let credential = form
-        .get("client_assertion")
-        .or_else(|| form.get("client_secret"));
-    let (Some(credential), Some(_client)) = (credential, form.get("client_id")) else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "invalid_request", "error_description": "client_id and a client assertion or secret are required"}),
-        );
-    };
-    let mut w = s.lock();
-    w.tokens.count += 1;
-    let fp = format!("{:016x}", fingerprint_u64(credential));
-    w.tokens.credential_fingerprints.push(fp);
-    let lifetime = w.timing.token_lifetime.as_secs();
-    let n = w.tokens.count;
-    let (token, exp) = access_token(n, lifetime);
-    w.tokens.expiry.insert(token.clone(), exp);
-    json_response(
-        StatusCode::OK,
-        &json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}),
-    )
 }
 
 fn blob(s: &Shared, vm: &str, file: &str, query: &HashMap<String, String>) -> Response {
