@@ -35,6 +35,10 @@ pub enum BenchCommand {
         /// Stop after this long.
         #[arg(long = "for", default_value = "10m", value_parser = parse_positive_duration)]
         run_for: Duration,
+        /// Answer as Azure's Windows images: CredSSP required, with the first CredSSP round
+        /// (the identity step's NTLM CHALLENGE).
+        #[arg(long)]
+        hybrid: bool,
     },
     /// Probe targets round-robin at a fixed rate and print the CPU spent per probe.
     Probe {
@@ -82,8 +86,12 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             print!("{}", bench::scenario::healthy_yaml(*vms));
             Ok(())
         }
-        BenchCommand::Responders { count, run_for } => {
-            for addr in bench::responder::start(*count).await? {
+        BenchCommand::Responders {
+            count,
+            run_for,
+            hybrid,
+        } => {
+            for addr in bench::responder::start(*count, *hybrid).await? {
                 println!("responder {addr}");
             }
             tokio::select! {

@@ -271,12 +271,12 @@ fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, RdpHealth>, DemoEr
             path: path.clone(),
             why: e.to_string(),
         })?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let obj: RdpHealth =
-                serde::Deserialize::deserialize(doc).map_err(|e| DemoError::Objects {
-                    path: path.clone(),
-                    why: e.to_string(),
-                })?;
+        let docs: Vec<RdpHealth> =
+            serde_saphyr::from_multiple(&text).map_err(|e| DemoError::Objects {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
+        for obj in docs {
             let vm = obj
                 .spec
                 .vm

@@ -299,12 +299,12 @@ async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
 }
 
 /// RDP_NEG_FAILURE code: the server requires CredSSP.
-const HYBRID_REQUIRED_BY_SERVER: u32 = 5;
+pub(crate) const HYBRID_REQUIRED_BY_SERVER: u32 = 5;
 
 /// Reads the client's first TSRequest; when it carries an NTLM NEGOTIATE, answers with a
 /// TSRequest carrying a CHALLENGE that names `computer_name` and gives the current time.
 /// Anything else (or nothing within 10 s) is left unanswered, as the real server would.
-async fn answer_credssp<S>(tls: &mut S, computer_name: &str)
+pub(crate) async fn answer_credssp<S>(tls: &mut S, computer_name: &str)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {

@@ -310,7 +310,7 @@ impl Scenario {
     /// Parses YAML text.
     pub fn from_yaml(text: &str) -> Result<Self, SimError> {
         let scenario: Self =
-            serde_yaml::from_str(text).map_err(|e| SimError::Scenario(e.to_string()))?;
+            serde_saphyr::from_str(text).map_err(|e| SimError::Scenario(e.to_string()))?;
         scenario.validate()?;
         Ok(scenario)
     }
