@@ -186,6 +186,7 @@ impl Operator {
             prober: Arc::new(RdpProber::new().unwrap()),
             resolver: Arc::new(HostOverride),
             azure: None,
+            identities: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(

@@ -256,6 +256,7 @@ fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, A
             ResolverPolicy::default(),
         )),
         azure: Some(azure),
+        identities: None,
     };
     (seams, witness)
 }

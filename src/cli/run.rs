@@ -9,7 +9,7 @@ use kube::Client;
 use tokio::net::TcpListener;
 
 use crate::{
-    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, credential},
+    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, Federation, credential},
     controller::{self, LeaseSettings, RunError, Seams, Settings},
     engine::{AzureResolver, EndpointResolver, HostOverride, ResolverPolicy},
     evidence::exposure::{self, ExposureLimit},
@@ -235,10 +235,19 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         v4_prefix: args.max_public_source_v4_prefix,
         v6_prefix: args.max_public_source_v6_prefix,
     });
+    // The identities the tenancy policy names for namespaces, from the same federated token.
+    let identities = match &azure {
+        Some(_) => Some(Arc::new(
+            Federation::from_env(ArmConfig::new(args.azure_endpoint.clone()))
+                .map_err(RunCommandError::Azure)?,
+        )),
+        None => None,
+    };
     let seams = Seams {
         prober: Arc::new(RdpProber::new().map_err(RunCommandError::Prober)?),
         resolver,
         azure,
+        identities,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     let mut settings = args.settings();

@@ -1,0 +1,157 @@
+//! The tenancy policy in the controller: which namespaces may name which VMs (by name, or by
+//! their labels, followed through a Namespace reflector), and the Azure side each object is
+//! handled with — the operator's own identity, or the workload identity the policy names for
+//! its namespace (one client per identity, made on first use and kept).
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    core::PartialObjectMeta,
+    runtime::reflector::{ObjectRef, Store},
+};
+
+use super::*;
+use crate::{
+    azure::{AzureIdentity, Federation},
+    engine::{AzureResolver, ResolverPolicy},
+    tenancy::{NoGrant, TenancyPolicy},
+};
+
+/// The namespaces as the reflector last saw them (metadata only).
+pub(super) type Namespaces = Store<PartialObjectMeta<Namespace>>;
+
+/// What the policy says about one object.
+pub(super) enum Tenancy {
+    /// Act, as `Some` identity or the operator's own.
+    Act(Option<AzureIdentity>),
+    /// Refuse: `Valid=False` with this message, no Azure call.
+    Refuse(String),
+    /// The namespace's labels are not known yet: neither act nor refuse.
+    Wait,
+}
+
+/// The Azure side of objects handled as one identity.
+pub(super) struct Acting {
+    pub(super) resolver: Arc<dyn EndpointResolver>,
+    pub(super) remediator: Option<Remediator>,
+}
+
+/// What the controller keeps for tenancy.
+#[derive(Default)]
+pub(super) struct TenancyState {
+    /// The policy; `None`: every namespace, every scope, the operator's identity.
+    pub(super) policy: Option<Arc<TenancyPolicy>>,
+    /// Namespaces' labels, followed only when the policy selects by label.
+    pub(super) namespaces: Option<Namespaces>,
+    /// Exchanges the operator's federated token for the identities the policy names.
+    pub(super) federation: Option<Arc<Federation>>,
+    /// One Azure side per identity, made on first use.
+    pub(super) acting: Mutex<HashMap<AzureIdentity, Arc<Acting>>>,
+}
+
+impl Context {
+    /// What the policy says about `obj` in `key.namespace`. A resource ID that does not parse
+    /// is left to the spec validation.
+    pub(super) fn tenancy_of(&self, obj: &RdpHealth, key: &ObjectKey) -> Tenancy {
+        let Some(policy) = &self.tenancy.policy else {
+            return Tenancy::Act(None);
+        };
+        let labels = self.tenancy.namespaces.as_ref().and_then(|store| {
+            store
+                .get(&ObjectRef::new(&key.namespace))
+                .map(|ns| ns.metadata.labels.clone().unwrap_or_default())
+        });
+        let grant = match policy.grant(&key.namespace, labels.as_ref()) {
+            Ok(grant) => grant,
+            Err(NoGrant::Refused(why)) => return Tenancy::Refuse(why),
+            Err(NoGrant::LabelsUnknown) => return Tenancy::Wait,
+        };
+        if let Ok(vm) = engine::spec::parse_resource_id(&obj.spec.vm.resource_id)
+            && let Err(why) = grant.admit(&vm)
+        {
+            return Tenancy::Refuse(why);
+        }
+        Tenancy::Act(grant.identity)
+    }
+
+    /// The Azure side for `identity`, or why it cannot be used (shown in `Valid`): the
+    /// operator's own identity is never used in its place.
+    pub(super) fn acting_as(&self, identity: &AzureIdentity) -> Result<Arc<Acting>, String> {
+        let mut acting = self
+            .tenancy
+            .acting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = acting.get(identity) {
+            return Ok(Arc::clone(found));
+        }
+        let client = match &self.tenancy.federation {
+            Some(federation) => federation.client(identity).map_err(|e| e.to_string())?,
+            None => {
+                return Err(format!(
+                    "the tenancy policy names Azure identity {} for this namespace, but the operator runs without Azure workload identity: nothing is asked of Azure for it",
+                    identity.client_id
+                ));
+            }
+        };
+        let client: Arc<dyn Azure> = Arc::new(client);
+        let counted = match &self.seams.azure {
+            Some(own) => own.sharing(client),
+            None => CountedAzure::new(client).map_err(|e| e.to_string())?,
+        };
+        let azure: Arc<dyn Azure> = Arc::new(counted);
+        let side = Arc::new(Acting {
+            resolver: Arc::new(AzureResolver::new(
+                Arc::clone(&azure),
+                ResolverPolicy::default(),
+            )),
+            remediator: self.remediator.as_ref().map(|r| Remediator {
+                azure,
+                ..r.clone()
+            }),
+        });
+        acting.insert(identity.clone(), Arc::clone(&side));
+        Ok(side)
+    }
+}
+
+/// The objects of a namespace whose labels may have changed: each is reconciled again, so
+/// one whose namespace lost its grant is refused before it acts again.
+pub(super) fn objects_in(
+    store: &Store<DeserializeGuard<RdpHealth>>,
+    namespace: &PartialObjectMeta<Namespace>,
+) -> Vec<ObjectRef<DeserializeGuard<RdpHealth>>> {
+    let Some(name) = namespace.metadata.name.as_deref() else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter_map(|guard| {
+            let meta = meta_of(guard);
+            (meta.namespace.as_deref() == Some(name)).then(|| {
+                ObjectRef::new(meta.name.as_deref().unwrap_or_default()).within(name)
+            })
+        })
+        .collect()
+}
+
+/// When `policy` selects namespaces by label: a reflector of Namespaces (metadata only) whose
+/// every change reconciles the objects in that namespace again, and the labels it holds.
+pub(super) fn follow_namespaces(
+    controller: Controller<DeserializeGuard<RdpHealth>>,
+    client: &Client,
+    objects: &Store<DeserializeGuard<RdpHealth>>,
+    policy: Option<&TenancyPolicy>,
+) -> (Controller<DeserializeGuard<RdpHealth>>, Option<Namespaces>) {
+    if !policy.is_some_and(TenancyPolicy::selects_by_label) {
+        return (controller, None);
+    }
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
+    let writer = Writer::default();
+    let labels = writer.as_reader();
+    // After the reflector, so that the labels are in the store when the objects reconcile.
+    let changes = reflector(writer, watcher(api, watcher::Config::default())).applied_objects();
+    let objects = objects.clone();
+    let controller = controller.watches_stream(changes, move |ns| objects_in(&objects, &ns));
+    (controller, Some(labels))
+}
