@@ -134,12 +134,20 @@ mod tests {
 
     #[test]
     fn a_tenant_is_needed_from_the_entry_or_the_environment() {
-        assert!(federation(None, Some("/t")).client(&identity(None)).is_err());
+        assert!(
+            federation(None, Some("/t"))
+                .client(&identity(None))
+                .is_err()
+        );
         assert!(
             federation(None, Some("/t"))
                 .client(&identity(Some("22222222-2222-2222-2222-222222222222")))
                 .is_ok()
         );
-        assert!(federation(Some("t"), Some("/t")).client(&identity(None)).is_ok());
+        assert!(
+            federation(Some("t"), Some("/t"))
+                .client(&identity(None))
+                .is_ok()
+        );
     }
 }

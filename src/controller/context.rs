@@ -1,7 +1,7 @@
 //! What every reconcile shares, and the fleet view computed from the object cache.
 
-use super::*;
 use super::tenancy::{Namespaces, TenancyState};
+use super::*;
 use crate::tenancy::TenancyPolicy;
 
 /// What every reconcile shares.

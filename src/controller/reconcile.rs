@@ -80,8 +80,7 @@ pub(super) async fn reconcile_object(
         },
         Schedule::Report => (Observation::NotProbed, None),
         Schedule::Probe(spec) => (
-            ctx.observe(resolver, &spec, obj.status.as_ref(), now)
-                .await,
+            ctx.observe(resolver, &spec, obj.status.as_ref(), now).await,
             None,
         ),
     };

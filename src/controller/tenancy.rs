@@ -104,10 +104,10 @@ impl Context {
                 Arc::clone(&azure),
                 ResolverPolicy::default(),
             )),
-            remediator: self.remediator.as_ref().map(|r| Remediator {
-                azure,
-                ..r.clone()
-            }),
+            remediator: self
+                .remediator
+                .as_ref()
+                .map(|r| Remediator { azure, ..r.clone() }),
         });
         acting.insert(identity.clone(), Arc::clone(&side));
         Ok(side)
@@ -128,9 +128,8 @@ pub(super) fn objects_in(
         .iter()
         .filter_map(|guard| {
             let meta = meta_of(guard);
-            (meta.namespace.as_deref() == Some(name)).then(|| {
-                ObjectRef::new(meta.name.as_deref().unwrap_or_default()).within(name)
-            })
+            (meta.namespace.as_deref() == Some(name))
+                .then(|| ObjectRef::new(meta.name.as_deref().unwrap_or_default()).within(name))
         })
         .collect()
 }

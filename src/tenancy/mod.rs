@@ -208,7 +208,10 @@ impl EntrySpec {
                 return Err(format!("{label}: azureTenantId needs azureClientId"));
             }
             (Some(client), tenant) => {
-                for (field, id) in [("azureClientId", Some(&client)), ("azureTenantId", tenant.as_ref())] {
+                for (field, id) in [
+                    ("azureClientId", Some(&client)),
+                    ("azureTenantId", tenant.as_ref()),
+                ] {
                     if let Some(id) = id.filter(|id| !is_guid(id)) {
                         return Err(format!("{label}: {field} {id:?} is not a GUID"));
                     }
@@ -297,9 +300,8 @@ impl TenancyPolicy {
         let Some((first_index, first)) = matching.first() else {
             return Err(nothing());
         };
-        if let Some((other_index, other)) = matching
-            .iter()
-            .find(|(_, e)| e.identity != first.identity)
+        if let Some((other_index, other)) =
+            matching.iter().find(|(_, e)| e.identity != first.identity)
         {
             return Err(NoGrant::Refused(format!(
                 "namespace {namespace:?} matches the namespaceSelectors of tenancy policy entries {} ({}) and {} ({}), which name different Azure identities; the policy is ambiguous for it, so it may name no VM",
