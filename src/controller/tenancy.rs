@@ -88,7 +88,7 @@ impl Context {
             Some(federation) => federation.client(identity).map_err(|e| e.to_string())?,
             None => {
                 return Err(format!(
-                    "the tenancy policy names Azure identity {} for this namespace, but the operator runs without Azure workload identity: nothing is asked of Azure for it",
+                    "the tenancy policy names Azure identity {} for this namespace, but the operator runs without Azure credentials: nothing is asked of Azure for it",
                     identity.client_id
                 ));
             }
