@@ -39,7 +39,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 pub use self::selector::{NamespaceSelector, Operator, Requirement, SelectorSpec};
-use crate::{azure::AzureIdentity, engine::VmId};
+use crate::{
+    azure::AzureIdentity,
+    engine::{VmId, spec::is_guid},
+};
 
 /// One policy entry as written in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -158,16 +161,6 @@ fn parse_scope(s: &str) -> Option<Scope> {
         }
         _ => None,
     }
-}
-
-/// A GUID as Entra ID spells client and tenant IDs (`8-4-4-4-12` hex digits).
-fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl EntrySpec {
