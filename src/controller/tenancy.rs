@@ -154,3 +154,134 @@ pub(super) fn follow_namespaces(
     let controller = controller.watches_stream(changes, move |ns| objects_in(&objects, &ns));
     (controller, Some(labels))
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::runtime::{reflector::store::Writer, watcher::Event};
+
+    use super::*;
+    use crate::{
+        azure::{ArmClient, ArmConfig, StaticToken},
+        engine::HostOverride,
+        probe::RdpProber,
+    };
+
+    const A: &str = "aaaaaaaa-0000-0000-0000-000000000001";
+    const B: &str = "bbbbbbbb-0000-0000-0000-000000000002";
+
+    /// A context whose API server is never called, whose own Azure identity is a fixed token,
+    /// and which exchanges a federated token for others when `federation` is set.
+    fn context(federation: bool) -> Context {
+        let (service, _handle) = tower_test::mock::pair::<
+            ::http::Request<kube::client::Body>,
+            ::http::Response<kube::client::Body>,
+        >();
+        let client = Client::new(service, "default");
+        let url = azure_core::Url::parse("http://127.0.0.1:9").unwrap();
+        let own: Arc<dyn Azure> = Arc::new(ArmClient::new(
+            ArmConfig::new(url.clone()),
+            Arc::new(StaticToken::new("own")),
+        ));
+        let seams = Seams {
+            prober: Arc::new(RdpProber::new().unwrap()),
+            resolver: Arc::new(HostOverride),
+            azure: Some(Arc::new(CountedAzure::new(own).unwrap())),
+            identities: federation.then(|| {
+                Arc::new(Federation::new(
+                    ArmConfig::new(url.clone()),
+                    url,
+                    Some("11111111-2222-3333-4444-555555555555".into()),
+                    Some("/var/run/secrets/azure/tokens/azure-identity-token".into()),
+                ))
+            }),
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        Context::new(client, seams, metrics, Leadership::always(), None)
+            .with_remediation(FleetPolicy::default(), None)
+    }
+
+    fn identity(client_id: &str) -> AzureIdentity {
+        AzureIdentity {
+            client_id: client_id.into(),
+            tenant_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn one_azure_side_per_identity_made_once_and_never_the_operators_own() {
+        let ctx = context(true);
+        let a = ctx.acting_as(&identity(A)).unwrap();
+        let again = ctx.acting_as(&identity(A)).unwrap();
+        let b = ctx.acting_as(&identity(B)).unwrap();
+        assert!(Arc::ptr_eq(&a, &again), "cached per identity");
+        assert!(!Arc::ptr_eq(&a, &b));
+        let own = &ctx.remediator.as_ref().unwrap().azure;
+        for side in [&a, &b] {
+            let remediator = side
+                .remediator
+                .as_ref()
+                .expect("remediation as that identity");
+            assert!(!Arc::ptr_eq(&remediator.azure, own));
+            // The fleet limits stay shared across identities.
+            assert!(Arc::ptr_eq(
+                &remediator.fleet,
+                &ctx.remediator.as_ref().unwrap().fleet
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_federation_an_identity_is_refused() {
+        let ctx = context(false);
+        let Err(why) = ctx.acting_as(&identity(A)) else {
+            panic!("acted without a federated token");
+        };
+        assert!(why.contains(A), "{why}");
+    }
+
+    fn object(namespace: &str) -> RdpHealth {
+        serde_json::from_value(json!({
+            "apiVersion": "rdphealth.io/v1alpha1", "kind": "RdpHealth",
+            "metadata": {"name": "x", "namespace": namespace},
+            "spec": {"vm": {"resourceId": "/subscriptions/00000000-0000-0000-0000-00000000000a/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"}},
+        }))
+        .unwrap()
+    }
+
+    fn namespace(name: &str, labels: &[(&str, &str)]) -> PartialObjectMeta<Namespace> {
+        let mut ns = PartialObjectMeta::<Namespace>::default();
+        ns.metadata.name = Some(name.into());
+        ns.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        );
+        ns
+    }
+
+    #[tokio::test]
+    async fn labels_decide_and_unknown_labels_wait() {
+        let policy = TenancyPolicy::from_yaml(&format!(
+            "namespaces:
+  - namespaceSelector: {{matchLabels: {{tenant: a}}}}
+    scopes: [/subscriptions/00000000-0000-0000-0000-00000000000a]
+    azureClientId: {A}
+"
+        ))
+        .unwrap();
+        let mut writer = Writer::default();
+        writer.apply_watcher_event(&Event::Apply(namespace("team-a", &[("tenant", "a")])));
+        writer.apply_watcher_event(&Event::Apply(namespace("team-z", &[("tenant", "z")])));
+        let ctx = context(true).with_tenancy(Some(policy), Some(writer.as_reader()));
+        let key = |ns: &str| ObjectKey {
+            namespace: ns.into(),
+            name: "x".into(),
+        };
+        let decide = |ns: &str| ctx.tenancy_of(&object(ns), &key(ns));
+        assert!(matches!(decide("team-a"), Tenancy::Act(Some(id)) if id.client_id == A));
+        assert!(matches!(decide("team-z"), Tenancy::Refuse(why) if why.contains("team-z")));
+        assert!(matches!(decide("team-new"), Tenancy::Wait));
+    }
+}
