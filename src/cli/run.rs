@@ -97,9 +97,11 @@ pub struct RunArgs {
     /// The same for IPv6 (32 allows a /32; only stricter values, up to 128).
     #[arg(long, env = "RDPHEALTH_MAX_PUBLIC_SOURCE_V6_PREFIX", default_value_t = 32, value_parser = clap::value_parser!(u8).range(32..=128))]
     pub max_public_source_v6_prefix: u8,
-    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace
-    /// may name; an object outside them is `Valid=False` and causes no Azure call. Unset:
-    /// every namespace may name every VM the operator's identity reaches.
+    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace,
+    /// by name or by label selector, may name, and optionally the workload identity
+    /// (`azureClientId`) every ARM request for it uses; an object outside its scopes is
+    /// `Valid=False` and causes no Azure call. Unset: every namespace may name every VM the
+    /// operator's identity reaches.
     #[arg(long, env = "RDPHEALTH_TENANCY_POLICY")]
     pub tenancy_policy: Option<std::path::PathBuf>,
     /// A healthy, unchanged object's status (and so `lastProbe`) is rewritten this often;
