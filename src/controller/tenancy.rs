@@ -3,6 +3,8 @@
 //! handled with — the operator's own identity, or the workload identity the policy names for
 //! its namespace (one client per identity, made on first use and kept).
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     core::PartialObjectMeta,
@@ -114,8 +116,27 @@ impl Context {
     }
 }
 
-/// The objects of a namespace whose labels may have changed: each is reconciled again, so
-/// one whose namespace lost its grant is refused before it acts again.
+/// The labels each namespace had when last seen, so that only a change of labels
+/// reconciles its objects again (a namespace seen for the first time — at start, or new —
+/// changes nothing: its objects are reconciled anyway, and wait until its labels are known).
+#[derive(Default)]
+pub(super) struct SeenLabels(Mutex<HashMap<String, BTreeMap<String, String>>>);
+
+impl SeenLabels {
+    /// Records `namespace`'s labels; whether they differ from those seen before.
+    pub(super) fn changed(&self, namespace: &PartialObjectMeta<Namespace>) -> bool {
+        let Some(name) = namespace.metadata.name.clone() else {
+            return false;
+        };
+        let labels = namespace.metadata.labels.clone().unwrap_or_default();
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.insert(name, labels.clone())
+            .is_some_and(|before| before != labels)
+    }
+}
+
+/// The objects of a namespace whose labels changed: each is reconciled again, so one whose
+/// namespace lost its grant is refused before it acts again.
 pub(super) fn objects_in(
     store: &Store<DeserializeGuard<RdpHealth>>,
     namespace: &PartialObjectMeta<Namespace>,
@@ -151,7 +172,14 @@ pub(super) fn follow_namespaces(
     // After the reflector, so that the labels are in the store when the objects reconcile.
     let changes = reflector(writer, watcher(api, watcher::Config::default())).applied_objects();
     let objects = objects.clone();
-    let controller = controller.watches_stream(changes, move |ns| objects_in(&objects, &ns));
+    let seen = SeenLabels::default();
+    let controller = controller.watches_stream(changes, move |ns| {
+        if seen.changed(&ns) {
+            objects_in(&objects, &ns)
+        } else {
+            Vec::new()
+        }
+    });
     (controller, Some(labels))
 }
 
@@ -259,6 +287,29 @@ mod tests {
                 .collect(),
         );
         ns
+    }
+
+    #[test]
+    fn only_a_change_of_labels_counts() {
+        let seen = SeenLabels::default();
+        assert!(
+            !seen.changed(&namespace("a", &[("tenant", "a")])),
+            "first sight"
+        );
+        assert!(
+            !seen.changed(&namespace("a", &[("tenant", "a")])),
+            "same labels"
+        );
+        assert!(!seen.changed(&namespace("b", &[])), "another namespace");
+        assert!(seen.changed(&namespace("a", &[])), "label removed");
+        assert!(
+            seen.changed(&namespace("a", &[("tenant", "b")])),
+            "label added"
+        );
+        assert!(
+            seen.changed(&namespace("a", &[("tenant", "a")])),
+            "value changed"
+        );
     }
 
     #[tokio::test]
