@@ -16,7 +16,7 @@ use std::{
 
 use azure_core::Url;
 use common::{
-    real_api::{Inner, RealApiServer},
+    real_api::{Inner, RealApiServer, condition},
     sim_net::SimNetwork,
 };
 use rdphealth::{
@@ -407,18 +407,7 @@ fn rdphealth(name: &str, vm: &str, remediation: Value) -> Value {
 }
 
 fn status(inner: &Inner, name: &str) -> Option<Value> {
-    inner
-        .get("rdphealths", NS, name)
-        .map(|o| o["status"].clone())
-        .filter(|s| !s.is_null())
-}
-
-fn condition(status: &Value, type_: &str) -> Option<Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
+    inner.status(NS, name)
 }
 
 fn events(inner: &Inner, name: &str, reason: &str) -> usize {

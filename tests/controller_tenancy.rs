@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use azure_core::Url;
 use common::{
-    real_api::{Inner, RealApiServer},
+    real_api::{RealApiServer, condition},
     sim_net::SimNetwork,
 };
 use rdphealth::{
@@ -171,21 +171,6 @@ fn rdphealth(namespace: &str, name: &str, sub: &str, vm: &str) -> Value {
     })
 }
 
-fn status(inner: &Inner, namespace: &str, name: &str) -> Option<Value> {
-    inner
-        .get("rdphealths", namespace, name)
-        .map(|o| o["status"].clone())
-        .filter(|s| !s.is_null())
-}
-
-fn condition(status: &Value, type_: &str) -> Option<Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
-}
-
 async fn wait_status(
     api: &RealApiServer,
     namespace: &str,
@@ -194,7 +179,7 @@ async fn wait_status(
     f: impl Fn(&Value) -> bool,
 ) -> Value {
     api.wait_for(what, WAIT, |inner| {
-        status(inner, namespace, name).filter(|s| f(s))
+        inner.status(namespace, name).filter(|s| f(s))
     })
     .await
 }
@@ -312,7 +297,7 @@ async fn namespaces_granted_by_label_act_only_as_their_own_identity() {
     assert_eq!(for_a_after, for_a, "{log:?}");
     assert_eq!(sim.count("extension.put"), 1);
     // team-b is untouched by team-a's change.
-    let b = api.read(|inner| status(inner, "team-b", "b")).unwrap();
+    let b = api.read(|inner| inner.status("team-b", "b")).unwrap();
     assert_eq!(condition(&b, "Valid").unwrap()["status"], "True", "{b:#}");
 
     // The label comes back: the grant, and the object's validity, with it.
