@@ -330,6 +330,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
             prober: Arc::new(Healthy),
             resolver: Arc::new(HostOverride),
             azure: None,
+            identities: None,
         },
         listener,
         async move {

@@ -355,6 +355,10 @@ fn rbac_grants_exactly_what_the_docs_list() {
     let leases = text.find("resources: [\"leases\"]").unwrap();
     let gate = text.find("{{- if .Values.leaderElection.enabled }}");
     assert!(gate.is_some_and(|g| g < leases));
+    // Namespaces only when the tenancy policy selects them by label.
+    let namespaces = text.find("resources: [\"namespaces\"]").unwrap();
+    let gate = text.find("{{- if and .Values.tenancy.enabled $bySelector }}");
+    assert!(gate.is_some_and(|g| g < namespaces));
 }
 
 #[test]

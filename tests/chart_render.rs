@@ -341,3 +341,62 @@ fn client_secret_fallback_reads_an_existing_secret() {
     let sa = one(&objects, "ServiceAccount");
     assert!(sa["metadata"].get("annotations").is_none());
 }
+
+/// The tenancy values become the policy file the operator reads (parsed here by the operator's
+/// own parser), and only a `namespaceSelector` entry brings read access to namespaces.
+#[test]
+fn tenancy_values_render_the_policy_and_namespace_access_only_for_selectors() {
+    let helm = helm();
+    let objects = render(&helm, &[Path::new("tenancy-values.yaml")]);
+    let policy = find(&objects, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "rdph-rdphealth-operator-tenancy")
+        .expect("the policy ConfigMap");
+    let policy = rdphealth::tenancy::TenancyPolicy::from_yaml(
+        policy["data"]["tenancy.yaml"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert!(policy.selects_by_label());
+    let team_a = policy.grant("team-a", None).unwrap();
+    assert_eq!(
+        team_a.identity.unwrap().client_id,
+        "11111111-2222-3333-4444-555555555555"
+    );
+    let labels = [("rdphealth.io/tenant".to_string(), "shared".to_string())].into();
+    assert!(policy.grant("any", Some(&labels)).is_ok());
+    let deployment = one(&objects, "Deployment");
+    assert_eq!(
+        env_value(deployment, "RDPHEALTH_TENANCY_POLICY").unwrap()["value"],
+        "/etc/rdphealth/tenancy/tenancy.yaml"
+    );
+    let namespaces = find(&objects, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "rdph-rdphealth-operator-namespaces")
+        .expect("a ClusterRole for namespaces");
+    assert_eq!(
+        namespaces["rules"],
+        json!([{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = find(&objects, "ClusterRoleBinding")
+        .into_iter()
+        .find(|b| b["roleRef"]["name"] == "rdph-rdphealth-operator-namespaces")
+        .expect("its binding");
+    assert_eq!(binding["subjects"][0]["namespace"], NAMESPACE);
+
+    // Names only, or no tenancy at all: no access to namespaces.
+    let names_only = std::env::temp_dir().join(format!(
+        "rdphealth-tenancy-names-{}.yaml",
+        std::process::id()
+    ));
+    fs::write(
+        &names_only,
+        "tenancy:\n  enabled: true\n  namespaces:\n    - name: team-a\n      scopes: [/subscriptions/00000000-0000-0000-0000-00000000000a]\n",
+    )
+    .unwrap();
+    for values in [names_only.as_path(), Path::new("default-values.yaml")] {
+        let objects = render(&helm, &[values]);
+        let all = serde_json::to_string(&objects).unwrap();
+        assert!(!all.contains("\"namespaces\""), "{values:?}");
+    }
+    let _ = fs::remove_file(&names_only);
+}

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::real_api::{Inner, RealApiServer};
+use common::real_api::{Inner, RealApiServer, condition};
 use rdphealth::{
     controller::{self, LeaseSettings, Seams, Settings},
     engine::HostOverride,
@@ -186,6 +186,7 @@ impl Operator {
             prober: Arc::new(RdpProber::new().unwrap()),
             resolver: Arc::new(HostOverride),
             azure: None,
+            identities: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(
@@ -302,14 +303,6 @@ fn status(inner: &Inner) -> Option<Value> {
     inner
         .get("rdphealths", NS, NAME)
         .map(|o| o["status"].clone())
-}
-
-fn condition(status: &Value, type_: &str) -> Option<Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
 }
 
 fn events(inner: &Inner, reason: &str) -> usize {

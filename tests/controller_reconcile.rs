@@ -119,6 +119,7 @@ fn setup(prober: Arc<FakeProber>) -> (Arc<Context>, ApiHandle) {
         prober,
         resolver: Arc::new(HostOverride),
         azure: None,
+        identities: None,
     };
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = Context::new(
@@ -477,6 +478,7 @@ subscriptions:
         prober: FakeProber::with(vec![refused()]),
         resolver: Arc::new(HostOverride),
         azure: Some(Arc::new(CountedAzure::new(client).unwrap())),
+        identities: None,
     };
     let ctx = Arc::new(
         Context::new(

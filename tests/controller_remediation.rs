@@ -15,7 +15,10 @@ use std::{
 };
 
 use azure_core::Url;
-use common::real_api::{Inner, RealApiServer};
+use common::{
+    real_api::{Inner, RealApiServer, condition},
+    sim_net::SimNetwork,
+};
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
@@ -25,8 +28,8 @@ use rdphealth::{
     controller::{self, LeaseSettings, Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
     ladder::fleet::FleetPolicy,
-    probe::{BoxFuture, ProbeOptions, ProbeReport, Prober, RdpProber, Target},
-    sim::{HttpFault, Scenario, Shared, Simulator},
+    probe::{RdpProber, Target},
+    sim::{HttpFault, Scenario, Simulator},
 };
 use serde_json::{Value, json};
 use tokio::{
@@ -77,35 +80,6 @@ fn resource_id(vm: &str) -> String {
     format!(
         "/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{vm}"
     )
-}
-
-/// Routes the addresses ARM reports for a simulated VM to its loopback responder; any other
-/// address is unreachable (as an old address is after a redeploy).
-struct SimNetwork {
-    sim: Arc<Shared>,
-    prober: RdpProber,
-}
-
-impl Prober for SimNetwork {
-    fn probe<'a>(
-        &'a self,
-        target: &'a Target,
-        opts: &'a ProbeOptions,
-    ) -> BoxFuture<'a, ProbeReport> {
-        Box::pin(async move {
-            let route = self.sim.vm_summaries().into_iter().find(|vm| {
-                vm.public_ip.as_deref() == Some(target.host.as_str())
-                    || vm.private_ip.as_deref() == Some(target.host.as_str())
-            });
-            // Nothing listens on port 9 of loopback: an unknown address is refused.
-            let local = route.map_or(SocketAddr::from(([127, 0, 0, 1], 9)), |vm| vm.rdp);
-            let routed = Target {
-                host: local.ip().to_string(),
-                port: local.port(),
-            };
-            self.prober.probe_once(&routed, opts).await
-        })
-    }
 }
 
 /// What the API server held when an Azure call was made (every mutating call, and the
@@ -256,6 +230,7 @@ fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seams, A
             ResolverPolicy::default(),
         )),
         azure: Some(azure),
+        identities: None,
     };
     (seams, witness)
 }
@@ -432,18 +407,7 @@ fn rdphealth(name: &str, vm: &str, remediation: Value) -> Value {
 }
 
 fn status(inner: &Inner, name: &str) -> Option<Value> {
-    inner
-        .get("rdphealths", NS, name)
-        .map(|o| o["status"].clone())
-        .filter(|s| !s.is_null())
-}
-
-fn condition(status: &Value, type_: &str) -> Option<Value> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .cloned()
+    inner.status(NS, name)
 }
 
 fn events(inner: &Inner, name: &str, reason: &str) -> usize {

@@ -481,6 +481,7 @@ async fn operator_status_through_kubectl() {
             prober: Arc::new(RdpProber::new().unwrap()),
             resolver: Arc::new(HostOverride),
             azure: None,
+            identities: None,
         },
         listener,
         async move {

@@ -72,6 +72,16 @@ impl CountedAzure {
         })
     }
 
+    /// Wraps `inner`, counting into the same counters as `self` (another identity's client
+    /// adds to the same series).
+    pub fn sharing(&self, inner: Arc<dyn Azure>) -> Self {
+        Self {
+            inner,
+            requests: self.requests.clone(),
+            throttled: self.throttled.clone(),
+        }
+    }
+
     /// The counters, for registration.
     pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
         vec![

@@ -9,6 +9,7 @@ pub mod client;
 pub mod counted;
 pub mod credential;
 pub mod error;
+pub mod identities;
 pub mod limiter;
 pub mod model;
 pub mod nsg;
@@ -19,6 +20,7 @@ pub use self::{
     counted::CountedAzure,
     credential::{ARM_SCOPE, StaticToken, WorkloadIdentity},
     error::{AzureError, RateLimitRemaining},
+    identities::{AzureIdentity, Federation},
     limiter::{Limiter, LimiterConfig},
     model::*,
 };

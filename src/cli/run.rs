@@ -9,7 +9,7 @@ use kube::Client;
 use tokio::net::TcpListener;
 
 use crate::{
-    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, credential},
+    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, Federation, credential},
     controller::{self, LeaseSettings, RunError, Seams, Settings},
     engine::{AzureResolver, EndpointResolver, HostOverride, ResolverPolicy},
     evidence::exposure::{self, ExposureLimit},
@@ -97,9 +97,11 @@ pub struct RunArgs {
     /// The same for IPv6 (32 allows a /32; only stricter values, up to 128).
     #[arg(long, env = "RDPHEALTH_MAX_PUBLIC_SOURCE_V6_PREFIX", default_value_t = 32, value_parser = clap::value_parser!(u8).range(32..=128))]
     pub max_public_source_v6_prefix: u8,
-    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace
-    /// may name; an object outside them is `Valid=False` and causes no Azure call. Unset:
-    /// every namespace may name every VM the operator's identity reaches.
+    /// A YAML file saying which Azure scopes (subscriptions, resource groups) each namespace,
+    /// by name or by label selector, may name, and optionally the workload identity
+    /// (`azureClientId`) every ARM request for it uses; an object outside its scopes is
+    /// `Valid=False` and causes no Azure call. Unset: every namespace may name every VM the
+    /// operator's identity reaches.
     #[arg(long, env = "RDPHEALTH_TENANCY_POLICY")]
     pub tenancy_policy: Option<std::path::PathBuf>,
     /// A healthy, unchanged object's status (and so `lastProbe`) is rewritten this often;
@@ -235,10 +237,19 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         v4_prefix: args.max_public_source_v4_prefix,
         v6_prefix: args.max_public_source_v6_prefix,
     });
+    // The identities the tenancy policy names for namespaces, from the same federated token.
+    let identities = match &azure {
+        Some(_) => Some(Arc::new(
+            Federation::from_env(ArmConfig::new(args.azure_endpoint.clone()))
+                .map_err(RunCommandError::Azure)?,
+        )),
+        None => None,
+    };
     let seams = Seams {
         prober: Arc::new(RdpProber::new().map_err(RunCommandError::Prober)?),
         resolver,
         azure,
+        identities,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     let mut settings = args.settings();

@@ -1,5 +1,6 @@
 //! What every reconcile shares, and the fleet view computed from the object cache.
 
+use super::tenancy::{Namespaces, TenancyState};
 use super::*;
 use crate::tenancy::TenancyPolicy;
 
@@ -22,8 +23,8 @@ pub struct Context {
     pub(super) heartbeat: Duration,
     /// Whether this replica led at the last fleet refresh (a new term clears the claims).
     pub(super) was_leader: AtomicBool,
-    /// Which Azure scopes each namespace may name; `None`: every namespace, every scope.
-    pub(super) tenancy: Option<Arc<TenancyPolicy>>,
+    /// Which Azure scopes each namespace may name, and as which identity.
+    pub(super) tenancy: TenancyState,
 }
 
 impl Context {
@@ -42,7 +43,6 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            seams,
             metrics,
             leadership,
             failures: Mutex::new(HashMap::new()),
@@ -51,22 +51,24 @@ impl Context {
             memory: Arc::new(ProbeMemory::default()),
             heartbeat: writes::HEARTBEAT,
             was_leader: AtomicBool::new(false),
-            tenancy: None,
+            tenancy: TenancyState {
+                federation: seams.identities.clone(),
+                ..TenancyState::default()
+            },
+            seams,
         }
     }
 
-    /// Enforces `policy` (namespaces name only VMs inside their scopes).
-    pub(super) fn with_tenancy(mut self, policy: Option<TenancyPolicy>) -> Self {
-        self.tenancy = policy.map(Arc::new);
+    /// Enforces `policy` (namespaces name only VMs inside their scopes, as their identity);
+    /// `namespaces` holds their labels when the policy selects by label.
+    pub(super) fn with_tenancy(
+        mut self,
+        policy: Option<TenancyPolicy>,
+        namespaces: Option<Namespaces>,
+    ) -> Self {
+        self.tenancy.policy = policy.map(Arc::new);
+        self.tenancy.namespaces = namespaces;
         self
-    }
-
-    /// Why `obj`'s namespace may not name its VM, if it may not. A resource ID that does not
-    /// parse is left to the spec validation.
-    pub(super) fn outside_tenancy(&self, obj: &RdpHealth, key: &ObjectKey) -> Option<String> {
-        let policy = self.tenancy.as_ref()?;
-        let vm = engine::spec::parse_resource_id(&obj.spec.vm.resource_id).ok()?;
-        policy.admit(&key.namespace, &vm).err()
     }
 
     /// Shares `memory` (the watch stream forgets deleted objects in it).
@@ -202,15 +204,16 @@ impl Context {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Resolves the endpoint and probes it once (with the identity step when it is due),
-    /// judged against the identity recorded in `status`.
+    /// Resolves the endpoint with `resolver` and probes it once (with the identity step when
+    /// it is due), judged against the identity recorded in `status`.
     pub(super) async fn observe(
         &self,
+        resolver: &dyn EndpointResolver,
         spec: &ValidSpec,
         status: Option<&RdpHealthStatus>,
         now: Timestamp,
     ) -> Observation {
-        let endpoint = match self.seams.resolver.resolve(spec).await {
+        let endpoint = match resolver.resolve(spec).await {
             Ok(endpoint) => endpoint,
             Err(e) => return Observation::Unresolved(e),
         };
@@ -223,7 +226,7 @@ impl Context {
         let report = engine::identity::judge(status, &endpoint, report);
         self.metrics.probe_finished(&report);
         if !report.reachable {
-            self.seams.resolver.probe_failed(spec);
+            resolver.probe_failed(spec);
         }
         Observation::Probed {
             endpoint,

@@ -13,6 +13,7 @@ mod lease;
 mod memory;
 mod reconcile;
 mod status;
+mod tenancy;
 #[cfg(test)]
 mod tests;
 
@@ -47,7 +48,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus, RemediationMode, conditions as types},
-    azure::{Azure, CountedAzure},
+    azure::{Azure, CountedAzure, Federation},
     engine::{
         self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec,
         conditions::{self, Desired, Status},
@@ -190,6 +191,9 @@ pub struct Seams {
     /// Azure (evidence and remediation); `None` runs observe-only, probing objects that name
     /// `spec.endpoint.host`.
     pub azure: Option<Arc<CountedAzure>>,
+    /// Acts as the Azure identities the tenancy policy names for namespaces (workload identity
+    /// federation); `None`: a namespace that names one is refused.
+    pub identities: Option<Arc<Federation>>,
 }
 
 /// Delay before retrying after `attempt` failed reconciles in a row: 1 s doubling to 5 min.
@@ -287,6 +291,8 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let memory = Arc::new(ProbeMemory::default());
     let (controller, store) = controller_for(api, Arc::clone(&ready), Arc::clone(&memory));
+    let (controller, namespaces) =
+        tenancy::follow_namespaces(controller, &client, &store, settings.tenancy.as_ref());
     let controller =
         controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let state = HttpState {
@@ -312,7 +318,7 @@ pub async fn run(
         .with_store(store)
         .with_memory(memory)
         .with_status_heartbeat(settings.status_heartbeat)
-        .with_tenancy(settings.tenancy.clone()),
+        .with_tenancy(settings.tenancy.clone(), namespaces),
     );
     let canary = match (&settings.canary, &ctx.remediator) {
         (Some(target), Some(r)) => Some(tokio::spawn(canary::watch(

@@ -4,6 +4,7 @@ use super::*;
 use super::{
     memory::{Remembered, continued, memory_id},
     status::{StatusWriter, publish, report_malformed},
+    tenancy::Tenancy,
 };
 
 /// Reconciles one object: schedule → (resolve, probe) → evaluate → status, metrics, events.
@@ -37,11 +38,27 @@ pub(super) async fn reconcile_object(
     // From here on `obj` may carry a newer status than the API server has: see `continued`.
     let newer = continued(stored, remembered.as_deref());
     let obj = newer.as_deref().unwrap_or(stored);
-    if let Some(why) = ctx.outside_tenancy(obj, key) {
-        return refuse_outside_scope(stored, obj, key, ctx, why, now, leader).await;
-    }
+    let acting = match ctx.tenancy_of(obj, key) {
+        Tenancy::Act(None) => None,
+        Tenancy::Act(Some(identity)) => match ctx.acting_as(&identity) {
+            Ok(side) => Some(side),
+            Err(why) => return refuse_by_policy(stored, obj, key, ctx, why, now, leader).await,
+        },
+        Tenancy::Refuse(why) => {
+            return refuse_by_policy(stored, obj, key, ctx, why, now, leader).await;
+        }
+        Tenancy::Wait => {
+            debug!("the namespace's labels are not known yet: waiting");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+    };
+    // The operator's own identity, or the one the tenancy policy names for the namespace.
+    let (resolver, remediator) = match &acting {
+        Some(side) => (&*side.resolver, side.remediator.as_ref()),
+        None => (&*ctx.seams.resolver, ctx.remediator.as_ref()),
+    };
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
-    let due = match (&ctx.remediator, &spec, &obj.status) {
+    let due = match (remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
             .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)),
         _ => None,
@@ -62,7 +79,10 @@ pub(super) async fn reconcile_object(
             None => return Ok(Action::await_change()),
         },
         Schedule::Report => (Observation::NotProbed, None),
-        Schedule::Probe(spec) => (ctx.observe(&spec, obj.status.as_ref(), now).await, None),
+        Schedule::Probe(spec) => (
+            ctx.observe(resolver, &spec, obj.status.as_ref(), now).await,
+            None,
+        ),
     };
     // A probe that failed on the prober's side says nothing about the VM: no rung on it.
     let blind =
@@ -104,7 +124,7 @@ pub(super) async fn reconcile_object(
         .as_ref()
         .map(|s| s.ladder.clone())
         .unwrap_or_default();
-    let stage = match (&ctx.remediator, &spec) {
+    let stage = match (remediator, &spec) {
         (Some(remediator), Some(spec)) if !blind => {
             let approval = approval(obj, &outcome.status);
             let subject = Subject {
@@ -121,7 +141,7 @@ pub(super) async fn reconcile_object(
                 .remediate(&subject, &mut outcome, &writer, now)
                 .await;
             if address_may_have_changed(&before, &outcome.status.ladder) {
-                ctx.seams.resolver.forget(spec);
+                resolver.forget(spec);
             }
             Some(result)
         }
@@ -159,9 +179,10 @@ pub(super) async fn reconcile_object(
     Ok(action(outcome.next))
 }
 
-/// An object naming a VM outside its namespace's scopes: `Valid=False`, no probe, no Azure
-/// call; it waits for a change of the object.
-async fn refuse_outside_scope(
+/// An object the tenancy policy refuses (a VM outside its namespace's scopes, a namespace
+/// without a grant, an identity that cannot be used): `Valid=False`, no probe, no Azure call;
+/// it waits for a change of the object or of its namespace's labels.
+async fn refuse_by_policy(
     stored: &RdpHealth,
     obj: &RdpHealth,
     key: &ObjectKey,

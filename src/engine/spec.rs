@@ -284,7 +284,8 @@ pub fn parse_resource_id(id: &str) -> Result<VmId, SpecError> {
     })
 }
 
-fn is_guid(s: &str) -> bool {
+/// A GUID as Azure spells subscription, tenant and client IDs (`8-4-4-4-12` hex digits).
+pub fn is_guid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5
         && groups

@@ -332,11 +332,52 @@ pub struct TokenLog {
     pub count: u64,
     /// A short SHA-256 fingerprint of each client assertion or secret, in order.
     pub credential_fingerprints: Vec<String>,
-    /// When each issued access token expires (Unix seconds), by token.
+    /// Each issued access token: when it expires and for which client ID.
     #[serde(skip)]
-    pub expiry: std::collections::HashMap<String, u64>,
+    pub issued: std::collections::HashMap<String, Issued>,
     /// Requests refused because their token had expired.
     pub expired_rejections: u64,
+    /// ARM requests that carried a bearer token, by the client ID the token was issued to
+    /// (`unissued` for a token this emulator did not issue, such as a fixed test token), then
+    /// by subscription (lower case; empty for a path without one).
+    pub arm_requests_by_client:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+}
+
+/// An access token the emulator issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Expiry (Unix seconds).
+    pub exp: u64,
+    /// The client ID it was issued to.
+    pub client_id: String,
+}
+
+/// The key of [`TokenLog::arm_requests_by_client`] for tokens the emulator did not issue.
+pub const UNISSUED: &str = "unissued";
+
+impl TokenLog {
+    /// Counts one ARM request made with `bearer` for `subscription`.
+    pub fn count_request(&mut self, bearer: &str, subscription: &str) {
+        let client = self
+            .issued
+            .get(bearer)
+            .map_or(UNISSUED, |i| i.client_id.as_str())
+            .to_string();
+        *self
+            .arm_requests_by_client
+            .entry(client)
+            .or_default()
+            .entry(subscription.to_ascii_lowercase())
+            .or_default() += 1;
+    }
+
+    /// ARM requests made as `client_id` (any subscription).
+    pub fn requests_as(&self, client_id: &str) -> u64 {
+        self.arm_requests_by_client
+            .get(client_id)
+            .map_or(0, |by_sub| by_sub.values().sum())
+    }
 }
 
 /// The whole simulated state.

@@ -104,6 +104,22 @@ impl Inner {
         self.objects
             .get(&(resource.into(), namespace.into(), name.into()))
     }
+
+    /// An RdpHealth's status, once it has one.
+    pub fn status(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.get("rdphealths", namespace, name)
+            .map(|o| o["status"].clone())
+            .filter(|s| !s.is_null())
+    }
+}
+
+/// The condition of `type_` in a status.
+pub fn condition(status: &Value, type_: &str) -> Option<Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
 }
 
 /// A real API server for one test.

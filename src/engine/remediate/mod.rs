@@ -108,6 +108,7 @@ impl LeaderCheck for SoleReplica {
 }
 
 /// What the stage needs besides the object.
+#[derive(Clone)]
 pub struct Remediator {
     /// Azure.
     pub azure: Arc<dyn Azure>,

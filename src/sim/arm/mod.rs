@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use super::{
     Shared,
     fault::Fault,
-    world::{HttpFault, Op, OpStatus, World, fingerprint_u64},
+    world::{HttpFault, Issued, Op, OpStatus, World, fingerprint_u64},
 };
 use crate::azure::limiter::OpClass;
 
@@ -205,7 +205,9 @@ enum Route {
         id: String,
         monitor: bool,
     },
-    Token,
+    Token {
+        tenant: String,
+    },
     Blob {
         vm: String,
         file: String,
@@ -224,7 +226,9 @@ impl Route {
             });
         }
         if seg.len() == 4 && l(1) == Some("oauth2") && l(3) == Some("token") {
-            return Some(Self::Token);
+            return Some(Self::Token {
+                tenant: seg[0].to_owned(),
+            });
         }
         if l(0) != Some("subscriptions") || seg.len() < 4 {
             return None;
@@ -302,7 +306,7 @@ impl Route {
             }
             Self::Operation { monitor: false, .. } => "operation.status".into(),
             Self::Operation { monitor: true, .. } => "operation.result".into(),
-            Self::Token => "token".into(),
+            Self::Token { .. } => "token".into(),
             Self::Blob { .. } => "blob.get".into(),
         }
     }
@@ -349,7 +353,7 @@ async fn arm(
     let op = route.op_name(&method);
     s.lock().count(&op);
     match &route {
-        Route::Token => return token::token(&s, &body),
+        Route::Token { tenant } => return token::token(&s, tenant, &body),
         Route::Blob { vm, file } => return blob(&s, vm, file, &query),
         _ => {}
     }
@@ -364,6 +368,9 @@ async fn arm(
     if let Some(expired) = token::expired(&s, &bearer) {
         return expired;
     }
+    s.lock()
+        .tokens
+        .count_request(&bearer, route.subscription().unwrap_or_default());
     if !query.contains_key("api-version") {
         return error(
             StatusCode::BAD_REQUEST,
@@ -453,7 +460,7 @@ async fn arm(
             id,
             monitor,
         } => operation(&s, &sub, &provider, &id, monitor),
-        Route::Token | Route::Blob { .. } => {
+        Route::Token { .. } | Route::Blob { .. } => {
             error(StatusCode::NOT_FOUND, "NotFound", "unreachable route")
         }
     };

@@ -23,7 +23,7 @@ fn unix_now() -> u64 {
 /// `ExpiredAuthenticationToken`). Tokens it did not issue (fixed test tokens) are accepted.
 pub(super) fn expired(s: &Shared, token: &str) -> Option<Response> {
     let mut w = s.lock();
-    let exp = *w.tokens.expiry.get(token)?;
+    let exp = w.tokens.issued.get(token)?.exp;
     let now = unix_now();
     // `exp` has a resolution of one second, like `expires_in`: the token is good through it.
     if now <= exp {
@@ -62,13 +62,14 @@ fn b64url(bytes: &[u8]) -> String {
     out
 }
 
-/// A JWT-shaped access token (header, claims with `exp`, signature) like Entra ID's.
-fn access_token(n: u64, lifetime: u64) -> (String, u64) {
+/// A JWT-shaped access token (header, claims with `exp` and the client ID in `appid`,
+/// signature) like Entra ID's.
+fn access_token(n: u64, lifetime: u64, client_id: &str, tenant: &str) -> (String, u64) {
     let iat = unix_now();
     let exp = iat + lifetime;
     let header = b64url(br#"{"typ":"JWT","alg":"RS256","kid":"sim"}"#);
     let claims = b64url(
-        json!({"aud": "https://management.azure.com/", "iss": "https://sts.windows.net/sim/", "iat": iat, "nbf": iat, "exp": exp, "jti": format!("sim-token-{n}")})
+        json!({"aud": "https://management.azure.com/", "iss": format!("https://sts.windows.net/{tenant}/"), "tid": tenant, "appid": client_id, "iat": iat, "nbf": iat, "exp": exp, "jti": format!("sim-token-{n}")})
             .to_string()
             .as_bytes(),
     );
@@ -76,12 +77,13 @@ fn access_token(n: u64, lifetime: u64) -> (String, u64) {
     (format!("{header}.{claims}.{signature}"), exp)
 }
 
-pub(super) fn token(s: &Shared, body: &[u8]) -> Response {
+/// The token endpoint of `tenant` (`/{tenant}/oauth2/v2.0/token`).
+pub(super) fn token(s: &Shared, tenant: &str, body: &[u8]) -> Response {
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let credential = form
         .get("client_assertion")
         .or_else(|| form.get("client_secret"));
-    let (Some(credential), Some(_client)) = (credential, form.get("client_id")) else {
+    let (Some(credential), Some(client)) = (credential, form.get("client_id")) else {
         return json_response(
             StatusCode::BAD_REQUEST,
             &json!({"error": "invalid_request", "error_description": "client_id and a client assertion or secret are required"}),
@@ -93,8 +95,14 @@ pub(super) fn token(s: &Shared, body: &[u8]) -> Response {
     w.tokens.credential_fingerprints.push(fp);
     let lifetime = w.timing.token_lifetime.as_secs();
     let n = w.tokens.count;
-    let (token, exp) = access_token(n, lifetime);
-    w.tokens.expiry.insert(token.clone(), exp);
+    let (token, exp) = access_token(n, lifetime, client, tenant);
+    w.tokens.issued.insert(
+        token.clone(),
+        Issued {
+            exp,
+            client_id: client.clone(),
+        },
+    );
     json_response(
         StatusCode::OK,
         &json!({"token_type": "Bearer", "expires_in": lifetime, "ext_expires_in": lifetime, "access_token": token}),
