@@ -19,8 +19,8 @@ use common::real_api::{Inner, RealApiServer};
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
-        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, StaticToken,
-        VmRef, VmState, WatcherRef,
+        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, SnapshotInfo,
+        SnapshotRequest, StaticToken, VmRef, VmState, WatcherRef,
     },
     controller::{self, LeaseSettings, Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
@@ -232,6 +232,21 @@ impl Azure for Witness {
     async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
         self.record("put_allow_rule");
         self.inner.put_allow_rule(vm, rule).await
+    }
+    async fn create_os_disk_snapshot(
+        &self,
+        vm: &VmRef,
+        request: &SnapshotRequest,
+    ) -> AzureResult<Operation> {
+        self.record("create_os_disk_snapshot");
+        self.inner.create_os_disk_snapshot(vm, request).await
+    }
+    async fn list_snapshots(&self, vm: &VmRef) -> AzureResult<Vec<SnapshotInfo>> {
+        self.inner.list_snapshots(vm).await
+    }
+    async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()> {
+        self.record("delete_snapshot");
+        self.inner.delete_snapshot(vm, name).await
     }
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
         self.inner.poll(op).await

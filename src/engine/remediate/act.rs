@@ -24,12 +24,15 @@ impl Remediator {
             ));
         }
         let status = &mut outcome.status;
-        if let Some((value, rung)) = &subject.approval
-            && *rung == step.rung
-        {
-            status.ladder.consumed_approval = Some(value.clone());
-        }
-        if disruptive {
+        // Snapshot before change: the rung's call waits for a snapshot taken for it.
+        let snapshot_first =
+            subject.spec.ladder.snapshots.enabled && crate::ladder::snapshot::needed(step.rung);
+        let snapshot = status
+            .ladder
+            .fresh_snapshot(step, now)
+            .map(|r| r.id.clone())
+            .filter(|_| snapshot_first);
+        if disruptive && snapshot.is_none() {
             // Evidence before disruption: it is in status; say so in an Event too.
             outcome.events.push(Event {
                 severity: Severity::Normal,
@@ -43,6 +46,25 @@ impl Remediator {
         status.ladder.start(step, now);
         if let Some(current) = status.ladder.current.as_mut() {
             current.lease = Some(term.clone());
+        }
+        if snapshot_first && snapshot.is_none() {
+            return self
+                .take_snapshot(subject, vm, step, &term, outcome, sink, now)
+                .await;
+        }
+        // The approval is used by the call, not by the snapshot before it.
+        if let Some((value, rung)) = &subject.approval
+            && *rung == step.rung
+        {
+            status.ladder.consumed_approval = Some(value.clone());
+        }
+        if let Some(id) = &snapshot {
+            if let Some(current) = status.ladder.current.as_mut() {
+                current.snapshot = Some(id.clone());
+            }
+            if let Some(record) = status.ladder.snapshots.last_mut() {
+                record.used = true;
+            }
         }
         set(
             status,
@@ -67,10 +89,16 @@ impl Remediator {
         outcome.events.push(Event {
             severity: Severity::Normal,
             reason: "RemediationStarted",
-            note: format!(
-                "{step} started (attempt {})",
-                status.ladder.attempts_of(step)
-            ),
+            note: match &snapshot {
+                Some(id) => format!(
+                    "{step} started (attempt {}) after OS-disk snapshot {id}",
+                    status.ladder.attempts_of(step)
+                ),
+                None => format!(
+                    "{step} started (attempt {})",
+                    status.ladder.attempts_of(step)
+                ),
+            },
         });
         match self.call(subject, vm, step, now).await {
             Ok((op, note)) => {

@@ -15,6 +15,7 @@ mod fleet;
 mod messages;
 mod poll;
 mod refusal;
+mod snapshot;
 
 use std::{
     collections::BTreeMap,
@@ -317,6 +318,7 @@ impl Remediator {
                 Continue::Done => break,
             }
         }
+        self.prune_if_due(subject, &vm, outcome, now).await;
         self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
         self.phase(outcome, reachability, recovered.is_some());
         if let Some(until) = wait {
