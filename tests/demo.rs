@@ -102,10 +102,22 @@ async fn every_fault_class_settles_as_expected() {
             status.ladder.snapshots
         );
     }
-    let rdp = by_fault(Some(Fault::RdpDisabled)).obj.status.clone().unwrap();
-    assert!(rdp.ladder.snapshots.is_empty(), "{:?}", rdp.ladder.snapshots);
+    let rdp = by_fault(Some(Fault::RdpDisabled))
+        .obj
+        .status
+        .clone()
+        .unwrap();
+    assert!(
+        rdp.ladder.snapshots.is_empty(),
+        "{:?}",
+        rdp.ladder.snapshots
+    );
     assert!(summary.arm_calls.get("snapshot.put").copied().unwrap_or(0) >= 6);
-    assert_eq!(summary.arm_calls.get("snapshot.delete"), None, "nothing to prune");
+    assert_eq!(
+        summary.arm_calls.get("snapshot.delete"),
+        None,
+        "nothing to prune"
+    );
     // Disruptive rungs ran only where needed: the redeploy for the failing host, no others.
     assert_eq!(summary.arm_calls.get("vm.redeploy").copied(), Some(1));
     // Healthy VMs cost no ARM calls: only incidents read evidence (some 15–20 requests each,

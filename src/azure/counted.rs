@@ -191,7 +191,10 @@ impl Azure for CountedAzure {
     }
 
     async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()> {
-        self.count("delete_snapshot", self.inner.delete_snapshot(vm, name).await)
+        self.count(
+            "delete_snapshot",
+            self.inner.delete_snapshot(vm, name).await,
+        )
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {

@@ -28,9 +28,8 @@ impl ArmClient {
                 "VM {vm} has no managed OS disk (storageProfile.osDisk.managedDisk.id) to snapshot"
             ))
         })?;
-        let mut creation = compute::models::CreationData::new(
-            compute::models::creation_data::CreateOption::Copy,
-        );
+        let mut creation =
+            compute::models::CreationData::new(compute::models::creation_data::CreateOption::Copy);
         creation.source_resource_id = Some(disk.clone());
         let mut properties = compute::models::SnapshotProperties::new(creation);
         properties.incremental = Some(true);
@@ -106,13 +105,10 @@ fn info(s: compute::models::Snapshot) -> SnapshotInfo {
     SnapshotInfo {
         id: s.resource.id.unwrap_or_default(),
         name: s.resource.name.unwrap_or_default(),
-        time_created: props
-            .as_ref()
-            .and_then(|p| p.time_created)
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            }),
+        time_created: props.as_ref().and_then(|p| p.time_created).and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        }),
         provisioning_state: props.as_ref().and_then(|p| p.provisioning_state.clone()),
         source_resource_id: props.and_then(|p| p.creation_data.source_resource_id),
         tags,

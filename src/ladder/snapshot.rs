@@ -167,7 +167,8 @@ pub fn ours(s: &SnapshotInfo, vm: &str) -> bool {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
-    tag(MANAGED_BY_TAG) == Some(MANAGED_BY) && tag(VM_TAG).is_some_and(|v| v.eq_ignore_ascii_case(vm))
+    tag(MANAGED_BY_TAG) == Some(MANAGED_BY)
+        && tag(VM_TAG).is_some_and(|v| v.eq_ignore_ascii_case(vm))
 }
 
 /// The names of the operator's snapshots of `vm` that retention deletes: beyond the newest
@@ -273,7 +274,11 @@ mod tests {
             long.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         );
-        assert!(tags("vm-1", Step::rung(Rung::Restart)).keys().all(|k| !k.contains('/')));
+        assert!(
+            tags("vm-1", Step::rung(Rung::Restart))
+                .keys()
+                .all(|k| !k.contains('/'))
+        );
     }
 
     #[test]

@@ -16,6 +16,8 @@ mod messages;
 mod poll;
 mod refusal;
 mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 
 use std::{
     collections::BTreeMap,

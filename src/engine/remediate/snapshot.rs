@@ -85,18 +85,12 @@ impl Remediator {
                 subject,
                 vm,
                 outcome,
-                format!(
-                    "{e}; whether Azure took it is unknown, so it is not requested again"
-                ),
+                format!("{e}; whether Azure took it is unknown, so it is not requested again"),
                 now,
             )),
-            Err(e) => Ok(self.snapshot_failed(
-                subject,
-                vm,
-                outcome,
-                format!("{}: {e}", e.reason()),
-                now,
-            )),
+            Err(e) => {
+                Ok(self.snapshot_failed(subject, vm, outcome, format!("{}: {e}", e.reason()), now))
+            }
         }
     }
 
@@ -129,7 +123,9 @@ impl Remediator {
                 outcome.status.ladder.poll_again(next);
                 Continue::Until(next)
             }
-            Ok(PollOutcome::Succeeded { .. }) => self.snapshot_done(subject, vm, outcome, now).await,
+            Ok(PollOutcome::Succeeded { .. }) => {
+                self.snapshot_done(subject, vm, outcome, now).await
+            }
             Ok(PollOutcome::Failed { code, message }) => {
                 self.snapshot_failed(subject, vm, outcome, format!("{code}: {message}"), now)
             }
@@ -289,7 +285,10 @@ impl Remediator {
                 outcome.events.push(Event {
                     severity: Severity::Warning,
                     reason: "SnapshotRetentionFailed",
-                    note: format!("could not list the snapshots of group {}: {e}", vm.resource_group),
+                    note: format!(
+                        "could not list the snapshots of group {}: {e}",
+                        vm.resource_group
+                    ),
                 });
                 return;
             }

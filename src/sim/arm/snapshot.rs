@@ -56,8 +56,7 @@ pub(super) fn snapshot_route(call: Call<'_>, name: Option<&str>) -> Response {
 fn valid_name(n: &str) -> bool {
     (1..=80).contains(&n.len())
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
@@ -66,7 +65,9 @@ fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Respons
         return error(
             StatusCode::BAD_REQUEST,
             "InvalidResourceName",
-            &format!("The resource name '{name}' is invalid. Supported characters are a-z, A-Z, 0-9, _ and -; at most 80 characters."),
+            &format!(
+                "The resource name '{name}' is invalid. Supported characters are a-z, A-Z, 0-9, _ and -; at most 80 characters."
+            ),
         );
     }
     let Ok(b) = serde_json::from_slice::<Value>(body) else {
@@ -100,7 +101,9 @@ fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Respons
         return error(
             StatusCode::BAD_REQUEST,
             "InvalidTagNameCharacters",
-            &format!("The tag names '{bad}' have reserved characters '<,>,%,&,\\,?,/' or control characters."),
+            &format!(
+                "The tag names '{bad}' have reserved characters '<,>,%,&,\\,?,/' or control characters."
+            ),
         );
     }
     let creation = &b["properties"]["creationData"];
