@@ -484,7 +484,7 @@ impl std::fmt::Debug for Password {
 /// disk, in the VM's resource group and region.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRequest {
-    /// The snapshot's name (1-80 of `a-z A-Z 0-9 _ - .`).
+    /// The snapshot's name (1-80 of `a-z A-Z 0-9 _ -`).
     pub name: String,
     /// Tags that mark it as the operator's (tag names may not contain `/`).
     pub tags: std::collections::BTreeMap<String, String>,

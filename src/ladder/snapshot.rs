@@ -132,12 +132,13 @@ impl SnapshotRecord {
 }
 
 /// The snapshot's name: `rdph-<vm>-<UTC time>`, within Azure's 80 characters of
-/// `a-z A-Z 0-9 _ - .` (a VM name may hold only those, and is cut to fit).
+/// `a-z A-Z 0-9 _ -` (the Snapshots REST reference; a VM name's periods are dropped, and it
+/// is cut to fit).
 pub fn name(vm: &str, now: Timestamp) -> String {
     let stamp = now.strftime("%Y%m%dt%H%M%S").to_string();
     let vm: String = vm
         .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         .take(80 - "rdph--".len() - stamp.len())
         .collect();
     format!("rdph-{vm}-{stamp}")
@@ -271,8 +272,9 @@ mod tests {
         let long = name(&"a".repeat(64), at(0));
         assert!(long.len() <= 80, "{long}");
         assert!(
-            long.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            name("web.v1", at(0))
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         );
         assert!(
             tags("vm-1", Step::rung(Rung::Restart))

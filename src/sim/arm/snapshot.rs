@@ -1,4 +1,5 @@
-//! `Microsoft.Compute/snapshots` (api-version 2024-03-02): PUT (a long-running operation
+//! `Microsoft.Compute/snapshots` (api-version 2024-03-02, the "Snapshots - Create Or Update"
+//! REST reference and its examples): PUT (a long-running operation
 //! with `Azure-AsyncOperation` and `Location`, like the VM actions), GET, DELETE and the list
 //! of a resource group. Only `createOption: Copy` of a simulated VM's OS disk is accepted;
 //! a VM with the `snapshot_fails` fault makes the operation end `Failed`.
@@ -57,7 +58,7 @@ fn valid_name(n: &str) -> bool {
     (1..=80).contains(&n.len())
         && n.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
 }
 
 fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Response {
