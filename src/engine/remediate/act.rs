@@ -74,18 +74,7 @@ impl Remediator {
             format!("{step} started"),
             now,
         );
-        if let Err(e) = sink.persist(status).await {
-            // Nothing was called: forget the intent so the next reconcile decides again (on
-            // fresh data, when the write lost a race with another one).
-            status.ladder.current = None;
-            self.fleet.release(&vm.subscription, subject.key);
-            return Err(RemediateError::Persist(e));
-        }
-        if self.leadership.term().as_ref() != Some(&term) {
-            // The lease was lost while the intent was written: the call is not made. The next
-            // leader finds the intent and settles it as of unknown outcome, never re-sending.
-            return Err(RemediateError::NotLeader);
-        }
+        self.store_intent(subject, vm, &term, status, sink).await?;
         outcome.events.push(Event {
             severity: Severity::Normal,
             reason: "RemediationStarted",
@@ -165,6 +154,31 @@ impl Remediator {
                 now,
             )),
         }
+    }
+
+    /// Persists the intent in `status`, then asks for leadership again: only when both hold
+    /// may the Azure call (the rung's, or the snapshot before it) be made.
+    pub(super) async fn store_intent(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        term: &LeaseTerm,
+        status: &mut RdpHealthStatus,
+        sink: &dyn StatusSink,
+    ) -> Result<(), RemediateError> {
+        if let Err(e) = sink.persist(status).await {
+            // Nothing was called: forget the intent so the next reconcile decides again (on
+            // fresh data, when the write lost a race with another one).
+            status.ladder.current = None;
+            self.fleet.release(&vm.subscription, subject.key);
+            return Err(RemediateError::Persist(e));
+        }
+        if self.leadership.term().as_ref() != Some(term) {
+            // The lease was lost while the intent was written: the call is not made. The next
+            // leader finds the intent and settles it as of unknown outcome, never re-sending.
+            return Err(RemediateError::NotLeader);
+        }
+        Ok(())
     }
 
     pub(super) async fn call(

@@ -46,14 +46,7 @@ impl Remediator {
             format!("taking snapshot {name} of the OS disk before {step}"),
             now,
         );
-        if let Err(e) = sink.persist(status).await {
-            status.ladder.current = None;
-            self.fleet.release(&vm.subscription, subject.key);
-            return Err(RemediateError::Persist(e));
-        }
-        if self.leadership.term().as_ref() != Some(term) {
-            return Err(RemediateError::NotLeader);
-        }
+        self.store_intent(subject, vm, term, status, sink).await?;
         let request = SnapshotRequest {
             name,
             tags: snapshot::tags(&vm.name, step),
@@ -103,14 +96,10 @@ impl Remediator {
         now: Timestamp,
     ) -> Continue {
         let Some(op) = outcome.status.ladder.current.as_ref().and_then(|c| {
-            c.operation.as_ref().map(|o| Operation {
+            let handle = c.operation.as_ref()?;
+            Some(Operation {
                 kind: OperationKind::Snapshot,
-                vm: vm.clone(),
-                async_operation: o.async_operation_url.clone(),
-                location: o.location_url.clone(),
-                started_at: String::new(),
-                detail: None,
-                completed: false,
+                ..super::poll::operation(vm, c.step, handle)
             })
         }) else {
             return Continue::Done;
