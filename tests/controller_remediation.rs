@@ -1181,9 +1181,21 @@ async fn a_password_reset_writes_the_password_to_its_secret_only() {
     .await;
     assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
     let calls = op.witness.mutating();
+    // Each disruptive rung after its own OS-disk snapshot, whose intent was stored first.
     assert_eq!(
         calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
-        ["reset_password", "restart"]
+        [
+            "create_os_disk_snapshot",
+            "reset_password",
+            "create_os_disk_snapshot",
+            "restart"
+        ]
+    );
+    assert_eq!(calls[0].current[0]["phase"], "Snapshotting", "{calls:?}");
+    assert_eq!(calls[1].current[0]["phase"], "Requested", "{calls:?}");
+    assert_eq!(
+        calls[1].current[0]["snapshot"], s["ladder"]["history"][0]["snapshot"],
+        "{s:#}"
     );
     assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 1);
 
