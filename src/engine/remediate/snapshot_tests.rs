@@ -450,3 +450,36 @@ async fn retention_deletes_the_operators_old_snapshots_and_never_another_one() {
     assert_eq!(sim.snapshots().len(), 2, "the others' snapshots stay");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_snapshot_intent_found_without_its_operation_is_never_requested_again() {
+    let sim = Simulator::start(scenario("guest_hung")).await.unwrap();
+    let r = remediator(&sim, Arc::new(SoleReplica), Duration::from_secs(5));
+    // An earlier leader stored the intent and stopped before recording the PUT's operation.
+    let mut obj = object_with(r#"["Restart"]"#, |_| {});
+    let long_ago = Timestamp::now()
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_mins(5))
+        .unwrap();
+    let mut status = RdpHealthStatus::default();
+    status.ladder.open_incident(long_ago);
+    status.ladder.start(Step::rung(Rung::Restart), long_ago);
+    if let Some(c) = status.ladder.current.as_mut() {
+        c.phase = crate::ladder::ExecutionPhase::Snapshotting;
+        c.snapshot = Some(snapshot::id(SUB, "rg-1", "rdph-vm-1-earlier"));
+    }
+    obj.status = Some(status);
+    let run = drive(&sim, &r, obj, 3).await;
+    assert_eq!(sim.count("snapshot.put"), 0, "{:?}", run.writes);
+    assert_eq!(sim.count("vm.restart"), 0);
+    let record = run.status.ladder.history.last().unwrap();
+    assert_eq!(record.outcome, RungOutcome::Failed, "{record:?}");
+    assert!(
+        record
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("not requested again"),
+        "{record:?}"
+    );
+    sim.shutdown().await;
+}
