@@ -1874,10 +1874,13 @@ async fn a_password_secret_the_operator_did_not_create_is_left_alone() {
         (events(inner, "hung", "RemediationFailed") >= 1).then_some(())
     })
     .await;
-    assert!(
-        op.witness.mutating().is_empty(),
-        "{:?}",
-        op.witness.mutating()
+    // Only the OS-disk snapshot that precedes every disruptive rung reached Azure: the refusal
+    // comes when the Secret is written, right before the VMAccess call, which never happens.
+    let calls = op.witness.mutating();
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["create_os_disk_snapshot"],
+        "{calls:?}"
     );
     assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 0);
     let secret = api
