@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::evidence::Evidence;
 use crate::ladder::{
     LadderStatus, Rung,
+    snapshot::SnapshotSpec,
     spec::{BackoffSpec, MaintenanceWindow, NsgRepairSpec, PasswordResetSpec},
 };
 
@@ -50,6 +51,9 @@ pub mod conditions {
     /// The server requires Network Level Authentication (CredSSP); False (`NlaDisabled`) when
     /// clients can connect without it.
     pub const NLA_REQUIRED: &str = "NlaRequired";
+    /// The last OS-disk snapshot taken before a change: True (`SnapshotTaken`) names it;
+    /// False (`SnapshotFailed`) says why it failed, and the rung it preceded did not start.
+    pub const OS_DISK_SNAPSHOT: &str = "OsDiskSnapshot";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -389,6 +393,10 @@ pub struct RemediationSpec {
     /// Enables the ResetPassword rung: the generated password is written to a Secret only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_reset: Option<PasswordResetSpec>,
+    /// An incremental OS-disk snapshot before every in-guest write and disruptive rung, and
+    /// how many the operator keeps.
+    #[serde(default)]
+    pub snapshots: SnapshotSpec,
 }
 
 impl Default for RemediationSpec {
@@ -407,6 +415,7 @@ impl Default for RemediationSpec {
             nsg_repair: NsgRepairSpec::default(),
             allow_insecure_listener_settings: false,
             password_reset: None,
+            snapshots: SnapshotSpec::default(),
         }
     }
 }

@@ -346,7 +346,18 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
 
     // The Deployment's environment, except where the process runs: loopback metrics, the
     // simulator as Azure, this test's identity.
-    let mut op = Operator::start(cp, &kubeconfig, &sim, "op-rbac", &[], &shipped.env);
+    // Its own namespace only: the tests share one control plane, and an operator watching
+    // every namespace would probe the other tests' VMs (their outages trip its fleet-wide
+    // breaker, which then holds this test's rungs) and write their statuses. The chart's
+    // ClusterRole still authorizes every request it makes.
+    let mut op = Operator::start(
+        cp,
+        &kubeconfig,
+        &sim,
+        "op-rbac",
+        &["--namespace", "fleet-rbac"],
+        &shipped.env,
+    );
     op.wait_ready().await;
 
     // Probe, evidence, the rung, recovery.

@@ -22,8 +22,8 @@ use common::{
 use rdphealth::{
     azure::{
         AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
-        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, StaticToken,
-        VmRef, VmState, WatcherRef,
+        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, SnapshotInfo,
+        SnapshotRequest, StaticToken, VmRef, VmState, WatcherRef,
     },
     controller::{self, LeaseSettings, Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
@@ -206,6 +206,21 @@ impl Azure for Witness {
     async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
         self.record("put_allow_rule");
         self.inner.put_allow_rule(vm, rule).await
+    }
+    async fn create_os_disk_snapshot(
+        &self,
+        vm: &VmRef,
+        request: &SnapshotRequest,
+    ) -> AzureResult<Operation> {
+        self.record("create_os_disk_snapshot");
+        self.inner.create_os_disk_snapshot(vm, request).await
+    }
+    async fn list_snapshots(&self, vm: &VmRef) -> AzureResult<Vec<SnapshotInfo>> {
+        self.inner.list_snapshots(vm).await
+    }
+    async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()> {
+        self.record("delete_snapshot");
+        self.inner.delete_snapshot(vm, name).await
     }
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {
         self.inner.poll(op).await
@@ -1130,9 +1145,21 @@ async fn a_password_reset_writes_the_password_to_its_secret_only() {
     .await;
     assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
     let calls = op.witness.mutating();
+    // Each disruptive rung after its own OS-disk snapshot, whose intent was stored first.
     assert_eq!(
         calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
-        ["reset_password", "restart"]
+        [
+            "create_os_disk_snapshot",
+            "reset_password",
+            "create_os_disk_snapshot",
+            "restart"
+        ]
+    );
+    assert_eq!(calls[0].current[0]["phase"], "Snapshotting", "{calls:?}");
+    assert_eq!(calls[1].current[0]["phase"], "Requested", "{calls:?}");
+    assert_eq!(
+        calls[1].current[0]["snapshot"], s["ladder"]["history"][0]["snapshot"],
+        "{s:#}"
     );
     assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 1);
 
@@ -1811,10 +1838,13 @@ async fn a_password_secret_the_operator_did_not_create_is_left_alone() {
         (events(inner, "hung", "RemediationFailed") >= 1).then_some(())
     })
     .await;
-    assert!(
-        op.witness.mutating().is_empty(),
-        "{:?}",
-        op.witness.mutating()
+    // Only the OS-disk snapshot that precedes every disruptive rung reached Azure: the refusal
+    // comes when the Secret is written, right before the VMAccess call, which never happens.
+    let calls = op.witness.mutating();
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["create_os_disk_snapshot"],
+        "{calls:?}"
     );
     assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 0);
     let secret = api

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use rdphealth::{
     demo::{self, DemoConfig, fleet::Expect},
-    ladder::{GuestRepair, Rung, Step},
+    ladder::{GuestRepair, Rung, RungOutcome, Step},
     sim::Fault,
 };
 
@@ -69,6 +69,55 @@ async fn every_fault_class_settles_as_expected() {
         nsg.diagnosis
     );
     assert!(by_fault(None).settled());
+    // Snapshot before change: every in-guest write and disruptive rung that fixed a VM was
+    // preceded by its own OS-disk snapshot, recorded in status and named in the rung's record;
+    // the VMAccess reset (no Run Command write, not disruptive) was not.
+    for fault in [
+        Fault::TlsDisabled,
+        Fault::CertificateExpired,
+        Fault::Flapping,
+        Fault::GuestHung,
+        Fault::NicBroken,
+        Fault::HostFailure,
+    ] {
+        let status = by_fault(Some(fault)).obj.status.clone().unwrap();
+        let fixed = status
+            .ladder
+            .history
+            .iter()
+            .rev()
+            .find(|r| r.outcome == RungOutcome::Fixed)
+            .unwrap_or_else(|| panic!("{fault:?}: {:?}", status.ladder.history));
+        let id = fixed
+            .snapshot
+            .as_deref()
+            .unwrap_or_else(|| panic!("{fault:?}: {fixed:?} has no snapshot"));
+        assert!(
+            status
+                .ladder
+                .snapshots
+                .iter()
+                .any(|s| s.id == id && s.used && s.step == fixed.step),
+            "{fault:?}: {:?}",
+            status.ladder.snapshots
+        );
+    }
+    let rdp = by_fault(Some(Fault::RdpDisabled))
+        .obj
+        .status
+        .clone()
+        .unwrap();
+    assert!(
+        rdp.ladder.snapshots.is_empty(),
+        "{:?}",
+        rdp.ladder.snapshots
+    );
+    assert!(summary.arm_calls.get("snapshot.put").copied().unwrap_or(0) >= 6);
+    assert_eq!(
+        summary.arm_calls.get("snapshot.delete"),
+        None,
+        "nothing to prune"
+    );
     // The VM whose address another computer answers on: reported as the wrong host with both
     // names, never remediated (no rung ran for it, no Run Command read its guest).
     let reused = summary

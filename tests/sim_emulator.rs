@@ -228,3 +228,91 @@ async fn admin_api_injects_faults_and_exposes_counters() {
     assert_eq!(sim.count("nic.get"), 1);
     sim.shutdown().await;
 }
+
+fn send(method: &str, path: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[tokio::test]
+async fn snapshots_follow_azures_shapes_and_rules() {
+    let sim = start().await;
+    let base = "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/snapshots";
+    let disk = sim.os_disk_id("vm1").unwrap();
+    // The VM model names its managed OS disk.
+    let (_, vm) = http(
+        &sim,
+        &get(
+            "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1?api-version=2024-07-01",
+            true,
+        ),
+    )
+    .await;
+    let vm: serde_json::Value = serde_json::from_str(&vm).unwrap();
+    assert_eq!(
+        vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"],
+        disk
+    );
+    let body = |tags: &str, source: &str| {
+        format!(
+            r#"{{"location":"westeurope","tags":{tags},"properties":{{"incremental":true,"creationData":{{"createOption":"Copy","sourceResourceId":"{source}"}}}}}}"#
+        )
+    };
+    let put =
+        |name: &str, b: String| send("PUT", &format!("{base}/{name}?api-version=2024-03-02"), &b);
+    // Azure's rules: names, tag names, the source disk.
+    let (status, text) = http(&sim, &put("bad.name", body("{}", &disk))).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("InvalidResourceName"), "{text}");
+    let (status, text) = http(&sim, &put("s1", body(r#"{"a/b":"x"}"#, &disk))).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("InvalidTagNameCharacters"), "{text}");
+    let (status, _) = http(&sim, &put("s1", body("{}", &format!("{disk}x")))).await;
+    assert_eq!(status, 404);
+    // A long-running PUT like the others, then GET, list and DELETE.
+    let answer = exchange(&sim, &put("s1", body(r#"{"k":"v"}"#, &disk))).await;
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("azure-asyncoperation:"),
+        "{answer}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, one) = http(
+        &sim,
+        &get(&format!("{base}/s1?api-version=2024-03-02"), true),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one["properties"]["creationData"]["sourceResourceId"], disk);
+    assert_eq!(one["properties"]["incremental"], true);
+    assert_eq!(one["tags"]["k"], "v");
+    let (_, list) = http(&sim, &get(&format!("{base}?api-version=2024-03-02"), true)).await;
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["value"].as_array().unwrap().len(), 1);
+    let (status, _) = http(
+        &sim,
+        &send("DELETE", &format!("{base}/s1?api-version=2024-03-02"), ""),
+    )
+    .await;
+    assert_eq!(status, 202);
+    let (status, _) = http(
+        &sim,
+        &get(&format!("{base}/s1?api-version=2024-03-02"), true),
+    )
+    .await;
+    assert_eq!(status, 404);
+    for op in [
+        "snapshot.put",
+        "snapshot.get",
+        "snapshot.list",
+        "snapshot.delete",
+    ] {
+        assert!(sim.count(op) >= 1, "{op}: {:?}", sim.counters());
+    }
+    sim.shutdown().await;
+}

@@ -60,7 +60,7 @@ impl ArmConfig {
 
 /// The SDK-backed implementation of [`Azure`].
 pub struct ArmClient {
-    compute: compute::Client,
+    pub(super) compute: compute::Client,
     network: network::Client,
     health: health::Client,
     credential: Arc<dyn TokenCredential>,
@@ -131,7 +131,7 @@ impl ArmClient {
         }
     }
 
-    async fn get_vm(&self, vm: &VmRef) -> AzureResult<compute::models::VirtualMachine> {
+    pub(super) async fn get_vm(&self, vm: &VmRef) -> AzureResult<compute::models::VirtualMachine> {
         self.compute
             .virtual_machines_client()
             .get(&vm.resource_group, &vm.name, &vm.subscription)
@@ -306,7 +306,7 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-fn operation(
+pub(super) fn operation(
     kind: OperationKind,
     vm: &VmRef,
     headers: &azure_core::headers::Headers,
@@ -328,14 +328,14 @@ fn operation(
 
 /// The parts of an ARM resource id: `/subscriptions/S/resourceGroups/G/providers/NS/T/N[/T2/N2]`.
 #[derive(Debug)]
-struct ResourceId {
+pub(super) struct ResourceId {
     subscription: String,
     resource_group: String,
     names: Vec<String>,
 }
 
 impl ResourceId {
-    fn parse(id: &str) -> AzureResult<Self> {
+    pub(super) fn parse(id: &str) -> AzureResult<Self> {
         let parts: Vec<&str> = id.split('/').filter(|s| !s.is_empty()).collect();
         let bad = || AzureError::invalid(format!("malformed resource id {id:?}"));
         if parts.len() < 8
@@ -358,7 +358,7 @@ impl ResourceId {
         })
     }
 
-    fn name(&self, i: usize) -> AzureResult<&str> {
+    pub(super) fn name(&self, i: usize) -> AzureResult<&str> {
         self.names
             .get(i)
             .map(String::as_str)
@@ -373,7 +373,7 @@ fn enum_str<T: serde::Serialize>(v: &T) -> String {
     }
 }
 
-fn map_vm(vm: compute::models::VirtualMachine) -> VmState {
+pub(super) fn map_vm(vm: compute::models::VirtualMachine) -> VmState {
     let props = vm.properties.unwrap_or_default();
     let view = props.instance_view.clone().unwrap_or_default();
     let power_state = view
@@ -450,6 +450,11 @@ fn map_vm(vm: compute::models::VirtualMachine) -> VmState {
             .unwrap_or(false),
         nic_ids: nics.into_iter().map(|(_, id)| id).collect(),
         computer_name: props.os_profile.and_then(|o| o.computer_name),
+        os_disk_id: props
+            .storage_profile
+            .and_then(|s| s.os_disk)
+            .and_then(|d| d.managed_disk)
+            .and_then(|m| m.sub_resource.id),
     }
 }
 
@@ -919,6 +924,22 @@ impl Azure for ArmClient {
             rsp.as_raw_response().headers(),
             Some(format!("{}/securityRules/{}", rule.nsg_id, rule.name)),
         ))
+    }
+
+    async fn create_os_disk_snapshot(
+        &self,
+        vm: &VmRef,
+        request: &SnapshotRequest,
+    ) -> AzureResult<Operation> {
+        self.put_os_disk_snapshot(vm, request).await
+    }
+
+    async fn list_snapshots(&self, vm: &VmRef) -> AzureResult<Vec<SnapshotInfo>> {
+        self.snapshots_of_group(vm).await
+    }
+
+    async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()> {
+        self.delete_snapshot_named(vm, name).await
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {

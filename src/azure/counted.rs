@@ -9,7 +9,8 @@ use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::{
     AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint, FlowQuery, Health,
-    NetworkRules, Operation, Password, PollOutcome, VmRef, VmState, WatcherRef,
+    NetworkRules, Operation, Password, PollOutcome, SnapshotInfo, SnapshotRequest, VmRef, VmState,
+    WatcherRef,
 };
 
 /// An [`Azure`] that counts the calls of another.
@@ -26,7 +27,7 @@ impl std::fmt::Debug for CountedAzure {
 }
 
 /// The `operation` label values, one per trait method.
-pub const OPERATIONS: [&str; 16] = [
+pub const OPERATIONS: [&str; 19] = [
     "vm_state",
     "endpoint",
     "network_rules",
@@ -42,6 +43,9 @@ pub const OPERATIONS: [&str; 16] = [
     "redeploy",
     "start",
     "put_allow_rule",
+    "create_os_disk_snapshot",
+    "list_snapshots",
+    "delete_snapshot",
     "poll",
 ];
 
@@ -179,6 +183,28 @@ impl Azure for CountedAzure {
 
     async fn put_allow_rule(&self, vm: &VmRef, rule: &AllowRule) -> AzureResult<Operation> {
         self.count("put_allow_rule", self.inner.put_allow_rule(vm, rule).await)
+    }
+
+    async fn create_os_disk_snapshot(
+        &self,
+        vm: &VmRef,
+        request: &SnapshotRequest,
+    ) -> AzureResult<Operation> {
+        self.count(
+            "create_os_disk_snapshot",
+            self.inner.create_os_disk_snapshot(vm, request).await,
+        )
+    }
+
+    async fn list_snapshots(&self, vm: &VmRef) -> AzureResult<Vec<SnapshotInfo>> {
+        self.count("list_snapshots", self.inner.list_snapshots(vm).await)
+    }
+
+    async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()> {
+        self.count(
+            "delete_snapshot",
+            self.inner.delete_snapshot(vm, name).await,
+        )
     }
 
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome> {

@@ -14,6 +14,7 @@ pub mod limiter;
 pub mod model;
 pub mod nsg;
 pub mod policy;
+mod snapshots;
 
 pub use self::{
     client::{ArmClient, ArmConfig},
@@ -85,6 +86,21 @@ pub trait Azure: Send + Sync {
 
     /// Starts a stopped or deallocated VM.
     async fn start(&self, vm: &VmRef) -> AzureResult<Operation>;
+
+    /// Starts an incremental snapshot of the VM's OS disk (`createOption: Copy` of
+    /// `storageProfile.osDisk.managedDisk.id`) in the VM's resource group and region.
+    async fn create_os_disk_snapshot(
+        &self,
+        vm: &VmRef,
+        request: &SnapshotRequest,
+    ) -> AzureResult<Operation>;
+
+    /// The snapshots of the VM's resource group (every one, whoever made it).
+    async fn list_snapshots(&self, vm: &VmRef) -> AzureResult<Vec<SnapshotInfo>>;
+
+    /// Deletes a snapshot of the VM's resource group; Azure carries it out on its own (the
+    /// operation is not followed: a delete is idempotent, and a later listing shows it).
+    async fn delete_snapshot(&self, vm: &VmRef, name: &str) -> AzureResult<()>;
 
     /// Polls an operation once.
     async fn poll(&self, op: &Operation) -> AzureResult<PollOutcome>;

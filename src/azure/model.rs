@@ -133,6 +133,10 @@ pub struct VmState {
     pub nic_ids: Vec<String>,
     /// The guest's computer name (`osProfile.computerName`).
     pub computer_name: Option<String>,
+    /// The OS disk's managed disk id (`storageProfile.osDisk.managedDisk.id`); absent for an
+    /// unmanaged (VHD) disk, which cannot be snapshotted as a resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_disk_id: Option<String>,
 }
 
 /// Where the VM's RDP endpoint is.
@@ -356,6 +360,8 @@ pub enum OperationKind {
     IpFlowVerify,
     /// Creation or update of an NSG security rule.
     PutNsgRule,
+    /// An incremental snapshot of a managed disk.
+    Snapshot,
 }
 
 impl OperationKind {
@@ -371,6 +377,7 @@ impl OperationKind {
             Self::Start => "start",
             Self::IpFlowVerify => "ip_flow_verify",
             Self::PutNsgRule => "put_nsg_rule",
+            Self::Snapshot => "snapshot",
         }
     }
 }
@@ -471,4 +478,31 @@ impl std::fmt::Debug for Password {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Password(<redacted>)")
     }
+}
+
+/// An OS-disk snapshot to create: an incremental copy (`createOption: Copy`) of the VM's OS
+/// disk, in the VM's resource group and region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The snapshot's name (1-80 of `a-z A-Z 0-9 _ -`).
+    pub name: String,
+    /// Tags that mark it as the operator's (tag names may not contain `/`).
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// A snapshot as listed in a resource group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// ARM id.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `properties.timeCreated` (RFC 3339), when Azure reports it.
+    pub time_created: Option<String>,
+    /// `properties.provisioningState`.
+    pub provisioning_state: Option<String>,
+    /// `properties.creationData.sourceResourceId`.
+    pub source_resource_id: Option<String>,
+    /// Its tags.
+    pub tags: std::collections::BTreeMap<String, String>,
 }

@@ -51,6 +51,7 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         message: None,
         outcome_unknown: false,
         lease: None,
+        snapshot: None,
     }
 }
 

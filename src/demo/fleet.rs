@@ -69,7 +69,7 @@ impl Expect {
     pub fn for_fault(fault: Option<Fault>) -> Self {
         use crate::ladder::Rung;
         match fault {
-            None | Some(Fault::HealthUnknown) => Self::Healthy,
+            None | Some(Fault::HealthUnknown | Fault::SnapshotFails) => Self::Healthy,
             Some(Fault::RdpDisabled) => Self::FixedBy(Step::rung(Rung::ResetRdpConfig)),
             Some(Fault::NsgBlocking) => Self::Reported("NsgDenied"),
             Some(Fault::TlsDisabled) => Self::FixedBy(Step::repair(GuestRepair::EnableTls12)),

@@ -88,6 +88,10 @@ pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Opt
         ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
         ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
         ExecutionPhase::Settling => c.settle_until.as_ref().map(|t| t.0),
+        ExecutionPhase::Snapshotting => match &c.operation {
+            Some(_) => c.next_poll_at.as_ref().map(|t| t.0),
+            None => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
+        },
     });
     let backoff = ladder
         .next_action_at
@@ -203,6 +207,7 @@ mod tests {
             message: None,
             outcome_unknown: false,
             lease: None,
+            snapshot: None,
         });
         status
     }

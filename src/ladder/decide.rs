@@ -62,6 +62,8 @@ pub struct LadderPolicy {
     /// A `Requested` rung older than this without an operation handle is treated as
     /// interrupted (the call's fate is unknown).
     pub request_timeout: Duration,
+    /// Snapshot before change, and retention.
+    pub snapshots: super::snapshot::SnapshotPolicy,
 }
 
 impl Default for LadderPolicy {
@@ -88,6 +90,7 @@ impl Default for LadderPolicy {
             allow_insecure_listener_settings: false,
             evidence_refresh: Duration::from_secs(900),
             request_timeout: Duration::from_secs(120),
+            snapshots: super::snapshot::SnapshotPolicy::default(),
         }
     }
 }
@@ -441,14 +444,14 @@ pub fn decide(s: &Situation<'_>) -> Decision {
         Reachability::Reachable => {
             return match &s.ladder.current {
                 // Let a running operation finish before closing the incident.
-                Some(c) if c.phase == ExecutionPhase::Running => poll_or_wait(s),
+                Some(c) if operation_runs(c) => poll_or_wait(s),
                 _ if s.ladder.incident_started_at.is_some() => Decision::Recovered,
                 _ => Decision::Idle,
             };
         }
         Reachability::Unknown => {
             return match &s.ladder.current {
-                Some(c) if c.phase == ExecutionPhase::Running => poll_or_wait(s),
+                Some(c) if operation_runs(c) => poll_or_wait(s),
                 _ => Decision::Undecided,
             };
         }
@@ -456,7 +459,8 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     }
     if let Some(current) = &s.ladder.current {
         return match current.phase {
-            ExecutionPhase::Requested => {
+            ExecutionPhase::Snapshotting if current.operation.is_some() => poll_or_wait(s),
+            ExecutionPhase::Requested | ExecutionPhase::Snapshotting => {
                 let age = s.now.duration_since(current.started_at.0);
                 if age.as_secs_f64() >= s.policy.request_timeout.as_secs_f64() {
                     Decision::AbandonRequest
@@ -554,6 +558,15 @@ pub fn decide(s: &Situation<'_>) -> Decision {
         };
     }
     Decision::Act(step)
+}
+
+/// An Azure operation of the current rung runs: the rung's own, or the snapshot before it.
+fn operation_runs(c: &super::status::RungExecution) -> bool {
+    match c.phase {
+        ExecutionPhase::Running => true,
+        ExecutionPhase::Snapshotting => c.operation.is_some(),
+        ExecutionPhase::Requested | ExecutionPhase::Settling => false,
+    }
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {

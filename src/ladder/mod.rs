@@ -5,6 +5,7 @@ pub mod decide;
 pub mod fleet;
 pub mod nsg_repair;
 pub mod rung;
+pub mod snapshot;
 pub mod spec;
 pub mod status;
 

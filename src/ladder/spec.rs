@@ -473,6 +473,7 @@ pub fn policy_from_spec(
         },
         password_reset: spec.password_reset.clone(),
         allow_insecure_listener_settings: spec.allow_insecure_listener_settings,
+        snapshots: super::snapshot::SnapshotPolicy::from(&spec.snapshots),
         ..super::LadderPolicy::default()
     })
 }

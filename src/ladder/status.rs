@@ -6,7 +6,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::rung::Step;
+use super::{rung::Step, snapshot::SnapshotRecord};
 
 /// How many rung records the status keeps.
 pub const HISTORY_LIMIT: usize = 32;
@@ -33,6 +33,11 @@ pub enum ExecutionPhase {
     Running,
     /// The operation finished; waiting `settleTime` before judging the probe.
     Settling,
+    /// Intent recorded; the OS-disk snapshot that precedes the rung is being taken (its
+    /// operation, once started, is in `operation`). The rung's own call is not made yet: when
+    /// the snapshot is done the ladder decides again, and a snapshot that failed (or whose
+    /// outcome is unknown) ends the rung as `Failed` without calling it.
+    Snapshotting,
 }
 
 /// The rung in progress.
@@ -68,6 +73,9 @@ pub struct RungExecution {
     /// term here knows it inherited the rung from an earlier leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseTerm>,
+    /// The OS-disk snapshot taken before this rung (being taken, in `Snapshotting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// One term of leadership over the operator's Lease.
@@ -124,6 +132,9 @@ pub struct RungRecord {
     /// Detail (Azure error code and message, script result).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The OS-disk snapshot taken before the rung.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// The remediation ladder's state.
@@ -160,6 +171,14 @@ pub struct LadderStatus {
     /// The last approval annotation value used (each value approves one rung once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumed_approval: Option<String>,
+    /// OS-disk snapshots the operator took of this VM before changing it, oldest first; those
+    /// retention deleted are removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotRecord>,
+    /// When retention last looked at this VM's snapshots (at most hourly, unless a new
+    /// snapshot was just taken).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots_pruned_at: Option<Time>,
 }
 
 fn ts(t: &Time) -> Timestamp {
@@ -221,6 +240,7 @@ impl LadderStatus {
             message: None,
             outcome_unknown: false,
             lease: None,
+            snapshot: None,
         });
     }
 
@@ -228,6 +248,15 @@ impl LadderStatus {
     pub fn running(&mut self, operation: OperationRef, first_poll: Timestamp) {
         if let Some(c) = &mut self.current {
             c.phase = ExecutionPhase::Running;
+            c.operation = Some(operation);
+            c.next_poll_at = Some(Time(first_poll));
+        }
+    }
+
+    /// The snapshot before the rung runs as `operation`: poll it from `first_poll` (the rung
+    /// stays in `Snapshotting`).
+    pub fn snapshot_running(&mut self, operation: OperationRef, first_poll: Timestamp) {
+        if let Some(c) = &mut self.current {
             c.operation = Some(operation);
             c.next_poll_at = Some(Time(first_poll));
         }
@@ -282,6 +311,39 @@ impl LadderStatus {
         self.next_action_at = Some(Time(next_action));
     }
 
+    /// Forgets the current rung, which never made its Azure call (its snapshot finished, or
+    /// the VM recovered meanwhile), without counting an attempt: the ladder decides again.
+    pub fn drop_unstarted(&mut self) {
+        if let Some(c) = self.current.take()
+            && self.incident_history().next().is_none()
+        {
+            self.ladder_starts.retain(|t| *t != c.started_at);
+        }
+    }
+
+    /// The snapshot taken for `step` that its next attempt may rely on: taken in this
+    /// incident for the same step, within [`REUSE_WITHIN`](super::snapshot::REUSE_WITHIN),
+    /// and not yet used by a call.
+    pub fn fresh_snapshot(&self, step: Step, now: Timestamp) -> Option<&SnapshotRecord> {
+        let since = self.incident_started_at.as_ref().map(ts)?;
+        self.snapshots.last().filter(|r| {
+            r.step == step
+                && !r.used
+                && ts(&r.taken_at) >= since
+                && now.duration_since(ts(&r.taken_at)).as_secs_f64()
+                    <= super::snapshot::REUSE_WITHIN.as_secs_f64()
+        })
+    }
+
+    /// Records a finished snapshot (bounded, oldest dropped first).
+    pub fn snapshot_taken(&mut self, record: SnapshotRecord) {
+        self.snapshots.push(record);
+        if self.snapshots.len() > super::snapshot::RECORD_LIMIT {
+            let extra = self.snapshots.len() - super::snapshot::RECORD_LIMIT;
+            self.snapshots.drain(..extra);
+        }
+    }
+
     /// Ends the current rung with `outcome`; the next rung waits until `next_action`.
     pub fn finish(
         &mut self,
@@ -298,6 +360,7 @@ impl LadderStatus {
                 finished_at: Time(now),
                 outcome,
                 message: message.or(c.message),
+                snapshot: c.snapshot,
             });
             if self.history.len() > HISTORY_LIMIT {
                 let extra = self.history.len() - HISTORY_LIMIT;
@@ -309,6 +372,14 @@ impl LadderStatus {
 
     /// The endpoint is reachable again: close the incident, crediting the rung in progress.
     pub fn recover(&mut self, now: Timestamp) -> Option<Step> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.phase == ExecutionPhase::Snapshotting)
+        {
+            // Only the snapshot ran: the rung never started and gets no credit.
+            self.drop_unstarted();
+        }
         let by = self.current.as_ref().map(|c| c.step);
         if by.is_some() {
             self.finish(RungOutcome::Fixed, None, now, None);

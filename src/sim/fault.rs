@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 /// | `platform_outage` | accepts, never answers | Resource Health `Unavailable`, context `Platform Initiated`, category `Unplanned` | nothing: wait; cleared at run time through the admin API |
 /// | `vm_stopped` | connection refused | instance view `PowerState/deallocated`; Resource Health `Unavailable` (context `Customer Initiated`, reason `User Initiated`) | not a ladder rung: starting the VM (`POST …/start`) clears it |
 /// | `health_unknown` | as its other faults make it | Resource Health `Unknown` (no signal) | a modifier: it never clears by itself; the ladder acts on the other evidence |
+/// | `snapshot_fails` | as its other faults make it | a snapshot of its OS disk ends `Failed` (`InternalDiskManagementError`) | a modifier: the rungs that need a snapshot first do not start |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fault {
@@ -43,11 +44,13 @@ pub enum Fault {
     VmStopped,
     /// Resource Health has no signal from the VM (`Unknown`).
     HealthUnknown,
+    /// Snapshots of the VM's OS disk fail (the operation ends `Failed`).
+    SnapshotFails,
 }
 
 impl Fault {
     /// Every fault, in a stable order.
-    pub const ALL: [Fault; 11] = [
+    pub const ALL: [Fault; 12] = [
         Self::RdpDisabled,
         Self::NsgBlocking,
         Self::TlsDisabled,
@@ -59,6 +62,7 @@ impl Fault {
         Self::PlatformOutage,
         Self::VmStopped,
         Self::HealthUnknown,
+        Self::SnapshotFails,
     ];
 
     /// The snake_case name used in scenarios and the admin API.
@@ -75,6 +79,7 @@ impl Fault {
             Self::PlatformOutage => "platform_outage",
             Self::VmStopped => "vm_stopped",
             Self::HealthUnknown => "health_unknown",
+            Self::SnapshotFails => "snapshot_fails",
         }
     }
 

@@ -5,6 +5,7 @@
 //! Embedded in tests with [`Simulator::start`]; run standalone with `rdphealth sim`.
 
 pub mod arm;
+pub mod disk;
 pub mod fault;
 pub mod guest;
 pub mod registry;
@@ -322,6 +323,7 @@ impl Simulator {
     /// `vm.retrievebootdiagnosticsdata`, `extension.get`, `extension.put`, `health.get`,
     /// `nic.get`, `nic.put`, `nsg.get`, `subnet.get`,
     /// `vnet.checkipaddressavailability`, `pip.get`, `watcher.ipflowverify`,
+    /// `snapshot.put`, `snapshot.get`, `snapshot.delete`, `snapshot.list`,
     /// `operation.status` (Azure-AsyncOperation polls), `operation.result` (Location polls),
     /// `token`, `blob.get`; plus `throttled` and `unauthorized` for rejected requests.
     pub fn counters(&self) -> BTreeMap<String, u64> {
@@ -362,6 +364,35 @@ impl Simulator {
             .lock()
             .dropped_responses
             .push((operation.to_string(), hold));
+    }
+
+    /// The write requests (PUT, POST, DELETE) received, by operation name, in order.
+    pub fn write_log(&self) -> Vec<String> {
+        self.shared.lock().writes.iter().cloned().collect()
+    }
+
+    /// The snapshots, as ARM returns them.
+    pub fn snapshots(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .lock()
+            .snapshots
+            .values()
+            .map(disk::Snapshot::json)
+            .collect()
+    }
+
+    /// Adds a finished snapshot (e.g. an old one, or one someone else made), as if created
+    /// at `time_created` (RFC 3339).
+    pub fn add_snapshot(&self, snapshot: disk::Snapshot) {
+        let mut w = self.shared.lock();
+        let k = world::key(&snapshot.sub, &snapshot.rg, &snapshot.name);
+        w.snapshots.insert(k, snapshot);
+    }
+
+    /// The id of a VM's OS disk.
+    pub fn os_disk_id(&self, vm: &str) -> Option<String> {
+        let w = self.shared.lock();
+        w.vms.get(&vm.to_ascii_lowercase()).map(disk::os_disk_id)
     }
 
     /// Token exchanges answered and fingerprints of the credentials presented.

@@ -22,6 +22,9 @@ use crate::{
     evidence::nsg as nsg_eval,
 };
 
+/// How many write requests the emulator remembers in order.
+pub const WRITE_LOG_LIMIT: usize = 10_000;
+
 /// The name of the rule the `nsg_blocking` fault adds.
 pub const BLOCKING_RULE: &str = "sim-deny-rdp";
 
@@ -415,6 +418,10 @@ pub struct World {
     pub dropped_responses: Vec<(String, std::time::Duration)>,
     /// Token endpoint log.
     pub tokens: TokenLog,
+    /// Snapshots by key.
+    pub snapshots: BTreeMap<String, super::disk::Snapshot>,
+    /// Names of the last write requests (PUT, POST, DELETE, PATCH), oldest first, bounded.
+    pub writes: std::collections::VecDeque<String>,
     next_id: u64,
     next_public: u32,
 }
@@ -465,6 +472,8 @@ impl World {
             http_faults: Vec::new(),
             dropped_responses: Vec::new(),
             tokens: TokenLog::default(),
+            snapshots: BTreeMap::new(),
+            writes: std::collections::VecDeque::new(),
             next_id: 0,
             next_public: 0,
         };
@@ -686,6 +695,14 @@ impl World {
         } else {
             Ipv4Addr::new(192, 0, 2, ((n - 250) % 250) as u8 + 1)
         }
+    }
+
+    /// Remembers a write request of `op`, in order (the last [`WRITE_LOG_LIMIT`]).
+    pub fn log_write(&mut self, op: &str) {
+        if self.writes.len() >= WRITE_LOG_LIMIT {
+            self.writes.pop_front();
+        }
+        self.writes.push_back(op.to_owned());
     }
 
     /// Counts one request of `op`.

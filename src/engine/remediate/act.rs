@@ -24,12 +24,15 @@ impl Remediator {
             ));
         }
         let status = &mut outcome.status;
-        if let Some((value, rung)) = &subject.approval
-            && *rung == step.rung
-        {
-            status.ladder.consumed_approval = Some(value.clone());
-        }
-        if disruptive {
+        // Snapshot before change: the rung's call waits for a snapshot taken for it.
+        let snapshot_first =
+            subject.spec.ladder.snapshots.enabled && crate::ladder::snapshot::needed(step.rung);
+        let snapshot = status
+            .ladder
+            .fresh_snapshot(step, now)
+            .map(|r| r.id.clone())
+            .filter(|_| snapshot_first);
+        if disruptive && snapshot.is_none() {
             // Evidence before disruption: it is in status; say so in an Event too.
             outcome.events.push(Event {
                 severity: Severity::Normal,
@@ -44,6 +47,25 @@ impl Remediator {
         if let Some(current) = status.ladder.current.as_mut() {
             current.lease = Some(term.clone());
         }
+        if snapshot_first && snapshot.is_none() {
+            return self
+                .take_snapshot(subject, vm, step, &term, outcome, sink, now)
+                .await;
+        }
+        // The approval is used by the call, not by the snapshot before it.
+        if let Some((value, rung)) = &subject.approval
+            && *rung == step.rung
+        {
+            status.ladder.consumed_approval = Some(value.clone());
+        }
+        if let Some(id) = &snapshot {
+            if let Some(current) = status.ladder.current.as_mut() {
+                current.snapshot = Some(id.clone());
+            }
+            if let Some(record) = status.ladder.snapshots.last_mut() {
+                record.used = true;
+            }
+        }
         set(
             status,
             types::REMEDIATING,
@@ -52,25 +74,20 @@ impl Remediator {
             format!("{step} started"),
             now,
         );
-        if let Err(e) = sink.persist(status).await {
-            // Nothing was called: forget the intent so the next reconcile decides again (on
-            // fresh data, when the write lost a race with another one).
-            status.ladder.current = None;
-            self.fleet.release(&vm.subscription, subject.key);
-            return Err(RemediateError::Persist(e));
-        }
-        if self.leadership.term().as_ref() != Some(&term) {
-            // The lease was lost while the intent was written: the call is not made. The next
-            // leader finds the intent and settles it as of unknown outcome, never re-sending.
-            return Err(RemediateError::NotLeader);
-        }
+        self.store_intent(subject, vm, &term, status, sink).await?;
         outcome.events.push(Event {
             severity: Severity::Normal,
             reason: "RemediationStarted",
-            note: format!(
-                "{step} started (attempt {})",
-                status.ladder.attempts_of(step)
-            ),
+            note: match &snapshot {
+                Some(id) => format!(
+                    "{step} started (attempt {}) after OS-disk snapshot {id}",
+                    status.ladder.attempts_of(step)
+                ),
+                None => format!(
+                    "{step} started (attempt {})",
+                    status.ladder.attempts_of(step)
+                ),
+            },
         });
         match self.call(subject, vm, step, now).await {
             Ok((op, note)) => {
@@ -137,6 +154,31 @@ impl Remediator {
                 now,
             )),
         }
+    }
+
+    /// Persists the intent in `status`, then asks for leadership again: only when both hold
+    /// may the Azure call (the rung's, or the snapshot before it) be made.
+    pub(super) async fn store_intent(
+        &self,
+        subject: &Subject<'_>,
+        vm: &VmRef,
+        term: &LeaseTerm,
+        status: &mut RdpHealthStatus,
+        sink: &dyn StatusSink,
+    ) -> Result<(), RemediateError> {
+        if let Err(e) = sink.persist(status).await {
+            // Nothing was called: forget the intent so the next reconcile decides again (on
+            // fresh data, when the write lost a race with another one).
+            status.ladder.current = None;
+            self.fleet.release(&vm.subscription, subject.key);
+            return Err(RemediateError::Persist(e));
+        }
+        if self.leadership.term().as_ref() != Some(term) {
+            // The lease was lost while the intent was written: the call is not made. The next
+            // leader finds the intent and settles it as of unknown outcome, never re-sending.
+            return Err(RemediateError::NotLeader);
+        }
+        Ok(())
     }
 
     pub(super) async fn call(

@@ -5,6 +5,15 @@ use super::messages::{
 };
 use super::*;
 
+/// The current rung waits for the OS-disk snapshot before it.
+fn snapshotting(status: &RdpHealthStatus) -> bool {
+    status
+        .ladder
+        .current
+        .as_ref()
+        .is_some_and(|c| c.phase == crate::ladder::ExecutionPhase::Snapshotting)
+}
+
 /// How long a rung of unknown outcome may wait for Azure to show that it is done.
 const UNKNOWN_OUTCOME_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -183,7 +192,17 @@ impl Remediator {
                 }
                 Continue::Until(now.checked_add(Duration::from_secs(60)).unwrap_or(now))
             }
+            Decision::Poll if snapshotting(status) => {
+                self.poll_snapshot(subject, vm, outcome, now).await
+            }
             Decision::Poll => self.poll(subject, vm, status, events, now).await,
+            Decision::AbandonRequest if snapshotting(status) => self.snapshot_failed(
+                subject,
+                vm,
+                outcome,
+                "the operator stopped while requesting it; its outcome is unknown and it is not requested again".into(),
+                now,
+            ),
             Decision::AbandonRequest => {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 status.ladder.settle_unknown(until, "the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into());

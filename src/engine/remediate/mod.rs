@@ -15,6 +15,9 @@ mod fleet;
 mod messages;
 mod poll;
 mod refusal;
+mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 
 use std::{
     collections::BTreeMap,
@@ -318,6 +321,7 @@ impl Remediator {
                 Continue::Done => break,
             }
         }
+        self.prune_if_due(subject, &vm, outcome, now).await;
         self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
         self.phase(outcome, reachability, recovered.is_some());
         if let Some(until) = wait {

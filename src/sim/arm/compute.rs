@@ -180,7 +180,8 @@ fn vm_json(w: &World, vm: &Vm, expand: bool) -> Value {
         "hardwareProfile": { "vmSize": "Standard_B2s" },
         "osProfile": { "computerName": vm.name, "adminUsername": vm.admin_user },
         "networkProfile": { "networkInterfaces": [ { "id": nic_id, "properties": { "primary": true } } ] },
-        "diagnosticsProfile": { "bootDiagnostics": { "enabled": vm.boot_diagnostics } }
+        "diagnosticsProfile": { "bootDiagnostics": { "enabled": vm.boot_diagnostics } },
+        "storageProfile": crate::sim::disk::storage_profile(vm)
     });
     if expand {
         props["instanceView"] = instance_view(vm);

@@ -3,6 +3,7 @@
 
 mod compute;
 mod network;
+mod snapshot;
 mod token;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -205,6 +206,12 @@ enum Route {
         id: String,
         monitor: bool,
     },
+    /// `Microsoft.Compute/snapshots[/{name}]` of a resource group.
+    Snapshot {
+        sub: String,
+        rg: String,
+        name: Option<String>,
+    },
     Token {
         tenant: String,
     },
@@ -245,6 +252,18 @@ impl Route {
                 provider: seg[3].to_owned(),
                 id: seg[7].to_owned(),
                 monitor,
+            });
+        }
+        if l(2) == Some("resourcegroups")
+            && l(4) == Some("providers")
+            && l(5) == Some("microsoft.compute")
+            && l(6) == Some("snapshots")
+            && (7..=8).contains(&seg.len())
+        {
+            return Some(Self::Snapshot {
+                sub,
+                rg: seg[3].to_owned(),
+                name: seg.get(7).map(|s| (*s).to_owned()),
             });
         }
         if l(2) != Some("resourcegroups") || l(4) != Some("providers") || seg.len() < 8 {
@@ -304,6 +323,8 @@ impl Route {
                     Some(action) => format!("{short}.{action}"),
                 }
             }
+            Self::Snapshot { name: None, .. } => "snapshot.list".into(),
+            Self::Snapshot { .. } => format!("snapshot.{}", m.to_ascii_lowercase()),
             Self::Operation { monitor: false, .. } => "operation.status".into(),
             Self::Operation { monitor: true, .. } => "operation.result".into(),
             Self::Token { .. } => "token".into(),
@@ -313,9 +334,10 @@ impl Route {
 
     fn subscription(&self) -> Option<&str> {
         match self {
-            Self::Vm { sub, .. } | Self::Network { sub, .. } | Self::Operation { sub, .. } => {
-                Some(sub)
-            }
+            Self::Vm { sub, .. }
+            | Self::Network { sub, .. }
+            | Self::Operation { sub, .. }
+            | Self::Snapshot { sub, .. } => Some(sub),
             _ => None,
         }
     }
@@ -351,7 +373,13 @@ async fn arm(
         );
     };
     let op = route.op_name(&method);
-    s.lock().count(&op);
+    {
+        let mut w = s.lock();
+        w.count(&op);
+        if method != Method::GET {
+            w.log_write(&op);
+        }
+    }
     match &route {
         Route::Token { tenant } => return token::token(&s, tenant, &body),
         Route::Blob { vm, file } => return blob(&s, vm, file, &query),
@@ -460,6 +488,17 @@ async fn arm(
             id,
             monitor,
         } => operation(&s, &sub, &provider, &id, monitor),
+        Route::Snapshot { sub, rg, name } => {
+            let call = Call {
+                s: &s,
+                method: &method,
+                sub: &sub,
+                rg: &rg,
+                query: &query,
+                body: &body,
+            };
+            snapshot::snapshot_route(call, name.as_deref())
+        }
         Route::Token { .. } | Route::Blob { .. } => {
             error(StatusCode::NOT_FOUND, "NotFound", "unreachable route")
         }
