@@ -176,7 +176,7 @@ impl Metrics {
             remediations: IntCounterVec::new(
                 Opts::new(
                     "rdphealth_remediations_total",
-                    "Remediation rungs, by rung and result (started, fixed, not_fixed, failed, unknown).",
+                    "Remediation rungs, by rung and result (started, fixed, not_fixed, failed, unknown, applied).",
                 ),
                 &["rung", "result"],
             )
@@ -254,7 +254,7 @@ impl Metrics {
         Ok(())
     }
 
-    /// Counts one rung transition (`result`: started, fixed, not_fixed, failed, unknown).
+    /// Counts one rung transition (`result`: started, fixed, not_fixed, failed, unknown, applied).
     pub fn remediation(&self, rung: Rung, result: &str) {
         self.remediations
             .with_label_values(&[rung.as_str(), result])

@@ -88,6 +88,8 @@ pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Opt
         ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
         ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
         ExecutionPhase::Settling => c.settle_until.as_ref().map(|t| t.0),
+        // The restart is decided on the probes' own reconciles.
+        ExecutionPhase::AwaitingRestart => None,
     });
     let backoff = ladder
         .next_action_at

@@ -6,6 +6,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
+    restart::{self, RestartHold},
     rung::{GuestRepair, Rung, Step},
     spec::{Backoff, Window},
     status::{ExecutionPhase, LadderStatus},
@@ -362,6 +363,14 @@ pub enum Decision {
     AbandonRequest,
     /// Settling is over and the endpoint is still unreachable: the rung did not fix it.
     NotFixed,
+    /// An applied repair needs a restart of the VM that the operator may not do now: the
+    /// ladder waits for a person (or a permission) and runs no other rung meanwhile.
+    RestartRequired {
+        /// The applied repair.
+        repair: GuestRepair,
+        /// Why the operator does not restart the VM itself.
+        hold: RestartHold,
+    },
     /// DryRun: this is the step that would run.
     Plan(Step),
     /// Auto: record the intent for this step, then call Azure.
@@ -476,6 +485,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 },
                 _ => Decision::NotFixed,
             },
+            ExecutionPhase::AwaitingRestart => restart::after_repair(s, current.step),
         };
     }
     // Whatever answers on the address is not this VM: nothing done to this VM is justified
@@ -522,6 +532,13 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     let Some(step) = next_step(s, evidence) else {
         return Decision::GiveUp(exhausted(s, evidence));
     };
+    gate_and_act(s, step)
+}
+
+/// The last gates before `step` runs: for a disruptive rung the maintenance window and the
+/// storm breaker; DryRun plans; only the leader acts; a disruptive rung waits out the fleet's
+/// grace period and needs a free fleet slot.
+pub(super) fn gate_and_act(s: &Situation<'_>, step: Step) -> Decision {
     if step.rung.is_disruptive() {
         if !s.policy.windows.is_empty() && !s.policy.windows.iter().any(|w| w.contains(s.now)) {
             return Decision::Suspended(Suspension::OutsideMaintenanceWindow);
@@ -741,7 +758,7 @@ fn new_ladder_gate(s: &Situation<'_>) -> Option<Decision> {
     None
 }
 
-fn permitted(s: &Situation<'_>, rung: Rung) -> bool {
+pub(super) fn permitted(s: &Situation<'_>, rung: Rung) -> bool {
     !rung.is_disruptive() || s.policy.allowed_disruptive.contains(&rung) || s.approval == Some(rung)
 }
 
@@ -753,7 +770,7 @@ fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
     plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
         .find(|step| {
-            s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung
+            restart::attempts(s.ladder, *step) < s.policy.max_attempts_per_rung
                 && agent_ok(e, step.rung)
                 && permitted(s, step.rung)
         })
@@ -762,7 +779,7 @@ fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
 fn exhausted(s: &Situation<'_>, e: &Evidence) -> GiveUp {
     let remaining: Vec<Step> = plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
-        .filter(|step| s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung)
+        .filter(|step| restart::attempts(s.ladder, *step) < s.policy.max_attempts_per_rung)
         .collect();
     let mut need_permission: Vec<Rung> = remaining
         .iter()

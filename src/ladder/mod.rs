@@ -4,6 +4,7 @@
 pub mod decide;
 pub mod fleet;
 pub mod nsg_repair;
+pub mod restart;
 pub mod rung;
 pub mod spec;
 pub mod status;
@@ -18,6 +19,7 @@ pub use self::{
         Blocker, Decision, Gates, GiveUp, Incident, LadderPolicy, Mode, Reachability, Situation,
         Suspension, WaitReason, decide, plan,
     },
+    restart::RestartHold,
     rung::{GuestRepair, Rung, Step},
     spec::{Backoff, LadderSpecError},
     status::{

@@ -148,7 +148,8 @@ impl fmt::Display for GuestRepair {
 pub struct Step {
     /// The rung.
     pub rung: Rung,
-    /// The in-guest repair, for `RepairGuest`.
+    /// The in-guest repair: for `RepairGuest` the repair to run; for `Restart` the repair
+    /// whose changes need this restart (`restart=required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repair: Option<GuestRepair>,
 }
@@ -166,13 +167,30 @@ impl Step {
             repair: Some(repair),
         }
     }
+
+    /// The restart an applied repair needs (a `Restart`, counted and gated as one).
+    pub fn restart_after(repair: GuestRepair) -> Self {
+        Self {
+            rung: Rung::Restart,
+            repair: Some(repair),
+        }
+    }
+
+    /// The step a recovery is credited to: a restart that followed a repair credits the repair.
+    pub fn credited(self) -> Self {
+        match (self.rung, self.repair) {
+            (Rung::Restart, Some(repair)) => Self::repair(repair),
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.repair {
-            Some(r) => write!(f, "{}({})", self.rung, r),
-            None => write!(f, "{}", self.rung),
+        match (self.rung, self.repair) {
+            (Rung::Restart, Some(r)) => write!(f, "{}(after {})", self.rung, r),
+            (_, Some(r)) => write!(f, "{}({})", self.rung, r),
+            (_, None) => write!(f, "{}", self.rung),
         }
     }
 }

@@ -33,6 +33,10 @@ pub enum ExecutionPhase {
     Running,
     /// The operation finished; waiting `settleTime` before judging the probe.
     Settling,
+    /// An in-guest repair's changes were applied and take effect only after the VM
+    /// restarts (`restart=required`): the restart follows under the `Restart` rung's rules,
+    /// and until then no other rung runs.
+    AwaitingRestart,
 }
 
 /// The rung in progress.
@@ -90,6 +94,9 @@ pub enum RungOutcome {
     NotFixed,
     /// The Azure operation failed.
     Failed,
+    /// An in-guest repair was applied and needs a restart of the VM to take effect; the
+    /// restart that follows is recorded as its own rung (`Restart` with the repair's name).
+    Applied,
     /// The operator restarted or lost leadership while the call was being made; whether it
     /// ran is unknown, so it was not repeated.
     Unknown,
@@ -102,6 +109,7 @@ impl RungOutcome {
             Self::Fixed => "fixed",
             Self::NotFixed => "not_fixed",
             Self::Failed => "failed",
+            Self::Applied => "applied",
             Self::Unknown => "unknown",
         }
     }
@@ -201,8 +209,16 @@ impl LadderStatus {
         }
     }
 
-    /// Records the intent to run `step`, before any Azure call.
+    /// Records the intent to run `step`, before any Azure call. A repair awaiting its restart
+    /// is recorded `Applied` first: the restart that starts now is its own rung.
     pub fn start(&mut self, step: Step, now: Timestamp) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.phase == ExecutionPhase::AwaitingRestart)
+        {
+            self.finish(RungOutcome::Applied, None, now, None);
+        }
         if self.incident_history().next().is_none() && self.current.is_none() {
             self.ladder_starts.push(Time(now));
         }
@@ -247,6 +263,17 @@ impl LadderStatus {
             c.next_poll_at = None;
             c.settle_until = Some(Time(until));
             c.message = message;
+        }
+    }
+
+    /// The repair's changes were applied and need a restart of the VM: no settling (nothing
+    /// changes until the restart), the ladder decides the restart next.
+    pub fn await_restart(&mut self, message: String) {
+        if let Some(c) = &mut self.current {
+            c.phase = ExecutionPhase::AwaitingRestart;
+            c.next_poll_at = None;
+            c.settle_until = None;
+            c.message = Some(message);
         }
     }
 
@@ -307,9 +334,10 @@ impl LadderStatus {
         self.next_action_at = next_action.map(Time);
     }
 
-    /// The endpoint is reachable again: close the incident, crediting the rung in progress.
+    /// The endpoint is reachable again: close the incident, crediting the rung in progress
+    /// (a restart that followed a repair credits the repair).
     pub fn recover(&mut self, now: Timestamp) -> Option<Step> {
-        let by = self.current.as_ref().map(|c| c.step);
+        let by = self.current.as_ref().map(|c| c.step.credited());
         if by.is_some() {
             self.finish(RungOutcome::Fixed, None, now, None);
         }

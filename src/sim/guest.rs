@@ -5,7 +5,7 @@
 //! and service fixes of Microsoft's RDP guides.
 
 use super::{fault::Fault, registry::Registry, world::Vm};
-use crate::guest::changes::{self, Change, Plan, RDP_TCP, RegValue, TERMINAL_SERVER};
+use crate::guest::changes::{self, Change, Plan, RDP_TCP, RegValue, Restart, TERMINAL_SERVER};
 
 /// Largest output Azure returns (the tail is kept).
 const MAX_OUTPUT: usize = 4096;
@@ -46,20 +46,36 @@ fn read_faults(vm: &mut Vm) {
     }
 }
 
+/// The guest (re)booted: registry changes that waited for a restart take effect now.
+pub fn boot(vm: &mut Vm) {
+    if vm.restart_pending {
+        vm.restart_pending = false;
+        read_faults(vm);
+    }
+}
+
 /// Runs `script` (or the built-in `command`) on `vm`; returns standard output.
 pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
-    show_faults(vm);
+    if !vm.restart_pending {
+        show_faults(vm);
+    }
     if is_evidence_query(script) {
         // The operator's read-only evidence query: answer in its line format, change nothing.
         return tail(evidence_query(vm).join("\n"));
     }
     if let Some(plan) = changes::parse_script(script) {
         let out = apply(vm, &plan);
-        read_faults(vm);
+        // Changes read at boot wait for the restart the plan declares; others act at once.
+        match plan.restart {
+            Restart::Required => vm.restart_pending = true,
+            Restart::None => read_faults(vm),
+        }
         return tail(out.join("\r\n"));
     }
     let out = keyword_script(vm, command, script);
-    show_faults(vm);
+    if !vm.restart_pending {
+        show_faults(vm);
+    }
     tail(out.join("\n"))
 }
 
@@ -418,6 +434,8 @@ mod tests {
                 let before = snapshot(&w.vms["vm"].registry);
                 let plan = changes::plan(repair, consent);
                 let out = run(&mut w, &changes::script_for(&plan));
+                let vm = w.vms.get_mut("vm").unwrap();
+                boot(vm);
                 let vm = &w.vms["vm"];
                 assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
                 assert!(
@@ -488,6 +506,7 @@ mod tests {
 
         let mut w = world("flapping");
         run(&mut w, &changes::script_for(&plan));
+        boot(w.vms.get_mut("vm").unwrap());
         assert!(matches!(
             w.behaviour("vm"),
             crate::sim::fault::Behaviour::Healthy { .. }
@@ -552,6 +571,35 @@ mod tests {
             (Change::Set { key: x, .. }, Change::Set { key: y, .. }) => x == y,
             _ => a == b,
         }
+    }
+
+    #[test]
+    fn changes_that_need_a_restart_take_effect_at_the_next_boot() {
+        let mut w = world("tls_disabled");
+        let plan = changes::plan(GuestRepair::EnableTls12, false);
+        assert_eq!(plan.restart, Restart::Required);
+        let out = run(&mut w, &changes::script_for(&plan));
+        assert!(out.ends_with("restart=required"), "{out}");
+        let vm = w.vms.get_mut("vm").unwrap();
+        assert!(
+            vm.faults.contains(&Fault::TlsDisabled),
+            "SCHANNEL reads it at boot"
+        );
+        assert!(vm.restart_pending);
+        // The registry already holds the new values; another script does not undo them.
+        let query: Vec<String> = crate::evidence::guest::QUERY_SCRIPT
+            .lines()
+            .map(str::to_string)
+            .collect();
+        run_script(vm, "RunPowerShellScript", &query);
+        assert!(!vm.registry.tls12_disabled());
+        boot(vm);
+        assert!(!vm.faults.contains(&Fault::TlsDisabled));
+        assert!(!vm.restart_pending);
+        assert!(matches!(
+            w.behaviour("vm"),
+            crate::sim::fault::Behaviour::Healthy { .. }
+        ));
     }
 
     #[test]

@@ -97,6 +97,10 @@ pub struct Vm {
     pub rebooting: bool,
     /// Incremented on every reboot; open connections of an older boot are dropped.
     pub boot: u64,
+    /// An applied repair declared `restart=required`: its registry changes take effect at the
+    /// next boot (SCHANNEL and the listener read them then), so until then the faults stay
+    /// and are not written back into the registry.
+    pub restart_pending: bool,
     /// The responder's loopback port.
     pub port: u16,
     /// Connections accepted (drives flapping).
@@ -607,6 +611,7 @@ impl World {
             run_command_busy: false,
             rebooting: false,
             boot: 0,
+            restart_pending: false,
             port: 0,
             connections: 0,
             password_resets: 0,

@@ -2,6 +2,7 @@
 
 use super::messages::{set, summarize};
 use super::*;
+use crate::guest::changes::Restart;
 
 impl Remediator {
     pub(super) async fn act(
@@ -347,9 +348,16 @@ pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
     crate::guest::changes::script(repair, allow_insecure)
 }
 
-/// The applier's report as the rung's message; `Err` when the rung failed.
-pub(super) fn script_result(stdout: &str) -> Result<String, String> {
-    crate::guest::report::parse(stdout).verdict()
+/// The applier's report as the rung's message and whether the VM must restart for the
+/// changes to take effect; `Err` when the rung failed.
+pub(super) fn script_result(stdout: &str) -> Result<(String, Restart), String> {
+    let report = crate::guest::report::parse(stdout);
+    let message = report.verdict()?;
+    let restart = match report.outcome {
+        crate::guest::report::Outcome::Ok { restart } => restart,
+        _ => Restart::None,
+    };
+    Ok((message, restart))
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@ use super::{
     act::script_result,
     messages::{current, set},
 };
-use crate::engine::gather::{UNTRUSTED_OPERATION_URL, untrusted_url};
+use crate::{
+    engine::gather::{UNTRUSTED_OPERATION_URL, untrusted_url},
+    guest::changes::Restart,
+};
 
 impl Remediator {
     pub(super) async fn poll(
@@ -43,7 +46,11 @@ impl Remediator {
                 let message = match result {
                     crate::azure::OperationResult::RunCommand(out) => {
                         match script_result(&out.stdout) {
-                            Ok(message) => Some(message),
+                            // The changes take effect at boot: the restart comes next.
+                            Ok((message, Restart::Required)) => {
+                                return self.restart_required(status, events, message, now);
+                            }
+                            Ok((message, Restart::None)) => Some(message),
                             // A change failed or the applier did not finish: the rung failed,
                             // naming the change; nothing after it ran.
                             Err(message) => {
