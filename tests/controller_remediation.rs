@@ -1469,6 +1469,71 @@ async fn a_repair_whose_restart_is_not_permitted_waits_for_a_person() {
     sim.shutdown().await;
 }
 
+/// An expired certificate on a VM that still answers: renewing it restarts TermService and
+/// drops every session, so it waits for Restart's permission; an approval of Restart runs the
+/// renewal and the restart it needs, and the MachineKeys ACL backup is recorded in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_the_certificate_of_a_reachable_vm_needs_restarts_permission() {
+    let (sim, api, op) = start_one(
+        "{ name: vm-cert, nic: { subnet: vnet/s }, faults: [certificate_expired] }",
+        "cert",
+        "vm-cert",
+        json!({
+            "mode": "Auto", "ladder": ["RepairGuest", "Restart"], "cooldown": "1s",
+            "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+        }),
+    )
+    .await;
+    let s = wait_status(&api, "cert", "LadderExhausted", |s| {
+        condition(s, "LadderExhausted").is_some_and(|c| c["status"] == "True")
+    })
+    .await;
+    let message = condition(&s, "LadderExhausted").unwrap()["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("needs permission: Restart"),
+        "{message}"
+    );
+    assert_eq!(
+        sim.count("vm.runcommand"),
+        sim.guest_queries(),
+        "no repair ran inside the VM"
+    );
+
+    api.patch(
+        "rdphealths",
+        NS,
+        "cert",
+        json!({"metadata": {"annotations": {"rdphealth.io/approve": "Restart/ticket-9"}}}),
+    );
+    let s = wait_status(&api, "cert", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["repair"], "RenewRdpCertificate",
+        "{s:#}"
+    );
+    assert_eq!(s["ladder"]["consumedApproval"], "Restart/ticket-9");
+    let renewal = &s["ladder"]["history"][0];
+    assert_eq!(renewal["step"]["repair"], "RenewRdpCertificate", "{s:#}");
+    assert!(
+        renewal["aclBackup"]
+            .as_str()
+            .is_some_and(|b| b.starts_with(r"C:\Windows\Temp\rdphealth-acl-")),
+        "{s:#}"
+    );
+    assert_eq!(sim.count("vm.runcommand"), sim.guest_queries() + 1);
+    assert!(
+        sim.count("vm.restart") <= 1,
+        "at most the renewal's own restart"
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_url_that_is_not_arms_is_never_polled() {
     // Restart takes long enough here that the operator stops while it runs.

@@ -51,6 +51,8 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         message: None,
         outcome_unknown: false,
         lease: None,
+        drops_sessions: false,
+        acl_backup: None,
     }
 }
 

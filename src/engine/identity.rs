@@ -236,6 +236,7 @@ mod tests {
             finished_at: Time(at(1020)),
             outcome: crate::ladder::RungOutcome::Fixed,
             message: None,
+            acl_backup: None,
         });
         assert!(
             identity_due(&spec, Some(&redeployed), &ep, at(1030)),

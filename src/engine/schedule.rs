@@ -205,6 +205,8 @@ mod tests {
             message: None,
             outcome_unknown: false,
             lease: None,
+            drops_sessions: false,
+            acl_backup: None,
         });
         status
     }

@@ -234,6 +234,14 @@ pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan
     }
 }
 
+/// Whether `repair` restarts TermService, which drops every RDP session: on a VM that is
+/// still reachable that is disruptive.
+pub fn restarts_term_service(repair: GuestRepair) -> bool {
+    plan(repair, false).changes.iter().any(|c| {
+        matches!(c, Change::RestartService { service } if service.eq_ignore_ascii_case("TermService"))
+    })
+}
+
 /// A PowerShell single-quoted string literal.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))

@@ -418,9 +418,11 @@ pub fn plan(
         }
     }
     match reason {
+        // A TLS failure alone (a middlebox may time it out) is no evidence against the
+        // certificate: its renewal resets MachineKeys ACLs and restarts TermService, so it
+        // waits for the guest's events or the certificate itself to say so.
         Some(FailureReason::TlsHandshakeFailed | FailureReason::TlsTimeout) => {
             targeted.push(Step::repair(GuestRepair::EnableTls12));
-            targeted.push(Step::repair(GuestRepair::RenewRdpCertificate));
         }
         Some(FailureReason::NegotiationFailure) if failure.and_then(|f| f.code) == Some(3) => {
             targeted.push(Step::repair(GuestRepair::RenewRdpCertificate));
@@ -485,7 +487,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 },
                 _ => Decision::NotFixed,
             },
-            ExecutionPhase::AwaitingRestart => restart::after_repair(s, current.step),
+            ExecutionPhase::AwaitingRestart => restart::after_repair(s, current),
         };
     }
     // Whatever answers on the address is not this VM: nothing done to this VM is justified
@@ -513,7 +515,8 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     // An exhausted ladder stays stopped, unless a one-time approval unlocks the rung it
     // needed (LadderExhausted names the rungs that need permission).
     let approved = s.approval.is_some()
-        && next_step(s, evidence).is_some_and(|step| Some(step.rung) == s.approval);
+        && next_step(s, evidence)
+            .is_some_and(|step| Some(step.permission_rung(vm_reachable(s))) == s.approval);
     if s.ladder.exhausted && !approved {
         return Decision::GiveUp(exhausted(s, evidence));
     }
@@ -539,7 +542,8 @@ pub fn decide(s: &Situation<'_>) -> Decision {
 /// storm breaker; DryRun plans; only the leader acts; a disruptive rung waits out the fleet's
 /// grace period and needs a free fleet slot.
 pub(super) fn gate_and_act(s: &Situation<'_>, step: Step) -> Decision {
-    if step.rung.is_disruptive() {
+    let disruptive = step.is_disruptive(vm_reachable(s));
+    if disruptive {
         if !s.policy.windows.is_empty() && !s.policy.windows.iter().any(|w| w.contains(s.now)) {
             return Decision::Suspended(Suspension::OutsideMaintenanceWindow);
         }
@@ -553,9 +557,7 @@ pub(super) fn gate_and_act(s: &Situation<'_>, step: Step) -> Decision {
     if !s.gates.leader {
         return Decision::Suspended(Suspension::NotLeader);
     }
-    if step.rung.is_disruptive()
-        && let Some(started) = &s.ladder.incident_started_at
-    {
+    if disruptive && let Some(started) = &s.ladder.incident_started_at {
         let until = add(started.0, s.gates.disruptive_grace);
         if until > s.now {
             return Decision::Wait {
@@ -564,7 +566,7 @@ pub(super) fn gate_and_act(s: &Situation<'_>, step: Step) -> Decision {
             };
         }
     }
-    if step.rung.is_disruptive() && !s.gates.disruptive_slot_free {
+    if disruptive && !s.gates.disruptive_slot_free {
         return Decision::Wait {
             until: add(s.now, Duration::from_secs(30)),
             reason: WaitReason::FleetSlot,
@@ -758,8 +760,29 @@ fn new_ladder_gate(s: &Situation<'_>) -> Option<Decision> {
     None
 }
 
+/// Keeps the first of each rung, in order.
+fn dedup(rungs: &mut Vec<Rung>) {
+    let mut seen = Vec::new();
+    rungs.retain(|r| {
+        let new = !seen.contains(r);
+        seen.push(*r);
+        new
+    });
+}
+
 pub(super) fn permitted(s: &Situation<'_>, rung: Rung) -> bool {
     !rung.is_disruptive() || s.policy.allowed_disruptive.contains(&rung) || s.approval == Some(rung)
+}
+
+/// The VM still answers (flapping, expired certificate): users may be connected.
+pub(super) fn vm_reachable(s: &Situation<'_>) -> bool {
+    s.incident != Incident::Outage
+}
+
+/// Whether `step` may run: its rung's permission, or `Restart`'s for a repair that drops the
+/// sessions of a reachable VM.
+fn step_permitted(s: &Situation<'_>, step: Step) -> bool {
+    permitted(s, step.permission_rung(vm_reachable(s)))
 }
 
 fn agent_ok(e: &Evidence, rung: Rung) -> bool {
@@ -772,7 +795,7 @@ fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
         .find(|step| {
             restart::attempts(s.ladder, *step) < s.policy.max_attempts_per_rung
                 && agent_ok(e, step.rung)
-                && permitted(s, step.rung)
+                && step_permitted(s, *step)
         })
 }
 
@@ -783,16 +806,16 @@ fn exhausted(s: &Situation<'_>, e: &Evidence) -> GiveUp {
         .collect();
     let mut need_permission: Vec<Rung> = remaining
         .iter()
-        .filter(|st| !permitted(s, st.rung))
-        .map(|st| st.rung)
+        .filter(|st| !step_permitted(s, **st))
+        .map(|st| st.permission_rung(vm_reachable(s)))
         .collect();
-    need_permission.dedup();
+    dedup(&mut need_permission);
     let mut need_agent: Vec<Rung> = remaining
         .iter()
         .filter(|st| !agent_ok(e, st.rung))
         .map(|st| st.rung)
         .collect();
-    need_agent.dedup();
+    dedup(&mut need_agent);
     GiveUp::Exhausted {
         need_permission,
         need_agent,

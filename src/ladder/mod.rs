@@ -10,6 +10,8 @@ pub mod spec;
 pub mod status;
 
 #[cfg(test)]
+mod evidence_tests;
+#[cfg(test)]
 mod pending_tests;
 #[cfg(test)]
 mod tests;

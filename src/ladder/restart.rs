@@ -10,7 +10,7 @@
 use super::{
     decide::{Decision, Mode, Situation, Suspension, gate_and_act, permitted},
     rung::{Rung, Step},
-    status::{LadderStatus, RungOutcome},
+    status::{LadderStatus, RungExecution, RungOutcome},
 };
 
 /// Why the operator does not restart the VM after a repair that needs it.
@@ -42,8 +42,10 @@ impl RestartHold {
 }
 
 /// The decision for a repair in `AwaitingRestart`: its restart, gated like the `Restart` rung.
-pub(super) fn after_repair(s: &Situation<'_>, repair_step: Step) -> Decision {
-    let Some(repair) = repair_step.repair else {
+/// A repair that already ran under `Restart`'s permission (it dropped the sessions of a
+/// reachable VM, allowed or approved as a restart) has it for its restart too.
+pub(super) fn after_repair(s: &Situation<'_>, current: &RungExecution) -> Decision {
+    let Some(repair) = current.step.repair else {
         // Only a repair awaits a restart; anything else is judged as settled.
         return Decision::NotFixed;
     };
@@ -51,7 +53,7 @@ pub(super) fn after_repair(s: &Situation<'_>, repair_step: Step) -> Decision {
         Some(RestartHold::ObserveOnly)
     } else if !s.policy.ladder.contains(&Rung::Restart) {
         Some(RestartHold::NotInLadder)
-    } else if !permitted(s, Rung::Restart) {
+    } else if !permitted(s, Rung::Restart) && !current.drops_sessions {
         Some(RestartHold::NotAllowed)
     } else {
         None
@@ -194,6 +196,7 @@ mod tests {
     #[case::not_allowed_waits_instead_of_moving_on(|c: &mut Case| c.policy.allowed_disruptive = vec![Rung::ResetNic, Rung::Redeploy], held(RestartHold::NotAllowed))]
     #[case::not_in_ladder(|c: &mut Case| c.policy.ladder.retain(|r| *r != Rung::Restart), held(RestartHold::NotInLadder))]
     #[case::approved(|c: &mut Case| { c.policy.allowed_disruptive.clear(); c.approval = Some(Rung::Restart); }, restart())]
+    #[case::the_repair_ran_under_restarts_permission(|c: &mut Case| { c.policy.allowed_disruptive.clear(); c.ladder.current.as_mut().unwrap().drops_sessions = true; }, restart())]
     #[case::other_approval(|c: &mut Case| { c.policy.allowed_disruptive.clear(); c.approval = Some(Rung::Redeploy); }, held(RestartHold::NotAllowed))]
     #[case::observe(|c: &mut Case| c.policy.mode = Mode::Observe, held(RestartHold::ObserveOnly))]
     #[case::dry_run(|c: &mut Case| c.policy.mode = Mode::DryRun, Decision::Plan(Step::restart_after(TLS)))]

@@ -176,6 +176,31 @@ impl Step {
         }
     }
 
+    /// Whether the step disrupts users: a disruptive rung, or, on a VM that is still
+    /// reachable (`vm_reachable`), a repair that restarts TermService (every session drops).
+    pub fn is_disruptive(self, vm_reachable: bool) -> bool {
+        self.rung.is_disruptive() || (vm_reachable && self.drops_sessions())
+    }
+
+    /// A repair that restarts TermService.
+    pub fn drops_sessions(self) -> bool {
+        self.rung == Rung::RepairGuest
+            && self
+                .repair
+                .is_some_and(crate::guest::changes::restarts_term_service)
+    }
+
+    /// The rung whose permission the step needs: a repair that drops the sessions of a
+    /// reachable VM needs `Restart`'s (restarting TermService disrupts users as a restart
+    /// does, and the repair's own restart follows it).
+    pub fn permission_rung(self, vm_reachable: bool) -> Rung {
+        if vm_reachable && self.drops_sessions() {
+            Rung::Restart
+        } else {
+            self.rung
+        }
+    }
+
     /// The step a recovery is credited to: a restart that followed a repair credits the repair.
     pub fn credited(self) -> Self {
         match (self.rung, self.repair) {

@@ -72,6 +72,20 @@ pub struct RungExecution {
     /// term here knows it inherited the rung from an earlier leader.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseTerm>,
+    /// The step restarts TermService on a VM that was reachable when it started (every
+    /// session drops): it is disruptive although its rung is not, and holds a fleet slot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drops_sessions: bool,
+    /// Where the guest saved the previous MachineKeys ACL before resetting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_backup: Option<String>,
+}
+
+impl RungExecution {
+    /// Disruptive: a disruptive rung, or a step that drops the sessions of a reachable VM.
+    pub fn is_disruptive(&self) -> bool {
+        self.step.rung.is_disruptive() || self.drops_sessions
+    }
 }
 
 /// One term of leadership over the operator's Lease.
@@ -132,6 +146,10 @@ pub struct RungRecord {
     /// Detail (Azure error code and message, script result).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where the guest saved the previous MachineKeys ACL before resetting it (the backup a
+    /// person restores with `icacls … /restore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_backup: Option<String>,
 }
 
 /// The remediation ladder's state.
@@ -237,6 +255,8 @@ impl LadderStatus {
             message: None,
             outcome_unknown: false,
             lease: None,
+            drops_sessions: false,
+            acl_backup: None,
         });
     }
 
@@ -325,6 +345,7 @@ impl LadderStatus {
                 finished_at: Time(now),
                 outcome,
                 message: message.or(c.message),
+                acl_backup: c.acl_backup,
             });
             if self.history.len() > HISTORY_LIMIT {
                 let extra = self.history.len() - HISTORY_LIMIT;

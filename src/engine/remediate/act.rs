@@ -18,7 +18,12 @@ impl Remediator {
         let Some(term) = self.leadership.term() else {
             return Err(RemediateError::NotLeader);
         };
-        let disruptive = step.rung.is_disruptive();
+        // Reachable unless the thresholds said otherwise (as `decide` saw the incident): a
+        // repair that restarts TermService then drops users' sessions.
+        let vm_reachable = conditions::status_of(&outcome.status.conditions, types::REACHABLE)
+            != Some(Status::False);
+        let drops_sessions = vm_reachable && step.drops_sessions();
+        let disruptive = step.is_disruptive(vm_reachable);
         if disruptive && !self.fleet.claim(&vm.subscription, subject.key) {
             return Ok(Continue::Until(
                 now.checked_add(Duration::from_secs(30)).unwrap_or(now),
@@ -26,7 +31,7 @@ impl Remediator {
         }
         let status = &mut outcome.status;
         if let Some((value, rung)) = &subject.approval
-            && *rung == step.rung
+            && *rung == step.permission_rung(vm_reachable)
         {
             status.ladder.consumed_approval = Some(value.clone());
         }
@@ -44,6 +49,7 @@ impl Remediator {
         status.ladder.start(step, now);
         if let Some(current) = status.ladder.current.as_mut() {
             current.lease = Some(term.clone());
+            current.drops_sessions = drops_sessions;
         }
         set(
             status,
@@ -348,16 +354,29 @@ pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
     crate::guest::changes::script(repair, allow_insecure)
 }
 
-/// The applier's report as the rung's message and whether the VM must restart for the
-/// changes to take effect; `Err` when the rung failed.
-pub(super) fn script_result(stdout: &str) -> Result<(String, Restart), String> {
+/// What the applier reported, for the rung.
+pub(super) struct ScriptResult {
+    /// The rung's message; `Err` when the rung failed.
+    pub verdict: Result<String, String>,
+    /// Whether the VM must restart for the changes to take effect.
+    pub restart: Restart,
+    /// Where the previous MachineKeys ACL was saved, if it was reset (also when a later
+    /// change failed).
+    pub acl_backup: Option<String>,
+}
+
+/// Parses the applier's standard output.
+pub(super) fn script_result(stdout: &str) -> ScriptResult {
     let report = crate::guest::report::parse(stdout);
-    let message = report.verdict()?;
     let restart = match report.outcome {
         crate::guest::report::Outcome::Ok { restart } => restart,
         _ => Restart::None,
     };
-    Ok((message, restart))
+    ScriptResult {
+        verdict: report.verdict(),
+        restart,
+        acl_backup: report.acl_backup().map(str::to_owned),
+    }
 }
 
 #[cfg(test)]

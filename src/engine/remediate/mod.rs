@@ -253,7 +253,7 @@ impl Remediator {
             .ladder
             .current
             .as_ref()
-            .is_some_and(|c| c.step.rung.is_disruptive());
+            .is_some_and(|c| c.is_disruptive());
         if !in_flight {
             self.fleet
                 .release_settled(subscription, key, CLAIM_SETTLE_AGE);
