@@ -50,6 +50,9 @@ pub mod conditions {
     /// The server requires Network Level Authentication (CredSSP); False (`NlaDisabled`) when
     /// clients can connect without it.
     pub const NLA_REQUIRED: &str = "NlaRequired";
+    /// True while `remediation.allowLegacyTls` lets a repair enable the TLS 1.0 and 1.1 server
+    /// protocols (a security finding); False once the opt-in is withdrawn.
+    pub const LEGACY_TLS_ALLOWED: &str = "LegacyTlsAllowed";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -386,6 +389,17 @@ pub struct RemediationSpec {
     /// MinEncryptionLevel=1) when repairing frequent disconnects.
     #[serde(default)]
     pub allow_insecure_listener_settings: bool,
+    /// Opt-in for legacy clients: `EnableTls12` also enables the TLS 1.0 and 1.1 server
+    /// protocols, as the "internal error" guide describes. Off by default; while on, the
+    /// object reports a security finding (`LegacyTlsAllowed`).
+    #[serde(default)]
+    pub allow_legacy_tls: bool,
+    /// Consent to restore the RDP listener's port when it differs from the port the VM is
+    /// probed on (`PortChanged`): `PortNumber` and the `RemoteDesktop-UserMode-In-TCP`
+    /// firewall rule are set back to the probed port and TermService is restarted. Off: the
+    /// changed port is reported with both ports.
+    #[serde(default)]
+    pub restore_rdp_port: bool,
     /// Enables the ResetPassword rung: the generated password is written to a Secret only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_reset: Option<PasswordResetSpec>,
@@ -406,6 +420,8 @@ impl Default for RemediationSpec {
             allow_start: false,
             nsg_repair: NsgRepairSpec::default(),
             allow_insecure_listener_settings: false,
+            allow_legacy_tls: false,
+            restore_rdp_port: false,
             password_reset: None,
         }
     }

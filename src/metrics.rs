@@ -444,7 +444,7 @@ pub const SUSPENSION_REASONS: [&str; 6] = [
 ];
 
 /// The `rdphealth_findings{kind}` label values.
-pub const FINDING_KINDS: [&str; 9] = [
+pub const FINDING_KINDS: [&str; 10] = [
     "certificate_expiring",
     "certificate_expired",
     "no_tls",
@@ -454,6 +454,7 @@ pub const FINDING_KINDS: [&str; 9] = [
     "wrong_host",
     "nla_disabled",
     "clock_skew",
+    "legacy_tls_allowed",
 ];
 
 /// The findings a status shows: certificate problems of the last probe (from the
@@ -473,6 +474,9 @@ pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
     }
     if conditions::status_of(&status.conditions, types::NLA_REQUIRED) == Some(Status::False) {
         kinds.push("nla_disabled");
+    }
+    if conditions::status_of(&status.conditions, types::LEGACY_TLS_ALLOWED) == Some(Status::True) {
+        kinds.push("legacy_tls_allowed");
     }
     let limit = i64::try_from(crate::probe::DEFAULT_MAX_CLOCK_SKEW.as_secs()).unwrap_or(300);
     if let Some(skew) = status.identity.as_ref().and_then(|i| i.clock_skew_seconds)

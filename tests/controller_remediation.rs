@@ -1534,6 +1534,82 @@ async fn renewing_the_certificate_of_a_reachable_vm_needs_restarts_permission() 
     sim.shutdown().await;
 }
 
+/// RDP was moved to another port inside the guest (listener and firewall rule): reported with
+/// both ports; with `restoreRdpPort` the listener and its firewall rule go back to the probed
+/// port, and only that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_rdp_port_is_reported_and_restored_only_with_consent() {
+    use rdphealth::guest::changes::{RDP_TCP, RegValue};
+    let sim = Simulator::start(scenario(
+        "          - { name: vm-port, nic: { subnet: vnet/s } }",
+    ))
+    .await
+    .unwrap();
+    {
+        let shared = sim.shared();
+        let mut world = shared.lock();
+        let reg = &mut world.vms.get_mut("vm-port").unwrap().registry;
+        reg.set(RDP_TCP, "PortNumber", RegValue::Dword(3390))
+            .unwrap();
+        reg.set_firewall_rdp_port(3390).unwrap();
+    }
+    let api = Arc::new(RealApiServer::start().await);
+    let op = Operator::start(&api, &sim, "replica-a").await;
+    let remediation = json!({
+        "mode": "Auto", "ladder": ["RepairGuest"],
+        "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+    });
+    api.create("rdphealths", NS, rdphealth("port", "vm-port", remediation));
+    let s = wait_status(&api, "port", "PortChanged", |s| {
+        condition(s, "Remediating").is_some_and(|c| c["reason"] == "PortChanged")
+    })
+    .await;
+    let message = condition(&s, "Remediating").unwrap()["message"].clone();
+    assert!(
+        message.as_str().unwrap().contains("port 3390")
+            && message.as_str().unwrap().contains("port 3389"),
+        "{message}"
+    );
+    assert_eq!(
+        sim.count("vm.runcommand"),
+        sim.guest_queries(),
+        "nothing changed"
+    );
+
+    api.patch(
+        "rdphealths",
+        NS,
+        "port",
+        json!({"spec": {"remediation": {"restoreRdpPort": true}}}),
+    );
+    let s = wait_status(&api, "port", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(
+        s["ladder"]["recoveredBy"]["repair"], "RestoreRdpPort",
+        "{s:#}"
+    );
+    let message = s["ladder"]["history"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("PortNumber 3390→3389")
+            && message.contains("RemoteDesktop-UserMode-In-TCP 3390→3389"),
+        "{s:#}"
+    );
+    {
+        let shared = sim.shared();
+        let world = shared.lock();
+        let reg = &world.vms["vm-port"].registry;
+        assert_eq!(reg.dword(RDP_TCP, "PortNumber"), Some(3389));
+        assert_eq!(reg.firewall_rdp_port(), Some(3389));
+        assert!(reg.listener(3389).is_ok());
+    }
+    op.shutdown().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_url_that_is_not_arms_is_never_polled() {
     // Restart takes long enough here that the operator stops while it runs.

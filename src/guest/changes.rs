@@ -10,7 +10,7 @@ use crate::ladder::GuestRepair;
 pub const APPLIER: &str = include_str!("../../guest-scripts/apply-changes.ps1");
 
 /// The marker line of the applier.
-pub const APPLIER_MARKER: &str = "# rdphealth-script: apply-changes v1";
+pub const APPLIER_MARKER: &str = "# rdphealth-script: apply-changes v2";
 
 /// The applier's placeholder line, replaced by the repair's plan.
 const PLAN_LINE: &str = "$Plan = @{ Repair = 'none'; Restart = 'none'; Changes = @() }";
@@ -25,6 +25,13 @@ pub const TS_POLICY: &str = r"HKLM:\SOFTWARE\Policies\Microsoft\Windows NT\Termi
 /// The SCHANNEL server switches of TLS 1.2.
 pub const TLS12_SERVER: &str =
     r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.2\Server";
+/// The SCHANNEL server switches of TLS 1.0 and 1.1 (only with `allowLegacyTls`).
+pub const LEGACY_TLS_SERVERS: [&str; 2] = [
+    r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.0\Server",
+    r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.1\Server",
+];
+/// The Windows Firewall rule that admits RDP over TCP.
+pub const RDP_FIREWALL_RULE: &str = "RemoteDesktop-UserMode-In-TCP";
 /// The RSA machine keys folder.
 pub const MACHINE_KEYS: &str = r"C:\ProgramData\Microsoft\Crypto\RSA\MachineKeys";
 /// The guide's MachineKeys permissions.
@@ -40,6 +47,8 @@ pub enum RegValue {
     Dword(u32),
     /// `REG_SZ`.
     String(String),
+    /// `REG_BINARY` (e.g. `SSLCertificateSHA1Hash`).
+    Binary(Vec<u8>),
 }
 
 impl RegValue {
@@ -48,16 +57,19 @@ impl RegValue {
         match self {
             Self::Dword(_) => "DWord",
             Self::String(_) => "String",
+            Self::Binary(_) => "Binary",
         }
     }
 }
 
 impl fmt::Display for RegValue {
-    /// As the applier reports it: DWORDs unsigned in decimal, strings verbatim.
+    /// As the applier reports it: DWORDs unsigned in decimal, strings verbatim, binary values
+    /// in upper-case hex (a thumbprint as `certutil` shows it).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Dword(v) => write!(f, "{v}"),
             Self::String(s) => f.write_str(s),
+            Self::Binary(b) => b.iter().try_for_each(|x| write!(f, "{x:02X}")),
         }
     }
 }
@@ -101,6 +113,20 @@ pub enum Change {
         /// The listener key holding `SSLCertificateSHA1Hash`.
         key: String,
     },
+    /// Deletes `SSLCertificateSHA1Hash` from `key` only while the thumbprint it names is in
+    /// neither `LocalMachine\My` nor `LocalMachine\Remote Desktop` (a stale binding: RDP then
+    /// falls back to the self-signed certificate, as the event-ID guide says).
+    RemoveStaleCertificateBinding {
+        /// The listener key.
+        key: String,
+    },
+    /// Sets the local port of a Windows Firewall rule (`Set-NetFirewallRule -LocalPort`).
+    FirewallRulePort {
+        /// The rule's name.
+        rule: String,
+        /// The port.
+        port: u16,
+    },
 }
 
 impl Change {
@@ -126,6 +152,8 @@ impl Change {
             Self::RestartService { .. } => "restart",
             Self::ResetAcl { .. } => "acl",
             Self::RemoveRdpCertificate { .. } => "removecert",
+            Self::RemoveStaleCertificateBinding { .. } => "unbindcert",
+            Self::FirewallRulePort { .. } => "firewallport",
         }
     }
 }
@@ -139,6 +167,12 @@ impl fmt::Display for Change {
             Self::ResetAcl { path, .. } => write!(f, "reset the ACL of {path}"),
             Self::RemoveRdpCertificate { store, .. } => {
                 write!(f, "remove the self-signed certificate from {store}")
+            }
+            Self::RemoveStaleCertificateBinding { key } => {
+                write!(f, r"remove a stale {key}\SSLCertificateSHA1Hash")
+            }
+            Self::FirewallRulePort { rule, port } => {
+                write!(f, "set the local port of firewall rule {rule} to {port}")
             }
         }
     }
@@ -174,15 +208,67 @@ pub struct Plan {
     pub changes: Vec<Change>,
 }
 
-/// The changes of `repair`; the security-weakening listener settings only with consent.
-pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan {
+/// What the spec lets a plan include.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Consent to `SecurityLayer`=0 / `MinEncryptionLevel`=1 (`allowInsecureListenerSettings`).
+    pub insecure_listener: bool,
+    /// Opt-in to enabling the TLS 1.0 and 1.1 server protocols for legacy clients
+    /// (`allowLegacyTls`): a security finding while it is on.
+    pub legacy_tls: bool,
+    /// The port the listener must use (`RestoreRdpPort`): the one the VM is probed on.
+    pub rdp_port: u16,
+}
+
+impl Options {
+    /// Nothing that weakens security; the default RDP port.
+    pub const SAFE: Options = Options {
+        insecure_listener: false,
+        legacy_tls: false,
+        rdp_port: 3389,
+    };
+}
+
+/// The changes of `repair`; settings that weaken security only as `options` allow.
+pub fn plan(repair: GuestRepair, options: &Options) -> Plan {
     let (restart, changes) = match repair {
-        // "An internal error occurred", §5: TLS 1.2 for the server. TLS 1.0/1.1 are not enabled.
-        GuestRepair::EnableTls12 => (
-            Restart::Required,
-            vec![
+        // "An internal error occurred", §5: TLS 1.2 for the server; TLS 1.0/1.1 only on the
+        // spec's explicit opt-in for legacy clients.
+        GuestRepair::EnableTls12 => {
+            let mut changes = vec![
                 Change::set(TLS12_SERVER, "Enabled", 1),
                 Change::set(TLS12_SERVER, "DisabledByDefault", 0),
+            ];
+            if options.legacy_tls {
+                for key in LEGACY_TLS_SERVERS {
+                    changes.push(Change::set(key, "Enabled", 1));
+                    changes.push(Change::set(key, "DisabledByDefault", 0));
+                }
+            }
+            (Restart::Required, changes)
+        }
+        // "By event ID": a `SSLCertificateSHA1Hash` naming a certificate that is no longer in
+        // the store; deleting it makes RDP fall back to the self-signed certificate.
+        GuestRepair::RemoveStaleCertificateBinding => (
+            Restart::None,
+            vec![
+                Change::RemoveStaleCertificateBinding {
+                    key: RDP_TCP.to_owned(),
+                },
+                Change::restart("TermService"),
+            ],
+        ),
+        // "An internal error occurred", §2: the listener's port back to the one the VM is
+        // reached on, with its firewall rule; TermService listens on it after a restart.
+        GuestRepair::RestoreRdpPort => (
+            Restart::None,
+            vec![
+                Change::set(RDP_TCP, "PortNumber", u32::from(options.rdp_port)),
+                Change::FirewallRulePort {
+                    rule: RDP_FIREWALL_RULE.to_owned(),
+                    port: options.rdp_port,
+                },
+                Change::restart("TermService"),
             ],
         ),
         // "An internal error occurred", §3 and §4: MachineKeys permissions, then a new
@@ -220,7 +306,7 @@ pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan
                 Change::set(RDP_TCP, "MaxIdleTime", 0),
                 Change::set(RDP_TCP, "MaxInstanceCount", 0xffff_ffff),
             ];
-            if allow_insecure_listener_settings {
+            if options.insecure_listener {
                 changes.push(Change::set(RDP_TCP, "SecurityLayer", 0));
                 changes.push(Change::set(RDP_TCP, "MinEncryptionLevel", 1));
             }
@@ -237,7 +323,7 @@ pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan
 /// Whether `repair` restarts TermService, which drops every RDP session: on a VM that is
 /// still reachable that is disruptive.
 pub fn restarts_term_service(repair: GuestRepair) -> bool {
-    plan(repair, false).changes.iter().any(|c| {
+    plan(repair, &Options::SAFE).changes.iter().any(|c| {
         matches!(c, Change::RestartService { service } if service.eq_ignore_ascii_case("TermService"))
     })
 }
@@ -259,7 +345,7 @@ pub fn render_plan(plan: &Plan) -> String {
             Change::Set { key, name, value } => {
                 let v = match value {
                     RegValue::Dword(d) => d.to_string(),
-                    RegValue::String(s) => quote(s),
+                    RegValue::String(_) | RegValue::Binary(_) => quote(&value.to_string()),
                 };
                 format!(
                     "Key = {}; Name = {}; Type = {}; Value = {v}",
@@ -276,6 +362,10 @@ pub fn render_plan(plan: &Plan) -> String {
             Change::RemoveRdpCertificate { store, key } => {
                 format!("Store = {}; Key = {}", quote(store), quote(key))
             }
+            Change::RemoveStaleCertificateBinding { key } => format!("Key = {}", quote(key)),
+            Change::FirewallRulePort { rule, port } => {
+                format!("Rule = {}; Port = {port}", quote(rule))
+            }
         };
         out.push_str(&format!("    @{{ Op = {}; {fields} }}\n", quote(c.op())));
     }
@@ -284,8 +374,8 @@ pub fn render_plan(plan: &Plan) -> String {
 }
 
 /// The script Run Command receives for `repair`: the applier with the plan filled in.
-pub fn script(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Vec<String> {
-    script_for(&plan(repair, allow_insecure_listener_settings))
+pub fn script(repair: GuestRepair, options: &Options) -> Vec<String> {
+    script_for(&plan(repair, options))
 }
 
 /// The applier with `plan` filled in.
@@ -345,6 +435,7 @@ pub fn parse_script(script: &[String]) -> Option<Plan> {
                 let value = match (t("Type")?.as_str(), f.iter().find(|(k, _)| k == "Value")?) {
                     ("DWord", (_, Field::Number(n))) => RegValue::Dword(u32::try_from(*n).ok()?),
                     ("String", (_, Field::Text(s))) => RegValue::String(s.clone()),
+                    ("Binary", (_, Field::Text(s))) => RegValue::Binary(hex(s)?),
                     _ => return None,
                 };
                 Change::Set {
@@ -368,11 +459,30 @@ pub fn parse_script(script: &[String]) -> Option<Plan> {
                 store: t("Store")?,
                 key: t("Key")?,
             },
+            "unbindcert" => Change::RemoveStaleCertificateBinding { key: t("Key")? },
+            "firewallport" => Change::FirewallRulePort {
+                rule: t("Rule")?,
+                port: match f.iter().find(|(k, _)| k == "Port")? {
+                    (_, Field::Number(n)) => u16::try_from(*n).ok()?,
+                    _ => return None,
+                },
+            },
             _ => return None,
         };
         changes.push(change);
     }
     None
+}
+
+/// Upper- or lower-case hex digits as bytes.
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,10 +538,19 @@ fn fields(s: &str) -> Option<Vec<(String, Field)>> {
 mod tests {
     use super::*;
 
-    const REPAIRS: [GuestRepair; 3] = [
+    fn consent(insecure_listener: bool) -> Options {
+        Options {
+            insecure_listener,
+            ..Options::SAFE
+        }
+    }
+
+    const REPAIRS: [GuestRepair; 5] = [
         GuestRepair::EnableTls12,
         GuestRepair::RenewRdpCertificate,
         GuestRepair::ListenerKeepAlive,
+        GuestRepair::RemoveStaleCertificateBinding,
+        GuestRepair::RestoreRdpPort,
     ];
 
     #[test]
@@ -443,8 +562,8 @@ mod tests {
     #[test]
     fn every_plan_round_trips_through_the_script() {
         for repair in REPAIRS {
-            for consent in [false, true] {
-                let plan = plan(repair, consent);
+            for c in [false, true] {
+                let plan = plan(repair, &consent(c));
                 let script = script_for(&plan);
                 assert_eq!(parse_script(&script).as_ref(), Some(&plan), "{repair}");
                 assert!(!script.iter().any(|l| l == PLAN_LINE));
@@ -478,7 +597,7 @@ mod tests {
                 _ => None,
             })
         };
-        let safe = plan(GuestRepair::ListenerKeepAlive, false);
+        let safe = plan(GuestRepair::ListenerKeepAlive, &Options::SAFE);
         for (key, name, value) in [
             (RDP_TCP, "KeepAliveTimeout", 1),
             (TS_POLICY, "KeepAliveEnable", 1),
@@ -499,10 +618,10 @@ mod tests {
         }
         assert_eq!(safe.changes.len(), 14);
         assert_eq!(dword(&safe, RDP_TCP, "SecurityLayer"), None);
-        let consented = plan(GuestRepair::ListenerKeepAlive, true);
+        let consented = plan(GuestRepair::ListenerKeepAlive, &consent(true));
         assert_eq!(dword(&consented, RDP_TCP, "SecurityLayer"), Some(0));
         assert_eq!(dword(&consented, RDP_TCP, "MinEncryptionLevel"), Some(1));
-        let tls = plan(GuestRepair::EnableTls12, true);
+        let tls = plan(GuestRepair::EnableTls12, &consent(true));
         assert_eq!(dword(&tls, TLS12_SERVER, "Enabled"), Some(1));
         assert_eq!(dword(&tls, TLS12_SERVER, "DisabledByDefault"), Some(0));
         assert!(
@@ -514,9 +633,87 @@ mod tests {
     }
 
     #[test]
+    fn legacy_tls_only_on_opt_in_and_the_port_is_the_probed_one() {
+        let tls = |legacy_tls| {
+            plan(
+                GuestRepair::EnableTls12,
+                &Options {
+                    legacy_tls,
+                    ..Options::SAFE
+                },
+            )
+        };
+        let enables = |p: &Plan, version: &str| {
+            p.changes.iter().any(|c| {
+                matches!(c, Change::Set { key, name, value: RegValue::Dword(1) }
+                    if key.contains(version) && name == "Enabled")
+            })
+        };
+        for version in [r"TLS 1.0\Server", r"TLS 1.1\Server"] {
+            assert!(!enables(&tls(false), version), "{version} without opt-in");
+            assert!(enables(&tls(true), version), "{version} with opt-in");
+        }
+        assert!(enables(&tls(false), r"TLS 1.2\Server"));
+        let legacy = tls(true);
+        assert_eq!(parse_script(&script_for(&legacy)).as_ref(), Some(&legacy));
+
+        let port = plan(
+            GuestRepair::RestoreRdpPort,
+            &Options {
+                rdp_port: 3391,
+                ..Options::SAFE
+            },
+        );
+        assert_eq!(
+            port.changes,
+            vec![
+                Change::set(RDP_TCP, "PortNumber", 3391),
+                Change::FirewallRulePort {
+                    rule: RDP_FIREWALL_RULE.into(),
+                    port: 3391
+                },
+                Change::restart("TermService"),
+            ]
+        );
+        assert_eq!(parse_script(&script_for(&port)).as_ref(), Some(&port));
+        let stale = plan(GuestRepair::RemoveStaleCertificateBinding, &Options::SAFE);
+        assert_eq!(
+            stale.changes[0],
+            Change::RemoveStaleCertificateBinding {
+                key: RDP_TCP.into()
+            }
+        );
+        assert!(restarts_term_service(
+            GuestRepair::RemoveStaleCertificateBinding
+        ));
+        assert!(!restarts_term_service(GuestRepair::EnableTls12));
+    }
+
+    #[test]
+    fn binary_values_round_trip_as_hex() {
+        let plan = Plan {
+            repair: "x".into(),
+            restart: Restart::None,
+            changes: vec![Change::Set {
+                key: RDP_TCP.into(),
+                name: "SSLCertificateSHA1Hash".into(),
+                value: RegValue::Binary(vec![0x5e, 0x00, 0xff]),
+            }],
+        };
+        assert!(
+            script_for(&plan)
+                .iter()
+                .any(|l| l.contains("Value = '5E00FF'"))
+        );
+        assert_eq!(parse_script(&script_for(&plan)), Some(plan));
+        assert_eq!(hex("5e0"), None);
+        assert_eq!(hex("zz"), None);
+    }
+
+    #[test]
     fn other_scripts_are_not_plans() {
         assert_eq!(parse_script(&["Get-Service".to_owned()]), None);
-        let mut broken = script(GuestRepair::EnableTls12, false);
+        let mut broken = script(GuestRepair::EnableTls12, &Options::SAFE);
         let i = broken
             .iter()
             .position(|l| l.contains("Op = 'set'"))

@@ -58,6 +58,10 @@ pub struct LadderPolicy {
     pub password_reset: Option<super::spec::PasswordResetSpec>,
     /// May apply the security-weakening listener settings.
     pub allow_insecure_listener_settings: bool,
+    /// May enable TLS 1.0/1.1 server protocols for legacy clients (a security finding).
+    pub allow_legacy_tls: bool,
+    /// May set the listener's port back to the probed one (`PortChanged`).
+    pub restore_rdp_port: bool,
     /// Evidence older than this is gathered again during an incident.
     pub evidence_refresh: Duration,
     /// A `Requested` rung older than this without an operation handle is treated as
@@ -87,6 +91,8 @@ impl Default for LadderPolicy {
             nsg_allowed_prefixes: Vec::new(),
             password_reset: None,
             allow_insecure_listener_settings: false,
+            allow_legacy_tls: false,
+            restore_rdp_port: false,
             evidence_refresh: Duration::from_secs(900),
             request_timeout: Duration::from_secs(120),
         }
@@ -191,8 +197,13 @@ pub enum Blocker {
     PublicIpClosed,
     /// Another program owns the RDP port in the guest.
     PortTakenByOtherProgram,
-    /// RDP listens on a different port in the guest.
-    PortChanged,
+    /// RDP listens on a different port in the guest (`PortNumber`) than the one probed.
+    PortChanged {
+        /// The listener's configured port.
+        configured: u16,
+        /// The port the prober uses (as the VM sees it).
+        probed: u16,
+    },
     /// RD Connection Broker errors: not automated.
     ConnectionBroker,
     /// The endpoint answered as another computer: acting on this VM could harm the wrong
@@ -211,7 +222,7 @@ impl Blocker {
             Self::NsgDenied { .. } => "NsgDenied",
             Self::PublicIpClosed => "PublicIpClosed",
             Self::PortTakenByOtherProgram => "PortTakenByOtherProgram",
-            Self::PortChanged => "PortChanged",
+            Self::PortChanged { .. } => "PortChanged",
             Self::ConnectionBroker => "ConnectionBrokerError",
             Self::WrongHost { .. } => "WrongHost",
         }
@@ -230,7 +241,9 @@ impl Blocker {
             Self::PortTakenByOtherProgram => {
                 "another program listens on the RDP port inside the guest".into()
             }
-            Self::PortChanged => "RDP listens on another port inside the guest (PortNumber)".into(),
+            Self::PortChanged { configured, probed } => format!(
+                "the RDP listener is configured for port {configured} (RDP-Tcp PortNumber) but the VM is probed on port {probed}; restore the port (remediation.restoreRdpPort) or probe the new one"
+            ),
             Self::ConnectionBroker => {
                 "RD Connection Broker errors (events 2056/1296): reinstall the broker role; not automated"
                     .into()
@@ -401,12 +414,14 @@ pub fn plan(
         }
         Incident::Outage => {}
     }
-    let scenarios = evidence
-        .and_then(|e| e.guest.as_ref())
-        .map(|g| g.scenarios(0))
-        .unwrap_or_default();
+    let scenarios = evidence.map(Evidence::guest_scenarios).unwrap_or_default();
     let mut targeted = Vec::new();
     let reason = failure.map(|f| f.reason);
+    // A binding to a certificate that is gone explains the certificate errors it causes:
+    // removing it comes before renewing the self-signed certificate.
+    if scenarios.contains(&GuestScenario::StaleCertificateBinding) {
+        targeted.push(Step::repair(GuestRepair::RemoveStaleCertificateBinding));
+    }
     for scenario in &scenarios {
         match scenario {
             GuestScenario::ListenerDisabled => targeted.push(Step::rung(Rung::ResetRdpConfig)),
@@ -652,15 +667,17 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
             Decision::Blocked(nsg_blocker(nsg))
         });
     }
-    if let Some(guest) = &e.guest {
-        for scenario in guest.scenarios(0) {
-            let blocker = match scenario {
-                GuestScenario::PortTakenByOtherProgram => Blocker::PortTakenByOtherProgram,
-                GuestScenario::ConnectionBroker => Blocker::ConnectionBroker,
-                _ => continue,
-            };
-            return Some(Decision::Blocked(blocker));
-        }
+    for scenario in e.guest_scenarios() {
+        let blocker = match scenario {
+            GuestScenario::PortTakenByOtherProgram => Blocker::PortTakenByOtherProgram,
+            GuestScenario::PortChanged => match port_changed(s, e) {
+                Some(d) => return Some(d),
+                None => continue,
+            },
+            GuestScenario::ConnectionBroker => Blocker::ConnectionBroker,
+            _ => continue,
+        };
+        return Some(Decision::Blocked(blocker));
     }
     if e.serial
         .as_ref()
@@ -673,6 +690,29 @@ fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
         });
     }
     None
+}
+
+/// The listener is configured for another port than the probed one: reported with both
+/// ports, or, with `restoreRdpPort`, repaired in the guest (which needs the VM agent).
+fn port_changed(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
+    let probed = e.rdp_port?;
+    let configured = e
+        .guest
+        .as_ref()?
+        .registry
+        .get("PortNumber")?
+        .parse::<u16>()
+        .ok()?;
+    let step = Step::repair(GuestRepair::RestoreRdpPort);
+    let repairable = s.policy.restore_rdp_port
+        && s.policy.mode != Mode::Observe
+        && s.policy.ladder.contains(&Rung::RepairGuest)
+        && agent_ok(e, Rung::RepairGuest);
+    Some(if repairable {
+        gated_special(s, step)
+    } else {
+        Decision::Blocked(Blocker::PortChanged { configured, probed })
+    })
 }
 
 /// The rule that denies the prober: the local verdict's when it denies too (it names the NSG

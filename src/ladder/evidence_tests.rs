@@ -44,6 +44,11 @@ struct Input<'a> {
 }
 
 fn decide_on(input: Input<'_>) -> Decision {
+    decide_with(input, |_| {})
+}
+
+/// [`decide_on`] with the policy edited; the VM is probed on port 3389.
+fn decide_with(input: Input<'_>, edit: fn(&mut LadderPolicy)) -> Decision {
     let mut ladder = LadderStatus::default();
     ladder.open_incident(t0());
     let evidence = Evidence {
@@ -52,9 +57,11 @@ fn decide_on(input: Input<'_>) -> Decision {
         guest: input
             .guest
             .map(|lines| guest::parse(&format!("{CLEAN}{lines}\nRDPHEALTH done\n"))),
+        rdp_port: Some(3389),
         ..Evidence::empty(t0())
     };
-    let policy = policy(input.allowed);
+    let mut policy = policy(input.allowed);
+    edit(&mut policy);
     decide(&Situation {
         policy: &policy,
         ladder: &ladder,
@@ -250,4 +257,89 @@ fn an_approval_of_restart_unlocks_the_renewal_on_a_reachable_vm() {
         decide(&situation(Some(Rung::RepairGuest))),
         Decision::GiveUp(_)
     ));
+}
+
+fn unreachable_with(guest: &str, edit: fn(&mut LadderPolicy)) -> Decision {
+    decide_with(
+        Input {
+            guest: Some(guest),
+            failure: failure(FailureReason::TcpRefused),
+            incident: Incident::Outage,
+            allowed: &[],
+            gates: Gates::OPEN,
+        },
+        edit,
+    )
+}
+
+fn nothing(_: &mut LadderPolicy) {}
+
+const MOVED: &str = "RDPHEALTH registry name=PortNumber value=3390";
+const BROKER: &str =
+    "RDPHEALTH event provider=Microsoft-Windows-TerminalServices-SessionBroker id=2056 count=1";
+const BROKER_CLIENT: &str = "RDPHEALTH event provider=Microsoft-Windows-TerminalServices-SessionBroker-Client id=1296 count=3";
+const STALE: &str = "RDPHEALTH certificate binding=5E1FCE27 present=0";
+
+// The guides' remaining checks, from the query's lines to the decision.
+#[rstest]
+#[case::clean(CLEAN, nothing, Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
+#[case::broker_2056(BROKER, nothing, Decision::Blocked(Blocker::ConnectionBroker))]
+#[case::broker_client_1296(BROKER_CLIENT, nothing, Decision::Blocked(Blocker::ConnectionBroker))]
+#[case::port_changed_is_reported_with_both_ports(MOVED, nothing, Decision::Blocked(Blocker::PortChanged { configured: 3390, probed: 3389 }))]
+#[case::port_restored_with_consent(MOVED, |p: &mut LadderPolicy| p.restore_rdp_port = true, act(GuestRepair::RestoreRdpPort))]
+#[case::port_consent_but_observe(MOVED, |p: &mut LadderPolicy| { p.restore_rdp_port = true; p.mode = Mode::Observe; }, Decision::Blocked(Blocker::PortChanged { configured: 3390, probed: 3389 }))]
+#[case::port_consent_dry_run(MOVED, |p: &mut LadderPolicy| { p.restore_rdp_port = true; p.mode = Mode::DryRun; }, Decision::Plan(Step::repair(GuestRepair::RestoreRdpPort)))]
+#[case::port_consent_without_repair_guest(MOVED, |p: &mut LadderPolicy| { p.restore_rdp_port = true; p.ladder.retain(|r| *r != Rung::RepairGuest); }, Decision::Blocked(Blocker::PortChanged { configured: 3390, probed: 3389 }))]
+#[case::same_port(CLEAN, |p: &mut LadderPolicy| p.restore_rdp_port = true, Decision::Act(Step::rung(Rung::ResetRdpConfig)))]
+#[case::stale_binding(STALE, nothing, act(GuestRepair::RemoveStaleCertificateBinding))]
+#[case::binding_in_store(
+    STALE_PRESENT,
+    nothing,
+    Decision::Act(Step::rung(Rung::ResetRdpConfig))
+)]
+#[case::tls12_off_by_default(TLS_OFF_BY_DEFAULT, nothing, act(Tls12))]
+fn the_guides_checks(
+    #[case] guest: &str,
+    #[case] edit: fn(&mut LadderPolicy),
+    #[case] expected: Decision,
+) {
+    assert_eq!(unreachable_with(guest, edit), expected);
+}
+
+const STALE_PRESENT: &str = "RDPHEALTH certificate binding=5E1FCE27 present=1";
+const TLS_OFF_BY_DEFAULT: &str = "RDPHEALTH tls name=\"TLS 1.2\" enabled=1 disabledByDefault=1";
+
+#[test]
+fn a_changed_port_is_not_judged_without_the_probed_port() {
+    let evidence = Evidence {
+        guest: Some(guest::parse(&format!("{CLEAN}{MOVED}\n"))),
+        ..Evidence::empty(t0())
+    };
+    assert!(evidence.guest_scenarios().is_empty());
+    let evidence = Evidence {
+        rdp_port: Some(3389),
+        ..evidence
+    };
+    assert_eq!(
+        evidence.guest_scenarios(),
+        vec![guest::GuestScenario::PortChanged]
+    );
+    let message = Blocker::PortChanged {
+        configured: 3390,
+        probed: 3389,
+    }
+    .message();
+    assert!(
+        message.contains("3390") && message.contains("3389"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_stale_binding_is_removed_before_the_certificate_is_renewed() {
+    let decision = unreachable_with(
+        &format!("{STALE}\nRDPHEALTH event provider=Schannel id=36870 count=2"),
+        nothing,
+    );
+    assert_eq!(decision, act(GuestRepair::RemoveStaleCertificateBinding));
 }

@@ -123,6 +123,11 @@ pub enum GuestRepair {
     /// Listener keep-alive / reconnect settings; the security-weakening settings only with
     /// `allowInsecureListenerSettings`.
     ListenerKeepAlive,
+    /// Delete a `SSLCertificateSHA1Hash` that names a certificate no longer in the store.
+    RemoveStaleCertificateBinding,
+    /// Set the listener's `PortNumber` and its firewall rule back to the probed port; only with
+    /// `restoreRdpPort`.
+    RestoreRdpPort,
 }
 
 impl GuestRepair {
@@ -132,6 +137,8 @@ impl GuestRepair {
             Self::EnableTls12 => "EnableTls12",
             Self::RenewRdpCertificate => "RenewRdpCertificate",
             Self::ListenerKeepAlive => "ListenerKeepAlive",
+            Self::RemoveStaleCertificateBinding => "RemoveStaleCertificateBinding",
+            Self::RestoreRdpPort => "RestoreRdpPort",
         }
     }
 }

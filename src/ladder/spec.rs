@@ -473,6 +473,8 @@ pub fn policy_from_spec(
         },
         password_reset: spec.password_reset.clone(),
         allow_insecure_listener_settings: spec.allow_insecure_listener_settings,
+        allow_legacy_tls: spec.allow_legacy_tls,
+        restore_rdp_port: spec.restore_rdp_port,
         ..super::LadderPolicy::default()
     })
 }

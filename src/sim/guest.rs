@@ -99,6 +99,10 @@ fn apply(vm: &mut Vm, plan: &Plan) -> Vec<String> {
                     Change::RestartService { service } => service.clone(),
                     Change::ResetAcl { path, .. } => path.clone(),
                     Change::RemoveRdpCertificate { store, .. } => store.clone(),
+                    Change::RemoveStaleCertificateBinding { key } => {
+                        format!("{key}\\SSLCertificateSHA1Hash")
+                    }
+                    Change::FirewallRulePort { rule, .. } => rule.clone(),
                 };
                 out.push(format!(
                     "RDPHEALTH failed n={n} op={} target=\"{target}\" detail=\"{detail}\"",
@@ -196,6 +200,19 @@ fn apply_one(
                 vm.boot
             )]
         }
+        Change::RemoveStaleCertificateBinding { key } => remove_stale_binding(vm, n, key)?,
+        Change::FirewallRulePort { rule, port } => {
+            let old = reg
+                .firewall_rdp_port()
+                .map_or(String::new(), |p| p.to_string());
+            if reg.is_denied(crate::sim::registry::FIREWALL_RULES) {
+                return Err("Access is denied.".to_owned());
+            }
+            reg.set_firewall_rdp_port(*port)?;
+            vec![format!(
+                "RDPHEALTH change n={n} op=firewallport rule={rule} old=\"{old}\" new=\"{port}\""
+            )]
+        }
         Change::RemoveRdpCertificate { store, key } => {
             if reg.get(key, "SSLCertificateSHA1Hash").is_some() {
                 return Ok(vec![format!(
@@ -216,6 +233,24 @@ fn apply_one(
             )]
         }
     })
+}
+
+/// `RemoveStaleCertificateBinding`: deletes the binding only while its certificate is gone.
+fn remove_stale_binding(vm: &mut Vm, n: usize, key: &str) -> Result<Vec<String>, String> {
+    let Some(thumbprint) = vm.registry.certificate_binding() else {
+        return Ok(vec![format!(
+            "RDPHEALTH skipped n={n} op=unbindcert reason=\"no SSLCertificateSHA1Hash\""
+        )]);
+    };
+    if vm.certificates.contains(&thumbprint) {
+        return Ok(vec![format!(
+            "RDPHEALTH skipped n={n} op=unbindcert reason=\"the bound certificate {thumbprint} is in the store\""
+        )]);
+    }
+    vm.registry.remove(key, "SSLCertificateSHA1Hash")?;
+    Ok(vec![format!(
+        "RDPHEALTH change n={n} op=unbindcert key=\"{key}\" name=SSLCertificateSHA1Hash had=1 old=\"{thumbprint}\" new=\"\""
+    )])
 }
 
 /// Scripts other than the operator's: recognised by the guides' fixes they contain.
@@ -346,10 +381,21 @@ fn evidence_query(vm: &Vm) -> Vec<String> {
         .dword(RDP_TCP, "PortNumber")
         .filter(|p| *p != 0)
         .unwrap_or(3389);
-    let listening = !has(Fault::RdpDisabled) && reg.listener(3389).is_ok();
+    let listening =
+        !has(Fault::RdpDisabled) && u16::try_from(port).is_ok_and(|p| reg.listener(p).is_ok());
     let owner = if listening { "TermService" } else { "" };
     out.push(format!("RDPHEALTH port port={port} owner={owner}"));
-    out.push("RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True".to_owned());
+    if let Some(thumbprint) = reg.certificate_binding() {
+        out.push(format!(
+            "RDPHEALTH certificate binding={thumbprint} present={}",
+            u8::from(vm.certificates.contains(&thumbprint))
+        ));
+    }
+    out.push(format!(
+        "RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True port={}",
+        reg.firewall_rdp_port()
+            .map_or(String::new(), |p| p.to_string())
+    ));
     out.push("RDPHEALTH done".to_owned());
     out
 }
@@ -368,7 +414,14 @@ fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
 mod tests {
     use super::*;
 
-    use crate::ladder::GuestRepair;
+    use crate::{guest::changes::Options, ladder::GuestRepair};
+
+    fn consent(insecure_listener: bool) -> Options {
+        Options {
+            insecure_listener,
+            ..Options::SAFE
+        }
+    }
 
     #[test]
     fn evidence_query_reports_faults_in_the_operators_format() {
@@ -411,7 +464,13 @@ mod tests {
     fn snapshot(reg: &Registry) -> std::collections::BTreeMap<(String, String), RegValue> {
         use crate::guest::changes::{TLS12_SERVER, TS_POLICY};
         let mut out = std::collections::BTreeMap::new();
-        for key in [TERMINAL_SERVER, RDP_TCP, TS_POLICY, TLS12_SERVER] {
+        for key in [
+            TERMINAL_SERVER,
+            RDP_TCP,
+            TS_POLICY,
+            TLS12_SERVER,
+            crate::sim::registry::FIREWALL_RULES,
+        ] {
             for (name, value) in reg.values(key) {
                 out.insert((key.to_ascii_lowercase(), name.to_ascii_lowercase()), value);
             }
@@ -419,23 +478,79 @@ mod tests {
         out
     }
 
-    const REPAIRS: [(GuestRepair, &str); 3] = [
+    const REPAIRS: [(GuestRepair, &str); 5] = [
         (GuestRepair::EnableTls12, "tls_disabled"),
         (GuestRepair::RenewRdpCertificate, "certificate_expired"),
         (GuestRepair::ListenerKeepAlive, "flapping"),
+        (GuestRepair::RemoveStaleCertificateBinding, ""),
+        (GuestRepair::RestoreRdpPort, ""),
     ];
+
+    /// A thumbprint that is in no store.
+    const GONE: [u8; 4] = [0x5E, 0x1F, 0xCE, 0x27];
+
+    /// A VM with the problem `repair` fixes: its fault, or the registry state behind it.
+    fn broken(repair: GuestRepair, fault: &str) -> crate::sim::world::World {
+        let mut w = world(fault);
+        let reg = &mut w.vms.get_mut("vm").unwrap().registry;
+        match repair {
+            GuestRepair::RemoveStaleCertificateBinding => reg
+                .set(
+                    RDP_TCP,
+                    "SSLCertificateSHA1Hash",
+                    RegValue::Binary(GONE.to_vec()),
+                )
+                .unwrap(),
+            // Someone moved RDP to 3390, firewall rule included.
+            GuestRepair::RestoreRdpPort => {
+                reg.set(RDP_TCP, "PortNumber", RegValue::Dword(3390))
+                    .unwrap();
+                reg.set_firewall_rdp_port(3390).unwrap();
+            }
+            _ => {}
+        }
+        assert!(!healthy(&w), "{repair}: the VM is not broken");
+        w
+    }
+
+    fn healthy(w: &crate::sim::world::World) -> bool {
+        matches!(
+            w.behaviour("vm"),
+            crate::sim::fault::Behaviour::Healthy {
+                expired_certificate: false
+            }
+        )
+    }
+
+    /// The (key, value name) a change writes or deletes, if it is one value.
+    fn value_id(change: &Change) -> Option<(String, String)> {
+        let (key, name) = match change {
+            Change::Set { key, name, .. } | Change::Remove { key, name } => {
+                (key.as_str(), name.as_str())
+            }
+            Change::RemoveStaleCertificateBinding { key } => {
+                (key.as_str(), "SSLCertificateSHA1Hash")
+            }
+            Change::FirewallRulePort { rule, .. } => {
+                (crate::sim::registry::FIREWALL_RULES, rule.as_str())
+            }
+            _ => return None,
+        };
+        Some((key.to_ascii_lowercase(), name.to_ascii_lowercase()))
+    }
 
     #[test]
     fn each_repair_sets_the_guides_values_reports_old_to_new_and_keeps_the_rest() {
         use crate::guest::report::{self, Outcome};
         for (repair, fault) in REPAIRS {
-            for consent in [false, true] {
-                let mut w = world(fault);
+            for c in [false, true] {
+                let mut w = broken(repair, fault);
                 let before = snapshot(&w.vms["vm"].registry);
-                let plan = changes::plan(repair, consent);
+                let plan = changes::plan(repair, &consent(c));
                 let out = run(&mut w, &changes::script_for(&plan));
                 let vm = w.vms.get_mut("vm").unwrap();
                 boot(vm);
+                assert!(healthy(&w), "{repair} did not fix the VM");
                 let vm = &w.vms["vm"];
                 assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
                 assert!(
@@ -450,10 +565,13 @@ mod tests {
                 let mut named = std::collections::BTreeSet::new();
                 let mut reported = 0;
                 for (i, change) in plan.changes.iter().enumerate() {
-                    let Change::Set { key, name, value } = change else {
+                    let Some(id) = value_id(change) else {
                         continue;
                     };
-                    let id = (key.to_ascii_lowercase(), name.to_ascii_lowercase());
+                    named.insert(id.clone());
+                    let Change::Set { name, value, .. } = change else {
+                        continue;
+                    };
                     assert_eq!(after.get(&id), Some(value), "{repair}: {name}");
                     let line = &r.applied[i];
                     assert_eq!(line.n as usize, i + 1);
@@ -463,7 +581,6 @@ mod tests {
                         "{name} old"
                     );
                     assert_eq!(line.new, value.to_string(), "{name} new");
-                    named.insert(id);
                     reported += 1;
                 }
                 assert_eq!(
@@ -486,7 +603,7 @@ mod tests {
         // `New-Item -Path $Path -Force` (on an existing key: delete it, create it empty), then
         // write the one value.
         let mut w = world("flapping");
-        let plan = changes::plan(GuestRepair::ListenerKeepAlive, false);
+        let plan = changes::plan(GuestRepair::ListenerKeepAlive, &Options::SAFE);
         {
             let reg = &mut w.vms.get_mut("vm").unwrap().registry;
             for change in &plan.changes {
@@ -520,19 +637,15 @@ mod tests {
     fn a_failing_change_stops_the_applier_and_is_named() {
         use crate::guest::report;
         for (repair, fault) in REPAIRS {
-            let plan = changes::plan(repair, false);
+            let plan = changes::plan(repair, &Options::SAFE);
             for (i, change) in plan.changes.iter().enumerate() {
-                let mut w = world(fault);
+                let mut w = broken(repair, fault);
                 let before = snapshot(&w.vms["vm"].registry);
-                let reg = &mut w.vms.get_mut("vm").unwrap().registry;
-                match change {
-                    Change::Set { key, .. } | Change::Remove { key, .. } => reg.deny_writes(key),
-                    Change::RestartService { service } => {
-                        reg.deny_writes(&format!("service:{service}"))
-                    }
-                    Change::ResetAcl { path, .. } => reg.deny_writes(path),
-                    Change::RemoveRdpCertificate { store, .. } => reg.deny_writes(store),
-                }
+                w.vms
+                    .get_mut("vm")
+                    .unwrap()
+                    .registry
+                    .deny_writes(&denied(change));
                 let out = run(&mut w, &changes::script_for(&plan));
                 let r = report::parse(&out);
                 let err = r.verdict().unwrap_err();
@@ -540,7 +653,7 @@ mod tests {
                 let first = plan
                     .changes
                     .iter()
-                    .position(|c| same_target(c, change))
+                    .position(|c| denied(c) == denied(change))
                     .unwrap();
                 assert!(
                     err.contains(&format!("change {} of {}", first + 1, plan.changes.len())),
@@ -560,23 +673,30 @@ mod tests {
                     }
                 }
                 if first == 0 {
-                    assert!(!w.vms["vm"].faults.is_empty(), "{repair}: nothing ran");
+                    boot(w.vms.get_mut("vm").unwrap());
+                    assert!(!healthy(&w), "{repair}: nothing ran");
                 }
             }
         }
     }
 
-    fn same_target(a: &Change, b: &Change) -> bool {
-        match (a, b) {
-            (Change::Set { key: x, .. }, Change::Set { key: y, .. }) => x == y,
-            _ => a == b,
+    /// The path whose ACL makes `change` fail.
+    fn denied(change: &Change) -> String {
+        match change {
+            Change::Set { key, .. }
+            | Change::Remove { key, .. }
+            | Change::RemoveStaleCertificateBinding { key } => key.clone(),
+            Change::RestartService { service } => format!("service:{service}"),
+            Change::ResetAcl { path, .. } => path.clone(),
+            Change::RemoveRdpCertificate { store, .. } => store.clone(),
+            Change::FirewallRulePort { .. } => crate::sim::registry::FIREWALL_RULES.to_owned(),
         }
     }
 
     #[test]
     fn changes_that_need_a_restart_take_effect_at_the_next_boot() {
         let mut w = world("tls_disabled");
-        let plan = changes::plan(GuestRepair::EnableTls12, false);
+        let plan = changes::plan(GuestRepair::EnableTls12, &Options::SAFE);
         assert_eq!(plan.restart, Restart::Required);
         let out = run(&mut w, &changes::script_for(&plan));
         assert!(out.ends_with("restart=required"), "{out}");

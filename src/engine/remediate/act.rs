@@ -158,8 +158,7 @@ impl Remediator {
         match (step.rung, step.repair) {
             (Rung::ResetRdpConfig, _) => plain(self.azure.reset_rdp_config(vm).await),
             (Rung::RepairGuest, Some(repair)) => {
-                let script =
-                    repair_script(repair, subject.spec.ladder.allow_insecure_listener_settings);
+                let script = repair_script(repair, &self.plan_options(subject));
                 plain(self.azure.run_command(vm, &script).await)
             }
             (Rung::ResetNic, _) => plain(self.azure.reset_nic(vm).await),
@@ -171,6 +170,17 @@ impl Remediator {
             (rung, None) => Err(CallError::Refused(format!(
                 "{rung} needs a targeted repair and none was chosen"
             ))),
+        }
+    }
+
+    /// What the spec lets a repair's plan include; the listener's port is the one the VM is
+    /// probed on, as the VM sees it.
+    pub(super) fn plan_options(&self, subject: &Subject<'_>) -> crate::guest::changes::Options {
+        let policy = &subject.spec.ladder;
+        crate::guest::changes::Options {
+            insecure_listener: policy.allow_insecure_listener_settings,
+            legacy_tls: policy.allow_legacy_tls,
+            rdp_port: self.vantage(subject).port,
         }
     }
 
@@ -348,10 +358,10 @@ impl Remediator {
     }
 }
 
-/// The script lines of a repair: the applier with the repair's declared changes (the
-/// security-weakening listener settings only with consent).
-pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
-    crate::guest::changes::script(repair, allow_insecure)
+/// The script lines of a repair: the applier with the repair's declared changes (settings
+/// that weaken security only as the spec allows).
+pub fn repair_script(repair: GuestRepair, options: &crate::guest::changes::Options) -> Vec<String> {
+    crate::guest::changes::script(repair, options)
 }
 
 /// What the applier reported, for the rung.
@@ -385,9 +395,14 @@ mod tests {
 
     #[test]
     fn consent_adds_the_weakening_settings_only_with_consent() {
-        let safe = repair_script(GuestRepair::ListenerKeepAlive, false).join("\n");
+        use crate::guest::changes::Options;
+        let safe = repair_script(GuestRepair::ListenerKeepAlive, &Options::SAFE).join("\n");
         assert!(!safe.contains("'SecurityLayer'"));
-        let consented = repair_script(GuestRepair::ListenerKeepAlive, true).join("\n");
+        let consent = Options {
+            insecure_listener: true,
+            ..Options::SAFE
+        };
+        let consented = repair_script(GuestRepair::ListenerKeepAlive, &consent).join("\n");
         assert!(consented.contains("Name = 'SecurityLayer'; Type = 'DWord'; Value = 0"));
     }
 }
