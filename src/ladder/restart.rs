@@ -8,9 +8,10 @@
 //! to the repair.
 
 use super::{
-    decide::{Decision, Mode, Situation, Suspension, gate_and_act, permitted},
+    decide::{Mode, Situation, gate_and_act, permitted},
     rung::{Rung, Step},
     status::{LadderStatus, RungExecution, RungOutcome},
+    verdict::{Decision, Suspension},
 };
 
 /// Why the operator does not restart the VM after a repair that needs it.

@@ -131,6 +131,15 @@ pub enum GuestRepair {
 }
 
 impl GuestRepair {
+    /// Every repair.
+    pub const ALL: [GuestRepair; 5] = [
+        Self::EnableTls12,
+        Self::RenewRdpCertificate,
+        Self::ListenerKeepAlive,
+        Self::RemoveStaleCertificateBinding,
+        Self::RestoreRdpPort,
+    ];
+
     /// The stable name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -361,7 +361,7 @@ impl Remediator {
 /// The script lines of a repair: the applier with the repair's declared changes (settings
 /// that weaken security only as the spec allows).
 pub fn repair_script(repair: GuestRepair, options: &crate::guest::changes::Options) -> Vec<String> {
-    crate::guest::changes::script(repair, options)
+    crate::guest::script::script(repair, options)
 }
 
 /// What the applier reported, for the rung.
