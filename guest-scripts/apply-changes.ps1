@@ -1,4 +1,4 @@
-# rdphealth-script: apply-changes v1
+# rdphealth-script: apply-changes v2
 # The one script that changes anything inside a guest. The operator declares each in-guest
 # repair as a list of typed changes (src/guest/changes.rs) and replaces the `$Plan = ...` line
 # below with them; the rest of this file runs verbatim.
@@ -15,6 +15,9 @@
 #   RDPHEALTH change n=I op=acl path="..." backup="..." old="saved to backup" new="..."
 #   RDPHEALTH change n=I op=removecert thumbprint=T notAfter=ISO8601
 #   RDPHEALTH skipped n=I op=removecert reason="..."
+#   RDPHEALTH change n=I op=unbindcert key="..." name=SSLCertificateSHA1Hash had=1 old="T" new=""
+#   RDPHEALTH skipped n=I op=unbindcert reason="..."
+#   RDPHEALTH change n=I op=firewallport rule=NAME old="PORT" new="PORT"
 #   RDPHEALTH failed n=I op=OP target="..." detail="..."
 #   RDPHEALTH result status=ok|failed changes=N change=I restart=required|none
 $ErrorActionPreference = 'Stop'
@@ -36,6 +39,7 @@ function Get-Reg($Path, $Name) {
 function Format-Reg($Value) {
     # DWORDs come back as signed Int32; report them unsigned, as regedit shows them.
     if ($null -eq $Value) { return '' }
+    if ($Value -is [byte[]]) { return ([BitConverter]::ToString($Value)).Replace('-', '') }
     if ($Value -is [int]) { return [string][BitConverter]::ToUInt32([BitConverter]::GetBytes([int32]$Value), 0) }
     return ([string]$Value).Replace('"', "'")
 }
@@ -70,6 +74,8 @@ function Set-Reg($n, $c) {
     $before = Get-Reg $c.Key $c.Name
     if ($c.Type -eq 'DWord') {
         $value = [BitConverter]::ToInt32([BitConverter]::GetBytes([uint32]$c.Value), 0)
+    } elseif ($c.Type -eq 'Binary') {
+        $value = [byte[]]@(for ($i = 0; $i -lt $c.Value.Length; $i += 2) { [Convert]::ToByte($c.Value.Substring($i, 2), 16) })
     } else {
         $value = [string]$c.Value
     }
@@ -123,6 +129,34 @@ function Remove-RdpCertificate($n, $c) {
     if (@(Get-ChildItem -LiteralPath $c.Store).Count -ne 0) { throw 'a certificate is still in the store' }
 }
 
+function Remove-StaleBinding($n, $c) {
+    # Only a binding to a certificate that is in neither store: a bound certificate that
+    # exists is the owner's choice and is kept.
+    $bound = Get-Reg $c.Key 'SSLCertificateSHA1Hash'
+    if (-not $bound.Present) {
+        "RDPHEALTH skipped n=$n op=unbindcert reason=`"no SSLCertificateSHA1Hash`""
+        return
+    }
+    $thumbprint = Format-Reg $bound.Value
+    $found = @(Get-ChildItem -LiteralPath 'Cert:\LocalMachine\My', 'Cert:\LocalMachine\Remote Desktop' | Where-Object { $_.Thumbprint -eq $thumbprint })
+    if ($found.Count -ne 0) {
+        "RDPHEALTH skipped n=$n op=unbindcert reason=`"the bound certificate $thumbprint is in the store`""
+        return
+    }
+    Remove-ItemProperty -LiteralPath $c.Key -Name 'SSLCertificateSHA1Hash'
+    if ((Get-Reg $c.Key 'SSLCertificateSHA1Hash').Present) { throw 'SSLCertificateSHA1Hash is still present after removing it' }
+    "RDPHEALTH change n=$n op=unbindcert key=`"$($c.Key)`" name=SSLCertificateSHA1Hash had=1 old=`"$thumbprint`" new=`"`""
+}
+
+function Set-FirewallPort($n, $c) {
+    # The rule must exist (Get-NetFirewallRule throws otherwise); only its local port changes.
+    $before = (Get-NetFirewallRule -Name $c.Rule | Get-NetFirewallPortFilter).LocalPort
+    Set-NetFirewallRule -Name $c.Rule -LocalPort $c.Port
+    $after = (Get-NetFirewallRule -Name $c.Rule | Get-NetFirewallPortFilter).LocalPort
+    if ([string]$after -ne [string]$c.Port) { throw "read back LocalPort '$after', expected '$($c.Port)'" }
+    "RDPHEALTH change n=$n op=firewallport rule=$($c.Rule) old=`"$before`" new=`"$after`""
+}
+
 $n = 0
 "RDPHEALTH begin repair=$($Plan.Repair) changes=$($Plan.Changes.Count)"
 foreach ($c in $Plan.Changes) {
@@ -134,10 +168,12 @@ foreach ($c in $Plan.Changes) {
             'restart' { Restart-Svc $n $c }
             'acl' { Reset-Acl $n $c }
             'removecert' { Remove-RdpCertificate $n $c }
+            'unbindcert' { Remove-StaleBinding $n $c }
+            'firewallport' { Set-FirewallPort $n $c }
             default { throw "unknown change '$($c.Op)'" }
         }
     } catch {
-        $target = "$($c.Key)$($c.Service)$($c.Path)$($c.Store)"
+        $target = "$($c.Key)$($c.Service)$($c.Path)$($c.Store)$($c.Rule)"
         if ($c.Name) { $target = "$target\$($c.Name)" }
         "RDPHEALTH failed n=$n op=$($c.Op) target=`"$target`" detail=`"$($_.Exception.Message.Replace('"', "'"))`""
         "RDPHEALTH result status=failed change=$n restart=none"

@@ -1,4 +1,4 @@
-# rdphealth-script: query-rdp-evidence v2
+# rdphealth-script: query-rdp-evidence v3
 # Read-only. Collects what Microsoft's RDP troubleshooting guides ask to check in the guest:
 # event-log entries of the last 24 hours for the RDP-relevant event IDs, the Remote Desktop
 # services, the RDP-Tcp listener settings, SCHANNEL server protocol switches, the owner of the
@@ -61,8 +61,19 @@ try {
     }
     "RDPHEALTH port port=$port owner=$owner"
 
+    # A custom certificate binding must name a certificate in the store (event-ID guide).
+    $binding = $listener.SSLCertificateSHA1Hash
+    if ($null -ne $binding) {
+        $thumbprint = ([BitConverter]::ToString([byte[]]$binding)).Replace('-', '')
+        $found = @(Get-ChildItem -LiteralPath 'Cert:\LocalMachine\My', 'Cert:\LocalMachine\Remote Desktop' | Where-Object { $_.Thumbprint -eq $thumbprint })
+        "RDPHEALTH certificate binding=$thumbprint present=$([int]($found.Count -gt 0))"
+    }
+
     $rule = Get-NetFirewallRule -Name 'RemoteDesktop-UserMode-In-TCP' -ErrorAction SilentlyContinue
-    if ($rule) { "RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=$($rule.Enabled)" }
+    if ($rule) {
+        $rulePort = ($rule | Get-NetFirewallPortFilter).LocalPort
+        "RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=$($rule.Enabled) port=$rulePort"
+    }
 
     'RDPHEALTH done'
 } catch {

@@ -54,6 +54,9 @@ pub mod conditions {
     /// The last OS-disk snapshot taken before a change: True (`SnapshotTaken`) names it;
     /// False (`SnapshotFailed`) says why it failed, and the rung it preceded did not start.
     pub const OS_DISK_SNAPSHOT: &str = "OsDiskSnapshot";
+    /// True while `remediation.allowLegacyTls` lets a repair enable the TLS 1.0 and 1.1 server
+    /// protocols (a security finding); False once the opt-in is withdrawn.
+    pub const LEGACY_TLS_ALLOWED: &str = "LegacyTlsAllowed";
 }
 
 /// Condition and Event reasons (PascalCase). Probe failure reasons are the prober's bounded
@@ -390,6 +393,17 @@ pub struct RemediationSpec {
     /// MinEncryptionLevel=1) when repairing frequent disconnects.
     #[serde(default)]
     pub allow_insecure_listener_settings: bool,
+    /// Opt-in for legacy clients: `EnableTls12` also enables the TLS 1.0 and 1.1 server
+    /// protocols, as the "internal error" guide describes. Off by default; while on, the
+    /// object reports a security finding (`LegacyTlsAllowed`).
+    #[serde(default)]
+    pub allow_legacy_tls: bool,
+    /// Consent to restore the RDP listener's port when it differs from the port the VM is
+    /// probed on (`PortChanged`): `PortNumber` and the `RemoteDesktop-UserMode-In-TCP`
+    /// firewall rule are set back to the probed port and TermService is restarted. Off: the
+    /// changed port is reported with both ports.
+    #[serde(default)]
+    pub restore_rdp_port: bool,
     /// Enables the ResetPassword rung: the generated password is written to a Secret only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_reset: Option<PasswordResetSpec>,
@@ -414,6 +428,8 @@ impl Default for RemediationSpec {
             allow_start: false,
             nsg_repair: NsgRepairSpec::default(),
             allow_insecure_listener_settings: false,
+            allow_legacy_tls: false,
+            restore_rdp_port: false,
             password_reset: None,
             snapshots: SnapshotSpec::default(),
         }

@@ -176,7 +176,7 @@ impl Metrics {
             remediations: IntCounterVec::new(
                 Opts::new(
                     "rdphealth_remediations_total",
-                    "Remediation rungs, by rung and result (started, fixed, not_fixed, failed, unknown).",
+                    "Remediation rungs, by rung and result (started, fixed, not_fixed, failed, unknown, applied).",
                 ),
                 &["rung", "result"],
             )
@@ -254,7 +254,7 @@ impl Metrics {
         Ok(())
     }
 
-    /// Counts one rung transition (`result`: started, fixed, not_fixed, failed, unknown).
+    /// Counts one rung transition (`result`: started, fixed, not_fixed, failed, unknown, applied).
     pub fn remediation(&self, rung: Rung, result: &str) {
         self.remediations
             .with_label_values(&[rung.as_str(), result])
@@ -444,7 +444,7 @@ pub const SUSPENSION_REASONS: [&str; 6] = [
 ];
 
 /// The `rdphealth_findings{kind}` label values.
-pub const FINDING_KINDS: [&str; 9] = [
+pub const FINDING_KINDS: [&str; 10] = [
     "certificate_expiring",
     "certificate_expired",
     "no_tls",
@@ -454,6 +454,7 @@ pub const FINDING_KINDS: [&str; 9] = [
     "wrong_host",
     "nla_disabled",
     "clock_skew",
+    "legacy_tls_allowed",
 ];
 
 /// The findings a status shows: certificate problems of the last probe (from the
@@ -473,6 +474,9 @@ pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
     }
     if conditions::status_of(&status.conditions, types::NLA_REQUIRED) == Some(Status::False) {
         kinds.push("nla_disabled");
+    }
+    if conditions::status_of(&status.conditions, types::LEGACY_TLS_ALLOWED) == Some(Status::True) {
+        kinds.push("legacy_tls_allowed");
     }
     let limit = i64::try_from(crate::probe::DEFAULT_MAX_CLOCK_SKEW.as_secs()).unwrap_or(300);
     if let Some(skew) = status.identity.as_ref().and_then(|i| i.clock_skew_seconds)

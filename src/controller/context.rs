@@ -270,7 +270,7 @@ impl FleetMember {
             unreachable: conditions::status_of(conditions, types::REACHABLE) == Some(Status::False),
             disruptive_in_flight: status
                 .and_then(|s| s.ladder.current.as_ref())
-                .is_some_and(|c| c.step.rung.is_disruptive()),
+                .is_some_and(|c| c.is_disruptive()),
             acting: obj.spec.remediation.mode != RemediationMode::Observe,
             suspended: conditions::find(conditions, types::REMEDIATION_SUSPENDED)
                 .filter(|c| c.status == Status::True.as_str())

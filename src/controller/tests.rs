@@ -52,6 +52,8 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         outcome_unknown: false,
         lease: None,
         snapshot: None,
+        drops_sessions: false,
+        acl_backup: None,
     }
 }
 

@@ -126,7 +126,7 @@ impl State {
                     .ladder
                     .current
                     .as_ref()
-                    .is_some_and(|c| c.step.rung.is_disruptive());
+                    .is_some_and(|c| c.is_disruptive());
                 Some((name.clone(), spec.vm.subscription, unreachable, disruptive))
             })
             .collect();

@@ -70,6 +70,7 @@ pub async fn gather(
     now: Timestamp,
 ) -> Result<(Evidence, Vec<Event>), AzureError> {
     let mut ev = Evidence::empty(now);
+    ev.rdp_port = Some(how.vantage.port);
     let state = keep(azure.vm_state(vm).await, &mut ev)?;
     if let Some(state) = &state {
         ev.power_state = Some(state.power_state);
@@ -260,7 +261,7 @@ fn settle(kind: ReadKind, outcome: PollOutcome, ev: &mut Evidence) -> Option<Eve
             OperationResult::RunCommand(out) => {
                 // The output is parsed, never stored or evented verbatim.
                 let found = guest::parse(&out.stdout);
-                let event = guest_event(&found);
+                let event = guest_event(&found, ev.rdp_port.unwrap_or(0));
                 ev.guest = Some(found);
                 Some(event)
             }
@@ -321,8 +322,12 @@ fn mismatch_event(local: &nsg::Verdict, azure: &FlowCheck) -> Event {
     }
 }
 
-fn guest_event(found: &guest::GuestEvidence) -> Event {
-    let scenarios: Vec<&str> = found.scenarios(0).iter().map(|s| s.as_str()).collect();
+fn guest_event(found: &guest::GuestEvidence, rdp_port: u16) -> Event {
+    let scenarios: Vec<&str> = found
+        .scenarios(rdp_port)
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
     let mut note = if scenarios.is_empty() {
         "in-guest query: nothing the troubleshooting guides name".to_string()
     } else {

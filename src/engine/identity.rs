@@ -237,6 +237,7 @@ mod tests {
             outcome: crate::ladder::RungOutcome::Fixed,
             message: None,
             snapshot: None,
+            acl_backup: None,
         });
         assert!(
             identity_due(&spec, Some(&redeployed), &ep, at(1030)),

@@ -103,6 +103,7 @@ pub fn evaluate(obj: &RdpHealth, observation: Observation, now: Timestamp) -> Ou
         Err(e) => step.invalid(&e),
         Ok(spec) => {
             step.valid();
+            step.legacy_tls(spec.ladder.allow_legacy_tls);
             if spec.suspend {
                 step.suspended()
             } else {
@@ -194,6 +195,31 @@ impl Step {
             reasons::SPEC_VALID,
             "the spec is valid",
         ));
+    }
+
+    /// The legacy-TLS opt-in is a security finding while it is on: a condition, and a
+    /// Warning Event when it turns on.
+    fn legacy_tls(&mut self, allowed: bool) {
+        let shown = conditions::status_of(&self.status.conditions, types::LEGACY_TLS_ALLOWED);
+        if allowed {
+            let message = "remediation.allowLegacyTls is on: EnableTls12 also enables the TLS 1.0 and 1.1 server protocols for legacy clients, which weakens RDP security";
+            let previous = self.set(Desired::new(
+                types::LEGACY_TLS_ALLOWED,
+                Status::True,
+                "LegacyTlsAllowed",
+                message,
+            ));
+            if previous != Some(Status::True) {
+                self.emit(Severity::Warning, "LegacyTlsAllowed", message.to_owned());
+            }
+        } else if shown == Some(Status::True) {
+            self.set(Desired::new(
+                types::LEGACY_TLS_ALLOWED,
+                Status::False,
+                "LegacyTlsNotAllowed",
+                "remediation.allowLegacyTls is off: TLS 1.0 and 1.1 are never enabled",
+            ));
+        }
     }
 
     fn suspended(&mut self) -> Next {

@@ -92,6 +92,8 @@ pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Opt
             Some(_) => c.next_poll_at.as_ref().map(|t| t.0),
             None => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
         },
+        // The restart is decided on the probes' own reconciles.
+        ExecutionPhase::AwaitingRestart => None,
     });
     let backoff = ladder
         .next_action_at
@@ -208,6 +210,8 @@ mod tests {
             outcome_unknown: false,
             lease: None,
             snapshot: None,
+            drops_sessions: false,
+            acl_backup: None,
         });
         status
     }

@@ -314,3 +314,30 @@ mod invariants {
         }
     }
 }
+
+#[test]
+fn the_legacy_tls_opt_in_is_a_security_finding_while_on() {
+    let mut obj = object(|o| o.spec.remediation.allow_legacy_tls = true);
+    let (out, events) = feed(&mut obj, vec![ok(), ok()]);
+    let c = condition(&out, types::LEGACY_TLS_ALLOWED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "LegacyTlsAllowed")
+    );
+    let warnings: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason == "LegacyTlsAllowed")
+        .collect();
+    assert_eq!(warnings.len(), 1, "one Event when it turns on");
+    assert!(matches!(warnings[0].severity, Severity::Warning));
+    assert!(crate::metrics::findings(&out.status).contains(&"legacy_tls_allowed"));
+
+    obj.spec.remediation.allow_legacy_tls = false;
+    let (out, _) = feed(&mut obj, vec![ok()]);
+    assert_eq!(condition(&out, types::LEGACY_TLS_ALLOWED).status, "False");
+    assert!(!crate::metrics::findings(&out.status).contains(&"legacy_tls_allowed"));
+    // Never on: no condition at all.
+    let mut plain = object(|_| {});
+    let (out, _) = feed(&mut plain, vec![ok()]);
+    assert!(conditions::find(&out.status.conditions, types::LEGACY_TLS_ALLOWED).is_none());
+}

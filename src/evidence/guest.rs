@@ -22,6 +22,17 @@ pub struct EventCount {
     pub count: u32,
 }
 
+/// The listener's custom certificate binding (`RDP-Tcp` `SSLCertificateSHA1Hash`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateBinding {
+    /// The bound thumbprint.
+    pub thumbprint: String,
+    /// Whether a certificate with that thumbprint is in `LocalMachine\My` or
+    /// `LocalMachine\Remote Desktop`; when not, the binding is stale.
+    pub in_store: bool,
+}
+
 /// What the query found in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -39,6 +50,12 @@ pub struct GuestEvidence {
     pub port_owner: Option<String>,
     /// Whether the `RemoteDesktop-UserMode-In-TCP` firewall rule is enabled.
     pub firewall_rule_enabled: Option<bool>,
+    /// The firewall rule's local port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall_rule_port: Option<u16>,
+    /// The custom certificate `SSLCertificateSHA1Hash` binds the listener to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_binding: Option<CertificateBinding>,
     /// The script ran to its end (output is cut to its last 4 KiB by Run Command).
     pub complete: bool,
 }
@@ -61,6 +78,9 @@ pub enum GuestScenario {
     CertificateKeyAccess,
     /// RD Connection Broker errors (2056, 1296): report, never automate.
     ConnectionBroker,
+    /// `SSLCertificateSHA1Hash` names a certificate that is no longer in the store: remove
+    /// the binding (RDP falls back to the self-signed certificate).
+    StaleCertificateBinding,
 }
 
 impl GuestScenario {
@@ -73,6 +93,7 @@ impl GuestScenario {
             Self::TlsDisabled => "tlsDisabled",
             Self::CertificateKeyAccess => "certificateKeyAccess",
             Self::ConnectionBroker => "connectionBroker",
+            Self::StaleCertificateBinding => "staleCertificateBinding",
         }
     }
 }
@@ -124,7 +145,17 @@ pub fn parse(output: &str) -> GuestEvidence {
             }
             "port" => ev.port_owner = get("owner").filter(|o| !o.is_empty()),
             "firewall" => {
-                ev.firewall_rule_enabled = get("enabled").map(|v| v.eq_ignore_ascii_case("true"))
+                ev.firewall_rule_enabled = get("enabled").map(|v| v.eq_ignore_ascii_case("true"));
+                ev.firewall_rule_port = get("port").and_then(|p| p.parse().ok());
+            }
+            "certificate" => {
+                ev.certificate_binding =
+                    get("binding")
+                        .filter(|t| !t.is_empty())
+                        .map(|thumbprint| CertificateBinding {
+                            thumbprint,
+                            in_store: get("present").is_none_or(|p| p != "0"),
+                        })
             }
             "done" => ev.complete = true,
             _ => {}
@@ -203,6 +234,13 @@ impl GuestEvidence {
         }
         if self.has_event("SessionBroker", &[2056, 1296]) {
             out.push(GuestScenario::ConnectionBroker);
+        }
+        if self
+            .certificate_binding
+            .as_ref()
+            .is_some_and(|b| !b.in_store)
+        {
+            out.push(GuestScenario::StaleCertificateBinding);
         }
         out
     }
@@ -338,9 +376,57 @@ RDPHEALTH error detail=\"Access is denied\"\r\n";
     }
 
     #[test]
+    fn broker_events_are_read_from_their_operational_logs() {
+        let line = |id: u32| {
+            QUERY_SCRIPT
+                .lines()
+                .find(|l| l.contains(&format!("Ids = @({id})")))
+                .unwrap_or_default()
+        };
+        assert!(
+            line(2056)
+                .contains("Log = 'Microsoft-Windows-TerminalServices-SessionBroker/Operational'")
+        );
+        assert!(line(1296).contains(
+            "Log = 'Microsoft-Windows-TerminalServices-SessionBroker-Client/Operational'"
+        ));
+        assert!(!line(2056).contains("'System'") && !line(1296).contains("'System'"));
+    }
+
+    #[test]
+    fn certificate_binding_and_firewall_port() {
+        let ev = parse(&format!(
+            "{HEALTHY}RDPHEALTH certificate binding=5E1FCE27 present=0\nRDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True port=3390\n"
+        ));
+        assert_eq!(ev.firewall_rule_port, Some(3390));
+        assert_eq!(
+            ev.certificate_binding,
+            Some(CertificateBinding {
+                thumbprint: "5E1FCE27".into(),
+                in_store: false
+            })
+        );
+        assert_eq!(
+            ev.scenarios(3389),
+            vec![GuestScenario::StaleCertificateBinding]
+        );
+        let present = parse(&format!(
+            "{HEALTHY}RDPHEALTH certificate binding=5E1FCE27 present=1\n"
+        ));
+        assert!(present.scenarios(3389).is_empty());
+    }
+
+    #[test]
     fn query_script_prints_what_the_parser_reads() {
         for kind in [
-            "event", "service", "registry", "tls", "port", "firewall", "done",
+            "event",
+            "service",
+            "registry",
+            "tls",
+            "port",
+            "firewall",
+            "certificate",
+            "done",
         ] {
             assert!(
                 QUERY_SCRIPT.contains(&format!("RDPHEALTH {kind}")),

@@ -267,6 +267,10 @@ pub struct Evidence {
     /// Reads that failed or timed out (reason and message); their parts stay empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+    /// The RDP port the prober reaches, as the VM sees it (a NAT rule's backend port): the
+    /// port the guest's listener must be configured for (`PortNumber`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdp_port: Option<u16>,
 }
 
 /// Where boot diagnostics live.
@@ -299,7 +303,16 @@ impl Evidence {
             guest: None,
             pending: Vec::new(),
             errors: Vec::new(),
+            rdp_port: None,
         }
+    }
+
+    /// The guest's scenarios, `PortChanged` judged against the probed port when it is known.
+    pub fn guest_scenarios(&self) -> Vec<super::guest::GuestScenario> {
+        self.guest
+            .as_ref()
+            .map(|g| g.scenarios(self.rdp_port.unwrap_or(0)))
+            .unwrap_or_default()
     }
 
     /// Whether a read of `kind` is running.

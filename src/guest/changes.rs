@@ -1,19 +1,10 @@
 //! In-guest repairs as data: each repair is a list of typed changes, rendered into the one
-//! reviewed applier script (`guest-scripts/apply-changes.ps1`). The values are exactly those
-//! of Microsoft's RDP troubleshooting guides.
+//! reviewed applier script by [`super::script`]. The values are exactly those of Microsoft's
+//! RDP troubleshooting guides.
 
 use std::fmt;
 
 use crate::ladder::GuestRepair;
-
-/// The reviewed applier script, shipped in the repository.
-pub const APPLIER: &str = include_str!("../../guest-scripts/apply-changes.ps1");
-
-/// The marker line of the applier.
-pub const APPLIER_MARKER: &str = "# rdphealth-script: apply-changes v1";
-
-/// The applier's placeholder line, replaced by the repair's plan.
-const PLAN_LINE: &str = "$Plan = @{ Repair = 'none'; Restart = 'none'; Changes = @() }";
 
 /// `HKLM\…\Terminal Server\WinStations\RDP-Tcp`: the RDP listener.
 pub const RDP_TCP: &str =
@@ -25,6 +16,13 @@ pub const TS_POLICY: &str = r"HKLM:\SOFTWARE\Policies\Microsoft\Windows NT\Termi
 /// The SCHANNEL server switches of TLS 1.2.
 pub const TLS12_SERVER: &str =
     r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.2\Server";
+/// The SCHANNEL server switches of TLS 1.0 and 1.1 (only with `allowLegacyTls`).
+pub const LEGACY_TLS_SERVERS: [&str; 2] = [
+    r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.0\Server",
+    r"HKLM:\SYSTEM\CurrentControlSet\Control\SecurityProviders\SCHANNEL\Protocols\TLS 1.1\Server",
+];
+/// The Windows Firewall rule that admits RDP over TCP.
+pub const RDP_FIREWALL_RULE: &str = "RemoteDesktop-UserMode-In-TCP";
 /// The RSA machine keys folder.
 pub const MACHINE_KEYS: &str = r"C:\ProgramData\Microsoft\Crypto\RSA\MachineKeys";
 /// The guide's MachineKeys permissions.
@@ -40,6 +38,8 @@ pub enum RegValue {
     Dword(u32),
     /// `REG_SZ`.
     String(String),
+    /// `REG_BINARY` (e.g. `SSLCertificateSHA1Hash`).
+    Binary(Vec<u8>),
 }
 
 impl RegValue {
@@ -48,16 +48,19 @@ impl RegValue {
         match self {
             Self::Dword(_) => "DWord",
             Self::String(_) => "String",
+            Self::Binary(_) => "Binary",
         }
     }
 }
 
 impl fmt::Display for RegValue {
-    /// As the applier reports it: DWORDs unsigned in decimal, strings verbatim.
+    /// As the applier reports it: DWORDs unsigned in decimal, strings verbatim, binary values
+    /// in upper-case hex (a thumbprint as `certutil` shows it).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Dword(v) => write!(f, "{v}"),
             Self::String(s) => f.write_str(s),
+            Self::Binary(b) => b.iter().try_for_each(|x| write!(f, "{x:02X}")),
         }
     }
 }
@@ -101,6 +104,20 @@ pub enum Change {
         /// The listener key holding `SSLCertificateSHA1Hash`.
         key: String,
     },
+    /// Deletes `SSLCertificateSHA1Hash` from `key` only while the thumbprint it names is in
+    /// neither `LocalMachine\My` nor `LocalMachine\Remote Desktop` (a stale binding: RDP then
+    /// falls back to the self-signed certificate, as the event-ID guide says).
+    RemoveStaleCertificateBinding {
+        /// The listener key.
+        key: String,
+    },
+    /// Sets the local port of a Windows Firewall rule (`Set-NetFirewallRule -LocalPort`).
+    FirewallRulePort {
+        /// The rule's name.
+        rule: String,
+        /// The port.
+        port: u16,
+    },
 }
 
 impl Change {
@@ -126,6 +143,8 @@ impl Change {
             Self::RestartService { .. } => "restart",
             Self::ResetAcl { .. } => "acl",
             Self::RemoveRdpCertificate { .. } => "removecert",
+            Self::RemoveStaleCertificateBinding { .. } => "unbindcert",
+            Self::FirewallRulePort { .. } => "firewallport",
         }
     }
 }
@@ -139,6 +158,12 @@ impl fmt::Display for Change {
             Self::ResetAcl { path, .. } => write!(f, "reset the ACL of {path}"),
             Self::RemoveRdpCertificate { store, .. } => {
                 write!(f, "remove the self-signed certificate from {store}")
+            }
+            Self::RemoveStaleCertificateBinding { key } => {
+                write!(f, r"remove a stale {key}\SSLCertificateSHA1Hash")
+            }
+            Self::FirewallRulePort { rule, port } => {
+                write!(f, "set the local port of firewall rule {rule} to {port}")
             }
         }
     }
@@ -174,15 +199,76 @@ pub struct Plan {
     pub changes: Vec<Change>,
 }
 
-/// The changes of `repair`; the security-weakening listener settings only with consent.
-pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan {
+/// What the spec lets a plan include.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Consent to `SecurityLayer`=0 / `MinEncryptionLevel`=1 (`allowInsecureListenerSettings`).
+    pub insecure_listener: bool,
+    /// Opt-in to enabling the TLS 1.0 and 1.1 server protocols for legacy clients
+    /// (`allowLegacyTls`): a security finding while it is on.
+    pub legacy_tls: bool,
+    /// The port the listener must use (`RestoreRdpPort`): the one the VM is probed on.
+    pub rdp_port: u16,
+}
+
+impl Options {
+    /// Nothing that weakens security; the default RDP port.
+    pub const SAFE: Options = Options {
+        insecure_listener: false,
+        legacy_tls: false,
+        rdp_port: 3389,
+    };
+
+    /// [`Options::SAFE`] with or without consent to the weakening listener settings.
+    #[cfg(test)]
+    pub(crate) fn consent(insecure_listener: bool) -> Self {
+        Self {
+            insecure_listener,
+            ..Self::SAFE
+        }
+    }
+}
+
+/// The changes of `repair`; settings that weaken security only as `options` allow.
+pub fn plan(repair: GuestRepair, options: &Options) -> Plan {
     let (restart, changes) = match repair {
-        // "An internal error occurred", §5: TLS 1.2 for the server. TLS 1.0/1.1 are not enabled.
-        GuestRepair::EnableTls12 => (
-            Restart::Required,
-            vec![
+        // "An internal error occurred", §5: TLS 1.2 for the server; TLS 1.0/1.1 only on the
+        // spec's explicit opt-in for legacy clients.
+        GuestRepair::EnableTls12 => {
+            let mut changes = vec![
                 Change::set(TLS12_SERVER, "Enabled", 1),
                 Change::set(TLS12_SERVER, "DisabledByDefault", 0),
+            ];
+            if options.legacy_tls {
+                for key in LEGACY_TLS_SERVERS {
+                    changes.push(Change::set(key, "Enabled", 1));
+                    changes.push(Change::set(key, "DisabledByDefault", 0));
+                }
+            }
+            (Restart::Required, changes)
+        }
+        // "By event ID": a `SSLCertificateSHA1Hash` naming a certificate that is no longer in
+        // the store; deleting it makes RDP fall back to the self-signed certificate.
+        GuestRepair::RemoveStaleCertificateBinding => (
+            Restart::None,
+            vec![
+                Change::RemoveStaleCertificateBinding {
+                    key: RDP_TCP.to_owned(),
+                },
+                Change::restart("TermService"),
+            ],
+        ),
+        // "An internal error occurred", §2: the listener's port back to the one the VM is
+        // reached on, with its firewall rule; TermService listens on it after a restart.
+        GuestRepair::RestoreRdpPort => (
+            Restart::None,
+            vec![
+                Change::set(RDP_TCP, "PortNumber", u32::from(options.rdp_port)),
+                Change::FirewallRulePort {
+                    rule: RDP_FIREWALL_RULE.to_owned(),
+                    port: options.rdp_port,
+                },
+                Change::restart("TermService"),
             ],
         ),
         // "An internal error occurred", §3 and §4: MachineKeys permissions, then a new
@@ -220,7 +306,7 @@ pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan
                 Change::set(RDP_TCP, "MaxIdleTime", 0),
                 Change::set(RDP_TCP, "MaxInstanceCount", 0xffff_ffff),
             ];
-            if allow_insecure_listener_settings {
+            if options.insecure_listener {
                 changes.push(Change::set(RDP_TCP, "SecurityLayer", 0));
                 changes.push(Change::set(RDP_TCP, "MinEncryptionLevel", 1));
             }
@@ -234,229 +320,18 @@ pub fn plan(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Plan
     }
 }
 
-/// A PowerShell single-quoted string literal.
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// The plan as the PowerShell `$Plan = @{ … }` statement the applier reads.
-pub fn render_plan(plan: &Plan) -> String {
-    let mut out = format!(
-        "$Plan = @{{ Repair = {}; Restart = {}; Changes = @(\n",
-        quote(&plan.repair),
-        quote(plan.restart.as_str())
-    );
-    for c in &plan.changes {
-        let fields = match c {
-            Change::Set { key, name, value } => {
-                let v = match value {
-                    RegValue::Dword(d) => d.to_string(),
-                    RegValue::String(s) => quote(s),
-                };
-                format!(
-                    "Key = {}; Name = {}; Type = {}; Value = {v}",
-                    quote(key),
-                    quote(name),
-                    quote(value.kind())
-                )
-            }
-            Change::Remove { key, name } => format!("Key = {}; Name = {}", quote(key), quote(name)),
-            Change::RestartService { service } => format!("Service = {}", quote(service)),
-            Change::ResetAcl { path, grants } => {
-                format!("Path = {}; Grants = {}", quote(path), quote(grants))
-            }
-            Change::RemoveRdpCertificate { store, key } => {
-                format!("Store = {}; Key = {}", quote(store), quote(key))
-            }
-        };
-        out.push_str(&format!("    @{{ Op = {}; {fields} }}\n", quote(c.op())));
-    }
-    out.push_str(") }");
-    out
-}
-
-/// The script Run Command receives for `repair`: the applier with the plan filled in.
-pub fn script(repair: GuestRepair, allow_insecure_listener_settings: bool) -> Vec<String> {
-    script_for(&plan(repair, allow_insecure_listener_settings))
-}
-
-/// The applier with `plan` filled in.
-pub fn script_for(plan: &Plan) -> Vec<String> {
-    let rendered = render_plan(plan);
-    let mut out = Vec::new();
-    for line in APPLIER.lines() {
-        if line == PLAN_LINE {
-            out.extend(rendered.lines().map(str::to_owned));
-        } else {
-            out.push(line.to_owned());
-        }
-    }
-    out
-}
-
-/// Reads the plan back from an applier script (what the simulated guest executes); `None`
-/// when `script` is not the applier or its plan does not parse.
-pub fn parse_script(script: &[String]) -> Option<Plan> {
-    if script.first().map(|l| l.trim()) != Some(APPLIER_MARKER) {
-        return None;
-    }
-    let start = script.iter().position(|l| l.starts_with("$Plan = @{"))?;
-    let head = fields(
-        script[start]
-            .strip_prefix("$Plan = @{")?
-            .trim_end()
-            .strip_suffix("Changes = @(")?
-            .trim_end()
-            .strip_suffix(';')?,
-    )?;
-    let text = |f: &[(String, Field)], k: &str| {
-        f.iter().find_map(|(name, v)| match v {
-            Field::Text(s) if name.eq_ignore_ascii_case(k) => Some(s.clone()),
-            _ => None,
-        })
-    };
-    let restart = match text(&head, "Restart")?.as_str() {
-        "required" => Restart::Required,
-        "none" => Restart::None,
-        _ => return None,
-    };
-    let mut changes = Vec::new();
-    for line in &script[start + 1..] {
-        let line = line.trim();
-        if line == ") }" {
-            return Some(Plan {
-                repair: text(&head, "Repair")?,
-                restart,
-                changes,
-            });
-        }
-        let f = fields(line.strip_prefix("@{")?.strip_suffix('}')?)?;
-        let t = |k: &str| text(&f, k);
-        let change = match t("Op")?.as_str() {
-            "set" => {
-                let value = match (t("Type")?.as_str(), f.iter().find(|(k, _)| k == "Value")?) {
-                    ("DWord", (_, Field::Number(n))) => RegValue::Dword(u32::try_from(*n).ok()?),
-                    ("String", (_, Field::Text(s))) => RegValue::String(s.clone()),
-                    _ => return None,
-                };
-                Change::Set {
-                    key: t("Key")?,
-                    name: t("Name")?,
-                    value,
-                }
-            }
-            "remove" => Change::Remove {
-                key: t("Key")?,
-                name: t("Name")?,
-            },
-            "restart" => Change::RestartService {
-                service: t("Service")?,
-            },
-            "acl" => Change::ResetAcl {
-                path: t("Path")?,
-                grants: t("Grants")?,
-            },
-            "removecert" => Change::RemoveRdpCertificate {
-                store: t("Store")?,
-                key: t("Key")?,
-            },
-            _ => return None,
-        };
-        changes.push(change);
-    }
-    None
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Field {
-    Text(String),
-    Number(u64),
-}
-
-/// Parses `A = 'x'; B = 2` (PowerShell hashtable entries, single-quoted strings).
-fn fields(s: &str) -> Option<Vec<(String, Field)>> {
-    let mut out = Vec::new();
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let (name, after) = rest.split_once('=')?;
-        let after = after.trim_start();
-        let (value, next) = if let Some(q) = after.strip_prefix('\'') {
-            let mut v = String::new();
-            let mut chars = q.char_indices().peekable();
-            let mut end = None;
-            while let Some((i, ch)) = chars.next() {
-                if ch == '\'' {
-                    if chars.peek().map(|(_, c)| *c) == Some('\'') {
-                        chars.next();
-                        v.push('\'');
-                    } else {
-                        end = Some(i + 1);
-                        break;
-                    }
-                } else {
-                    v.push(ch);
-                }
-            }
-            (Field::Text(v), &q[end?..])
-        } else {
-            let cut = after.find(';').unwrap_or(after.len());
-            (
-                Field::Number(after[..cut].trim().parse().ok()?),
-                &after[cut..],
-            )
-        };
-        out.push((name.trim().to_owned(), value));
-        let next = next.trim_start();
-        rest = match next.strip_prefix(';') {
-            Some(n) => n.trim_start(),
-            None if next.is_empty() => "",
-            None => return None,
-        };
-    }
-    Some(out)
+/// Whether `repair` restarts TermService, which drops every RDP session: on a VM that is
+/// still reachable that is disruptive.
+pub fn restarts_term_service(repair: GuestRepair) -> bool {
+    plan(repair, &Options::SAFE).changes.iter().any(|c| {
+        matches!(c, Change::RestartService { service } if service.eq_ignore_ascii_case("TermService"))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const REPAIRS: [GuestRepair; 3] = [
-        GuestRepair::EnableTls12,
-        GuestRepair::RenewRdpCertificate,
-        GuestRepair::ListenerKeepAlive,
-    ];
-
-    #[test]
-    fn the_applier_has_exactly_one_plan_line() {
-        assert_eq!(APPLIER.lines().filter(|l| *l == PLAN_LINE).count(), 1);
-        assert!(APPLIER.starts_with(APPLIER_MARKER));
-    }
-
-    #[test]
-    fn every_plan_round_trips_through_the_script() {
-        for repair in REPAIRS {
-            for consent in [false, true] {
-                let plan = plan(repair, consent);
-                let script = script_for(&plan);
-                assert_eq!(parse_script(&script).as_ref(), Some(&plan), "{repair}");
-                assert!(!script.iter().any(|l| l == PLAN_LINE));
-            }
-        }
-    }
-
-    #[test]
-    fn quotes_survive_rendering() {
-        let plan = Plan {
-            repair: "it's".into(),
-            restart: Restart::None,
-            changes: vec![Change::Set {
-                key: r"HKLM:\SOFTWARE\O'Brien; x = 1".into(),
-                name: "a'b".into(),
-                value: RegValue::String("say 'hi'; bye".into()),
-            }],
-        };
-        assert_eq!(parse_script(&script_for(&plan)), Some(plan));
-    }
+    use crate::guest::script::{parse_script, script_for};
 
     #[test]
     fn keepalive_values_are_the_guides() {
@@ -470,7 +345,7 @@ mod tests {
                 _ => None,
             })
         };
-        let safe = plan(GuestRepair::ListenerKeepAlive, false);
+        let safe = plan(GuestRepair::ListenerKeepAlive, &Options::SAFE);
         for (key, name, value) in [
             (RDP_TCP, "KeepAliveTimeout", 1),
             (TS_POLICY, "KeepAliveEnable", 1),
@@ -491,10 +366,10 @@ mod tests {
         }
         assert_eq!(safe.changes.len(), 14);
         assert_eq!(dword(&safe, RDP_TCP, "SecurityLayer"), None);
-        let consented = plan(GuestRepair::ListenerKeepAlive, true);
+        let consented = plan(GuestRepair::ListenerKeepAlive, &Options::consent(true));
         assert_eq!(dword(&consented, RDP_TCP, "SecurityLayer"), Some(0));
         assert_eq!(dword(&consented, RDP_TCP, "MinEncryptionLevel"), Some(1));
-        let tls = plan(GuestRepair::EnableTls12, true);
+        let tls = plan(GuestRepair::EnableTls12, &Options::consent(true));
         assert_eq!(dword(&tls, TLS12_SERVER, "Enabled"), Some(1));
         assert_eq!(dword(&tls, TLS12_SERVER, "DisabledByDefault"), Some(0));
         assert!(
@@ -506,14 +381,59 @@ mod tests {
     }
 
     #[test]
-    fn other_scripts_are_not_plans() {
-        assert_eq!(parse_script(&["Get-Service".to_owned()]), None);
-        let mut broken = script(GuestRepair::EnableTls12, false);
-        let i = broken
-            .iter()
-            .position(|l| l.contains("Op = 'set'"))
-            .unwrap();
-        broken[i] = "    @{ Op = 'set'; Key = 'x'; Name = 'y'; Type = 'DWord'; Value = -1 }".into();
-        assert_eq!(parse_script(&broken), None);
+    fn legacy_tls_only_on_opt_in_and_the_port_is_the_probed_one() {
+        let tls = |legacy_tls| {
+            plan(
+                GuestRepair::EnableTls12,
+                &Options {
+                    legacy_tls,
+                    ..Options::SAFE
+                },
+            )
+        };
+        let enables = |p: &Plan, version: &str| {
+            p.changes.iter().any(|c| {
+                matches!(c, Change::Set { key, name, value: RegValue::Dword(1) }
+                    if key.contains(version) && name == "Enabled")
+            })
+        };
+        for version in [r"TLS 1.0\Server", r"TLS 1.1\Server"] {
+            assert!(!enables(&tls(false), version), "{version} without opt-in");
+            assert!(enables(&tls(true), version), "{version} with opt-in");
+        }
+        assert!(enables(&tls(false), r"TLS 1.2\Server"));
+        let legacy = tls(true);
+        assert_eq!(parse_script(&script_for(&legacy)).as_ref(), Some(&legacy));
+
+        let port = plan(
+            GuestRepair::RestoreRdpPort,
+            &Options {
+                rdp_port: 3391,
+                ..Options::SAFE
+            },
+        );
+        assert_eq!(
+            port.changes,
+            vec![
+                Change::set(RDP_TCP, "PortNumber", 3391),
+                Change::FirewallRulePort {
+                    rule: RDP_FIREWALL_RULE.into(),
+                    port: 3391
+                },
+                Change::restart("TermService"),
+            ]
+        );
+        assert_eq!(parse_script(&script_for(&port)).as_ref(), Some(&port));
+        let stale = plan(GuestRepair::RemoveStaleCertificateBinding, &Options::SAFE);
+        assert_eq!(
+            stale.changes[0],
+            Change::RemoveStaleCertificateBinding {
+                key: RDP_TCP.into()
+            }
+        );
+        assert!(restarts_term_service(
+            GuestRepair::RemoveStaleCertificateBinding
+        ));
+        assert!(!restarts_term_service(GuestRepair::EnableTls12));
     }
 }

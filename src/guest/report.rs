@@ -93,12 +93,13 @@ pub fn parse(stdout: &str) -> Report {
                 let Some(n) = n else { continue };
                 let op = get("op").unwrap_or_default();
                 let target = match op.as_str() {
-                    "set" | "remove" => format!(
+                    "set" | "remove" | "unbindcert" => format!(
                         "{}\\{}",
                         get("key").unwrap_or_default(),
                         get("name").unwrap_or_default()
                     ),
                     "restart" => get("service").unwrap_or_default(),
+                    "firewallport" => get("rule").unwrap_or_default(),
                     "acl" => get("path").unwrap_or_default(),
                     "removecert" => get("thumbprint").unwrap_or_default(),
                     _ => continue,
@@ -164,7 +165,9 @@ impl Report {
             .map(|a| {
                 let short = a.target.rsplit('\\').next().unwrap_or(&a.target);
                 match (a.op.as_str(), &a.old) {
-                    ("set" | "remove", Some(old)) => format!("{short} {old}→{}", a.new),
+                    ("set" | "remove" | "unbindcert" | "firewallport", Some(old)) => {
+                        format!("{short} {old}→{}", a.new)
+                    }
                     ("set" | "remove", None) => format!("{short} (absent)→{}", a.new),
                     ("restart", _) => format!("restarted {short}"),
                     ("acl", _) => format!(

@@ -6,12 +6,15 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
+    evidence_gate::evidence_gate,
+    restart,
     rung::{GuestRepair, Rung, Step},
     spec::{Backoff, Window},
     status::{ExecutionPhase, LadderStatus},
+    verdict::{Blocker, Decision, GiveUp, Suspension, WaitReason},
 };
 use crate::{
-    evidence::{Evidence, NsgEvidence, guest::GuestScenario, nsg::Access, serial::BootSignal},
+    evidence::{Evidence, guest::GuestScenario},
     probe::{Failure, FailureReason},
 };
 
@@ -57,6 +60,10 @@ pub struct LadderPolicy {
     pub password_reset: Option<super::spec::PasswordResetSpec>,
     /// May apply the security-weakening listener settings.
     pub allow_insecure_listener_settings: bool,
+    /// May enable TLS 1.0/1.1 server protocols for legacy clients (a security finding).
+    pub allow_legacy_tls: bool,
+    /// May set the listener's port back to the probed one (`PortChanged`).
+    pub restore_rdp_port: bool,
     /// Evidence older than this is gathered again during an incident.
     pub evidence_refresh: Duration,
     /// A `Requested` rung older than this without an operation handle is treated as
@@ -88,6 +95,8 @@ impl Default for LadderPolicy {
             nsg_allowed_prefixes: Vec::new(),
             password_reset: None,
             allow_insecure_listener_settings: false,
+            allow_legacy_tls: false,
+            restore_rdp_port: false,
             evidence_refresh: Duration::from_secs(900),
             request_timeout: Duration::from_secs(120),
             snapshots: super::snapshot::SnapshotPolicy::default(),
@@ -174,205 +183,6 @@ pub struct Situation<'a> {
     pub now: Timestamp,
 }
 
-/// Something only a person (or a setting) can fix; reported, not acted on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Blocker {
-    /// The VM is stopped or deallocated and starting it is not allowed.
-    VmNotRunning,
-    /// An NSG rule denies the prober's flow.
-    NsgDenied {
-        /// `nic`/`subnet`.
-        level: String,
-        /// The NSG.
-        nsg: String,
-        /// The deciding rule.
-        rule: String,
-    },
-    /// The prober comes through a Standard public IP and no NSG is on the path: Azure drops
-    /// inbound traffic there unless an NSG allows it.
-    PublicIpClosed,
-    /// Another program owns the RDP port in the guest.
-    PortTakenByOtherProgram,
-    /// RDP listens on a different port in the guest.
-    PortChanged,
-    /// RD Connection Broker errors: not automated.
-    ConnectionBroker,
-    /// The endpoint answered as another computer: acting on this VM could harm the wrong
-    /// machine or nothing at all. Reported with both names, never remediated.
-    WrongHost {
-        /// Who answered and who was expected.
-        detail: String,
-    },
-}
-
-impl Blocker {
-    /// PascalCase reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::VmNotRunning => "VmNotRunning",
-            Self::NsgDenied { .. } => "NsgDenied",
-            Self::PublicIpClosed => "PublicIpClosed",
-            Self::PortTakenByOtherProgram => "PortTakenByOtherProgram",
-            Self::PortChanged => "PortChanged",
-            Self::ConnectionBroker => "ConnectionBrokerError",
-            Self::WrongHost { .. } => "WrongHost",
-        }
-    }
-
-    /// For people.
-    pub fn message(&self) -> String {
-        match self {
-            Self::VmNotRunning => {
-                "the VM is stopped or deallocated; start it (or set remediation.allowStart)".into()
-            }
-            Self::NsgDenied { level, nsg, rule } => format!(
-                "{level} NSG {nsg} denies RDP from the prober with rule {rule}; restarting cannot fix that"
-            ),
-            Self::PublicIpClosed => "the VM's Standard public IP admits no inbound traffic without an NSG that allows it, and neither its NIC nor its subnet has one; add an NSG allowing RDP from the users' addresses".into(),
-            Self::PortTakenByOtherProgram => {
-                "another program listens on the RDP port inside the guest".into()
-            }
-            Self::PortChanged => "RDP listens on another port inside the guest (PortNumber)".into(),
-            Self::ConnectionBroker => {
-                "RD Connection Broker errors (events 2056/1296): reinstall the broker role; not automated"
-                    .into()
-            }
-            Self::WrongHost { detail } => format!(
-                "{detail}: the address belongs to another machine; no rung acts on this VM until it answers as itself"
-            ),
-        }
-    }
-}
-
-/// Why the ladder waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitReason {
-    /// Backoff after a failed rung.
-    Backoff,
-    /// The operation runs; next poll.
-    Polling,
-    /// Settling after an operation.
-    Settling,
-    /// Resource Health reports a platform or planned problem.
-    PlatformIssue,
-    /// The guest installs updates or checks its disk.
-    GuestBusy,
-    /// Cooldown after the last ladder.
-    Cooldown,
-    /// `maxLaddersPerDay` reached.
-    DailyBudget,
-    /// All fleet-wide disruptive slots are taken.
-    FleetSlot,
-    /// The incident is younger than the fleet's grace period for disruptive rungs.
-    FleetGrace,
-    /// Evidence reads run in Azure (the in-guest query, IP flow verify): they can block the
-    /// ladder or pick its first rung, and the in-guest query holds the VM's one Run Command.
-    GatheringEvidence,
-}
-
-impl WaitReason {
-    /// PascalCase reason.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Backoff => "Backoff",
-            Self::Polling => "OperationRunning",
-            Self::Settling => "Settling",
-            Self::PlatformIssue => "PlatformIssue",
-            Self::GuestBusy => "GuestBusy",
-            Self::Cooldown => "Cooldown",
-            Self::DailyBudget => "DailyLadderBudget",
-            Self::FleetSlot => "FleetConcurrencyLimit",
-            Self::FleetGrace => "FleetGracePeriod",
-            Self::GatheringEvidence => "GatheringEvidence",
-        }
-    }
-}
-
-/// Why remediation is suspended (condition `RemediationSuspended`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Suspension {
-    /// The pause annotation is set.
-    Paused,
-    /// The storm breaker holds disruptive rungs.
-    Storm,
-    /// Disruptive rungs only inside maintenance windows.
-    OutsideMaintenanceWindow,
-    /// This replica is not the leader.
-    NotLeader,
-    /// Too many VMs of all subscriptions failed within a short window: every mutating rung
-    /// is held (fleet-wide breaker).
-    FleetBreaker,
-    /// The canary endpoint fails: the observer is blind and every mutating rung is held.
-    CanaryDown,
-}
-
-impl Suspension {
-    /// PascalCase reason; also the `rdphealth_remediation_suspended{reason}` label.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Paused => "Paused",
-            Self::Storm => "StormBreaker",
-            Self::OutsideMaintenanceWindow => "OutsideMaintenanceWindow",
-            Self::NotLeader => "NotLeader",
-            Self::FleetBreaker => "FleetBreaker",
-            Self::CanaryDown => "CanaryDown",
-        }
-    }
-}
-
-/// Why the ladder gave up.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GiveUp {
-    /// Every usable rung was tried.
-    Exhausted {
-        /// Rungs left that need permission (`allowedDisruptiveActions` or an approval).
-        need_permission: Vec<Rung>,
-        /// Rungs skipped because the VM agent is not Ready.
-        need_agent: Vec<Rung>,
-    },
-}
-
-/// What to do now.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    /// Reachable and no incident: nothing to do.
-    Idle,
-    /// Reachable again: close the incident (crediting the rung in progress, if any).
-    Recovered,
-    /// Not decided yet (thresholds), nothing to do.
-    Undecided,
-    /// Gather (or refresh) the read-only evidence.
-    GatherEvidence,
-    /// Poll the evidence reads running in Azure (or give up those past their timeout).
-    PollEvidence,
-    /// Report the diagnosis only (Observe mode).
-    Observe,
-    /// Nothing the ladder may do helps: report.
-    Blocked(Blocker),
-    /// Wait until a time.
-    Wait {
-        /// Until when.
-        until: Timestamp,
-        /// Why.
-        reason: WaitReason,
-    },
-    /// Remediation is held.
-    Suspended(Suspension),
-    /// Poll the running operation.
-    Poll,
-    /// The `Requested` rung has no operation handle after `requestTimeout`: its fate is
-    /// unknown; settle and judge instead of repeating it.
-    AbandonRequest,
-    /// Settling is over and the endpoint is still unreachable: the rung did not fix it.
-    NotFixed,
-    /// DryRun: this is the step that would run.
-    Plan(Step),
-    /// Auto: record the intent for this step, then call Azure.
-    Act(Step),
-    /// Stop until the endpoint recovers.
-    GiveUp(GiveUp),
-}
-
 /// The steps to try for this failure, targeted fixes first, then the rest of the ladder in
 /// its order. `RepairGuest` only appears with a repair that fits the evidence.
 pub fn plan(
@@ -395,12 +205,14 @@ pub fn plan(
         }
         Incident::Outage => {}
     }
-    let scenarios = evidence
-        .and_then(|e| e.guest.as_ref())
-        .map(|g| g.scenarios(0))
-        .unwrap_or_default();
+    let scenarios = evidence.map(Evidence::guest_scenarios).unwrap_or_default();
     let mut targeted = Vec::new();
     let reason = failure.map(|f| f.reason);
+    // A binding to a certificate that is gone explains the certificate errors it causes:
+    // removing it comes before renewing the self-signed certificate.
+    if scenarios.contains(&GuestScenario::StaleCertificateBinding) {
+        targeted.push(Step::repair(GuestRepair::RemoveStaleCertificateBinding));
+    }
     for scenario in &scenarios {
         match scenario {
             GuestScenario::ListenerDisabled => targeted.push(Step::rung(Rung::ResetRdpConfig)),
@@ -412,9 +224,11 @@ pub fn plan(
         }
     }
     match reason {
+        // A TLS failure alone (a middlebox may time it out) is no evidence against the
+        // certificate: its renewal resets MachineKeys ACLs and restarts TermService, so it
+        // waits for the guest's events or the certificate itself to say so.
         Some(FailureReason::TlsHandshakeFailed | FailureReason::TlsTimeout) => {
             targeted.push(Step::repair(GuestRepair::EnableTls12));
-            targeted.push(Step::repair(GuestRepair::RenewRdpCertificate));
         }
         Some(FailureReason::NegotiationFailure) if failure.and_then(|f| f.code) == Some(3) => {
             targeted.push(Step::repair(GuestRepair::RenewRdpCertificate));
@@ -480,6 +294,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 },
                 _ => Decision::NotFixed,
             },
+            ExecutionPhase::AwaitingRestart => restart::after_repair(s, current),
         };
     }
     // Whatever answers on the address is not this VM: nothing done to this VM is justified
@@ -507,7 +322,8 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     // An exhausted ladder stays stopped, unless a one-time approval unlocks the rung it
     // needed (LadderExhausted names the rungs that need permission).
     let approved = s.approval.is_some()
-        && next_step(s, evidence).is_some_and(|step| Some(step.rung) == s.approval);
+        && next_step(s, evidence)
+            .is_some_and(|step| Some(step.permission_rung(vm_reachable(s))) == s.approval);
     if s.ladder.exhausted && !approved {
         return Decision::GiveUp(exhausted(s, evidence));
     }
@@ -526,7 +342,15 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     let Some(step) = next_step(s, evidence) else {
         return Decision::GiveUp(exhausted(s, evidence));
     };
-    if step.rung.is_disruptive() {
+    gate_and_act(s, step)
+}
+
+/// The last gates before `step` runs: for a disruptive rung the maintenance window and the
+/// storm breaker; DryRun plans; only the leader acts; a disruptive rung waits out the fleet's
+/// grace period and needs a free fleet slot.
+pub(super) fn gate_and_act(s: &Situation<'_>, step: Step) -> Decision {
+    let disruptive = step.is_disruptive(vm_reachable(s));
+    if disruptive {
         if !s.policy.windows.is_empty() && !s.policy.windows.iter().any(|w| w.contains(s.now)) {
             return Decision::Suspended(Suspension::OutsideMaintenanceWindow);
         }
@@ -540,9 +364,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if !s.gates.leader {
         return Decision::Suspended(Suspension::NotLeader);
     }
-    if step.rung.is_disruptive()
-        && let Some(started) = &s.ladder.incident_started_at
-    {
+    if disruptive && let Some(started) = &s.ladder.incident_started_at {
         let until = add(started.0, s.gates.disruptive_grace);
         if until > s.now {
             return Decision::Wait {
@@ -551,7 +373,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
             };
         }
     }
-    if step.rung.is_disruptive() && !s.gates.disruptive_slot_free {
+    if disruptive && !s.gates.disruptive_slot_free {
         return Decision::Wait {
             until: add(s.now, Duration::from_secs(30)),
             reason: WaitReason::FleetSlot,
@@ -565,11 +387,13 @@ fn operation_runs(c: &super::status::RungExecution) -> bool {
     match c.phase {
         ExecutionPhase::Running => true,
         ExecutionPhase::Snapshotting => c.operation.is_some(),
-        ExecutionPhase::Requested | ExecutionPhase::Settling => false,
+        ExecutionPhase::Requested
+        | ExecutionPhase::Settling
+        | ExecutionPhase::AwaitingRestart => false,
     }
 }
 
-fn add(t: Timestamp, d: Duration) -> Timestamp {
+pub(super) fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(d).unwrap_or(t)
 }
 
@@ -614,83 +438,6 @@ fn pending_reads(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
     })
 }
 
-/// Evidence that blocks or redirects the ladder before any generic rung.
-fn evidence_gate(s: &Situation<'_>, e: &Evidence) -> Option<Decision> {
-    let refresh = add(e.gathered_at.0, s.policy.evidence_refresh);
-    if e.power_state.is_some_and(|p| p.is_down()) {
-        return Some(if s.policy.allow_start && s.policy.mode != Mode::Observe {
-            gated_special(s, Step::rung(Rung::StartVm))
-        } else {
-            Decision::Blocked(Blocker::VmNotRunning)
-        });
-    }
-    if e.resource_health
-        .as_ref()
-        .is_some_and(|r| r.is_platform_problem())
-    {
-        return Some(Decision::Wait {
-            until: refresh,
-            reason: WaitReason::PlatformIssue,
-        });
-    }
-    if e.nsg.as_ref().is_some_and(|n| n.closed_public_ip) {
-        // No NSG to add a rule to: creating one is a person's decision.
-        return Some(Decision::Blocked(Blocker::PublicIpClosed));
-    }
-    if let Some(nsg) = &e.nsg
-        && nsg.trusted_access() == Access::Deny
-    {
-        return Some(if s.policy.nsg_repair && s.policy.mode != Mode::Observe {
-            gated_special(s, Step::rung(Rung::RepairNsg))
-        } else {
-            Decision::Blocked(nsg_blocker(nsg))
-        });
-    }
-    if let Some(guest) = &e.guest {
-        for scenario in guest.scenarios(0) {
-            let blocker = match scenario {
-                GuestScenario::PortTakenByOtherProgram => Blocker::PortTakenByOtherProgram,
-                GuestScenario::ConnectionBroker => Blocker::ConnectionBroker,
-                _ => continue,
-            };
-            return Some(Decision::Blocked(blocker));
-        }
-    }
-    if e.serial
-        .as_ref()
-        .and_then(|sc| sc.latest)
-        .is_some_and(BootSignal::guest_is_busy)
-    {
-        return Some(Decision::Wait {
-            until: refresh,
-            reason: WaitReason::GuestBusy,
-        });
-    }
-    None
-}
-
-/// The rule that denies the prober: the local verdict's when it denies too (it names the NSG
-/// and its level), else IP flow verify's.
-fn nsg_blocker(nsg: &NsgEvidence) -> Blocker {
-    match (nsg.verdict.denying_rule(), &nsg.ip_flow_verify) {
-        (Some(d), _) => Blocker::NsgDenied {
-            level: d.level.to_string(),
-            nsg: d.nsg.clone(),
-            rule: d.rule.clone(),
-        },
-        (None, Some(flow)) => Blocker::NsgDenied {
-            level: "effective".into(),
-            nsg: "(per IP flow verify)".into(),
-            rule: flow.rule.clone(),
-        },
-        (None, None) => Blocker::NsgDenied {
-            level: String::new(),
-            nsg: String::new(),
-            rule: String::new(),
-        },
-    }
-}
-
 /// Waiting out the backoff after a failed or ineffective rung.
 fn backoff_wait(s: &Situation<'_>) -> Option<Decision> {
     let next = s.ladder.next_action_at.as_ref()?;
@@ -701,7 +448,7 @@ fn backoff_wait(s: &Situation<'_>) -> Option<Decision> {
 }
 
 /// StartVm and RepairNsg run outside the ladder but under the same gates and attempt limit.
-fn gated_special(s: &Situation<'_>, step: Step) -> Decision {
+pub(super) fn gated_special(s: &Situation<'_>, step: Step) -> Decision {
     if s.ladder.attempts_of(step) >= s.policy.max_attempts_per_rung {
         return Decision::GiveUp(GiveUp::Exhausted {
             need_permission: Vec::new(),
@@ -754,11 +501,32 @@ fn new_ladder_gate(s: &Situation<'_>) -> Option<Decision> {
     None
 }
 
-fn permitted(s: &Situation<'_>, rung: Rung) -> bool {
+/// Keeps the first of each rung, in order.
+fn dedup(rungs: &mut Vec<Rung>) {
+    let mut seen = Vec::new();
+    rungs.retain(|r| {
+        let new = !seen.contains(r);
+        seen.push(*r);
+        new
+    });
+}
+
+pub(super) fn permitted(s: &Situation<'_>, rung: Rung) -> bool {
     !rung.is_disruptive() || s.policy.allowed_disruptive.contains(&rung) || s.approval == Some(rung)
 }
 
-fn agent_ok(e: &Evidence, rung: Rung) -> bool {
+/// The VM still answers (flapping, expired certificate): users may be connected.
+pub(super) fn vm_reachable(s: &Situation<'_>) -> bool {
+    s.incident != Incident::Outage
+}
+
+/// Whether `step` may run: its rung's permission, or `Restart`'s for a repair that drops the
+/// sessions of a reachable VM.
+fn step_permitted(s: &Situation<'_>, step: Step) -> bool {
+    permitted(s, step.permission_rung(vm_reachable(s)))
+}
+
+pub(super) fn agent_ok(e: &Evidence, rung: Rung) -> bool {
     !rung.needs_agent() || e.agent_ready == Some(true)
 }
 
@@ -766,29 +534,29 @@ fn next_step(s: &Situation<'_>, e: &Evidence) -> Option<Step> {
     plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
         .find(|step| {
-            s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung
+            restart::attempts(s.ladder, *step) < s.policy.max_attempts_per_rung
                 && agent_ok(e, step.rung)
-                && permitted(s, step.rung)
+                && step_permitted(s, *step)
         })
 }
 
 fn exhausted(s: &Situation<'_>, e: &Evidence) -> GiveUp {
     let remaining: Vec<Step> = plan(s.policy, s.failure, s.incident, Some(e))
         .into_iter()
-        .filter(|step| s.ladder.attempts_of(*step) < s.policy.max_attempts_per_rung)
+        .filter(|step| restart::attempts(s.ladder, *step) < s.policy.max_attempts_per_rung)
         .collect();
     let mut need_permission: Vec<Rung> = remaining
         .iter()
-        .filter(|st| !permitted(s, st.rung))
-        .map(|st| st.rung)
+        .filter(|st| !step_permitted(s, **st))
+        .map(|st| st.permission_rung(vm_reachable(s)))
         .collect();
-    need_permission.dedup();
+    dedup(&mut need_permission);
     let mut need_agent: Vec<Rung> = remaining
         .iter()
         .filter(|st| !agent_ok(e, st.rung))
         .map(|st| st.rung)
         .collect();
-    need_agent.dedup();
+    dedup(&mut need_agent);
     GiveUp::Exhausted {
         need_permission,
         need_agent,

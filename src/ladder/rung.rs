@@ -123,15 +123,31 @@ pub enum GuestRepair {
     /// Listener keep-alive / reconnect settings; the security-weakening settings only with
     /// `allowInsecureListenerSettings`.
     ListenerKeepAlive,
+    /// Delete a `SSLCertificateSHA1Hash` that names a certificate no longer in the store.
+    RemoveStaleCertificateBinding,
+    /// Set the listener's `PortNumber` and its firewall rule back to the probed port; only with
+    /// `restoreRdpPort`.
+    RestoreRdpPort,
 }
 
 impl GuestRepair {
+    /// Every repair.
+    pub const ALL: [GuestRepair; 5] = [
+        Self::EnableTls12,
+        Self::RenewRdpCertificate,
+        Self::ListenerKeepAlive,
+        Self::RemoveStaleCertificateBinding,
+        Self::RestoreRdpPort,
+    ];
+
     /// The stable name.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::EnableTls12 => "EnableTls12",
             Self::RenewRdpCertificate => "RenewRdpCertificate",
             Self::ListenerKeepAlive => "ListenerKeepAlive",
+            Self::RemoveStaleCertificateBinding => "RemoveStaleCertificateBinding",
+            Self::RestoreRdpPort => "RestoreRdpPort",
         }
     }
 }
@@ -148,7 +164,8 @@ impl fmt::Display for GuestRepair {
 pub struct Step {
     /// The rung.
     pub rung: Rung,
-    /// The in-guest repair, for `RepairGuest`.
+    /// The in-guest repair: for `RepairGuest` the repair to run; for `Restart` the repair
+    /// whose changes need this restart (`restart=required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repair: Option<GuestRepair>,
 }
@@ -166,13 +183,55 @@ impl Step {
             repair: Some(repair),
         }
     }
+
+    /// The restart an applied repair needs (a `Restart`, counted and gated as one).
+    pub fn restart_after(repair: GuestRepair) -> Self {
+        Self {
+            rung: Rung::Restart,
+            repair: Some(repair),
+        }
+    }
+
+    /// Whether the step disrupts users: a disruptive rung, or, on a VM that is still
+    /// reachable (`vm_reachable`), a repair that restarts TermService (every session drops).
+    pub fn is_disruptive(self, vm_reachable: bool) -> bool {
+        self.rung.is_disruptive() || (vm_reachable && self.drops_sessions())
+    }
+
+    /// A repair that restarts TermService.
+    pub fn drops_sessions(self) -> bool {
+        self.rung == Rung::RepairGuest
+            && self
+                .repair
+                .is_some_and(crate::guest::changes::restarts_term_service)
+    }
+
+    /// The rung whose permission the step needs: a repair that drops the sessions of a
+    /// reachable VM needs `Restart`'s (restarting TermService disrupts users as a restart
+    /// does, and the repair's own restart follows it).
+    pub fn permission_rung(self, vm_reachable: bool) -> Rung {
+        if vm_reachable && self.drops_sessions() {
+            Rung::Restart
+        } else {
+            self.rung
+        }
+    }
+
+    /// The step a recovery is credited to: a restart that followed a repair credits the repair.
+    pub fn credited(self) -> Self {
+        match (self.rung, self.repair) {
+            (Rung::Restart, Some(repair)) => Self::repair(repair),
+            _ => self,
+        }
+    }
 }
 
 impl fmt::Display for Step {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.repair {
-            Some(r) => write!(f, "{}({})", self.rung, r),
-            None => write!(f, "{}", self.rung),
+        match (self.rung, self.repair) {
+            (Rung::Restart, Some(r)) => write!(f, "{}(after {})", self.rung, r),
+            (_, Some(r)) => write!(f, "{}({})", self.rung, r),
+            (_, None) => write!(f, "{}", self.rung),
         }
     }
 }

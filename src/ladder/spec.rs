@@ -474,6 +474,8 @@ pub fn policy_from_spec(
         password_reset: spec.password_reset.clone(),
         allow_insecure_listener_settings: spec.allow_insecure_listener_settings,
         snapshots: super::snapshot::SnapshotPolicy::from(&spec.snapshots),
+        allow_legacy_tls: spec.allow_legacy_tls,
+        restore_rdp_port: spec.restore_rdp_port,
         ..super::LadderPolicy::default()
     })
 }

@@ -38,6 +38,10 @@ pub enum ExecutionPhase {
     /// the snapshot is done the ladder decides again, and a snapshot that failed (or whose
     /// outcome is unknown) ends the rung as `Failed` without calling it.
     Snapshotting,
+    /// An in-guest repair's changes were applied and take effect only after the VM
+    /// restarts (`restart=required`): the restart follows under the `Restart` rung's rules,
+    /// and until then no other rung runs.
+    AwaitingRestart,
 }
 
 /// The rung in progress.
@@ -76,6 +80,20 @@ pub struct RungExecution {
     /// The OS-disk snapshot taken before this rung (being taken, in `Snapshotting`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The step restarts TermService on a VM that was reachable when it started (every
+    /// session drops): it is disruptive although its rung is not, and holds a fleet slot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drops_sessions: bool,
+    /// Where the guest saved the previous MachineKeys ACL before resetting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_backup: Option<String>,
+}
+
+impl RungExecution {
+    /// Disruptive: a disruptive rung, or a step that drops the sessions of a reachable VM.
+    pub fn is_disruptive(&self) -> bool {
+        self.step.rung.is_disruptive() || self.drops_sessions
+    }
 }
 
 /// One term of leadership over the operator's Lease.
@@ -98,6 +116,9 @@ pub enum RungOutcome {
     NotFixed,
     /// The Azure operation failed.
     Failed,
+    /// An in-guest repair was applied and needs a restart of the VM to take effect; the
+    /// restart that follows is recorded as its own rung (`Restart` with the repair's name).
+    Applied,
     /// The operator restarted or lost leadership while the call was being made; whether it
     /// ran is unknown, so it was not repeated.
     Unknown,
@@ -110,6 +131,7 @@ impl RungOutcome {
             Self::Fixed => "fixed",
             Self::NotFixed => "not_fixed",
             Self::Failed => "failed",
+            Self::Applied => "applied",
             Self::Unknown => "unknown",
         }
     }
@@ -135,6 +157,10 @@ pub struct RungRecord {
     /// The OS-disk snapshot taken before the rung.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// Where the guest saved the previous MachineKeys ACL before resetting it (the backup a
+    /// person restores with `icacls … /restore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl_backup: Option<String>,
 }
 
 /// The remediation ladder's state.
@@ -220,8 +246,16 @@ impl LadderStatus {
         }
     }
 
-    /// Records the intent to run `step`, before any Azure call.
+    /// Records the intent to run `step`, before any Azure call. A repair awaiting its restart
+    /// is recorded `Applied` first: the restart that starts now is its own rung.
     pub fn start(&mut self, step: Step, now: Timestamp) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.phase == ExecutionPhase::AwaitingRestart)
+        {
+            self.finish(RungOutcome::Applied, None, now, None);
+        }
         if self.incident_history().next().is_none() && self.current.is_none() {
             self.ladder_starts.push(Time(now));
         }
@@ -241,6 +275,8 @@ impl LadderStatus {
             outcome_unknown: false,
             lease: None,
             snapshot: None,
+            drops_sessions: false,
+            acl_backup: None,
         });
     }
 
@@ -276,6 +312,17 @@ impl LadderStatus {
             c.next_poll_at = None;
             c.settle_until = Some(Time(until));
             c.message = message;
+        }
+    }
+
+    /// The repair's changes were applied and need a restart of the VM: no settling (nothing
+    /// changes until the restart), the ladder decides the restart next.
+    pub fn await_restart(&mut self, message: String) {
+        if let Some(c) = &mut self.current {
+            c.phase = ExecutionPhase::AwaitingRestart;
+            c.next_poll_at = None;
+            c.settle_until = None;
+            c.message = Some(message);
         }
     }
 
@@ -361,6 +408,7 @@ impl LadderStatus {
                 outcome,
                 message: message.or(c.message),
                 snapshot: c.snapshot,
+                acl_backup: c.acl_backup,
             });
             if self.history.len() > HISTORY_LIMIT {
                 let extra = self.history.len() - HISTORY_LIMIT;
@@ -370,7 +418,8 @@ impl LadderStatus {
         self.next_action_at = next_action.map(Time);
     }
 
-    /// The endpoint is reachable again: close the incident, crediting the rung in progress.
+    /// The endpoint is reachable again: close the incident, crediting the rung in progress
+    /// (a restart that followed a repair credits the repair).
     pub fn recover(&mut self, now: Timestamp) -> Option<Step> {
         if self
             .current
@@ -380,7 +429,7 @@ impl LadderStatus {
             // Only the snapshot ran: the rung never started and gets no credit.
             self.drop_unstarted();
         }
-        let by = self.current.as_ref().map(|c| c.step);
+        let by = self.current.as_ref().map(|c| c.step.credited());
         if by.is_some() {
             self.finish(RungOutcome::Fixed, None, now, None);
         }

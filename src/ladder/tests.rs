@@ -254,7 +254,6 @@ fn plan_puts_targeted_fixes_first_and_keeps_ladder_order() {
         steps,
         vec![
             Step::repair(GuestRepair::EnableTls12),
-            Step::repair(GuestRepair::RenewRdpCertificate),
             Step::rung(Rung::ResetRdpConfig),
             Step::rung(Rung::ResetNic),
             Step::rung(Rung::Restart),

@@ -1,11 +1,14 @@
 //! What a Run Command does inside a simulated guest. The operator's applier
-//! (`guest-scripts/apply-changes.ps1`) is executed change by change against the VM's
-//! registry model with the applier's semantics and output; the read-only evidence query is
-//! answered from the registry and the faults. Other scripts are recognised by the registry
-//! and service fixes of Microsoft's RDP guides.
+//! (`guest-scripts/apply-changes.ps1`) is executed by [`super::applier`] against the VM's
+//! registry model; changes a plan declares `restart: required` for take effect at the next
+//! boot. The read-only evidence query is answered from the registry and the faults. Other
+//! scripts are recognised by the registry and service fixes of Microsoft's RDP guides.
 
-use super::{fault::Fault, registry::Registry, world::Vm};
-use crate::guest::changes::{self, Change, Plan, RDP_TCP, RegValue, TERMINAL_SERVER};
+use super::{fault::Fault, world::Vm};
+use crate::guest::{
+    changes::{RDP_TCP, Restart, TERMINAL_SERVER},
+    script,
+};
 
 /// Largest output Azure returns (the tail is kept).
 const MAX_OUTPUT: usize = 4096;
@@ -46,160 +49,37 @@ fn read_faults(vm: &mut Vm) {
     }
 }
 
+/// The guest (re)booted: registry changes that waited for a restart take effect now.
+pub fn boot(vm: &mut Vm) {
+    if vm.restart_pending {
+        vm.restart_pending = false;
+        read_faults(vm);
+    }
+}
+
 /// Runs `script` (or the built-in `command`) on `vm`; returns standard output.
 pub fn run_script(vm: &mut Vm, command: &str, script: &[String]) -> String {
-    show_faults(vm);
+    if !vm.restart_pending {
+        show_faults(vm);
+    }
     if is_evidence_query(script) {
         // The operator's read-only evidence query: answer in its line format, change nothing.
         return tail(evidence_query(vm).join("\n"));
     }
-    if let Some(plan) = changes::parse_script(script) {
-        let out = apply(vm, &plan);
-        read_faults(vm);
+    if let Some(plan) = script::parse_script(script) {
+        let out = super::applier::apply(vm, &plan);
+        // Changes read at boot wait for the restart the plan declares; others act at once.
+        match plan.restart {
+            Restart::Required => vm.restart_pending = true,
+            Restart::None => read_faults(vm),
+        }
         return tail(out.join("\r\n"));
     }
     let out = keyword_script(vm, command, script);
-    show_faults(vm);
+    if !vm.restart_pending {
+        show_faults(vm);
+    }
     tail(out.join("\n"))
-}
-
-/// The applier, change by change, with its output contract; stops at the first error.
-fn apply(vm: &mut Vm, plan: &Plan) -> Vec<String> {
-    let mut out = vec![format!(
-        "RDPHEALTH begin repair={} changes={}",
-        plan.repair,
-        plan.changes.len()
-    )];
-    let mut certificate_removed = false;
-    for (i, change) in plan.changes.iter().enumerate() {
-        let n = i + 1;
-        match apply_one(vm, n, change, &mut certificate_removed) {
-            Ok(lines) => out.extend(lines),
-            Err(detail) => {
-                let target = match change {
-                    Change::Set { key, name, .. } | Change::Remove { key, name } => {
-                        format!("{key}\\{name}")
-                    }
-                    Change::RestartService { service } => service.clone(),
-                    Change::ResetAcl { path, .. } => path.clone(),
-                    Change::RemoveRdpCertificate { store, .. } => store.clone(),
-                };
-                out.push(format!(
-                    "RDPHEALTH failed n={n} op={} target=\"{target}\" detail=\"{detail}\"",
-                    change.op()
-                ));
-                out.push(format!(
-                    "RDPHEALTH result status=failed change={n} restart=none"
-                ));
-                return out;
-            }
-        }
-    }
-    out.push(format!(
-        "RDPHEALTH result status=ok changes={} restart={}",
-        plan.changes.len(),
-        plan.restart.as_str()
-    ));
-    out
-}
-
-fn shown(v: Option<&RegValue>) -> (u8, String) {
-    v.map_or((0, String::new()), |v| (1, v.to_string()))
-}
-
-/// Creates each missing key of `path`, parent first (`New-Item` without `-Force`).
-fn new_key_path(reg: &mut Registry, path: &str) -> Result<bool, String> {
-    let mut created = false;
-    let mut current = String::new();
-    for part in path.split('\\') {
-        if !current.is_empty() {
-            current.push('\\');
-        }
-        current.push_str(part);
-        if !reg.key_exists(&current) {
-            reg.new_item(&current)?;
-            created = true;
-        }
-    }
-    Ok(created)
-}
-
-fn apply_one(
-    vm: &mut Vm,
-    n: usize,
-    change: &Change,
-    certificate_removed: &mut bool,
-) -> Result<Vec<String>, String> {
-    let reg = &mut vm.registry;
-    Ok(match change {
-        Change::Set { key, name, value } => {
-            let created = new_key_path(reg, key)?;
-            let (had, old) = shown(reg.get(key, name));
-            reg.set(key, name, value.clone())?;
-            let (_, new) = shown(reg.get(key, name));
-            vec![format!(
-                "RDPHEALTH change n={n} op=set key=\"{key}\" name={name} type={} had={had} old=\"{old}\" new=\"{new}\" created={}",
-                value.kind(),
-                u8::from(created)
-            )]
-        }
-        Change::Remove { key, name } => {
-            let (had, old) = shown(reg.get(key, name));
-            if had == 1 {
-                reg.remove(key, name)?;
-            }
-            vec![format!(
-                "RDPHEALTH change n={n} op=remove key=\"{key}\" name={name} had={had} old=\"{old}\" new=\"\""
-            )]
-        }
-        Change::RestartService { service } => {
-            if reg.is_denied(&format!("service:{service}")) {
-                return Err(format!(
-                    "Service '{service}' cannot be started due to the following error: Cannot start service {service} on computer '.'."
-                ));
-            }
-            if service.eq_ignore_ascii_case("TermService") {
-                vm.faults.remove(&Fault::GuestHung);
-            }
-            if service.eq_ignore_ascii_case("SessionEnv") && *certificate_removed {
-                vm.faults.remove(&Fault::CertificateExpired);
-            }
-            vec![format!(
-                "RDPHEALTH change n={n} op=restart service={service} old=Running new=Running"
-            )]
-        }
-        Change::ResetAcl { path, grants } => {
-            if reg.is_denied(path) {
-                return Err(format!(
-                    "icacls.exe {path} /save C:\\Windows\\Temp\\rdphealth-acl-{}.txt /t /c exited with 5",
-                    vm.boot
-                ));
-            }
-            vec![format!(
-                "RDPHEALTH change n={n} op=acl path=\"{path}\" backup=\"C:\\Windows\\Temp\\rdphealth-acl-{}.txt\" old=\"saved to backup\" new=\"{grants}\"",
-                vm.boot
-            )]
-        }
-        Change::RemoveRdpCertificate { store, key } => {
-            if reg.get(key, "SSLCertificateSHA1Hash").is_some() {
-                return Ok(vec![format!(
-                    "RDPHEALTH skipped n={n} op=removecert reason=\"SSLCertificateSHA1Hash binds a custom certificate\""
-                )]);
-            }
-            if reg.is_denied(store) {
-                return Err("Access is denied.".to_owned());
-            }
-            *certificate_removed = true;
-            let not_after = if vm.faults.contains(&Fault::CertificateExpired) {
-                "2025-06-01T00:00:00.0000000Z"
-            } else {
-                "2027-06-01T00:00:00.0000000Z"
-            };
-            vec![format!(
-                "RDPHEALTH change n={n} op=removecert thumbprint=5E1F00000000000000000000000000000000CE27 notAfter={not_after}"
-            )]
-        }
-    })
 }
 
 /// Scripts other than the operator's: recognised by the guides' fixes they contain.
@@ -330,10 +210,21 @@ fn evidence_query(vm: &Vm) -> Vec<String> {
         .dword(RDP_TCP, "PortNumber")
         .filter(|p| *p != 0)
         .unwrap_or(3389);
-    let listening = !has(Fault::RdpDisabled) && reg.listener(3389).is_ok();
+    let listening =
+        !has(Fault::RdpDisabled) && u16::try_from(port).is_ok_and(|p| reg.listener(p).is_ok());
     let owner = if listening { "TermService" } else { "" };
     out.push(format!("RDPHEALTH port port={port} owner={owner}"));
-    out.push("RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True".to_owned());
+    if let Some(thumbprint) = reg.certificate_binding() {
+        out.push(format!(
+            "RDPHEALTH certificate binding={thumbprint} present={}",
+            u8::from(vm.certificates.contains(&thumbprint))
+        ));
+    }
+    out.push(format!(
+        "RDPHEALTH firewall rule=RemoteDesktop-UserMode-In-TCP enabled=True port={}",
+        reg.firewall_rdp_port()
+            .map_or(String::new(), |p| p.to_string())
+    ));
     out.push("RDPHEALTH done".to_owned());
     out
 }
@@ -351,8 +242,6 @@ fn rdp_tcp_settings(vm: &Vm) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::ladder::GuestRepair;
 
     #[test]
     fn evidence_query_reports_faults_in_the_operators_format() {
@@ -377,181 +266,6 @@ mod tests {
             vm.faults.contains(&Fault::TlsDisabled),
             "a query changes nothing"
         );
-    }
-
-    /// One VM probed from inside its network (no NSG on the private path means allowed).
-    fn world(faults: &str) -> crate::sim::world::World {
-        let yaml = format!(
-            "probeSource: 10.0.0.200\nsubscriptions: [{{id: s, resourceGroups: [{{name: rg, location: l, virtualNetworks: [{{name: v, addressPrefix: 10.0.0.0/16, subnets: [{{name: s, addressPrefix: 10.0.0.0/24}}]}}], vms: [{{name: vm, nic: {{subnet: v/s}}, faults: [{faults}]}}]}}]}}]"
-        );
-        crate::sim::world::World::new(&crate::sim::Scenario::from_yaml(&yaml).unwrap()).unwrap()
-    }
-
-    fn run(w: &mut crate::sim::world::World, script: &[String]) -> String {
-        run_script(w.vms.get_mut("vm").unwrap(), "RunPowerShellScript", script)
-    }
-
-    /// Every (key, value name) → value of the keys a repair may touch.
-    fn snapshot(reg: &Registry) -> std::collections::BTreeMap<(String, String), RegValue> {
-        use crate::guest::changes::{TLS12_SERVER, TS_POLICY};
-        let mut out = std::collections::BTreeMap::new();
-        for key in [TERMINAL_SERVER, RDP_TCP, TS_POLICY, TLS12_SERVER] {
-            for (name, value) in reg.values(key) {
-                out.insert((key.to_ascii_lowercase(), name.to_ascii_lowercase()), value);
-            }
-        }
-        out
-    }
-
-    const REPAIRS: [(GuestRepair, &str); 3] = [
-        (GuestRepair::EnableTls12, "tls_disabled"),
-        (GuestRepair::RenewRdpCertificate, "certificate_expired"),
-        (GuestRepair::ListenerKeepAlive, "flapping"),
-    ];
-
-    #[test]
-    fn each_repair_sets_the_guides_values_reports_old_to_new_and_keeps_the_rest() {
-        use crate::guest::report::{self, Outcome};
-        for (repair, fault) in REPAIRS {
-            for consent in [false, true] {
-                let mut w = world(fault);
-                let before = snapshot(&w.vms["vm"].registry);
-                let plan = changes::plan(repair, consent);
-                let out = run(&mut w, &changes::script_for(&plan));
-                let vm = &w.vms["vm"];
-                assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
-                assert!(
-                    vm.registry.listener(3389).is_ok(),
-                    "{repair} broke the listener"
-                );
-                let after = snapshot(&vm.registry);
-                let r = report::parse(&out);
-                assert!(matches!(r.outcome, Outcome::Ok { .. }), "{repair}: {out}");
-                assert!(!r.truncated);
-                assert!(r.verdict().is_ok());
-                let mut named = std::collections::BTreeSet::new();
-                let mut reported = 0;
-                for (i, change) in plan.changes.iter().enumerate() {
-                    let Change::Set { key, name, value } = change else {
-                        continue;
-                    };
-                    let id = (key.to_ascii_lowercase(), name.to_ascii_lowercase());
-                    assert_eq!(after.get(&id), Some(value), "{repair}: {name}");
-                    let line = &r.applied[i];
-                    assert_eq!(line.n as usize, i + 1);
-                    assert_eq!(
-                        line.old,
-                        before.get(&id).map(ToString::to_string),
-                        "{name} old"
-                    );
-                    assert_eq!(line.new, value.to_string(), "{name} new");
-                    named.insert(id);
-                    reported += 1;
-                }
-                assert_eq!(
-                    r.applied.len(),
-                    plan.changes.len(),
-                    "{repair}: one line per change ({reported} registry writes)"
-                );
-                for (id, value) in &before {
-                    if !named.contains(id) {
-                        assert_eq!(after.get(id), Some(value), "{repair} changed {id:?}");
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn the_old_new_item_force_pattern_breaks_the_listener_and_the_plan_does_not() {
-        // What `Set-Dword` of the former keep-alive script did for every value:
-        // `New-Item -Path $Path -Force` (on an existing key: delete it, create it empty), then
-        // write the one value.
-        let mut w = world("flapping");
-        let plan = changes::plan(GuestRepair::ListenerKeepAlive, false);
-        {
-            let reg = &mut w.vms.get_mut("vm").unwrap().registry;
-            for change in &plan.changes {
-                let Change::Set { key, name, value } = change else {
-                    unreachable!("the keep-alive repair only writes values")
-                };
-                reg.new_item_force(key);
-                reg.set(key, name, value.clone()).unwrap();
-            }
-            assert_eq!(
-                reg.listener(3389),
-                Err("RDP-Tcp fEnableWinStation is missing".to_owned())
-            );
-            assert_eq!(reg.dword(RDP_TCP, "PortNumber"), None);
-        }
-        assert_eq!(w.behaviour("vm"), crate::sim::fault::Behaviour::Refuse);
-
-        let mut w = world("flapping");
-        run(&mut w, &changes::script_for(&plan));
-        assert!(matches!(
-            w.behaviour("vm"),
-            crate::sim::fault::Behaviour::Healthy { .. }
-        ));
-        let reg = &w.vms["vm"].registry;
-        assert_eq!(reg.dword(RDP_TCP, "PortNumber"), Some(3389));
-        assert_eq!(reg.dword(RDP_TCP, "fEnableWinStation"), Some(1));
-    }
-
-    #[test]
-    fn a_failing_change_stops_the_applier_and_is_named() {
-        use crate::guest::report;
-        for (repair, fault) in REPAIRS {
-            let plan = changes::plan(repair, false);
-            for (i, change) in plan.changes.iter().enumerate() {
-                let mut w = world(fault);
-                let before = snapshot(&w.vms["vm"].registry);
-                let reg = &mut w.vms.get_mut("vm").unwrap().registry;
-                match change {
-                    Change::Set { key, .. } | Change::Remove { key, .. } => reg.deny_writes(key),
-                    Change::RestartService { service } => {
-                        reg.deny_writes(&format!("service:{service}"))
-                    }
-                    Change::ResetAcl { path, .. } => reg.deny_writes(path),
-                    Change::RemoveRdpCertificate { store, .. } => reg.deny_writes(store),
-                }
-                let out = run(&mut w, &changes::script_for(&plan));
-                let r = report::parse(&out);
-                let err = r.verdict().unwrap_err();
-                // The first change on the same denied target fails: that one is named.
-                let first = plan
-                    .changes
-                    .iter()
-                    .position(|c| same_target(c, change))
-                    .unwrap();
-                assert!(
-                    err.contains(&format!("change {} of {}", first + 1, plan.changes.len())),
-                    "{repair} #{i}: {err}"
-                );
-                assert!(out.ends_with(&format!(
-                    "RDPHEALTH result status=failed change={} restart=none",
-                    first + 1
-                )));
-                assert_eq!(r.applied.len(), first, "nothing after the failure ran");
-                // Values of later changes are as before.
-                let after = snapshot(&w.vms["vm"].registry);
-                for later in &plan.changes[first..] {
-                    if let Change::Set { key, name, .. } = later {
-                        let id = (key.to_ascii_lowercase(), name.to_ascii_lowercase());
-                        assert_eq!(after.get(&id), before.get(&id), "{repair}: {name}");
-                    }
-                }
-                if first == 0 {
-                    assert!(!w.vms["vm"].faults.is_empty(), "{repair}: nothing ran");
-                }
-            }
-        }
-    }
-
-    fn same_target(a: &Change, b: &Change) -> bool {
-        match (a, b) {
-            (Change::Set { key: x, .. }, Change::Set { key: y, .. }) => x == y,
-            _ => a == b,
-        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //!
 //! Embedded in tests with [`Simulator::start`]; run standalone with `rdphealth sim`.
 
+mod applier;
 pub mod arm;
 pub mod disk;
 pub mod fault;

@@ -6,7 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::guest::changes::{RDP_TCP, RegValue, TERMINAL_SERVER, TLS12_SERVER, TS_POLICY};
+use crate::guest::changes::{
+    RDP_FIREWALL_RULE, RDP_TCP, RegValue, TERMINAL_SERVER, TLS12_SERVER, TS_POLICY,
+};
+
+/// Where Windows keeps its firewall rules, one `REG_SZ` per rule (`…|LPort=3389|…`).
+pub const FIREWALL_RULES: &str =
+    r"HKLM:\SYSTEM\CurrentControlSet\Services\SharedAccess\Parameters\FirewallPolicy\FirewallRules";
+
+/// The Remote Desktop TCP rule as a fresh Windows Server stores it.
+const RDP_RULE: &str = r"v2.31|Action=Allow|Active=TRUE|Dir=In|Protocol=6|LPort=3389|App=%SystemRoot%\system32\svchost.exe|Svc=termservice|Name=@FirewallAPI.dll,-28775|Desc=@FirewallAPI.dll,-28756|EmbedCtxt=@FirewallAPI.dll,-28752|";
 
 /// One key: its spelling and its values (lower-cased name → spelling, value).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,7 +57,7 @@ impl Registry {
     /// A freshly installed Windows Server: RDP enabled on `port`, the default listener.
     pub fn windows_default(port: u16) -> Self {
         let mut r = Self::empty();
-        for key in [TERMINAL_SERVER, RDP_TCP, TLS12_SERVER] {
+        for key in [TERMINAL_SERVER, RDP_TCP, TLS12_SERVER, FIREWALL_RULES] {
             r.create_path(key);
         }
         let dword = RegValue::Dword;
@@ -68,6 +77,11 @@ impl Registry {
             ),
             (TLS12_SERVER, "Enabled", dword(1)),
             (TLS12_SERVER, "DisabledByDefault", dword(0)),
+            (
+                FIREWALL_RULES,
+                RDP_FIREWALL_RULE,
+                RegValue::String(RDP_RULE.replace("LPort=3389", &format!("LPort={port}"))),
+            ),
         ] {
             // The keys were just created and nothing is denied: the write cannot fail.
             let _ = r.set(key, name, value);
@@ -139,7 +153,7 @@ impl Registry {
     pub fn dword(&self, path: &str, name: &str) -> Option<u32> {
         match self.get(path, name)? {
             RegValue::Dword(v) => Some(*v),
-            RegValue::String(_) => None,
+            RegValue::String(_) | RegValue::Binary(_) => None,
         }
     }
 
@@ -212,6 +226,51 @@ impl Registry {
             return Err("RDP-Tcp LoadableProtocol_Object is missing".to_owned());
         }
         Ok(())
+    }
+
+    /// The thumbprint `SSLCertificateSHA1Hash` binds the listener to, if any.
+    pub fn certificate_binding(&self) -> Option<String> {
+        match self.get(RDP_TCP, "SSLCertificateSHA1Hash")? {
+            v @ RegValue::Binary(_) => Some(v.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The local port of the Remote Desktop TCP firewall rule.
+    pub fn firewall_rdp_port(&self) -> Option<u16> {
+        let RegValue::String(rule) = self.get(FIREWALL_RULES, RDP_FIREWALL_RULE)? else {
+            return None;
+        };
+        rule.split('|')
+            .find_map(|f| f.strip_prefix("LPort="))?
+            .parse()
+            .ok()
+    }
+
+    /// `Set-NetFirewallRule -LocalPort`: rewrites the rule's local port.
+    pub fn set_firewall_rdp_port(&mut self, port: u16) -> Result<(), String> {
+        let RegValue::String(rule) = self
+            .get(FIREWALL_RULES, RDP_FIREWALL_RULE)
+            .cloned()
+            .ok_or_else(|| format!("No MSFT_NetFirewallRule objects found with property 'Name' equal to '{RDP_FIREWALL_RULE}'."))?
+        else {
+            return Err("the firewall rule is not a string".to_owned());
+        };
+        let rule: Vec<String> = rule
+            .split('|')
+            .map(|f| {
+                if f.starts_with("LPort=") {
+                    format!("LPort={port}")
+                } else {
+                    f.to_owned()
+                }
+            })
+            .collect();
+        self.set(
+            FIREWALL_RULES,
+            RDP_FIREWALL_RULE,
+            RegValue::String(rule.join("|")),
+        )
     }
 
     /// `fDenyTSConnections` is 1.

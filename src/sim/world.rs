@@ -100,6 +100,12 @@ pub struct Vm {
     pub rebooting: bool,
     /// Incremented on every reboot; open connections of an older boot are dropped.
     pub boot: u64,
+    /// An applied repair declared `restart=required`: its registry changes take effect at the
+    /// next boot (SCHANNEL and the listener read them then), so until then the faults stay
+    /// and are not written back into the registry.
+    pub restart_pending: bool,
+    /// Thumbprints of the certificates in `LocalMachine\My` (custom RDP certificates).
+    pub certificates: BTreeSet<String>,
     /// The responder's loopback port.
     pub port: u16,
     /// Connections accepted (drives flapping).
@@ -657,6 +663,8 @@ impl World {
             run_command_busy: false,
             rebooting: false,
             boot: 0,
+            restart_pending: false,
+            certificates: BTreeSet::new(),
             port: 0,
             connections: 0,
             password_resets: 0,
@@ -829,13 +837,20 @@ impl World {
         let blocked = self.nics.get(&vm.nic).is_some_and(|nic| {
             !self.flow_verdict(nic, self.probe_source, 3389).allow || self.closed_public_ip(nic)
         });
-        if blocked || f(Fault::GuestHung) {
+        // The Windows Firewall admits RDP only on its rule's local port.
+        let firewalled = vm.registry.firewall_rdp_port() != Some(3389);
+        if blocked || firewalled || f(Fault::GuestHung) {
             return Behaviour::Silent;
         }
         if f(Fault::RdpDisabled) || vm.registry.listener(3389).is_err() {
             return Behaviour::Refuse;
         }
-        if f(Fault::TlsDisabled) {
+        // A `SSLCertificateSHA1Hash` naming no certificate in the store: no server credential.
+        let stale_binding = vm
+            .registry
+            .certificate_binding()
+            .is_some_and(|t| !vm.certificates.contains(&t));
+        if f(Fault::TlsDisabled) || stale_binding {
             return Behaviour::TlsAlert;
         }
         if f(Fault::Flapping) {

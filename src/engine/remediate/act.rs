@@ -2,6 +2,7 @@
 
 use super::messages::{set, summarize};
 use super::*;
+use crate::guest::changes::Restart;
 
 impl Remediator {
     pub(super) async fn act(
@@ -17,7 +18,12 @@ impl Remediator {
         let Some(term) = self.leadership.term() else {
             return Err(RemediateError::NotLeader);
         };
-        let disruptive = step.rung.is_disruptive();
+        // Reachable unless the thresholds said otherwise (as `decide` saw the incident): a
+        // repair that restarts TermService then drops users' sessions.
+        let vm_reachable = conditions::status_of(&outcome.status.conditions, types::REACHABLE)
+            != Some(Status::False);
+        let drops_sessions = vm_reachable && step.drops_sessions();
+        let disruptive = step.is_disruptive(vm_reachable);
         if disruptive && !self.fleet.claim(&vm.subscription, subject.key) {
             return Ok(Continue::Until(
                 now.checked_add(Duration::from_secs(30)).unwrap_or(now),
@@ -46,6 +52,7 @@ impl Remediator {
         status.ladder.start(step, now);
         if let Some(current) = status.ladder.current.as_mut() {
             current.lease = Some(term.clone());
+            current.drops_sessions = drops_sessions;
         }
         if snapshot_first && snapshot.is_none() {
             return self
@@ -54,7 +61,7 @@ impl Remediator {
         }
         // The approval is used by the call, not by the snapshot before it.
         if let Some((value, rung)) = &subject.approval
-            && *rung == step.rung
+            && *rung == step.permission_rung(vm_reachable)
         {
             status.ladder.consumed_approval = Some(value.clone());
         }
@@ -193,8 +200,7 @@ impl Remediator {
         match (step.rung, step.repair) {
             (Rung::ResetRdpConfig, _) => plain(self.azure.reset_rdp_config(vm).await),
             (Rung::RepairGuest, Some(repair)) => {
-                let script =
-                    repair_script(repair, subject.spec.ladder.allow_insecure_listener_settings);
+                let script = repair_script(repair, &self.plan_options(subject));
                 plain(self.azure.run_command(vm, &script).await)
             }
             (Rung::ResetNic, _) => plain(self.azure.reset_nic(vm).await),
@@ -206,6 +212,17 @@ impl Remediator {
             (rung, None) => Err(CallError::Refused(format!(
                 "{rung} needs a targeted repair and none was chosen"
             ))),
+        }
+    }
+
+    /// What the spec lets a repair's plan include; the listener's port is the one the VM is
+    /// probed on, as the VM sees it.
+    pub(super) fn plan_options(&self, subject: &Subject<'_>) -> crate::guest::changes::Options {
+        let policy = &subject.spec.ladder;
+        crate::guest::changes::Options {
+            insecure_listener: policy.allow_insecure_listener_settings,
+            legacy_tls: policy.allow_legacy_tls,
+            rdp_port: self.vantage(subject).port,
         }
     }
 
@@ -383,15 +400,35 @@ impl Remediator {
     }
 }
 
-/// The script lines of a repair: the applier with the repair's declared changes (the
-/// security-weakening listener settings only with consent).
-pub fn repair_script(repair: GuestRepair, allow_insecure: bool) -> Vec<String> {
-    crate::guest::changes::script(repair, allow_insecure)
+/// The script lines of a repair: the applier with the repair's declared changes (settings
+/// that weaken security only as the spec allows).
+pub fn repair_script(repair: GuestRepair, options: &crate::guest::changes::Options) -> Vec<String> {
+    crate::guest::script::script(repair, options)
 }
 
-/// The applier's report as the rung's message; `Err` when the rung failed.
-pub(super) fn script_result(stdout: &str) -> Result<String, String> {
-    crate::guest::report::parse(stdout).verdict()
+/// What the applier reported, for the rung.
+pub(super) struct ScriptResult {
+    /// The rung's message; `Err` when the rung failed.
+    pub verdict: Result<String, String>,
+    /// Whether the VM must restart for the changes to take effect.
+    pub restart: Restart,
+    /// Where the previous MachineKeys ACL was saved, if it was reset (also when a later
+    /// change failed).
+    pub acl_backup: Option<String>,
+}
+
+/// Parses the applier's standard output.
+pub(super) fn script_result(stdout: &str) -> ScriptResult {
+    let report = crate::guest::report::parse(stdout);
+    let restart = match report.outcome {
+        crate::guest::report::Outcome::Ok { restart } => restart,
+        _ => Restart::None,
+    };
+    ScriptResult {
+        verdict: report.verdict(),
+        restart,
+        acl_backup: report.acl_backup().map(str::to_owned),
+    }
 }
 
 #[cfg(test)]
@@ -400,9 +437,14 @@ mod tests {
 
     #[test]
     fn consent_adds_the_weakening_settings_only_with_consent() {
-        let safe = repair_script(GuestRepair::ListenerKeepAlive, false).join("\n");
+        use crate::guest::changes::Options;
+        let safe = repair_script(GuestRepair::ListenerKeepAlive, &Options::SAFE).join("\n");
         assert!(!safe.contains("'SecurityLayer'"));
-        let consented = repair_script(GuestRepair::ListenerKeepAlive, true).join("\n");
+        let consent = Options {
+            insecure_listener: true,
+            ..Options::SAFE
+        };
+        let consented = repair_script(GuestRepair::ListenerKeepAlive, &consent).join("\n");
         assert!(consented.contains("Name = 'SecurityLayer'; Type = 'DWord'; Value = 0"));
     }
 }

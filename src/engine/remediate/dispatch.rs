@@ -255,6 +255,9 @@ impl Remediator {
                 );
                 Continue::Until(refresh_at(status, policy.evidence_refresh, now))
             }
+            Decision::RestartRequired { repair, hold } => {
+                self.restart_held(subject, status, events, (repair, hold), now)
+            }
             Decision::Act(step) => self.act(subject, vm, step, outcome, sink, now).await?,
             Decision::GiveUp(GiveUp::Exhausted {
                 need_permission,
@@ -332,6 +335,14 @@ impl Remediator {
                     severity: Severity::Normal,
                     reason: "RemediationSucceeded",
                     note: match by {
+                        Some(step)
+                            if status.ladder.history.last().map(|r| r.step)
+                                == step.repair.map(Step::restart_after) =>
+                        {
+                            format!(
+                                "RDP is reachable again after {step} and the restart it required"
+                            )
+                        }
                         Some(step) => format!("RDP is reachable again after {step}"),
                         None => "RDP is reachable again without a remediation rung".into(),
                     },

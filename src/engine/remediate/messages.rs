@@ -125,8 +125,8 @@ pub fn summarize(ev: &crate::evidence::Evidence) -> String {
             ));
         }
     }
-    if let Some(guest) = &ev.guest {
-        let scenarios: Vec<&str> = guest.scenarios(0).iter().map(|s| s.as_str()).collect();
+    if ev.guest.is_some() {
+        let scenarios: Vec<&str> = ev.guest_scenarios().iter().map(|s| s.as_str()).collect();
         parts.push(if scenarios.is_empty() {
             "guest: nothing found".into()
         } else {

@@ -18,6 +18,7 @@ mod refusal;
 mod snapshot;
 #[cfg(test)]
 mod snapshot_tests;
+mod restart;
 
 use std::{
     collections::BTreeMap,
@@ -37,8 +38,9 @@ use crate::{
     api::{Phase, RdpHealthStatus, conditions as types},
     azure::{AllowRule, Azure, AzureError, Operation, OperationKind, PollOutcome, VmRef},
     ladder::{
-        Decision, Gates, GiveUp, GuestRepair, Incident, LadderStatus, LeaseTerm, OperationRef,
-        Reachability, Rung, RungOutcome, Situation, Step, Suspension, WaitReason, decide,
+        Decision, ExecutionPhase, Gates, GiveUp, GuestRepair, Incident, LadderStatus, LeaseTerm,
+        OperationRef, Reachability, Rung, RungOutcome, Situation, Step, Suspension, WaitReason,
+        decide,
         fleet::{FleetPolicy, FleetView},
     },
     probe::Failure,
@@ -174,6 +176,9 @@ const RECENT_PROBES: usize = 20;
 /// the object cache takes to show a stored intent).
 const CLAIM_SETTLE_AGE: Duration = Duration::from_secs(60);
 
+/// The probes the flapping verdict looks at.
+const FLAPPING_WINDOW: usize = 12;
+
 /// Clean probes needed after a keep-alive repair before flapping counts as fixed.
 const CLEAN_PROBES_AFTER_REPAIR: usize = 2;
 
@@ -193,9 +198,25 @@ fn classify(
         .filter(|c| c.step.repair == Some(GuestRepair::ListenerKeepAlive));
     if let Some(current) = keepalive {
         // Judged only on the probes since the repair finished (the history is cleared then).
-        let settled = current.phase == crate::ladder::ExecutionPhase::Settling
-            && current.settle_until.as_ref().is_some_and(|t| t.0 <= now);
         let recent = &status.recent_probes;
+        let settled = match current.phase {
+            ExecutionPhase::Settling => current.settle_until.as_ref().is_some_and(|t| t.0 <= now),
+            // The changes are not in effect before a restart: the restart is decided at once,
+            // and only a whole flapping window of clean probes (someone restarted the VM)
+            // counts as recovered.
+            ExecutionPhase::AwaitingRestart => {
+                let clean = recent.len() >= FLAPPING_WINDOW && !recent.contains('0');
+                let r = if clean {
+                    Reachability::Reachable
+                } else {
+                    Reachability::Unreachable
+                };
+                return (Incident::Flapping, r);
+            }
+            ExecutionPhase::Requested
+            | ExecutionPhase::Running
+            | ExecutionPhase::Snapshotting => false,
+        };
         return if !settled || recent.contains('0') {
             (Incident::Flapping, Reachability::Unreachable)
         } else if recent.len() >= CLEAN_PROBES_AFTER_REPAIR {
@@ -223,7 +244,7 @@ fn certificate_expired(status: &RdpHealthStatus) -> bool {
 /// Flapping: the last probes keep flipping although the thresholds never declared the
 /// endpoint unreachable (frequent disconnects).
 pub fn flapping(recent: &str) -> bool {
-    let window: Vec<char> = recent.chars().rev().take(12).collect();
+    let window: Vec<char> = recent.chars().rev().take(FLAPPING_WINDOW).collect();
     let flips = window.windows(2).filter(|w| w[0] != w[1]).count();
     let failures = window.iter().filter(|c| **c == '0').count();
     flips >= 4 && failures >= 3
@@ -238,7 +259,7 @@ impl Remediator {
             .ladder
             .current
             .as_ref()
-            .is_some_and(|c| c.step.rung.is_disruptive());
+            .is_some_and(|c| c.is_disruptive());
         if !in_flight {
             self.fleet
                 .release_settled(subscription, key, CLAIM_SETTLE_AGE);

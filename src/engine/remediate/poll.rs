@@ -5,7 +5,10 @@ use super::{
     act::script_result,
     messages::{current, set},
 };
-use crate::engine::gather::{UNTRUSTED_OPERATION_URL, untrusted_url};
+use crate::{
+    engine::gather::{UNTRUSTED_OPERATION_URL, untrusted_url},
+    guest::changes::Restart,
+};
 
 impl Remediator {
     pub(super) async fn poll(
@@ -42,11 +45,19 @@ impl Remediator {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 let message = match result {
                     crate::azure::OperationResult::RunCommand(out) => {
-                        match script_result(&out.stdout) {
-                            Ok(message) => Some(message),
+                        let result = script_result(&out.stdout);
+                        if let Some(c) = status.ladder.current.as_mut() {
+                            c.acl_backup = result.acl_backup;
+                        }
+                        match (result.verdict, result.restart) {
+                            // The changes take effect at boot: the restart comes next.
+                            (Ok(message), Restart::Required) => {
+                                return self.restart_required(status, events, message, now);
+                            }
+                            (Ok(message), Restart::None) => Some(message),
                             // A change failed or the applier did not finish: the rung failed,
                             // naming the change; nothing after it ran.
-                            Err(message) => {
+                            (Err(message), _) => {
                                 return self.failed(subject, vm, status, events, message, now);
                             }
                         }

@@ -538,6 +538,7 @@ fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration
         v.busy = false;
         v.rebooting = false;
         v.power_op = None;
+        crate::sim::guest::boot(v);
         match action {
             Action::Restart => {
                 v.faults.remove(&Fault::GuestHung);

@@ -496,6 +496,7 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
             v.faults.remove(&Fault::NicBroken);
             v.faults.remove(&Fault::GuestHung);
             v.boot += 1;
+            crate::sim::guest::boot(v);
         }
         Ok(None)
     });
