@@ -272,21 +272,49 @@ async fn a_snapshot_precedes_a_disruptive_rung_and_is_named_in_status_and_events
 async fn a_snapshot_precedes_an_in_guest_write() {
     let sim = Simulator::start(scenario("tls_disabled")).await.unwrap();
     let r = remediator(&sim, Arc::new(SoleReplica), Duration::from_secs(5));
-    let run = drive(&sim, &r, object_with(r#"["RepairGuest"]"#, |_| {}), 200).await;
+    // The TLS repair requires a restart, which is a disruptive rung: a snapshot before each.
+    let run = drive(
+        &sim,
+        &r,
+        object_with(r#"["RepairGuest", "Restart"]"#, |_| {}),
+        200,
+    )
+    .await;
     let (snap, write) = (
         position(&run.writes, "snapshot.put"),
         position(&run.writes, "vm.runcommand"),
     );
     assert!(snap.is_some() && snap < write, "{:?}", run.writes);
-    let fixed = run.status.ladder.history.last().unwrap();
+    let repair = run
+        .status
+        .ladder
+        .history
+        .iter()
+        .find(|h| h.step.rung == Rung::RepairGuest)
+        .unwrap_or_else(|| panic!("{:?}", run.status.ladder));
+    assert_eq!(repair.outcome, RungOutcome::Applied);
+    assert!(repair.snapshot.is_some());
+    let restart = run.status.ladder.history.last().unwrap();
     assert_eq!(
-        fixed.step.rung,
-        Rung::RepairGuest,
+        (restart.step.rung, restart.outcome),
+        (Rung::Restart, RungOutcome::Fixed),
         "{:?}",
         run.status.ladder
     );
-    assert_eq!(fixed.outcome, RungOutcome::Fixed);
-    assert!(fixed.snapshot.is_some());
+    assert!(restart.snapshot.is_some() && restart.snapshot != repair.snapshot);
+    let restart_at = position(&run.writes, "vm.restart");
+    let second_snapshot = run
+        .writes
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| *w == "snapshot.put")
+        .nth(1)
+        .map(|(i, _)| i);
+    assert!(
+        write < second_snapshot && second_snapshot < restart_at,
+        "{:?}",
+        run.writes
+    );
     sim.shutdown().await;
 }
 
