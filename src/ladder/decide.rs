@@ -250,6 +250,9 @@ pub enum WaitReason {
     Polling,
     /// Settling after an operation.
     Settling,
+    /// `settleTime` has passed but the guest of a rung that restarted it is still booting:
+    /// it is judged once the guest is back (at most `settle::BOOT_LIMIT`).
+    GuestBooting,
     /// Resource Health reports a platform or planned problem.
     PlatformIssue,
     /// The guest installs updates or checks its disk.
@@ -274,6 +277,7 @@ impl WaitReason {
             Self::Backoff => "Backoff",
             Self::Polling => "OperationRunning",
             Self::Settling => "Settling",
+            Self::GuestBooting => "GuestBooting",
             Self::PlatformIssue => "PlatformIssue",
             Self::GuestBusy => "GuestBusy",
             Self::Cooldown => "Cooldown",
@@ -362,6 +366,8 @@ pub enum Decision {
     AbandonRequest,
     /// Settling is over and the endpoint is still unreachable: the rung did not fix it.
     NotFixed,
+    /// Read the VM's instance view to see whether the guest of a settling rung is back.
+    WatchGuest,
     /// DryRun: this is the step that would run.
     Plan(Step),
     /// Auto: record the intent for this step, then call Azure.
@@ -469,13 +475,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 }
             }
             ExecutionPhase::Running => poll_or_wait(s),
-            ExecutionPhase::Settling => match current.settle_until.as_ref() {
-                Some(until) if until.0 > s.now => Decision::Wait {
-                    until: until.0,
-                    reason: WaitReason::Settling,
-                },
-                _ => Decision::NotFixed,
-            },
+            ExecutionPhase::Settling => super::settle::settling(s, current),
         };
     }
     // Whatever answers on the address is not this VM: nothing done to this VM is justified

@@ -5,11 +5,14 @@ pub mod decide;
 pub mod fleet;
 pub mod nsg_repair;
 pub mod rung;
+pub mod settle;
 pub mod spec;
 pub mod status;
 
 #[cfg(test)]
 mod pending_tests;
+#[cfg(test)]
+mod settle_tests;
 #[cfg(test)]
 mod tests;
 
@@ -19,6 +22,7 @@ pub use self::{
         Suspension, WaitReason, decide, plan,
     },
     rung::{GuestRepair, Rung, Step},
+    settle::GuestWatch,
     spec::{Backoff, LadderSpecError},
     status::{
         ExecutionPhase, LadderStatus, LeaseTerm, OperationRef, RungExecution, RungOutcome,

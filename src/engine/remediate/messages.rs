@@ -64,6 +64,9 @@ pub(super) fn wait_message(reason: WaitReason, until: Timestamp) -> String {
         WaitReason::Backoff => format!("backing off until {until}"),
         WaitReason::Polling => format!("Azure operation running; next poll at {until}"),
         WaitReason::Settling => format!("operation finished; settling until {until}"),
+        WaitReason::GuestBooting => format!(
+            "settleTime has passed but the guest is still booting (VM agent not Ready since the rung): the rung is judged once the guest is back; next look at {until}"
+        ),
         WaitReason::PlatformIssue => {
             "Resource Health reports an Azure platform problem: waiting, not acting".into()
         }

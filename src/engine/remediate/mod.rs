@@ -255,6 +255,10 @@ impl Remediator {
             if recent.len() > RECENT_PROBES {
                 recent.drain(..recent.len() - RECENT_PROBES);
             }
+            if ok {
+                // RDP answered: the guest of a rung that restarted it is back.
+                outcome.status.ladder.guest_answered(now);
+            }
         }
         let reachability = match conditions::status_of(&outcome.status.conditions, types::REACHABLE)
         {
