@@ -2,16 +2,18 @@
 //! Windows may still be booting (installing updates, checking a disk) for minutes: judging
 //! the probe then calls a rung that worked "not fixed" and escalates to a more disruptive
 //! one. So a rung that restarts the guest is judged only once the guest has visibly come
-//! back — the VM agent, Ready before the rung, reads Ready again after having been seen Not
-//! Ready, or a probe succeeds — and never while it is still booting. Pure: the engine reads
+//! back — the VM agent reads Ready again after having been seen Not Ready, or a probe
+//! succeeds — and never while it is still booting. Pure: the engine reads
 //! the instance view when [`Decision::WatchGuest`] asks for it and records what it saw in
 //! [`GuestWatch`].
 //!
 //! - `settleTime` after the operation finished is the judgement time whenever the guest is
 //!   not seen booting then (as for every other rung).
 //! - Seen booting at that time: the rung waits (`GuestBooting`, the status says so), looking
-//!   at the instance view every [`GUEST_CHECK_INTERVAL`], at most [`BOOT_LIMIT`] after the
-//!   operation finished; then it is judged, the message saying the guest never came back.
+//!   at the instance view every [`GUEST_CHECK_INTERVAL`], at most [`BOOT_LIMIT_FACTOR`] ×
+//!   `settleTime` after the operation finished; then it is judged, the message saying the
+//!   guest never came back. (An agent that was Not Ready before the rung too cannot tell a
+//!   boot from the fault that remains: the bound keeps that wait short.)
 //! - Once back, the probe gets `settleTime` with the guest up before the rung is judged; a
 //!   recovery meanwhile is credited to the rung.
 
@@ -26,14 +28,19 @@ use super::{
     status::RungExecution,
 };
 
-/// How often the instance view is read while the guest is seen booting (Compute allows a
-/// VM 12 reads a minute).
+/// How often, at most, the instance view is read while the guest is seen booting (Compute
+/// allows a VM 12 reads a minute); a shorter `settleTime` (tests, the demo) looks as often.
 pub const GUEST_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The longest wait for a booting guest after the operation finished: long enough for a
-/// Windows boot that installs updates or checks a disk, short enough that a guest that never
-/// comes back does not hold the ladder for good.
-pub const BOOT_LIMIT: Duration = Duration::from_secs(30 * 60);
+fn check_interval(settle: Duration) -> Duration {
+    settle.clamp(Duration::from_secs(1), GUEST_CHECK_INTERVAL)
+}
+
+/// The longest wait for a booting guest after the operation finished, in `settleTime`s (10
+/// minutes with the default 2): long enough for a Windows boot, short enough that a guest
+/// that never comes back does not hold the ladder for long. Guests that boot longer (updates,
+/// disk checks) need a longer `settleTime`.
+pub const BOOT_LIMIT_FACTOR: u32 = 5;
 
 /// What was seen of the guest while a rung that restarts it settles.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
@@ -76,7 +83,7 @@ fn timer(c: &RungExecution, settle: Duration, now: Timestamp) -> Timestamp {
 
 /// The latest time a booting guest is waited for.
 pub fn boot_deadline(c: &RungExecution, settle: Duration) -> Option<Timestamp> {
-    finished(c, settle).map(|f| add(f, BOOT_LIMIT))
+    finished(c, settle).map(|f| add(f, settle.saturating_mul(BOOT_LIMIT_FACTOR)))
 }
 
 /// The guest was seen booting and has not been seen back.
@@ -96,10 +103,8 @@ pub(super) fn settling(s: &Situation<'_>, c: &RungExecution) -> Decision {
             reason: WaitReason::Settling,
         };
     }
-    // Only an agent that was Ready before the rung says anything by being Not Ready now.
-    let agent_signal = s.evidence.and_then(|e| e.agent_ready) == Some(true);
     let watch = c.guest.clone().unwrap_or_default();
-    if !c.step.rung.restarts_guest() || !agent_signal || watch.back_at.is_some() {
+    if !c.step.rung.restarts_guest() || watch.back_at.is_some() {
         return Decision::NotFixed;
     }
     let Some(deadline) = boot_deadline(c, settle) else {
@@ -108,7 +113,7 @@ pub(super) fn settling(s: &Situation<'_>, c: &RungExecution) -> Decision {
     if s.now >= deadline {
         return Decision::NotFixed;
     }
-    match watch.checked_at.map(|t| add(t.0, GUEST_CHECK_INTERVAL)) {
+    match watch.checked_at.map(|t| add(t.0, check_interval(settle))) {
         Some(next) if next > s.now && watch.seen_booting => Decision::Wait {
             until: next.min(deadline),
             reason: WaitReason::GuestBooting,
@@ -129,6 +134,6 @@ pub fn due(c: &RungExecution, settle: Duration) -> Option<Timestamp> {
         .as_ref()
         .filter(|_| still_booting(c))
         .and_then(|g| g.checked_at.as_ref())
-        .map(|t| add(t.0, GUEST_CHECK_INTERVAL));
+        .map(|t| add(t.0, check_interval(settle)));
     Some(next_check.map_or(until, |check| check.max(until)))
 }

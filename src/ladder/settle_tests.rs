@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{
-    settle::{BOOT_LIMIT, GUEST_CHECK_INTERVAL, due},
+    settle::{BOOT_LIMIT_FACTOR, GUEST_CHECK_INTERVAL, due},
     tests::{Case, at},
     *,
 };
@@ -70,7 +70,7 @@ fn a_restart_whose_guest_boots_slower_than_settle_time_is_credited_when_it_recov
 fn a_booting_guest_is_never_escalated_over_until_the_boot_limit() {
     for rung in [Rung::Restart, Rung::Redeploy, Rung::ResetNic, Rung::StartVm] {
         let mut case = restart_settling(rung);
-        let limit = 100 + BOOT_LIMIT.as_secs() as i64;
+        let limit = 100 + 30 * i64::from(BOOT_LIMIT_FACTOR);
         let mut now = 130;
         while now < limit {
             case.now = at(now);
@@ -88,6 +88,12 @@ fn a_booting_guest_is_never_escalated_over_until_the_boot_limit() {
         assert_eq!(case.decide(), Decision::NotFixed, "{rung}: bounded");
         assert!(settle::still_booting(case.ladder.current.as_ref().unwrap()));
     }
+    // An agent that was Not Ready before the rung too: the same bounded wait.
+    let mut case = restart_settling(Rung::ResetNic);
+    case.evidence.as_mut().unwrap().agent_ready = Some(false);
+    assert_eq!(case.decide(), Decision::WatchGuest);
+    case.ladder.guest_checked(at(130), Some(false));
+    assert_eq!(case.decide(), booting(160));
 }
 
 #[test]
@@ -116,10 +122,6 @@ fn a_probe_that_answers_ends_the_boot_wait() {
 fn the_timer_alone_judges_when_the_guest_says_nothing() {
     // A rung that does not restart the guest.
     let case = restart_settling(Rung::ResetRdpConfig);
-    assert_eq!(case.decide(), Decision::NotFixed);
-    // An agent that was not Ready before the rung says nothing by being Not Ready after it.
-    let mut case = restart_settling(Rung::Restart);
-    case.evidence.as_mut().unwrap().agent_ready = Some(false);
     assert_eq!(case.decide(), Decision::NotFixed);
     // The agent reads Ready at the first look after settleTime: the guest is up, RDP is not.
     let mut case = restart_settling(Rung::Restart);

@@ -10,6 +10,7 @@ pub mod guest;
 pub mod registry;
 pub mod responder;
 pub mod scenario;
+pub mod timing;
 pub mod world;
 
 use std::{
@@ -25,6 +26,7 @@ use self::world::World;
 pub use self::{
     fault::{Behaviour, Fault},
     scenario::Scenario,
+    timing::{Timing, TimingProfile},
     world::HttpFault,
 };
 

@@ -11,10 +11,10 @@ fn never_came_back(status: &RdpHealthStatus, settle: Duration) -> Option<String>
     if !crate::ladder::settle::still_booting(c) {
         return None;
     }
-    let limit = crate::ladder::settle::BOOT_LIMIT.as_secs() / 60;
     let deadline = crate::ladder::settle::boot_deadline(c, settle)?;
     Some(format!(
-        "the guest did not come back within {limit}m after the operation finished (VM agent still not Ready at {deadline}); RDP is still unreachable"
+        "the guest had not come back by {deadline}, {}× settleTime after the operation finished (VM agent still not Ready); RDP is still unreachable",
+        crate::ladder::settle::BOOT_LIMIT_FACTOR
     ))
 }
 

@@ -65,7 +65,7 @@ pub(super) fn wait_message(reason: WaitReason, until: Timestamp) -> String {
         WaitReason::Polling => format!("Azure operation running; next poll at {until}"),
         WaitReason::Settling => format!("operation finished; settling until {until}"),
         WaitReason::GuestBooting => format!(
-            "settleTime has passed but the guest is still booting (VM agent not Ready since the rung): the rung is judged once the guest is back; next look at {until}"
+            "settleTime has passed but the guest has not come back (VM agent not Ready since the operation finished): the rung is judged once it is back, never escalated while it boots; next look at {until}"
         ),
         WaitReason::PlatformIssue => {
             "Resource Health reports an Azure platform problem: waiting, not acting".into()

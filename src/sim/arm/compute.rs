@@ -7,11 +7,13 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{
-    Call, accepted, conflict, error, finish_later, json_response, not_found, now, start_op,
+    Call, accepted, boot_guest, conflict, error, finish_later, json_response, not_found, now,
+    start_op,
 };
 use crate::sim::{
     Shared,
     fault::Fault,
+    scenario::OpKind,
     world::{Extension, OpStatus, Vm, World},
 };
 
@@ -341,7 +343,6 @@ fn put_extension(
             .collect::<String>()
     });
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return not_found("Microsoft.Compute/virtualMachines", name, rg);
     };
@@ -395,9 +396,15 @@ fn put_extension(
         v.extension = Some(ext);
         v.busy = true;
     }
-    let (id, aao, _) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (OpKind::Extension, &key),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id, op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -440,7 +447,7 @@ fn put_extension(
     } else {
         StatusCode::OK
     };
-    accepted(&aao, None, timing.retry_after, status, Some(body))
+    accepted(&op.aao, None, op.retry, status, Some(body))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -458,17 +465,21 @@ async fn power_action(
     action: Action,
 ) -> Response {
     let started = begin_power_action(s, sub, rg, name, action);
-    let (id, aao, location, key, after, retry) = match started {
+    let (op, key) = match started {
         Ok(v) => v,
         Err(rsp) => return rsp,
     };
     s.notify();
     s.settled().await;
-    finish_power_action(s, id, key, after, action);
-    accepted(&aao, Some(&location), retry, StatusCode::ACCEPTED, None)
+    finish_power_action(s, op.id, key, op.after, action);
+    accepted(
+        &op.aao,
+        Some(&op.location),
+        op.retry,
+        StatusCode::ACCEPTED,
+        None,
+    )
 }
-
-type Started = (String, String, String, String, Duration, Duration);
 
 #[allow(clippy::result_large_err)] // the error is the finished HTTP answer
 fn begin_power_action(
@@ -477,9 +488,8 @@ fn begin_power_action(
     rg: &str,
     name: &str,
     action: Action,
-) -> Result<Started, Response> {
+) -> Result<(super::NewOp, String), Response> {
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return Err(not_found("Microsoft.Compute/virtualMachines", name, rg));
     };
@@ -508,10 +518,10 @@ fn begin_power_action(
         ));
     }
     let key = vm.name.to_ascii_lowercase();
-    let after = match action {
-        Action::Restart => timing.restart,
-        Action::Redeploy => timing.redeploy,
-        Action::Start => timing.operation,
+    let kind = match action {
+        Action::Restart => OpKind::Restart,
+        Action::Redeploy => OpKind::Redeploy,
+        Action::Start => OpKind::Start,
     };
     if let Some(v) = w.vms.get_mut(&key) {
         v.busy = true;
@@ -520,14 +530,21 @@ fn begin_power_action(
             v.boot += 1;
         }
     }
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (kind, &key),
+    );
     if let Some(v) = w.vms.get_mut(&key) {
-        v.power_op = Some(id.clone());
+        v.power_op = Some(op.id.clone());
     }
-    Ok((id, aao, location, key, after, timing.retry_after))
+    Ok((op, key))
 }
 
 fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration, action: Action) {
+    let shared = s.clone();
     finish_later(s, id, after, move |w| {
         // A redeploy keeps a Standard (static) public IP; the dynamic private address may
         // change, which the emulator does not model ("public-ip-addresses" doc).
@@ -550,12 +567,13 @@ fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration
                 ] {
                     v.faults.remove(&f);
                 }
-                v.boot += 1;
             }
             Action::Start => {
                 v.faults.remove(&Fault::VmStopped);
             }
         }
+        // Azure reports the operation done once the VM runs; Windows may still be booting.
+        boot_guest(&shared, w, &key);
         Ok(None)
     });
 }
@@ -604,7 +622,6 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
         })
         .unwrap_or_default();
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return not_found("Microsoft.Compute/virtualMachines", name, rg);
     };
@@ -627,9 +644,15 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
     if crate::sim::guest::is_evidence_query(&script) {
         w.guest_queries += 1;
     }
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (OpKind::RunCommand, &key),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id, op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -647,9 +670,9 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
         ]})))
     });
     accepted(
-        &aao,
-        Some(&location),
-        timing.retry_after,
+        &op.aao,
+        Some(&op.location),
+        op.retry,
         StatusCode::ACCEPTED,
         None,
     )

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use super::{
     Shared,
     fault::Fault,
+    scenario::OpKind,
     world::{HttpFault, Op, OpStatus, World, fingerprint_u64},
 };
 use crate::azure::limiter::OpClass;
@@ -550,15 +551,26 @@ fn blob(s: &Shared, vm: &str, file: &str, query: &HashMap<String, String>) -> Re
 
 // ---------- operations ----------
 
-/// Starts an operation; returns its id and the AAO and Location URLs.
+/// A started operation: its id, URLs, how long it runs and the `Retry-After` it suggests.
+struct NewOp {
+    id: String,
+    aao: String,
+    location: String,
+    after: Duration,
+    retry: Duration,
+}
+
+/// Starts an operation of `kind` on `resource` (its durations drawn from the timing profile).
 fn start_op(
     s: &Shared,
     w: &mut World,
     provider: &'static str,
-    sub: &str,
-    location: &str,
-) -> (String, String, String) {
+    (sub, location): (&str, &str),
+    (kind, resource): (OpKind, &str),
+) -> NewOp {
     let id = w.new_id();
+    let after = w.next_duration(kind, resource);
+    let retry = w.next_retry_after(resource);
     w.ops.insert(
         id.clone(),
         Op {
@@ -570,6 +582,7 @@ fn start_op(
             error: None,
             result: None,
             started: now(),
+            retry_after: retry,
         },
     );
     let ver = if provider == "Microsoft.Compute" {
@@ -581,11 +594,42 @@ fn start_op(
         "{}/subscriptions/{sub}/providers/{provider}/locations/{location}",
         s.base_url
     );
-    (
-        id.clone(),
-        format!("{base}/operations/{id}?api-version={ver}"),
-        format!("{base}/operationResults/{id}?api-version={ver}"),
-    )
+    NewOp {
+        aao: format!("{base}/operations/{id}?api-version={ver}"),
+        location: format!("{base}/operationResults/{id}?api-version={ver}"),
+        id,
+        after,
+        retry,
+    }
+}
+
+/// The guest of VM `key` boots after an operation that restarted it and that Azure reports
+/// done: the VM agent is Not Ready and RDP refuses until the boot (drawn from the timing
+/// profile; none in the fast profile by default) is over. A newer reboot takes over.
+fn boot_guest(s: &Arc<Shared>, w: &mut World, key: &str) {
+    let boot = w.next_duration(OpKind::GuestBoot, key);
+    let Some(v) = w.vms.get_mut(key) else {
+        return;
+    };
+    v.boot += 1;
+    v.rebooting = !boot.is_zero();
+    if boot.is_zero() {
+        return;
+    }
+    let generation = v.boot;
+    let s = s.clone();
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        tokio::time::sleep(boot).await;
+        {
+            let mut w = s.lock();
+            match w.vms.get_mut(&key) {
+                Some(v) if v.boot == generation => v.rebooting = false,
+                _ => return,
+            }
+        }
+        s.notify();
+    });
 }
 
 fn accepted(
@@ -658,7 +702,7 @@ fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> 
             &format!("operation {id} not found"),
         );
     };
-    let retry = w.timing.retry_after;
+    let retry = op.retry_after;
     if monitor {
         return match op.status {
             OpStatus::InProgress => {
