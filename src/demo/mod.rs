@@ -327,59 +327,54 @@ fn object_for(
     compress: Option<f64>,
     given: Option<&RdpHealth>,
 ) -> RdpHealth {
-    let Some(speed) = compress else {
-        let spec = given
-            .map(|o| o.spec.clone())
-            .unwrap_or_else(|| RdpHealthSpec {
-                vm: VmRef {
-                    resource_id: String::new(),
-                },
-                endpoint: EndpointSpec::default(),
-                probe: ProbeSpec::default(),
-                remediation: RemediationSpec {
-                    mode: RemediationMode::Auto,
-                    allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
-                    ..RemediationSpec::default()
-                },
-                evidence: Default::default(),
-                suspend: false,
-            });
-        return object_with(vm, spec);
-    };
-    let d = |ms: f64| format!("{}ms", ((ms / speed).max(10.0)) as u64);
-    let spec = given
-        .map(|o| o.spec.clone())
-        .unwrap_or_else(|| RdpHealthSpec {
+    let spec = given.map(|o| o.spec.clone()).unwrap_or_else(|| {
+        let auto = RemediationSpec {
+            mode: RemediationMode::Auto,
+            allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
+            ..RemediationSpec::default()
+        };
+        let (probe, remediation) = match compress {
+            None => (ProbeSpec::default(), auto),
+            Some(speed) => compressed_timers(speed, auto),
+        };
+        RdpHealthSpec {
             vm: VmRef {
                 resource_id: String::new(),
             },
             endpoint: EndpointSpec::default(),
-            probe: ProbeSpec {
-                interval: d(1000.0),
-                unhealthy_interval: d(500.0),
-                timeout: d(400.0),
-                failure_threshold: 2,
-                success_threshold: 1,
-                certificate_warning: "14d".into(),
-                identity_check_interval: "10m".into(),
-            },
-            remediation: RemediationSpec {
-                mode: RemediationMode::Auto,
-                allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
-                backoff: BackoffSpec {
-                    initial: d(500.0),
-                    max: d(2000.0),
-                    multiplier: 2.0,
-                    jitter: 0.1,
-                },
-                settle_time: d(1000.0),
-                cooldown: d(5000.0),
-                ..RemediationSpec::default()
-            },
+            probe,
+            remediation,
             evidence: Default::default(),
             suspend: false,
-        });
+        }
+    });
     object_with(vm, spec)
+}
+
+/// The demo's short probe and ladder timers, divided by `speed`.
+fn compressed_timers(speed: f64, remediation: RemediationSpec) -> (ProbeSpec, RemediationSpec) {
+    let d = |ms: f64| format!("{}ms", ((ms / speed).max(10.0)) as u64);
+    let probe = ProbeSpec {
+        interval: d(1000.0),
+        unhealthy_interval: d(500.0),
+        timeout: d(400.0),
+        failure_threshold: 2,
+        success_threshold: 1,
+        certificate_warning: "14d".into(),
+        identity_check_interval: "10m".into(),
+    };
+    let remediation = RemediationSpec {
+        backoff: BackoffSpec {
+            initial: d(500.0),
+            max: d(2000.0),
+            multiplier: 2.0,
+            jitter: 0.1,
+        },
+        settle_time: d(1000.0),
+        cooldown: d(5000.0),
+        ..remediation
+    };
+    (probe, remediation)
 }
 
 /// The object for `vm` with `spec`, pointed at the VM and its loopback responder.

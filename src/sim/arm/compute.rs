@@ -7,8 +7,8 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{
-    Call, accepted, boot_guest, conflict, error, finish_later, json_response, not_found, now,
-    start_op,
+    Call, accepted, accepted_action, boot_guest, conflict, error, finish_later, json_response,
+    not_found, now, start_op,
 };
 use crate::sim::{
     Shared,
@@ -404,7 +404,7 @@ fn put_extension(
         (OpKind::Extension, &key),
     );
     drop(w);
-    finish_later(s, op.id, op.after, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -471,14 +471,8 @@ async fn power_action(
     };
     s.notify();
     s.settled().await;
-    finish_power_action(s, op.id, key, op.after, action);
-    accepted(
-        &op.aao,
-        Some(&op.location),
-        op.retry,
-        StatusCode::ACCEPTED,
-        None,
-    )
+    finish_power_action(s, op.id.clone(), key, op.after, action);
+    accepted_action(&op)
 }
 
 #[allow(clippy::result_large_err)] // the error is the finished HTTP answer
@@ -652,7 +646,7 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
         (OpKind::RunCommand, &key),
     );
     drop(w);
-    finish_later(s, op.id, op.after, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -669,13 +663,7 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
             { "code": "ComponentStatus/StdErr/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded", "message": "" }
         ]})))
     });
-    accepted(
-        &op.aao,
-        Some(&op.location),
-        op.retry,
-        StatusCode::ACCEPTED,
-        None,
-    )
+    accepted_action(&op)
 }
 
 fn boot_diagnostics(s: &Shared, sub: &str, rg: &str, name: &str) -> Response {

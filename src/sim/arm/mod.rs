@@ -651,6 +651,18 @@ fn accepted(
     rsp
 }
 
+/// The 202 of an action (Compute POSTs, IP flow verify): both URLs and the operation's
+/// `Retry-After`, no body.
+fn accepted_action(op: &NewOp) -> Response {
+    accepted(
+        &op.aao,
+        Some(&op.location),
+        op.retry,
+        StatusCode::ACCEPTED,
+        None,
+    )
+}
+
 /// Finishes operation `id` after `after`, applying `effect` to the world first.
 fn finish_later<F>(s: &Arc<Shared>, id: String, after: Duration, effect: F)
 where

@@ -8,8 +8,8 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{
-    Call, accepted, boot_guest, conflict, error, finish_later, json_response, not_found,
-    retry_headers, set_header, start_op,
+    Call, accepted, accepted_action, boot_guest, conflict, error, finish_later, json_response,
+    not_found, retry_headers, set_header, start_op,
 };
 use crate::sim::{
     Shared,
@@ -358,7 +358,7 @@ fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u
     }
     drop(w);
     let key = k.to_owned();
-    finish_later(s, op.id, op.after, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(group) = w.nsgs.get_mut(&key) else {
             return Err(("NotFound".into(), "NSG vanished".into()));
         };
@@ -490,7 +490,7 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
     drop(w);
     let key = k.to_owned();
     let shared = s.clone();
-    finish_later(s, op.id, op.after, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let changed = {
             let Some(n) = w.nics.get_mut(&key) else {
                 return Err(("NotFound".into(), "NIC vanished".into()));
@@ -588,12 +588,6 @@ fn ip_flow_verify(s: &Arc<Shared>, sub: &str, rg: &str, watcher: &str, body: &[u
         (OpKind::FlowVerify, &vm_name),
     );
     drop(w);
-    finish_later(s, op.id, op.after, move |_| Ok(Some(result)));
-    accepted(
-        &op.aao,
-        Some(&op.location),
-        op.retry,
-        StatusCode::ACCEPTED,
-        None,
-    )
+    finish_later(s, op.id.clone(), op.after, move |_| Ok(Some(result)));
+    accepted_action(&op)
 }
