@@ -243,6 +243,9 @@ fn apply_chart_rbac(cp: &ControlPlane) -> Shipped {
             RELEASE_NS,
             "--set",
             "leaderElection.enabled=true",
+            // The ResetPassword rung's Secret access is opt-in; the scenario runs that rung.
+            "--set",
+            "remediation.passwordReset.enabled=true",
             "--show-only",
             template,
         ])
@@ -305,7 +308,8 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
 
     let sim = Simulator::start(scenario(
         "operation: 300ms, restart: 1s, redeploy: 2s, retryAfter: 200ms",
-        "{ name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }",
+        "{ name: vm-rdp, nic: { subnet: vnet/s }, faults: [rdp_disabled], vmAccessExtension: enablevmAccess }
+          - { name: vm-hung, nic: { subnet: vnet/s }, faults: [guest_hung] }",
     ))
     .await
     .unwrap();
@@ -318,6 +322,23 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
             "vm-rdp",
             rdp,
             json!({"mode": "Auto", "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    // A second incident whose ladder resets the password: the Secret under the chart's role.
+    api.create(
+        &PostParams::default(),
+        &rdphealth(
+            "hung",
+            "vm-hung",
+            sim.vm("vm-hung").unwrap().rdp,
+            json!({
+                "mode": "Auto", "ladder": ["ResetPassword", "Restart"],
+                "allowedDisruptiveActions": ["ResetPassword", "Restart"],
+                "passwordReset": {"username": "rdpadmin", "secretName": "vm-hung-admin"},
+                "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+            }),
         ),
     )
     .await
@@ -339,7 +360,6 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
         s["ladder"]["recoveredBy"]["rung"], "ResetRdpConfig",
         "{s:#}"
     );
-    assert_eq!(sim.count("extension.put"), 1);
     for reason in [
         "BecameUnreachable",
         "RemediationStarted",
@@ -355,6 +375,43 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // The password reset: its Secret was created by the operator and holds what Azure applied.
+    let s = wait_status(&api, "hung", "phase Recovered", |s| {
+        s["phase"] == "Recovered"
+    })
+    .await;
+    assert_eq!(s["ladder"]["recoveredBy"]["rung"], "Restart", "{s:#}");
+    assert_eq!(sim.vm("vm-hung").unwrap().password_resets, 1);
+    // VMAccess twice: the RDP configuration reset and the password reset, once each.
+    assert_eq!(sim.count("extension.put"), 2);
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(admin.clone(), "fleet-rbac");
+    let secret = secrets.get("vm-hung-admin").await.unwrap();
+    let labels = secret.metadata.labels.clone().unwrap_or_default();
+    assert_eq!(
+        labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("rdphealth-operator"),
+        "{:?}",
+        secret.metadata
+    );
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("rdphealth.io/password-state")
+            .map(String::as_str),
+        Some("applied")
+    );
+    let data = secret.data.clone().unwrap_or_default();
+    let password = String::from_utf8(data["password"].0.clone()).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(password.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sim.vm("vm-hung").unwrap().password_sha256, Some(digest));
+
     let lease: Api<Lease> = Api::namespaced(admin.clone(), RELEASE_NS);
     let lease = lease.get(&sa).await.unwrap();
     assert_eq!(
@@ -379,6 +436,9 @@ async fn rbac_as_shipped_runs_a_whole_incident_without_a_403() {
         "patch rdphealths",
         "create events",
         "get leases",
+        "create secrets",
+        "get secrets",
+        "patch secrets",
     ] {
         assert!(verbs.contains(needed), "no {needed:?} in {verbs:?}");
     }

@@ -1921,3 +1921,72 @@ async fn a_namespace_naming_a_vm_outside_its_scopes_is_refused_without_an_arm_re
     op.shutdown().await;
     sim.shutdown().await;
 }
+
+/// An address another computer answers on (an IP reused in the subnet): the identity step reads
+/// that computer's name, the object says so with both names (`status.identity`,
+/// `HostIdentity=False`, a `WrongHost` Event, the `wrong_host` finding in the metrics), and the
+/// ladder never acts on this VM: no rung, no in-guest query, whatever the spec allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_answering_as_another_computer_is_reported_and_never_acted_on() {
+    let (sim, api, op) = start_one(
+        "{ name: vm-a, nic: { subnet: vnet/s }, answersAs: vm-retired }",
+        "reused",
+        "vm-a",
+        json!({
+            "mode": "Auto",
+            "allowedDisruptiveActions": ["ResetNic", "Restart", "Redeploy"],
+            "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
+        }),
+    )
+    .await;
+    let s = wait_status(&api, "reused", "HostIdentity=False", |s| {
+        condition(s, "HostIdentity").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    // NetBIOS names are upper case on the wire.
+    assert!(
+        s["identity"]["computerName"]
+            .as_str()
+            .is_some_and(|n| n.eq_ignore_ascii_case("vm-retired")),
+        "{s:#}"
+    );
+    assert_eq!(s["identity"]["expectedName"], "vm-a", "{s:#}");
+    assert_eq!(s["identity"]["matches"], false, "{s:#}");
+    let message = condition(&s, "HostIdentity").unwrap()["message"].to_string();
+    assert!(
+        message.to_ascii_lowercase().contains("vm-retired") && message.contains("vm-a"),
+        "{message}"
+    );
+    let s = wait_status(&api, "reused", "Remediating=WrongHost", |s| {
+        condition(s, "Remediating").is_some_and(|c| c["reason"] == "WrongHost")
+    })
+    .await;
+    assert_eq!(s["lastProbe"]["failureReason"], "wrong_host", "{s:#}");
+    api.wait_for("the WrongHost event", WAIT, |inner| {
+        (events(inner, "reused", "WrongHost") >= 1).then_some(())
+    })
+    .await;
+    let (_, text) = common::http_get(op.http, "/metrics").await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("rdphealth_findings{")
+            && l.contains("kind=\"wrong_host\"")
+            && l.contains("name=\"reused\"")
+            && l.ends_with(" 1")),
+        "{text}"
+    );
+    // Given time to act, nothing is done to the VM: no rung, no Run Command.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        op.witness.mutating().is_empty(),
+        "{:?}",
+        op.witness.mutating()
+    );
+    assert_eq!(sim.count("vm.runcommand"), 0, "{:?}", sim.counters());
+    let s = api.read(|inner| status(inner, "reused")).expect("status");
+    assert!(
+        s["ladder"]["history"].as_array().is_none_or(Vec::is_empty),
+        "{s:#}"
+    );
+    op.shutdown().await;
+    sim.shutdown().await;
+}

@@ -14,7 +14,7 @@ use rdphealth::{
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fault_class_settles_as_expected() {
     let cfg = DemoConfig {
-        vms: 11,
+        vms: 12,
         speed: 2.0,
         timeout: Duration::from_secs(90),
         exit_when_settled: true,
@@ -26,7 +26,7 @@ async fn every_fault_class_settles_as_expected() {
         summary
             .vms
             .iter()
-            .find(|t| t.fault == f)
+            .find(|t| t.fault == f && t.answers_as.is_none())
             .unwrap_or_else(|| panic!("no VM with {f:?}"))
     };
     assert!(summary.settled, "{}", demo::view::render_summary(&summary));
@@ -69,6 +69,33 @@ async fn every_fault_class_settles_as_expected() {
         nsg.diagnosis
     );
     assert!(by_fault(None).settled());
+    // The VM whose address another computer answers on: reported as the wrong host with both
+    // names, never remediated (no rung ran for it, no Run Command read its guest).
+    let reused = summary
+        .vms
+        .iter()
+        .find(|t| t.answers_as.is_some())
+        .expect("the fleet has a VM whose address is reused");
+    assert_eq!(reused.expect, Expect::Reported("WrongHost"));
+    assert!(reused.settled());
+    assert_eq!(reused.fixed_by, None);
+    let status = reused.obj.status.clone().unwrap();
+    let identity = status.identity.clone().expect("status.identity");
+    let other = reused.answers_as.clone().unwrap();
+    // NetBIOS names are upper case on the wire.
+    assert!(
+        identity
+            .computer_name
+            .as_deref()
+            .is_some_and(|n| n.eq_ignore_ascii_case(&other)),
+        "{identity:?}"
+    );
+    assert_eq!(
+        identity.expected_name.as_deref(),
+        reused.obj.metadata.name.as_deref()
+    );
+    assert_eq!(identity.matches, Some(false));
+    assert!(status.ladder.history.is_empty(), "{:?}", status.ladder);
     // Disruptive rungs ran only where needed: the redeploy for the failing host, no others.
     assert_eq!(summary.arm_calls.get("vm.redeploy").copied(), Some(1));
     // Healthy VMs cost no ARM calls: only incidents read evidence (some 15–20 requests each,

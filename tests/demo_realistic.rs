@@ -39,7 +39,7 @@ async fn the_whole_ladder_meets_azures_real_durations_without_abandoning_or_rese
     let objects = dir.join("guest-hung.yaml");
     std::fs::write(&objects, GUEST_HUNG_SPEC).unwrap();
     let cfg = DemoConfig {
-        vms: 11,
+        vms: 12,
         speed: 100.0,
         timing: TimingProfile::Realistic,
         seed: 1,

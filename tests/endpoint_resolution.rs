@@ -87,14 +87,35 @@ async fn addresses_come_from_azure_and_are_cached() {
         .unwrap();
     assert_eq!(Some(private.host), summary.private_ip);
 
-    // A host override never asks Azure.
+    // A host override is probed where the spec says; Azure is asked only for the computer
+    // the endpoint must answer as (one VM read, no network reads), and that is cached too.
     let before = sim.count("vm.get");
+    let nic_reads = sim.count("nic.get");
+    let overridden = spec("vm1", AddressType::Public, Some("rdp.example.com"));
+    let host = r.resolve(&overridden).await.unwrap();
+    assert_eq!(host.source, EndpointSource::Spec);
+    assert_eq!(host.host, "rdp.example.com");
+    assert_eq!(host.computer_name.as_deref(), Some("vm1"));
+    assert_eq!(sim.count("vm.get"), before + 1);
+    for _ in 0..3 {
+        assert_eq!(r.resolve(&overridden).await.unwrap(), host);
+    }
+    assert_eq!(sim.count("vm.get"), before + 1);
+    assert_eq!(sim.count("nic.get"), nic_reads);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_host_override_whose_vm_azure_cannot_read_is_probed_without_an_expected_name() {
+    let sim = start().await;
+    let r = resolver(&sim, ResolverPolicy::default());
     let host = r
-        .resolve(&spec("vm1", AddressType::Public, Some("rdp.example.com")))
+        .resolve(&spec("nope", AddressType::Public, Some("10.0.0.99")))
         .await
         .unwrap();
+    assert_eq!(host.host, "10.0.0.99");
     assert_eq!(host.source, EndpointSource::Spec);
-    assert_eq!(sim.count("vm.get"), before);
+    assert_eq!(host.computer_name, None);
     sim.shutdown().await;
 }
 

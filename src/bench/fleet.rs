@@ -348,6 +348,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
                 Tracked {
                     obj: object_for(vm, cfg.interval),
                     fault: None,
+                    answers_as: None,
                     expect: Expect::Healthy,
                     detected_after: None,
                     recovered_after: None,
@@ -369,6 +370,8 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
         latency: Mutex::new(Vec::new()),
     });
     let engine = Arc::new(Engine {
+        // The spec's host, no ARM read: the bench measures probing, not lookups.
+        resolver: Arc::new(crate::engine::HostOverride),
         prober: Arc::new(TimedProber {
             inner: RdpProber::new().map_err(|e| e.to_string())?,
             timing: timing.clone(),

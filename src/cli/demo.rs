@@ -13,8 +13,9 @@ use crate::{
 /// Arguments of `rdphealth demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// VMs in the built-in fleet (one per fault class, cycled).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=2000))]
+    /// VMs in the built-in fleet (one per fault class and one whose address another computer
+    /// answers on, cycled).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u16).range(1..=2000))]
     pub vms: u16,
     /// A simulator scenario file instead of the built-in fleet.
     #[arg(long)]

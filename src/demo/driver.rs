@@ -14,7 +14,7 @@ use super::fleet::Expect;
 use crate::{
     api::{RdpHealth, RdpHealthStatus, conditions as types},
     engine::{
-        EndpointResolver, HostOverride, Next, Observation, Schedule, ValidSpec,
+        EndpointResolver, Next, Observation, Schedule, ValidSpec,
         conditions::{self, Status},
         evaluate, identity,
         remediate::{Remediator, StatusSink, Subject},
@@ -36,6 +36,8 @@ pub struct Tracked {
     pub obj: RdpHealth,
     /// The VM's fault at start.
     pub fault: Option<Fault>,
+    /// The computer that answers on the VM's address when it is another one.
+    pub answers_as: Option<String>,
     /// What the demo expects.
     pub expect: Expect,
     /// When the incident was first seen, after the start.
@@ -170,6 +172,8 @@ impl StatusSink for MemorySink<'_> {
 
 /// What every object's loop shares.
 pub struct Engine {
+    /// Where to probe, and whom the endpoint must answer as.
+    pub resolver: Arc<dyn EndpointResolver>,
     /// The prober.
     pub prober: Arc<dyn Prober>,
     /// The remediation stage.
@@ -204,7 +208,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     let mut failure = None;
     let mut probed = None;
     let (observation, wait) = match schedule(&obj, None, now) {
-        Schedule::Probe(spec) => match HostOverride.resolve(&spec).await {
+        Schedule::Probe(spec) => match engine.resolver.resolve(&spec).await {
             Err(e) => (Observation::Unresolved(e), None),
             Ok(endpoint) => match Target::new(endpoint.host.clone(), endpoint.port) {
                 Err(_) => (Observation::NotProbed, None),

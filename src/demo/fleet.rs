@@ -1,5 +1,5 @@
-//! The demo's built-in fleet: a scenario with one VM per fault class (cycled for larger
-//! fleets), spread over subscriptions of four so the storm breaker (which needs five VMs in a
+//! The demo's built-in fleet: a scenario with one VM per fault class and one whose address
+//! another computer answers on (cycled for larger fleets), spread over subscriptions of four so the storm breaker (which needs five VMs in a
 //! subscription) stays out of the way, and what the demo expects for each fault.
 
 use std::fmt::Write as _;
@@ -24,6 +24,21 @@ pub const FAULT_CYCLE: [Option<Fault>; 11] = [
     Some(Fault::VmStopped),
 ];
 
+/// The built-in fleet cycles through the fault classes and then one VM whose address another
+/// machine answers on (an address reused inside the subnet): the identity step sees the other
+/// computer's name, and the ladder must not act on this VM.
+pub const CYCLE: usize = FAULT_CYCLE.len() + 1;
+
+/// The computer that answers on the `i`-th VM's address, when it is not the VM itself.
+pub fn answers_as(i: usize) -> Option<String> {
+    (i % CYCLE == FAULT_CYCLE.len()).then(|| format!("vm-{i:03}-previous-owner"))
+}
+
+/// The fault of the `i`-th VM of the built-in fleet.
+pub fn fault(i: usize) -> Option<Fault> {
+    FAULT_CYCLE.get(i % CYCLE).copied().flatten()
+}
+
 /// VMs per subscription in the built-in fleet.
 pub const VMS_PER_SUBSCRIPTION: usize = 4;
 
@@ -41,6 +56,15 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// What a VM with `fault`, whose address `answers_as` another computer or not, should
+    /// end as: another computer on its address is reported, never acted on.
+    pub fn for_vm(fault: Option<Fault>, answers_as: Option<&str>) -> Self {
+        if answers_as.is_some() {
+            return Self::Reported("WrongHost");
+        }
+        Self::for_fault(fault)
+    }
+
     /// What a VM with `fault` should end as.
     pub fn for_fault(fault: Option<Fault>) -> Self {
         use crate::ladder::Rung;
@@ -108,12 +132,13 @@ pub fn scenario_yaml(vms: usize, speed: f64) -> String {
         y.push_str("        virtualNetworks:\n          - {name: vnet, addressPrefix: 10.20.0.0/16, subnets: [{name: default, addressPrefix: 10.20.0.0/22, networkSecurityGroup: nsg-subnet}]}\n");
         y.push_str("        vms:\n");
         for i in members {
-            let fault = FAULT_CYCLE[i % FAULT_CYCLE.len()];
+            let fault = fault(i);
             let faults = fault.map_or(String::new(), |f| f.as_str().to_string());
+            let other = answers_as(i).map_or(String::new(), |n| format!(", answersAs: {n}"));
             let _ = writeln!(
                 y,
-                "          - {{name: {}, nic: {{subnet: vnet/default, networkSecurityGroup: nsg-vm-{i:03}}}, faults: [{faults}]}}",
-                vm_name(i, fault)
+                "          - {{name: {}, nic: {{subnet: vnet/default, networkSecurityGroup: nsg-vm-{i:03}}}, faults: [{faults}]{other}}}",
+                vm_name(i)
             );
         }
     }
@@ -121,10 +146,11 @@ pub fn scenario_yaml(vms: usize, speed: f64) -> String {
 }
 
 /// The name of the `i`-th VM of the built-in fleet.
-pub fn vm_name(i: usize, fault: Option<Fault>) -> String {
-    match fault {
-        Some(f) => format!("vm-{i:03}-{}", f.as_str().replace('_', "-")),
-        None => format!("vm-{i:03}-healthy"),
+pub fn vm_name(i: usize) -> String {
+    match (fault(i), answers_as(i)) {
+        (Some(f), _) => format!("vm-{i:03}-{}", f.as_str().replace('_', "-")),
+        (None, Some(_)) => format!("vm-{i:03}-address-reused"),
+        (None, None) => format!("vm-{i:03}-healthy"),
     }
 }
 

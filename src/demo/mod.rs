@@ -31,7 +31,10 @@ use crate::{
         EndpointSpec, ProbeSpec, RdpHealth, RdpHealthSpec, RemediationMode, RemediationSpec, VmRef,
     },
     azure::{ArmClient, ArmConfig, CountedAzure, StaticToken},
-    engine::remediate::{Fleet, Remediator},
+    engine::{
+        AzureResolver, ResolverPolicy,
+        remediate::{Fleet, Remediator},
+    },
     ladder::{Rung, fleet::FleetPolicy, spec::BackoffSpec},
     metrics::Metrics,
     probe::RdpProber,
@@ -72,7 +75,7 @@ pub struct DemoConfig {
 impl Default for DemoConfig {
     fn default() -> Self {
         Self {
-            vms: 8,
+            vms: 12,
             scenario: None,
             objects: Vec::new(),
             speed: 1.0,
@@ -154,11 +157,12 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         let tracked = Tracked {
             obj,
             fault,
+            answers_as: vm.answers_as.clone(),
             expect: cfg
                 .expect
                 .get(&vm.name)
                 .copied()
-                .unwrap_or_else(|| Expect::for_fault(fault)),
+                .unwrap_or_else(|| Expect::for_vm(fault, vm.answers_as.as_deref())),
             detected_after: None,
             recovered_after: None,
             fixed_by: None,
@@ -190,6 +194,8 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         .register_azure(&azure)
         .map_err(|e| DemoError::Setup(e.to_string()))?;
     let engine = Arc::new(Engine {
+        // The objects name their loopback responder; Azure tells whom it must answer as.
+        resolver: Arc::new(AzureResolver::new(azure.clone(), ResolverPolicy::default())),
         prober: Arc::new(RdpProber::new().map_err(|e| DemoError::Setup(e.to_string()))?),
         remediator: Arc::new(Remediator {
             azure,

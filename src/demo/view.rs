@@ -129,7 +129,7 @@ pub fn render_summary(summary: &Summary) -> String {
             out,
             "{:<28} {:<20} {:<26} {:<40} {:>8} {:>8}  {}",
             t.obj.metadata.name.clone().unwrap_or_default(),
-            t.fault.map_or("none", |f| f.as_str()),
+            fault_column(t),
             diagnosis,
             outcome,
             secs(t.detected_after),
@@ -143,4 +143,13 @@ pub fn render_summary(summary: &Summary) -> String {
         let _ = writeln!(out, "  {op:<40} {n}");
     }
     out
+}
+
+/// The summary's FAULT column: the fault, or the computer answering on the VM's address.
+fn fault_column(t: &super::Tracked) -> String {
+    match (t.fault, &t.answers_as) {
+        (Some(f), _) => f.as_str().to_string(),
+        (None, Some(_)) => "address reused".to_string(),
+        (None, None) => "none".to_string(),
+    }
 }

@@ -3,6 +3,11 @@
 //! looked up again every [`ResolverPolicy::healthy_ttl`], a failing VM's after
 //! [`ResolverPolicy::failing_ttl`], and at once after a rung that may move it (NIC reset,
 //! redeploy).
+//!
+//! With a host override the address is the spec's, but the computer the endpoint must answer
+//! as still comes from Azure (`osProfile.computerName`, one VM read, cached like an address):
+//! the identity step then knows whom it should reach. When that read fails the endpoint is
+//! probed without an expected name.
 
 use std::{
     collections::HashMap,
@@ -156,8 +161,12 @@ impl AzureResolver {
 
     fn key(spec: &ValidSpec) -> String {
         format!(
-            "{}/{}/{}/{:?}",
-            spec.vm.subscription, spec.vm.resource_group, spec.vm.name, spec.address_type
+            "{}/{}/{}/{:?}/{}",
+            spec.vm.subscription,
+            spec.vm.resource_group,
+            spec.vm.name,
+            spec.address_type,
+            spec.host.as_deref().unwrap_or_default()
         )
         .to_ascii_lowercase()
     }
@@ -168,6 +177,51 @@ impl AzureResolver {
             .get(key)
             .filter(|e| e.at.elapsed() < e.ttl)
             .map(|e| e.result.clone())
+    }
+
+    fn remember(&self, key: String, result: &Result<ResolvedEndpoint, ResolveError>) {
+        let ttl = if result.is_ok() {
+            self.policy.healthy_ttl
+        } else {
+            self.policy.error_ttl
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                key,
+                Entry {
+                    result: result.clone(),
+                    at: Instant::now(),
+                    ttl,
+                },
+            );
+    }
+
+    /// The VM's computer name for a host override (cached; `None` when Azure cannot say).
+    async fn computer_name(&self, spec: &ValidSpec) -> Option<String> {
+        let key = Self::key(spec);
+        let result = match self.cached(&key) {
+            Some(hit) => hit,
+            None => {
+                let result = self.lookup_name(spec).await;
+                self.remember(key, &result);
+                result
+            }
+        };
+        result.ok().and_then(|e| e.computer_name)
+    }
+
+    async fn lookup_name(&self, spec: &ValidSpec) -> Result<ResolvedEndpoint, ResolveError> {
+        let vm = VmRef::new(
+            &spec.vm.subscription,
+            &spec.vm.resource_group,
+            &spec.vm.name,
+        );
+        let state = self.azure.vm_state(&vm).await.map_err(azure_error)?;
+        let mut endpoint = HostOverride::endpoint(spec)?;
+        endpoint.computer_name = state.computer_name;
+        Ok(endpoint)
     }
 
     async fn lookup(&self, spec: &ValidSpec) -> Result<ResolvedEndpoint, ResolveError> {
@@ -207,37 +261,21 @@ impl EndpointResolver for AzureResolver {
     ) -> BoxFuture<'a, Result<ResolvedEndpoint, ResolveError>> {
         Box::pin(async move {
             if spec.host.is_some() {
-                return HostOverride::endpoint(spec);
+                let mut endpoint = HostOverride::endpoint(spec)?;
+                endpoint.computer_name = self.computer_name(spec).await;
+                return Ok(endpoint);
             }
             let key = Self::key(spec);
             if let Some(hit) = self.cached(&key) {
                 return hit;
             }
             let result = self.lookup(spec).await;
-            let ttl = if result.is_ok() {
-                self.policy.healthy_ttl
-            } else {
-                self.policy.error_ttl
-            };
-            self.cache
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(
-                    key,
-                    Entry {
-                        result: result.clone(),
-                        at: Instant::now(),
-                        ttl,
-                    },
-                );
+            self.remember(key, &result);
             result
         })
     }
 
     fn probe_failed(&self, spec: &ValidSpec) {
-        if spec.host.is_some() {
-            return;
-        }
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = cache.get_mut(&Self::key(spec)) {
             e.ttl = e.ttl.min(self.policy.failing_ttl);

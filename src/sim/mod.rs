@@ -165,6 +165,7 @@ impl Shared {
                     boot: vm.boot,
                     password_resets: vm.password_resets,
                     password_sha256: vm.password_sha256.clone(),
+                    answers_as: vm.answers_as.clone(),
                 }
             })
             .collect()
@@ -201,6 +202,8 @@ pub struct VmSummary {
     pub password_resets: u32,
     /// SHA-256 (hex) of the password the last reset set (never the password).
     pub password_sha256: Option<String>,
+    /// The computer that answers on the VM's address when another machine took it.
+    pub answers_as: Option<String>,
 }
 
 /// A running simulator.
