@@ -364,7 +364,9 @@ pub struct RemediationSpec {
     /// Delay between rung attempts.
     #[serde(default)]
     pub backoff: BackoffSpec,
-    /// Wait after an operation finishes before judging the probe, e.g. `2m`.
+    /// Wait after an operation finishes before judging the probe, e.g. `2m`. After a rung
+    /// that restarts the guest, the judgement also waits for the guest to come back (VM agent
+    /// Ready again, or a successful probe), at most 5 × settleTime after the operation.
     #[serde(default = "default_settle_time")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub settle_time: String,

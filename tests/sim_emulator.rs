@@ -61,6 +61,13 @@ async fn exchange(sim: &Simulator, request: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A restart of the VM at `vm` (its ARM path).
+fn restart(vm: &str) -> String {
+    format!(
+        "POST {vm}/restart?api-version=2024-07-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
 fn get(path: &str, auth: bool) -> String {
     let auth = if auth {
         "Authorization: Bearer t\r\n"
@@ -151,14 +158,7 @@ async fn agent_version_and_rate_limit_headers_follow_azure() {
     let down = exchange(&sim, &get(&view, true)).await;
     assert!(down.contains("\"vmAgentVersion\":\"Unknown\""), "{down}");
     assert!(down.contains("Not Ready"));
-    let restart = exchange(
-        &sim,
-        &format!(
-            "POST {vm}/restart?api-version=2024-07-01 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        ),
-    )
-    .await
-    .to_ascii_lowercase();
+    let restart = exchange(&sim, &restart(vm)).await.to_ascii_lowercase();
     assert!(restart.starts_with("http/1.1 202"), "{restart}");
     assert!(restart.contains("x-ms-ratelimit-remaining-subscription-writes"));
     assert!(!restart.contains("x-ms-ratelimit-remaining-subscription-reads"));
@@ -314,5 +314,74 @@ async fn snapshots_follow_azures_shapes_and_rules() {
     ] {
         assert!(sim.count(op) >= 1, "{op}: {:?}", sim.counters());
     }
+    sim.shutdown().await;
+}
+
+/// Polls `f` every 10 ms for at most `limit`; returns whether it turned true.
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
+
+#[tokio::test]
+async fn realistic_timing_draws_azures_retry_after_and_boots_the_guest_after_a_restart() {
+    // Realistic durations, 1,000 times faster on the wall clock: a restart of 1–3 minutes
+    // takes 60–180 ms, then Windows boots for 60–300 ms; Retry-After stays 10–60 s.
+    let yaml = MINIMAL.replace(
+        "subscriptions:",
+        "timing: {profile: realistic, seed: 3, speed: 1000}\nsubscriptions:",
+    );
+    let sim = Simulator::start(Scenario::from_yaml(&yaml).unwrap())
+        .await
+        .unwrap();
+    let vm =
+        "/subscriptions/sub-1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1";
+    let restart = exchange(&sim, &restart(vm)).await.to_ascii_lowercase();
+    assert!(restart.starts_with("http/1.1 202"), "{restart}");
+    let retry: u64 = restart
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!((10..=60).contains(&retry), "Retry-After {retry}");
+    let aao = restart
+        .lines()
+        .find_map(|l| l.strip_prefix("azure-asyncoperation: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let path = aao.split_once("127.0.0.1").unwrap().1;
+    let path = path.split_once('/').map(|(_, p)| format!("/{p}")).unwrap();
+    let booting = sim.vm("vm1").unwrap();
+    assert!(!booting.running && !booting.agent_ready);
+    // Azure reports the restart done while the guest still boots...
+    let mut done = false;
+    for _ in 0..100 {
+        let (_, body) = http(&sim, &get(&path, true)).await;
+        if body.contains("\"Succeeded\"") {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(done, "the restart finished");
+    let after = sim.vm("vm1").unwrap();
+    assert!(
+        !after.running && !after.agent_ready,
+        "the guest boots after Azure reports the restart done"
+    );
+    // ... and is back within the longest boot.
+    assert!(
+        eventually(Duration::from_secs(2), || sim
+            .vm("vm1")
+            .is_some_and(|v| v.running && v.agent_ready))
+        .await
+    );
     sim.shutdown().await;
 }

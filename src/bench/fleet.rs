@@ -337,7 +337,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
     let n = vms.len();
     let rss_base = rss().map(|r| r.0).unwrap_or_default();
     let state = Arc::new(State {
-        started: Instant::now(),
+        clock: crate::demo::clock::Clock::new(1.0),
         objects: Mutex::new(BTreeMap::new()),
         log: Mutex::new(Vec::new()),
     });

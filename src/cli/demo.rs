@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use super::parse_positive_duration;
-use crate::demo::{self, DemoConfig, DemoError};
+use crate::{
+    demo::{self, DemoConfig, DemoError},
+    sim::TimingProfile,
+};
 
 /// Arguments of `rdphealth demo`.
 #[derive(Debug, Args)]
@@ -26,9 +29,18 @@ pub struct DemoArgs {
     /// Give up after this long.
     #[arg(long, default_value = "120s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
-    /// Compress the probe and ladder timers (2 = twice as fast).
+    /// Compress the probe and ladder timers (2 = twice as fast). With `--timing realistic`
+    /// it compresses the demo's clock and Azure's durations alike (e.g. 60: a minute a second).
     #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
     pub speed: f64,
+    /// `fast` (default): operations finish in seconds, the demo's timers are short.
+    /// `realistic`: Azure's durations (restart minutes, redeploy 5–15 min, Run Command ≥ 20 s,
+    /// Retry-After 10–60 s) and the operator's default settings, on a clock sped up by `--speed`.
+    #[arg(long, default_value = "fast", value_parser = super::sim::parse_timing)]
+    pub timing: TimingProfile,
+    /// Seed of the realistic draws (the same seed gives the same durations).
+    #[arg(long, default_value_t = 1)]
+    pub timing_seed: u64,
     /// Serve /metrics (the operator's metrics) on this address.
     #[arg(long, env = "RDPHEALTH_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -39,8 +51,8 @@ pub struct DemoArgs {
 
 fn parse_speed(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.1..=20.0).contains(&v) => Ok(v),
-        _ => Err(format!("speed {s:?} must be a number between 0.1 and 20")),
+        Ok(v) if v.is_finite() && (0.1..=600.0).contains(&v) => Ok(v),
+        _ => Err(format!("speed {s:?} must be a number between 0.1 and 600")),
     }
 }
 
@@ -51,6 +63,9 @@ pub async fn run(args: &DemoArgs) -> Result<bool, DemoError> {
         scenario: args.scenario.clone(),
         objects: args.files.clone(),
         speed: args.speed,
+        timing: args.timing,
+        seed: args.timing_seed,
+        expect: Default::default(),
         timeout: args.timeout,
         exit_when_settled: args.exit_when_settled,
         metrics_addr: args.metrics_addr,

@@ -48,6 +48,8 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         operation: None,
         next_poll_at: None,
         settle_until: None,
+        finished_at: None,
+        guest: None,
         message: None,
         outcome_unknown: false,
         lease: None,

@@ -5,10 +5,9 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use k8s_openapi::jiff::Timestamp;
 use tokio::sync::watch;
 
 use super::fleet::Expect;
@@ -89,8 +88,8 @@ pub struct LogLine {
 
 /// The demo's shared state.
 pub struct State {
-    /// When the demo started.
-    pub started: Instant,
+    /// The demo's clock (compressed with the realistic timing profile).
+    pub clock: super::clock::Clock,
     /// The objects, by name.
     pub objects: Mutex<BTreeMap<String, Tracked>>,
     /// Event lines not yet printed.
@@ -204,7 +203,8 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     let Some(obj) = engine.state.with(name, |t| t.obj.clone()) else {
         return Duration::from_secs(1);
     };
-    let now = Timestamp::now();
+    let clock = engine.state.clock;
+    let now = clock.now();
     let mut failure = None;
     let mut probed = None;
     let (observation, wait) = match schedule(&obj, None, now) {
@@ -214,7 +214,12 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
                 Err(_) => (Observation::NotProbed, None),
                 Ok(target) => {
                     let status = obj.status.as_ref();
-                    let options = identity::probe_options(&spec, status, &endpoint, now);
+                    let mut options = identity::probe_options(&spec, status, &endpoint, now);
+                    // The prober's timeouts run on the wall clock (never under 250 ms, so
+                    // a loopback handshake under load is not taken for a failure).
+                    let floor = Duration::from_millis(250);
+                    options.timeout = clock.wall(options.timeout).max(floor);
+                    options.layer_timeout = options.layer_timeout.map(|t| clock.wall(t).max(floor));
                     let report = engine.prober.probe(&target, &options).await;
                     let report = identity::judge(status, &endpoint, report);
                     engine.metrics.probe_finished(&report);
@@ -263,7 +268,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
             });
         }
     }
-    let at = engine.state.started.elapsed();
+    let at = clock.elapsed();
     let status = outcome.status.clone();
     engine.metrics.object_status(&key(&obj), &status);
     engine
@@ -287,7 +292,8 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
         Next::Requeue(d) => d,
         Next::AwaitChange => Duration::from_secs(5),
     };
-    next.min(wait.unwrap_or(next))
+    clock
+        .wall(next.min(wait.unwrap_or(next)))
         .clamp(Duration::from_millis(20), Duration::from_secs(5))
 }
 

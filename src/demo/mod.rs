@@ -3,6 +3,7 @@
 //! same engine as the operator with an in-memory driver instead of the Kubernetes API:
 //! real probes over sockets, real Azure SDK calls against the emulator, the same metrics.
 
+pub mod clock;
 pub mod driver;
 pub mod fleet;
 pub mod view;
@@ -21,6 +22,7 @@ use kube::api::ObjectMeta;
 use tokio::sync::watch;
 
 use self::{
+    clock::Clock,
     driver::{Engine, State, Tracked},
     fleet::Expect,
 };
@@ -36,7 +38,7 @@ use crate::{
     ladder::{Rung, fleet::FleetPolicy, spec::BackoffSpec},
     metrics::Metrics,
     probe::RdpProber,
-    sim::{Scenario, Simulator},
+    sim::{Scenario, Simulator, Timing, TimingProfile},
 };
 
 /// Demo settings.
@@ -48,8 +50,18 @@ pub struct DemoConfig {
     pub scenario: Option<PathBuf>,
     /// `RdpHealth` YAML files whose specs replace the generated ones (matched by VM name).
     pub objects: Vec<PathBuf>,
-    /// Timer compression (2 = twice as fast).
+    /// Timer compression (2 = twice as fast). Fast timing: the demo's specs and the
+    /// simulator's durations are divided by it. Realistic timing: the demo's clock and the
+    /// simulator's durations run this many times faster than the wall clock.
     pub speed: f64,
+    /// `Fast` (the default): short operations and compressed specs. `Realistic`: Azure's
+    /// durations and the operator's real settings, on a clock compressed by `speed`.
+    pub timing: TimingProfile,
+    /// Seed of the realistic draws.
+    pub seed: u64,
+    /// What to expect of some VMs (by name) instead of what their fault implies (for specs
+    /// given in `objects` that change the ladder).
+    pub expect: BTreeMap<String, Expect>,
     /// Give up after this long.
     pub timeout: Duration,
     /// Stop once every VM reached what the demo expects.
@@ -67,6 +79,9 @@ impl Default for DemoConfig {
             scenario: None,
             objects: Vec::new(),
             speed: 1.0,
+            timing: TimingProfile::Fast,
+            seed: 1,
+            expect: BTreeMap::new(),
             timeout: Duration::from_secs(120),
             exit_when_settled: false,
             metrics_addr: None,
@@ -114,25 +129,40 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     } else {
         1.0
     };
-    let scenario = match &cfg.scenario {
+    let realistic = cfg.timing == TimingProfile::Realistic;
+    let mut scenario = match &cfg.scenario {
         Some(path) => Scenario::from_file(path)?,
         None => Scenario::from_yaml(&fleet::scenario_yaml(cfg.vms.max(1), speed))?,
     };
+    if realistic {
+        scenario.timing = Timing::realistic(cfg.seed, speed);
+    }
+    // Realistic: the specs stay real and the clock is compressed; fast: the other way round.
+    let (clock, compress) = if realistic {
+        (Clock::new(speed), None)
+    } else {
+        (Clock::new(1.0), Some(speed))
+    };
+    let started = Instant::now();
     let sim = Simulator::start(scenario).await?;
     let overrides = load_objects(&cfg.objects)?;
     let state = Arc::new(State {
-        started: Instant::now(),
+        clock,
         objects: Mutex::new(BTreeMap::new()),
         log: Mutex::new(Vec::new()),
     });
     for vm in sim.vms() {
         let fault = vm.faults.first().copied();
-        let obj = object_for(&vm, speed, overrides.get(&vm.name));
+        let obj = object_for(&vm, compress, overrides.get(&vm.name));
         let tracked = Tracked {
             obj,
             fault,
             answers_as: vm.answers_as.clone(),
-            expect: Expect::for_vm(fault, vm.answers_as.as_deref()),
+            expect: cfg
+                .expect
+                .get(&vm.name)
+                .copied()
+                .unwrap_or_else(|| Expect::for_vm(fault, vm.answers_as.as_deref())),
             detected_after: None,
             recovered_after: None,
             fixed_by: None,
@@ -153,7 +183,9 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     // The demo's timers are compressed; so is the grace before disruptive rungs. Its fleet
     // is broken on purpose, mostly at once, so the fleet-wide breaker is off.
     let fleet = Arc::new(Fleet::new(FleetPolicy {
-        disruptive_grace: Duration::from_secs_f64(2.0 / speed),
+        disruptive_grace: compress.map_or(FleetPolicy::default().disruptive_grace, |speed| {
+            Duration::from_secs_f64(2.0 / speed)
+        }),
         fleet_max_failing_percent: 100,
         ..FleetPolicy::default()
     }));
@@ -169,7 +201,9 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
             azure,
             fleet: fleet.clone(),
             probe_source: Some(sim_probe_source()),
-            first_poll: Duration::from_millis((300.0 / speed) as u64 + 20),
+            first_poll: compress.map_or(Duration::from_secs(1), |speed| {
+                Duration::from_millis((300.0 / speed) as u64 + 20)
+            }),
             vm_rdp_port: Some(crate::probe::DEFAULT_RDP_PORT),
             secrets: Some(Arc::new(crate::secrets::MemorySecrets::default())),
             leadership: Arc::new(crate::engine::remediate::SoleReplica),
@@ -203,7 +237,7 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         vms: state.snapshot(),
         arm_calls: sim.counters(),
         settled,
-        elapsed: state.started.elapsed(),
+        elapsed: started.elapsed(),
     };
     sim.shutdown().await;
     Ok(summary)
@@ -292,45 +326,69 @@ fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, RdpHealth>, DemoEr
 }
 
 /// The `RdpHealth` the demo creates for a simulated VM: Auto mode with disruptive rungs
-/// allowed, timers compressed by `speed`, probing the VM's loopback responder.
-fn object_for(vm: &crate::sim::VmSummary, speed: f64, given: Option<&RdpHealth>) -> RdpHealth {
+/// allowed, probing the VM's loopback responder; with `compress`, its timers are the demo's
+/// short ones divided by it, without, the operator's defaults.
+fn object_for(
+    vm: &crate::sim::VmSummary,
+    compress: Option<f64>,
+    given: Option<&RdpHealth>,
+) -> RdpHealth {
+    let spec = given.map(|o| o.spec.clone()).unwrap_or_else(|| {
+        let auto = RemediationSpec {
+            mode: RemediationMode::Auto,
+            allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
+            ..RemediationSpec::default()
+        };
+        let (probe, remediation) = match compress {
+            None => (ProbeSpec::default(), auto),
+            Some(speed) => compressed_timers(speed, auto),
+        };
+        RdpHealthSpec {
+            vm: VmRef {
+                resource_id: String::new(),
+            },
+            endpoint: EndpointSpec::default(),
+            probe,
+            remediation,
+            evidence: Default::default(),
+            suspend: false,
+        }
+    });
+    object_with(vm, spec)
+}
+
+/// The demo's short probe and ladder timers, divided by `speed`.
+fn compressed_timers(speed: f64, remediation: RemediationSpec) -> (ProbeSpec, RemediationSpec) {
     let d = |ms: f64| format!("{}ms", ((ms / speed).max(10.0)) as u64);
+    let probe = ProbeSpec {
+        interval: d(1000.0),
+        unhealthy_interval: d(500.0),
+        timeout: d(400.0),
+        failure_threshold: 2,
+        success_threshold: 1,
+        certificate_warning: "14d".into(),
+        identity_check_interval: "10m".into(),
+    };
+    let remediation = RemediationSpec {
+        backoff: BackoffSpec {
+            initial: d(500.0),
+            max: d(2000.0),
+            multiplier: 2.0,
+            jitter: 0.1,
+        },
+        settle_time: d(1000.0),
+        cooldown: d(5000.0),
+        ..remediation
+    };
+    (probe, remediation)
+}
+
+/// The object for `vm` with `spec`, pointed at the VM and its loopback responder.
+fn object_with(vm: &crate::sim::VmSummary, mut spec: RdpHealthSpec) -> RdpHealth {
     let resource_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
         vm.subscription, vm.resource_group, vm.name
     );
-    let mut spec = given
-        .map(|o| o.spec.clone())
-        .unwrap_or_else(|| RdpHealthSpec {
-            vm: VmRef {
-                resource_id: resource_id.clone(),
-            },
-            endpoint: EndpointSpec::default(),
-            probe: ProbeSpec {
-                interval: d(1000.0),
-                unhealthy_interval: d(500.0),
-                timeout: d(400.0),
-                failure_threshold: 2,
-                success_threshold: 1,
-                certificate_warning: "14d".into(),
-                identity_check_interval: "10m".into(),
-            },
-            remediation: RemediationSpec {
-                mode: RemediationMode::Auto,
-                allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
-                backoff: BackoffSpec {
-                    initial: d(500.0),
-                    max: d(2000.0),
-                    multiplier: 2.0,
-                    jitter: 0.1,
-                },
-                settle_time: d(1000.0),
-                cooldown: d(5000.0),
-                ..RemediationSpec::default()
-            },
-            evidence: Default::default(),
-            suspend: false,
-        });
     // The simulated VMs' addresses are documentation ranges: probe the loopback responder.
     spec.vm.resource_id = resource_id;
     spec.endpoint.host = Some(vm.rdp.ip().to_string());

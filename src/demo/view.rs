@@ -34,7 +34,7 @@ pub fn draw_table(state: &State) {
     let _ = writeln!(
         out,
         "rdphealth demo — {:.1}s\n\n{:<28} {:<12} {:<10} {:<22} {:<28} {:>4} {:<10} LAST EVENT",
-        state.started.elapsed().as_secs_f64(),
+        state.clock.elapsed().as_secs_f64(),
         "VM",
         "PHASE",
         "REACHABLE",

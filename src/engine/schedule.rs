@@ -87,7 +87,7 @@ pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Opt
     let current = ladder.current.as_ref().and_then(|c| match c.phase {
         ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
         ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
-        ExecutionPhase::Settling => c.settle_until.as_ref().map(|t| t.0),
+        ExecutionPhase::Settling => crate::ladder::settle::due(c, spec.ladder.settle_time),
         ExecutionPhase::Snapshotting => match &c.operation {
             Some(_) => c.next_poll_at.as_ref().map(|t| t.0),
             None => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
@@ -206,6 +206,8 @@ mod tests {
             operation: None,
             next_poll_at: Some(Time(at(110))),
             settle_until: Some(Time(at(130))),
+            finished_at: None,
+            guest: None,
             message: None,
             outcome_unknown: false,
             lease: None,

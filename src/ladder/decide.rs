@@ -287,13 +287,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
                 }
             }
             ExecutionPhase::Running => poll_or_wait(s),
-            ExecutionPhase::Settling => match current.settle_until.as_ref() {
-                Some(until) if until.0 > s.now => Decision::Wait {
-                    until: until.0,
-                    reason: WaitReason::Settling,
-                },
-                _ => Decision::NotFixed,
-            },
+            ExecutionPhase::Settling => super::settle::settling(s, current),
             ExecutionPhase::AwaitingRestart => restart::after_repair(s, current),
         };
     }
@@ -387,9 +381,9 @@ fn operation_runs(c: &super::status::RungExecution) -> bool {
     match c.phase {
         ExecutionPhase::Running => true,
         ExecutionPhase::Snapshotting => c.operation.is_some(),
-        ExecutionPhase::Requested
-        | ExecutionPhase::Settling
-        | ExecutionPhase::AwaitingRestart => false,
+        ExecutionPhase::Requested | ExecutionPhase::Settling | ExecutionPhase::AwaitingRestart => {
+            false
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod fleet;
 pub mod nsg_repair;
 pub mod restart;
 pub mod rung;
+pub mod settle;
 pub mod snapshot;
 pub mod spec;
 pub mod status;
@@ -17,12 +18,15 @@ mod evidence_tests;
 #[cfg(test)]
 mod pending_tests;
 #[cfg(test)]
+mod settle_tests;
+#[cfg(test)]
 mod tests;
 
 pub use self::{
     decide::{Gates, Incident, LadderPolicy, Mode, Reachability, Situation, decide, plan},
     restart::RestartHold,
     rung::{GuestRepair, Rung, Step},
+    settle::GuestWatch,
     spec::{Backoff, LadderSpecError},
     status::{
         ExecutionPhase, LadderStatus, LeaseTerm, OperationRef, RungExecution, RungOutcome,

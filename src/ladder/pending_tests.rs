@@ -312,7 +312,7 @@ proptest! {
                     ladder.start(step, now);
                     ladder.running(OperationRef { async_operation_url: Some("op".into()), location_url: None }, now);
                     // The rung is judged at once in this model.
-                    ladder.settle(now, None);
+                    ladder.settle(now, now, None);
                 }
                 Decision::NotFixed => {
                     let n = ladder.incident_attempts();

@@ -257,7 +257,7 @@ mod tests {
             "Restart(after EnableTls12)"
         );
         assert_eq!(ladder.ladder_starts.len(), 1, "still the same ladder");
-        ladder.settle(at(100), None);
+        ladder.settle(at(100), at(100), None);
         assert_eq!(ladder.recover(at(130)), Some(Step::repair(TLS)));
         assert_eq!(ladder.recovered_by, Some(Step::repair(TLS)));
         assert_eq!(ladder.history[1].step, Step::restart_after(TLS));
@@ -268,14 +268,23 @@ mod tests {
     fn after_the_restart_the_ladder_moves_on_without_restarting_again() {
         let mut case = Case::new();
         case.ladder.start(Step::restart_after(TLS), at(40));
-        case.ladder.settle(at(100), None);
-        case.now = at(130);
+        case.ladder.settle(at(100), at(100), None);
+        // The guest came back after the restart (the agent was seen Ready again).
+        if let Some(c) = case.ladder.current.as_mut() {
+            c.guest = Some(crate::ladder::settle::GuestWatch {
+                back_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+                    100,
+                ))),
+                ..Default::default()
+            });
+        }
+        case.now = at(230);
         assert_eq!(case.decide(), Decision::NotFixed);
-        case.ladder.not_fixed(at(130), at(130));
+        case.ladder.not_fixed(at(230), at(230));
         // The agent is not Ready: the in-guest rungs are skipped. The VM was restarted for the
         // repair, which uses Restart's one attempt: NIC reset, then redeploy, never a restart.
         case.evidence.agent_ready = Some(false);
-        case.evidence.gathered_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(125));
+        case.evidence.gathered_at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(225));
         assert_eq!(case.decide(), Decision::Act(Step::rung(Rung::ResetNic)));
         assert_eq!(attempts(&case.ladder, Step::rung(Rung::Restart)), 1);
         assert_eq!(
@@ -283,9 +292,9 @@ mod tests {
             1,
             "the repair is not repeated"
         );
-        case.ladder.start(Step::rung(Rung::ResetNic), at(130));
-        case.ladder.not_fixed(at(140), at(140));
-        case.now = at(150);
+        case.ladder.start(Step::rung(Rung::ResetNic), at(230));
+        case.ladder.not_fixed(at(240), at(240));
+        case.now = at(250);
         assert_eq!(case.decide(), Decision::Act(Step::rung(Rung::Redeploy)));
     }
 

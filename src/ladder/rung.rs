@@ -99,6 +99,17 @@ impl Rung {
         )
     }
 
+    /// Rungs that restart the guest: its RDP listener is down until Windows has booted again,
+    /// so the rung is judged only once the guest is back (see `ladder::settle`). A private-IP
+    /// change restarts the VM too. No in-guest repair restarts it today (a repair's
+    /// `restart=required` is reported, not acted on).
+    pub fn restarts_guest(self) -> bool {
+        matches!(
+            self,
+            Self::ResetNic | Self::Restart | Self::Redeploy | Self::StartVm
+        )
+    }
+
     /// Rungs after which the VM's addresses may have changed.
     pub fn may_change_address(self) -> bool {
         matches!(self, Self::ResetNic | Self::Redeploy)

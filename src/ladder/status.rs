@@ -6,7 +6,7 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{rung::Step, snapshot::SnapshotRecord};
+use super::{rung::Step, settle::GuestWatch, snapshot::SnapshotRecord};
 
 /// How many rung records the status keeps.
 pub const HISTORY_LIMIT: usize = 32;
@@ -65,6 +65,13 @@ pub struct RungExecution {
     /// When settling ends and the probe decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle_until: Option<Time>,
+    /// When the operation was seen finished (settling began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// For a rung that restarts the guest: what was seen of the guest while settling (it is
+    /// judged only once the guest is back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestWatch>,
     /// The operation's own result message, when it reported one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -271,6 +278,8 @@ impl LadderStatus {
             operation: None,
             next_poll_at: None,
             settle_until: None,
+            finished_at: None,
+            guest: None,
             message: None,
             outcome_unknown: false,
             lease: None,
@@ -305,12 +314,14 @@ impl LadderStatus {
         }
     }
 
-    /// The operation finished (or the call completed synchronously): settle until `until`.
-    pub fn settle(&mut self, until: Timestamp, message: Option<String>) {
+    /// The operation finished at `now` (or the call completed synchronously): settle until
+    /// `until`.
+    pub fn settle(&mut self, now: Timestamp, until: Timestamp, message: Option<String>) {
         if let Some(c) = &mut self.current {
             c.phase = ExecutionPhase::Settling;
             c.next_poll_at = None;
             c.settle_until = Some(Time(until));
+            c.finished_at.get_or_insert(Time(now));
             c.message = message;
         }
     }
@@ -327,11 +338,41 @@ impl LadderStatus {
     }
 
     /// Settles a rung whose call's fate cannot be known; the probe judges it after `until`.
-    pub fn settle_unknown(&mut self, until: Timestamp, message: String) {
-        self.settle(until, Some(message));
+    pub fn settle_unknown(&mut self, now: Timestamp, until: Timestamp, message: String) {
+        self.settle(now, until, Some(message));
         if let Some(c) = &mut self.current {
             c.outcome_unknown = true;
         }
+    }
+
+    /// The VM's instance view was read while the current rung settles: `agent_ready` is what
+    /// it said of the VM agent (`None`: the read failed).
+    pub fn guest_checked(&mut self, now: Timestamp, agent_ready: Option<bool>) {
+        if let Some(watch) = self.settling_guest() {
+            watch.checked_at = Some(Time(now));
+            match agent_ready {
+                Some(false) => watch.seen_booting = true,
+                Some(true) if watch.seen_booting => {
+                    watch.back_at.get_or_insert(Time(now));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A probe succeeded while the current rung settles: whatever the agent says, the guest
+    /// is back.
+    pub fn guest_answered(&mut self, now: Timestamp) {
+        if let Some(watch) = self.settling_guest() {
+            watch.back_at.get_or_insert(Time(now));
+        }
+    }
+
+    fn settling_guest(&mut self) -> Option<&mut GuestWatch> {
+        self.current
+            .as_mut()
+            .filter(|c| c.phase == ExecutionPhase::Settling && c.step.rung.restarts_guest())
+            .map(|c| c.guest.get_or_insert_with(GuestWatch::default))
     }
 
     /// Ends the current rung after the probe still fails after settling: `NotFixed`, or

@@ -20,7 +20,7 @@ fn t0() -> Timestamp {
     "2026-11-21T10:00:00Z".parse().unwrap()
 }
 
-fn at(secs: i64) -> Timestamp {
+pub(super) fn at(secs: i64) -> Timestamp {
     t0().checked_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
         .unwrap()
 }
@@ -58,19 +58,19 @@ fn incident() -> LadderStatus {
     l
 }
 
-struct Case {
-    policy: LadderPolicy,
-    ladder: LadderStatus,
-    reachability: Reachability,
-    failure: Option<Failure>,
-    evidence: Option<Evidence>,
-    gates: Gates,
-    approval: Option<Rung>,
-    now: Timestamp,
+pub(super) struct Case {
+    pub(super) policy: LadderPolicy,
+    pub(super) ladder: LadderStatus,
+    pub(super) reachability: Reachability,
+    pub(super) failure: Option<Failure>,
+    pub(super) evidence: Option<Evidence>,
+    pub(super) gates: Gates,
+    pub(super) approval: Option<Rung>,
+    pub(super) now: Timestamp,
 }
 
 impl Case {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             policy: auto(),
             ladder: incident(),
@@ -82,7 +82,7 @@ impl Case {
             now: at(10),
         }
     }
-    fn decide(&self) -> Decision {
+    pub(super) fn decide(&self) -> Decision {
         decide(&Situation {
             policy: &self.policy,
             ladder: &self.ladder,
@@ -193,7 +193,8 @@ fn a_rung_of_unknown_fate_is_judged_but_recorded_unknown() {
     // The operator stopped during the call: after the request timeout it settles, unrepeated.
     case.now = at(10 + 120);
     assert_eq!(case.decide(), Decision::AbandonRequest);
-    case.ladder.settle_unknown(at(250), "interrupted".into());
+    case.ladder
+        .settle_unknown(at(200), at(250), "interrupted".into());
     case.now = at(260);
     case.evidence.as_mut().unwrap().gathered_at = Time(at(200));
     assert_eq!(case.decide(), Decision::NotFixed);
@@ -203,7 +204,7 @@ fn a_rung_of_unknown_fate_is_judged_but_recorded_unknown() {
     assert_eq!(last.outcome.as_str(), "unknown");
     // A rung whose operation was seen to finish is `NotFixed`.
     case.ladder.start(Step::rung(Rung::ResetNic), at(330));
-    case.ladder.settle(at(340), None);
+    case.ladder.settle(at(300), at(340), None);
     case.ladder.not_fixed(at(350), at(400));
     assert_eq!(
         case.ladder.history.last().unwrap().outcome,
@@ -212,7 +213,7 @@ fn a_rung_of_unknown_fate_is_judged_but_recorded_unknown() {
     // Reachable after an unknown rung: the rung gets the credit.
     case.ladder.start(Step::rung(Rung::Restart), at(410));
     case.ladder
-        .settle_unknown(at(420), "status unreadable".into());
+        .settle_unknown(at(400), at(420), "status unreadable".into());
     assert_eq!(
         case.ladder.recover(at(430)),
         Some(Step::rung(Rung::Restart))
@@ -328,7 +329,7 @@ fn in_flight_rungs_poll_settle_and_judge() {
         "a running operation finishes before recovery"
     );
     case.reachability = Reachability::Unreachable;
-    case.ladder.settle(at(300), None);
+    case.ladder.settle(at(215), at(300), None);
     assert_eq!(
         case.decide(),
         Decision::Wait {
@@ -337,6 +338,10 @@ fn in_flight_rungs_poll_settle_and_judge() {
         }
     );
     case.now = at(300);
+    // A restart is judged only after a look at the guest: its agent reads Ready, so the
+    // guest is up and RDP is not.
+    assert_eq!(case.decide(), Decision::WatchGuest);
+    case.ladder.guest_checked(at(300), Some(true));
     assert_eq!(case.decide(), Decision::NotFixed);
     case.reachability = Reachability::Reachable;
     assert_eq!(case.decide(), Decision::Recovered);
@@ -442,7 +447,7 @@ proptest! {
                     if ladder.current.as_ref().is_some_and(|c| c.phase == ExecutionPhase::Running) {
                         in_flight_calls = in_flight_calls.saturating_sub(1);
                         if ok {
-                            ladder.settle(now.checked_add(policy.settle_time).unwrap(), None);
+                            ladder.settle(now, now.checked_add(policy.settle_time).unwrap(), None);
                         } else {
                             let n = ladder.incident_attempts();
                             let next = now.checked_add(policy.backoff.delay(n, "uid")).unwrap();
@@ -508,7 +513,7 @@ proptest! {
                     ladder.finish(RungOutcome::NotFixed, None, now, Some(next));
                 }
                 Decision::AbandonRequest => {
-                    ladder.settle(now.checked_add(policy.settle_time).unwrap(), None);
+                    ladder.settle(now, now.checked_add(policy.settle_time).unwrap(), None);
                 }
                 Decision::Recovered => {
                     if ladder.current.is_some() {

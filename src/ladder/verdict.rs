@@ -94,6 +94,9 @@ pub enum WaitReason {
     Polling,
     /// Settling after an operation.
     Settling,
+    /// `settleTime` has passed but the guest of a rung that restarted it is still booting:
+    /// it is judged once the guest is back (at most `settle::BOOT_LIMIT`).
+    GuestBooting,
     /// Resource Health reports a platform or planned problem.
     PlatformIssue,
     /// The guest installs updates or checks its disk.
@@ -118,6 +121,7 @@ impl WaitReason {
             Self::Backoff => "Backoff",
             Self::Polling => "OperationRunning",
             Self::Settling => "Settling",
+            Self::GuestBooting => "GuestBooting",
             Self::PlatformIssue => "PlatformIssue",
             Self::GuestBusy => "GuestBusy",
             Self::Cooldown => "Cooldown",
@@ -206,6 +210,8 @@ pub enum Decision {
     AbandonRequest,
     /// Settling is over and the endpoint is still unreachable: the rung did not fix it.
     NotFixed,
+    /// Read the VM's instance view to see whether the guest of a settling rung is back.
+    WatchGuest,
     /// An applied repair needs a restart of the VM that the operator may not do now: the
     /// ladder waits for a person (or a permission) and runs no other rung meanwhile.
     RestartRequired {

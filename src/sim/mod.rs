@@ -12,6 +12,7 @@ pub mod guest;
 pub mod registry;
 pub mod responder;
 pub mod scenario;
+pub mod timing;
 pub mod world;
 
 use std::{
@@ -27,6 +28,7 @@ use self::world::World;
 pub use self::{
     fault::{Behaviour, Fault},
     scenario::Scenario,
+    timing::{Timing, TimingProfile},
     world::HttpFault,
 };
 

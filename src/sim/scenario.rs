@@ -6,11 +6,11 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
     path::Path,
-    time::Duration,
 };
 
 use serde::Deserialize;
 
+pub use super::timing::{OpKind, Timing, TimingProfile};
 use super::{SimError, fault::Fault};
 
 /// A whole simulated estate.
@@ -37,55 +37,6 @@ pub struct Scenario {
 
 fn default_probe_source() -> Ipv4Addr {
     Ipv4Addr::new(203, 0, 113, 10)
-}
-
-/// Simulated durations; compress them for tests and demos.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Timing {
-    /// VMAccess extension runs, Run Command, NIC updates, diagnostics computations.
-    #[serde(default = "d_operation", with = "humantime_serde")]
-    pub operation: Duration,
-    /// A restart (the VM refuses connections meanwhile).
-    #[serde(default = "d_restart", with = "humantime_serde")]
-    pub restart: Duration,
-    /// A redeploy.
-    #[serde(default = "d_redeploy", with = "humantime_serde")]
-    pub redeploy: Duration,
-    /// The `Retry-After` that LRO responses suggest.
-    #[serde(default = "d_retry_after", with = "humantime_serde")]
-    pub retry_after: Duration,
-    /// Lifetime of tokens issued by the token endpoint.
-    #[serde(default = "d_token", with = "humantime_serde")]
-    pub token_lifetime: Duration,
-}
-
-fn d_operation() -> Duration {
-    Duration::from_secs(2)
-}
-fn d_restart() -> Duration {
-    Duration::from_secs(5)
-}
-fn d_redeploy() -> Duration {
-    Duration::from_secs(10)
-}
-fn d_retry_after() -> Duration {
-    Duration::from_secs(1)
-}
-fn d_token() -> Duration {
-    Duration::from_secs(3600)
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            operation: d_operation(),
-            restart: d_restart(),
-            redeploy: d_redeploy(),
-            retry_after: d_retry_after(),
-            token_lifetime: d_token(),
-        }
-    }
 }
 
 /// Token-bucket limits enforced by the emulator.
@@ -328,6 +279,7 @@ impl Scenario {
         if self.subscriptions.is_empty() {
             return bad("the scenario declares no subscription".into());
         }
+        self.timing.validate().map_err(SimError::Scenario)?;
         for (name, b) in [
             ("reads", self.throttle.reads),
             ("writes", self.throttle.writes),
@@ -417,15 +369,4 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u32)> {
     let len: u32 = l.parse().ok()?;
     (len <= 32).then_some(())?;
     Some((a.parse().ok()?, len))
-}
-
-mod humantime_serde {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
 }

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::{
     fault::{Behaviour, Fault},
-    scenario::{Access, Direction, Scenario, Timing, parse_cidr},
+    scenario::{Access, Direction, OpKind, Scenario, Timing, parse_cidr},
 };
 use crate::{
     azure::{
@@ -307,6 +307,8 @@ pub struct Op {
     pub result: Option<Value>,
     /// Start time (RFC 3339).
     pub started: String,
+    /// The `Retry-After` its responses suggest.
+    pub retry_after: std::time::Duration,
 }
 
 /// A scripted HTTP failure for the next matching requests.
@@ -428,6 +430,8 @@ pub struct World {
     pub snapshots: BTreeMap<String, super::disk::Snapshot>,
     /// Names of the last write requests (PUT, POST, DELETE, PATCH), oldest first, bounded.
     pub writes: std::collections::VecDeque<String>,
+    /// Draws of realistic durations so far, by kind and resource (the `n` of each draw).
+    draws: HashMap<String, u64>,
     next_id: u64,
     next_public: u32,
 }
@@ -480,6 +484,7 @@ impl World {
             tokens: TokenLog::default(),
             snapshots: BTreeMap::new(),
             writes: std::collections::VecDeque::new(),
+            draws: HashMap::new(),
             next_id: 0,
             next_public: 0,
         };
@@ -686,6 +691,24 @@ impl World {
             self.set_nsg_block(&name, true);
         }
         Ok(())
+    }
+
+    /// How long the next operation of `kind` on `resource` takes on the wall clock.
+    pub fn next_duration(&mut self, kind: OpKind, resource: &str) -> std::time::Duration {
+        let n = self.count_draw(&format!("{kind:?}/{resource}"));
+        self.timing.duration(kind, resource, n)
+    }
+
+    /// The `Retry-After` of the next operation on `resource`.
+    pub fn next_retry_after(&mut self, resource: &str) -> std::time::Duration {
+        let n = self.count_draw(&format!("retryAfter/{resource}"));
+        self.timing.retry_after(resource, n)
+    }
+
+    fn count_draw(&mut self, key: &str) -> u64 {
+        let n = self.draws.entry(key.to_ascii_lowercase()).or_insert(0);
+        *n += 1;
+        *n - 1
     }
 
     /// A fresh id for an operation.

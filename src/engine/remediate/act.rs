@@ -121,7 +121,7 @@ impl Remediator {
                     let until = now
                         .checked_add(subject.spec.ladder.settle_time)
                         .unwrap_or(now);
-                    status.ladder.settle(until, None);
+                    status.ladder.settle(now, until, None);
                     Ok(Continue::Until(until))
                 } else {
                     Ok(Continue::Until(first))
@@ -144,7 +144,10 @@ impl Remediator {
                 let message = format!(
                     "{e}; Azure may be carrying it out, so it is not sent again and is judged by the VM's state and the probe"
                 );
-                outcome.status.ladder.settle_unknown(until, message.clone());
+                outcome
+                    .status
+                    .ladder
+                    .settle_unknown(now, until, message.clone());
                 outcome.events.push(Event {
                     severity: Severity::Warning,
                     reason: "RemediationOutcomeUnknown",

@@ -14,6 +14,19 @@ fn snapshotting(status: &RdpHealthStatus) -> bool {
         .is_some_and(|c| c.phase == crate::ladder::ExecutionPhase::Snapshotting)
 }
 
+/// The judgement's note when the guest of a rung that restarted it never came back.
+fn never_came_back(status: &RdpHealthStatus, settle: Duration) -> Option<String> {
+    let c = status.ladder.current.as_ref()?;
+    if !crate::ladder::settle::still_booting(c) {
+        return None;
+    }
+    let deadline = crate::ladder::settle::boot_deadline(c, settle)?;
+    Some(format!(
+        "the guest had not come back by {deadline}, {}× settleTime after the operation finished (VM agent still not Ready); RDP is still unreachable",
+        crate::ladder::settle::BOOT_LIMIT_FACTOR
+    ))
+}
+
 /// How long a rung of unknown outcome may wait for Azure to show that it is done.
 const UNKNOWN_OUTCOME_LIMIT: Duration = Duration::from_secs(30 * 60);
 
@@ -51,7 +64,7 @@ impl Remediator {
             .checked_add(settle.max(Duration::from_secs(10)))
             .unwrap_or(now);
         let message = current.message.clone().unwrap_or_default();
-        status.ladder.settle_unknown(until, message);
+        status.ladder.settle_unknown(now, until, message);
         Some(until)
     }
 
@@ -159,9 +172,10 @@ impl Remediator {
             }
             Decision::Wait { until, reason } => {
                 let status_value = match reason {
-                    WaitReason::Polling | WaitReason::Settling | WaitReason::Backoff => {
-                        Status::True
-                    }
+                    WaitReason::Polling
+                    | WaitReason::Settling
+                    | WaitReason::GuestBooting
+                    | WaitReason::Backoff => Status::True,
                     _ => Status::False,
                 };
                 set(
@@ -205,7 +219,7 @@ impl Remediator {
             ),
             Decision::AbandonRequest => {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
-                status.ladder.settle_unknown(until, "the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into());
+                status.ladder.settle_unknown(now, until, "the operator stopped while calling Azure; the call's outcome is unknown and it is not repeated".into());
                 events.push(Event {
                     severity: Severity::Warning,
                     reason: "RemediationOutcomeUnknown",
@@ -223,6 +237,10 @@ impl Remediator {
                     .checked_add(policy.backoff.delay(n, subject.seed))
                     .unwrap_or(now);
                 let rung = status.ladder.current.as_ref().map(|c| c.step.rung);
+                let booting = never_came_back(status, policy.settle_time);
+                if let (Some(note), Some(c)) = (&booting, status.ladder.current.as_mut()) {
+                    c.message = Some(note.clone());
+                }
                 status.ladder.not_fixed(now, next);
                 self.fleet.release(&vm.subscription, subject.key);
                 if matches!(rung, Some(Rung::StartVm | Rung::RepairNsg)) {
@@ -232,8 +250,25 @@ impl Remediator {
                 events.push(Event {
                     severity: Severity::Warning,
                     reason: "RemediationNotFixed",
-                    note: format!("{step} (attempt {attempt}) finished but RDP is still unreachable; next step not before {next}"),
+                    note: match booting {
+                        Some(note) => format!("{step} (attempt {attempt}): {note}; next step not before {next}"),
+                        None => format!("{step} (attempt {attempt}) finished but RDP is still unreachable; next step not before {next}"),
+                    },
                 });
+                Continue::Again
+            }
+            Decision::WatchGuest => {
+                // Whether the guest is back after a rung that restarted it: the VM agent's
+                // status in the instance view. A failed read says nothing (the rung is then
+                // judged by the probe alone, as without an agent).
+                let ready = match self.azure.vm_state(vm).await {
+                    Ok(state) => Some(state.agent_ready),
+                    Err(e) => {
+                        tracing::debug!(vm = %vm, error = %e, "instance view unreadable while settling");
+                        None
+                    }
+                };
+                status.ladder.guest_checked(now, ready);
                 Continue::Again
             }
             Decision::Plan(step) => {

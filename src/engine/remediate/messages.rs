@@ -64,6 +64,9 @@ pub(super) fn wait_message(reason: WaitReason, until: Timestamp) -> String {
         WaitReason::Backoff => format!("backing off until {until}"),
         WaitReason::Polling => format!("Azure operation running; next poll at {until}"),
         WaitReason::Settling => format!("operation finished; settling until {until}"),
+        WaitReason::GuestBooting => format!(
+            "settleTime has passed but the guest has not come back (VM agent not Ready since the operation finished): the rung is judged once it is back, never escalated while it boots; next look at {until}"
+        ),
         WaitReason::PlatformIssue => {
             "Resource Health reports an Azure platform problem: waiting, not acting".into()
         }

@@ -15,10 +15,10 @@ mod fleet;
 mod messages;
 mod poll;
 mod refusal;
+mod restart;
 mod snapshot;
 #[cfg(test)]
 mod snapshot_tests;
-mod restart;
 
 use std::{
     collections::BTreeMap,
@@ -213,9 +213,9 @@ fn classify(
                 };
                 return (Incident::Flapping, r);
             }
-            ExecutionPhase::Requested
-            | ExecutionPhase::Running
-            | ExecutionPhase::Snapshotting => false,
+            ExecutionPhase::Requested | ExecutionPhase::Running | ExecutionPhase::Snapshotting => {
+                false
+            }
         };
         return if !settled || recent.contains('0') {
             (Incident::Flapping, Reachability::Unreachable)
@@ -279,6 +279,10 @@ impl Remediator {
             recent.push(if ok { '1' } else { '0' });
             if recent.len() > RECENT_PROBES {
                 recent.drain(..recent.len() - RECENT_PROBES);
+            }
+            if ok {
+                // RDP answered: the guest of a rung that restarted it is back.
+                outcome.status.ladder.guest_answered(now);
             }
         }
         let reachability = match conditions::status_of(&outcome.status.conditions, types::REACHABLE)

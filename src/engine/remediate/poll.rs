@@ -64,7 +64,7 @@ impl Remediator {
                     }
                     _ => None,
                 };
-                status.ladder.settle(until, message);
+                status.ladder.settle(now, until, message);
                 // Judge what follows on fresh probes only.
                 status.recent_probes.clear();
                 events.push(Event {
@@ -123,7 +123,7 @@ impl Remediator {
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 status
                     .ladder
-                    .settle_unknown(until, format!("{e}; the probe judges the rung"));
+                    .settle_unknown(now, until, format!("{e}; the probe judges the rung"));
                 Continue::Until(until)
             }
             Err(e) if e.is_retryable() => {
@@ -141,7 +141,7 @@ impl Remediator {
                     "the operation's status could not be read ({}: {e}); the probe judges the rung",
                     e.reason()
                 );
-                status.ladder.settle_unknown(until, message.clone());
+                status.ladder.settle_unknown(now, until, message.clone());
                 events.push(Event {
                     severity: Severity::Warning,
                     reason: "RemediationOutcomeUnknown",

@@ -94,7 +94,7 @@ impl Remediator {
         let message = format!(
             "preempted by a newer operation on the VM ({why}); whether it took effect is unknown, the probe judges it"
         );
-        status.ladder.settle_unknown(until, message.clone());
+        status.ladder.settle_unknown(now, until, message.clone());
         events.push(Event {
             severity: Severity::Warning,
             reason: "RemediationPreempted",

@@ -7,11 +7,13 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{
-    Call, accepted, conflict, error, finish_later, json_response, not_found, now, start_op,
+    Call, accepted, accepted_action, boot_guest, conflict, error, finish_later, json_response,
+    not_found, now, start_op,
 };
 use crate::sim::{
     Shared,
     fault::Fault,
+    scenario::OpKind,
     world::{Extension, OpStatus, Vm, World},
 };
 
@@ -342,7 +344,6 @@ fn put_extension(
             .collect::<String>()
     });
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return not_found("Microsoft.Compute/virtualMachines", name, rg);
     };
@@ -396,9 +397,15 @@ fn put_extension(
         v.extension = Some(ext);
         v.busy = true;
     }
-    let (id, aao, _) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (OpKind::Extension, &key),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -441,7 +448,7 @@ fn put_extension(
     } else {
         StatusCode::OK
     };
-    accepted(&aao, None, timing.retry_after, status, Some(body))
+    accepted(&op.aao, None, op.retry, status, Some(body))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -459,17 +466,15 @@ async fn power_action(
     action: Action,
 ) -> Response {
     let started = begin_power_action(s, sub, rg, name, action);
-    let (id, aao, location, key, after, retry) = match started {
+    let (op, key) = match started {
         Ok(v) => v,
         Err(rsp) => return rsp,
     };
     s.notify();
     s.settled().await;
-    finish_power_action(s, id, key, after, action);
-    accepted(&aao, Some(&location), retry, StatusCode::ACCEPTED, None)
+    finish_power_action(s, op.id.clone(), key, op.after, action);
+    accepted_action(&op)
 }
-
-type Started = (String, String, String, String, Duration, Duration);
 
 #[allow(clippy::result_large_err)] // the error is the finished HTTP answer
 fn begin_power_action(
@@ -478,9 +483,8 @@ fn begin_power_action(
     rg: &str,
     name: &str,
     action: Action,
-) -> Result<Started, Response> {
+) -> Result<(super::NewOp, String), Response> {
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return Err(not_found("Microsoft.Compute/virtualMachines", name, rg));
     };
@@ -509,10 +513,10 @@ fn begin_power_action(
         ));
     }
     let key = vm.name.to_ascii_lowercase();
-    let after = match action {
-        Action::Restart => timing.restart,
-        Action::Redeploy => timing.redeploy,
-        Action::Start => timing.operation,
+    let kind = match action {
+        Action::Restart => OpKind::Restart,
+        Action::Redeploy => OpKind::Redeploy,
+        Action::Start => OpKind::Start,
     };
     if let Some(v) = w.vms.get_mut(&key) {
         v.busy = true;
@@ -521,14 +525,21 @@ fn begin_power_action(
             v.boot += 1;
         }
     }
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (kind, &key),
+    );
     if let Some(v) = w.vms.get_mut(&key) {
-        v.power_op = Some(id.clone());
+        v.power_op = Some(op.id.clone());
     }
-    Ok((id, aao, location, key, after, timing.retry_after))
+    Ok((op, key))
 }
 
 fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration, action: Action) {
+    let shared = s.clone();
     finish_later(s, id, after, move |w| {
         // A redeploy keeps a Standard (static) public IP; the dynamic private address may
         // change, which the emulator does not model ("public-ip-addresses" doc).
@@ -538,7 +549,6 @@ fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration
         v.busy = false;
         v.rebooting = false;
         v.power_op = None;
-        crate::sim::guest::boot(v);
         match action {
             Action::Restart => {
                 v.faults.remove(&Fault::GuestHung);
@@ -552,12 +562,13 @@ fn finish_power_action(s: &Arc<Shared>, id: String, key: String, after: Duration
                 ] {
                     v.faults.remove(&f);
                 }
-                v.boot += 1;
             }
             Action::Start => {
                 v.faults.remove(&Fault::VmStopped);
             }
         }
+        // Azure reports the operation done once the VM runs; Windows may still be booting.
+        boot_guest(&shared, w, &key);
         Ok(None)
     });
 }
@@ -606,7 +617,6 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
         })
         .unwrap_or_default();
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w.vm(sub, rg, name).cloned() else {
         return not_found("Microsoft.Compute/virtualMachines", name, rg);
     };
@@ -629,9 +639,15 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
     if crate::sim::guest::is_evidence_query(&script) {
         w.guest_queries += 1;
     }
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Compute", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &vm.location),
+        (OpKind::RunCommand, &key),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(v) = w.vms.get_mut(&key) else {
             return Err(("NotFound".into(), "VM vanished".into()));
         };
@@ -648,13 +664,7 @@ fn run_command(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) ->
             { "code": "ComponentStatus/StdErr/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded", "message": "" }
         ]})))
     });
-    accepted(
-        &aao,
-        Some(&location),
-        timing.retry_after,
-        StatusCode::ACCEPTED,
-        None,
-    )
+    accepted_action(&op)
 }
 
 fn boot_diagnostics(s: &Shared, sub: &str, rg: &str, name: &str) -> Response {

@@ -3,8 +3,13 @@
 
 mod compute;
 mod network;
+mod operations;
 mod snapshot;
 mod token;
+
+use self::operations::{
+    NewOp, accepted, accepted_action, boot_guest, finish_later, operation, start_op,
+};
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -21,7 +26,7 @@ use serde_json::{Value, json};
 use super::{
     Shared,
     fault::Fault,
-    world::{HttpFault, Issued, Op, OpStatus, World, fingerprint_u64},
+    world::{HttpFault, Issued, fingerprint_u64},
 };
 use crate::azure::limiter::OpClass;
 
@@ -592,160 +597,4 @@ fn blob(s: &Shared, vm: &str, file: &str, query: &HashMap<String, String>) -> Re
             "The specified blob does not exist.",
         ),
     }
-}
-
-// ---------- operations ----------
-
-/// Starts an operation; returns its id and the AAO and Location URLs.
-fn start_op(
-    s: &Shared,
-    w: &mut World,
-    provider: &'static str,
-    sub: &str,
-    location: &str,
-) -> (String, String, String) {
-    let id = w.new_id();
-    w.ops.insert(
-        id.clone(),
-        Op {
-            id: id.clone(),
-            provider,
-            sub: sub.to_owned(),
-            location: location.to_owned(),
-            status: OpStatus::InProgress,
-            error: None,
-            result: None,
-            started: now(),
-        },
-    );
-    let ver = if provider == "Microsoft.Compute" {
-        "2024-07-01"
-    } else {
-        "2024-03-01"
-    };
-    let base = format!(
-        "{}/subscriptions/{sub}/providers/{provider}/locations/{location}",
-        s.base_url
-    );
-    (
-        id.clone(),
-        format!("{base}/operations/{id}?api-version={ver}"),
-        format!("{base}/operationResults/{id}?api-version={ver}"),
-    )
-}
-
-fn accepted(
-    aao: &str,
-    location: Option<&str>,
-    retry: Duration,
-    status: StatusCode,
-    body: Option<Value>,
-) -> Response {
-    let mut rsp = match body {
-        Some(b) => json_response(status, &b),
-        None => status.into_response(),
-    };
-    set_header(&mut rsp, "azure-asyncoperation", aao);
-    if let Some(l) = location {
-        set_header(&mut rsp, "location", l);
-    }
-    retry_headers(&mut rsp, retry);
-    rsp
-}
-
-/// Finishes operation `id` after `after`, applying `effect` to the world first.
-fn finish_later<F>(s: &Arc<Shared>, id: String, after: Duration, effect: F)
-where
-    F: FnOnce(&mut World) -> Result<Option<Value>, (String, String)> + Send + 'static,
-{
-    let s = s.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(after).await;
-        let outcome = {
-            let mut w = s.lock();
-            // A preempted operation never takes effect: the newer one owns the resource.
-            if w.ops
-                .get(&id)
-                .is_some_and(|o| o.status == OpStatus::Canceled)
-            {
-                return;
-            }
-            effect(&mut w)
-        };
-        // The responders reach their new state before anyone can see the operation end.
-        s.notify();
-        s.settled().await;
-        let mut w = s.lock();
-        if let Some(op) = w.ops.get_mut(&id) {
-            match outcome {
-                Ok(result) => {
-                    op.status = OpStatus::Succeeded;
-                    op.result = result;
-                }
-                Err(e) => {
-                    op.status = OpStatus::Failed;
-                    op.error = Some(e);
-                }
-            }
-        }
-    });
-}
-
-fn operation(s: &Shared, sub: &str, provider: &str, id: &str, monitor: bool) -> Response {
-    let w = s.lock();
-    let Some(op) = w
-        .ops
-        .get(id)
-        .filter(|o| o.sub.eq_ignore_ascii_case(sub) && o.provider.eq_ignore_ascii_case(provider))
-    else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "OperationNotFound",
-            &format!("operation {id} not found"),
-        );
-    };
-    let retry = w.timing.retry_after;
-    if monitor {
-        return match op.status {
-            OpStatus::InProgress => {
-                let mut rsp = StatusCode::ACCEPTED.into_response();
-                retry_headers(&mut rsp, retry);
-                rsp
-            }
-            OpStatus::Succeeded => match &op.result {
-                Some(r) => json_response(StatusCode::OK, r),
-                None => StatusCode::NO_CONTENT.into_response(),
-            },
-            OpStatus::Failed | OpStatus::Canceled => {
-                let (code, message) = op.error.clone().unwrap_or_default();
-                conflict(&code, &message)
-            }
-        };
-    }
-    let mut body = json!({ "name": op.id, "startTime": op.started });
-    match op.status {
-        OpStatus::InProgress => body["status"] = json!("InProgress"),
-        OpStatus::Succeeded => {
-            body["status"] = json!("Succeeded");
-            body["endTime"] = json!(now());
-            if let Some(r) = &op.result {
-                body["properties"] = json!({ "output": r });
-            }
-        }
-        OpStatus::Failed | OpStatus::Canceled => {
-            let (code, message) = op.error.clone().unwrap_or_default();
-            body["status"] = json!(if op.status == OpStatus::Failed {
-                "Failed"
-            } else {
-                "Canceled"
-            });
-            body["endTime"] = json!(now());
-            body["error"] = json!({ "code": code, "message": message });
-        }
-    }
-    let mut rsp = json_response(StatusCode::OK, &body);
-    if op.status == OpStatus::InProgress {
-        retry_headers(&mut rsp, retry);
-    }
-    rsp
 }

@@ -8,12 +8,13 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{
-    Call, accepted, conflict, error, finish_later, json_response, not_found, retry_headers,
-    set_header, start_op,
+    Call, accepted, accepted_action, boot_guest, conflict, error, finish_later, json_response,
+    not_found, retry_headers, set_header, start_op,
 };
 use crate::sim::{
     Shared,
     fault::Fault,
+    scenario::OpKind,
     world::{Vm, World},
 };
 
@@ -318,7 +319,6 @@ fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u
         default_rule: false,
     };
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(group) = w.nsgs.get(k) else {
         return not_found("Microsoft.Network/networkSecurityGroups", nsg, rg);
     };
@@ -346,13 +346,19 @@ fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u
     let (sub, location, nsg_id) = (group.sub.clone(), group.location.clone(), group.id());
     let mut body = rule_json(&nsg_id, &rule, false);
     body["properties"]["provisioningState"] = json!("Updating");
-    let (id, aao, _) = start_op(s, &mut w, "Microsoft.Network", &sub, &location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Network",
+        (&sub, &location),
+        (OpKind::NetworkUpdate, k),
+    );
     if let Some(g) = w.nsgs.get_mut(k) {
         g.busy = true;
     }
     drop(w);
     let key = k.to_owned();
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let Some(group) = w.nsgs.get_mut(&key) else {
             return Err(("NotFound".into(), "NSG vanished".into()));
         };
@@ -377,7 +383,7 @@ fn put_rule(s: &Arc<Shared>, k: &str, nsg: &str, rg: &str, name: &str, body: &[u
     } else {
         StatusCode::CREATED
     };
-    accepted(&aao, None, timing.retry_after, status, Some(body))
+    accepted(&op.aao, None, op.retry, status, Some(body))
 }
 
 fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Response {
@@ -389,7 +395,6 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
         );
     };
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(nic) = w.nics.get(k).cloned() else {
         return not_found("Microsoft.Network/networkInterfaces", name, rg);
     };
@@ -404,7 +409,8 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
                 nic.id()
             ),
         );
-        retry_headers(&mut rsp, timing.retry_after);
+        let retry = w.next_retry_after(k);
+        retry_headers(&mut rsp, retry);
         return rsp;
     }
     let configs = b
@@ -473,11 +479,18 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
         n.busy = true;
     }
     let body = w.nics.get(k).map(|n| nic_json(&w, n)).unwrap_or_default();
-    let (id, aao, _) = start_op(s, &mut w, "Microsoft.Network", &nic.sub, &nic.location);
+    let vm_key = nic.vm.to_ascii_lowercase();
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Network",
+        (&nic.sub, &nic.location),
+        (OpKind::NetworkUpdate, &vm_key),
+    );
     drop(w);
     let key = k.to_owned();
-    let vm_key = nic.vm.to_ascii_lowercase();
-    finish_later(s, id, timing.operation, move |w| {
+    let shared = s.clone();
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let changed = {
             let Some(n) = w.nics.get_mut(&key) else {
                 return Err(("NotFound".into(), "NIC vanished".into()));
@@ -495,20 +508,18 @@ fn put_nic(s: &Arc<Shared>, k: &str, name: &str, rg: &str, body: &[u8]) -> Respo
         if changed && let Some(v) = w.vms.get_mut(&vm_key) {
             v.faults.remove(&Fault::NicBroken);
             v.faults.remove(&Fault::GuestHung);
-            v.boot += 1;
-            crate::sim::guest::boot(v);
+            boot_guest(&shared, w, &vm_key);
         }
         Ok(None)
     });
     let mut rsp = json_response(StatusCode::OK, &body);
-    set_header(&mut rsp, "azure-asyncoperation", &aao);
-    retry_headers(&mut rsp, timing.retry_after);
+    set_header(&mut rsp, "azure-asyncoperation", &op.aao);
+    retry_headers(&mut rsp, op.retry);
     rsp
 }
 
 fn ip_flow_verify(s: &Arc<Shared>, sub: &str, rg: &str, watcher: &str, body: &[u8]) -> Response {
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let region = watcher
         .strip_prefix("NetworkWatcher_")
         .map(str::to_ascii_lowercase);
@@ -569,14 +580,14 @@ fn ip_flow_verify(s: &Arc<Shared>, sub: &str, rg: &str, watcher: &str, body: &[u
     if let Some((rule, _)) = verdict.rule {
         result["ruleName"] = json!(rule);
     }
-    let (id, aao, location) = start_op(s, &mut w, "Microsoft.Network", sub, &vm.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Network",
+        (sub, &vm.location),
+        (OpKind::FlowVerify, &vm_name),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, move |_| Ok(Some(result)));
-    accepted(
-        &aao,
-        Some(&location),
-        timing.retry_after,
-        StatusCode::ACCEPTED,
-        None,
-    )
+    finish_later(s, op.id.clone(), op.after, move |_| Ok(Some(result)));
+    accepted_action(&op)
 }

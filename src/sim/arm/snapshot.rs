@@ -10,6 +10,7 @@ use axum::{http::StatusCode, response::Response};
 use serde_json::{Value, json};
 
 use super::{Call, accepted, error, finish_later, json_response, not_found, now, start_op};
+use crate::sim::timing::OpKind;
 use crate::sim::{
     Shared,
     disk::{Snapshot, os_disk_id},
@@ -121,7 +122,6 @@ fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Respons
         .unwrap_or_default()
         .to_owned();
     let mut w = s.lock();
-    let timing = w.timing.clone();
     let Some(vm) = w
         .vms
         .values()
@@ -146,10 +146,16 @@ fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Respons
     let k = key(sub, rg, name);
     let created = !w.snapshots.contains_key(&k);
     w.snapshots.insert(k.clone(), snap);
-    let (id, aao, location_url) = start_op(s, &mut w, "Microsoft.Compute", sub, location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, location),
+        (OpKind::Snapshot, &k),
+    );
     let vm_key = vm.name.to_ascii_lowercase();
     drop(w);
-    finish_later(s, id, timing.operation, move |w| {
+    finish_later(s, op.id.clone(), op.after, move |w| {
         let fails = w
             .vms
             .get(&vm_key)
@@ -176,9 +182,9 @@ fn put(s: &Arc<Shared>, sub: &str, rg: &str, name: &str, body: &[u8]) -> Respons
         StatusCode::OK
     };
     accepted(
-        &aao,
-        Some(&location_url),
-        timing.retry_after,
+        &op.aao,
+        Some(&op.location),
+        op.retry,
         status,
         Some(rsp_body),
     )
@@ -190,14 +196,19 @@ fn delete(s: &Arc<Shared>, sub: &str, rg: &str, name: &str) -> Response {
         // Deleting what is not there succeeds with nothing to do.
         return StatusCode::NO_CONTENT.into_response();
     };
-    let timing = w.timing.clone();
-    let (id, aao, location_url) = start_op(s, &mut w, "Microsoft.Compute", sub, &snap.location);
+    let op = start_op(
+        s,
+        &mut w,
+        "Microsoft.Compute",
+        (sub, &snap.location),
+        (OpKind::Snapshot, &key(sub, rg, name)),
+    );
     drop(w);
-    finish_later(s, id, timing.operation, |_| Ok(None));
+    finish_later(s, op.id.clone(), op.after, |_| Ok(None));
     accepted(
-        &aao,
-        Some(&location_url),
-        timing.retry_after,
+        &op.aao,
+        Some(&op.location),
+        op.retry,
         StatusCode::ACCEPTED,
         None,
     )
