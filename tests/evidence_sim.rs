@@ -42,6 +42,7 @@ fn how(previous: Option<&Evidence>) -> Gathering<'_> {
         vantage: Vantage {
             source: Some("203.0.113.10".parse().unwrap()),
             port: 3389,
+            listener_port: Some(3389),
         },
         previous,
         first_poll: Duration::ZERO,
@@ -530,6 +531,7 @@ async fn no_nsg_on_a_standard_public_ip_is_closed_and_reported() {
         vantage: Vantage {
             source: Some("10.10.1.200".parse().unwrap()),
             port: 3389,
+            listener_port: Some(3389),
         },
         previous: None,
         first_poll: Duration::ZERO,

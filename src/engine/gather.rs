@@ -36,6 +36,18 @@ pub struct Vantage {
     pub source: Option<IpAddr>,
     /// The RDP port.
     pub port: u16,
+    /// The port the guest's listener must be on, when it is known: the endpoint comes from
+    /// Azure (the VM's own address, no translation) or the operator was told the VM's port.
+    /// With a host override the probed port may be translated (a load balancer NAT rule), so
+    /// the listener's `PortNumber` is not judged against it.
+    pub listener_port: Option<u16>,
+}
+
+/// The port the guest's listener must be on ([`Vantage::listener_port`]): the operator's
+/// `vm_rdp_port` when it was told, else the probed port when the endpoint is the VM's own
+/// address from Azure; unknown behind a host override, whose port may be translated.
+pub fn listener_port(vm_rdp_port: Option<u16>, spec: &crate::engine::ValidSpec) -> Option<u16> {
+    vm_rdp_port.or_else(|| spec.host.is_none().then_some(spec.port))
 }
 
 /// What a gathering needs besides the VM.
@@ -70,7 +82,7 @@ pub async fn gather(
     now: Timestamp,
 ) -> Result<(Evidence, Vec<Event>), AzureError> {
     let mut ev = Evidence::empty(now);
-    ev.rdp_port = Some(how.vantage.port);
+    ev.rdp_port = how.vantage.listener_port;
     let state = keep(azure.vm_state(vm).await, &mut ev)?;
     if let Some(state) = &state {
         ev.power_state = Some(state.power_state);
@@ -475,5 +487,39 @@ fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_private() || v4.is_loopback() || v4.is_link_local(),
         IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+#[cfg(test)]
+mod listener_port_tests {
+    use super::listener_port;
+    use crate::{api::RdpHealthSpec, engine::ValidSpec};
+
+    fn spec(endpoint: serde_json::Value) -> ValidSpec {
+        let s: RdpHealthSpec = serde_json::from_value(serde_json::json!({
+            "vm": {"resourceId": "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"},
+            "endpoint": endpoint,
+        }))
+        .unwrap();
+        ValidSpec::try_from(&s).unwrap()
+    }
+
+    #[test]
+    fn a_translated_port_is_never_taken_for_the_listeners() {
+        // The VM's own address from Azure: the probed port is the listener's.
+        assert_eq!(
+            listener_port(None, &spec(serde_json::json!({}))),
+            Some(3389)
+        );
+        assert_eq!(
+            listener_port(None, &spec(serde_json::json!({"port": 3390}))),
+            Some(3390)
+        );
+        // A host override (a load balancer NAT rule 50001 → 3389): unknown, so `PortChanged`
+        // is not judged and the port is never "restored" to 50001.
+        let nat = spec(serde_json::json!({"host": "lb.example.com", "port": 50001}));
+        assert_eq!(listener_port(None, &nat), None);
+        // Unless the operator is told the VM's own port.
+        assert_eq!(listener_port(Some(3389), &nat), Some(3389));
     }
 }

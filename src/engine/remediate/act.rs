@@ -225,7 +225,11 @@ impl Remediator {
         crate::guest::changes::Options {
             insecure_listener: policy.allow_insecure_listener_settings,
             legacy_tls: policy.allow_legacy_tls,
-            rdp_port: self.vantage(subject).port,
+            // Restoring the port is decided only when the listener's port is known.
+            rdp_port: self
+                .vantage(subject)
+                .listener_port
+                .unwrap_or(crate::probe::DEFAULT_RDP_PORT),
         }
     }
 
@@ -233,6 +237,7 @@ impl Remediator {
         Vantage {
             source: self.probe_source,
             port: self.vm_rdp_port.unwrap_or(subject.spec.port),
+            listener_port: crate::engine::gather::listener_port(self.vm_rdp_port, subject.spec),
         }
     }
 
