@@ -92,6 +92,9 @@ pub mod reasons {
     pub const CERTIFICATE_UNREADABLE: &str = "CertificateUnreadable";
     /// The server did not use TLS, so there is no certificate to judge.
     pub const NO_TLS: &str = "NoTls";
+    /// The server accepts only standard RDP security (`SecurityLayer=0`): reachable, but with
+    /// neither TLS nor NLA; `CertificateValid=False` and a Warning Event.
+    pub const LEGACY_RDP_SECURITY: &str = "LegacyRdpSecurity";
     /// Event: Reachable flipped to False.
     pub const BECAME_UNREACHABLE: &str = "BecameUnreachable";
     /// Event: Reachable flipped from False to True.

@@ -444,7 +444,7 @@ pub const SUSPENSION_REASONS: [&str; 6] = [
 ];
 
 /// The `rdphealth_findings{kind}` label values.
-pub const FINDING_KINDS: [&str; 10] = [
+pub const FINDING_KINDS: [&str; 11] = [
     "certificate_expiring",
     "certificate_expired",
     "no_tls",
@@ -455,6 +455,7 @@ pub const FINDING_KINDS: [&str; 10] = [
     "nla_disabled",
     "clock_skew",
     "legacy_tls_allowed",
+    "legacy_rdp_security",
 ];
 
 /// The findings a status shows: certificate problems of the last probe (from the
@@ -467,6 +468,7 @@ pub fn findings(status: &RdpHealthStatus) -> Vec<&'static str> {
         Some(reasons::CERTIFICATE_EXPIRING) => kinds.push("certificate_expiring"),
         Some(reasons::CERTIFICATE_EXPIRED) => kinds.push("certificate_expired"),
         Some(reasons::NO_TLS) => kinds.push("no_tls"),
+        Some(reasons::LEGACY_RDP_SECURITY) => kinds.push("legacy_rdp_security"),
         _ => {}
     }
     if conditions::status_of(&status.conditions, types::HOST_IDENTITY) == Some(Status::False) {

@@ -573,6 +573,10 @@ fn certificate_condition(report: &ProbeReport) -> Desired {
             reasons::CERTIFICATE_UNREADABLE,
             "the server's certificate could not be read".to_string(),
         )),
+        Finding::LegacyRdpSecurity => Some((
+            reasons::LEGACY_RDP_SECURITY,
+            "the server refused TLS and CredSSP (SSL_NOT_ALLOWED_BY_SERVER) and accepts only standard RDP security (SecurityLayer=0): clients connect without TLS or Network Level Authentication; set SecurityLayer back to 2".to_string(),
+        )),
         Finding::NoTls
         | Finding::NlaDisabled
         | Finding::ClockSkew { .. }
@@ -602,6 +606,7 @@ fn certificate_event_reason(condition_reason: &str) -> &'static str {
         reasons::CERTIFICATE_EXPIRED => reasons::CERTIFICATE_EXPIRED,
         reasons::CERTIFICATE_NOT_YET_VALID => reasons::CERTIFICATE_NOT_YET_VALID,
         reasons::CERTIFICATE_UNREADABLE => reasons::CERTIFICATE_UNREADABLE,
+        reasons::LEGACY_RDP_SECURITY => reasons::LEGACY_RDP_SECURITY,
         _ => reasons::CERTIFICATE_EXPIRING,
     }
 }

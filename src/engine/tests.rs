@@ -183,6 +183,37 @@ fn plain_rdp_has_no_certificate_verdict() {
 }
 
 #[test]
+fn standard_rdp_security_only_is_a_security_warning_once() {
+    let mut obj = object(|_| {});
+    let legacy = || {
+        let mut report = ok();
+        report.tls = None;
+        report.selected_protocol = Some(crate::probe::SecurityProtocol::Rdp);
+        report.findings = vec![Finding::NoTls, Finding::LegacyRdpSecurity];
+        report
+    };
+    let (out, events) = feed(&mut obj, vec![legacy(), legacy(), legacy()]);
+    let cert = condition(&out, types::CERTIFICATE_VALID);
+    assert_eq!(
+        (cert.status.as_str(), cert.reason.as_str()),
+        ("False", "LegacyRdpSecurity")
+    );
+    assert!(cert.message.contains("SecurityLayer"), "{}", cert.message);
+    // Reachable, but not healthy: degraded by the finding, reported once.
+    assert_eq!(condition(&out, types::REACHABLE).status, "True");
+    assert_eq!(out.status.phase, Some(Phase::Degraded));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == "LegacyRdpSecurity")
+            .count(),
+        1
+    );
+    assert!(crate::metrics::findings(&out.status).contains(&"legacy_rdp_security"));
+    assert!(!crate::metrics::findings(&out.status).contains(&"no_tls"));
+}
+
+#[test]
 fn failures_keep_the_certificate_verdict() {
     let mut obj = object(|_| {});
     let (out, _) = feed(&mut obj, vec![ok(), down()]);

@@ -233,11 +233,22 @@ impl<'a> Run<'a> {
         let mut stream = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
         let peer = stream.peer_addr().ok();
         let deadline = self.layer_deadline();
+        let request = codec::probe_connection_request();
         let selected = self
             .layer(Layer::X224, async {
-                interpret_confirm(negotiate(&mut stream, deadline).await?)
+                interpret_confirm(negotiate(&mut stream, &request, deadline).await?)
             })
-            .await?;
+            .await;
+        let selected = match selected {
+            // The server allows only standard RDP security (SecurityLayer=0): clients that
+            // offer it connect, so ask once more offering it on a new connection.
+            Err(f) if f.code == Some(SSL_NOT_ALLOWED_BY_SERVER) => {
+                let legacy = self.legacy_rdp_security(&addrs, f).await?;
+                self.findings.push(Finding::LegacyRdpSecurity);
+                legacy
+            }
+            other => other?,
+        };
         self.selected = Some(selected);
         if !selected.starts_tls() {
             self.findings.push(Finding::NoTls);
@@ -270,6 +281,26 @@ impl<'a> Run<'a> {
                 close(tls, deadline).await;
                 Ok(())
             }
+        }
+    }
+
+    /// Offers standard RDP security alone on a new connection after the server refused TLS
+    /// and CredSSP (`SSL_NOT_ALLOWED_BY_SERVER`). The server accepting it is reachable (with
+    /// the `legacy_rdp_security` finding); anything else keeps the first refusal.
+    async fn legacy_rdp_security(
+        &mut self,
+        addrs: &[SocketAddr],
+        refused: Failure,
+    ) -> Result<SecurityProtocol, Failure> {
+        let deadline = self.layer_deadline();
+        let request = codec::encode_connection_request(Some(codec::PROBE_COOKIE), 0);
+        let retry = async {
+            let mut stream = connect(addrs, deadline).await?;
+            interpret_confirm(negotiate(&mut stream, &request, deadline).await?)
+        };
+        match self.layer(Layer::X224, retry).await {
+            Ok(SecurityProtocol::Rdp) => Ok(SecurityProtocol::Rdp),
+            _ => Err(refused),
         }
     }
 
@@ -469,6 +500,9 @@ pub fn is_local_error(e: &io::Error) -> bool {
     )
 }
 
+/// RDP_NEG_FAILURE: the server allows only standard RDP security (MS-RDPBCGR 2.2.1.2.2).
+const SSL_NOT_ALLOWED_BY_SERVER: u32 = 2;
+
 /// What the Connection Confirm means for reachability: the selected protocol, or a failure.
 fn interpret_confirm(confirm: ConnectionConfirm) -> Result<SecurityProtocol, Failure> {
     match confirm {
@@ -494,11 +528,11 @@ fn interpret_confirm(confirm: ConnectionConfirm) -> Result<SecurityProtocol, Fai
 /// Sends the Connection Request and reads exactly one TPKT back.
 async fn negotiate(
     stream: &mut TcpStream,
+    request: &[u8],
     deadline: Instant,
 ) -> Result<ConnectionConfirm, Failure> {
-    let request = codec::probe_connection_request();
     let exchange = async {
-        stream.write_all(&request).await.map_err(read_error)?;
+        stream.write_all(request).await.map_err(read_error)?;
         let mut header = [0u8; codec::TPKT_HEADER_LEN];
         let got = read_full(stream, &mut header).await.map_err(read_error)?;
         if got == 0 {

@@ -97,6 +97,9 @@ pub enum Finding {
     CertificateUnreadable,
     /// The server selected Standard RDP Security: no TLS, no server authentication.
     NoTls,
+    /// The server refused TLS and CredSSP (`SSL_NOT_ALLOWED_BY_SERVER`) and accepted only
+    /// standard RDP security: reachable, but without TLS or NLA.
+    LegacyRdpSecurity,
     /// Clients can connect without Network Level Authentication.
     NlaDisabled,
     /// The server's clock differs from the prober's by more than the threshold.
@@ -121,6 +124,7 @@ impl Finding {
             Self::CertificateNotYetValid => "certificate_not_yet_valid",
             Self::CertificateUnreadable => "certificate_unreadable",
             Self::NoTls => "no_tls",
+            Self::LegacyRdpSecurity => "legacy_rdp_security",
             Self::NlaDisabled => "nla_disabled",
             Self::ClockSkew { .. } => "clock_skew",
             Self::CertificateNameMismatch { .. } => "certificate_name_mismatch",
@@ -141,6 +145,10 @@ impl Finding {
             Self::NoTls => &[
                 "SecurityLayer=0 (native RDP encryption), possibly a leftover troubleshooting workaround",
                 "the server has no usable certificate and fell back to Standard RDP Security",
+            ],
+            Self::LegacyRdpSecurity => &[
+                "SecurityLayer=0 in RDP-Tcp: the server refuses TLS and NLA and speaks only standard RDP security (a troubleshooting workaround, or the listener keep-alive repair's consented setting, left in place)",
+                "the server has no usable certificate for TLS",
             ],
             Self::NlaDisabled => &[
                 "Network Level Authentication is off (UserAuthentication=0, or SecurityLayer below 2): Microsoft recommends keeping it on",
