@@ -300,6 +300,11 @@ pub fn decide(s: &Situation<'_>) -> Decision {
             detail: f.detail.clone(),
         });
     }
+    // A repair applied and still waiting for its restart (the restart's intent is dropped
+    // once the snapshot before it is taken): the restart is still the next step.
+    if let Some(decision) = restart::pending(s) {
+        return decision;
+    }
     let evidence = match s.evidence {
         Some(e) if !stale(e, s) => e,
         _ => return Decision::GatherEvidence,

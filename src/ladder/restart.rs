@@ -50,11 +50,31 @@ pub(super) fn after_repair(s: &Situation<'_>, current: &RungExecution) -> Decisi
         // Only a repair awaits a restart; anything else is judged as settled.
         return Decision::NotFixed;
     };
+    restart_for(s, repair, current.drops_sessions)
+}
+
+/// The restart of a repair recorded `Applied` as the incident's last step, with no restart
+/// after it yet: its restart started (the repair's record was closed) and was dropped after
+/// the OS-disk snapshot taken for it, so the ladder decides it again. `None` otherwise.
+pub(super) fn pending(s: &Situation<'_>) -> Option<Decision> {
+    if s.ladder.current.is_some() {
+        return None;
+    }
+    let last = s.ladder.incident_history().last()?;
+    if last.outcome != RungOutcome::Applied || last.step.rung != Rung::RepairGuest {
+        return None;
+    }
+    // The record does not keep whether the repair dropped sessions: the restart then needs
+    // Restart's own permission (the stricter reading).
+    Some(restart_for(s, last.step.repair?, false))
+}
+
+fn restart_for(s: &Situation<'_>, repair: super::GuestRepair, drops_sessions: bool) -> Decision {
     let hold = if s.policy.mode == Mode::Observe {
         Some(RestartHold::ObserveOnly)
     } else if !s.policy.ladder.contains(&Rung::Restart) {
         Some(RestartHold::NotInLadder)
-    } else if !permitted(s, Rung::Restart) && !current.drops_sessions {
+    } else if !permitted(s, Rung::Restart) && !drops_sessions {
         Some(RestartHold::NotAllowed)
     } else {
         None
@@ -214,6 +234,27 @@ mod tests {
         let mut case = Case::new();
         setup(&mut case);
         assert_eq!(case.decide(), expected);
+    }
+
+    /// The restart's intent is dropped after the snapshot taken before it (the ladder decides
+    /// again before the call): the restart is still next, never an unrelated rung.
+    #[test]
+    fn after_the_restarts_snapshot_the_restart_is_still_next() {
+        let mut case = Case::new();
+        assert_eq!(case.decide(), restart());
+        case.ladder.start(Step::restart_after(TLS), at(40));
+        assert_eq!(
+            case.ladder.history.last().map(|r| r.outcome),
+            Some(RungOutcome::Applied)
+        );
+        case.ladder.drop_unstarted();
+        case.now = at(50);
+        assert_eq!(case.decide(), restart());
+        // Once the restart has its own record, the repair no longer waits for one.
+        case.ladder.start(Step::restart_after(TLS), at(50));
+        case.ladder.finish(RungOutcome::Failed, None, at(60), None);
+        case.now = at(4000);
+        assert_ne!(case.decide(), restart());
     }
 
     #[test]
