@@ -1344,12 +1344,22 @@ async fn an_in_guest_repair_reports_old_to_new_and_a_failed_change_fails_the_run
     assert_eq!(s["ladder"]["recoveredBy"]["rung"], "RepairGuest", "{s:#}");
     assert_eq!(s["ladder"]["recoveredBy"]["repair"], "EnableTls12", "{s:#}");
     assert_eq!(sim.count("vm.restart"), 1);
-    // The restart's intent is stored in the reconcile that saw the repair finish: the
-    // repair never waits in `AwaitingRestart` when the restart is allowed.
+    // Each step after its own OS-disk snapshot; the restart's intent is stored in the
+    // reconcile that saw the repair finish: the repair never waits in `AwaitingRestart` when
+    // the restart is allowed.
     assert_eq!(
         api.read(|inner| stored_phases(inner, "tls")),
-        ["Requested", "Running", "Requested", "Running", "Settling"]
+        [
+            "Snapshotting",
+            "Requested",
+            "Running",
+            "Snapshotting",
+            "Requested",
+            "Running",
+            "Settling"
+        ]
     );
+    assert_eq!(sim.count("snapshot.put"), 2);
     op.shutdown().await;
     sim.shutdown().await;
 
