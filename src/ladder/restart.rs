@@ -64,17 +64,25 @@ pub(super) fn pending(s: &Situation<'_>) -> Option<Decision> {
     if last.outcome != RungOutcome::Applied || last.step.rung != Rung::RepairGuest {
         return None;
     }
-    // The record does not keep whether the repair dropped sessions: the restart then needs
-    // Restart's own permission (the stricter reading).
-    Some(restart_for(s, last.step.repair?, false))
+    let repair = last.step.repair?;
+    // The restart was permitted when it was decided, which is when its snapshot was taken
+    // (a one-time approval may have been used up by the repair's own call since); without
+    // such a fresh snapshot it needs Restart's own permission now.
+    let decided = s
+        .ladder
+        .fresh_snapshot(Step::restart_after(repair), s.now)
+        .is_some();
+    Some(restart_for(s, repair, decided))
 }
 
-fn restart_for(s: &Situation<'_>, repair: super::GuestRepair, drops_sessions: bool) -> Decision {
+/// The restart after `repair`; `already_permitted`: it needs no permission of its own (the
+/// repair ran under Restart's permission, or the restart was decided before its snapshot).
+fn restart_for(s: &Situation<'_>, repair: super::GuestRepair, already_permitted: bool) -> Decision {
     let hold = if s.policy.mode == Mode::Observe {
         Some(RestartHold::ObserveOnly)
     } else if !s.policy.ladder.contains(&Rung::Restart) {
         Some(RestartHold::NotInLadder)
-    } else if !permitted(s, Rung::Restart) && !drops_sessions {
+    } else if !permitted(s, Rung::Restart) && !already_permitted {
         Some(RestartHold::NotAllowed)
     } else {
         None
