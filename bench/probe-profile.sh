@@ -87,6 +87,38 @@ awk -F'\t' -v n="$((COUNT - 1))" -v top="$TOP" -v per="$per" '
 ' "$work/flat.1" "$work/flat.$COUNT" | sort -t$'\t' -k1,1nr | awk -v top="$TOP" 'NR <= top' |
     awk -F'\t' -v per="$per" '{ printf "%10d  %5.1f%%  %s\n", $1, 100 * $1 / per, substr($2, 1, 150) }'
 
+# Whether xrdp resumes a TLS session: Python's ssl (OpenSSL) client negotiates X.224 as the
+# probe does, then offers the session (ticket) of the previous connection, for TLS 1.3 and 1.2.
+echo
+python3 - "$port" <<'PY'
+import socket, ssl, struct, sys
+port = int(sys.argv[1])
+body = bytes([0xE0, 0, 0, 0, 0, 0]) + struct.pack("<BBHI", 1, 0, 8, 1)  # RDP_NEG_REQ: SSL
+request = struct.pack(">BBH", 3, 0, 5 + len(body)) + bytes([len(body)]) + body
+for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.minimum_version = ctx.maximum_version = version
+    session, seen = None, []
+    for _ in range(3):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        raw.sendall(request)
+        raw.recv(64)
+        tls = ctx.wrap_socket(raw, session=session)
+        tls.settimeout(0.3)
+        try:
+            tls.recv(1)  # lets TLS 1.3 session tickets arrive
+        except (TimeoutError, ssl.SSLError, OSError):
+            pass
+        seen.append((tls.session_reused, bool(tls.session and tls.session.has_ticket)))
+        session = tls.session
+        tls.close()
+    resumed = any(r for r, _ in seen[1:])
+    tickets = all(t for _, t in seen)
+    print(f"{version.name}: session ticket issued: {'yes' if tickets else 'no'}; "
+          f"offered again, resumed: {'yes' if resumed else 'no'}")
+PY
+
 # Inclusive instructions per probe of the functions that stand for each part of a probe.
 incl() {
     callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null |
