@@ -15,6 +15,8 @@ const MAX_OUTPUT: usize = 4096;
 
 /// The marker line of the operator's read-only evidence query.
 const QUERY_MARKER: &str = "rdphealth-script: query-rdp-evidence";
+/// The thumbprint the query reports for the guest's self-signed RDP certificate.
+const SELF_SIGNED_THUMBPRINT: &str = "5E1F5161AEDC0000000000000000000000000001";
 
 /// Whether `script` is the operator's read-only evidence query.
 pub fn is_evidence_query(script: &[String]) -> bool {
@@ -218,6 +220,13 @@ fn evidence_query(vm: &Vm) -> Vec<String> {
         out.push(format!(
             "RDPHEALTH certificate binding={thumbprint} present={}",
             u8::from(vm.certificates.contains(&thumbprint))
+        ));
+    } else {
+        // The self-signed certificate RDP uses, as the responder serves it.
+        out.push(format!(
+            "RDPHEALTH rdpcert thumbprint={} privateKey=1 expired={}",
+            SELF_SIGNED_THUMBPRINT,
+            u8::from(has(Fault::CertificateExpired))
         ));
     }
     out.push(format!(
