@@ -28,12 +28,13 @@ pub fn is_evidence_query(script: &[String]) -> bool {
 /// Makes the VM's registry show its registry-backed faults (faults may be set at run time).
 pub fn show_faults(vm: &mut Vm) {
     let has = |f| vm.faults.contains(&f);
-    let (rdp, tls, flapping) = (
+    let (rdp, tls, flapping, legacy) = (
         has(Fault::RdpDisabled),
         has(Fault::TlsDisabled),
         has(Fault::Flapping),
+        has(Fault::LegacyRdpSecurity),
     );
-    vm.registry.show(rdp, tls, flapping);
+    vm.registry.show(rdp, tls, flapping, legacy);
 }
 
 /// Derives the registry-backed faults from the registry after a script changed it.
@@ -42,6 +43,7 @@ fn read_faults(vm: &mut Vm) {
         (Fault::RdpDisabled, vm.registry.rdp_denied()),
         (Fault::TlsDisabled, vm.registry.tls12_disabled()),
         (Fault::Flapping, vm.registry.keepalive_broken()),
+        (Fault::LegacyRdpSecurity, vm.registry.legacy_rdp_security()),
     ] {
         if on {
             vm.faults.insert(fault);
