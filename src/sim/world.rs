@@ -879,6 +879,9 @@ impl World {
         if f(Fault::Flapping) {
             return Behaviour::Flapping;
         }
+        if f(Fault::LegacyRdpSecurity) {
+            return Behaviour::LegacyRdpOnly;
+        }
         Behaviour::Healthy {
             expired_certificate: f(Fault::CertificateExpired),
         }
