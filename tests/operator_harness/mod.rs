@@ -512,40 +512,9 @@ pub fn stored_phases(inner: &Inner, name: &str) -> Vec<String> {
     phases
 }
 
-/// `promtool check metrics` on the remediation metrics too (skipped without promtool unless
-/// `RDPHEALTH_REQUIRE_PROMTOOL=1`).
+/// `promtool check metrics` on `text`, when promtool is available (see `common::promtool`).
 pub fn promtool_check(text: &str) {
-    use std::{io::Write, process::Command};
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let available = Command::new(&promtool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        assert!(
-            std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
-            "promtool is required but `{promtool}` is not installed"
-        );
-        return;
+    if let Some(promtool) = common::promtool() {
+        common::promtool_check(&promtool, text);
     }
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
