@@ -318,3 +318,27 @@ async fn a_stopped_vm_is_started_only_with_allow_start() {
     );
     assert_eq!(summary.arm_calls.get("vm.start").copied(), Some(1));
 }
+
+/// An object for a VM the demo does not simulate is an error naming the demo's VMs, not
+/// silently ignored.
+#[tokio::test]
+async fn an_object_for_a_vm_the_demo_does_not_have_is_refused() {
+    let cfg = DemoConfig {
+        vms: 3,
+        objects: vec!["examples/rdphealth-password-reset.yaml".into()],
+        timeout: Duration::from_secs(10),
+        exit_when_settled: true,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let err = demo::run(&cfg).await.unwrap_err();
+    assert!(
+        matches!(&err, demo::DemoError::UnknownVm { vm, .. } if vm == "jumphost-1"),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("rdphealth-password-reset.yaml") && text.contains("vm-001-rdp-disabled"),
+        "{text}"
+    );
+}
