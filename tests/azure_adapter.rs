@@ -342,6 +342,7 @@ async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
         .unwrap()
         .private_ip
         .unwrap();
+    let boots = sim.vm("vm-nic-broken").unwrap().boot;
     let op = reset_nic(&az, "vm-nic-broken").await.unwrap();
     assert!(op.detail.as_deref().unwrap().contains(&before));
     // A second change while the first runs: AnotherOperationInProgress.
@@ -360,6 +361,10 @@ async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
         .private_ip
         .unwrap();
     assert_ne!(before, after);
+    // The VM follows its NIC: the emulator reports the new address, and the guest restarted.
+    let summary = sim.vm("vm-nic-broken").unwrap();
+    assert_eq!(summary.private_ip.as_deref(), Some(after.as_str()));
+    assert!(summary.boot > boots, "a private-IP change restarts the VM");
     // A change recorded for an address the NIC is no longer on is refused before any PUT.
     let puts = sim.count("nic.put");
     let nic_id = az.nic_address(&vm("vm-nic-broken")).await.unwrap().nic_id;

@@ -127,6 +127,15 @@ pub fn taken_message(record: &NicReset) -> String {
     )
 }
 
+/// The reset itself failed (Azure refused or failed its PUT): the NIC was not moved, so
+/// there is nothing to restore.
+pub fn reset_failed(record: Option<&mut NicReset>) {
+    if let Some(n) = record.filter(|n| n.restore == RestoreState::Pending) {
+        n.restore = RestoreState::NotNeeded;
+        n.message = Some("the reset failed in Azure: the NIC was not moved".into());
+    }
+}
+
 /// The current rung is a NIC reset whose restore is due: it was judged (settled, or RDP
 /// answered) and the restore has not started.
 pub fn restore_due(c: &RungExecution) -> bool {

@@ -173,6 +173,15 @@ fn a_failed_restore_is_judged_at_once_and_never_due_again() {
     assert_ne!(case.decide(), Decision::RestoreNic);
 }
 
+#[test]
+fn a_failed_reset_has_nothing_to_restore() {
+    let mut case = reset_settled();
+    case.ladder
+        .finish(RungOutcome::Failed, Some("refused".into()), at(100), None);
+    let nic = case.ladder.history.last().unwrap().nic.clone().unwrap();
+    assert_eq!(nic.restore, RestoreState::NotNeeded);
+}
+
 fn address(ip: &str) -> NicAddress {
     NicAddress {
         nic_id: NIC.into(),

@@ -453,7 +453,10 @@ impl LadderStatus {
         now: Timestamp,
         next_action: Option<Timestamp>,
     ) {
-        if let Some(c) = self.current.take() {
+        if let Some(mut c) = self.current.take() {
+            if outcome == RungOutcome::Failed {
+                super::nic::reset_failed(c.nic.as_mut());
+            }
             self.history.push(RungRecord {
                 step: c.step,
                 attempt: c.attempt,
