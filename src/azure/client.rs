@@ -68,8 +68,8 @@ pub struct ArmClient {
     /// The only origin (scheme, host, port) the ARM token is sent to.
     arm_origin: azure_core::Url,
     pipeline: Pipeline,
-    pub(super) nsg_cache: TtlCache<NsgRules>,
-    pub(super) subnet_cache: TtlCache<Option<String>>,
+    nsg_cache: TtlCache<NsgRules>,
+    subnet_cache: TtlCache<Option<String>>,
     serial_log_max_bytes: usize,
 }
 

@@ -164,8 +164,8 @@ impl ArmClient {
             .send()
             .await
             .map_err(|e| AzureError::from_sdk(&e, &format!("NIC {nic_id}")))?;
-        self.nsg_cache.clear();
-        self.subnet_cache.clear();
+        // A NIC's address is not cached; its subnet's and the NSGs' contents do not change
+        // with it, so their cached reads stay valid.
         Ok(operation(
             OperationKind::ResetNic,
             vm,
