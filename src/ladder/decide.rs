@@ -277,19 +277,7 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if let Some(current) = &s.ladder.current {
         return match current.phase {
             ExecutionPhase::Snapshotting if current.operation.is_some() => poll_or_wait(s),
-            ExecutionPhase::Requested | ExecutionPhase::Snapshotting => {
-                let requested = super::nic::requested_at(current);
-                let age = s.now.duration_since(requested);
-                if age.as_secs_f64() >= s.policy.request_timeout.as_secs_f64() {
-                    Decision::AbandonRequest
-                } else {
-                    // The driver that recorded the intent is making the call right now.
-                    Decision::Wait {
-                        until: add(requested, s.policy.request_timeout),
-                        reason: WaitReason::Polling,
-                    }
-                }
-            }
+            ExecutionPhase::Requested | ExecutionPhase::Snapshotting => requested(s, current),
             ExecutionPhase::Running => poll_or_wait(s),
             ExecutionPhase::Settling => match super::settle::settling(s, current) {
                 // The reset was judged: its original address comes back before the ladder
@@ -355,12 +343,34 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     gate_and_act(s, step)
 }
 
+/// An intent without an operation handle: the call is being made, or after `requestTimeout`
+/// its fate is unknown and it is never made again.
+fn requested(s: &Situation<'_>, current: &super::status::RungExecution) -> Decision {
+    let requested = super::nic::requested_at(current);
+    let age = s.now.duration_since(requested);
+    if age.as_secs_f64() >= s.policy.request_timeout.as_secs_f64() {
+        Decision::AbandonRequest
+    } else {
+        // The driver that recorded the intent is making the call right now.
+        Decision::Wait {
+            until: add(requested, s.policy.request_timeout),
+            reason: WaitReason::Polling,
+        }
+    }
+}
+
 /// RDP answers while a NIC reset is in flight: the reset is judged (it worked), so its
-/// original address comes back now; after the restore the rung settles before it is credited.
+/// original address comes back now; a restore whose intent is recorded is waited for, and
+/// after the restore the rung settles before it is credited.
 fn restore_while_reachable(s: &Situation<'_>) -> Option<Decision> {
     let c = s.ladder.current.as_ref()?;
     if super::nic::restore_due(c) {
         return Some(super::nic::restore(s, c));
+    }
+    if super::nic::restoring(c) && c.phase == ExecutionPhase::Requested {
+        // The restore may be being sent (it restarts the VM): the incident stays open until
+        // it is known, or abandoned as of unknown outcome.
+        return Some(requested(s, c));
     }
     let until = super::nic::restore_settling(c, s.now)?;
     Some(Decision::Wait {

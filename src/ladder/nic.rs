@@ -77,6 +77,10 @@ pub struct NicReset {
     /// The operator's NSG rules moved with the address (and failures to move them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<String>,
+    /// The address the operator's NSG rules were last made to follow (their rules for the
+    /// other address were looked for and rewritten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_follow: Option<String>,
     /// What happened to the restore, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -298,10 +302,14 @@ impl LadderStatus {
         }
     }
 
-    /// Records what happened to the operator's NSG rules when the address moved.
-    pub fn nic_rules_moved(&mut self, notes: Vec<String>) {
+    /// Records what happened to the operator's NSG rules when the address moved to `to`
+    /// (`None`: they could not be read).
+    pub fn nic_rules_moved(&mut self, to: Option<&str>, notes: Vec<String>) {
         if let Some(n) = self.nic_mut() {
             n.rules.extend(notes);
+            if let Some(to) = to {
+                n.rules_follow = Some(to.to_owned());
+            }
         }
     }
 }

@@ -27,6 +27,7 @@ fn record() -> NicReset {
         restore_requested_at: None,
         reachable_after_reset: None,
         rules: vec![],
+        rules_follow: None,
         message: None,
     }
 }
@@ -160,6 +161,25 @@ fn the_restore_is_recorded_polled_and_settled() {
         ("10.0.0.10", "10.0.0.5", RestoreState::Restored)
     );
     assert_eq!(nic.reachable_after_reset, Some(false));
+}
+
+/// A restore whose intent is recorded may be being sent (the VM restarts with it): RDP that
+/// answers meanwhile does not close the incident; after `requestTimeout` it is abandoned.
+#[test]
+fn a_requested_restore_holds_the_incident_open_while_rdp_answers() {
+    let mut case = reset_settled();
+    case.ladder.restore_requested(true, at(100));
+    case.reachability = Reachability::Reachable;
+    case.now = at(150);
+    assert_eq!(
+        case.decide(),
+        Decision::Wait {
+            until: at(220),
+            reason: WaitReason::Polling
+        }
+    );
+    case.now = at(221);
+    assert_eq!(case.decide(), Decision::AbandonRequest);
 }
 
 #[test]
@@ -297,14 +317,17 @@ fn only_the_operators_rules_for_the_address_follow_it() {
 #[test]
 fn the_records_survive_a_round_trip_through_status() {
     let mut case = reset_settled();
-    case.ladder
-        .nic_rules_moved(vec!["rule x: 10.0.0.10 → 10.0.0.5".into()]);
+    case.ladder.nic_rules_moved(
+        Some("10.0.0.5"),
+        vec!["rule x: 10.0.0.10 → 10.0.0.5".into()],
+    );
     let json = serde_json::to_value(&case.ladder).unwrap();
     let nic = &json["current"]["nic"];
     assert_eq!(nic["originalIp"], "10.0.0.10");
     assert_eq!(nic["originalAllocation"], "Dynamic");
     assert_eq!(nic["nicId"], NIC);
     assert_eq!(nic["restore"], "Pending");
+    assert_eq!(nic["rulesFollow"], "10.0.0.5");
     let back: LadderStatus = serde_json::from_value(json).unwrap();
     assert_eq!(back, case.ladder);
 }

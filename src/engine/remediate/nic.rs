@@ -47,6 +47,7 @@ impl Remediator {
             restore_requested_at: None,
             reachable_after_reset: None,
             rules: Vec::new(),
+            rules_follow: None,
             message: None,
         })
     }
@@ -124,7 +125,7 @@ impl Remediator {
                     reason: "NsgRuleNotMoved",
                     note: note.clone(),
                 });
-                status.ladder.nic_rules_moved(vec![note]);
+                status.ladder.nic_rules_moved(None, vec![note]);
                 return;
             }
         };
@@ -174,7 +175,7 @@ impl Remediator {
             });
             notes.push(note);
         }
-        status.ladder.nic_rules_moved(notes);
+        status.ladder.nic_rules_moved(Some(to), notes);
     }
 
     /// The reset's PUT succeeded: the NIC is on the new address, and so are the operator's
@@ -267,8 +268,10 @@ impl Remediator {
         };
         if !free {
             // Rules a reset of unknown outcome did not move follow the NIC where it stays.
-            self.rules_follow(vm, (&r.original_ip, &r.new_ip), status, events)
-                .await;
+            if r.rules_follow.as_deref() != Some(r.new_ip.as_str()) {
+                self.rules_follow(vm, (&r.original_ip, &r.new_ip), status, events)
+                    .await;
+            }
             let why = nic::taken_message(&r);
             return Ok(keep(status, events, RestoreState::Kept, was_reachable, why));
         }

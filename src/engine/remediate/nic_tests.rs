@@ -4,7 +4,10 @@
 //! one restore PUT), a taken address is kept with a Warning, and the operator's NSG rule
 //! follows the address while a rule it did not write stays as it was.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use super::*;
 use crate::{
@@ -46,15 +49,44 @@ subscriptions:
     Scenario::from_yaml(&yaml).unwrap()
 }
 
+/// Leadership that is lost, once, while the restore's intent is being written.
+#[derive(Debug, Default)]
+struct Lease {
+    lost: AtomicBool,
+    lose_at_restore: AtomicBool,
+}
+
+impl LeaderCheck for Lease {
+    fn term(&self) -> Option<LeaseTerm> {
+        if self.lost.load(Ordering::SeqCst) {
+            None
+        } else {
+            SoleReplica.term()
+        }
+    }
+}
+
 /// Records every persisted status with the write requests Azure had seen by then.
 struct Sink<'a> {
     sim: &'a Simulator,
+    lease: Arc<Lease>,
     persisted: Mutex<Vec<(RdpHealthStatus, Vec<String>)>>,
 }
 
 #[async_trait::async_trait]
 impl StatusSink for Sink<'_> {
     async fn persist(&self, status: &RdpHealthStatus) -> Result<(), String> {
+        let restore = status
+            .ladder
+            .current
+            .as_ref()
+            .and_then(|c| c.nic.as_ref())
+            .map(|n| n.restore);
+        if restore == Some(RestoreState::Requested)
+            && self.lease.lose_at_restore.swap(false, Ordering::SeqCst)
+        {
+            self.lease.lost.store(true, Ordering::SeqCst);
+        }
         let writes = self.sim.write_log();
         self.persisted
             .lock()
@@ -64,7 +96,7 @@ impl StatusSink for Sink<'_> {
     }
 }
 
-fn remediator(sim: &Simulator) -> Remediator {
+fn remediator(sim: &Simulator, leadership: Arc<dyn LeaderCheck>) -> Remediator {
     let config = ArmConfig::new(azure_core::Url::parse(&sim.arm_url()).unwrap());
     Remediator {
         azure: Arc::new(ArmClient::new(config, Arc::new(StaticToken::new("t")))),
@@ -76,7 +108,7 @@ fn remediator(sim: &Simulator) -> Remediator {
         first_poll: Duration::from_millis(20),
         vm_rdp_port: Some(3389),
         secrets: None,
-        leadership: Arc::new(SoleReplica),
+        leadership,
     }
 }
 
@@ -114,16 +146,19 @@ struct Run {
 
 /// Reconciles until the incident closes or the ladder gives up; `between` runs after each
 /// round (what happens in Azure meanwhile).
-async fn drive(sim: &Simulator, mut between: impl FnMut(&Simulator)) -> Run {
-    let remediator = remediator(sim);
+async fn drive(sim: &Simulator, lease: Arc<Lease>, mut between: impl FnMut(&Simulator)) -> Run {
+    let remediator = remediator(sim, lease.clone());
     let sink = Sink {
         sim,
+        lease: lease.clone(),
         persisted: Mutex::new(Vec::new()),
     };
     let mut obj = object();
     let mut events = Vec::new();
+    // How far the operator's clock runs ahead (a new leader comes later).
+    let mut ahead = Duration::ZERO;
     for _ in 0..400 {
-        let now = Timestamp::now();
+        let now = Timestamp::now().checked_add(ahead).unwrap();
         let probed = report(sim);
         let failure = probed.failure.clone();
         let reachable = probed.reachable;
@@ -148,7 +183,19 @@ async fn drive(sim: &Simulator, mut between: impl FnMut(&Simulator)) -> Run {
             .await;
         events.extend(outcome.events.clone());
         obj.status = Some(outcome.status.clone());
-        result.unwrap();
+        match result {
+            Ok(_) => {}
+            Err(RemediateError::NotLeader) if lease.lost.load(Ordering::SeqCst) => {
+                // The replica stopped: what it persisted is what the next leader finds, after
+                // the request timeout.
+                let persisted = sink.persisted.lock().unwrap().last().cloned();
+                obj.status = persisted.map(|(s, _)| s);
+                lease.lost.store(false, Ordering::SeqCst);
+                ahead += Duration::from_secs(180);
+                continue;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
         let ladder = &outcome.status.ladder;
         if (ladder.incident_started_at.is_none() && !ladder.history.is_empty()) || ladder.exhausted
         {
@@ -169,14 +216,31 @@ fn count(writes: &[String], op: &str) -> usize {
     writes.iter().filter(|w| *w == op).count()
 }
 
-/// The destination of a rule of the subnet's NSG, as the emulator holds it.
-async fn destination(sim: &Simulator, rule: &str) -> String {
+/// The destination of a rule of the subnet's NSG once Azure has applied the rule writes sent
+/// so far (it applies them asynchronously; the operator does not wait for them).
+async fn destination(sim: &Simulator, rule: &str, want: &str) -> String {
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = destination_now(sim, rule).await;
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+async fn destination_now(sim: &Simulator, rule: &str) -> String {
     let vm = crate::azure::VmRef {
         subscription: SUB.into(),
         resource_group: "rg-1".into(),
         name: "vm-1".into(),
     };
-    let rules = remediator(sim).azure.network_rules(&vm).await.unwrap();
+    let rules = remediator(sim, Arc::new(SoleReplica))
+        .azure
+        .network_rules(&vm)
+        .await
+        .unwrap();
     let nsg = rules.subnet_nsg.unwrap();
     let found = nsg.rules.iter().find(|r| r.name == rule).unwrap();
     found.destination_prefixes.join(",")
@@ -193,7 +257,7 @@ fn notes<'a>(events: &'a [Event], reason: &str) -> Vec<&'a str> {
 #[tokio::test]
 async fn the_original_address_is_recorded_first_and_restored_after_the_reset() {
     let sim = Simulator::start(scenario()).await.unwrap();
-    let run = drive(&sim, |_| {}).await;
+    let run = drive(&sim, Arc::default(), |_| {}).await;
     // (a) The intent held the original address before the PUT that moved the NIC.
     let (intent, writes) = run
         .persisted
@@ -251,8 +315,8 @@ async fn the_original_address_is_recorded_first_and_restored_after_the_reset() {
         notes(&run.events, "NsgRuleMoved")
     );
     assert!(notes(&run.events, "NsgRuleMoved")[0].ends_with(&format!("→ {new_ip}")));
-    assert_eq!(destination(&sim, OWN_RULE).await, ORIGINAL);
-    assert_eq!(destination(&sim, FOREIGN_RULE).await, ORIGINAL);
+    assert_eq!(destination(&sim, OWN_RULE, ORIGINAL).await, ORIGINAL);
+    assert_eq!(destination(&sim, FOREIGN_RULE, ORIGINAL).await, ORIGINAL);
     assert!(!run.events.iter().any(|e| e.note.contains(FOREIGN_RULE)));
     sim.shutdown().await;
 }
@@ -263,7 +327,7 @@ async fn a_taken_original_address_is_kept_with_a_warning_and_no_restore() {
     let original: Ipv4Addr = ORIGINAL.parse().unwrap();
     let mut taken = false;
     // Once the reset moved the NIC, vm-2 takes the freed address.
-    let run = drive(&sim, |sim| {
+    let run = drive(&sim, Arc::default(), |sim| {
         let moved = sim.vm("vm-1").unwrap().private_ip.as_deref() != Some(ORIGINAL);
         if moved && !taken {
             taken = sim.assign_private_ip("vm-2", original);
@@ -300,7 +364,42 @@ async fn a_taken_original_address_is_kept_with_a_warning_and_no_restore() {
         .unwrap();
     assert_eq!(warned.severity, Severity::Warning);
     // The operator's rule stays with the VM's address; the foreign rule is untouched.
-    assert_eq!(destination(&sim, OWN_RULE).await, new_ip);
-    assert_eq!(destination(&sim, FOREIGN_RULE).await, ORIGINAL);
+    assert_eq!(
+        destination(&sim, OWN_RULE, &new_ip).await,
+        new_ip,
+        "{:?}",
+        run.events
+            .iter()
+            .filter(|e| e.reason.starts_with("Nsg"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(destination(&sim, FOREIGN_RULE, ORIGINAL).await, ORIGINAL);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restore_interrupted_after_its_intent_is_never_sent() {
+    let sim = Simulator::start(scenario()).await.unwrap();
+    let lease = Arc::new(Lease::default());
+    lease.lose_at_restore.store(true, Ordering::SeqCst);
+    let run = drive(&sim, lease.clone(), |_| {}).await;
+    assert!(
+        !lease.lose_at_restore.load(Ordering::SeqCst),
+        "the lease was lost"
+    );
+    // The restore's intent was stored, the replica lost the lease before the PUT, and the
+    // next leader settled it as of unknown outcome instead of sending it.
+    assert_eq!(count(&run.writes, "nic.put"), 1, "{:?}", run.writes);
+    let last = run.status.ladder.history.last().unwrap();
+    let nic = last.nic.as_ref().unwrap();
+    assert_eq!(nic.restore, RestoreState::Unknown, "{nic:?}");
+    assert_eq!(last.outcome, RungOutcome::Fixed, "the reset fixed it");
+    assert!(
+        notes(&run.events, "RemediationOutcomeUnknown")
+            .iter()
+            .any(|n| n.contains("restore")),
+        "{:?}",
+        run.events
+    );
     sim.shutdown().await;
 }
