@@ -544,14 +544,27 @@ async fn rdp_disabled_is_diagnosed_reset_and_recovered() {
     assert_eq!(history[0]["outcome"], "Fixed");
     assert_eq!(sim.count("extension.put"), 1);
 
-    // The intent was stored before the call, then the operation, then settling.
+    // VMAccess rewrites the guest's RDP settings: an OS-disk snapshot first, its intent
+    // stored before it; then the rung's intent before the call, the operation, settling.
     let calls = op.witness.mutating();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0].operation, "reset_rdp_config");
-    assert_eq!(calls[0].current[0]["phase"], "Requested", "{calls:?}");
-    assert_eq!(calls[0].current[0]["step"]["rung"], "ResetRdpConfig");
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["create_os_disk_snapshot", "reset_rdp_config"],
+        "{calls:?}"
+    );
+    assert_eq!(calls[0].current[0]["phase"], "Snapshotting", "{calls:?}");
+    assert_eq!(calls[1].current[0]["phase"], "Requested", "{calls:?}");
+    assert_eq!(calls[1].current[0]["step"]["rung"], "ResetRdpConfig");
+    assert_eq!(
+        calls[1].current[0]["snapshot"], history[0]["snapshot"],
+        "{s:#}"
+    );
     let phases = api.read(|inner| stored_phases(inner, "rdp"));
-    assert_eq!(phases, ["Requested", "Running", "Settling"], "{phases:?}");
+    assert_eq!(
+        phases,
+        ["Snapshotting", "Requested", "Running", "Settling"],
+        "{phases:?}"
+    );
     assert!(sim.count("operation.status") + sim.count("operation.result") >= 1);
 
     // The in-guest query ran through Run Command while no rung was in flight, was polled
@@ -714,8 +727,11 @@ async fn restart_while_the_guest_query_runs_resumes_polling_it() {
     assert_eq!(sim.guest_queries(), 1);
     assert_eq!(sim.count("vm.runcommand"), 1);
     let calls = second.witness.mutating();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0].operation, "reset_rdp_config");
+    assert_eq!(
+        calls.iter().map(|c| c.operation).collect::<Vec<_>>(),
+        ["create_os_disk_snapshot", "reset_rdp_config"],
+        "{calls:?}"
+    );
     let diagnoses = api.read(|inner| stored_diagnoses(inner, "rdp"));
     assert!(
         diagnoses
