@@ -14,9 +14,10 @@ pub use std::{
 pub use azure_core::Url;
 pub use rdphealth::{
     azure::{
-        AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris, CountedAzure,
-        Endpoint, FlowQuery, Health, NetworkRules, Operation, Password, PollOutcome, SnapshotInfo,
-        SnapshotRequest, StaticToken, VmRef, VmState, WatcherRef,
+        AddressChange, AllowRule, ArmClient, ArmConfig, Azure, AzureResult, BootDiagnosticsUris,
+        CountedAzure, Endpoint, FlowQuery, Health, IpAvailability, NetworkRules, NicAddress,
+        Operation, Password, PollOutcome, SnapshotInfo, SnapshotRequest, StaticToken, VmRef,
+        VmState, WatcherRef,
     },
     controller::{self, LeaseSettings, Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
@@ -186,9 +187,15 @@ impl Azure for Witness {
         });
         self.inner.run_command(vm, script).await
     }
-    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
-        self.record("reset_nic");
-        self.inner.reset_nic(vm).await
+    async fn nic_address(&self, vm: &VmRef) -> AzureResult<NicAddress> {
+        self.inner.nic_address(vm).await
+    }
+    async fn ip_availability(&self, subnet_id: &str, ip: &str) -> AzureResult<IpAvailability> {
+        self.inner.ip_availability(subnet_id, ip).await
+    }
+    async fn set_nic_address(&self, vm: &VmRef, change: &AddressChange) -> AzureResult<Operation> {
+        self.record("set_nic_address");
+        self.inner.set_nic_address(vm, change).await
     }
     async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {
         self.record("restart");
