@@ -1,4 +1,4 @@
-# rdphealth-script: query-rdp-evidence v3
+# rdphealth-script: query-rdp-evidence v4
 # Read-only. Collects what Microsoft's RDP troubleshooting guides ask to check in the guest:
 # event-log entries of the last 24 hours for the RDP-relevant event IDs, the Remote Desktop
 # services, the RDP-Tcp listener settings, SCHANNEL server protocol switches, the owner of the
@@ -67,6 +67,13 @@ try {
         $thumbprint = ([BitConverter]::ToString([byte[]]$binding)).Replace('-', '')
         $found = @(Get-ChildItem -LiteralPath 'Cert:\LocalMachine\My', 'Cert:\LocalMachine\Remote Desktop' | Where-Object { $_.Thumbprint -eq $thumbprint })
         "RDPHEALTH certificate binding=$thumbprint present=$([int]($found.Count -gt 0))"
+    } else {
+        # Without a binding RDP uses the self-signed certificate in 'Remote Desktop': present
+        # but without its private key, or expired, it cannot be used ("internal error" guide).
+        $now = Get-Date
+        foreach ($c in @(Get-ChildItem -LiteralPath 'Cert:\LocalMachine\Remote Desktop' -ErrorAction SilentlyContinue | Select-Object -First 3)) {
+            "RDPHEALTH rdpcert thumbprint=$($c.Thumbprint) privateKey=$([int]$c.HasPrivateKey) expired=$([int]($c.NotAfter -lt $now))"
+        }
     }
 
     $rule = Get-NetFirewallRule -Name 'RemoteDesktop-UserMode-In-TCP' -ErrorAction SilentlyContinue

@@ -22,7 +22,7 @@ use crate::{
     azure::CountedAzure,
     engine::conditions::{self, Status},
     evidence::nsg::Access,
-    ladder::{LadderStatus, Rung},
+    ladder::{ExecutionPhase, LadderStatus, Rung},
     probe::{FailureReason, ProbeReport},
 };
 
@@ -278,7 +278,9 @@ impl Metrics {
                 after
                     .current
                     .as_ref()
-                    .filter(|c| c.started_at.0 == now)
+                    // A rung waiting for its OS-disk snapshot starts (again, with its own
+                    // intent) once the snapshot is taken: counted then, once.
+                    .filter(|c| c.started_at.0 == now && c.phase != ExecutionPhase::Snapshotting)
                     .map(|c| c.step.rung),
             );
         for rung in started {

@@ -586,21 +586,9 @@ async fn expiring_certificate_degrades_with_one_event_and_an_expiry_metric() {
 /// not installed, unless `RDPHEALTH_REQUIRE_PROMTOOL=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
-    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let available = Command::new(&promtool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        assert!(
-            std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
-            "promtool is required (RDPHEALTH_REQUIRE_PROMTOOL=1) but `{promtool}` is not installed"
-        );
-        eprintln!(
-            "note: promtool not found; skipping the metrics lint (set RDPHEALTH_REQUIRE_PROMTOOL=1 to require it)"
-        );
+    let Some(promtool) = common::promtool() else {
         return;
-    }
+    };
     let api = RealApiServer::start().await;
     let rdp = Responder::start().await;
     let op = Operator::start(&api).await;
@@ -609,27 +597,5 @@ async fn metrics_pass_promtool() {
     let text = op.wait_metrics(&["rdphealth_vm_reachable{"], &[]).await;
     op.shutdown().await;
 
-    let mut child = Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::promtool_check(&promtool, &text);
 }

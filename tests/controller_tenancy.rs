@@ -5,17 +5,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod operator_harness;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use azure_core::Url;
 use common::{
     real_api::{RealApiServer, condition},
     sim_net::SimNetwork,
 };
+use operator_harness::Running;
 use rdphealth::{
     azure::{ArmClient, ArmConfig, Azure, CountedAzure, Federation, StaticToken},
-    controller::{self, Seams, Settings},
+    controller::{Seams, Settings},
     engine::{AzureResolver, ResolverPolicy},
     ladder::fleet::FleetPolicy,
     probe::RdpProber,
@@ -23,7 +25,6 @@ use rdphealth::{
     tenancy::TenancyPolicy,
 };
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 const WAIT: Duration = Duration::from_secs(60);
 const SUB_A: &str = "00000000-0000-0000-0000-0000000000a1";
@@ -74,85 +75,47 @@ fn policy() -> TenancyPolicy {
     .unwrap()
 }
 
-struct Operator {
-    http: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), controller::RunError>>,
-}
-
-impl Operator {
-    /// The operator's own identity is a fixed token the emulator did not issue; the
-    /// namespaces' identities exchange `token_file` at the emulator's token endpoint.
-    async fn start(api: &RealApiServer, sim: &Simulator, token_file: &std::path::Path) -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        let url = Url::parse(&sim.arm_url()).unwrap();
-        let own: Arc<dyn Azure> = Arc::new(ArmClient::new(
+/// The operator with the tenancy policy: its own identity is a fixed token the emulator did
+/// not issue; the namespaces' identities exchange `token_file` at the emulator's token
+/// endpoint.
+async fn start_operator(
+    api: &RealApiServer,
+    sim: &Simulator,
+    token_file: &std::path::Path,
+) -> Running {
+    let url = Url::parse(&sim.arm_url()).unwrap();
+    let own: Arc<dyn Azure> = Arc::new(ArmClient::new(
+        ArmConfig::new(url.clone()),
+        Arc::new(StaticToken::new("operator-token")),
+    ));
+    let azure = Arc::new(CountedAzure::new(own).unwrap());
+    let seams = Seams {
+        prober: Arc::new(SimNetwork {
+            sim: Arc::clone(sim.shared()),
+            prober: RdpProber::new().unwrap(),
+        }),
+        resolver: Arc::new(AzureResolver::new(
+            azure.clone() as Arc<dyn Azure>,
+            ResolverPolicy::default(),
+        )),
+        azure: Some(azure),
+        identities: Some(Arc::new(Federation::new(
             ArmConfig::new(url.clone()),
-            Arc::new(StaticToken::new("operator-token")),
-        ));
-        let azure = Arc::new(CountedAzure::new(own).unwrap());
-        let seams = Seams {
-            prober: Arc::new(SimNetwork {
-                sim: Arc::clone(sim.shared()),
-                prober: RdpProber::new().unwrap(),
-            }),
-            resolver: Arc::new(AzureResolver::new(
-                azure.clone() as Arc<dyn Azure>,
-                ResolverPolicy::default(),
-            )),
-            azure: Some(azure),
-            identities: Some(Arc::new(Federation::new(
-                ArmConfig::new(url.clone()),
-                url,
-                Some(TENANT.into()),
-                Some(token_file.to_path_buf()),
-            ))),
-        };
-        let settings = Settings {
-            concurrency: 4,
-            fleet: FleetPolicy {
-                disruptive_grace: Duration::from_millis(200),
-                ..FleetPolicy::default()
-            },
-            tenancy: Some(policy()),
-            ..Settings::default()
-        };
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(
-            api.client(),
-            settings,
-            seams,
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(common::http_get(http, "/readyz").await, Ok((200, _))) {
-            assert!(tokio::time::Instant::now() < deadline, "never became ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            http,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("operator did not stop")
-            .unwrap()
-            .unwrap();
-        let _ = self.http;
-    }
+            url,
+            Some(TENANT.into()),
+            Some(token_file.to_path_buf()),
+        ))),
+    };
+    let settings = Settings {
+        concurrency: 4,
+        fleet: FleetPolicy {
+            disruptive_grace: Duration::from_millis(200),
+            ..FleetPolicy::default()
+        },
+        tenancy: Some(policy()),
+        ..Settings::default()
+    };
+    Running::start(api, settings, seams).await
 }
 
 fn rdphealth(namespace: &str, name: &str, sub: &str, vm: &str) -> Value {
@@ -219,7 +182,7 @@ async fn namespaces_granted_by_label_act_only_as_their_own_identity() {
     }
     // A broken VM in team-a: the ladder resets RDP as team-a's identity.
     assert!(sim.inject("vm-a", Fault::RdpDisabled).await);
-    let op = Operator::start(&api, &sim, &token_file).await;
+    let op = start_operator(&api, &sim, &token_file).await;
     api.create(
         "rdphealths",
         "team-a",
@@ -325,7 +288,7 @@ async fn an_identity_without_a_token_acts_never_and_says_why() {
     api.create_namespace("team-a");
     api.control_plane()
         .kubectl(&["label", "namespace", "team-a", "tenant=a"]);
-    let op = Operator::start(&api, &sim, &missing).await;
+    let op = start_operator(&api, &sim, &missing).await;
     api.create(
         "rdphealths",
         "team-a",

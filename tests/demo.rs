@@ -70,9 +70,10 @@ async fn every_fault_class_settles_as_expected() {
     );
     assert!(by_fault(None).settled());
     // Snapshot before change: every in-guest write and disruptive rung that fixed a VM was
-    // preceded by its own OS-disk snapshot, recorded in status and named in the rung's record;
-    // the VMAccess reset (no Run Command write, not disruptive) was not.
+    // (the VMAccess reset of the RDP settings included) preceded by its own OS-disk snapshot,
+    // recorded in status and named in the rung's record.
     for fault in [
+        Fault::RdpDisabled,
         Fault::TlsDisabled,
         Fault::CertificateExpired,
         Fault::Flapping,
@@ -102,17 +103,7 @@ async fn every_fault_class_settles_as_expected() {
             status.ladder.snapshots
         );
     }
-    let rdp = by_fault(Some(Fault::RdpDisabled))
-        .obj
-        .status
-        .clone()
-        .unwrap();
-    assert!(
-        rdp.ladder.snapshots.is_empty(),
-        "{:?}",
-        rdp.ladder.snapshots
-    );
-    assert!(summary.arm_calls.get("snapshot.put").copied().unwrap_or(0) >= 6);
+    assert!(summary.arm_calls.get("snapshot.put").copied().unwrap_or(0) >= 7);
     assert_eq!(
         summary.arm_calls.get("snapshot.delete"),
         None,
@@ -326,4 +317,28 @@ async fn a_stopped_vm_is_started_only_with_allow_start() {
         demo::view::render_summary(&summary)
     );
     assert_eq!(summary.arm_calls.get("vm.start").copied(), Some(1));
+}
+
+/// An object for a VM the demo does not simulate is an error naming the demo's VMs, not
+/// silently ignored.
+#[tokio::test]
+async fn an_object_for_a_vm_the_demo_does_not_have_is_refused() {
+    let cfg = DemoConfig {
+        vms: 3,
+        objects: vec!["examples/rdphealth-password-reset.yaml".into()],
+        timeout: Duration::from_secs(10),
+        exit_when_settled: true,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let err = demo::run(&cfg).await.unwrap_err();
+    assert!(
+        matches!(&err, demo::DemoError::UnknownVm { vm, .. } if vm == "jumphost-1"),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("rdphealth-password-reset.yaml") && text.contains("vm-001-rdp-disabled"),
+        "{text}"
+    );
 }

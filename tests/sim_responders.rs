@@ -130,6 +130,22 @@ async fn injected_faults_change_the_responder_at_run_time() {
     // The listener comes back on the same port.
     assert!(probe(&sim, "vm-healthy").await.reachable);
     assert!(!sim.inject("no-such-vm", Fault::Flapping).await);
+    // Standard RDP security only (`SecurityLayer`=0): the SSL|HYBRID offer is refused, the
+    // prober's retry with standard RDP security is accepted: reachable, with the finding.
+    assert!(sim.inject("vm-healthy", Fault::LegacyRdpSecurity).await);
+    assert_eq!(
+        sim.vm("vm-healthy").unwrap().behaviour,
+        Behaviour::LegacyRdpOnly
+    );
+    let legacy = probe(&sim, "vm-healthy").await;
+    assert!(legacy.reachable, "{legacy:?}");
+    assert!(
+        legacy.findings.contains(&Finding::LegacyRdpSecurity),
+        "{legacy:?}"
+    );
+    sim.clear("vm-healthy", Fault::LegacyRdpSecurity).await;
+    let modern = probe(&sim, "vm-healthy").await;
+    assert!(modern.reachable && modern.findings.is_empty(), "{modern:?}");
     sim.shutdown().await;
 }
 

@@ -20,7 +20,8 @@ pub struct DemoArgs {
     /// A simulator scenario file instead of the built-in fleet.
     #[arg(long)]
     pub scenario: Option<PathBuf>,
-    /// RdpHealth YAML files whose specs replace the generated ones (matched by VM name).
+    /// RdpHealth YAML files whose specs replace the generated ones (matched by VM name; a VM
+    /// the demo does not simulate is an error).
     #[arg(short = 'f', long = "file")]
     pub files: Vec<PathBuf>,
     /// Exit once every VM is healthy or in the state the scenario expects (0), or at the timeout (1).

@@ -106,8 +106,21 @@ fn remediation_results_are_counted_once() {
     after.start(Step::rung(Rung::Restart), ts(11));
     after.finish(RungOutcome::Failed, None, ts(11), None);
     metrics.count_remediations(&before, &after, ts(11));
+    // A rung whose OS-disk snapshot comes first: its intent while the snapshot is taken,
+    // dropped once it is, then the rung's own start: counted once.
+    before = after.clone();
+    after.start(Step::rung(Rung::Redeploy), ts(20));
+    if let Some(c) = after.current.as_mut() {
+        c.phase = ExecutionPhase::Snapshotting;
+    }
+    metrics.count_remediations(&before, &after, ts(20));
+    before = after.clone();
+    after.drop_unstarted();
+    after.start(Step::rung(Rung::Redeploy), ts(30));
+    metrics.count_remediations(&before, &after, ts(30));
     let text = metrics.render().unwrap();
     for line in [
+        r#"rdphealth_remediations_total{result="started",rung="Redeploy"} 1"#,
         r#"rdphealth_remediations_total{result="started",rung="ResetRdpConfig"} 1"#,
         r#"rdphealth_remediations_total{result="not_fixed",rung="ResetRdpConfig"} 1"#,
         r#"rdphealth_remediations_total{result="started",rung="Restart"} 1"#,

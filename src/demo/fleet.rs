@@ -69,7 +69,10 @@ impl Expect {
     pub fn for_fault(fault: Option<Fault>) -> Self {
         use crate::ladder::Rung;
         match fault {
-            None | Some(Fault::HealthUnknown | Fault::SnapshotFails) => Self::Healthy,
+            // Standard RDP security only is reachable: a security finding, not an outage.
+            None | Some(Fault::HealthUnknown | Fault::SnapshotFails | Fault::LegacyRdpSecurity) => {
+                Self::Healthy
+            }
             Some(Fault::RdpDisabled) => Self::FixedBy(Step::rung(Rung::ResetRdpConfig)),
             Some(Fault::NsgBlocking) => Self::Reported("NsgDenied"),
             Some(Fault::TlsDisabled) => Self::FixedBy(Step::repair(GuestRepair::EnableTls12)),

@@ -104,6 +104,18 @@ pub enum DemoError {
         /// Why.
         why: String,
     },
+    /// An object names a VM the demo does not simulate.
+    #[error(
+        "{path} names VM {vm:?}, which the demo does not simulate; the demo's VMs are: {known} (objects given with -f change the ladder of one of them)"
+    )]
+    UnknownVm {
+        /// The file.
+        path: PathBuf,
+        /// The VM it names.
+        vm: String,
+        /// The demo's VM names.
+        known: String,
+    },
     /// Something else failed to start.
     #[error("failed to start the demo: {0}")]
     Setup(String),
@@ -144,8 +156,22 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         (Clock::new(1.0), Some(speed))
     };
     let started = Instant::now();
-    let sim = Simulator::start(scenario).await?;
     let overrides = load_objects(&cfg.objects)?;
+    let sim = Simulator::start(scenario).await?;
+    // An object for a VM the demo does not simulate would silently do nothing: refuse it.
+    let names: Vec<String> = sim.vms().into_iter().map(|vm| vm.name).collect();
+    if let Some((vm, (path, _))) = overrides
+        .iter()
+        .find(|(vm, _)| !names.iter().any(|n| n.eq_ignore_ascii_case(vm)))
+    {
+        let err = DemoError::UnknownVm {
+            path: path.clone(),
+            vm: vm.clone(),
+            known: names.join(", "),
+        };
+        sim.shutdown().await;
+        return Err(err);
+    }
     let state = Arc::new(State {
         clock,
         objects: Mutex::new(BTreeMap::new()),
@@ -153,7 +179,10 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     });
     for vm in sim.vms() {
         let fault = vm.faults.first().copied();
-        let obj = object_for(&vm, compress, overrides.get(&vm.name));
+        let given = overrides
+            .get(&vm.name.to_ascii_lowercase())
+            .map(|(_, obj)| obj);
+        let obj = object_for(&vm, compress, given);
         let tracked = Tracked {
             obj,
             fault,
@@ -298,7 +327,8 @@ async fn serve_metrics(
     Ok(())
 }
 
-fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, RdpHealth>, DemoError> {
+/// The objects in `paths`, by the lower-cased name of the VM they watch, with their file.
+fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, (PathBuf, RdpHealth)>, DemoError> {
     let mut out = BTreeMap::new();
     for path in paths {
         let text = std::fs::read_to_string(path).map_err(|e| DemoError::Objects {
@@ -318,8 +348,8 @@ fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, RdpHealth>, DemoEr
                 .rsplit('/')
                 .next()
                 .unwrap_or_default()
-                .to_string();
-            out.insert(vm, obj);
+                .to_ascii_lowercase();
+            out.insert(vm, (path.clone(), obj));
         }
     }
     Ok(out)

@@ -28,21 +28,38 @@ pub fn flush_log(state: &State, table: bool) {
     }
 }
 
-/// Redraws the live table.
+/// The terminal's width, when stdout is one.
+fn terminal_width() -> Option<usize> {
+    terminal_size::terminal_size().map(|(w, _)| usize::from(w.0))
+}
+
+/// `line` cut to `width` characters (the last one an ellipsis when cut), so that a table row
+/// never wraps on the terminal.
+fn fit(line: &str, width: Option<usize>) -> String {
+    match width {
+        Some(w) if w > 1 && line.chars().count() > w => {
+            let mut cut: String = line.chars().take(w - 1).collect();
+            cut.push('…');
+            cut
+        }
+        _ => line.to_owned(),
+    }
+}
+
+/// Redraws the live table, each line fitted to the terminal's width.
 pub fn draw_table(state: &State) {
+    let width = terminal_width();
     let mut out = String::from("\x1b[2J\x1b[H");
     let _ = writeln!(
         out,
-        "rdphealth demo — {:.1}s\n\n{:<28} {:<12} {:<10} {:<22} {:<28} {:>4} {:<10} LAST EVENT",
-        state.clock.elapsed().as_secs_f64(),
-        "VM",
-        "PHASE",
-        "REACHABLE",
-        "REASON",
-        "RUNG",
-        "TRY",
-        "NEXT",
+        "rdphealth demo — {:.1}s\n",
+        state.clock.elapsed().as_secs_f64()
     );
+    let header = format!(
+        "{:<28} {:<12} {:<10} {:<22} {:<28} {:>4} {:<10} LAST EVENT",
+        "VM", "PHASE", "REACHABLE", "REASON", "RUNG", "TRY", "NEXT",
+    );
+    let _ = writeln!(out, "{}", fit(&header, width));
     for t in state.snapshot() {
         let status = t.obj.status.clone().unwrap_or_default();
         let reachable = conditions::find(&status.conditions, types::REACHABLE)
@@ -66,15 +83,8 @@ pub fn draw_table(state: &State) {
             .as_ref()
             .map(|t| t.0.strftime("%H:%M:%S").to_string())
             .unwrap_or_default();
-        let last: String = t
-            .last_event
-            .clone()
-            .unwrap_or_default()
-            .chars()
-            .take(60)
-            .collect();
-        let _ = writeln!(
-            out,
+        let last = t.last_event.clone().unwrap_or_default();
+        let row = format!(
             "{:<28} {:<12} {:<10} {:<22} {:<28} {:>4} {:<10} {}",
             t.obj.metadata.name.clone().unwrap_or_default(),
             status.phase.map_or("", |p| p.as_str()),
@@ -85,6 +95,7 @@ pub fn draw_table(state: &State) {
             next,
             last
         );
+        let _ = writeln!(out, "{}", fit(&row, width));
     }
     let _ = state.log.lock().map(|mut l| l.clear());
     print!("{out}");
@@ -151,5 +162,23 @@ fn fault_column(t: &super::Tracked) -> String {
         (Some(f), _) => f.as_str().to_string(),
         (None, Some(_)) => "address reused".to_string(),
         (None, None) => "none".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn rows_fit_the_terminal_and_never_wrap() {
+        let row = "vm-004-certificate-expired   Remediating  True       RepairGuest(RenewRdpCertificate) started";
+        let fitted = fit(row, Some(40));
+        assert_eq!(fitted.chars().count(), 40);
+        assert!(fitted.ends_with('…'));
+        assert!(row.starts_with(fitted.trim_end_matches('…')));
+        assert_eq!(fit(row, Some(200)), row, "short enough: unchanged");
+        assert_eq!(fit(row, None), row, "not a terminal: unchanged");
+        // Multi-byte characters are counted as characters, never split.
+        assert_eq!(fit("ééééé", Some(3)), "éé…");
     }
 }

@@ -33,6 +33,26 @@ pub struct CertificateBinding {
     pub in_store: bool,
 }
 
+/// A certificate in `LocalMachine\Remote Desktop` (the self-signed one RDP uses when no
+/// custom certificate is bound).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RdpCertificate {
+    /// Its thumbprint.
+    pub thumbprint: String,
+    /// Whether Windows has its private key.
+    pub private_key: bool,
+    /// Whether it has expired.
+    pub expired: bool,
+}
+
+impl RdpCertificate {
+    /// Present but unusable: no private key, or expired.
+    pub fn unusable(&self) -> bool {
+        !self.private_key || self.expired
+    }
+}
+
 /// What the query found in the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -56,6 +76,9 @@ pub struct GuestEvidence {
     /// The custom certificate `SSLCertificateSHA1Hash` binds the listener to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_binding: Option<CertificateBinding>,
+    /// The self-signed RDP certificates (reported only when no custom certificate is bound).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rdp_certificates: Vec<RdpCertificate>,
     /// The script ran to its end (output is cut to its last 4 KiB by Run Command).
     pub complete: bool,
 }
@@ -78,6 +101,9 @@ pub enum GuestScenario {
     CertificateKeyAccess,
     /// RD Connection Broker errors (2056, 1296): report, never automate.
     ConnectionBroker,
+    /// The self-signed RDP certificate is present but unusable (no private key, or expired):
+    /// renew it, as for [`Self::CertificateKeyAccess`].
+    CertificateUnusable,
     /// `SSLCertificateSHA1Hash` names a certificate that is no longer in the store: remove
     /// the binding (RDP falls back to the self-signed certificate).
     StaleCertificateBinding,
@@ -93,6 +119,7 @@ impl GuestScenario {
             Self::TlsDisabled => "tlsDisabled",
             Self::CertificateKeyAccess => "certificateKeyAccess",
             Self::ConnectionBroker => "connectionBroker",
+            Self::CertificateUnusable => "certificateUnusable",
             Self::StaleCertificateBinding => "staleCertificateBinding",
         }
     }
@@ -156,6 +183,15 @@ pub fn parse(output: &str) -> GuestEvidence {
                             thumbprint,
                             in_store: get("present").is_none_or(|p| p != "0"),
                         })
+            }
+            "rdpcert" => {
+                if let Some(thumbprint) = get("thumbprint").filter(|t| !t.is_empty()) {
+                    ev.rdp_certificates.push(RdpCertificate {
+                        thumbprint,
+                        private_key: get("privateKey").is_none_or(|v| v != "0"),
+                        expired: get("expired").is_some_and(|v| v == "1"),
+                    });
+                }
             }
             "done" => ev.complete = true,
             _ => {}
@@ -234,6 +270,11 @@ impl GuestEvidence {
         }
         if self.has_event("SessionBroker", &[2056, 1296]) {
             out.push(GuestScenario::ConnectionBroker);
+        }
+        if self.certificate_binding.is_none()
+            && self.rdp_certificates.iter().any(RdpCertificate::unusable)
+        {
+            out.push(GuestScenario::CertificateUnusable);
         }
         if self
             .certificate_binding

@@ -217,7 +217,7 @@ pub fn plan(
         match scenario {
             GuestScenario::ListenerDisabled => targeted.push(Step::rung(Rung::ResetRdpConfig)),
             GuestScenario::TlsDisabled => targeted.push(Step::repair(GuestRepair::EnableTls12)),
-            GuestScenario::CertificateKeyAccess => {
+            GuestScenario::CertificateKeyAccess | GuestScenario::CertificateUnusable => {
                 targeted.push(Step::repair(GuestRepair::RenewRdpCertificate))
             }
             _ => {}

@@ -126,6 +126,21 @@ use GuestRepair::{EnableTls12 as Tls12, RenewRdpCertificate as Renew};
     Handshake,
     act(Renew)
 )]
+#[case::self_signed_certificate_without_private_key(
+    Some("RDPHEALTH rdpcert thumbprint=AB12 privateKey=0 expired=0"),
+    Handshake,
+    act(Renew)
+)]
+#[case::self_signed_certificate_expired(
+    Some("RDPHEALTH rdpcert thumbprint=AB12 privateKey=1 expired=1"),
+    Timeout,
+    act(Renew)
+)]
+#[case::self_signed_certificate_usable(
+    Some("RDPHEALTH rdpcert thumbprint=AB12 privateKey=1 expired=0"),
+    Handshake,
+    act(Tls12)
+)]
 #[case::event_36871_is_tls_not_the_certificate(
     Some("RDPHEALTH event provider=Schannel id=36871 count=3"),
     Handshake,

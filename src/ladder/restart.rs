@@ -313,6 +313,29 @@ mod tests {
         assert_eq!(ladder.history[1].outcome, RungOutcome::Fixed);
     }
 
+    /// Reachable again while the restart's snapshot was being taken (the repair's changes
+    /// worked without a reboot): the repair is credited and the restart never happens.
+    #[test]
+    fn a_recovery_before_the_restart_credits_the_repair() {
+        let mut ladder = applied();
+        ladder.start(Step::restart_after(TLS), at(40));
+        ladder.current.as_mut().unwrap().phase = crate::ladder::ExecutionPhase::Snapshotting;
+        assert_eq!(ladder.recover(at(90)), Some(Step::repair(TLS)));
+        assert_eq!(ladder.recovered_by, Some(Step::repair(TLS)));
+        assert!(ladder.current.is_none());
+        assert_eq!(ladder.history.len(), 1, "no restart record");
+        assert_eq!(ladder.history[0].outcome, RungOutcome::Fixed);
+        // A repair of an earlier incident is never credited for this one.
+        let mut ladder = applied();
+        ladder.start(Step::restart_after(TLS), at(40));
+        ladder.drop_unstarted();
+        ladder.incident_started_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at(500),
+        ));
+        assert_eq!(ladder.recover(at(600)), None);
+        assert_eq!(ladder.history[0].outcome, RungOutcome::Applied);
+    }
+
     #[test]
     fn after_the_restart_the_ladder_moves_on_without_restarting_again() {
         let mut case = Case::new();

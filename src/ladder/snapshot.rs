@@ -36,7 +36,8 @@ pub const PRUNE_RETRY: Duration = Duration::from_secs(3600);
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotSpec {
-    /// Take an incremental snapshot of the OS disk before `RepairGuest` and before every
+    /// Take an incremental snapshot of the OS disk before the in-guest writes
+    /// (`ResetRdpConfig`, `RepairGuest`) and before every
     /// disruptive rung (ResetNic, Restart, Redeploy, ResetPassword); the rung does not start
     /// if the snapshot fails. Default: true (snapshots are taken only in `Auto`, the only mode
     /// that changes anything).
@@ -102,10 +103,11 @@ impl From<&SnapshotSpec> for SnapshotPolicy {
 }
 
 /// Whether `rung` changes the guest or disrupts the VM, so that the guides' first
-/// instruction — snapshot the OS disk — applies: in-guest writes through Run Command and
-/// every disruptive rung.
+/// instruction — snapshot the OS disk — applies: in-guest writes (VMAccess's reset of the RDP
+/// settings writes the guest's registry and firewall; the Run Command repairs) and every
+/// disruptive rung.
 pub fn needed(rung: Rung) -> bool {
-    rung == Rung::RepairGuest || rung.is_disruptive()
+    matches!(rung, Rung::ResetRdpConfig | Rung::RepairGuest) || rung.is_disruptive()
 }
 
 /// One snapshot the operator took.
@@ -256,6 +258,7 @@ mod tests {
         assert_eq!(
             with,
             [
+                Rung::ResetRdpConfig,
                 Rung::RepairGuest,
                 Rung::ResetNic,
                 Rung::Restart,

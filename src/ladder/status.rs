@@ -6,7 +6,11 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{rung::Step, settle::GuestWatch, snapshot::SnapshotRecord};
+use super::{
+    rung::{Rung, Step},
+    settle::GuestWatch,
+    snapshot::SnapshotRecord,
+};
 
 /// How many rung records the status keeps.
 pub const HISTORY_LIMIT: usize = 32;
@@ -470,9 +474,11 @@ impl LadderStatus {
             // Only the snapshot ran: the rung never started and gets no credit.
             self.drop_unstarted();
         }
-        let by = self.current.as_ref().map(|c| c.step.credited());
+        let mut by = self.current.as_ref().map(|c| c.step.credited());
         if by.is_some() {
             self.finish(RungOutcome::Fixed, None, now, None);
+        } else {
+            by = self.credit_applied_repair();
         }
         if self.incident_started_at.is_some() {
             if self.incident_history().next().is_some() {
@@ -485,6 +491,22 @@ impl LadderStatus {
         self.exhausted = false;
         self.planned = None;
         by
+    }
+
+    /// A repair recorded `Applied` as the incident's last step, whose restart never started
+    /// (the endpoint recovered before it, e.g. while its snapshot was taken): the repair did
+    /// the work, so it becomes `Fixed` and gets the credit; no restart follows.
+    fn credit_applied_repair(&mut self) -> Option<Step> {
+        let since = self.incident_started_at.as_ref().map(ts)?;
+        let last = self.history.last_mut()?;
+        if ts(&last.started_at) < since
+            || last.outcome != RungOutcome::Applied
+            || last.step.rung != Rung::RepairGuest
+        {
+            return None;
+        }
+        last.outcome = RungOutcome::Fixed;
+        Some(last.step)
     }
 
     /// Every usable rung was tried: stop until the endpoint recovers.

@@ -293,9 +293,26 @@ mod tests {
                 let out = run(&mut w, &script::script_for(&plan));
                 let vm = w.vms.get_mut("vm").unwrap();
                 boot(vm);
-                assert!(healthy(&w), "{repair} did not fix the VM");
                 let vm = &w.vms["vm"];
-                assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
+                let insecure = plan.changes.iter().any(|c| {
+                    matches!(c, Change::Set { name, value: RegValue::Dword(0), .. } if name == "SecurityLayer")
+                });
+                if insecure {
+                    // The consented insecure listener: reachable with standard RDP security
+                    // only, which the probe reports as a security finding.
+                    assert_eq!(
+                        w.behaviour("vm"),
+                        crate::sim::fault::Behaviour::LegacyRdpOnly,
+                        "{repair}"
+                    );
+                    assert_eq!(
+                        vm.faults.iter().copied().collect::<Vec<_>>(),
+                        [crate::sim::Fault::LegacyRdpSecurity]
+                    );
+                } else {
+                    assert!(healthy(&w), "{repair} did not fix the VM");
+                    assert!(vm.faults.is_empty(), "{repair} left {:?}", vm.faults);
+                }
                 assert!(
                     vm.registry.listener(3389).is_ok(),
                     "{repair} broke the listener"

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 /// | `platform_outage` | accepts, never answers | Resource Health `Unavailable`, context `Platform Initiated`, category `Unplanned` | nothing: wait; cleared at run time through the admin API |
 /// | `vm_stopped` | connection refused | instance view `PowerState/deallocated`; Resource Health `Unavailable` (context `Customer Initiated`, reason `User Initiated`) | not a ladder rung: starting the VM (`POST …/start`) clears it |
 /// | `health_unknown` | as its other faults make it | Resource Health `Unknown` (no signal) | a modifier: it never clears by itself; the ladder acts on the other evidence |
+/// | `legacy_rdp_security` | answers an SSL/CredSSP offer with `SSL_NOT_ALLOWED_BY_SERVER`, accepts standard RDP security | Run Command reading `RDP-Tcp` shows `SecurityLayer : 0` | not an outage: the probe reports it reachable with the `legacy_rdp_security` finding; the keep-alive repair's opt-in insecure listener settings produce it |
 /// | `snapshot_fails` | as its other faults make it | a snapshot of its OS disk ends `Failed` (`InternalDiskManagementError`) | a modifier: the rungs that need a snapshot first do not start |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,11 +47,13 @@ pub enum Fault {
     HealthUnknown,
     /// Snapshots of the VM's OS disk fail (the operation ends `Failed`).
     SnapshotFails,
+    /// The listener allows standard RDP security only (`SecurityLayer`=0).
+    LegacyRdpSecurity,
 }
 
 impl Fault {
     /// Every fault, in a stable order.
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 13] = [
         Self::RdpDisabled,
         Self::NsgBlocking,
         Self::TlsDisabled,
@@ -63,6 +66,7 @@ impl Fault {
         Self::VmStopped,
         Self::HealthUnknown,
         Self::SnapshotFails,
+        Self::LegacyRdpSecurity,
     ];
 
     /// The snake_case name used in scenarios and the admin API.
@@ -80,6 +84,7 @@ impl Fault {
             Self::VmStopped => "vm_stopped",
             Self::HealthUnknown => "health_unknown",
             Self::SnapshotFails => "snapshot_fails",
+            Self::LegacyRdpSecurity => "legacy_rdp_security",
         }
     }
 
@@ -101,6 +106,9 @@ pub enum Behaviour {
     TlsAlert,
     /// Every other connection is closed before any reply.
     Flapping,
+    /// A working RDP endpoint that allows standard RDP security only: an offer of TLS or
+    /// CredSSP is refused with `SSL_NOT_ALLOWED_BY_SERVER`.
+    LegacyRdpOnly,
     /// A working RDP endpoint (optionally with an expired certificate).
     Healthy {
         /// The certificate served is expired.

@@ -15,6 +15,8 @@ const MAX_OUTPUT: usize = 4096;
 
 /// The marker line of the operator's read-only evidence query.
 const QUERY_MARKER: &str = "rdphealth-script: query-rdp-evidence";
+/// The thumbprint the query reports for the guest's self-signed RDP certificate.
+const SELF_SIGNED_THUMBPRINT: &str = "5E1F5161AEDC0000000000000000000000000001";
 
 /// Whether `script` is the operator's read-only evidence query.
 pub fn is_evidence_query(script: &[String]) -> bool {
@@ -26,12 +28,13 @@ pub fn is_evidence_query(script: &[String]) -> bool {
 /// Makes the VM's registry show its registry-backed faults (faults may be set at run time).
 pub fn show_faults(vm: &mut Vm) {
     let has = |f| vm.faults.contains(&f);
-    let (rdp, tls, flapping) = (
+    let (rdp, tls, flapping, legacy) = (
         has(Fault::RdpDisabled),
         has(Fault::TlsDisabled),
         has(Fault::Flapping),
+        has(Fault::LegacyRdpSecurity),
     );
-    vm.registry.show(rdp, tls, flapping);
+    vm.registry.show(rdp, tls, flapping, legacy);
 }
 
 /// Derives the registry-backed faults from the registry after a script changed it.
@@ -40,6 +43,7 @@ fn read_faults(vm: &mut Vm) {
         (Fault::RdpDisabled, vm.registry.rdp_denied()),
         (Fault::TlsDisabled, vm.registry.tls12_disabled()),
         (Fault::Flapping, vm.registry.keepalive_broken()),
+        (Fault::LegacyRdpSecurity, vm.registry.legacy_rdp_security()),
     ] {
         if on {
             vm.faults.insert(fault);
@@ -218,6 +222,13 @@ fn evidence_query(vm: &Vm) -> Vec<String> {
         out.push(format!(
             "RDPHEALTH certificate binding={thumbprint} present={}",
             u8::from(vm.certificates.contains(&thumbprint))
+        ));
+    } else {
+        // The self-signed certificate RDP uses, as the responder serves it.
+        out.push(format!(
+            "RDPHEALTH rdpcert thumbprint={} privateKey=1 expired={}",
+            SELF_SIGNED_THUMBPRINT,
+            u8::from(has(Fault::CertificateExpired))
         ));
     }
     out.push(format!(

@@ -7,9 +7,11 @@
 mod applier;
 pub mod arm;
 pub mod disk;
+mod estate;
 pub mod fault;
 pub mod guest;
 pub mod registry;
+mod resources;
 pub mod responder;
 pub mod scenario;
 pub mod timing;

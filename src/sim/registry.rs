@@ -289,8 +289,17 @@ impl Registry {
         self.dword(RDP_TCP, "KeepAliveTimeout") == Some(0)
     }
 
+    /// The listener allows standard RDP security only (`SecurityLayer`=0).
+    pub fn legacy_rdp_security(&self) -> bool {
+        self.dword(RDP_TCP, "SecurityLayer") == Some(0)
+    }
+
     /// Makes the registry show (or stop showing) the registry-backed faults.
-    pub fn show(&mut self, rdp_disabled: bool, tls_disabled: bool, flapping: bool) {
+    pub fn show(&mut self, rdp_disabled: bool, tls_disabled: bool, flapping: bool, legacy: bool) {
+        if legacy != self.legacy_rdp_security() {
+            // Windows' default is 2 (TLS); 0 is standard RDP security only.
+            self.force_dword(RDP_TCP, "SecurityLayer", Some(if legacy { 0 } else { 2 }));
+        }
         if rdp_disabled != self.rdp_denied() {
             self.force_dword(
                 TERMINAL_SERVER,
@@ -401,10 +410,13 @@ mod tests {
     #[test]
     fn faults_show_in_the_registry_and_back() {
         let mut r = Registry::windows_default(3389);
-        r.show(true, true, true);
+        r.show(true, true, true, true);
         assert!(r.rdp_denied() && r.tls12_disabled() && r.keepalive_broken());
-        r.show(false, false, false);
+        assert!(r.legacy_rdp_security());
+        r.show(false, false, false, false);
         assert!(!r.rdp_denied() && !r.tls12_disabled() && !r.keepalive_broken());
+        assert!(!r.legacy_rdp_security());
+        assert_eq!(r.dword(RDP_TCP, "SecurityLayer"), Some(2));
         assert!(r.listener(3389).is_ok());
     }
 }

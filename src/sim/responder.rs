@@ -236,6 +236,26 @@ async fn talk(
                 .await;
             let _ = stream.shutdown().await;
         }
+        Behaviour::LegacyRdpOnly => {
+            // Standard RDP security only: TLS and CredSSP offers are refused; a request for
+            // PROTOCOL_RDP gets its response, then the server waits for the MCS Connect.
+            let Some(pdu) = read_request(&mut stream).await else {
+                return;
+            };
+            let Ok(request) = codec::parse_connection_request(&pdu) else {
+                return;
+            };
+            let reply = match request.requested_protocols {
+                Some(p) if p & (codec::PROTOCOL_SSL | codec::PROTOCOL_HYBRID) != 0 => {
+                    codec::encode_negotiation_failure(SSL_NOT_ALLOWED_BY_SERVER)
+                }
+                Some(_) => codec::encode_negotiation_response(PROTOCOL_RDP, 0),
+                None => codec::encode_legacy_confirm(),
+            };
+            if stream.write_all(&reply).await.is_ok() {
+                drain(&mut stream).await;
+            }
+        }
         Behaviour::Flapping | Behaviour::Healthy { .. } => {
             let expired = matches!(
                 behaviour,
@@ -300,6 +320,10 @@ async fn read_request(stream: &mut TcpStream) -> Option<Vec<u8>> {
 
 /// RDP_NEG_FAILURE code: the server requires CredSSP.
 pub(crate) const HYBRID_REQUIRED_BY_SERVER: u32 = 5;
+/// RDP_NEG_FAILURE code: the server allows standard RDP security only.
+const SSL_NOT_ALLOWED_BY_SERVER: u32 = 2;
+/// selectedProtocol: standard RDP security.
+const PROTOCOL_RDP: u32 = 0;
 
 /// Reads the client's first TSRequest; when it carries an NTLM NEGOTIATE, answers with a
 /// TSRequest carrying a CHALLENGE that names `computer_name` and gives the current time.

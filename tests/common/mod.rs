@@ -190,3 +190,50 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
+
+/// The `promtool` to use (`PROMTOOL`, else `promtool` on `PATH`), if it runs. When it does
+/// not, a test needing it fails under `RDPHEALTH_REQUIRE_PROMTOOL=1` and is skipped with a
+/// note otherwise.
+pub fn promtool() -> Option<String> {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let available = std::process::Command::new(&promtool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if available {
+        return Some(promtool);
+    }
+    assert!(
+        std::env::var("RDPHEALTH_REQUIRE_PROMTOOL").as_deref() != Ok("1"),
+        "promtool is required (RDPHEALTH_REQUIRE_PROMTOOL=1) but `{promtool}` is not installed"
+    );
+    eprintln!(
+        "note: promtool not found; skipping the metrics lint (set RDPHEALTH_REQUIRE_PROMTOOL=1 to require it)"
+    );
+    None
+}
+
+/// `promtool check metrics` on an exposition `text`; panics with promtool's complaint.
+pub fn promtool_check(promtool: &str, text: &str) {
+    use std::{io::Write, process::Command};
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -30,9 +30,12 @@ impl Remediator {
             ));
         }
         let status = &mut outcome.status;
-        // Snapshot before change: the rung's call waits for a snapshot taken for it.
-        let snapshot_first =
-            subject.spec.ladder.snapshots.enabled && crate::ladder::snapshot::needed(step.rung);
+        // Snapshot before change: the rung's call waits for a snapshot taken for it. A
+        // password reset the operator refuses before any call changes nothing: no snapshot.
+        let refused = step.rung == Rung::ResetPassword && self.password_refusal(subject).is_some();
+        let snapshot_first = subject.spec.ladder.snapshots.enabled
+            && crate::ladder::snapshot::needed(step.rung)
+            && !refused;
         let snapshot = status
             .ladder
             .fresh_snapshot(step, now)
@@ -250,6 +253,20 @@ impl Remediator {
         })
     }
 
+    /// Why a password reset is refused before any call (nothing to snapshot for, nothing
+    /// sent), if it is.
+    fn password_refusal(&self, subject: &Subject<'_>) -> Option<&'static str> {
+        if subject.spec.ladder.password_reset.is_none() {
+            Some("ResetPassword needs remediation.passwordReset")
+        } else if self.secrets.is_none() {
+            Some(
+                "this operator has no access to Secrets, so it cannot store a new password; nothing was sent to Azure",
+            )
+        } else {
+            None
+        }
+    }
+
     /// Generates a password, stores it in the Secret as pending, then asks VMAccess to set
     /// it. Nothing is sent to Azure unless the Secret holds the password first.
     pub(super) async fn reset_password(
@@ -258,17 +275,16 @@ impl Remediator {
         vm: &VmRef,
         now: Timestamp,
     ) -> Result<(Operation, Option<String>), CallError> {
-        let (Some(spec), Some(at)) = (
+        if let Some(why) = self.password_refusal(subject) {
+            return Err(CallError::Refused(why.into()));
+        }
+        let (Some(spec), Some(at), Some(store)) = (
             subject.spec.ladder.password_reset.as_ref(),
             Self::secret_ref(subject),
+            &self.secrets,
         ) else {
             return Err(CallError::Refused(
                 "ResetPassword needs remediation.passwordReset".into(),
-            ));
-        };
-        let Some(store) = &self.secrets else {
-            return Err(CallError::Refused(
-                "this operator has no access to Secrets, so it cannot store a new password; nothing was sent to Azure".into(),
             ));
         };
         let password = generate_password().map_err(|e| {

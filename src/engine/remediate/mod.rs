@@ -217,9 +217,17 @@ fn classify(
                 false
             }
         };
-        return if !settled || recent.contains('0') {
+        // After the restart that made the repair take effect, the probes that failed while
+        // the guest booted are the reboot, not flapping: judge from its first answer on.
+        let judged = if current.step.rung == Rung::Restart {
+            recent.trim_start_matches('0')
+        } else {
+            recent.as_str()
+        };
+        let not_back = judged.is_empty() && !recent.is_empty();
+        return if !settled || not_back || judged.contains('0') {
             (Incident::Flapping, Reachability::Unreachable)
-        } else if recent.len() >= CLEAN_PROBES_AFTER_REPAIR {
+        } else if judged.len() >= CLEAN_PROBES_AFTER_REPAIR {
             (Incident::Flapping, Reachability::Reachable)
         } else {
             (Incident::Flapping, Reachability::Unknown)
@@ -407,5 +415,42 @@ mod tests {
     #[case("111111110111", false)]
     fn flapping_cases(#[case] recent: &str, #[case] expected: bool) {
         assert_eq!(flapping(recent), expected);
+    }
+
+    /// The keep-alive repair and the restart it required, settled: the probes failed while
+    /// the rebooted guest booted are not flapping, failures after its first answer are.
+    #[rstest]
+    #[case::booted_then_clean(Rung::Restart, "000000111", Reachability::Reachable)]
+    #[case::still_flapping_after_boot(Rung::Restart, "0001011", Reachability::Unreachable)]
+    #[case::never_came_back(Rung::Restart, "0000", Reachability::Unreachable)]
+    #[case::one_answer_so_far(Rung::Restart, "0001", Reachability::Unknown)]
+    #[case::repair_without_reboot_counts_every_failure(
+        Rung::RepairGuest,
+        "000000111",
+        Reachability::Unreachable
+    )]
+    #[case::repair_clean(Rung::RepairGuest, "111", Reachability::Reachable)]
+    fn keepalive_judged_after_its_restart(
+        #[case] rung: Rung,
+        #[case] recent: &str,
+        #[case] expected: Reachability,
+    ) {
+        let now = Timestamp::now();
+        let step = if rung == Rung::Restart {
+            Step::restart_after(GuestRepair::ListenerKeepAlive)
+        } else {
+            Step::repair(GuestRepair::ListenerKeepAlive)
+        };
+        let mut status = RdpHealthStatus {
+            recent_probes: recent.to_owned(),
+            ..RdpHealthStatus::default()
+        };
+        status.ladder.start(step, now);
+        status
+            .ladder
+            .settle(now, now - Duration::from_secs(1), None);
+        let (incident, r) = classify(&status, Reachability::Reachable, now);
+        assert_eq!(incident, Incident::Flapping);
+        assert_eq!(r, expected, "{recent}");
     }
 }

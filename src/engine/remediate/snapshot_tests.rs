@@ -511,3 +511,74 @@ async fn a_snapshot_intent_found_without_its_operation_is_never_requested_again(
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_snapshot_precedes_the_rdp_settings_reset() {
+    // VMAccess's reset rewrites the guest's RDP registry settings and firewall rule.
+    let sim = Simulator::start(scenario("rdp_disabled")).await.unwrap();
+    let r = remediator(&sim, Arc::new(SoleReplica), Duration::from_secs(5));
+    let run = drive(&sim, &r, object_with(r#"["ResetRdpConfig"]"#, |_| {}), 200).await;
+    let (snap, write) = (
+        position(&run.writes, "snapshot.put"),
+        position(&run.writes, "extension.put"),
+    );
+    assert!(snap.is_some() && snap < write, "{:?}", run.writes);
+    assert_eq!(sim.count("snapshot.put"), 1);
+    let fixed = run.status.ladder.history.last().unwrap();
+    assert_eq!(
+        (fixed.step.rung, fixed.outcome),
+        (Rung::ResetRdpConfig, RungOutcome::Fixed),
+        "{:?}",
+        run.status.ladder
+    );
+    assert!(fixed.snapshot.is_some());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_password_reset_refused_before_any_call_takes_no_snapshot() {
+    // This operator has no access to Secrets: the reset is refused before anything is sent,
+    // so there is nothing to take a snapshot for.
+    let sim = Simulator::start(scenario("guest_hung")).await.unwrap();
+    let r = remediator(&sim, Arc::new(SoleReplica), Duration::from_secs(5));
+    let obj = object_with(r#"["ResetPassword"]"#, |r| {
+        r.password_reset = Some(crate::ladder::spec::PasswordResetSpec {
+            username: "rdpadmin".into(),
+            secret_name: "vm-1-admin".into(),
+        });
+    });
+    let run = drive(&sim, &r, obj, 40).await;
+    let record = run
+        .status
+        .ladder
+        .history
+        .first()
+        .unwrap_or_else(|| panic!("{:?}", run.status.ladder));
+    assert_eq!(
+        (record.step.rung, record.outcome),
+        (Rung::ResetPassword, RungOutcome::Failed)
+    );
+    assert!(
+        record
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no access to Secrets"),
+        "{record:?}"
+    );
+    // Evidence only (boot diagnostics, IP flow verify): no snapshot, no VMAccess call.
+    assert_eq!(
+        position(&run.writes, "snapshot.put"),
+        None,
+        "{:?}",
+        run.writes
+    );
+    assert_eq!(
+        position(&run.writes, "extension.put"),
+        None,
+        "{:?}",
+        run.writes
+    );
+    assert!(run.status.ladder.snapshots.is_empty());
+    sim.shutdown().await;
+}
