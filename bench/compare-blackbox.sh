@@ -109,4 +109,4 @@ echo "|---|---|---|---|---|---|"
 echo "| blackbox_exporter $("$BLACKBOX" --version 2>&1 | awk 'NR==1{print $3}') (/probe, tcp + tls) | TCP + TLS handshake, HTTP request, metrics text | $total | $bb_cpu | $bb_per ms | last 4 sampled: $bb_ok/4 ok |"
 echo "| rdphealth prober | TCP + X.224 negotiation + TLS + certificate facts | $total | $our_cpu | $our_per ms | $our_ok/$total |"
 echo
-echo "ratio rdphealth / blackbox_exporter CPU per probe: $ratio (target: <= 0.5)"
+echo "ratio rdphealth / blackbox_exporter CPU per probe: $ratio (target: <= 0.2)"

@@ -312,6 +312,27 @@ async fn run_command_returns_output_and_applies_the_tls_fix() {
     sim.shutdown().await;
 }
 
+/// The guide's two calls: a free address of the subnet, then the NIC moved to it.
+async fn reset_nic(az: &ArmClient, name: &str) -> rdphealth::azure::AzureResult<Operation> {
+    let at = az.nic_address(&vm(name)).await?;
+    let free = az.ip_availability(&at.subnet_id, &at.private_ip).await?;
+    assert!(!free.available, "the NIC's own address is in use");
+    let to = free
+        .free
+        .into_iter()
+        .find(|ip| *ip != at.private_ip)
+        .unwrap();
+    az.set_nic_address(
+        &vm(name),
+        &rdphealth::azure::AddressChange {
+            nic_id: at.nic_id,
+            from_ip: at.private_ip,
+            to_ip: to,
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
     let (sim, az) = start_with(Duration::from_millis(700)).await;
@@ -321,10 +342,11 @@ async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
         .unwrap()
         .private_ip
         .unwrap();
-    let op = az.reset_nic(&vm("vm-nic-broken")).await.unwrap();
+    let boots = sim.vm("vm-nic-broken").unwrap().boot;
+    let op = reset_nic(&az, "vm-nic-broken").await.unwrap();
     assert!(op.detail.as_deref().unwrap().contains(&before));
     // A second change while the first runs: AnotherOperationInProgress.
-    let err = az.reset_nic(&vm("vm-nic-broken")).await.unwrap_err();
+    let err = reset_nic(&az, "vm-nic-broken").await.unwrap_err();
     assert_eq!(err.reason(), "Conflict");
     assert_eq!(
         wait(&az, &op).await,
@@ -339,6 +361,26 @@ async fn reset_nic_moves_to_a_free_address_and_clears_a_broken_nic() {
         .private_ip
         .unwrap();
     assert_ne!(before, after);
+    // The VM follows its NIC: the emulator reports the new address, and the guest restarted.
+    let summary = sim.vm("vm-nic-broken").unwrap();
+    assert_eq!(summary.private_ip.as_deref(), Some(after.as_str()));
+    assert!(summary.boot > boots, "a private-IP change restarts the VM");
+    // A change recorded for an address the NIC is no longer on is refused before any PUT.
+    let puts = sim.count("nic.put");
+    let nic_id = az.nic_address(&vm("vm-nic-broken")).await.unwrap().nic_id;
+    let stale = az
+        .set_nic_address(
+            &vm("vm-nic-broken"),
+            &rdphealth::azure::AddressChange {
+                nic_id,
+                from_ip: before.clone(),
+                to_ip: before.clone(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.reason(), "Invalid", "{stale:?}");
+    assert_eq!(sim.count("nic.put"), puts, "nothing was sent");
     assert!(
         !sim.vm("vm-nic-broken")
             .unwrap()
@@ -546,8 +588,8 @@ async fn concurrent_network_changes_fail_the_way_azure_fails_them() {
         PollOutcome::Failed { code, .. } => assert_eq!(code, "AnotherOperationInProgress"),
         other => panic!("expected AnotherOperationInProgress, got {other:?}"),
     }
-    let op = az.reset_nic(&vm("vm-nic-broken")).await.unwrap();
-    let err = az.reset_nic(&vm("vm-nic-broken")).await.unwrap_err();
+    let op = reset_nic(&az, "vm-nic-broken").await.unwrap();
+    let err = reset_nic(&az, "vm-nic-broken").await.unwrap_err();
     assert!(err.is_another_operation(), "{err:?}");
     assert!(err.retry_after().is_some());
     wait(&az, &op).await;

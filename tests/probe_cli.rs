@@ -89,6 +89,47 @@ fn xrdp_tls_layer_selects_ssl() {
     assert_eq!(json["tls"]["version"], "TLSv1.3");
 }
 
+/// TCP connections in TIME_WAIT involving `port`: (the prober's side, whose remote port is
+/// `port`; the server's side, whose local port is `port`).
+fn time_wait(port: u16) -> (usize, usize) {
+    let needle = format!(":{port:04X}");
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let mut ours = 0;
+    let mut theirs = 0;
+    for line in tcp.lines().skip(1) {
+        let cols: Vec<_> = line.split_whitespace().collect();
+        if cols.len() > 3 && cols[3] == "06" {
+            ours += usize::from(cols[2].ends_with(&needle));
+            theirs += usize::from(cols[1].ends_with(&needle));
+        }
+    }
+    (ours, theirs)
+}
+
+#[test]
+fn xrdp_closes_first_so_no_time_wait_is_left_on_the_prober() {
+    if !xrdp::ready_or_skip("xrdp_time_wait") {
+        return;
+    }
+    let server = Xrdp::start("tls", &[]);
+    let out = rdphealth(&[
+        "probe",
+        &server.target(),
+        "--json",
+        "--count",
+        "3",
+        "--interval",
+        "50ms",
+        "--timeout",
+        "5s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let (ours, theirs) = time_wait(server.port);
+    // close_notify first, then the server's FIN: the TIME_WAIT of each probe is the server's
+    // (a reset, as when unread session tickets were dropped, would leave none at all).
+    assert_eq!((ours, theirs), (0, 3), "TIME_WAIT (prober, server)");
+}
+
 #[test]
 fn xrdp_rdp_layer_is_reachable_without_tls() {
     if !xrdp::ready_or_skip("xrdp_rdp") {

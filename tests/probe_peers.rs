@@ -60,6 +60,35 @@ async fn healthy_tls_endpoint_is_reachable_with_certificate_facts() {
 }
 
 #[tokio::test]
+async fn one_prober_parses_a_certificate_once_and_a_different_one_afresh() {
+    let prober = RdpProber::new().unwrap();
+    let target = |a: SocketAddr| Target::new(a.ip().to_string(), a.port()).unwrap();
+    let valid = spawn(Peer::Tls {
+        protocol: 1,
+        tls: tls_server(time::Duration::days(-1), time::Duration::days(365)),
+    })
+    .await;
+    let expired = spawn(Peer::Tls {
+        protocol: 1,
+        tls: tls_server(time::Duration::days(-400), time::Duration::days(-3)),
+    })
+    .await;
+    let first = prober.probe_once(&target(valid), &opts(2_000)).await;
+    let again = prober.probe_once(&target(valid), &opts(2_000)).await;
+    assert!(first.reachable && again.reachable);
+    assert_eq!(first.certificate(), again.certificate());
+    assert!(first.certificate().unwrap().self_signed);
+    assert_eq!(prober.certificates().parses(), 1, "the same bytes again");
+    let other = prober.probe_once(&target(expired), &opts(2_000)).await;
+    assert_eq!(other.findings, vec![Finding::CertificateExpired]);
+    assert_ne!(
+        other.certificate().unwrap().sha1_thumbprint,
+        first.certificate().unwrap().sha1_thumbprint
+    );
+    assert_eq!(prober.certificates().parses(), 2, "new bytes are parsed");
+}
+
+#[tokio::test]
 async fn hybrid_selection_also_runs_tls() {
     let tls = tls_server(time::Duration::days(-1), time::Duration::days(365));
     let report = probe_peer(Peer::Tls { protocol: 2, tls }).await;

@@ -20,6 +20,7 @@ use super::{
     error::{AzureError, from_status},
     limiter::{Limiter, LimiterConfig},
     model::*,
+    nic::{AddressChange, IpAvailability, NicAddress},
     policy,
 };
 
@@ -61,7 +62,7 @@ impl ArmConfig {
 /// The SDK-backed implementation of [`Azure`].
 pub struct ArmClient {
     pub(super) compute: compute::Client,
-    network: network::Client,
+    pub(super) network: network::Client,
     health: health::Client,
     credential: Arc<dyn TokenCredential>,
     /// The only origin (scheme, host, port) the ARM token is sent to.
@@ -140,7 +141,7 @@ impl ArmClient {
             .map_err(|e| AzureError::from_sdk(&e, &format!("VM {vm}")))
     }
 
-    async fn get_nic(&self, id: &str) -> AzureResult<network::models::NetworkInterface> {
+    pub(super) async fn get_nic(&self, id: &str) -> AzureResult<network::models::NetworkInterface> {
         let r = ResourceId::parse(id)?;
         self.network
             .network_interfaces_client()
@@ -188,7 +189,7 @@ impl ArmClient {
             .map_err(|e| AzureError::from_sdk(&e, &format!("subnet {id}")))
     }
 
-    async fn primary_nic_id(&self, vm: &VmRef) -> AzureResult<String> {
+    pub(super) async fn primary_nic_id(&self, vm: &VmRef) -> AzureResult<String> {
         let state = map_vm(self.get_vm(vm).await?);
         state
             .nic_ids
@@ -356,6 +357,14 @@ impl ResourceId {
             resource_group: parts[3].to_owned(),
             names,
         })
+    }
+
+    pub(super) fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    pub(super) fn resource_group(&self) -> &str {
+        &self.resource_group
     }
 
     pub(super) fn name(&self, i: usize) -> AzureResult<&str> {
@@ -796,74 +805,16 @@ impl Azure for ArmClient {
         Ok(op)
     }
 
-    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
-        let nic_id = self.primary_nic_id(vm).await?;
-        let r = ResourceId::parse(&nic_id)?;
-        let mut nic = self.get_nic(&nic_id).await?;
-        let props = nic
-            .properties
-            .as_mut()
-            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no properties")))?;
-        let idx = props
-            .ip_configurations
-            .iter()
-            .position(|c| {
-                c.properties
-                    .as_ref()
-                    .and_then(|p| p.primary)
-                    .unwrap_or(false)
-            })
-            .unwrap_or(0);
-        let cfg = props
-            .ip_configurations
-            .get_mut(idx)
-            .and_then(|c| c.properties.as_mut())
-            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no IP configuration")))?;
-        let current = cfg
-            .private_ip_address
-            .clone()
-            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no private IP")))?;
-        let subnet_id = cfg
-            .subnet
-            .as_ref()
-            .and_then(|s| s.sub_resource.id.clone())
-            .ok_or_else(|| AzureError::invalid(format!("NIC {nic_id} has no subnet")))?;
-        // Step 1: find a free address in the subnet.
-        let s = ResourceId::parse(&subnet_id)?;
-        let availability = self
-            .network
-            .virtual_networks_client()
-            .check_ip_address_availability(&s.resource_group, s.name(0)?, &current, &s.subscription)
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("addresses of {subnet_id}")))?;
-        let new_ip = availability
-            .available_ip_addresses
-            .into_iter()
-            .find(|ip| *ip != current)
-            .ok_or_else(|| AzureError::Conflict {
-                what: subnet_id.clone(),
-                code: "NoFreeAddress".to_owned(),
-                message: "the subnet has no free address to move the NIC to".to_owned(),
-                retry_after: None,
-            })?;
-        // Step 2: move the NIC to it as a static address (Azure re-initialises the NIC).
-        cfg.private_ip_address = Some(new_ip.clone());
-        cfg.private_ip_allocation_method = Some(network::models::IpAllocationMethod::Static);
-        let rsp = self
-            .network
-            .network_interfaces_client()
-            .create_or_update(&r.resource_group, r.name(0)?, nic, &r.subscription)
-            .send()
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, &format!("NIC {nic_id}")))?;
-        self.nsg_cache.clear();
-        self.subnet_cache.clear();
-        Ok(operation(
-            OperationKind::ResetNic,
-            vm,
-            rsp.as_raw_response().headers(),
-            Some(format!("previousIp={current} newIp={new_ip}")),
-        ))
+    async fn nic_address(&self, vm: &VmRef) -> AzureResult<NicAddress> {
+        self.primary_nic_address(vm).await
+    }
+
+    async fn ip_availability(&self, subnet_id: &str, ip: &str) -> AzureResult<IpAvailability> {
+        self.check_ip_availability(subnet_id, ip).await
+    }
+
+    async fn set_nic_address(&self, vm: &VmRef, change: &AddressChange) -> AzureResult<Operation> {
+        self.put_nic_address(vm, change).await
     }
 
     async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {

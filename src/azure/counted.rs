@@ -8,9 +8,9 @@ use std::sync::Arc;
 use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::{
-    AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint, FlowQuery, Health,
-    NetworkRules, Operation, Password, PollOutcome, SnapshotInfo, SnapshotRequest, VmRef, VmState,
-    WatcherRef,
+    AddressChange, AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint,
+    FlowQuery, Health, IpAvailability, NetworkRules, NicAddress, Operation, Password, PollOutcome,
+    SnapshotInfo, SnapshotRequest, VmRef, VmState, WatcherRef,
 };
 
 /// An [`Azure`] that counts the calls of another.
@@ -27,7 +27,7 @@ impl std::fmt::Debug for CountedAzure {
 }
 
 /// The `operation` label values, one per trait method.
-pub const OPERATIONS: [&str; 19] = [
+pub const OPERATIONS: [&str; 21] = [
     "vm_state",
     "endpoint",
     "network_rules",
@@ -38,7 +38,9 @@ pub const OPERATIONS: [&str; 19] = [
     "reset_rdp_config",
     "reset_password",
     "run_command",
-    "reset_nic",
+    "nic_address",
+    "ip_availability",
+    "set_nic_address",
     "restart",
     "redeploy",
     "start",
@@ -165,8 +167,22 @@ impl Azure for CountedAzure {
         self.count("run_command", self.inner.run_command(vm, script).await)
     }
 
-    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation> {
-        self.count("reset_nic", self.inner.reset_nic(vm).await)
+    async fn nic_address(&self, vm: &VmRef) -> AzureResult<NicAddress> {
+        self.count("nic_address", self.inner.nic_address(vm).await)
+    }
+
+    async fn ip_availability(&self, subnet_id: &str, ip: &str) -> AzureResult<IpAvailability> {
+        self.count(
+            "ip_availability",
+            self.inner.ip_availability(subnet_id, ip).await,
+        )
+    }
+
+    async fn set_nic_address(&self, vm: &VmRef, change: &AddressChange) -> AzureResult<Operation> {
+        self.count(
+            "set_nic_address",
+            self.inner.set_nic_address(vm, change).await,
+        )
     }
 
     async fn restart(&self, vm: &VmRef) -> AzureResult<Operation> {

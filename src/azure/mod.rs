@@ -12,6 +12,7 @@ pub mod error;
 pub mod identities;
 pub mod limiter;
 pub mod model;
+mod nic;
 pub mod nsg;
 pub mod policy;
 mod snapshots;
@@ -24,6 +25,7 @@ pub use self::{
     identities::{AzureIdentity, Federation},
     limiter::{Limiter, LimiterConfig},
     model::*,
+    nic::{AddressChange, IpAvailability, NicAddress},
 };
 
 /// The result of an Azure call.
@@ -72,8 +74,16 @@ pub trait Azure: Send + Sync {
     /// Run Command with a PowerShell script (one line per element).
     async fn run_command(&self, vm: &VmRef, script: &[String]) -> AzureResult<Operation>;
 
-    /// Moves the primary NIC to another free private IP (Azure re-initialises the NIC).
-    async fn reset_nic(&self, vm: &VmRef) -> AzureResult<Operation>;
+    /// The primary NIC's primary IP configuration: address, allocation, subnet.
+    async fn nic_address(&self, vm: &VmRef) -> AzureResult<NicAddress>;
+
+    /// `checkIPAddressAvailability` of `ip` in the subnet's virtual network.
+    async fn ip_availability(&self, subnet_id: &str, ip: &str) -> AzureResult<IpAvailability>;
+
+    /// Moves the primary NIC's address from `change.from_ip` to `change.to_ip` (static; Azure
+    /// re-initialises the NIC and the VM restarts). Refused, without a PUT, when the NIC is
+    /// not on `from_ip`.
+    async fn set_nic_address(&self, vm: &VmRef, change: &AddressChange) -> AzureResult<Operation>;
 
     /// Restarts the VM.
     async fn restart(&self, vm: &VmRef) -> AzureResult<Operation>;

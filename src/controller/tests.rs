@@ -56,6 +56,7 @@ fn execution(rung: Rung, phase: ExecutionPhase, started: i64) -> RungExecution {
         snapshot: None,
         drops_sessions: false,
         acl_backup: None,
+        nic: None,
     }
 }
 

@@ -238,6 +238,7 @@ mod tests {
             message: None,
             snapshot: None,
             acl_backup: None,
+            nic: None,
         });
         assert!(
             identity_due(&spec, Some(&redeployed), &ep, at(1030)),

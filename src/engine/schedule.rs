@@ -83,9 +83,18 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
 pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
     let ladder = &status.ladder;
     let current = ladder.current.as_ref().and_then(|c| match c.phase {
-        ExecutionPhase::Requested => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
+        ExecutionPhase::Requested => crate::ladder::nic::requested_at(c)
+            .checked_add(spec.ladder.request_timeout)
+            .ok(),
         ExecutionPhase::Running => c.next_poll_at.as_ref().map(|t| t.0),
-        ExecutionPhase::Settling => crate::ladder::settle::due(c, spec.ladder.settle_time),
+        ExecutionPhase::Settling => {
+            let due = crate::ladder::settle::due(c, spec.ladder.settle_time);
+            // A NIC restore Azure was too busy for is tried again at `nextPollAt`.
+            match c.next_poll_at.as_ref() {
+                Some(retry) if crate::ladder::nic::restore_due(c) => due.map(|d| d.max(retry.0)),
+                _ => due,
+            }
+        }
         ExecutionPhase::Snapshotting => match &c.operation {
             Some(_) => c.next_poll_at.as_ref().map(|t| t.0),
             None => c.started_at.0.checked_add(spec.ladder.request_timeout).ok(),
@@ -261,6 +270,7 @@ mod tests {
             snapshot: None,
             drops_sessions: false,
             acl_backup: None,
+            nic: None,
         });
         status
     }

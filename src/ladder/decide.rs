@@ -256,6 +256,9 @@ pub fn plan(
 pub fn decide(s: &Situation<'_>) -> Decision {
     match s.reachability {
         Reachability::Reachable => {
+            if let Some(d) = restore_while_reachable(s) {
+                return d;
+            }
             return match &s.ladder.current {
                 // Let a running operation finish before closing the incident.
                 Some(c) if operation_runs(c) => poll_or_wait(s),
@@ -274,20 +277,16 @@ pub fn decide(s: &Situation<'_>) -> Decision {
     if let Some(current) = &s.ladder.current {
         return match current.phase {
             ExecutionPhase::Snapshotting if current.operation.is_some() => poll_or_wait(s),
-            ExecutionPhase::Requested | ExecutionPhase::Snapshotting => {
-                let age = s.now.duration_since(current.started_at.0);
-                if age.as_secs_f64() >= s.policy.request_timeout.as_secs_f64() {
-                    Decision::AbandonRequest
-                } else {
-                    // The driver that recorded the intent is making the call right now.
-                    Decision::Wait {
-                        until: add(current.started_at.0, s.policy.request_timeout),
-                        reason: WaitReason::Polling,
-                    }
-                }
-            }
+            ExecutionPhase::Requested | ExecutionPhase::Snapshotting => requested(s, current),
             ExecutionPhase::Running => poll_or_wait(s),
-            ExecutionPhase::Settling => super::settle::settling(s, current),
+            ExecutionPhase::Settling => match super::settle::settling(s, current) {
+                // The reset was judged: its original address comes back before the ladder
+                // moves on.
+                Decision::NotFixed if super::nic::restore_due(current) => {
+                    super::nic::restore(s, current)
+                }
+                d => d,
+            },
             ExecutionPhase::AwaitingRestart => restart::after_repair(s, current),
         };
     }
@@ -342,6 +341,42 @@ pub fn decide(s: &Situation<'_>) -> Decision {
         return Decision::GiveUp(exhausted(s, evidence));
     };
     gate_and_act(s, step)
+}
+
+/// An intent without an operation handle: the call is being made, or after `requestTimeout`
+/// its fate is unknown and it is never made again.
+fn requested(s: &Situation<'_>, current: &super::status::RungExecution) -> Decision {
+    let requested = super::nic::requested_at(current);
+    let age = s.now.duration_since(requested);
+    if age.as_secs_f64() >= s.policy.request_timeout.as_secs_f64() {
+        Decision::AbandonRequest
+    } else {
+        // The driver that recorded the intent is making the call right now.
+        Decision::Wait {
+            until: add(requested, s.policy.request_timeout),
+            reason: WaitReason::Polling,
+        }
+    }
+}
+
+/// RDP answers while a NIC reset is in flight: the reset is judged (it worked), so its
+/// original address comes back now; a restore whose intent is recorded is waited for, and
+/// after the restore the rung settles before it is credited.
+fn restore_while_reachable(s: &Situation<'_>) -> Option<Decision> {
+    let c = s.ladder.current.as_ref()?;
+    if super::nic::restore_due(c) {
+        return Some(super::nic::restore(s, c));
+    }
+    if super::nic::restoring(c) && c.phase == ExecutionPhase::Requested {
+        // The restore may be being sent (it restarts the VM): the incident stays open until
+        // it is known, or abandoned as of unknown outcome.
+        return Some(requested(s, c));
+    }
+    let until = super::nic::restore_settling(c, s.now)?;
+    Some(Decision::Wait {
+        until,
+        reason: WaitReason::Settling,
+    })
 }
 
 /// The last gates before `step` runs: for a disruptive rung the maintenance window and the

@@ -4,6 +4,7 @@
 pub mod decide;
 mod evidence_gate;
 pub mod fleet;
+pub mod nic;
 pub mod nsg_repair;
 pub mod restart;
 pub mod rung;

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
+    nic::NicReset,
     rung::{Rung, Step},
     settle::GuestWatch,
     snapshot::SnapshotRecord,
@@ -98,6 +99,10 @@ pub struct RungExecution {
     /// Where the guest saved the previous MachineKeys ACL before resetting it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl_backup: Option<String>,
+    /// `ResetNic`: the NIC's original address (recorded before the change), the address it
+    /// moves to, and the restore of the original one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<NicReset>,
 }
 
 impl RungExecution {
@@ -172,6 +177,9 @@ pub struct RungRecord {
     /// person restores with `icacls … /restore`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acl_backup: Option<String>,
+    /// `ResetNic`: the original and the new address, and what became of the restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<NicReset>,
 }
 
 /// The remediation ladder's state.
@@ -290,6 +298,7 @@ impl LadderStatus {
             snapshot: None,
             drops_sessions: false,
             acl_backup: None,
+            nic: None,
         });
     }
 
@@ -444,7 +453,10 @@ impl LadderStatus {
         now: Timestamp,
         next_action: Option<Timestamp>,
     ) {
-        if let Some(c) = self.current.take() {
+        if let Some(mut c) = self.current.take() {
+            if outcome == RungOutcome::Failed {
+                super::nic::reset_failed(c.nic.as_mut());
+            }
             self.history.push(RungRecord {
                 step: c.step,
                 attempt: c.attempt,
@@ -454,6 +466,7 @@ impl LadderStatus {
                 message: message.or(c.message),
                 snapshot: c.snapshot,
                 acl_backup: c.acl_backup,
+                nic: c.nic,
             });
             if self.history.len() > HISTORY_LIMIT {
                 let extra = self.history.len() - HISTORY_LIMIT;

@@ -220,6 +220,11 @@ pub enum Decision {
         /// Why the operator does not restart the VM itself.
         hold: RestartHold,
     },
+    /// A NIC reset was judged: put the NIC back on its original address (when it is free).
+    RestoreNic,
+    /// A NIC reset was judged, and its original address is not restored (the message says
+    /// why): the NIC keeps the new one.
+    KeepNicAddress(String),
     /// DryRun: this is the step that would run.
     Plan(Step),
     /// Auto: record the intent for this step, then call Azure.

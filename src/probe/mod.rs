@@ -36,7 +36,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 
 pub use self::{
-    cert::CertificateFacts,
+    cert::{CertificateCache, CertificateFacts},
     codec::{ConnectionConfirm, SecurityProtocol},
     failure::{Failure, FailureReason, Layer},
     identity::{Credssp, NlaFacts, ServerIdentity},
@@ -120,7 +120,12 @@ impl Resolve for SystemResolver {
 #[derive(Clone)]
 pub struct RdpProber {
     resolver: Arc<dyn Resolve>,
+    /// Built once: the TLS configuration is shared by every probe.
     tls: TlsConnector,
+    /// The X.224 Connection Request every probe sends.
+    request: Vec<u8>,
+    /// Certificates already parsed, by the hash of their bytes.
+    certificates: Arc<CertificateCache>,
 }
 
 impl std::fmt::Debug for RdpProber {
@@ -140,7 +145,14 @@ impl RdpProber {
         Ok(Self {
             resolver,
             tls: TlsConnector::from(tls::inspect_only_client_config()?),
+            request: codec::probe_connection_request(),
+            certificates: Arc::new(CertificateCache::default()),
         })
+    }
+
+    /// The prober's certificate cache (what it parsed, and how often).
+    pub fn certificates(&self) -> &CertificateCache {
+        &self.certificates
     }
 
     /// Probes `target` once and classifies the outcome.
@@ -166,6 +178,8 @@ struct Run<'a> {
     target: &'a Target,
     opts: &'a ProbeOptions,
     started: Instant,
+    /// When the probe's answer was complete (before the polite close), if it got that far.
+    answered: Option<Instant>,
     deadline: Instant,
     layers: Layers,
     selected: Option<SecurityProtocol>,
@@ -181,6 +195,7 @@ impl<'a> Run<'a> {
             target,
             opts,
             started,
+            answered: None,
             deadline: started + opts.timeout,
             layers: Layers::default(),
             selected: None,
@@ -230,13 +245,11 @@ impl<'a> Run<'a> {
             }
         };
         let deadline = self.layer_deadline();
-        let mut stream = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
-        let peer = stream.peer_addr().ok();
+        let (mut stream, peer) = self.layer(Layer::Tcp, connect(&addrs, deadline)).await?;
         let deadline = self.layer_deadline();
-        let request = codec::probe_connection_request();
         let selected = self
             .layer(Layer::X224, async {
-                interpret_confirm(negotiate(&mut stream, &request, deadline).await?)
+                interpret_confirm(negotiate(&mut stream, &prober.request, deadline).await?)
             })
             .await;
         let selected = match selected {
@@ -260,24 +273,23 @@ impl<'a> Run<'a> {
         let deadline = self.layer_deadline();
         let server_name = server_name(self.target);
         let (tls, facts) = self
-            .layer(
-                Layer::Tls,
-                handshake(&prober.tls, stream, server_name, deadline),
-            )
+            .layer(Layer::Tls, handshake(prober, stream, server_name, deadline))
             .await?;
         self.tls = Some(facts);
         let credssp = matches!(
             selected,
             SecurityProtocol::Hybrid | SecurityProtocol::HybridEx
         );
-        match (self.opts.identity, credssp, peer) {
-            (true, true, Some(peer)) => self.identify(tls, peer).await,
-            (true, false, _) => {
+        match (self.opts.identity, credssp) {
+            (true, true) => self.identify(tls, peer).await,
+            (true, false) => {
                 self.nla = Some(not_offered());
+                self.answered = Some(Instant::now());
                 close(tls, deadline).await;
                 Ok(())
             }
             _ => {
+                self.answered = Some(Instant::now());
                 close(tls, deadline).await;
                 Ok(())
             }
@@ -295,7 +307,7 @@ impl<'a> Run<'a> {
         let deadline = self.layer_deadline();
         let request = codec::encode_connection_request(Some(codec::PROBE_COOKIE), 0);
         let retry = async {
-            let mut stream = connect(addrs, deadline).await?;
+            let (mut stream, _) = connect(addrs, deadline).await?;
             interpret_confirm(negotiate(&mut stream, &request, deadline).await?)
         };
         match self.layer(Layer::X224, retry).await {
@@ -411,7 +423,14 @@ impl<'a> Run<'a> {
             nla: self.nla,
             findings: self.findings,
             likely_causes,
-            total_ms: (self.started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            total_ms: (self
+                .answered
+                .unwrap_or_else(Instant::now)
+                .duration_since(self.started)
+                .as_secs_f64()
+                * 1_000_000.0)
+                .round()
+                / 1000.0,
         }
     }
 }
@@ -438,8 +457,12 @@ async fn resolve(
     }
 }
 
-/// Connects to each address in turn until one accepts; the most telling error wins.
-async fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, Failure> {
+/// Connects to each address in turn until one accepts (returned with the address); the most
+/// telling error wins.
+async fn connect(
+    addrs: &[SocketAddr],
+    deadline: Instant,
+) -> Result<(TcpStream, SocketAddr), Failure> {
     let mut last = None;
     for addr in addrs {
         match timeout_at(deadline, TcpStream::connect(addr)).await {
@@ -451,7 +474,7 @@ async fn connect(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, F
             }
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                return Ok(stream);
+                return Ok((stream, *addr));
             }
             Ok(Err(e)) => last = Some(classify_connect_error(*addr, &e)),
         }
@@ -652,22 +675,36 @@ fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Polite close: close_notify, then FIN. Never wait long for it.
+/// Polite close that leaves no TIME_WAIT behind on the prober: send close_notify, let the
+/// server close the connection first (it answers close_notify by closing), read what it still
+/// sends until its FIN, then close our end. The side that closes first keeps the TIME_WAIT:
+/// one per probe on the server (every probe interval) is negligible; thousands per second on
+/// the prober would not be. A server that does not close within 250 ms is closed by us (the
+/// TIME_WAIT is then ours). Reading to the end also means no unread byte (such as a TLS 1.3
+/// session ticket) turns our close into a reset. The probe's latency is taken before this.
 async fn close(mut tls: TlsStream, deadline: Instant) {
-    let _ = timeout_at(
-        deadline.min(Instant::now() + Duration::from_millis(100)),
-        tls.shutdown(),
-    )
+    let until = deadline.min(Instant::now() + Duration::from_millis(250));
+    tls.get_mut().1.send_close_notify();
+    if timeout_at(until, tls.flush()).await.is_err() {
+        return;
+    }
+    let (mut tcp, _) = tls.into_inner();
+    let mut sink = [0u8; 512];
+    let _ = timeout_at(until, async {
+        while let Ok(n) = tcp.read(&mut sink).await
+            && n > 0
+        {}
+    })
     .await;
 }
 
 async fn handshake(
-    connector: &TlsConnector,
+    prober: &RdpProber,
     stream: TcpStream,
     name: ServerName<'static>,
     deadline: Instant,
 ) -> Result<(TlsStream, TlsFacts), Failure> {
-    let tls = match timeout_at(deadline, connector.connect(name, stream)).await {
+    let tls = match timeout_at(deadline, prober.tls.connect(name, stream)).await {
         Err(_) => {
             return Err(Failure::new(
                 FailureReason::TlsTimeout,
@@ -692,7 +729,12 @@ async fn handshake(
     let certificate = conn
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(|der| CertificateFacts::from_der(der.as_ref(), SystemTime::now()).ok());
+        .and_then(|der| {
+            prober
+                .certificates
+                .facts(der.as_ref(), SystemTime::now())
+                .ok()
+        });
     let facts = TlsFacts {
         version,
         cipher_suite,

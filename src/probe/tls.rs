@@ -5,9 +5,9 @@
 use std::{io, sync::Arc};
 
 use rustls::{
-    AlertDescription, ClientConfig, DigitallySignedStruct, SignatureScheme,
+    AlertDescription, ClientConfig, DigitallySignedStruct, SignatureScheme, SupportedCipherSuite,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::CryptoProvider,
+    crypto::{CryptoProvider, hash::HashAlgorithm},
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
 
@@ -63,8 +63,9 @@ impl ServerCertVerifier for InspectOnly {
 
 /// Builds the prober's TLS client configuration: TLS 1.2 and 1.3, no SNI (RDP servers are
 /// usually addressed by IP), no session resumption, any certificate accepted for inspection.
+/// The cipher suites are ring's defaults, SHA-256 suites offered before SHA-384 ones.
 pub fn inspect_only_client_config() -> Result<Arc<ClientConfig>, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .dangerous()
@@ -73,6 +74,25 @@ pub fn inspect_only_client_config() -> Result<Arc<ClientConfig>, rustls::Error> 
     config.enable_sni = false;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// ring's default provider (its cipher suites and key exchange groups, X25519 first), with
+/// the suites reordered: TLS 1.3 before TLS 1.2 as before, and within each version the
+/// SHA-256 suites (AES-128-GCM, ChaCha20-Poly1305) before the SHA-384 ones. The set is
+/// unchanged; a server that prefers its own order still gets its choice.
+fn provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| {
+        let hash = match suite {
+            SupportedCipherSuite::Tls13(s) => s.common.hash_provider.algorithm(),
+            SupportedCipherSuite::Tls12(s) => s.common.hash_provider.algorithm(),
+        };
+        (
+            suite.version() != &rustls::version::TLS13,
+            hash != HashAlgorithm::SHA256,
+        )
+    });
+    provider
 }
 
 /// Describes a failed handshake in words an operator understands.
@@ -163,6 +183,34 @@ mod tests {
         assert!(describe_handshake_error(&alert).contains("no common TLS version"));
         let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
         assert!(describe_handshake_error(&eof).contains("closed"));
+    }
+
+    #[test]
+    fn sha256_suites_come_first_and_the_set_is_ring_default() {
+        let ours: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut default: Vec<_> = rustls::crypto::ring::default_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            ours[0],
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            "{ours:?}"
+        );
+        let first_tls12 = ours
+            .iter()
+            .position(|s| !format!("{s:?}").starts_with("TLS13"))
+            .unwrap();
+        assert!(
+            ours[..first_tls12]
+                .iter()
+                .all(|s| format!("{s:?}").starts_with("TLS13"))
+        );
+        let mut sorted = ours.clone();
+        sorted.sort_by_key(|s| format!("{s:?}"));
+        default.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(sorted, default);
     }
 
     #[test]

@@ -405,6 +405,24 @@ impl Simulator {
         self.shared.lock().tokens.clone()
     }
 
+    /// Gives `vm`'s NIC the private address `ip` at once, as a change made outside the
+    /// operator would (another machine taking an address that was freed); false when there is
+    /// no such VM.
+    pub fn assign_private_ip(&self, vm: &str, ip: std::net::Ipv4Addr) -> bool {
+        let mut w = self.shared.lock();
+        let Some(nic) = w.vms.get(&vm.to_ascii_lowercase()).map(|v| v.nic.clone()) else {
+            return false;
+        };
+        match w.nics.get_mut(&nic) {
+            Some(n) => {
+                n.private_ip = ip;
+                n.static_ip = true;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The shared state (for advanced tests).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared

@@ -62,6 +62,17 @@ impl Remediator {
                 .take_snapshot(subject, vm, step, &term, outcome, sink, now)
                 .await;
         }
+        // The NIC's original address goes into the intent, before the PUT that moves it.
+        if step.rung == Rung::ResetNic {
+            match self.plan_nic_reset(vm).await {
+                Ok(record) => {
+                    if let Some(current) = status.ladder.current.as_mut() {
+                        current.nic = Some(record);
+                    }
+                }
+                Err(e) => return Ok(self.nic_unread(subject, vm, outcome, e, now)),
+            }
+        }
         // The approval is used by the call, not by the snapshot before it.
         if let Some((value, rung)) = &subject.approval
             && *rung == step.permission_rung(vm_reachable)
@@ -99,7 +110,18 @@ impl Remediator {
                 ),
             },
         });
-        match self.call(subject, vm, step, now).await {
+        if let Some(r) = status.ladder.current.as_ref().and_then(|c| c.nic.as_ref()) {
+            outcome.events.push(Event {
+                severity: Severity::Normal,
+                reason: "NicAddressRecorded",
+                note: format!(
+                    "{step}: the NIC's original address {} ({}) is recorded; it moves to {} and comes back once the reset is judged, if still free",
+                    r.original_ip, r.original_allocation, r.new_ip
+                ),
+            });
+        }
+        let nic = status.ladder.current.as_ref().and_then(|c| c.nic.clone());
+        match self.call(subject, vm, step, nic.as_ref(), now).await {
             Ok((op, note)) => {
                 if let Some(note) = note {
                     outcome.events.push(Event {
@@ -117,6 +139,11 @@ impl Remediator {
                     first,
                 );
                 if op.completed {
+                    if step.rung == Rung::ResetNic {
+                        self.nic_reset_done(vm, &mut outcome.status, &mut outcome.events)
+                            .await;
+                    }
+                    let status = &mut outcome.status;
                     if step.rung == Rung::ResetPassword {
                         self.password_outcome(subject, true, &mut outcome.events, now)
                             .await;
@@ -199,6 +226,7 @@ impl Remediator {
         subject: &Subject<'_>,
         vm: &VmRef,
         step: Step,
+        nic: Option<&crate::ladder::nic::NicReset>,
         now: Timestamp,
     ) -> Result<(Operation, Option<String>), CallError> {
         let plain =
@@ -209,7 +237,7 @@ impl Remediator {
                 let script = repair_script(repair, &self.plan_options(subject));
                 plain(self.azure.run_command(vm, &script).await)
             }
-            (Rung::ResetNic, _) => plain(self.azure.reset_nic(vm).await),
+            (Rung::ResetNic, _) => self.reset_nic(vm, nic).await.map(|op| (op, None)),
             (Rung::Restart, _) => plain(self.azure.restart(vm).await),
             (Rung::Redeploy, _) => plain(self.azure.redeploy(vm).await),
             (Rung::StartVm, _) => plain(self.azure.start(vm).await),

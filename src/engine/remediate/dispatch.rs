@@ -14,6 +14,15 @@ fn snapshotting(status: &RdpHealthStatus) -> bool {
         .is_some_and(|c| c.phase == crate::ladder::ExecutionPhase::Snapshotting)
 }
 
+/// The current rung's operation is the restore of a reset NIC's original address.
+fn restoring_nic(status: &RdpHealthStatus) -> bool {
+    status
+        .ladder
+        .current
+        .as_ref()
+        .is_some_and(crate::ladder::nic::restoring)
+}
+
 /// The judgement's note when the guest of a rung that restarted it never came back.
 fn never_came_back(status: &RdpHealthStatus, settle: Duration) -> Option<String> {
     let c = status.ladder.current.as_ref()?;
@@ -206,6 +215,14 @@ impl Remediator {
                 }
                 Continue::Until(now.checked_add(Duration::from_secs(60)).unwrap_or(now))
             }
+            Decision::Poll if restoring_nic(status) => {
+                self.poll_restore(subject, vm, status, events, now).await
+            }
+            Decision::AbandonRequest if restoring_nic(status) => {
+                self.restore_abandoned(subject, status, events, now)
+            }
+            Decision::RestoreNic => self.restore_nic(subject, vm, outcome, sink, now).await?,
+            Decision::KeepNicAddress(why) => self.keep_nic_address(status, events, why),
             Decision::Poll if snapshotting(status) => {
                 self.poll_snapshot(subject, vm, outcome, now).await
             }

@@ -13,6 +13,9 @@ mod act;
 mod dispatch;
 mod fleet;
 mod messages;
+mod nic;
+#[cfg(test)]
+mod nic_tests;
 mod poll;
 mod refusal;
 mod restart;

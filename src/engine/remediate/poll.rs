@@ -42,6 +42,9 @@ impl Remediator {
                 if current.step.rung == Rung::ResetPassword {
                     self.password_outcome(subject, true, events, now).await;
                 }
+                if current.step.rung == Rung::ResetNic {
+                    self.nic_reset_done(vm, status, events).await;
+                }
                 let until = now.checked_add(policy.settle_time).unwrap_or(now);
                 let message = match result {
                     crate::azure::OperationResult::RunCommand(out) => {
