@@ -4,7 +4,7 @@
 #
 # Usage: bench/fleet.sh            (after `cargo build --release`)
 # Knobs (environment): VMS=1000 INTERVAL=30s DURATION=120s SIM_PORT=18680
-#   RDPHEALTH_BIN=target/release/rdphealth
+#   OUTAGE=0.01 (share of VMs given an outage after the window) RDPHEALTH_BIN=target/release/rdphealth
 # Everything listens on 127.0.0.1; the simulator is stopped by its PID at the end.
 set -euo pipefail
 
@@ -13,6 +13,7 @@ VMS=${VMS:-1000}
 INTERVAL=${INTERVAL:-30s}
 DURATION=${DURATION:-120s}
 SIM_PORT=${SIM_PORT:-18680}
+OUTAGE=${OUTAGE:-0.01}
 
 # One listening socket per VM in the simulator, one connection per probe in the operator.
 ulimit -n "$(ulimit -Hn)"
@@ -39,7 +40,8 @@ done
 [ "$(grep -c '^VM ' "$work/sim.out" || true)" -ge "$VMS" ] || { echo "simulator did not start" >&2; cat "$work/sim.err" >&2; exit 1; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-RUST_LOG=warn "$BIN" bench fleet --sim "127.0.0.1:$SIM_PORT" --interval "$INTERVAL" --duration "$DURATION"
+RUST_LOG=warn "$BIN" bench fleet --sim "127.0.0.1:$SIM_PORT" --interval "$INTERVAL" --duration "$DURATION" \
+    --outage-fraction "$OUTAGE"
 sim_cpu=$(sed 's/^.*) //' "/proc/$SIM_PID/stat" | awk -v t="$(getconf CLK_TCK)" '{ printf "%.1f", ($12 + $13) / t }')
 echo
 echo "simulator process CPU over the whole run (not the operator's): ${sim_cpu} s"

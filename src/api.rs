@@ -275,6 +275,12 @@ pub struct ProbeSpec {
     #[serde(default = "default_unhealthy_interval")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
     pub unhealthy_interval: String,
+    /// Time between probes after a first failure, until `failureThreshold` failures in a row
+    /// confirm it or a success clears it, e.g. `3s`; never longer than `unhealthyInterval`.
+    /// Once the endpoint is unreachable, probes run every `unhealthyInterval` again.
+    #[serde(default = "default_confirm_interval")]
+    #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
+    pub confirm_interval: String,
     /// Deadline of one probe (TCP, X.224 and TLS together); shorter than both intervals.
     #[serde(default = "default_timeout")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
@@ -306,6 +312,7 @@ impl Default for ProbeSpec {
         Self {
             interval: default_interval(),
             unhealthy_interval: default_unhealthy_interval(),
+            confirm_interval: default_confirm_interval(),
             timeout: default_timeout(),
             failure_threshold: default_failure_threshold(),
             success_threshold: default_success_threshold(),
@@ -320,6 +327,9 @@ fn default_interval() -> String {
 }
 fn default_unhealthy_interval() -> String {
     "10s".into()
+}
+fn default_confirm_interval() -> String {
+    "3s".into()
 }
 fn default_timeout() -> String {
     "5s".into()

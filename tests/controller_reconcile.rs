@@ -605,7 +605,8 @@ async fn a_failed_probe_of_a_healthy_object_is_written() {
     });
     let action = run(&ctx, obj).await.unwrap();
     verifier.await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    // The first failure is confirmed soon (`confirmInterval`, 3 s by default).
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
 }
 
 /// A healthy, unchanged object whose stored last probe is older than the heartbeat is written

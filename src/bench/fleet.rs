@@ -312,11 +312,16 @@ impl FleetReport {
             ),
         );
         row(
-            "outage detection p50 / p99 (rdp_disabled)",
+            "outage detection p50 / p99 / max (rdp_disabled)",
             format!(
-                "{:.1} s / {:.1} s ({} of {} detected)",
+                "{:.1} s / {:.1} s / {:.1} s ({} of {} detected)",
                 quantile(&self.detection, 0.5).as_secs_f64(),
                 quantile(&self.detection, 0.99).as_secs_f64(),
+                self.detection
+                    .last()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_secs_f64(),
                 self.detection.len(),
                 self.injected
             ),
@@ -521,7 +526,7 @@ async fn measure(
         }
         injected_at.insert(name.clone(), Instant::now());
     }
-    // Bounded: an interval, the failure threshold's probes at the unhealthy interval, slack.
+    // Bounded: an interval, the failure threshold's probes at the confirmation interval, slack.
     let deadline = Instant::now() + cfg.interval + Duration::from_secs(60);
     let mut detection = Vec::new();
     while !injected_at.is_empty() && Instant::now() < deadline {

@@ -1,5 +1,6 @@
-//! What every reconcile shares, and the fleet view computed from the object cache.
+//! What every reconcile shares, and the hand-over of the fleet view to fleet safety.
 
+use super::fleet::{self, Contribution, FleetCounts};
 use super::tenancy::{Namespaces, TenancyState};
 use super::*;
 use crate::tenancy::TenancyPolicy;
@@ -21,8 +22,12 @@ pub struct Context {
     pub(super) memory: Arc<ProbeMemory>,
     /// How often a status whose only changes are per-probe facts is written anyway.
     pub(super) heartbeat: Duration,
-    /// Whether this replica led at the last fleet refresh (a new term clears the claims).
+    /// Whether this replica led at the last fleet count (a new term rebuilds the counts and
+    /// clears the claims).
     pub(super) was_leader: AtomicBool,
+    /// The fleet view's counts, kept per object (shared with the watch, which follows the
+    /// changes other replicas make).
+    pub(super) fleet: Arc<Mutex<FleetCounts>>,
     /// Which Azure scopes each namespace may name, and as which identity.
     pub(super) tenancy: TenancyState,
 }
@@ -51,6 +56,7 @@ impl Context {
             memory: Arc::new(ProbeMemory::default()),
             heartbeat: writes::HEARTBEAT,
             was_leader: AtomicBool::new(false),
+            fleet: Arc::default(),
             tenancy: TenancyState {
                 federation: seams.identities.clone(),
                 ..TenancyState::default()
@@ -77,6 +83,12 @@ impl Context {
         self
     }
 
+    /// Shares the fleet counts (the watch follows other replicas' changes in them).
+    pub(super) fn with_fleet_counts(mut self, fleet: Arc<Mutex<FleetCounts>>) -> Self {
+        self.fleet = fleet;
+        self
+    }
+
     /// Writes a status whose only changes are per-probe facts at most this often.
     pub(super) fn with_status_heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = heartbeat;
@@ -99,92 +111,81 @@ impl Context {
         self
     }
 
-    /// Recomputes the fleet view (storm breaker, disruptive rungs in flight) and the
-    /// suspended-remediation gauge from every cached object.
-    /// `fresh` is the object being reconciled with its new status (the cache lags behind it).
-    pub(super) fn refresh_fleet(
-        &self,
-        leader: bool,
-        fresh: Option<(&ObjectKey, &RdpHealthStatus)>,
-    ) {
+    /// Counts `obj` with `status` (its newest status, which the cache may lag behind) in the
+    /// fleet view, and hands the view to fleet safety (storm breaker, disruptive rungs in
+    /// flight) and to the suspended-remediation gauge when it changed. A change of leadership
+    /// rebuilds the counts from the cache, and a new term drops the claims of an earlier one.
+    pub(super) fn count_in_fleet(&self, leader: bool, obj: &RdpHealth, status: &RdpHealthStatus) {
         let Some(store) = &self.store else {
             return;
         };
-        let objects = store.state();
-        let fresh_key = fresh.map(|(k, _)| format!("{}/{}", k.namespace, k.name));
-        let members: Vec<FleetMember> = objects
-            .iter()
-            .filter_map(|guard| {
-                let mut m = FleetMember::of(guard.0.as_ref().ok()?)?;
-                if let (Some(key), Some((_, status))) = (&fresh_key, fresh)
-                    && m.key == *key
-                {
-                    m.unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
-                        == Some(Status::False);
-                    m.unreachable_since =
-                        status.last_transition_to_unreachable.as_ref().map(|t| t.0);
-                }
-                Some(m)
-            })
-            .collect();
+        let mut counts = self.fleet_counts();
+        let new_term = self.was_leader.swap(leader, Ordering::AcqRel) != leader;
+        if new_term {
+            counts.rebuild_from(store);
+            if leader && let Some(r) = &self.remediator {
+                // A new term starts from the statuses, not from claims of an earlier one.
+                r.fleet.clear_claims();
+            }
+        }
+        if let Some(key) = fleet::key_of(&obj.metadata) {
+            counts.set(&key, Contribution::of(obj, Some(status)));
+        }
+        self.publish_fleet(&mut counts, leader, new_term);
+    }
+
+    /// Hands the counts to fleet safety and the gauges, unless they are what was handed last.
+    fn publish_fleet(&self, counts: &mut FleetCounts, leader: bool, force: bool) {
+        let now = Timestamp::now();
         let window = self
             .remediator
             .as_ref()
             .map(|r| r.fleet.policy().fleet_window);
-        let now = Timestamp::now();
-        let view = FleetView::from_members(members.iter().map(|m| Member {
-            key: &m.key,
-            subscription: &m.subscription,
-            unreachable: m.unreachable,
-            disruptive_in_flight: m.disruptive_in_flight,
-            failed_recently: m.failed_within(window, now),
-        }));
+        let current = (counts.version(), counts.failed_recently(window, now));
+        if counts.published == Some(current) && !force {
+            return;
+        }
+        counts.published = Some(current);
+        // Deleted and suspended objects hold no slot.
+        let removed = counts.take_removed();
         let storming = match &self.remediator {
             Some(r) => {
-                // A new term starts from the statuses, not from claims of an earlier one.
-                if leader && !self.was_leader.swap(true, Ordering::AcqRel) {
-                    r.fleet.clear_claims();
-                } else if !leader {
-                    self.was_leader.store(false, Ordering::Release);
+                if !removed.is_empty() {
+                    r.fleet
+                        .retain_claims(|key| !removed.iter().any(|k| k == key));
                 }
-                // Deleted and suspended objects hold no slot.
-                let live: std::collections::HashSet<&str> =
-                    members.iter().map(|m| m.key.as_str()).collect();
-                r.fleet.retain_claims(|key| live.contains(key));
-                r.fleet.update(view);
+                r.fleet.update(counts.view(window, now));
                 self.metrics
                     .observer_blind("fleet_breaker", r.fleet.fleet_breaker());
                 r.fleet.storming()
             }
             None => Vec::new(),
         };
-        let count = |f: &dyn Fn(&FleetMember) -> bool| members.iter().filter(|m| f(m)).count();
-        let suspended_by =
-            |reason: &str| count(&|m: &FleetMember| m.suspended.as_deref() == Some(reason));
         self.metrics.suspended(&[
-            (
-                "StormBreaker",
-                count(&|m: &FleetMember| storming.contains(&m.subscription)),
-            ),
-            ("FleetBreaker", suspended_by("FleetBreaker")),
-            ("CanaryDown", suspended_by("CanaryDown")),
-            ("Paused", suspended_by("Paused")),
+            ("StormBreaker", counts.members_of(&storming)),
+            ("FleetBreaker", counts.suspended("FleetBreaker")),
+            ("CanaryDown", counts.suspended("CanaryDown")),
+            ("Paused", counts.suspended("Paused")),
             (
                 "OutsideMaintenanceWindow",
-                suspended_by("OutsideMaintenanceWindow"),
+                counts.suspended("OutsideMaintenanceWindow"),
             ),
             (
                 "NotLeader",
                 if leader || self.remediator.is_none() {
                     0
                 } else {
-                    count(&|m: &FleetMember| m.acting && m.unreachable)
+                    counts.acting_unreachable()
                 },
             ),
         ]);
     }
 
-    /// The object cache the fleet view is computed from.
+    pub(super) fn fleet_counts(&self) -> std::sync::MutexGuard<'_, FleetCounts> {
+        self.fleet.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The object cache the fleet counts are rebuilt from when leadership changes.
     pub fn with_store(mut self, store: Store<DeserializeGuard<RdpHealth>>) -> Self {
         self.store = Some(store);
         self
@@ -231,63 +232,6 @@ impl Context {
         Observation::Probed {
             endpoint,
             report: Box::new(report),
-        }
-    }
-}
-
-/// One monitored object as fleet safety sees it.
-pub(super) struct FleetMember {
-    key: String,
-    subscription: String,
-    unreachable: bool,
-    disruptive_in_flight: bool,
-    /// The remediation mode may act (DryRun or Auto).
-    acting: bool,
-    /// The reason of a `RemediationSuspended=True` condition.
-    suspended: Option<String>,
-    /// When it last became unreachable.
-    unreachable_since: Option<Timestamp>,
-}
-
-impl FleetMember {
-    pub(super) fn of(obj: &RdpHealth) -> Option<Self> {
-        if obj.spec.suspend {
-            return None;
-        }
-        let meta = &obj.metadata;
-        let key = format!("{}/{}", meta.namespace.as_deref()?, meta.name.as_deref()?);
-        let mut parts = obj.spec.vm.resource_id.split('/');
-        let subscription = parts
-            .by_ref()
-            .skip_while(|p| !p.eq_ignore_ascii_case("subscriptions"))
-            .nth(1)?
-            .to_string();
-        let status = obj.status.as_ref();
-        let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
-        Some(Self {
-            key,
-            subscription,
-            unreachable: conditions::status_of(conditions, types::REACHABLE) == Some(Status::False),
-            disruptive_in_flight: status
-                .and_then(|s| s.ladder.current.as_ref())
-                .is_some_and(|c| c.is_disruptive()),
-            acting: obj.spec.remediation.mode != RemediationMode::Observe,
-            suspended: conditions::find(conditions, types::REMEDIATION_SUSPENDED)
-                .filter(|c| c.status == Status::True.as_str())
-                .map(|c| c.reason.clone()),
-            unreachable_since: status
-                .and_then(|s| s.last_transition_to_unreachable.as_ref())
-                .map(|t| t.0),
-        })
-    }
-
-    /// Whether it became unreachable within `window` before `now` (fleet-wide breaker).
-    fn failed_within(&self, window: Option<Duration>, now: Timestamp) -> bool {
-        match (self.unreachable_since, window) {
-            (Some(since), Some(window)) => {
-                Duration::try_from(now.duration_since(since)).is_ok_and(|d| d <= window)
-            }
-            _ => false,
         }
     }
 }

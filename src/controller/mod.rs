@@ -4,11 +4,13 @@
 //!
 //! Split along its seams: [`reconcile`] runs one object through the engine, [`status`] writes
 //! what it decided (status, Events), [`context`] holds what every reconcile shares (including
-//! the fleet view), [`memory`] what this replica remembers between reconciles, [`lease`] leader
+//! the hand-over of the fleet view), [`fleet`] the fleet view's counts kept object by object,
+//! [`memory`] what this replica remembers between reconciles, [`lease`] leader
 //! election; this file wires them into a running controller.
 
 mod canary;
 mod context;
+mod fleet;
 mod lease;
 mod memory;
 mod reconcile;
@@ -59,13 +61,14 @@ use crate::{
     ladder::{ExecutionPhase, LadderStatus},
     ladder::{
         Rung,
-        fleet::{FleetPolicy, FleetView, Member},
+        fleet::{FleetPolicy, FleetView},
     },
     metrics::{Inventory, Metrics, MetricsError, ObjectKey},
     probe::{Failure, FailureReason, Prober, Target},
 };
 
 pub use context::Context;
+use fleet::FleetCounts;
 use lease::elect;
 pub use lease::{Leadership, LeaseSettings};
 use memory::ProbeMemory;
@@ -239,12 +242,14 @@ impl Inventory for StoreInventory {
     }
 }
 
-/// A controller over `api` whose watch marks `ready` after its first complete list and keeps
-/// `memory` free of deleted objects, and the object cache it fills.
+/// A controller over `api` whose watch marks `ready` after its first complete list, keeps
+/// `memory` free of deleted objects and `fleet` counting what other replicas wrote, and the
+/// object cache it fills.
 fn controller_for(
     api: Api<DeserializeGuard<RdpHealth>>,
     ready: Arc<AtomicBool>,
     memory: Arc<ProbeMemory>,
+    fleet: Arc<Mutex<FleetCounts>>,
 ) -> (
     Controller<DeserializeGuard<RdpHealth>>,
     Store<DeserializeGuard<RdpHealth>>,
@@ -259,7 +264,13 @@ fn controller_for(
     let cache = store.clone();
     // After the reflector, so that the cache already reflects the event.
     let objects = reflector(writer, events)
-        .inspect_ok(move |event| memory.follow(event, &cache))
+        .inspect_ok(move |event| {
+            memory.follow(event, &cache);
+            fleet
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .follow(event, &cache);
+        })
         .applied_objects();
     (Controller::for_stream(objects, store.clone()), store)
 }
@@ -290,7 +301,13 @@ pub async fn run(
     };
     let ready = Arc::new(AtomicBool::new(false));
     let memory = Arc::new(ProbeMemory::default());
-    let (controller, store) = controller_for(api, Arc::clone(&ready), Arc::clone(&memory));
+    let fleet = Arc::new(Mutex::new(FleetCounts::default()));
+    let (controller, store) = controller_for(
+        api,
+        Arc::clone(&ready),
+        Arc::clone(&memory),
+        Arc::clone(&fleet),
+    );
     let (controller, namespaces) =
         tenancy::follow_namespaces(controller, &client, &store, settings.tenancy.as_ref());
     let controller =
@@ -317,6 +334,7 @@ pub async fn run(
         .with_remediation(settings.fleet, settings.probe_source)
         .with_store(store)
         .with_memory(memory)
+        .with_fleet_counts(fleet)
         .with_status_heartbeat(settings.status_heartbeat)
         .with_tenancy(settings.tenancy.clone(), namespaces),
     );

@@ -108,7 +108,8 @@ pub(super) async fn reconcile_object(
         // A look for the ladder only: the next probe stays where it was.
         outcome.next = Next::Requeue(left);
     }
-    ctx.refresh_fleet(leader, Some((key, &outcome.status)));
+    // Counted before the ladder reads the fleet view: the cache lags behind this status.
+    ctx.count_in_fleet(leader, obj, &outcome.status);
     if !leader {
         // Only the Lease holder writes status and Events: a stale write from a standby
         // replica could erase the intent of a rung in flight. Standbys probe for their metrics.
@@ -165,6 +166,8 @@ pub(super) async fn reconcile_object(
             return Err(e);
         }
     }
+    // A rung the ladder started or ended counts at once, before its watch event comes back.
+    ctx.count_in_fleet(leader, obj, &outcome.status);
     ctx.metrics.object_status(key, &outcome.status);
     ctx.metrics
         .count_remediations(&before, &outcome.status.ladder, now);

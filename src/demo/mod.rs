@@ -393,6 +393,7 @@ fn compressed_timers(speed: f64, remediation: RemediationSpec) -> (ProbeSpec, Re
     let probe = ProbeSpec {
         interval: d(1000.0),
         unhealthy_interval: d(500.0),
+        confirm_interval: d(500.0),
         timeout: d(400.0),
         failure_threshold: 2,
         success_threshold: 1,

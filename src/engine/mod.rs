@@ -377,11 +377,7 @@ impl Step {
         };
         self.status.phase = Some(phase);
         self.set(healthy_condition(phase, streak, &self.status));
-        if streak.failures > 0 || reachable == Status::False {
-            Next::Requeue(policy.unhealthy_interval)
-        } else {
-            Next::Requeue(policy.interval)
-        }
+        Next::Requeue(policy.interval_after(streak.failures, reachable == Status::False))
     }
 
     /// `HostIdentity` and `NlaRequired` from `status.identity`; a new wrong host, NLA turned

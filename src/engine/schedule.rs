@@ -62,13 +62,11 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
     let Some(last) = stored.max(probed_at) else {
         return Schedule::Probe(Box::new(spec));
     };
-    let failing = status.consecutive_failures > 0
-        || conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
-    let interval = if failing {
-        spec.probe.unhealthy_interval
-    } else {
-        spec.probe.interval
-    };
+    let unreachable =
+        conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
+    let interval = spec
+        .probe
+        .interval_after(status.consecutive_failures, unreachable);
     let elapsed = now.duration_since(last);
     // A last probe "in the future" (clock skew between replicas) counts as just done.
     let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
@@ -159,15 +157,18 @@ mod tests {
         Schedule::Wait(Duration::from_secs(s))
     }
 
-    /// Object with interval 30s, unhealthyInterval 10s, generation 1.
+    /// Object with interval 30s, unhealthyInterval 10s, confirmInterval 3s, generation 1.
     #[rstest]
     #[case::never_probed(None, 100, "probe")]
     #[case::fresh_healthy(Some(probed(90, 0, "True", 1)), 100, "wait 20")]
     #[case::due_healthy(Some(probed(70, 0, "True", 1)), 100, "probe")]
     #[case::overdue_healthy(Some(probed(10, 0, "True", 1)), 100, "probe")]
-    #[case::failing_uses_unhealthy_interval(Some(probed(95, 1, "True", 1)), 100, "wait 5")]
+    #[case::a_first_failure_is_confirmed_quickly(Some(probed(98, 1, "True", 1)), 100, "wait 1")]
+    #[case::confirmation_due(Some(probed(97, 1, "True", 1)), 100, "probe")]
+    #[case::confirming_a_new_object(Some(probed(98, 2, "Unknown", 1)), 100, "wait 1")]
     #[case::failing_due(Some(probed(90, 1, "True", 1)), 100, "probe")]
-    #[case::unreachable_uses_unhealthy_interval(Some(probed(95, 0, "False", 1)), 100, "wait 5")]
+    #[case::unreachable_uses_unhealthy_interval(Some(probed(95, 3, "False", 1)), 100, "wait 5")]
+    #[case::recovering_uses_unhealthy_interval(Some(probed(95, 0, "False", 1)), 100, "wait 5")]
     #[case::spec_changed(Some(probed(99, 0, "True", 0)), 100, "probe")]
     #[case::clock_skew(Some(probed(130, 0, "True", 1)), 100, "wait 30")]
     fn probe_timing(#[case] status: Option<RdpHealthStatus>, #[case] now: i64, #[case] want: &str) {
@@ -178,9 +179,55 @@ mod tests {
             "probe" => assert!(matches!(got, Schedule::Probe(_)), "{got:?}"),
             "wait 20" => assert_eq!(got, secs(20)),
             "wait 5" => assert_eq!(got, secs(5)),
+            "wait 1" => assert_eq!(got, secs(1)),
             "wait 30" => assert_eq!(got, secs(30)),
             other => panic!("bad case {other}"),
         }
+    }
+
+    /// With the default policy, a VM that breaks right after a probe is unreachable one
+    /// interval and two quick confirmations later (36 s), not one interval and two unhealthy
+    /// intervals (50 s); from then on it is probed every unhealthy interval.
+    #[test]
+    fn an_outage_right_after_a_probe_is_confirmed_within_an_interval_and_two_quick_probes() {
+        use crate::{
+            engine::{
+                Observation, evaluate,
+                testing::{endpoint, failed_report, ok_report},
+            },
+            probe::FailureReason,
+        };
+        let mut obj = object(|_| {});
+        let mut probes = Vec::new();
+        let mut t = 0;
+        let unreachable = |obj: &RdpHealth| {
+            let status = obj.status.as_ref().map(|s| s.conditions.as_slice());
+            conditions::status_of(status.unwrap_or_default(), types::REACHABLE)
+                == Some(Status::False)
+        };
+        while !unreachable(&obj) {
+            assert!(t <= 100, "not confirmed after {t} s");
+            match schedule(&obj, None, at(t)) {
+                Schedule::Wait(left) => t += i64::try_from(left.as_secs()).unwrap(),
+                Schedule::Probe(_) => {
+                    // The first probe finds it healthy; it breaks right after.
+                    let report = if probes.is_empty() {
+                        ok_report()
+                    } else {
+                        failed_report(FailureReason::TcpRefused)
+                    };
+                    let observation = Observation::Probed {
+                        endpoint: endpoint(),
+                        report: Box::new(report),
+                    };
+                    obj.status = Some(evaluate(&obj, observation, at(t)).status);
+                    probes.push(t);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(probes, [0, 30, 33, 36]);
+        assert_eq!(schedule(&obj, None, at(36)), secs(10));
     }
 
     #[rstest]

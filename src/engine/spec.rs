@@ -49,8 +49,11 @@ pub struct ValidSpec {
 pub struct ProbePolicy {
     /// Interval while reachable.
     pub interval: Duration,
-    /// Interval while probes fail.
+    /// Interval while the endpoint is unreachable (and while it recovers).
     pub unhealthy_interval: Duration,
+    /// Interval after a failure not yet confirmed (fewer than `failure_threshold` in a row on
+    /// an endpoint not unreachable); at most `unhealthy_interval`.
+    pub confirm_interval: Duration,
     /// Deadline of one probe.
     pub timeout: Duration,
     /// Failures in a row before Reachable becomes False.
@@ -64,6 +67,19 @@ pub struct ProbePolicy {
 }
 
 impl ProbePolicy {
+    /// The time from a probe to the next one, given the failures in a row after it and
+    /// whether the endpoint is unreachable: a failure not confirmed yet is looked at again
+    /// soon, so an outage is found about one `interval` after it starts.
+    pub fn interval_after(&self, failures: u32, unreachable: bool) -> Duration {
+        if unreachable {
+            self.unhealthy_interval
+        } else if failures > 0 {
+            self.confirm_interval
+        } else {
+            self.interval
+        }
+    }
+
     /// The prober options for this policy.
     pub fn options(&self) -> ProbeOptions {
         ProbeOptions {
@@ -140,6 +156,8 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
         let p = &spec.probe;
         let interval = duration("interval", &p.interval, false)?;
         let unhealthy_interval = duration("unhealthyInterval", &p.unhealthy_interval, false)?;
+        let confirm_interval =
+            duration("confirmInterval", &p.confirm_interval, false)?.min(unhealthy_interval);
         let timeout = duration("timeout", &p.timeout, false)?;
         let certificate_warning = duration("certificateWarning", &p.certificate_warning, true)?;
         let identity_check_interval =
@@ -178,6 +196,7 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
             probe: ProbePolicy {
                 interval,
                 unhealthy_interval,
+                confirm_interval,
                 timeout,
                 failure_threshold,
                 success_threshold,
@@ -350,6 +369,50 @@ mod tests {
         assert_eq!(ValidSpec::try_from(&s).unwrap().guest_query, expected);
     }
 
+    #[rstest]
+    #[case::default_is_shorter("10s", "3s", 3_000)]
+    #[case::never_longer_than_unhealthy("2s", "3s", 2_000)]
+    #[case::as_given("10s", "500ms", 500)]
+    fn the_confirmation_interval(
+        #[case] unhealthy: &str,
+        #[case] confirm: &str,
+        #[case] want_ms: u64,
+    ) {
+        let mut s = spec();
+        s.probe.interval = "30s".into();
+        s.probe.timeout = "1s".into();
+        s.probe.unhealthy_interval = unhealthy.into();
+        s.probe.confirm_interval = confirm.into();
+        let probe = ValidSpec::try_from(&s).unwrap().probe;
+        assert_eq!(probe.confirm_interval, Duration::from_millis(want_ms));
+        assert_eq!(probe.interval_after(0, false), probe.interval);
+        assert_eq!(probe.interval_after(1, false), probe.confirm_interval);
+        assert_eq!(probe.interval_after(3, true), probe.unhealthy_interval);
+        assert_eq!(
+            probe.interval_after(0, true),
+            probe.unhealthy_interval,
+            "recovering"
+        );
+    }
+
+    #[test]
+    fn a_zero_or_garbled_confirmation_interval_is_invalid() {
+        let mut s = spec();
+        s.probe.confirm_interval = "0s".into();
+        assert_eq!(
+            ValidSpec::try_from(&s).unwrap_err(),
+            SpecError::ZeroDuration("confirmInterval")
+        );
+        s.probe.confirm_interval = "soon".into();
+        assert!(matches!(
+            ValidSpec::try_from(&s).unwrap_err(),
+            SpecError::Duration {
+                field: "confirmInterval",
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn defaults_are_valid() {
         let valid = ValidSpec::try_from(&spec()).unwrap();
@@ -357,6 +420,7 @@ mod tests {
         assert_eq!(valid.vm.resource_group, "rg-1");
         assert_eq!(valid.probe.interval, Duration::from_secs(30));
         assert_eq!(valid.probe.unhealthy_interval, Duration::from_secs(10));
+        assert_eq!(valid.probe.confirm_interval, Duration::from_secs(3));
         assert_eq!(valid.probe.timeout, Duration::from_secs(5));
         assert_eq!(valid.probe.failure_threshold, 3);
         assert_eq!(valid.probe.success_threshold, 2);

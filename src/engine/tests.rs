@@ -97,6 +97,24 @@ fn unreachable_records_reason_time_and_faster_requeue() {
 }
 
 #[test]
+fn a_first_failure_is_looked_at_again_soon_and_an_outage_at_the_unhealthy_interval() {
+    let mut obj = object(|_| {});
+    let (out, _) = feed(&mut obj, vec![ok(), down()]);
+    assert_eq!(out.next, Next::Requeue(Duration::from_secs(3)));
+    let (out, _) = feed(&mut obj, vec![down()]);
+    assert_eq!(out.next, Next::Requeue(Duration::from_secs(3)));
+    let (out, _) = feed(&mut obj, vec![down()]);
+    assert_eq!(out.status.phase, Some(Phase::Unreachable));
+    assert_eq!(out.next, Next::Requeue(Duration::from_secs(10)));
+    let (out, _) = feed(&mut obj, vec![ok()]);
+    assert_eq!(
+        out.next,
+        Next::Requeue(Duration::from_secs(10)),
+        "recovering"
+    );
+}
+
+#[test]
 fn healthy_status_is_complete() {
     let mut obj = object(|o| o.metadata.generation = Some(4));
     let (out, _) = feed(&mut obj, vec![ok()]);
