@@ -4,6 +4,7 @@
 //! Nothing here blocks on a long-running operation: mutating calls return an [`Operation`]
 //! handle that the caller stores and hands back to [`Azure::poll`] on a later reconcile.
 
+mod arm_map;
 pub mod cache;
 pub mod client;
 pub mod counted;

@@ -8,7 +8,8 @@ use azure_mgmt_network::package_2024_03 as network;
 
 use super::{
     AzureResult,
-    client::{ArmClient, ResourceId, operation},
+    arm_map::{ResourceId, operation},
+    client::ArmClient,
     error::AzureError,
     model::{OperationKind, VmRef},
 };

@@ -9,7 +9,8 @@ use serde_json::Value;
 
 use super::{
     AzureResult,
-    client::{ArmClient, map_vm, operation},
+    arm_map::{map_vm, operation},
+    client::ArmClient,
     error::AzureError,
     model::{OperationKind, SnapshotInfo, SnapshotRequest, VmRef},
 };
