@@ -13,7 +13,7 @@ use super::*;
 use crate::{
     api::{RdpHealth, RemediationMode},
     azure::{ArmClient, ArmConfig, StaticToken},
-    engine::{Observation, ValidSpec, evaluate, testing::*},
+    engine::testing::*,
     ladder::nic::RestoreState,
     probe::{FailureReason, ProbeReport},
     sim::{Behaviour, Scenario, Simulator},
@@ -159,30 +159,15 @@ async fn drive(sim: &Simulator, lease: Arc<Lease>, mut between: impl FnMut(&Simu
     let mut ahead = Duration::ZERO;
     for _ in 0..400 {
         let now = Timestamp::now().checked_add(ahead).unwrap();
-        let probed = report(sim);
-        let failure = probed.failure.clone();
-        let reachable = probed.reachable;
-        let observation = Observation::Probed {
-            endpoint: endpoint(),
-            report: Box::new(probed),
-        };
-        let mut outcome = evaluate(&obj, observation, now);
-        let spec = ValidSpec::try_from(&obj.spec).unwrap();
-        let subject = Subject {
-            key: "default/vm-1",
-            seed: "uid-1",
-            spec: &spec,
-            failure: failure.as_ref(),
-            probed: Some(reachable),
-            leader: true,
-            paused: false,
-            approval: None,
-        };
-        let result = remediator
-            .remediate(&subject, &mut outcome, &sink, now)
-            .await;
-        events.extend(outcome.events.clone());
-        obj.status = Some(outcome.status.clone());
+        let result = super::snapshot_tests::reconcile_once(
+            &remediator,
+            &mut obj,
+            report(sim),
+            &sink,
+            &mut events,
+            now,
+        )
+        .await;
         match result {
             Ok(_) => {}
             Err(RemediateError::NotLeader) if lease.lost.load(Ordering::SeqCst) => {
@@ -196,7 +181,7 @@ async fn drive(sim: &Simulator, lease: Arc<Lease>, mut between: impl FnMut(&Simu
             }
             Err(e) => panic!("{e:?}"),
         }
-        let ladder = &outcome.status.ladder;
+        let ladder = &obj.status.as_ref().unwrap().ladder;
         if (ladder.incident_started_at.is_none() && !ladder.history.is_empty()) || ladder.exhausted
         {
             break;

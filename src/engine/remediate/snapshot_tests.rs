@@ -104,6 +104,43 @@ fn report(sim: &Simulator) -> ProbeReport {
     }
 }
 
+/// One reconcile of `obj` (`evaluate` → `remediate`) on the probe verdict `probed`, as the
+/// object `default/vm-1` of the leader: `obj.status` becomes what it produced, its Events go to
+/// `events`.
+pub(super) async fn reconcile_once(
+    remediator: &Remediator,
+    obj: &mut RdpHealth,
+    probed: ProbeReport,
+    sink: &dyn StatusSink,
+    events: &mut Vec<Event>,
+    now: Timestamp,
+) -> Result<(), RemediateError> {
+    let failure = probed.failure.clone();
+    let reachable = probed.reachable;
+    let observation = Observation::Probed {
+        endpoint: endpoint(),
+        report: Box::new(probed),
+    };
+    let mut outcome = evaluate(obj, observation, now);
+    let spec = ValidSpec::try_from(&obj.spec).unwrap();
+    let subject = Subject {
+        key: "default/vm-1",
+        seed: "uid-1",
+        spec: &spec,
+        failure: failure.as_ref(),
+        probed: Some(reachable),
+        leader: true,
+        paused: false,
+        approval: None,
+    };
+    let result = remediator
+        .remediate(&subject, &mut outcome, sink, now)
+        .await;
+    events.extend(outcome.events);
+    obj.status = Some(outcome.status);
+    result
+}
+
 /// Reconciles `obj` against the emulator (probe verdicts follow the simulated VM) until the
 /// incident closes, the ladder gives up, the stage fails, or `rounds` are used.
 async fn drive(sim: &Simulator, remediator: &Remediator, mut obj: RdpHealth, rounds: usize) -> Run {
@@ -114,36 +151,20 @@ async fn drive(sim: &Simulator, remediator: &Remediator, mut obj: RdpHealth, rou
     let mut events = Vec::new();
     let mut error = None;
     for _ in 0..rounds {
-        let now = Timestamp::now();
-        let probed = report(sim);
-        let failure = probed.failure.clone();
-        let reachable = probed.reachable;
-        let observation = Observation::Probed {
-            endpoint: endpoint(),
-            report: Box::new(probed),
-        };
-        let mut outcome = evaluate(&obj, observation, now);
-        let spec = ValidSpec::try_from(&obj.spec).unwrap();
-        let subject = Subject {
-            key: "default/vm-1",
-            seed: "uid-1",
-            spec: &spec,
-            failure: failure.as_ref(),
-            probed: Some(reachable),
-            leader: true,
-            paused: false,
-            approval: None,
-        };
-        let result = remediator
-            .remediate(&subject, &mut outcome, &sink, now)
-            .await;
-        events.extend(outcome.events.clone());
-        obj.status = Some(outcome.status.clone());
+        let result = reconcile_once(
+            remediator,
+            &mut obj,
+            report(sim),
+            &sink,
+            &mut events,
+            Timestamp::now(),
+        )
+        .await;
         if let Err(e) = result {
             error = Some(e);
             break;
         }
-        let ladder = &outcome.status.ladder;
+        let ladder = &obj.status.as_ref().unwrap().ladder;
         if (ladder.incident_started_at.is_none() && !ladder.history.is_empty()) || ladder.exhausted
         {
             break;
