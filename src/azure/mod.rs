@@ -10,6 +10,7 @@ pub mod client;
 pub mod counted;
 pub mod credential;
 pub mod error;
+pub mod graph;
 pub mod identities;
 pub mod limiter;
 pub mod model;
@@ -23,6 +24,7 @@ pub use self::{
     counted::CountedAzure,
     credential::{ARM_SCOPE, StaticToken, WorkloadIdentity},
     error::{AzureError, RateLimitRemaining},
+    graph::{DiscoveredVm, Discovery, ResourceGraph, VmSelector},
     identities::{AzureIdentity, Federation},
     limiter::{Limiter, LimiterConfig},
     model::*,
