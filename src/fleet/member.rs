@@ -251,9 +251,13 @@ pub fn tally(
             }
             Watcher::Incident(name) => {
                 t.incidents += 1;
+                // Opened because the fleet found it unreachable: so it counts until its
+                // object judges otherwise.
                 match incidents.get(name) {
-                    Some(view) => (view.reachable, view.reason.clone(), view.since, Some(name)),
-                    None => (Status::Unknown, None, None, Some(name)),
+                    Some(view) if view.reachable != Status::Unknown => {
+                        (view.reachable, view.reason.clone(), view.since, Some(name))
+                    }
+                    _ => (Status::False, member.reason.clone(), member.since, Some(name)),
                 }
             }
             Watcher::Fleet => (member.reachable, member.reason.clone(), member.since, None),

@@ -13,3 +13,5 @@ pub mod status;
 pub mod worker;
 
 pub use self::worker::{Created, Deps, FleetSink};
+#[cfg(test)]
+mod tests;
