@@ -331,6 +331,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
+            graph: None,
         },
         listener,
         async move {

@@ -105,6 +105,7 @@ async fn start_operator(
             Some(TENANT.into()),
             Some(token_file.to_path_buf()),
         ))),
+        graph: None,
     };
     let settings = Settings {
         concurrency: 4,

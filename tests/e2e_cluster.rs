@@ -482,6 +482,7 @@ async fn operator_status_through_kubectl() {
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
+            graph: None,
         },
         listener,
         async move {

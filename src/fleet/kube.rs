@@ -16,6 +16,7 @@ use kube::{
     api::{Api, DeleteParams, Patch, PatchParams, PostParams},
     core::DeserializeGuard,
     runtime::{
+        WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
         reflector::Store,
         watcher,
@@ -184,7 +185,9 @@ pub async fn run(
 ) {
     let mut workers: HashMap<(String, String), Running> = HashMap::new();
     let mut seen_in_init: Vec<(String, String)> = Vec::new();
-    let mut events = watcher(api, watcher::Config::default()).boxed();
+    let mut events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     loop {
         let event = tokio::select! {
             _ = shutdown.changed() => break,

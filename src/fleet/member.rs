@@ -257,7 +257,12 @@ pub fn tally(
                     Some(view) if view.reachable != Status::Unknown => {
                         (view.reachable, view.reason.clone(), view.since, Some(name))
                     }
-                    _ => (Status::False, member.reason.clone(), member.since, Some(name)),
+                    _ => (
+                        Status::False,
+                        member.reason.clone(),
+                        member.since,
+                        Some(name),
+                    ),
                 }
             }
             Watcher::Fleet => (member.reachable, member.reason.clone(), member.since, None),

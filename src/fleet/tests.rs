@@ -23,11 +23,11 @@ use super::{
 };
 use crate::{
     api::{
-        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec,
-        RdpHealthFleetStatus, RdpHealthStatus, conditions as types,
+        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec, RdpHealthFleetStatus,
+        RdpHealthStatus, conditions as types,
     },
-    controller::PAUSE_ANNOTATION,
     azure::{AzureError, AzureResult, DiscoveredVm, Discovery, ResourceGraph, VmRef, VmSelector},
+    controller::PAUSE_ANNOTATION,
     engine::{
         Severity,
         testing::{failed_report, ok_report},
@@ -92,7 +92,12 @@ struct Net {
 impl Prober for Net {
     fn probe<'a>(&'a self, target: &'a Target, _: &'a ProbeOptions) -> BoxFuture<'a, ProbeReport> {
         Box::pin(async move {
-            *self.probes.lock().unwrap().entry(target.host.clone()).or_default() += 1;
+            *self
+                .probes
+                .lock()
+                .unwrap()
+                .entry(target.host.clone())
+                .or_default() += 1;
             match self.down.lock().unwrap().get(&target.host) {
                 Some(reason) => failed_report(*reason),
                 None => ok_report(),
@@ -112,7 +117,12 @@ struct Kube {
 
 impl Kube {
     fn status(&self) -> RdpHealthFleetStatus {
-        self.statuses.lock().unwrap().last().cloned().unwrap_or_default()
+        self.statuses
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .unwrap_or_default()
     }
     fn set_reachable(&self, name: &str, status: &str, since: Timestamp) {
         let mut objects = self.objects.lock().unwrap();
@@ -159,7 +169,11 @@ impl FleetSink for Kube {
         self.objects.lock().unwrap().remove(name);
         Ok(())
     }
-    async fn write_status(&self, _: &RdpHealthFleet, s: &RdpHealthFleetStatus) -> Result<(), String> {
+    async fn write_status(
+        &self,
+        _: &RdpHealthFleet,
+        s: &RdpHealthFleetStatus,
+    ) -> Result<(), String> {
         self.statuses.lock().unwrap().push(s.clone());
         Ok(())
     }
@@ -215,6 +229,7 @@ impl Run {
             max_unreachable_percent: 30,
             min_fleet_size: 5,
             probe_concurrency: 8,
+            refusal: None,
         };
         let (spec, spec_rx) = watch::channel(Arc::new(f));
         let (stop, stop_rx) = watch::channel(false);
@@ -258,7 +273,10 @@ async fn membership_follows_discovery_within_one_interval() {
     let s = run.kube.status();
     assert_eq!((s.members, s.reachable), (2, 2), "{s:?}");
     let probes = run.net.probes.lock().unwrap().clone();
-    assert!(probes.contains_key("127.0.0.3"), "the new VM is probed: {probes:?}");
+    assert!(
+        probes.contains_key("127.0.0.3"),
+        "the new VM is probed: {probes:?}"
+    );
     let b_before = probes["127.0.0.2"];
     advance(Duration::from_secs(90)).await;
     assert_eq!(
@@ -267,7 +285,10 @@ async fn membership_follows_discovery_within_one_interval() {
         "a VM that left is no longer probed"
     );
     assert!(*run.graph.calls.lock().unwrap() >= 3);
-    assert!(run.kube.creates.lock().unwrap().is_empty(), "healthy members cost no object");
+    assert!(
+        run.kube.creates.lock().unwrap().is_empty(),
+        "healthy members cost no object"
+    );
     run.stop().await;
 }
 
@@ -290,10 +311,17 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
     let obj = run.kube.objects.lock().unwrap()[&name].clone();
     assert!(obj.spec.vm.resource_id.ends_with("/virtualMachines/vm4"));
     assert!(
-        !obj.metadata.annotations.clone().unwrap().contains_key(PAUSE_ANNOTATION),
+        !obj.metadata
+            .annotations
+            .clone()
+            .unwrap()
+            .contains_key(PAUSE_ANNOTATION),
         "1 of 6 unreachable is below the fleet's limit: no hold"
     );
-    assert_eq!(run.kube.events.lock().unwrap().as_slice(), ["IncidentOpened"]);
+    assert_eq!(
+        run.kube.events.lock().unwrap().as_slice(),
+        ["IncidentOpened"]
+    );
     // The object watches the VM now: the fleet stops probing it, and never creates another.
     let probes = run.net.probes.lock().unwrap()["127.0.0.4"];
     advance(Duration::from_secs(60)).await;
@@ -314,8 +342,14 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
     run.net.down.lock().unwrap().clear();
     run.kube.set_reachable(&name, "True", Timestamp::now());
     advance(Duration::from_secs(6)).await;
-    assert_eq!(run.kube.deletes.lock().unwrap().as_slice(), [name.clone()]);
-    assert!(run.kube.events.lock().unwrap().contains(&"IncidentClosed".to_owned()));
+    assert_eq!(*run.kube.deletes.lock().unwrap(), vec![name.clone()]);
+    assert!(
+        run.kube
+            .events
+            .lock()
+            .unwrap()
+            .contains(&"IncidentClosed".to_owned())
+    );
     // Back in memory: probed by the fleet again.
     advance(Duration::from_secs(40)).await;
     assert!(run.net.probes.lock().unwrap()["127.0.0.4"] > probes);
@@ -350,7 +384,13 @@ async fn a_fleet_wide_outage_opens_incidents_on_hold() {
         .count();
     // The first incident sees 20 % unreachable (not above the limit); later ones see more.
     assert!(held >= 3, "{held} of 5 held");
-    assert!(run.kube.events.lock().unwrap().contains(&"IncidentHeld".to_owned()));
+    assert!(
+        run.kube
+            .events
+            .lock()
+            .unwrap()
+            .contains(&"IncidentHeld".to_owned())
+    );
     run.stop().await;
 }
 
@@ -387,14 +427,25 @@ async fn a_failed_discovery_keeps_the_last_membership_and_says_so() {
     advance(Duration::from_secs(70)).await;
     let s = run.kube.status();
     assert_eq!(s.members, 2, "{s:?}");
-    let discovered = s.conditions.iter().find(|c| c.type_ == "Discovered").unwrap();
+    let discovered = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Discovered")
+        .unwrap();
     assert_eq!(discovered.status, "False");
-    assert!(discovered.message.contains("keeping the membership"), "{}", discovered.message);
+    assert!(
+        discovered.message.contains("keeping the membership"),
+        "{}",
+        discovered.message
+    );
     let d = s.discovery.unwrap();
     assert!(d.error.is_some() && d.last_success.is_some());
     let before = run.net.probes.lock().unwrap()["127.0.0.2"];
     advance(Duration::from_secs(60)).await;
-    assert!(run.net.probes.lock().unwrap()["127.0.0.2"] > before, "members are still probed");
+    assert!(
+        run.net.probes.lock().unwrap()["127.0.0.2"] > before,
+        "members are still probed"
+    );
     run.stop().await;
 }
 

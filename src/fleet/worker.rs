@@ -91,6 +91,8 @@ pub struct Deps {
     pub min_fleet_size: usize,
     /// Probes of one fleet in flight at once.
     pub probe_concurrency: usize,
+    /// Why every fleet is refused (the operator's configuration forbids fleets), if it does.
+    pub refusal: Option<String>,
 }
 
 /// The loop's state.
@@ -116,7 +118,7 @@ pub async fn run(
 ) {
     let first = fleet.borrow_and_update().clone();
     let mut w = Worker {
-        policy: MemberPolicy::from_fleet(&first),
+        policy: policy_of(&deps, &first),
         deps,
         fleet: first,
         members: BTreeMap::new(),
@@ -145,7 +147,7 @@ pub async fn run(
                 if next.spec.selector != w.fleet.spec.selector {
                     discovery_due = Instant::now();
                 }
-                w.policy = MemberPolicy::from_fleet(&next);
+                w.policy = policy_of(&w.deps, &next);
                 w.fleet = next;
                 w.reschedule_all(Instant::now());
             }
@@ -194,6 +196,14 @@ pub async fn run(
     probes.abort_all();
     if let Some(d) = discovering {
         d.abort();
+    }
+}
+
+/// The fleet's policy, or why it is refused.
+fn policy_of(deps: &Deps, fleet: &RdpHealthFleet) -> Result<MemberPolicy, String> {
+    match &deps.refusal {
+        Some(why) => Err(why.clone()),
+        None => MemberPolicy::from_fleet(fleet),
     }
 }
 

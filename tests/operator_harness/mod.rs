@@ -252,6 +252,7 @@ pub fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seam
         )),
         azure: Some(azure),
         identities: None,
+        graph: None,
     };
     (seams, witness)
 }
