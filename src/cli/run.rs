@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// Objects reconciled (probed) at the same time.
     #[arg(long, env = "RDPHEALTH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// Watch RdpHealthFleet objects (needs Azure credentials: discovery uses Resource Graph).
+    #[arg(long, env = "RDPHEALTH_FLEETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fleets: bool,
     /// Probes of one RdpHealthFleet's members in flight at once.
     #[arg(long, env = "RDPHEALTH_FLEET_PROBE_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
     pub fleet_probe_concurrency: u16,
