@@ -2,9 +2,10 @@
 //!
 //! The emulator reports documentation-range addresses (the addresses real VMs would have);
 //! each VM's RDP responder listens on a loopback port. [`AddressProber`] probes the responder
-//! of the VM that holds a reported address, so a fleet that discovered those addresses probes
-//! the simulated VMs, and no packet ever leaves loopback: an address no simulated VM holds is
-//! answered as unreachable without any connection.
+//! of the VM that holds a reported address (whatever the port), the way a network would route
+//! it, so whatever discovered those addresses probes the simulated VMs and no packet ever
+//! leaves loopback. An address no simulated VM holds (an old address after a redeploy) is
+//! refused: it is probed at loopback port 9, where nothing listens.
 
 use std::{
     collections::HashMap,
@@ -15,7 +16,7 @@ use std::{
 use futures::future::BoxFuture;
 
 use super::Shared;
-use crate::probe::{Failure, FailureReason, Layers, ProbeOptions, ProbeReport, Prober, Target};
+use crate::probe::{ProbeOptions, ProbeReport, Prober, Target};
 
 /// A prober that maps the simulator's ARM addresses to its responders.
 pub struct AddressProber {
@@ -65,32 +66,12 @@ impl Prober for AddressProber {
                 .parse::<IpAddr>()
                 .ok()
                 .and_then(|ip| self.index().get(&ip).copied());
-            match responder {
-                Some(addr) if target.port == crate::probe::DEFAULT_RDP_PORT => {
-                    let mapped = Target {
-                        host: addr.ip().to_string(),
-                        port: addr.port(),
-                    };
-                    let mut report = self.inner.probe(&mapped, opts).await;
-                    report.target = target.to_string();
-                    report
-                }
-                _ => ProbeReport {
-                    target: target.to_string(),
-                    reachable: false,
-                    failure: Some(Failure::new(
-                        FailureReason::TcpUnreachable,
-                        format!("no simulated VM listens on {target}"),
-                    )),
-                    layers: Layers::default(),
-                    selected_protocol: None,
-                    tls: None,
-                    nla: None,
-                    findings: Vec::new(),
-                    likely_causes: Vec::new(),
-                    total_ms: 0.0,
-                },
-            }
+            let local = responder.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9)));
+            let routed = Target {
+                host: local.ip().to_string(),
+                port: local.port(),
+            };
+            self.inner.probe(&routed, opts).await
         })
     }
 }
