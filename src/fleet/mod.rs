@@ -7,6 +7,7 @@
 pub mod incident;
 pub mod kube;
 pub mod member;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod status;

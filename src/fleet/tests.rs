@@ -16,22 +16,15 @@ use k8s_openapi::{
 };
 use tokio::sync::watch;
 
-use super::{
-    Created, Deps, FleetSink,
-    member::{Member, Tally},
-    worker,
-};
+use super::{Deps, memory::MemorySink, worker};
 use crate::{
     api::{
-        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec, RdpHealthFleetStatus,
-        RdpHealthStatus, conditions as types,
+        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec, RdpHealthStatus,
+        conditions as types,
     },
     azure::{AzureError, AzureResult, DiscoveredVm, Discovery, ResourceGraph, VmRef, VmSelector},
     controller::PAUSE_ANNOTATION,
-    engine::{
-        Severity,
-        testing::{failed_report, ok_report},
-    },
+    engine::testing::{failed_report, ok_report},
     probe::{FailureReason, ProbeOptions, ProbeReport, Prober, Target},
 };
 
@@ -106,82 +99,21 @@ impl Prober for Net {
     }
 }
 
-#[derive(Default)]
-struct Kube {
-    objects: Mutex<BTreeMap<String, RdpHealth>>,
-    creates: Mutex<Vec<String>>,
-    deletes: Mutex<Vec<String>>,
-    statuses: Mutex<Vec<RdpHealthFleetStatus>>,
-    events: Mutex<Vec<String>>,
-}
-
-impl Kube {
-    fn status(&self) -> RdpHealthFleetStatus {
-        self.statuses
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap_or_default()
-    }
-    fn set_reachable(&self, name: &str, status: &str, since: Timestamp) {
-        let mut objects = self.objects.lock().unwrap();
-        let obj = objects.get_mut(name).unwrap();
-        obj.status = Some(RdpHealthStatus {
-            conditions: vec![Condition {
-                type_: types::REACHABLE.into(),
-                status: status.into(),
-                reason: "X".into(),
-                message: String::new(),
-                last_transition_time: Time(since),
-                observed_generation: None,
-            }],
-            ..RdpHealthStatus::default()
-        });
-    }
-}
-
-#[async_trait::async_trait]
-impl FleetSink for Kube {
-    fn ready(&self) -> bool {
-        true
-    }
-    fn may_write(&self) -> bool {
-        true
-    }
-    fn for_each_object(&self, f: &mut dyn FnMut(&RdpHealth)) {
-        for obj in self.objects.lock().unwrap().values() {
-            f(obj);
-        }
-    }
-    async fn create(&self, obj: &RdpHealth) -> Result<Created, String> {
-        let name = obj.metadata.name.clone().unwrap();
-        self.creates.lock().unwrap().push(name.clone());
-        let mut objects = self.objects.lock().unwrap();
-        if objects.contains_key(&name) {
-            return Ok(Created::Exists);
-        }
-        objects.insert(name, obj.clone());
-        Ok(Created::New)
-    }
-    async fn delete(&self, _: &str, name: &str) -> Result<(), String> {
-        self.deletes.lock().unwrap().push(name.to_owned());
-        self.objects.lock().unwrap().remove(name);
-        Ok(())
-    }
-    async fn write_status(
-        &self,
-        _: &RdpHealthFleet,
-        s: &RdpHealthFleetStatus,
-    ) -> Result<(), String> {
-        self.statuses.lock().unwrap().push(s.clone());
-        Ok(())
-    }
-    async fn event(&self, _: &RdpHealthFleet, _: Severity, reason: &str, _: String) {
-        self.events.lock().unwrap().push(reason.to_owned());
-    }
-    fn observe(&self, _: &RdpHealthFleet, _: &Tally, _: &BTreeMap<String, Member>) {}
-    fn discovered(&self, _: &RdpHealthFleet, _: u32, _: bool) {}
+/// Sets the `Reachable` condition of an object the sink holds.
+fn set_reachable(kube: &MemorySink, name: &str, status: &str, since: Timestamp) {
+    let mut r = kube.recorded();
+    let obj = r.objects.get_mut(name).unwrap();
+    obj.status = Some(RdpHealthStatus {
+        conditions: vec![Condition {
+            type_: types::REACHABLE.into(),
+            status: status.into(),
+            reason: "X".into(),
+            message: String::new(),
+            last_transition_time: Time(since),
+            observed_generation: None,
+        }],
+        ..RdpHealthStatus::default()
+    });
 }
 
 fn fleet(edit: impl FnOnce(&mut RdpHealthFleetSpec)) -> RdpHealthFleet {
@@ -210,7 +142,7 @@ fn fleet(edit: impl FnOnce(&mut RdpHealthFleetSpec)) -> RdpHealthFleet {
 struct Run {
     graph: Arc<Graph>,
     net: Arc<Net>,
-    kube: Arc<Kube>,
+    kube: Arc<MemorySink>,
     stop: watch::Sender<bool>,
     _spec: watch::Sender<Arc<RdpHealthFleet>>,
     task: tokio::task::JoinHandle<()>,
@@ -221,7 +153,7 @@ impl Run {
         let graph = Arc::new(Graph::default());
         graph.set(vms);
         let net = Arc::new(Net::default());
-        let kube = Arc::new(Kube::default());
+        let kube = Arc::new(MemorySink::default());
         let deps = Deps {
             graph: graph.clone(),
             prober: net.clone(),
@@ -286,7 +218,7 @@ async fn membership_follows_discovery_within_one_interval() {
     );
     assert!(*run.graph.calls.lock().unwrap() >= 3);
     assert!(
-        run.kube.creates.lock().unwrap().is_empty(),
+        run.kube.recorded().creates.is_empty(),
         "healthy members cost no object"
     );
     run.stop().await;
@@ -304,11 +236,17 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
         .insert("127.0.0.4".into(), FailureReason::TcpTimeout);
     // Within one interval plus the confirmations (3 probes, 3 s apart).
     advance(Duration::from_secs(30 + 10)).await;
-    let creates = run.kube.creates.lock().unwrap().clone();
+    let creates = run
+        .kube
+        .recorded()
+        .creates
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect::<Vec<_>>();
     assert_eq!(creates.len(), 1, "{creates:?}");
     let name = creates[0].clone();
     assert!(name.starts_with("prod-vm4-"), "{name}");
-    let obj = run.kube.objects.lock().unwrap()[&name].clone();
+    let obj = run.kube.recorded().objects[&name].clone();
     assert!(obj.spec.vm.resource_id.ends_with("/virtualMachines/vm4"));
     assert!(
         !obj.metadata
@@ -318,15 +256,12 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
             .contains_key(PAUSE_ANNOTATION),
         "1 of 6 unreachable is below the fleet's limit: no hold"
     );
-    assert_eq!(
-        run.kube.events.lock().unwrap().as_slice(),
-        ["IncidentOpened"]
-    );
+    assert_eq!(run.kube.recorded().events.as_slice(), ["IncidentOpened"]);
     // The object watches the VM now: the fleet stops probing it, and never creates another.
     let probes = run.net.probes.lock().unwrap()["127.0.0.4"];
     advance(Duration::from_secs(60)).await;
     assert_eq!(run.net.probes.lock().unwrap()["127.0.0.4"], probes);
-    assert_eq!(run.kube.creates.lock().unwrap().len(), 1);
+    assert_eq!(run.kube.recorded().creates.len(), 1);
     let s = run.kube.status();
     assert_eq!(
         (s.incidents, s.unreachable),
@@ -334,20 +269,19 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
         "unreachable until its object judges otherwise: {s:?}"
     );
     // The object reports Unreachable, then Reachable again; retention 0: closed.
-    run.kube.set_reachable(&name, "False", Timestamp::now());
+    set_reachable(&run.kube, &name, "False", Timestamp::now());
     advance(Duration::from_secs(6)).await;
     let s = run.kube.status();
     assert_eq!((s.incidents, s.unreachable), (1, 1), "{s:?}");
     assert_eq!(s.worst[0].incident.as_deref(), Some(name.as_str()));
     run.net.down.lock().unwrap().clear();
-    run.kube.set_reachable(&name, "True", Timestamp::now());
+    set_reachable(&run.kube, &name, "True", Timestamp::now());
     advance(Duration::from_secs(6)).await;
-    assert_eq!(*run.kube.deletes.lock().unwrap(), vec![name.clone()]);
+    assert_eq!(run.kube.recorded().deletes, vec![name.clone()]);
     assert!(
         run.kube
+            .recorded()
             .events
-            .lock()
-            .unwrap()
             .contains(&"IncidentClosed".to_owned())
     );
     // Back in memory: probed by the fleet again.
@@ -371,7 +305,7 @@ async fn a_fleet_wide_outage_opens_incidents_on_hold() {
             .insert(format!("127.0.0.{i}"), FailureReason::TcpTimeout);
     }
     advance(Duration::from_secs(45)).await;
-    let objects = run.kube.objects.lock().unwrap().clone();
+    let objects = run.kube.recorded().objects.clone();
     assert_eq!(objects.len(), 5);
     let held = objects
         .values()
@@ -386,9 +320,8 @@ async fn a_fleet_wide_outage_opens_incidents_on_hold() {
     assert!(held >= 3, "{held} of 5 held");
     assert!(
         run.kube
+            .recorded()
             .events
-            .lock()
-            .unwrap()
             .contains(&"IncidentHeld".to_owned())
     );
     run.stop().await;
@@ -400,11 +333,7 @@ async fn a_hand_written_object_wins_over_the_fleet() {
     let spec = super::policy::template_spec(&fleet(|_| {}), vm("B", 2).vm.id().to_uppercase());
     let mut explicit = RdpHealth::new("mine", spec);
     explicit.metadata.namespace = Some("team".into());
-    run.kube
-        .objects
-        .lock()
-        .unwrap()
-        .insert("mine".into(), explicit);
+    run.kube.recorded().objects.insert("mine".into(), explicit);
     run.net
         .down
         .lock()
@@ -414,7 +343,7 @@ async fn a_hand_written_object_wins_over_the_fleet() {
     let s = run.kube.status();
     assert_eq!((s.members, s.skipped, s.incidents), (2, 1, 0), "{s:?}");
     assert_eq!(s.skipped_members[0].watched_by, "team/mine");
-    assert!(run.kube.creates.lock().unwrap().is_empty());
+    assert!(run.kube.recorded().creates.is_empty());
     assert!(!run.net.probes.lock().unwrap().contains_key("127.0.0.2"));
     run.stop().await;
 }
