@@ -19,9 +19,13 @@
 mod fake_apiserver;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -54,12 +58,42 @@ use tokio::{
 
 const NS: &str = "default";
 
-/// Reachable over TLS with a healthy certificate, at once.
-struct Healthy;
+/// Reachable over TLS with a healthy certificate, at once; records how late each object's
+/// probe came (each object has its own loopback host, so the target names the object).
+#[derive(Default)]
+struct Healthy {
+    recording: AtomicBool,
+    last: Mutex<HashMap<String, Instant>>,
+    lateness: Mutex<Vec<Duration>>,
+}
+
+/// Every object's probe interval.
+const INTERVAL: Duration = Duration::from_secs(30);
 
 impl Prober for Healthy {
     fn probe<'a>(&'a self, target: &'a Target, _: &'a ProbeOptions) -> BoxFuture<'a, ProbeReport> {
-        Box::pin(async move { healthy_report(target.to_string()) })
+        Box::pin(async move {
+            let now = Instant::now();
+            let key = target.to_string();
+            let previous = self.last.lock().unwrap().insert(key.clone(), now);
+            if let Some(prev) = previous
+                && self.recording.load(Ordering::Relaxed)
+            {
+                // Due one interval after the previous probe (a healthy, unchanged object).
+                let late = now.saturating_duration_since(prev + INTERVAL);
+                self.lateness.lock().unwrap().push(late);
+            }
+            healthy_report(key)
+        })
+    }
+}
+
+impl Healthy {
+    /// Sorted lateness samples, and how many objects were probed at all.
+    fn lateness(&self) -> (Vec<Duration>, usize) {
+        let mut v = self.lateness.lock().unwrap().clone();
+        v.sort();
+        (v, self.last.lock().unwrap().len())
     }
 }
 
@@ -120,7 +154,8 @@ fn object(i: usize) -> Value {
         "metadata": {"name": format!("vm-{i:05}"), "namespace": NS},
         "spec": {
             "vm": {"resourceId": format!("/subscriptions/00000000-0000-0000-0000-{:012x}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm-{i:05}", i / 1000)},
-            "endpoint": {"host": "127.0.0.1", "port": 3389},
+            // A loopback host per object (never connected to: the prober answers at once).
+            "endpoint": {"host": format!("127.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255), "port": 3389},
             "probe": {"interval": "30s", "successThreshold": 1},
         },
     })
@@ -318,6 +353,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     let http = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let started = Instant::now();
+    let prober = Arc::new(Healthy::default());
     let task = tokio::spawn(controller::run(
         client,
         Settings {
@@ -327,7 +363,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
             ..Settings::default()
         },
         Seams {
-            prober: Arc::new(Healthy),
+            prober: prober.clone(),
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
@@ -355,7 +391,9 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     let text0 = metrics(http).await;
     let (count0, sum0, _) = reconcile_histogram(&text0);
     let probes0 = probes(&text0);
+    prober.recording.store(true, Ordering::Relaxed);
     tokio::time::sleep(window).await;
+    prober.recording.store(false, Ordering::Relaxed);
     let cpu = cpu_time().unwrap() - cpu0;
     let after = api.stats().await;
     let text = metrics(http).await;
@@ -427,6 +465,23 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     println!(
         "| API requests in window (all kinds) | {requests} ({:.2}/s) |",
         requests as f64 / secs
+    );
+    let (lateness, probed_objects) = prober.lateness();
+    let q = |f: f64| {
+        lateness
+            .get(((lateness.len() as f64 - 1.0) * f).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "| objects never probed (whole run) | {} |",
+        objects.saturating_sub(probed_objects)
+    );
+    println!(
+        "| schedule lateness per probe in window p50 / p99 / max (due: previous probe + 30 s) | {:.1} / {:.1} / {:.1} ms ({} samples) |",
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        lateness.len()
     );
     println!(
         "| reconciles in window | {reconciles:.0} ({:.1}/s) |",
