@@ -35,7 +35,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api,
     core::DeserializeGuard,
-    runtime::{reflector, watcher},
+    runtime::{WatchStreamExt, reflector, watcher},
 };
 use rdphealth::{
     api::{EndpointSource, RdpHealth, ResolvedEndpoint},
@@ -144,7 +144,49 @@ fn object_with_status(i: usize) -> Value {
     };
     let status = engine::evaluate(&obj, observation, Timestamp::now()).status;
     value["status"] = serde_json::to_value(status).unwrap();
+    // What a real API server stores besides: kubectl's copy of the applied object, and a
+    // field map per writer (kubectl for the spec, the operator's apply for the status).
+    let applied = object(i);
+    value["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": applied.to_string(),
+    });
+    let time = "2026-11-30T10:00:00Z";
+    value["metadata"]["managedFields"] = json!([
+        {"manager": "kubectl-client-side-apply", "operation": "Update",
+         "apiVersion": "rdphealth.io/v1alpha1", "time": time, "fieldsType": "FieldsV1",
+         "fieldsV1": {"f:metadata": {"f:annotations": {".": {},
+             "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+             "f:spec": field_map(&applied["spec"])}},
+        {"manager": "rdphealth-operator", "operation": "Apply",
+         "apiVersion": "rdphealth.io/v1alpha1", "time": time, "fieldsType": "FieldsV1",
+         "subresource": "status",
+         "fieldsV1": {"f:status": field_map(&value["status"])}},
+    ]);
     value
+}
+
+/// The `fieldsV1` map of `value`, as the API server builds it (list-maps keyed by `type`).
+fn field_map(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            out.insert(".".into(), json!({}));
+            for (k, v) in map {
+                out.insert(format!("f:{k}"), field_map(v));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = serde_json::Map::new();
+            for item in items {
+                if let Some(t) = item.get("type") {
+                    out.insert(format!("k:{{\"type\":{t}}}"), field_map(item));
+                }
+            }
+            Value::Object(out)
+        }
+        _ => json!({}),
+    }
 }
 
 fn object(i: usize) -> Value {
@@ -514,7 +556,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
 
 /// The watch cache alone: a reflector over `objects` objects that carry a healthy status, no
 /// controller, no probes, no writes.
-async fn store_only(objects: usize) {
+async fn store_only(objects: usize, trimmed: bool) {
     let api = StandIn::spawn(objects, true).await;
     let rdph: Api<DeserializeGuard<RdpHealth>> = Api::all(api.client());
     let rss0 = rss().unwrap().0;
@@ -522,8 +564,15 @@ async fn store_only(objects: usize) {
     let writer = reflector::store::Writer::default();
     let store = writer.as_reader();
     let watch = tokio::spawn(
-        reflector::reflector(writer, watcher(rdph, watcher::Config::default()))
-            .for_each(|_| async {}),
+        reflector::reflector(
+            writer,
+            watcher(rdph, watcher::Config::default()).modify(move |guard| {
+                if trimmed {
+                    controller::trim(guard);
+                }
+            }),
+        )
+        .for_each(|_| async {}),
     );
     store.wait_until_ready().await.unwrap();
     while store.state().len() < objects {
@@ -541,8 +590,16 @@ async fn store_only(objects: usize) {
         store.state().len()
     );
     println!(
-        "| one object as JSON (spec and a healthy status) | {:.1} KiB |",
+        "| one object as JSON (spec, a healthy status, managedFields, last-applied) | {:.1} KiB |",
         sample as f64 / 1024.0
+    );
+    println!(
+        "| cache | {} |",
+        if trimmed {
+            "trimmed (managedFields and last-applied dropped, as the controller's)"
+        } else {
+            "whole objects"
+        }
     );
     println!(
         "| time until the store holds every object | {:.1} s |",
@@ -589,7 +646,8 @@ fn main() {
         writes::HEARTBEAT.as_secs(),
     ));
     match std::env::var("RDPHEALTH_BENCH_MEASURE").as_deref() {
-        Ok("store") => rt.block_on(store_only(objects)),
+        Ok("store") => rt.block_on(store_only(objects, false)),
+        Ok("store-trimmed") => rt.block_on(store_only(objects, true)),
         _ => rt.block_on(scale(objects, Duration::from_secs(window), heartbeat)),
     }
 }

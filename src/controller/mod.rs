@@ -247,6 +247,24 @@ impl Inventory for StoreInventory {
     }
 }
 
+/// kubectl's copy of the whole object in an annotation; nothing here reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from a watched object what the operator never reads, before it enters the cache:
+/// `managedFields` (a field map per writer, often larger than the spec) and kubectl's
+/// last-applied annotation (a second copy of the spec). Status writes name the object's
+/// `resourceVersion`, which is kept.
+pub fn trim(guard: &mut DeserializeGuard<RdpHealth>) {
+    let meta = match &mut guard.0 {
+        Ok(obj) => &mut obj.metadata,
+        Err(invalid) => &mut invalid.metadata,
+    };
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// A controller over `api` whose watch marks `ready` after its first complete list, keeps
 /// `memory` free of deleted objects and `fleet` counting what other replicas wrote, and the
 /// object cache it fills.
@@ -261,11 +279,13 @@ fn controller_for(
 ) {
     let writer = Writer::default();
     let store = writer.as_reader();
-    let events = watcher(api, watcher::Config::default()).inspect_ok(move |event| {
-        if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
-            info!("first watch sync done: ready");
-        }
-    });
+    let events = watcher(api, watcher::Config::default())
+        .modify(trim)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
+                info!("first watch sync done: ready");
+            }
+        });
     let cache = store.clone();
     // After the reflector, so that the cache already reflects the event.
     let objects = reflector(writer, events)
