@@ -158,7 +158,9 @@ impl ArmClient {
             }
         }
         // The promise is "ordered by id, each VM once", even if membership moved between pages.
-        found.vms.sort_by_cached_key(|v| v.vm.id().to_ascii_lowercase());
+        found
+            .vms
+            .sort_by_cached_key(|v| v.vm.id().to_ascii_lowercase());
         found
             .vms
             .dedup_by(|a, b| a.vm.id().eq_ignore_ascii_case(&b.vm.id()));
