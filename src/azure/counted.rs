@@ -286,7 +286,7 @@ mod tests {
     #[async_trait::async_trait]
     impl ResourceGraph for Alternating {
         async fn discover(&self, _: &VmSelector) -> AzureResult<Discovery> {
-            if self.0.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+            if self.0.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                 Ok(Discovery::default())
             } else {
                 Err(AzureError::Throttled {
