@@ -26,8 +26,11 @@ const OTHER_SUB: &str = "00000000-0000-0000-0000-00000000beef";
 fn scenario(bulk: usize) -> Scenario {
     let mut vms = String::new();
     for i in 0..bulk {
+        // Explicit addresses: the emulator's search for a free one costs a scan per VM.
+        let ip =
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 20, 0, 4)) + i as u32);
         vms.push_str(&format!(
-            "          - {{ name: vm-{i:05}, nic: {{ subnet: vnet/default, publicIp: false }} }}\n"
+            "          - {{ name: vm-{i:05}, nic: {{ subnet: vnet/default, publicIp: false, privateIp: {ip} }} }}\n"
         ));
     }
     let yaml = format!(
