@@ -4,6 +4,7 @@
 //!
 //! Embedded in tests with [`Simulator::start`]; run standalone with `rdphealth sim`.
 
+mod addresses;
 mod applier;
 pub mod arm;
 pub mod disk;
@@ -29,6 +30,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use self::world::World;
 pub use self::{
+    addresses::AddressProber,
     fault::{Behaviour, Fault},
     scenario::Scenario,
     timing::{Timing, TimingProfile},
@@ -316,6 +318,12 @@ impl Simulator {
         w.vms
             .get(&vm.to_ascii_lowercase())
             .map(|v| SocketAddr::from(([127, 0, 0, 1], v.port)))
+    }
+
+    /// A prober that probes each VM's responder at the addresses ARM reports for the VM (see
+    /// [`AddressProber`]).
+    pub fn address_prober(&self, inner: Arc<dyn crate::probe::Prober>) -> AddressProber {
+        AddressProber::new(Arc::clone(&self.shared), inner)
     }
 
     /// Every VM.
