@@ -53,15 +53,16 @@ pub fn vm_query(selector: &VmSelector) -> AzureResult<String> {
         ));
     }
     for (i, (k, v)) in selector.tags.iter().enumerate() {
-        let (key, value) = (literal(k, "tag key")?, literal(v, "tag value")?);
-        q.push(format!("| mv-expand tag{i} = tags"));
+        // The position of the key among the VM's tag names, compared in lower case (`/` cannot
+        // occur in an Azure tag name), then that tag's value, exactly. No `mv-expand`.
+        check(k, "tag key")?;
+        let (key, value) = (quote(&k.to_lowercase()), literal(v, "tag value")?);
         q.push(format!(
-            "| extend tag{i}Key = tostring(bag_keys(tag{i})[0])"
+            "| extend tag{i}At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), {key})"
         ));
         q.push(format!(
-            "| where tag{i}Key =~ {key} and tostring(tag{i}[tag{i}Key]) == {value}"
+            "| where tag{i}At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag{i}At])]) == {value}"
         ));
-        q.push(format!("| project-away tag{i}, tag{i}Key"));
     }
     q.extend(TAIL.iter().map(|l| (*l).to_owned()));
     Ok(q.join("\n"))
@@ -69,8 +70,8 @@ pub fn vm_query(selector: &VmSelector) -> AzureResult<String> {
 
 /// Power state, primary NIC (the one marked primary among the first eight — Azure's most NICs
 /// per VM —, else the first), its primary IP configuration's addresses, the public address;
-/// stable order for paging. Resource Graph allows two `mv-expand` per query: the NIC choice
-/// uses none, the IP configuration one, and each tag one.
+/// stable order for paging. Resource Graph allows two `mv-expand` per query: only the IP
+/// configuration uses one.
 const TAIL: [&str; 7] = [
     "| extend powerState = tostring(properties.extended.instanceView.powerState.code)",
     "| extend nics = properties.networkProfile.networkInterfaces",
@@ -222,22 +223,20 @@ mod tests {
         );
 
         let tags = VmSelector {
-            tags: BTreeMap::from([("env".into(), "prod".into()), ("rdp".into(), "on".into())]),
+            tags: BTreeMap::from([("Env".into(), "Prod".into()), ("rdp".into(), "on".into())]),
             ..selector()
         };
         let l = lines(&tags);
-        assert_eq!(l.len(), 2 + 8 + TAIL.len());
-        assert_eq!(l[2], "| mv-expand tag0 = tags");
-        assert_eq!(l[3], "| extend tag0Key = tostring(bag_keys(tag0)[0])");
+        assert_eq!(l.len(), 2 + 4 + TAIL.len());
         assert_eq!(
-            l[4],
-            "| where tag0Key =~ 'env' and tostring(tag0[tag0Key]) == 'prod'"
+            l[2],
+            "| extend tag0At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'env')"
         );
-        assert_eq!(l[5], "| project-away tag0, tag0Key");
         assert_eq!(
-            l[8],
-            "| where tag1Key =~ 'rdp' and tostring(tag1[tag1Key]) == 'on'"
+            l[3],
+            "| where tag0At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag0At])]) == 'Prod'"
         );
+        assert!(l[5].ends_with("[tag1At])]) == 'on'"), "{}", l[5]);
     }
 
     #[test]
