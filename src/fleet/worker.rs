@@ -391,6 +391,15 @@ impl Worker {
             return;
         };
         let vm = m.vm.clone();
+        // Looked up again right before the create (the last look may be seconds old): an
+        // object that now watches the VM — hand-written, or another fleet's incident — wins,
+        // so that one VM never has two ladders because of this fleet.
+        if let Some(by) = self.watched_elsewhere(key) {
+            if let Some(m) = self.members.get_mut(key) {
+                m.watcher = Watcher::Other(by);
+            }
+            return;
+        }
         let hold = self.hold();
         let obj = incident::incident_object(&self.fleet, &vm, hold.as_ref());
         let name = obj.metadata.name.clone().unwrap_or_default();
@@ -421,6 +430,26 @@ impl Worker {
                 warn!(fleet = %self.name(), incident = %name, error = %e, "failed to create the incident object; retried at the next look");
             }
         }
+    }
+
+    /// The object (`namespace/name`) other than this fleet's incidents that watches the VM
+    /// `key`, if the cache holds one.
+    fn watched_elsewhere(&self, key: &str) -> Option<String> {
+        let uid = self.uid();
+        let mut found = None;
+        self.deps.sink.for_each_object(&mut |obj| {
+            if found.is_none()
+                && !incident::owned_by(obj, uid)
+                && obj.spec.vm.resource_id.eq_ignore_ascii_case(key)
+            {
+                found = Some(format!(
+                    "{}/{}",
+                    obj.metadata.namespace.as_deref().unwrap_or_default(),
+                    obj.metadata.name.as_deref().unwrap_or_default()
+                ));
+            }
+        });
+        found
     }
 
     /// Whether a new incident is created on hold: more of the fleet unreachable than its
