@@ -473,6 +473,39 @@ mod tests {
     }
 
     #[test]
+    fn a_sharded_handle_answers_only_for_its_objects_shard() {
+        let (tx, rx) = watch::channel(vec![None; 4]);
+        let leadership = Leadership::sharded(rx, 4);
+        let uid = "6f1d2c1e-3b4a-4c5d-9e8f-0a1b2c3d4e5f";
+        let shard = super::super::shards::shard_of(uid, 4) as usize;
+        let scoped = leadership.for_object(uid);
+        assert!(!scoped.is_leader() && !leadership.holds_any());
+        let term = |n: i32| Held {
+            term: Term {
+                holder: Some("me".into()),
+                transitions: n,
+            },
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        // Another shard held: this object's is not.
+        tx.send_modify(|t| t[(shard + 1) % 4] = Some(term(1)));
+        assert!(!scoped.is_leader());
+        assert!(leadership.holds_any());
+        assert_eq!(leadership.current(), None, "an unscoped handle never acts");
+        tx.send_modify(|t| t[shard] = Some(term(7)));
+        assert_eq!(scoped.current().map(|t| t.transitions), Some(7));
+        assert_eq!(leadership.held_shards().len(), 2);
+        // Shed: acting stops at once.
+        tx.send_modify(|t| t[shard] = None);
+        assert!(!scoped.is_leader());
+        // Without shards, every object answers with the one Lease.
+        let (_tx, rx) = watch::channel(vec![Some(term(2))]);
+        let elected = Leadership::elected(rx);
+        assert_eq!(elected.for_object(uid).current(), elected.current());
+        assert!(elected.is_leader());
+    }
+
+    #[test]
     fn a_record_counts_as_unchanged_from_when_it_was_first_seen() {
         let mut observed = Observed::default();
         let t0 = Instant::now();

@@ -203,11 +203,13 @@ pub(super) async fn reconcile_object(
 const UNHELD_RECHECK: Duration = Duration::from_secs(60);
 
 /// An object whose shard this replica does not hold: no probe, no status write, no call. What
-/// this replica remembered of it and its claim here go: the shard's holder acts for it now
-/// (a rung in flight still counts in the fleet view through its stored status).
+/// this replica remembered of it, its per-object series and its claim here go: the shard's
+/// holder acts for it now (a rung in flight still counts in the fleet view through its stored
+/// status).
 fn skip_unheld_shard(ctx: &Context, key: &ObjectKey, id: &str) -> Action {
     ctx.memory.forget(id);
     ctx.failures().remove(key);
+    ctx.metrics.forget_object(key);
     if let Some(r) = &ctx.remediator {
         let claimant = format!("{}/{}", key.namespace, key.name);
         r.fleet.retain_claims(|k| k != claimant);

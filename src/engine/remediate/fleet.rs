@@ -269,6 +269,60 @@ impl Fleet {
 mod tests {
     use super::*;
 
+    /// Shared claims that grant a fixed answer and record what they were asked.
+    #[derive(Debug, Default)]
+    struct Ledger {
+        grant: bool,
+        asked: Mutex<Vec<(String, String, Vec<String>, usize)>>,
+        released: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SharedClaims for Ledger {
+        async fn claim(&self, sub: &str, key: &str, in_flight: &[String], max: usize) -> bool {
+            self.asked
+                .lock()
+                .unwrap()
+                .push((sub.into(), key.into(), in_flight.to_vec(), max));
+            self.grant
+        }
+        async fn release(&self, _: &str, key: &str) {
+            self.released.lock().unwrap().push(key.into());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_taken_only_when_the_shared_claim_succeeds_too() {
+        let refusing = Arc::new(Ledger::default());
+        let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(refusing.clone());
+        assert!(!fleet.claim_everywhere("SUB", "ns/a").await);
+        // Refused elsewhere: nothing stays claimed here.
+        assert!(fleet.slot_free("sub", "ns/b"));
+        let asked = refusing.asked.lock().unwrap().clone();
+        assert_eq!(asked, [("sub".into(), "ns/a".into(), vec![], 1)]);
+
+        let granting = Arc::new(Ledger {
+            grant: true,
+            ..Ledger::default()
+        });
+        let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(granting.clone());
+        assert!(fleet.claim_everywhere("sub", "ns/a").await);
+        assert!(!fleet.slot_free("sub", "ns/b"));
+        // Refused here first: the shared claims are not even asked.
+        assert!(!fleet.claim_everywhere("sub", "ns/b").await);
+        assert_eq!(granting.asked.lock().unwrap().len(), 1);
+        fleet.release("sub", "ns/a");
+        tokio::task::yield_now().await;
+        for _ in 0..10 {
+            if !granting.released.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*granting.released.lock().unwrap(), ["ns/a"]);
+        assert!(fleet.slot_free("sub", "ns/b"));
+    }
+
     #[test]
     fn a_canary_holds_everything_until_it_answers() {
         let fleet = Fleet::new(FleetPolicy::default());
