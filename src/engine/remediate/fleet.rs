@@ -269,11 +269,14 @@ impl Fleet {
 mod tests {
     use super::*;
 
+    /// One question to the shared claims: subscription, key, rungs in flight, cap.
+    type Asked = (String, String, Vec<String>, usize);
+
     /// Shared claims that grant a fixed answer and record what they were asked.
     #[derive(Debug, Default)]
     struct Ledger {
         grant: bool,
-        asked: Mutex<Vec<(String, String, Vec<String>, usize)>>,
+        asked: Mutex<Vec<Asked>>,
         released: Mutex<Vec<String>>,
     }
 
