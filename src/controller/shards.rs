@@ -265,25 +265,44 @@ async fn campaign(
         // Membership first: a replica that holds no shard yet still counts.
         let _ = attempt(&api, &campaign.member, &mut member).await;
         let terms = tx.borrow().clone();
-        match survey(&api, &campaign, &mut memory, &terms).await {
+        let deadline = campaign.member.renew_deadline();
+        let surveyed = tokio::time::timeout(deadline, survey(&api, &campaign, &mut memory, &terms))
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    "listing the shard leases timed out".into(),
+                ))
+            });
+        match surveyed {
             Ok((views, live)) => {
                 let moves = plan(campaign.me(), &views, live);
-                let mut next = terms;
-                for (n, step) in moves.iter().enumerate() {
-                    match step {
-                        Move::Renew | Move::Acquire => {
-                            let settings = &campaign.shards[n];
-                            if let Some(held) = attempt(&api, settings, &mut memory.shards[n]).await
-                            {
-                                next[n] = held;
-                            }
-                        }
-                        // Acting stops now; the Lease expires for the others by itself.
-                        Move::Shed => next[n] = None,
-                        Move::Leave => {}
+                // Acting stops at once for a shed shard; its Lease expires for the others by
+                // itself.
+                tx.send_modify(|terms| {
+                    for (n, _) in moves.iter().enumerate().filter(|(_, m)| **m == Move::Shed) {
+                        terms[n] = None;
                     }
-                }
-                tx.send_replace(next);
+                });
+                // The rounds run side by side: a slow one does not delay the others' renewals.
+                let rounds = memory
+                    .shards
+                    .iter_mut()
+                    .zip(&campaign.shards)
+                    .zip(&moves)
+                    .enumerate()
+                    .filter(|(_, (_, m))| matches!(m, Move::Renew | Move::Acquire))
+                    .map(|(n, ((observed, settings), _))| {
+                        let api = &api;
+                        async move { (n, attempt(api, settings, observed).await) }
+                    });
+                let results = futures::future::join_all(rounds).await;
+                tx.send_modify(|terms| {
+                    for (n, held) in results {
+                        if let Some(held) = held {
+                            terms[n] = held;
+                        }
+                    }
+                });
             }
             Err(e) => warn!(error = %e, "failed to list the shard leases"),
         }
