@@ -19,9 +19,13 @@
 mod fake_apiserver;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     process::Stdio,
-    sync::Arc,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,7 +35,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api,
     core::DeserializeGuard,
-    runtime::{reflector, watcher},
+    runtime::{WatchStreamExt, reflector, watcher},
 };
 use rdphealth::{
     api::{EndpointSource, RdpHealth, ResolvedEndpoint},
@@ -54,12 +58,42 @@ use tokio::{
 
 const NS: &str = "default";
 
-/// Reachable over TLS with a healthy certificate, at once.
-struct Healthy;
+/// Reachable over TLS with a healthy certificate, at once; records how late each object's
+/// probe came (each object has its own loopback host, so the target names the object).
+#[derive(Default)]
+struct Healthy {
+    recording: AtomicBool,
+    last: Mutex<HashMap<String, Instant>>,
+    lateness: Mutex<Vec<Duration>>,
+}
+
+/// Every object's probe interval.
+const INTERVAL: Duration = Duration::from_secs(30);
 
 impl Prober for Healthy {
     fn probe<'a>(&'a self, target: &'a Target, _: &'a ProbeOptions) -> BoxFuture<'a, ProbeReport> {
-        Box::pin(async move { healthy_report(target.to_string()) })
+        Box::pin(async move {
+            let now = Instant::now();
+            let key = target.to_string();
+            let previous = self.last.lock().unwrap().insert(key.clone(), now);
+            if let Some(prev) = previous
+                && self.recording.load(Ordering::Relaxed)
+            {
+                // Due one interval after the previous probe (a healthy, unchanged object).
+                let late = now.saturating_duration_since(prev + INTERVAL);
+                self.lateness.lock().unwrap().push(late);
+            }
+            healthy_report(key)
+        })
+    }
+}
+
+impl Healthy {
+    /// Sorted lateness samples, and how many objects were probed at all.
+    fn lateness(&self) -> (Vec<Duration>, usize) {
+        let mut v = self.lateness.lock().unwrap().clone();
+        v.sort();
+        (v, self.last.lock().unwrap().len())
     }
 }
 
@@ -110,7 +144,49 @@ fn object_with_status(i: usize) -> Value {
     };
     let status = engine::evaluate(&obj, observation, Timestamp::now()).status;
     value["status"] = serde_json::to_value(status).unwrap();
+    // What a real API server stores besides: kubectl's copy of the applied object, and a
+    // field map per writer (kubectl for the spec, the operator's apply for the status).
+    let applied = object(i);
+    value["metadata"]["annotations"] = json!({
+        "kubectl.kubernetes.io/last-applied-configuration": applied.to_string(),
+    });
+    let time = "2026-11-30T10:00:00Z";
+    value["metadata"]["managedFields"] = json!([
+        {"manager": "kubectl-client-side-apply", "operation": "Update",
+         "apiVersion": "rdphealth.io/v1alpha1", "time": time, "fieldsType": "FieldsV1",
+         "fieldsV1": {"f:metadata": {"f:annotations": {".": {},
+             "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+             "f:spec": field_map(&applied["spec"])}},
+        {"manager": "rdphealth-operator", "operation": "Apply",
+         "apiVersion": "rdphealth.io/v1alpha1", "time": time, "fieldsType": "FieldsV1",
+         "subresource": "status",
+         "fieldsV1": {"f:status": field_map(&value["status"])}},
+    ]);
     value
+}
+
+/// The `fieldsV1` map of `value`, as the API server builds it (list-maps keyed by `type`).
+fn field_map(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut out = serde_json::Map::new();
+            out.insert(".".into(), json!({}));
+            for (k, v) in map {
+                out.insert(format!("f:{k}"), field_map(v));
+            }
+            Value::Object(out)
+        }
+        Value::Array(items) => {
+            let mut out = serde_json::Map::new();
+            for item in items {
+                if let Some(t) = item.get("type") {
+                    out.insert(format!("k:{{\"type\":{t}}}"), field_map(item));
+                }
+            }
+            Value::Object(out)
+        }
+        _ => json!({}),
+    }
 }
 
 fn object(i: usize) -> Value {
@@ -120,7 +196,8 @@ fn object(i: usize) -> Value {
         "metadata": {"name": format!("vm-{i:05}"), "namespace": NS},
         "spec": {
             "vm": {"resourceId": format!("/subscriptions/00000000-0000-0000-0000-{:012x}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm-{i:05}", i / 1000)},
-            "endpoint": {"host": "127.0.0.1", "port": 3389},
+            // A loopback host per object (never connected to: the prober answers at once).
+            "endpoint": {"host": format!("127.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255), "port": 3389},
             "probe": {"interval": "30s", "successThreshold": 1},
         },
     })
@@ -318,6 +395,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     let http = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let started = Instant::now();
+    let prober = Arc::new(Healthy::default());
     let task = tokio::spawn(controller::run(
         client,
         Settings {
@@ -327,10 +405,11 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
             ..Settings::default()
         },
         Seams {
-            prober: Arc::new(Healthy),
+            prober: prober.clone(),
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
+            graph: None,
         },
         listener,
         async move {
@@ -354,7 +433,9 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     let text0 = metrics(http).await;
     let (count0, sum0, _) = reconcile_histogram(&text0);
     let probes0 = probes(&text0);
+    prober.recording.store(true, Ordering::Relaxed);
     tokio::time::sleep(window).await;
+    prober.recording.store(false, Ordering::Relaxed);
     let cpu = cpu_time().unwrap() - cpu0;
     let after = api.stats().await;
     let text = metrics(http).await;
@@ -427,6 +508,23 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
         "| API requests in window (all kinds) | {requests} ({:.2}/s) |",
         requests as f64 / secs
     );
+    let (lateness, probed_objects) = prober.lateness();
+    let q = |f: f64| {
+        lateness
+            .get(((lateness.len() as f64 - 1.0) * f).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "| objects never probed (whole run) | {} |",
+        objects.saturating_sub(probed_objects)
+    );
+    println!(
+        "| schedule lateness per probe in window p50 / p99 / max (due: previous probe + 30 s) | {:.1} / {:.1} / {:.1} ms ({} samples) |",
+        q(0.5),
+        q(0.99),
+        q(1.0),
+        lateness.len()
+    );
     println!(
         "| reconciles in window | {reconciles:.0} ({:.1}/s) |",
         reconciles / secs
@@ -458,7 +556,7 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
 
 /// The watch cache alone: a reflector over `objects` objects that carry a healthy status, no
 /// controller, no probes, no writes.
-async fn store_only(objects: usize) {
+async fn store_only(objects: usize, trimmed: bool) {
     let api = StandIn::spawn(objects, true).await;
     let rdph: Api<DeserializeGuard<RdpHealth>> = Api::all(api.client());
     let rss0 = rss().unwrap().0;
@@ -466,8 +564,15 @@ async fn store_only(objects: usize) {
     let writer = reflector::store::Writer::default();
     let store = writer.as_reader();
     let watch = tokio::spawn(
-        reflector::reflector(writer, watcher(rdph, watcher::Config::default()))
-            .for_each(|_| async {}),
+        reflector::reflector(
+            writer,
+            watcher(rdph, watcher::Config::default()).modify(move |guard| {
+                if trimmed {
+                    controller::trim(guard);
+                }
+            }),
+        )
+        .for_each(|_| async {}),
     );
     store.wait_until_ready().await.unwrap();
     while store.state().len() < objects {
@@ -485,8 +590,16 @@ async fn store_only(objects: usize) {
         store.state().len()
     );
     println!(
-        "| one object as JSON (spec and a healthy status) | {:.1} KiB |",
+        "| one object as JSON (spec, a healthy status, managedFields, last-applied) | {:.1} KiB |",
         sample as f64 / 1024.0
+    );
+    println!(
+        "| cache | {} |",
+        if trimmed {
+            "trimmed (managedFields and last-applied dropped, as the controller's)"
+        } else {
+            "whole objects"
+        }
     );
     println!(
         "| time until the store holds every object | {:.1} s |",
@@ -533,7 +646,8 @@ fn main() {
         writes::HEARTBEAT.as_secs(),
     ));
     match std::env::var("RDPHEALTH_BENCH_MEASURE").as_deref() {
-        Ok("store") => rt.block_on(store_only(objects)),
+        Ok("store") => rt.block_on(store_only(objects, false)),
+        Ok("store-trimmed") => rt.block_on(store_only(objects, true)),
         _ => rt.block_on(scale(objects, Duration::from_secs(window), heartbeat)),
     }
 }

@@ -8,6 +8,7 @@ pub mod controller;
 pub mod demo;
 pub mod engine;
 pub mod evidence;
+pub mod fleet;
 pub mod guest;
 pub mod http;
 pub mod ladder;

@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             },
-            Command::Crd => match crd::run() {
+            Command::Crd(args) => match crd::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {}", error_chain(&e));

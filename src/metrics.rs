@@ -246,6 +246,17 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Registers more collectors (fleet series).
+    pub fn register(
+        &self,
+        collectors: Vec<Box<dyn prometheus::core::Collector>>,
+    ) -> Result<(), MetricsError> {
+        for c in collectors {
+            self.registry.register(c).map_err(MetricsError::Register)?;
+        }
+        Ok(())
+    }
+
     /// Registers the Azure call counters.
     pub fn register_azure(&self, azure: &CountedAzure) -> Result<(), MetricsError> {
         for c in azure.collectors() {

@@ -8,7 +8,7 @@ use std::{fs, path::Path};
 
 use kube::CustomResourceExt;
 use rdphealth::{
-    api::{CRD_FILE, RdpHealth, crd_yaml},
+    api::{CRD_FILE, FLEET_CRD_FILE, RdpHealth, RdpHealthFleet, crd_yaml, fleet_crd_yaml},
     engine::ValidSpec,
 };
 use serde_json::{Value, json};
@@ -23,8 +23,19 @@ fn schema() -> Value {
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
+/// The fleet CRD's `openAPIV3Schema`.
+fn fleet_schema() -> Value {
+    let crd = serde_json::to_value(RdpHealthFleet::crd()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
 fn schema_errors(object: &Value) -> Vec<String> {
-    let validator = jsonschema::validator_for(&schema()).unwrap();
+    let schema = if object["kind"] == "RdpHealthFleet" {
+        fleet_schema()
+    } else {
+        schema()
+    };
+    let validator = jsonschema::validator_for(&schema).unwrap();
     validator
         .iter_errors(object)
         .map(|e| format!("{} at {}", e, e.instance_path()))
@@ -40,6 +51,128 @@ fn committed_crd_matches_the_generator() {
         committed == generated,
         "{} is stale: regenerate it with `cargo run -- crd > crds/{CRD_FILE}`",
         path.display()
+    );
+}
+
+#[test]
+fn committed_fleet_crd_matches_the_generator() {
+    for dir in ["crds", "charts/rdphealth-operator/crds"] {
+        let path = root().join(dir).join(FLEET_CRD_FILE);
+        let committed = fs::read_to_string(&path).unwrap();
+        assert!(
+            committed == fleet_crd_yaml().unwrap(),
+            "{} is stale: regenerate it with `cargo run -- crd --fleet > {dir}/{FLEET_CRD_FILE}`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn fleet_crd_names_and_columns() {
+    let crd = serde_json::to_value(RdpHealthFleet::crd()).unwrap();
+    assert_eq!(crd["metadata"]["name"], "rdphealthfleets.rdphealth.io");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["rdphf"]));
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Members",
+            "Reachable",
+            "Unreachable",
+            "Incidents",
+            "Discovered",
+            "Last Discovery",
+            "Age"
+        ]
+    );
+    let spec = &fleet_schema()["properties"]["spec"];
+    assert_eq!(spec["required"], json!(["selector"]));
+    assert_eq!(
+        spec["properties"]["selector"]["required"],
+        json!(["subscriptions"])
+    );
+    // The template has no host override: members' addresses come from discovery.
+    let endpoint = &spec["properties"]["template"]["properties"]["endpoint"]["properties"];
+    assert!(endpoint.get("host").is_none(), "{endpoint}");
+}
+
+fn fleet(spec: Value) -> Value {
+    json!({
+        "apiVersion": "rdphealth.io/v1alpha1",
+        "kind": "RdpHealthFleet",
+        "metadata": {"name": "f", "namespace": "default"},
+        "spec": spec,
+    })
+}
+
+const SUB: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Each case fails the schema (jsonschema) or a CEL rule (kube's CEL evaluator), as the API
+/// server would reject it.
+#[test]
+fn bad_fleets_are_rejected() {
+    let cases = [
+        ("no selector", json!({})),
+        (
+            "no subscription",
+            json!({"selector": {"subscriptions": []}}),
+        ),
+        (
+            "not a GUID",
+            json!({"selector": {"subscriptions": ["prod"]}}),
+        ),
+        (
+            "a subscription twice",
+            json!({"selector": {"subscriptions": [SUB, SUB.to_uppercase()]}}),
+        ),
+        (
+            "bad resource group",
+            json!({"selector": {"subscriptions": [SUB], "resourceGroups": ["rg/evil"]}}),
+        ),
+        (
+            "name pattern with a quote",
+            json!({"selector": {"subscriptions": [SUB], "namePattern": "jump'*"}}),
+        ),
+        (
+            "unknown OS type",
+            json!({"selector": {"subscriptions": [SUB], "osType": "Solaris"}}),
+        ),
+        (
+            "discovery more often than every minute",
+            json!({"selector": {"subscriptions": [SUB]}, "discoveryInterval": "30s"}),
+        ),
+        (
+            "template timeout above its interval",
+            json!({"selector": {"subscriptions": [SUB]}, "template": {"probe": {"interval": "5s", "timeout": "10s"}}}),
+        ),
+        (
+            "hold limit above 100",
+            json!({"selector": {"subscriptions": [SUB]}, "safety": {"maxUnreachablePercent": 101}}),
+        ),
+    ];
+    for (what, spec) in cases {
+        let object = fleet(spec);
+        let schema_ok = schema_errors(&object).is_empty();
+        let cel_ok = serde_json::from_value::<RdpHealthFleet>(object.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|f| kube::core::cel::validate_cel(&f).map_err(|e| format!("{e:?}")))
+            .is_ok();
+        assert!(!(schema_ok && cel_ok), "{what}: accepted: {object}");
+    }
+    let good = fleet(json!({"selector": {"subscriptions": [SUB], "tags": {"rdp": "monitored"}}}));
+    assert!(
+        schema_errors(&good).is_empty(),
+        "{:?}",
+        schema_errors(&good)
     );
 }
 
@@ -127,6 +260,16 @@ fn examples_are_valid() {
         let value: Value = serde_saphyr::from_str(&text).unwrap();
         let errors = schema_errors(&value);
         assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        if value["kind"] == "RdpHealthFleet" {
+            let fleet: RdpHealthFleet =
+                serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(fleet.metadata.namespace.is_some(), "{}", path.display());
+            rdphealth::fleet::policy::MemberPolicy::from_fleet(&fleet)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            kube::core::cel::validate_cel(&fleet)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+            continue;
+        }
         let obj: RdpHealth =
             serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(obj.metadata.namespace.is_some(), "{}", path.display());

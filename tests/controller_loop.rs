@@ -187,6 +187,7 @@ impl Operator {
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
+            graph: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(

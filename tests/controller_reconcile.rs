@@ -120,6 +120,7 @@ fn setup(prober: Arc<FakeProber>) -> (Arc<Context>, ApiHandle) {
         resolver: Arc::new(HostOverride),
         azure: None,
         identities: None,
+        graph: None,
     };
     let metrics = Arc::new(Metrics::new().unwrap());
     let ctx = Context::new(
@@ -479,6 +480,7 @@ subscriptions:
         resolver: Arc::new(HostOverride),
         azure: Some(Arc::new(CountedAzure::new(client).unwrap())),
         identities: None,
+        graph: None,
     };
     let ctx = Arc::new(
         Context::new(

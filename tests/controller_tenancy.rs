@@ -10,10 +10,7 @@ mod operator_harness;
 use std::{sync::Arc, time::Duration};
 
 use azure_core::Url;
-use common::{
-    real_api::{RealApiServer, condition},
-    sim_net::SimNetwork,
-};
+use common::real_api::{RealApiServer, condition};
 use operator_harness::Running;
 use rdphealth::{
     azure::{ArmClient, ArmConfig, Azure, CountedAzure, Federation, StaticToken},
@@ -90,10 +87,7 @@ async fn start_operator(
     ));
     let azure = Arc::new(CountedAzure::new(own).unwrap());
     let seams = Seams {
-        prober: Arc::new(SimNetwork {
-            sim: Arc::clone(sim.shared()),
-            prober: RdpProber::new().unwrap(),
-        }),
+        prober: Arc::new(sim.address_prober(Arc::new(RdpProber::new().unwrap()))),
         resolver: Arc::new(AzureResolver::new(
             azure.clone() as Arc<dyn Azure>,
             ResolverPolicy::default(),
@@ -105,6 +99,7 @@ async fn start_operator(
             Some(TENANT.into()),
             Some(token_file.to_path_buf()),
         ))),
+        graph: None,
     };
     let settings = Settings {
         concurrency: 4,

@@ -29,7 +29,7 @@ use kube::{
     runtime::{WatchStreamExt, wait::await_condition, watcher},
 };
 use rdphealth::{
-    api::{CRD_FILE, FIELD_MANAGER, RdpHealth},
+    api::{CRD_FILE, FIELD_MANAGER, FLEET_CRD_FILE, RdpHealth},
     controller::{self, Seams, Settings},
     engine::HostOverride,
     probe::{RdpProber, codec},
@@ -46,6 +46,7 @@ const ENV: &str = "RDPHEALTH_E2E_KUBECONFIG";
 const WAIT: Duration = Duration::from_secs(90);
 const VM: &str = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg-e2e/providers/Microsoft.Compute/virtualMachines/vm-e2e";
 const CRD_NAME: &str = "rdphealths.rdphealth.io";
+const FLEET_CRD_NAME: &str = "rdphealthfleets.rdphealth.io";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,17 +74,20 @@ fn cluster() -> &'static Cluster {
                 }
             }
         };
-        // Server-side apply of crds/, then wait until the server serves the kind.
-        let crd = root().join("crds").join(CRD_FILE);
-        cluster.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--field-manager=rdphealth-e2e",
-            "--force-conflicts",
-            "-f",
-            crd.to_str().unwrap(),
-        ]);
+        // Server-side apply of crds/, then wait until the server serves the kinds.
+        for file in [CRD_FILE, FLEET_CRD_FILE] {
+            let crd = root().join("crds").join(file);
+            cluster.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "--field-manager=rdphealth-e2e",
+                "--force-conflicts",
+                "-f",
+                crd.to_str().unwrap(),
+            ]);
+        }
         k8s::wait_established(&cluster.kubectl, &cluster.kubeconfig, CRD_NAME);
+        k8s::wait_established(&cluster.kubectl, &cluster.kubeconfig, FLEET_CRD_NAME);
         cluster
     })
 }
@@ -230,14 +234,23 @@ fn crd_is_established_and_every_example_is_accepted() {
         );
         let stored: Value = serde_json::from_slice(&out.stdout).unwrap();
         // The server applied the schema's defaults.
+        let probe = if stored["kind"] == "RdpHealthFleet" {
+            assert!(
+                stored["spec"]["discoveryInterval"].is_string(),
+                "{file}: {stored}"
+            );
+            &stored["spec"]["template"]["probe"]
+        } else {
+            &stored["spec"]["probe"]
+        };
         assert!(
-            stored["spec"]["probe"]["interval"].is_string(),
+            probe["interval"].is_string(),
             "{file}: no defaulted probe interval in {stored}"
         );
         cluster.kubectl_ok(&["delete", "-f", file, "--wait=false"]);
         seen += 1;
     }
-    assert!(seen >= 7, "only {seen} examples");
+    assert!(seen >= 10, "only {seen} examples");
 }
 
 /// Each schema rule — required fields, patterns, enums, bounds, CEL rules and the immutability
@@ -371,6 +384,99 @@ async fn server_rejects_bad_specs_with_their_messages() {
         .await;
 }
 
+/// A fleet's schema and CEL rules are enforced by the API server, with their messages; an
+/// unknown field (a host override in the template) is refused by kubectl's strict validation.
+#[tokio::test]
+async fn server_rejects_bad_fleets_with_their_messages() {
+    let cluster = cluster();
+    let client = cluster.client().await;
+    let ns = cluster.namespace(&client, "rdphealth-bad-fleet").await;
+    let resource = ApiResource {
+        group: "rdphealth.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "rdphealth.io/v1alpha1".into(),
+        kind: "RdpHealthFleet".into(),
+        plural: "rdphealthfleets".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+    let sub = "00000000-0000-0000-0000-000000000000";
+    let selector = json!({"subscriptions": [sub]});
+    let cases: Vec<(&str, Value, &[&str])> = vec![
+        ("no selector", json!({}), &["spec.selector: Required value"]),
+        (
+            "no subscription",
+            json!({"selector": {"subscriptions": []}}),
+            &["spec.selector.subscriptions in body should have at least 1 items"],
+        ),
+        (
+            "not a GUID",
+            json!({"selector": {"subscriptions": ["prod"]}}),
+            &["spec.selector.subscriptions[0] in body should match"],
+        ),
+        (
+            "CEL: a subscription twice",
+            json!({"selector": {"subscriptions": [sub, sub.to_uppercase()]}}),
+            &["subscriptions must not repeat"],
+        ),
+        (
+            "name pattern with a quote",
+            json!({"selector": {"subscriptions": [sub], "namePattern": "a'b"}}),
+            &["spec.selector.namePattern in body should match"],
+        ),
+        (
+            "CEL: discovery every 30s",
+            json!({"selector": selector, "discoveryInterval": "30s"}),
+            &["discoveryInterval must be at least 1m"],
+        ),
+        (
+            "CEL: template timeout not below interval",
+            json!({"selector": selector, "template": {"probe": {"interval": "5s", "timeout": "5s"}}}),
+            &["timeout must be shorter than interval"],
+        ),
+        (
+            "hold limit 0",
+            json!({"selector": selector, "safety": {"maxUnreachablePercent": 0}}),
+            &["spec.safety.maxUnreachablePercent in body should be greater than or equal to 1"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (i, (name, spec, expected)) in cases.iter().enumerate() {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "rdphealth.io/v1alpha1",
+            "kind": "RdpHealthFleet",
+            "metadata": {"name": format!("bad-{i}")},
+            "spec": spec,
+        }))
+        .unwrap();
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => failures.push(format!("{name}: accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !expected.iter().all(|e| status.message.contains(e)) {
+                    failures.push(format!(
+                        "{name}: {} {:?}, expected {expected:?}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    let manifest = format!(
+        "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealthFleet\nmetadata: {{name: hosted, namespace: {ns}}}\nspec:\n  selector: {{subscriptions: [{sub}]}}\n  template: {{endpoint: {{host: 10.0.0.4}}}}\n"
+    );
+    let out = cluster.kubectl_with(&["create", "-f", "-"], Some(&manifest));
+    assert!(!out.status.success(), "a host override was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown field \"spec.template.endpoint.host\""),
+        "{stderr}"
+    );
+    let _ = Api::<Namespace>::all(client)
+        .delete(&ns, &DeleteParams::default())
+        .await;
+}
+
 #[test]
 fn kubectl_explain_prints_the_field_docs() {
     let cluster = cluster();
@@ -482,6 +588,7 @@ async fn operator_status_through_kubectl() {
             resolver: Arc::new(HostOverride),
             azure: None,
             identities: None,
+            graph: None,
         },
         listener,
         async move {

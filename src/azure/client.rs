@@ -3,10 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use azure_core::{
-    ClientOptions, Context, Method, Pipeline, Request, RetryOptions, Url, auth::TokenCredential,
-    headers,
-};
+use azure_core::{ClientOptions, Method, Pipeline, RetryOptions, Url, auth::TokenCredential};
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use azure_mgmt_network::package_2024_03 as network;
 use azure_mgmt_resourcehealth::package_2024_02 as health;
@@ -64,10 +61,10 @@ pub struct ArmClient {
     pub(super) compute: compute::Client,
     pub(super) network: network::Client,
     health: health::Client,
-    credential: Arc<dyn TokenCredential>,
+    pub(super) credential: Arc<dyn TokenCredential>,
     /// The only origin (scheme, host, port) the ARM token is sent to.
-    arm_origin: azure_core::Url,
-    pipeline: Pipeline,
+    pub(super) arm_origin: azure_core::Url,
+    pub(super) pipeline: Pipeline,
     nsg_cache: TtlCache<NsgRules>,
     subnet_cache: TtlCache<Option<String>>,
     serial_log_max_bytes: usize,
@@ -241,37 +238,7 @@ impl ArmClient {
         url: &str,
         authorized: bool,
     ) -> AzureResult<(u16, azure_core::headers::Headers, Vec<u8>)> {
-        let url = Url::parse(url).map_err(|e| AzureError::invalid(format!("bad URL: {e}")))?;
-        if authorized && url.origin() != self.arm_origin.origin() {
-            // Operation URLs come from status and from response headers: whoever can write
-            // either must not receive the token. Refused before any connection is made.
-            return Err(AzureError::UntrustedUrl {
-                origin: url.origin().ascii_serialization(),
-            });
-        }
-        let mut req = Request::new(url, Method::Get);
-        if authorized {
-            let token = self.credential.get_token(&[ARM_SCOPE]).await.map_err(|e| {
-                AzureError::Unauthorized {
-                    message: format!("failed to get a token: {e}"),
-                }
-            })?;
-            req.insert_header(
-                headers::AUTHORIZATION,
-                format!("Bearer {}", token.token.secret()),
-            );
-        }
-        let rsp = self
-            .pipeline
-            .send(&Context::new(), &mut req)
-            .await
-            .map_err(|e| AzureError::from_sdk(&e, "operation"))?;
-        let (status, headers, body) = rsp.deconstruct();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| AzureError::transient(format!("failed to read a response: {e}")))?;
-        Ok((u16::from(status), headers, body.to_vec()))
+        self.send(Method::Get, url, authorized, None).await
     }
 
     /// One GET of a polling URL, with failures carried as ARM error outcomes where they

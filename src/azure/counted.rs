@@ -8,9 +8,10 @@ use std::sync::Arc;
 use prometheus::{IntCounterVec, Opts, core::Collector};
 
 use super::{
-    AddressChange, AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Endpoint,
-    FlowQuery, Health, IpAvailability, NetworkRules, NicAddress, Operation, Password, PollOutcome,
-    SnapshotInfo, SnapshotRequest, VmRef, VmState, WatcherRef,
+    AddressChange, AllowRule, Azure, AzureError, AzureResult, BootDiagnosticsUris, Discovery,
+    Endpoint, FlowQuery, Health, IpAvailability, NetworkRules, NicAddress, Operation, Password,
+    PollOutcome, ResourceGraph, SnapshotInfo, SnapshotRequest, VmRef, VmSelector, VmState,
+    WatcherRef,
 };
 
 /// An [`Azure`] that counts the calls of another.
@@ -97,15 +98,59 @@ impl CountedAzure {
     }
 
     fn count<T>(&self, operation: &'static str, result: AzureResult<T>) -> AzureResult<T> {
-        let code = match &result {
-            Ok(_) => "OK",
-            Err(e) => e.reason(),
-        };
-        self.requests.with_label_values(&[operation, code]).inc();
-        if matches!(result, Err(AzureError::Throttled { .. })) {
-            self.throttled.with_label_values(&[operation]).inc();
+        count_into(&self.requests, &self.throttled, operation, result)
+    }
+
+    /// Wraps a Resource Graph discovery, counting each discovery into the same counters under
+    /// the operation [`GRAPH_OPERATION`].
+    pub fn graph(&self, inner: Arc<dyn ResourceGraph>) -> CountedGraph {
+        self.throttled.with_label_values(&[GRAPH_OPERATION]);
+        CountedGraph {
+            inner,
+            requests: self.requests.clone(),
+            throttled: self.throttled.clone(),
         }
-        result
+    }
+}
+
+/// The `operation` label of a Resource Graph discovery (all its pages: one call).
+pub const GRAPH_OPERATION: &str = "resource_graph";
+
+fn count_into<T>(
+    requests: &IntCounterVec,
+    throttled: &IntCounterVec,
+    operation: &'static str,
+    result: AzureResult<T>,
+) -> AzureResult<T> {
+    let code = match &result {
+        Ok(_) => "OK",
+        Err(e) => e.reason(),
+    };
+    requests.with_label_values(&[operation, code]).inc();
+    if matches!(result, Err(AzureError::Throttled { .. })) {
+        throttled.with_label_values(&[operation]).inc();
+    }
+    result
+}
+
+/// A [`ResourceGraph`] that counts the discoveries of another (built by [`CountedAzure::graph`]).
+pub struct CountedGraph {
+    inner: Arc<dyn ResourceGraph>,
+    requests: IntCounterVec,
+    throttled: IntCounterVec,
+}
+
+impl std::fmt::Debug for CountedGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountedGraph").finish_non_exhaustive()
+    }
+}
+
+#[async_trait::async_trait]
+impl ResourceGraph for CountedGraph {
+    async fn discover(&self, selector: &VmSelector) -> AzureResult<Discovery> {
+        let result = self.inner.discover(selector).await;
+        count_into(&self.requests, &self.throttled, GRAPH_OPERATION, result)
     }
 }
 

@@ -112,6 +112,18 @@ impl OpClass {
             Self::Write
         }
     }
+
+    /// The class of a request: a Resource Graph query is a read although sent with POST.
+    pub fn of_request(method: &str, path: &str) -> Self {
+        let graph = path
+            .to_ascii_lowercase()
+            .ends_with("/providers/microsoft.resourcegraph/resources");
+        if graph && method.eq_ignore_ascii_case("POST") {
+            Self::Read
+        } else {
+            Self::of_method(method)
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -200,6 +212,16 @@ pub fn subscription_of(path: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_graph_queries_are_reads() {
+        let path = "/providers/Microsoft.ResourceGraph/resources";
+        assert_eq!(OpClass::of_request("POST", path), OpClass::Read);
+        assert_eq!(OpClass::of_request("PUT", path), OpClass::Write);
+        let action = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/virtualMachines/v/restart";
+        assert_eq!(OpClass::of_request("POST", action), OpClass::Write);
+        assert_eq!(OpClass::of_request("GET", action), OpClass::Read);
+    }
 
     #[test]
     fn subscription_is_found_in_paths() {

@@ -11,6 +11,8 @@ pub mod counted;
 pub mod credential;
 pub mod error;
 pub mod graph;
+pub mod graph_client;
+pub mod graph_query;
 pub mod identities;
 pub mod limiter;
 pub mod model;
@@ -21,10 +23,11 @@ mod snapshots;
 
 pub use self::{
     client::{ArmClient, ArmConfig},
-    counted::CountedAzure,
+    counted::{CountedAzure, CountedGraph},
     credential::{ARM_SCOPE, StaticToken, WorkloadIdentity},
     error::{AzureError, RateLimitRemaining},
     graph::{DiscoveredVm, Discovery, ResourceGraph, VmSelector},
+    graph_client::GraphOptions,
     identities::{AzureIdentity, Federation},
     limiter::{Limiter, LimiterConfig},
     model::*,

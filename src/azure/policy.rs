@@ -200,7 +200,7 @@ impl Policy for LimitPolicy {
         req: &mut Request,
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
-        let class = OpClass::of_method(req.method().as_ref());
+        let class = OpClass::of_request(req.method().as_ref(), req.url().path());
         let sub = subscription_of(req.url().path()).unwrap_or("").to_owned();
         let _permit = self.0.acquire(&sub, class).await;
         next_policy(ctx, req, next).await

@@ -35,8 +35,8 @@ pub enum Command {
     Probe(probe::ProbeArgs),
     /// Run the operator: watch RdpHealth objects, probe, and keep their status true.
     Run(Box<run::RunArgs>),
-    /// Print the RdpHealth CustomResourceDefinition (YAML).
-    Crd,
+    /// Print a CustomResourceDefinition (YAML): RdpHealth, or RdpHealthFleet with `--fleet`.
+    Crd(crd::CrdArgs),
     /// Run the whole product on one machine: simulator, faulty fleet, engine, live view.
     Demo(demo::DemoArgs),
     /// Run the Azure simulator: an ARM emulator and one live RDP responder per VM.

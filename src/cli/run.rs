@@ -27,6 +27,12 @@ pub struct RunArgs {
     /// Objects reconciled (probed) at the same time.
     #[arg(long, env = "RDPHEALTH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// Watch RdpHealthFleet objects (needs Azure credentials: discovery uses Resource Graph).
+    #[arg(long, env = "RDPHEALTH_FLEETS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fleets: bool,
+    /// Probes of one RdpHealthFleet's members in flight at once.
+    #[arg(long, env = "RDPHEALTH_FLEET_PROBE_CONCURRENCY", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub fleet_probe_concurrency: u16,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
     #[arg(long, env = "RDPHEALTH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -186,6 +192,7 @@ impl RunArgs {
             namespace: self.namespace.clone(),
             concurrency: self.concurrency,
             shards: self.shards,
+            fleet_probe_concurrency: usize::from(self.fleet_probe_concurrency),
             lease: (self.leader_election || self.shards.is_some()).then(|| LeaseSettings {
                 name: self.lease_name.clone(),
                 namespace: self.lease_namespace.clone(),
@@ -272,6 +279,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         resolver,
         azure,
         identities,
+        graph: None,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     let mut settings = args.settings();

@@ -104,6 +104,16 @@ impl Leadership {
         scoped
     }
 
+    /// The handle for work done once for all replicas rather than per object (the fleets'
+    /// discovery): with shards, the holder of shard 0 does it; without, the leader.
+    pub fn for_singletons(&self) -> Self {
+        let mut scoped = self.clone();
+        if let Some((_, scope)) = &mut scoped.sharded {
+            *scope = Some(0);
+        }
+        scoped
+    }
+
     /// The current term, or `None` when this replica is not (or no longer provably) the
     /// leader; with shards, of the scoped object's shard (`None` for an unscoped handle).
     pub fn current(&self) -> Option<Term> {
@@ -498,6 +508,14 @@ mod tests {
         // Shed: acting stops at once.
         tx.send_modify(|t| t[shard] = None);
         assert!(!scoped.is_leader());
+        // Work done once for all replicas goes with shard 0.
+        tx.send_modify(|t| t[0] = Some(term(3)));
+        assert_eq!(
+            leadership.for_singletons().current().map(|t| t.transitions),
+            Some(3)
+        );
+        tx.send_modify(|t| t[0] = None);
+        assert!(!leadership.for_singletons().is_leader());
         // Without shards, every object answers with the one Lease.
         let (_tx, rx) = watch::channel(vec![Some(term(2))]);
         let elected = Leadership::elected(rx);

@@ -52,7 +52,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     api::{FIELD_MANAGER, Phase, RdpHealth, RdpHealthStatus, RemediationMode, conditions as types},
-    azure::{Azure, CountedAzure, Federation},
+    azure::{Azure, CountedAzure, Federation, ResourceGraph},
     engine::{
         self, EndpointResolver, Next, Observation, Schedule, Severity, ValidSpec,
         conditions::{self, Desired, Status},
@@ -172,6 +172,8 @@ pub struct Settings {
     pub canary: Option<Target>,
     /// Which Azure scopes each namespace may name (`--tenancy-policy`); `None`: no limit.
     pub tenancy: Option<crate::tenancy::TenancyPolicy>,
+    /// Probes of one fleet's members in flight at once.
+    pub fleet_probe_concurrency: usize,
 }
 
 impl Default for Settings {
@@ -187,6 +189,7 @@ impl Default for Settings {
             status_heartbeat: writes::HEARTBEAT,
             canary: None,
             tenancy: None,
+            fleet_probe_concurrency: 256,
         }
     }
 }
@@ -204,6 +207,8 @@ pub struct Seams {
     /// Acts as the Azure identities the tenancy policy names for namespaces (workload identity
     /// federation); `None`: a namespace that names one is refused.
     pub identities: Option<Arc<Federation>>,
+    /// Azure Resource Graph, for fleets' discovery; `None`: fleets are not watched.
+    pub graph: Option<Arc<dyn ResourceGraph>>,
 }
 
 /// Delay before retrying after `attempt` failed reconciles in a row: 1 s doubling to 5 min.
@@ -249,6 +254,24 @@ impl Inventory for StoreInventory {
     }
 }
 
+/// kubectl's copy of the whole object in an annotation; nothing here reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from a watched object what the operator never reads, before it enters the cache:
+/// `managedFields` (a field map per writer, often larger than the spec) and kubectl's
+/// last-applied annotation (a second copy of the spec). Status writes name the object's
+/// `resourceVersion`, which is kept.
+pub fn trim(guard: &mut DeserializeGuard<RdpHealth>) {
+    let meta = match &mut guard.0 {
+        Ok(obj) => &mut obj.metadata,
+        Err(invalid) => &mut invalid.metadata,
+    };
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 /// A controller over `api` whose watch marks `ready` after its first complete list, keeps
 /// `memory` free of deleted objects and `fleet` counting what other replicas wrote, and the
 /// object cache it fills.
@@ -263,11 +286,13 @@ fn controller_for(
 ) {
     let writer = Writer::default();
     let store = writer.as_reader();
-    let events = watcher(api, watcher::Config::default()).inspect_ok(move |event| {
-        if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
-            info!("first watch sync done: ready");
-        }
-    });
+    let events = watcher(api, watcher::Config::default())
+        .modify(trim)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
+                info!("first watch sync done: ready");
+            }
+        });
     let cache = store.clone();
     // After the reflector, so that the cache already reflects the event.
     let objects = reflector(writer, events)
@@ -314,6 +339,7 @@ pub async fn run(
     let controller =
         controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
     let controller = shards::reconcile_when_acquired(controller, acquired);
+    let ready_flag = Arc::clone(&ready);
     let state = HttpState {
         metrics: Arc::clone(&metrics),
         inventory: Arc::new(StoreInventory(store.clone())),
@@ -342,6 +368,8 @@ pub async fn run(
         .with_status_heartbeat(settings.status_heartbeat)
         .with_tenancy(settings.tenancy.clone(), namespaces),
     );
+    let (stop_fleets, fleets_stopped) = watch::channel(false);
+    let fleets = fleets(&ctx, &settings, &ready_flag, fleets_stopped);
     let canary = match (&settings.canary, &ctx.remediator) {
         (Some(target), Some(r)) => Some(tokio::spawn(canary::watch(
             Arc::clone(&ctx.seams.prober),
@@ -363,6 +391,10 @@ pub async fn run(
         })
         .await;
     info!("controller stopped; shutting down");
+    let _ = stop_fleets.send(true);
+    if let Some(fleets) = fleets {
+        let _ = fleets.await;
+    }
     if let Some(canary) = canary {
         canary.abort();
     }
@@ -375,4 +407,58 @@ pub async fn run(
         Ok(result) => result.map_err(RunError::Http),
         Err(_) => Ok(()),
     }
+}
+
+/// Starts the fleets' watch when Azure Resource Graph is configured: one worker per
+/// `RdpHealthFleet`, writing through this replica's client while it leads.
+fn fleets(
+    ctx: &Context,
+    settings: &Settings,
+    ready: &Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Some(graph) = ctx.seams.graph.clone() else {
+        info!("no Azure Resource Graph: RdpHealthFleets are not watched");
+        return None;
+    };
+    let store = ctx.store.clone()?;
+    let metrics = match crate::fleet::metrics::FleetMetrics::new() {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            warn!(error = %e, "failed to set up fleet metrics: RdpHealthFleets are not watched");
+            return None;
+        }
+    };
+    if let Err(e) = ctx.metrics.register(metrics.collectors()) {
+        warn!(error = %e, "failed to register fleet metrics: RdpHealthFleets are not watched");
+        return None;
+    }
+    let sink = crate::fleet::kube::KubeSink::new(
+        ctx.client.clone(),
+        store,
+        Arc::clone(ready),
+        // With shards, fleets are discovered by the holder of shard 0 only.
+        ctx.leadership.for_singletons(),
+        settings.instance.clone(),
+        Arc::clone(&metrics),
+    );
+    let deps = crate::fleet::Deps {
+        graph,
+        prober: Arc::clone(&ctx.seams.prober),
+        sink: Arc::new(sink),
+        max_unreachable_percent: settings.fleet.max_unreachable_percent,
+        min_fleet_size: settings.fleet.min_fleet_size,
+        probe_concurrency: settings.fleet_probe_concurrency,
+        refusal: settings.tenancy.is_some().then(|| {
+            "the operator runs with a tenancy policy: fleets are refused, because a fleet's discovery would read whole subscriptions with the operator's own identity; write RdpHealth objects instead".to_owned()
+        }),
+    };
+    let api: Api<DeserializeGuard<crate::api::RdpHealthFleet>> = match &settings.namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    info!("watching RdpHealthFleets");
+    Some(tokio::spawn(crate::fleet::kube::run(
+        api, deps, metrics, stop,
+    )))
 }

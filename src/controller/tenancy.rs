@@ -223,6 +223,7 @@ mod tests {
                     Some("/var/run/secrets/azure/tokens/azure-identity-token".into()),
                 ))
             }),
+            graph: None,
         };
         let metrics = Arc::new(Metrics::new().unwrap());
         Context::new(client, seams, metrics, Leadership::always(), None)

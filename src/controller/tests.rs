@@ -252,3 +252,35 @@ fn the_remembered_status_is_continued_while_the_stored_one_tells_the_same_story(
 fn backoff_doubles_and_caps(#[case] attempt: u32, #[case] secs: u64) {
     assert_eq!(backoff_delay(attempt), Duration::from_secs(secs));
 }
+
+#[test]
+fn the_cache_keeps_what_the_controller_reads_and_drops_the_rest() {
+    let mut obj: RdpHealth = serde_json::from_value(json!({
+        "apiVersion": "rdphealth.io/v1alpha1", "kind": "RdpHealth",
+        "metadata": {
+            "name": "a", "namespace": "ns", "resourceVersion": "42",
+            "annotations": {
+                PAUSE_ANNOTATION: "true",
+                APPROVE_ANNOTATION: "Restart/t-1",
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"spec\":{}}",
+            },
+            "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}],
+        },
+        "spec": {"vm": {"resourceId": "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm"}},
+    }))
+    .unwrap();
+    let spec = obj.spec.clone();
+    let mut guard = DeserializeGuard(Ok(obj.clone()));
+    trim(&mut guard);
+    let trimmed = guard.0.unwrap();
+    assert_eq!(trimmed.metadata.managed_fields, None);
+    let annotations = trimmed.metadata.annotations.clone().unwrap();
+    assert_eq!(annotations.len(), 2, "{annotations:?}");
+    assert_eq!(annotations[PAUSE_ANNOTATION], "true");
+    assert_eq!(annotations[APPROVE_ANNOTATION], "Restart/t-1");
+    assert_eq!(trimmed.metadata.resource_version.as_deref(), Some("42"));
+    assert_eq!(trimmed.spec, spec);
+    obj.metadata.managed_fields = None;
+    obj.metadata.annotations = Some(annotations);
+    assert_eq!(trimmed, obj, "nothing else changed");
+}

@@ -27,7 +27,8 @@ impl Status {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    /// The status a wire value names (anything else is Unknown).
+    pub fn parse(s: &str) -> Self {
         match s {
             "True" => Self::True,
             "False" => Self::False,

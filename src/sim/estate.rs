@@ -190,9 +190,16 @@ impl World {
         let Some((base, size)) = self.subnet_range(vnet_key, subnet) else {
             return Vec::new();
         };
+        // One pass over the NICs, not one per candidate: large estates allocate thousands.
+        let used: std::collections::HashSet<Ipv4Addr> = self
+            .nics
+            .values()
+            .filter(|nic| nic.vnet == vnet_key)
+            .map(|nic| nic.private_ip)
+            .collect();
         (4..size.saturating_sub(1))
             .map(|i| Ipv4Addr::from(base.wrapping_add(i as u32)))
-            .filter(|ip| self.address_free(vnet_key, subnet, *ip))
+            .filter(|ip| !used.contains(ip))
             .take(n)
             .collect()
     }

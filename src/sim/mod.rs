@@ -4,12 +4,14 @@
 //!
 //! Embedded in tests with [`Simulator::start`]; run standalone with `rdphealth sim`.
 
+mod addresses;
 mod applier;
 pub mod arm;
 pub mod disk;
 mod estate;
 pub mod fault;
 pub mod guest;
+pub mod membership;
 pub mod registry;
 mod resources;
 pub mod responder;
@@ -28,6 +30,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use self::world::World;
 pub use self::{
+    addresses::AddressProber,
     fault::{Behaviour, Fault},
     scenario::Scenario,
     timing::{Timing, TimingProfile},
@@ -73,6 +76,8 @@ pub struct Shared {
     /// The change version each responder has applied to its listener.
     applied: Mutex<BTreeMap<String, u64>>,
     acked: tokio::sync::Notify,
+    /// Starts the responders of VMs created at run time.
+    runtime: Mutex<membership::RuntimeResponders>,
     /// `http://127.0.0.1:PORT`, the base of every absolute URL the emulator hands out.
     pub base_url: String,
 }
@@ -254,14 +259,18 @@ impl Simulator {
             .map(|(vm, _, _)| (vm.clone(), 0))
             .collect();
         let (changed, _) = watch::channel(1);
+        let (shutdown, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             world: Mutex::new(world),
             changed,
             applied: Mutex::new(applied),
             acked: tokio::sync::Notify::new(),
+            runtime: Mutex::new(membership::RuntimeResponders {
+                cert_key,
+                shutdown: rx.clone(),
+            }),
             base_url: format!("http://{arm_addr}"),
         });
-        let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         for (vm, listener, certs) in responders {
             tasks.spawn(responder::run(
@@ -311,6 +320,12 @@ impl Simulator {
             .map(|v| SocketAddr::from(([127, 0, 0, 1], v.port)))
     }
 
+    /// A prober that probes each VM's responder at the addresses ARM reports for the VM (see
+    /// [`AddressProber`]).
+    pub fn address_prober(&self, inner: Arc<dyn crate::probe::Prober>) -> AddressProber {
+        AddressProber::new(Arc::clone(&self.shared), inner)
+    }
+
     /// Every VM.
     pub fn vms(&self) -> Vec<VmSummary> {
         self.shared.vm_summaries()
@@ -330,7 +345,7 @@ impl Simulator {
     /// `vnet.checkipaddressavailability`, `pip.get`, `watcher.ipflowverify`,
     /// `snapshot.put`, `snapshot.get`, `snapshot.delete`, `snapshot.list`,
     /// `operation.status` (Azure-AsyncOperation polls), `operation.result` (Location polls),
-    /// `token`, `blob.get`; plus `throttled` and `unauthorized` for rejected requests.
+    /// `token`, `blob.get`, `graph.resources` (Resource Graph queries); plus `throttled` and `unauthorized` for rejected requests.
     pub fn counters(&self) -> BTreeMap<String, u64> {
         self.shared.lock().counters.clone()
     }
@@ -421,6 +436,38 @@ impl Simulator {
             }
             None => false,
         }
+    }
+
+    /// Creates a VM in `subscription`/`resource_group` while the simulator runs (its subnet,
+    /// `vnet/subnet` of that group, must exist) and starts its RDP responder.
+    pub async fn add_vm(
+        &self,
+        subscription: &str,
+        resource_group: &str,
+        spec: scenario::VmSpec,
+    ) -> Result<(), SimError> {
+        self.shared
+            .create_vm(subscription, resource_group, &spec)
+            .await
+    }
+
+    /// Deletes a VM with its NIC and public IP (its responder refuses connections from then
+    /// on); false when there is no such VM.
+    pub async fn delete_vm(&self, name: &str) -> bool {
+        self.shared.delete_vm(name).await
+    }
+
+    /// Replaces a VM's tags; false when there is no such VM.
+    pub fn set_vm_tags(&self, name: &str, tags: BTreeMap<String, String>) -> bool {
+        self.shared.lock().set_tags(name, tags)
+    }
+
+    /// Sets Resource Graph's per-caller quota (`requests` per `window`; default 15 per 5 s)
+    /// and starts every caller's window afresh.
+    pub fn set_graph_quota(&self, requests: u32, window: std::time::Duration) {
+        let mut w = self.shared.lock();
+        w.graph_quota = membership::GraphQuota { requests, window };
+        w.graph_windows.clear();
     }
 
     /// The shared state (for advanced tests).

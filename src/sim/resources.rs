@@ -96,6 +96,10 @@ pub struct Vm {
     pub blob_sig: String,
     /// The computer name of another machine answering on this VM's address, if any.
     pub answers_as: Option<String>,
+    /// Tags.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// OS type of the OS disk (`Windows`, `Linux`).
+    pub os_type: String,
 }
 
 impl Vm {

@@ -19,11 +19,13 @@ use super::{Shared, SimError, fault::Behaviour};
 use crate::probe::{codec, credssp, ntlm};
 
 /// The two certificates a responder serves, both issued to the computer that answers (as
-/// Windows issues its self-signed RDP certificate to the computer's name).
+/// Windows issues its self-signed RDP certificate to the computer's name). Signed on the first
+/// TLS handshake, so an estate of thousands of VMs starts without thousands of signatures.
 #[derive(Clone)]
 pub struct Certificates {
-    valid: TlsAcceptor,
-    expired: TlsAcceptor,
+    key: Arc<rcgen::KeyPair>,
+    computer_name: String,
+    made: Arc<std::sync::OnceLock<Option<(TlsAcceptor, TlsAcceptor)>>>,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -32,9 +34,28 @@ impl std::fmt::Debug for Certificates {
     }
 }
 
+impl Certificates {
+    /// The valid or the expired certificate's acceptor (`None` if signing failed).
+    fn acceptor(&self, expired: bool) -> Option<TlsAcceptor> {
+        let pair = self.made.get_or_init(|| {
+            let now = time::OffsetDateTime::now_utc();
+            let day = time::Duration::days;
+            let name = &self.computer_name;
+            let made = acceptor(&self.key, name, now - day(1), now + day(180))
+                .and_then(|v| Ok((v, acceptor(&self.key, name, now - day(400), now - day(35))?)));
+            made.inspect_err(
+                |e| tracing::warn!(error = %e, "failed to sign a responder certificate"),
+            )
+            .ok()
+        });
+        pair.as_ref()
+            .map(|(valid, old)| if expired { old.clone() } else { valid.clone() })
+    }
+}
+
 /// The key every simulated certificate uses (one key generation per simulator, one signature
 /// per certificate).
-pub struct CertificateKey(rcgen::KeyPair);
+pub struct CertificateKey(Arc<rcgen::KeyPair>);
 
 impl std::fmt::Debug for CertificateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,29 +64,21 @@ impl std::fmt::Debug for CertificateKey {
 }
 
 impl CertificateKey {
-    /// Generates the key.
+    /// Generates the key, and signs one certificate with it so a broken TLS setup fails here.
     pub fn generate() -> Result<Self, SimError> {
-        rcgen::KeyPair::generate()
-            .map(Self)
-            .map_err(|e| SimError::Tls(e.to_string()))
+        let key = rcgen::KeyPair::generate().map_err(|e| SimError::Tls(e.to_string()))?;
+        let now = time::OffsetDateTime::now_utc();
+        acceptor(&key, "check", now, now + time::Duration::days(1))?;
+        Ok(Self(Arc::new(key)))
     }
 
-    /// A valid and an expired self-signed certificate issued to `computer_name`.
+    /// A valid and an expired self-signed certificate issued to `computer_name` (signed when
+    /// first used).
     pub fn certificates(&self, computer_name: &str) -> Result<Certificates, SimError> {
-        let now = time::OffsetDateTime::now_utc();
         Ok(Certificates {
-            valid: acceptor(
-                &self.0,
-                computer_name,
-                now - time::Duration::days(1),
-                now + time::Duration::days(180),
-            )?,
-            expired: acceptor(
-                &self.0,
-                computer_name,
-                now - time::Duration::days(400),
-                now - time::Duration::days(35),
-            )?,
+            key: self.0.clone(),
+            computer_name: computer_name.to_owned(),
+            made: Arc::new(std::sync::OnceLock::new()),
         })
     }
 }
@@ -270,7 +283,9 @@ async fn talk(
                 drain(&mut stream).await;
                 return;
             }
-            let acceptor = if expired { certs.expired } else { certs.valid };
+            let Some(acceptor) = certs.acceptor(expired) else {
+                return;
+            };
             if let Ok(Ok(mut tls)) =
                 tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
             {

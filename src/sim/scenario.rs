@@ -228,6 +228,16 @@ pub struct VmSpec {
     /// responder gives in the NTLM CHALLENGE instead of the VM's own.
     #[serde(default)]
     pub answers_as: Option<String>,
+    /// Tags (what Resource Graph queries select on).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// OS type of the OS disk (`Windows` or `Linux`).
+    #[serde(default = "windows")]
+    pub os_type: String,
+}
+
+fn windows() -> String {
+    "Windows".to_owned()
 }
 
 fn yes() -> bool {

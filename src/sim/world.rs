@@ -74,6 +74,10 @@ pub struct World {
     pub snapshots: BTreeMap<String, super::disk::Snapshot>,
     /// Names of the last write requests (PUT, POST, DELETE, PATCH), oldest first, bounded.
     pub writes: std::collections::VecDeque<String>,
+    /// Resource Graph's per-caller request quota.
+    pub graph_quota: super::membership::GraphQuota,
+    /// Each caller's current Resource Graph window, by fingerprint of its token.
+    pub graph_windows: HashMap<u64, super::membership::GraphWindow>,
     /// Draws of realistic durations so far, by kind and resource (the `n` of each draw).
     draws: HashMap<String, u64>,
     next_id: u64,
@@ -128,6 +132,8 @@ impl World {
             tokens: TokenLog::default(),
             snapshots: BTreeMap::new(),
             writes: std::collections::VecDeque::new(),
+            graph_quota: Default::default(),
+            graph_windows: HashMap::new(),
             draws: HashMap::new(),
             next_id: 0,
             next_public: 0,
@@ -205,7 +211,7 @@ impl World {
         Ok(w)
     }
 
-    fn add_vm(
+    pub(super) fn add_vm(
         &mut self,
         sub: &str,
         rg: &str,
@@ -323,6 +329,8 @@ impl World {
                 fingerprint_u64(&format!("{sub}/{rg}/{}/{n}", spec.name))
             ),
             answers_as: spec.answers_as.clone(),
+            tags: spec.tags.clone(),
+            os_type: spec.os_type.clone(),
         };
         let name = vm.name.to_ascii_lowercase();
         for f in &spec.faults {

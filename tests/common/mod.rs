@@ -5,7 +5,6 @@ pub mod k8s;
 pub mod operator;
 pub mod real_api;
 pub mod shadow;
-pub mod sim_net;
 pub mod xrdp;
 
 use std::{

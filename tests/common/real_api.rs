@@ -26,12 +26,18 @@ use super::k8s::ControlPlane;
 pub type Key = (String, String, String);
 
 /// The resources the view follows: (plural, `kubectl get` name, API group/version).
-const FOLLOWED: [(&str, &str, &str, &str); 4] = [
+const FOLLOWED: [(&str, &str, &str, &str); 5] = [
     (
         "rdphealths",
         "rdphealths.rdphealth.io",
         "rdphealth.io/v1alpha1",
         "RdpHealth",
+    ),
+    (
+        "rdphealthfleets",
+        "rdphealthfleets.rdphealth.io",
+        "rdphealth.io/v1alpha1",
+        "RdpHealthFleet",
     ),
     (
         "events",
@@ -143,11 +149,14 @@ impl RealApiServer {
     /// Starts a control plane with the CRD installed and the watches open.
     pub async fn start() -> Self {
         let cp = ControlPlane::start();
-        let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("crds")
-            .join(rdphealth::api::CRD_FILE);
-        cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+        for file in [rdphealth::api::CRD_FILE, rdphealth::api::FLEET_CRD_FILE] {
+            let crd = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("crds")
+                .join(file);
+            cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
+        }
         cp.wait_established("rdphealths.rdphealth.io");
+        cp.wait_established("rdphealthfleets.rdphealth.io");
         let client = cp.client().await;
         let log = Arc::new(Mutex::new(Vec::new()));
         let (changed, _) = watch::channel(0);

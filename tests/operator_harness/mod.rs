@@ -36,7 +36,6 @@ pub use tokio::{
 pub(crate) use crate::common::{
     self,
     real_api::{Inner, RealApiServer, condition},
-    sim_net::SimNetwork,
 };
 
 pub const NS: &str = "default";
@@ -242,16 +241,14 @@ pub fn seams(api: &Arc<RealApiServer>, sim: &Simulator, arm: ArmConfig) -> (Seam
     });
     let azure = Arc::new(CountedAzure::new(witness.clone() as Arc<dyn Azure>).unwrap());
     let seams = Seams {
-        prober: Arc::new(SimNetwork {
-            sim: Arc::clone(sim.shared()),
-            prober: RdpProber::new().unwrap(),
-        }),
+        prober: Arc::new(sim.address_prober(Arc::new(RdpProber::new().unwrap()))),
         resolver: Arc::new(AzureResolver::new(
             azure.clone() as Arc<dyn Azure>,
             ResolverPolicy::default(),
         )),
         azure: Some(azure),
         identities: None,
+        graph: None,
     };
     (seams, witness)
 }

@@ -2,6 +2,7 @@
 //! case-insensitive and the SDK may send `//subscriptions/…`), plus the admin API.
 
 mod compute;
+mod graph;
 mod network;
 mod operations;
 mod snapshot;
@@ -19,7 +20,7 @@ use axum::{
     extract::{Path, Query, State},
     http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
 };
 use serde_json::{Value, json};
 
@@ -34,7 +35,9 @@ use crate::azure::limiter::OpClass;
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_sim/counters", get(counters))
-        .route("/_sim/vms", get(list_vms))
+        .route("/_sim/vms", get(list_vms).post(graph::add_vm))
+        .route("/_sim/vms/{name}", delete(graph::delete_vm))
+        .route("/_sim/vms/{name}/tags", put(graph::set_tags))
         .route("/_sim/vms/{name}/fault", post(add_fault))
         .route("/_sim/vms/{name}/fault/{fault}", delete(clear_fault))
         .route("/_sim/http-faults", post(add_http_fault))
@@ -224,6 +227,8 @@ enum Route {
         vm: String,
         file: String,
     },
+    /// Resource Graph's query endpoint.
+    Graph,
 }
 
 impl Route {
@@ -241,6 +246,13 @@ impl Route {
             return Some(Self::Token {
                 tenant: seg[0].to_owned(),
             });
+        }
+        if seg.len() == 3
+            && l(0) == Some("providers")
+            && l(1) == Some("microsoft.resourcegraph")
+            && l(2) == Some("resources")
+        {
+            return Some(Self::Graph);
         }
         if l(0) != Some("subscriptions") || seg.len() < 4 {
             return None;
@@ -334,6 +346,7 @@ impl Route {
             Self::Operation { monitor: true, .. } => "operation.result".into(),
             Self::Token { .. } => "token".into(),
             Self::Blob { .. } => "blob.get".into(),
+            Self::Graph => "graph.resources".into(),
         }
     }
 
@@ -410,6 +423,9 @@ async fn arm(
             "MissingApiVersionParameter",
             "The api-version query parameter (?api-version=) is required for all requests.",
         );
+    }
+    if matches!(route, Route::Graph) {
+        return graph::resources(&s, &bearer, &body);
     }
     let sub = route.subscription().unwrap_or_default().to_owned();
     let class = OpClass::of_method(method.as_str());
@@ -504,7 +520,7 @@ async fn arm(
             };
             snapshot::snapshot_route(call, name.as_deref())
         }
-        Route::Token { .. } | Route::Blob { .. } => {
+        Route::Token { .. } | Route::Blob { .. } | Route::Graph => {
             error(StatusCode::NOT_FOUND, "NotFound", "unreachable route")
         }
     };

@@ -6,6 +6,9 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
+mod fleet;
+
+pub use self::fleet::*;
 use crate::evidence::Evidence;
 use crate::ladder::{
     LadderStatus, Rung,
@@ -124,9 +127,9 @@ pub mod reasons {
 }
 
 /// Pattern of a Go-style duration that Kubernetes CEL `duration()` understands.
-const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+pub(crate) const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
 /// Pattern of a duration that may also use days.
-const LONG_DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
+pub(crate) const LONG_DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h|d))+$";
 /// Pattern of an Azure VM resource ID.
 pub const RESOURCE_ID_PATTERN: &str = r"^/subscriptions/[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}/resourceGroups/[-\w\._\(\)]{1,90}/providers/Microsoft\.Compute/virtualMachines/[-\w\.]{1,64}$";
 
@@ -255,7 +258,7 @@ impl Default for EndpointSpec {
     }
 }
 
-fn default_port() -> u16 {
+pub(crate) fn default_port() -> u16 {
     crate::probe::DEFAULT_RDP_PORT
 }
 
@@ -670,7 +673,7 @@ pub struct ResolvedEndpoint {
 }
 
 /// Conditions as a list-map keyed by `type`, so server-side apply merges them per type.
-fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
     let item = generator.subschema_for::<Condition>();
     json_schema!({
         "type": "array",
