@@ -5,6 +5,8 @@
 # Usage: bench/fleet.sh            (after `cargo build --release`)
 # Knobs (environment): VMS=1000 INTERVAL=30s DURATION=120s SIM_PORT=18680
 #   OUTAGE=0.01 (share of VMs given an outage after the window) RDPHEALTH_BIN=target/release/rdphealth
+#   MEMBERS=1: one RdpHealthFleet over every VM (discovered through Resource Graph, probed in
+#   memory) instead of one RdpHealth per VM
 # Everything listens on 127.0.0.1; the simulator is stopped by its PID at the end.
 set -euo pipefail
 
@@ -14,6 +16,8 @@ INTERVAL=${INTERVAL:-30s}
 DURATION=${DURATION:-120s}
 SIM_PORT=${SIM_PORT:-18680}
 OUTAGE=${OUTAGE:-0.01}
+MEMBERS_FLAG=()
+[ "${MEMBERS:-0}" = 1 ] && MEMBERS_FLAG=(--members)
 
 # One listening socket per VM in the simulator, one connection per probe in the operator.
 ulimit -n "$(ulimit -Hn)"
@@ -41,7 +45,7 @@ done
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 RUST_LOG=warn "$BIN" bench fleet --sim "127.0.0.1:$SIM_PORT" --interval "$INTERVAL" --duration "$DURATION" \
-    --outage-fraction "$OUTAGE"
+    --outage-fraction "$OUTAGE" "${MEMBERS_FLAG[@]}"
 sim_cpu=$(sed 's/^.*) //' "/proc/$SIM_PID/stat" | awk -v t="$(getconf CLK_TCK)" '{ printf "%.1f", ($12 + $13) / t }')
 echo
 echo "simulator process CPU over the whole run (not the operator's): ${sim_cpu} s"

@@ -359,3 +359,73 @@ async fn an_object_for_a_vm_the_demo_does_not_have_is_refused() {
         "{text}"
     );
 }
+
+/// `demo --fleet`: one fleet discovers the simulated VMs through the emulator's Resource
+/// Graph endpoint and probes them in memory; only the VMs in trouble get an object, each fixed
+/// (or reported) through it as with one object per VM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_watches_the_vms_and_opens_objects_only_for_the_broken_ones() {
+    let cfg = DemoConfig {
+        vms: 12,
+        speed: 2.0,
+        timeout: Duration::from_secs(120),
+        exit_when_settled: true,
+        live_table: false,
+        fleet: true,
+        ..DemoConfig::default()
+    };
+    let summary = demo::run(&cfg).await.unwrap();
+    assert!(summary.settled, "{}", demo::view::render_summary(&summary));
+    // Healthy VMs, and VMs that stay reachable, cost no object.
+    let faults: Vec<Option<Fault>> = summary.vms.iter().map(|t| t.fault).collect();
+    assert!(
+        !faults.contains(&None),
+        "an object for a healthy VM: {faults:?}"
+    );
+    assert!(
+        !faults.contains(&Some(Fault::LegacyRdpSecurity)),
+        "{faults:?}"
+    );
+    let fixed = |f: Fault| {
+        summary
+            .vms
+            .iter()
+            .find(|t| t.fault == Some(f))
+            .unwrap()
+            .fixed_by
+    };
+    assert_eq!(
+        fixed(Fault::RdpDisabled),
+        Some(Step::rung(Rung::ResetRdpConfig))
+    );
+    assert_eq!(fixed(Fault::HostFailure), Some(Step::rung(Rung::Redeploy)));
+    assert_eq!(
+        fixed(Fault::CertificateExpired),
+        Some(Step::repair(GuestRepair::RenewRdpCertificate)),
+        "an expired certificate opens an incident although the VM answers"
+    );
+    assert_eq!(
+        fixed(Fault::Flapping),
+        Some(Step::repair(GuestRepair::ListenerKeepAlive))
+    );
+    // Discovery is one Resource Graph request per interval for a fleet this size.
+    let graph = summary
+        .arm_calls
+        .get("graph.resources")
+        .copied()
+        .unwrap_or(0);
+    assert!((1..=3).contains(&graph), "{:?}", summary.arm_calls);
+}
+
+#[tokio::test]
+async fn files_and_a_fleet_are_refused_together() {
+    let cfg = DemoConfig {
+        vms: 3,
+        objects: vec!["examples/rdphealth-basic.yaml".into()],
+        fleet: true,
+        live_table: false,
+        ..DemoConfig::default()
+    };
+    let err = demo::run(&cfg).await.unwrap_err();
+    assert!(matches!(err, demo::DemoError::FilesWithFleet), "{err}");
+}

@@ -26,8 +26,11 @@ const OTHER_SUB: &str = "00000000-0000-0000-0000-00000000beef";
 fn scenario(bulk: usize) -> Scenario {
     let mut vms = String::new();
     for i in 0..bulk {
+        // Explicit addresses: the emulator's search for a free one costs a scan per VM.
+        let ip =
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 20, 0, 4)) + i as u32);
         vms.push_str(&format!(
-            "          - {{ name: vm-{i:05}, nic: {{ subnet: vnet/default, publicIp: false }} }}\n"
+            "          - {{ name: vm-{i:05}, nic: {{ subnet: vnet/default, publicIp: false, privateIp: {ip} }} }}\n"
         ));
     }
     let yaml = format!(
@@ -385,9 +388,22 @@ async fn a_spent_quota_is_waited_out_or_reported() {
         "stopped before the service had to refuse"
     );
 
-    // Once spent, the service answers 429 with Retry-After: Throttled, no retry by the client.
+    // The client remembers the spent quota: the next discovery does not even ask.
     let before = sim.count("graph.resources");
     let err = az.discover_with(&sel, &opts).await.unwrap_err();
+    assert_eq!(err.reason(), "Throttled", "{err}");
+    assert!(err.retry_after().unwrap() > Duration::from_secs(100));
+    assert_eq!(
+        sim.count("graph.resources"),
+        before,
+        "no request on a spent quota"
+    );
+
+    // Another client of the same caller asks: the service answers 429 with Retry-After, which
+    // is `Throttled`, not retried, and remembered.
+    let cfg = ArmConfig::new(Url::parse(&sim.arm_url()).unwrap());
+    let other = ArmClient::new(cfg, Arc::new(StaticToken::new("graph-test-token")));
+    let err = other.discover_with(&sel, &opts).await.unwrap_err();
     assert_eq!(err.reason(), "Throttled", "{err}");
     assert!(err.retry_after().unwrap() > Duration::from_secs(100));
     assert_eq!(
@@ -396,6 +412,38 @@ async fn a_spent_quota_is_waited_out_or_reported() {
         "one request, not retried"
     );
     assert_eq!(sim.count("throttled"), 1);
+    assert_eq!(
+        other.discover_with(&sel, &opts).await.unwrap_err().reason(),
+        "Throttled"
+    );
+    assert_eq!(sim.count("graph.resources"), before + 1);
+
+    // A quota that resets soon is waited out across discoveries too.
+    sim.set_graph_quota(1, Duration::from_millis(500));
+    let one_page = GraphOptions {
+        page_size: 1000,
+        ..Default::default()
+    };
+    let fresh = ArmClient::new(
+        ArmConfig::new(Url::parse(&sim.arm_url()).unwrap()),
+        Arc::new(StaticToken::new("another-caller")),
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            fresh
+                .discover_with(&sel, &one_page)
+                .await
+                .unwrap()
+                .vms
+                .len(),
+            25
+        );
+    }
+    assert_eq!(
+        sim.count("throttled"),
+        1,
+        "no 429 while pacing one request per window"
+    );
     sim.shutdown().await;
 }
 
@@ -458,12 +506,13 @@ async fn scripted_failures_are_typed() {
         operation: "graph.resources".into(),
         status: 429,
         code: Some("RateLimiting".into()),
-        retry_after: Some(7),
+        retry_after: Some(1),
         count: 1,
     });
     let err = az.discover(&selector()).await.unwrap_err();
     assert_eq!(err.reason(), "Throttled");
-    assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+    assert_eq!(sim.count("graph.resources"), 1, "not retried");
     sim.inject_http_fault(HttpFault {
         operation: "graph.resources".into(),
         status: 403,
@@ -471,9 +520,14 @@ async fn scripted_failures_are_typed() {
         retry_after: None,
         count: 1,
     });
-    assert_eq!(
-        az.discover(&selector()).await.unwrap_err().reason(),
-        "Forbidden"
+    // The next discovery first waits out the Retry-After.
+    let started = Instant::now();
+    let err = az.discover(&selector()).await.unwrap_err();
+    assert_eq!(err.reason(), "Forbidden");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
     );
     assert_eq!(az.discover(&selector()).await.unwrap().vms.len(), 5);
     sim.shutdown().await;

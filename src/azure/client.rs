@@ -68,6 +68,8 @@ pub struct ArmClient {
     nsg_cache: TtlCache<NsgRules>,
     subnet_cache: TtlCache<Option<String>>,
     serial_log_max_bytes: usize,
+    /// Resource Graph's quota as its last answer left it (shared by every discovery).
+    pub(super) graph_quota: super::graph_client::QuotaState,
 }
 
 impl std::fmt::Debug for ArmClient {
@@ -124,6 +126,7 @@ impl ArmClient {
             nsg_cache: TtlCache::new(config.cache_ttl),
             subnet_cache: TtlCache::new(config.cache_ttl),
             serial_log_max_bytes: config.serial_log_max_bytes,
+            graph_quota: Default::default(),
         }
     }
 

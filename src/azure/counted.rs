@@ -272,3 +272,54 @@ impl Azure for CountedAzure {
         self.count("poll", self.inner.poll(op).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+    use crate::azure::{ArmClient, ArmConfig, StaticToken};
+
+    /// Fails with `Throttled` on every other call.
+    struct Alternating(AtomicU32);
+
+    #[async_trait::async_trait]
+    impl ResourceGraph for Alternating {
+        async fn discover(&self, _: &VmSelector) -> AzureResult<Discovery> {
+            if self.0.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                Ok(Discovery::default())
+            } else {
+                Err(AzureError::Throttled {
+                    status: 429,
+                    retry_after: None,
+                    remaining: Default::default(),
+                })
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn discoveries_are_counted_as_their_own_operation() {
+        let url = azure_core::Url::parse("http://127.0.0.1:9").unwrap();
+        let arm = ArmClient::new(ArmConfig::new(url), Arc::new(StaticToken::new("t")));
+        let counted = CountedAzure::new(Arc::new(arm)).unwrap();
+        let graph = counted.graph(Arc::new(Alternating(AtomicU32::new(0))));
+        for _ in 0..3 {
+            let _ = graph.discover(&VmSelector::default()).await;
+        }
+        let get = |code: &str| {
+            counted
+                .requests
+                .with_label_values(&[GRAPH_OPERATION, code])
+                .get()
+        };
+        assert_eq!((get("OK"), get("Throttled")), (2, 1));
+        assert_eq!(
+            counted
+                .throttled
+                .with_label_values(&[GRAPH_OPERATION])
+                .get(),
+            1
+        );
+    }
+}

@@ -2,8 +2,9 @@
 //! interval, with each VM's primary NIC addresses joined in the query).
 //!
 //! The types here are what the fleet runner depends on; [`ResourceGraph`] is implemented by the
-//! ARM client (through the same pipeline, credential scope and limiter as every ARM call) and
-//! by test doubles.
+//! ARM client (through the same pipeline, credential scope and limiter as every ARM call; see
+//! `graph_client`, with the query built in `graph_query`), by `CountedGraph` (from
+//! `CountedAzure::graph`) and by test doubles.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 

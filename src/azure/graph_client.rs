@@ -122,12 +122,23 @@ impl ArmClient {
                     options.max_pages
                 )));
             }
+            self.graph_quota.wait(options.max_quota_wait).await?;
             let body = request_body(selector, &query, options, skip_token.as_deref());
-            let (status, headers, body) = self
+            let sent = self
                 .send(Method::Post, url.as_str(), true, Some(body))
-                .await?;
+                .await;
             found.requests += 1;
+            let (status, headers, body) = match sent {
+                Ok(answer) => answer,
+                Err(e) => {
+                    if let AzureError::Throttled { retry_after, .. } = &e {
+                        self.graph_quota.record(Some(0), *retry_after);
+                    }
+                    return Err(e);
+                }
+            };
             let (remaining, resets_after) = quota_of(&headers);
+            self.graph_quota.record(remaining, resets_after);
             found.quota_remaining = remaining;
             found.quota_resets_after = resets_after;
             if !(200..300).contains(&status) {
@@ -144,18 +155,6 @@ impl ArmClient {
                 ));
             }
             skip_token = Some(token);
-            if remaining == Some(0) {
-                let wait = resets_after.unwrap_or(Duration::from_secs(1));
-                if wait > options.max_quota_wait {
-                    return Err(AzureError::Throttled {
-                        status: 429,
-                        retry_after: Some(wait),
-                        remaining: RateLimitRemaining::default(),
-                    });
-                }
-                tracing::debug!(?wait, "Resource Graph quota spent; waiting for its reset");
-                tokio::time::sleep(wait).await;
-            }
         }
         // The promise is "ordered by id, each VM once", even if membership moved between pages.
         found
@@ -195,6 +194,44 @@ fn request_body(
     })
     .to_string()
     .into_bytes()
+}
+
+/// Resource Graph's per-user quota as the last answer reported it: when it was spent, the
+/// next request (of this discovery or the next) waits for the window's reset, or fails with
+/// `Throttled` when the reset is further away than the caller will wait — rather than
+/// spending a request on a certain 429.
+#[derive(Debug, Default)]
+pub struct QuotaState(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl QuotaState {
+    /// Notes an answer's quota: spent until `resets_after` (1 s when not said), or available.
+    fn record(&self, remaining: Option<u32>, resets_after: Option<Duration>) {
+        let spent_until = (remaining == Some(0))
+            .then(|| tokio::time::Instant::now() + resets_after.unwrap_or(Duration::from_secs(1)));
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = spent_until;
+    }
+
+    /// Waits for a spent quota's reset when it is at most `cap` away.
+    async fn wait(&self, cap: Duration) -> AzureResult<()> {
+        let until = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(until) = until else {
+            return Ok(());
+        };
+        let wait = until.saturating_duration_since(tokio::time::Instant::now());
+        if wait.is_zero() {
+            return Ok(());
+        }
+        if wait > cap {
+            return Err(AzureError::Throttled {
+                status: 429,
+                retry_after: Some(wait),
+                remaining: RateLimitRemaining::default(),
+            });
+        }
+        tracing::debug!(?wait, "Resource Graph quota spent; waiting for its reset");
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
 }
 
 /// `x-ms-user-quota-remaining` and `x-ms-user-quota-resets-after` (`hh:mm:ss`).

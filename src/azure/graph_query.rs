@@ -53,28 +53,29 @@ pub fn vm_query(selector: &VmSelector) -> AzureResult<String> {
         ));
     }
     for (i, (k, v)) in selector.tags.iter().enumerate() {
-        let (key, value) = (literal(k, "tag key")?, literal(v, "tag value")?);
-        q.push(format!("| mv-expand tag{i} = tags"));
+        // The position of the key among the VM's tag names, compared in lower case (`/` cannot
+        // occur in an Azure tag name), then that tag's value, exactly. No `mv-expand`.
+        check(k, "tag key")?;
+        let (key, value) = (quote(&k.to_lowercase()), literal(v, "tag value")?);
         q.push(format!(
-            "| extend tag{i}Key = tostring(bag_keys(tag{i})[0])"
+            "| extend tag{i}At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), {key})"
         ));
         q.push(format!(
-            "| where tag{i}Key =~ {key} and tostring(tag{i}[tag{i}Key]) == {value}"
+            "| where tag{i}At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag{i}At])]) == {value}"
         ));
-        q.push(format!("| project-away tag{i}, tag{i}Key"));
     }
     q.extend(TAIL.iter().map(|l| (*l).to_owned()));
     Ok(q.join("\n"))
 }
 
-/// Power state, primary NIC (the one marked primary, else the first), its primary IP
-/// configuration's addresses, the public address; stable order for paging.
-const TAIL: [&str; 9] = [
+/// Power state, primary NIC (the one marked primary among the first eight — Azure's most NICs
+/// per VM —, else the first), its primary IP configuration's addresses, the public address;
+/// stable order for paging. Resource Graph allows two `mv-expand` per query: only the IP
+/// configuration uses one.
+const TAIL: [&str; 7] = [
     "| extend powerState = tostring(properties.extended.instanceView.powerState.code)",
-    "| mv-expand with_itemindex=nicIndex nic = properties.networkProfile.networkInterfaces",
-    "| extend nicRank = iff(tobool(nic.properties.primary), 0, 1000) + nicIndex",
-    "| summarize arg_min(nicRank, *) by id",
-    "| extend nicId = tolower(tostring(nic.id))",
+    "| extend nics = properties.networkProfile.networkInterfaces",
+    "| extend nicId = tolower(tostring(case(tobool(nics[0].properties.primary), nics[0].id, tobool(nics[1].properties.primary), nics[1].id, tobool(nics[2].properties.primary), nics[2].id, tobool(nics[3].properties.primary), nics[3].id, tobool(nics[4].properties.primary), nics[4].id, tobool(nics[5].properties.primary), nics[5].id, tobool(nics[6].properties.primary), nics[6].id, tobool(nics[7].properties.primary), nics[7].id, nics[0].id)))",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/networkinterfaces' | mv-expand ipconfig = properties.ipConfigurations | where tobool(ipconfig.properties.primary) | project nicId = tolower(id), privateIp = tostring(ipconfig.properties.privateIPAddress), publicIpId = tolower(tostring(ipconfig.properties.publicIPAddress.id))) on nicId",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/publicipaddresses' | project publicIpId = tolower(id), publicIp = tostring(properties.ipAddress)) on publicIpId",
     "| project id, name, resourceGroup, subscriptionId, location, tags, powerState, privateIp, publicIp",
@@ -222,22 +223,20 @@ mod tests {
         );
 
         let tags = VmSelector {
-            tags: BTreeMap::from([("env".into(), "prod".into()), ("rdp".into(), "on".into())]),
+            tags: BTreeMap::from([("Env".into(), "Prod".into()), ("rdp".into(), "on".into())]),
             ..selector()
         };
         let l = lines(&tags);
-        assert_eq!(l.len(), 2 + 8 + TAIL.len());
-        assert_eq!(l[2], "| mv-expand tag0 = tags");
-        assert_eq!(l[3], "| extend tag0Key = tostring(bag_keys(tag0)[0])");
+        assert_eq!(l.len(), 2 + 4 + TAIL.len());
         assert_eq!(
-            l[4],
-            "| where tag0Key =~ 'env' and tostring(tag0[tag0Key]) == 'prod'"
+            l[2],
+            "| extend tag0At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'env')"
         );
-        assert_eq!(l[5], "| project-away tag0, tag0Key");
         assert_eq!(
-            l[8],
-            "| where tag1Key =~ 'rdp' and tostring(tag1[tag1Key]) == 'on'"
+            l[3],
+            "| where tag0At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag0At])]) == 'Prod'"
         );
+        assert!(l[5].ends_with("[tag1At])]) == 'on'"), "{}", l[5]);
     }
 
     #[test]

@@ -51,18 +51,41 @@ pub struct FleetConfig {
 }
 
 /// Records when each probe started relative to when it was due, and how long it took.
-struct Timing {
-    interval: Duration,
-    recording: AtomicBool,
-    probes: AtomicU64,
-    last: Mutex<HashMap<String, (Instant, bool)>>,
-    lateness: Mutex<Vec<Duration>>,
-    latency: Mutex<Vec<Duration>>,
+pub(super) struct Timing {
+    pub(super) interval: Duration,
+    pub(super) recording: AtomicBool,
+    pub(super) probes: AtomicU64,
+    pub(super) last: Mutex<HashMap<String, (Instant, bool)>>,
+    pub(super) lateness: Mutex<Vec<Duration>>,
+    pub(super) latency: Mutex<Vec<Duration>>,
 }
 
-struct TimedProber {
-    inner: RdpProber,
-    timing: Arc<Timing>,
+impl Timing {
+    pub(super) fn new(interval: Duration, n: usize) -> Self {
+        Self {
+            interval,
+            recording: AtomicBool::new(false),
+            probes: AtomicU64::new(0),
+            last: Mutex::new(HashMap::with_capacity(n)),
+            lateness: Mutex::new(Vec::new()),
+            latency: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sorted samples.
+    pub(super) fn sorted(m: &Mutex<Vec<Duration>>) -> Vec<Duration> {
+        let mut v = m.lock().map(|v| v.clone()).unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+pub(super) struct TimedProber {
+    pub(super) inner: RdpProber,
+    pub(super) timing: Arc<Timing>,
+    /// Address ARM reports → the VM's responder (fleet members are probed at the addresses
+    /// discovery returned); empty: targets are responders already.
+    pub(super) routes: HashMap<std::net::IpAddr, SocketAddr>,
 }
 
 impl Prober for TimedProber {
@@ -77,7 +100,19 @@ impl Prober for TimedProber {
             let t = &self.timing;
             let recording = t.recording.load(Ordering::Relaxed);
             let previous = t.last.lock().ok().and_then(|m| m.get(&key).copied());
-            let report = self.inner.probe_once(target, opts).await;
+            let routed = target
+                .host
+                .parse()
+                .ok()
+                .and_then(|ip| self.routes.get(&ip))
+                .map(|rdp| Target {
+                    host: rdp.ip().to_string(),
+                    port: rdp.port(),
+                });
+            let report = self
+                .inner
+                .probe_once(routed.as_ref().unwrap_or(target), opts)
+                .await;
             let took = start.elapsed();
             t.probes.fetch_add(1, Ordering::Relaxed);
             if recording {
@@ -102,14 +137,15 @@ impl Prober for TimedProber {
 
 /// A VM of the running simulator.
 #[derive(Debug, Clone)]
-struct SimVm {
-    name: String,
-    subscription: String,
-    resource_group: String,
-    rdp: SocketAddr,
+pub(super) struct SimVm {
+    pub(super) name: String,
+    pub(super) subscription: String,
+    pub(super) resource_group: String,
+    pub(super) rdp: SocketAddr,
+    pub(super) private_ip: Option<std::net::IpAddr>,
 }
 
-async fn list_vms(sim: SocketAddr) -> Result<Vec<SimVm>, String> {
+pub(super) async fn list_vms(sim: SocketAddr) -> Result<Vec<SimVm>, String> {
     let v = http::get_json(sim, "/_sim/vms").await?;
     let list = v.as_array().ok_or("/_sim/vms: not a list")?;
     let text =
@@ -121,13 +157,14 @@ async fn list_vms(sim: SocketAddr) -> Result<Vec<SimVm>, String> {
                 subscription: text(vm, "subscription")?,
                 resource_group: text(vm, "resourceGroup")?,
                 rdp: text(vm, "rdp")?.parse().ok()?,
+                private_ip: text(vm, "privateIp").and_then(|ip| ip.parse().ok()),
             })
         })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| "/_sim/vms: unexpected shape".to_string())
 }
 
-async fn arm_counters(sim: SocketAddr) -> Result<BTreeMap<String, u64>, String> {
+pub(super) async fn arm_counters(sim: SocketAddr) -> Result<BTreeMap<String, u64>, String> {
     let v = http::get_json(sim, "/_sim/counters").await?;
     Ok(v.get("counts")
         .and_then(|c| c.as_object())
@@ -140,7 +177,7 @@ async fn arm_counters(sim: SocketAddr) -> Result<BTreeMap<String, u64>, String> 
 }
 
 /// Whether an ARM operation (as the emulator names it) changes something.
-fn is_write(op: &str) -> bool {
+pub(super) fn is_write(op: &str) -> bool {
     let read = op.ends_with(".get")
         || op.ends_with(".instanceView")
         || op == "operation.status"
@@ -366,20 +403,14 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
     }
     let arm_url = Url::parse(&format!("http://{}", cfg.sim)).map_err(|e| e.to_string())?;
     let fleet = Arc::new(Fleet::new(FleetPolicy::default()));
-    let timing = Arc::new(Timing {
-        interval: cfg.interval,
-        recording: AtomicBool::new(false),
-        probes: AtomicU64::new(0),
-        last: Mutex::new(HashMap::with_capacity(n)),
-        lateness: Mutex::new(Vec::new()),
-        latency: Mutex::new(Vec::new()),
-    });
+    let timing = Arc::new(Timing::new(cfg.interval, n));
     let engine = Arc::new(Engine {
         // The spec's host, no ARM read: the bench measures probing, not lookups.
         resolver: Arc::new(crate::engine::HostOverride),
         prober: Arc::new(TimedProber {
             inner: RdpProber::new().map_err(|e| e.to_string())?,
             timing: timing.clone(),
+            routes: HashMap::new(),
         }),
         remediator: Arc::new(Remediator {
             azure: Arc::new(ArmClient::new(
@@ -433,11 +464,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
     }
     let _ = fleet_task.await;
     let (window, probes, cpu, rss_end, arm, detection, injected) = result?;
-    let sorted = |m: &Mutex<Vec<Duration>>| {
-        let mut v = m.lock().map(|v| v.clone()).unwrap_or_default();
-        v.sort();
-        v
-    };
+    let sorted = Timing::sorted;
     Ok(FleetReport {
         objects: n,
         interval: cfg.interval,

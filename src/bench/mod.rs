@@ -2,6 +2,7 @@
 //! process. They print numbers; nothing here asserts on timing.
 
 pub mod fleet;
+pub mod fleet_members;
 pub mod http;
 pub mod probe;
 pub mod responder;

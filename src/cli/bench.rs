@@ -73,9 +73,14 @@ pub enum BenchCommand {
         /// Share of VMs given an `rdp_disabled` outage after the window.
         #[arg(long, default_value_t = 0.01)]
         outage_fraction: f64,
-        /// Use only the first N VMs of the simulator.
-        #[arg(long)]
+        /// Use only the first N VMs of the simulator (not with `--members`: a fleet discovers
+        /// every VM).
+        #[arg(long, conflicts_with = "members")]
         vms: Option<usize>,
+        /// One RdpHealthFleet over every VM instead (discovery through the emulator's Resource
+        /// Graph endpoint, members probed in memory, incidents counted).
+        #[arg(long)]
+        members: bool,
     },
 }
 
@@ -126,17 +131,21 @@ pub async fn run(args: &BenchArgs) -> Result<(), String> {
             duration,
             outage_fraction,
             vms,
+            members,
         } => {
-            let report = bench::fleet::run(&bench::fleet::FleetConfig {
+            let cfg = bench::fleet::FleetConfig {
                 sim: *sim,
                 interval: *interval,
                 duration: *duration,
                 outage_fraction: *outage_fraction,
                 limit: *vms,
-            })
-            .await?;
+            };
             println!("| measure | value |\n|---|---|");
-            print!("{}", report.table());
+            if *members {
+                print!("{}", bench::fleet_members::run(&cfg).await?.table());
+            } else {
+                print!("{}", bench::fleet::run(&cfg).await?.table());
+            }
             Ok(())
         }
     }

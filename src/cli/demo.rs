@@ -48,6 +48,11 @@ pub struct DemoArgs {
     /// Print event lines even on a terminal (no live table).
     #[arg(long)]
     pub plain: bool,
+    /// Watch the simulated VMs with one RdpHealthFleet (discovered through the emulator's
+    /// Resource Graph, probed in memory) instead of one RdpHealth per VM: only the VMs that
+    /// break get an object.
+    #[arg(long)]
+    pub fleet: bool,
 }
 
 fn parse_speed(s: &str) -> Result<f64, String> {
@@ -71,6 +76,7 @@ pub async fn run(args: &DemoArgs) -> Result<bool, DemoError> {
         exit_when_settled: args.exit_when_settled,
         metrics_addr: args.metrics_addr,
         live_table: !args.plain && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        fleet: args.fleet,
     };
     let summary = demo::run(&cfg).await?;
     print!("{}", demo::view::render_summary(&summary));

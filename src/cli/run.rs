@@ -9,7 +9,10 @@ use kube::Client;
 use tokio::net::TcpListener;
 
 use crate::{
-    azure::{ArmClient, ArmConfig, Azure, AzureError, CountedAzure, Federation, credential},
+    azure::{
+        ArmClient, ArmConfig, Azure, AzureError, CountedAzure, Federation, ResourceGraph,
+        credential,
+    },
     controller::{self, LeaseSettings, RunError, Seams, Settings},
     engine::{AzureResolver, EndpointResolver, HostOverride, ResolverPolicy},
     evidence::exposure::{self, ExposureLimit},
@@ -223,25 +226,32 @@ impl RunArgs {
         }
     }
 
-    /// The Azure adapter, when credentials are configured.
-    pub fn azure(&self) -> Result<Option<Arc<CountedAzure>>, RunCommandError> {
+    /// The Azure adapter, when credentials are configured, and Resource Graph for fleets
+    /// (`--fleets`), counted with the adapter's calls.
+    pub fn azure(&self) -> Result<AzureSeams, RunCommandError> {
         let Some(credential) = credential::configured().map_err(RunCommandError::Azure)? else {
             tracing::warn!(
-                "no Azure credentials found: observe-only (objects need spec.endpoint.host; no evidence, no remediation)"
+                "no Azure credentials found: observe-only (objects need spec.endpoint.host; no evidence, no remediation, no fleets)"
             );
-            return Ok(None);
+            return Ok((None, None));
         };
         let config = ArmConfig::new(self.azure_endpoint.clone());
-        let client: Arc<dyn Azure> = Arc::new(ArmClient::new(config, credential));
-        let counted = CountedAzure::new(client).map_err(|e| {
+        let arm = Arc::new(ArmClient::new(config, credential));
+        let counted = CountedAzure::new(arm.clone()).map_err(|e| {
             RunCommandError::Azure(AzureError::Invalid {
                 message: e.to_string(),
             })
         })?;
-        tracing::info!(endpoint = %self.azure_endpoint, "Azure configured: endpoint resolution, evidence and remediation");
-        Ok(Some(Arc::new(counted)))
+        let graph = self
+            .fleets
+            .then(|| Arc::new(counted.graph(arm)) as Arc<dyn ResourceGraph>);
+        tracing::info!(endpoint = %self.azure_endpoint, fleets = self.fleets, "Azure configured: endpoint resolution, evidence and remediation");
+        Ok((Some(Arc::new(counted)), graph))
     }
 }
+
+/// The Azure adapter and Resource Graph, when configured.
+pub type AzureSeams = (Option<Arc<CountedAzure>>, Option<Arc<dyn ResourceGraph>>);
 
 /// Runs the operator until SIGTERM or SIGINT.
 pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
@@ -254,7 +264,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
             addr: args.metrics_addr,
             source,
         })?;
-    let azure = args.azure()?;
+    let (azure, graph) = args.azure()?;
     let resolver: Arc<dyn EndpointResolver> = match &azure {
         Some(azure) => Arc::new(AzureResolver::new(
             azure.clone() as Arc<dyn Azure>,
@@ -279,7 +289,7 @@ pub async fn run(args: &RunArgs) -> Result<(), RunCommandError> {
         resolver,
         azure,
         identities,
-        graph: None,
+        graph,
     };
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
     let mut settings = args.settings();

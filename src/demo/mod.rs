@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod driver;
 pub mod fleet;
+mod fleet_mode;
 pub mod view;
 
 use std::{
@@ -70,6 +71,8 @@ pub struct DemoConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Live table (terminal) or event lines.
     pub live_table: bool,
+    /// One `RdpHealthFleet` over the simulated subscriptions instead of one object per VM.
+    pub fleet: bool,
 }
 
 impl Default for DemoConfig {
@@ -86,6 +89,7 @@ impl Default for DemoConfig {
             exit_when_settled: false,
             metrics_addr: None,
             live_table: std::io::stdout().is_terminal(),
+            fleet: false,
         }
     }
 }
@@ -116,6 +120,11 @@ pub enum DemoError {
         /// The demo's VM names.
         known: String,
     },
+    /// `-f` files and `--fleet` together: a fleet's members take their spec from its template.
+    #[error(
+        "-f cannot be combined with --fleet: a fleet's members take their spec from the fleet's template"
+    )]
+    FilesWithFleet,
     /// Something else failed to start.
     #[error("failed to start the demo: {0}")]
     Setup(String),
@@ -156,6 +165,9 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         (Clock::new(1.0), Some(speed))
     };
     let started = Instant::now();
+    if cfg.fleet && !cfg.objects.is_empty() {
+        return Err(DemoError::FilesWithFleet);
+    }
     let overrides = load_objects(&cfg.objects)?;
     let sim = Simulator::start(scenario).await?;
     // An object for a VM the demo does not simulate would silently do nothing: refuse it.
@@ -177,7 +189,8 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         objects: Mutex::new(BTreeMap::new()),
         log: Mutex::new(Vec::new()),
     });
-    for vm in sim.vms() {
+    // A fleet discovers the VMs itself: its incidents become the demo's objects.
+    for vm in sim.vms().into_iter().filter(|_| !cfg.fleet) {
         let fault = vm.faults.first().copied();
         let given = overrides
             .get(&vm.name.to_ascii_lowercase())
@@ -207,8 +220,9 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
         ArmConfig::new(arm),
         Arc::new(StaticToken::new("demo-token")),
     ));
-    let azure =
-        Arc::new(CountedAzure::new(arm_client).map_err(|e| DemoError::Setup(e.to_string()))?);
+    let azure = Arc::new(
+        CountedAzure::new(arm_client.clone()).map_err(|e| DemoError::Setup(e.to_string()))?,
+    );
     // The demo's timers are compressed; so is the grace before disruptive rungs. Its fleet
     // is broken on purpose, mostly at once, so the fleet-wide breaker is off.
     let fleet = Arc::new(Fleet::new(FleetPolicy {
@@ -222,10 +236,17 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
     metrics
         .register_azure(&azure)
         .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let rdp_prober = Arc::new(RdpProber::new().map_err(|e| DemoError::Setup(e.to_string()))?);
+    // The objects name their loopback responder; a fleet's members and incidents are probed at
+    // the addresses ARM reports, routed to the responders. Azure tells whom they must answer as.
+    let prober: Arc<dyn crate::probe::Prober> = if cfg.fleet {
+        Arc::new(sim.address_prober(rdp_prober))
+    } else {
+        rdp_prober
+    };
     let engine = Arc::new(Engine {
-        // The objects name their loopback responder; Azure tells whom it must answer as.
         resolver: Arc::new(AzureResolver::new(azure.clone(), ResolverPolicy::default())),
-        prober: Arc::new(RdpProber::new().map_err(|e| DemoError::Setup(e.to_string()))?),
+        prober: Arc::clone(&prober),
         remediator: Arc::new(Remediator {
             azure,
             fleet: fleet.clone(),
@@ -256,10 +277,36 @@ pub async fn run(cfg: &DemoConfig) -> Result<Summary, DemoError> {
             stop_rx.clone(),
         )));
     }
-    let settled = watch_until_done(cfg, &state, &fleet).await;
+    let fleet_demo = if cfg.fleet {
+        Some(start_fleet(
+            &sim,
+            &engine,
+            &arm_client,
+            prober,
+            compress,
+            cfg,
+            stop_rx.clone(),
+        ))
+    } else {
+        None
+    };
+    let settled = match &fleet_demo {
+        Some((sink, _)) => {
+            let sink = Arc::clone(sink);
+            watch_until_done(cfg, &state, &fleet, &move || sink.settled()).await
+        }
+        None => watch_until_done(cfg, &state, &fleet, &|| all_settled(&state)).await,
+    };
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some((sink, worker)) = fleet_demo {
+        let _ = worker.await;
+        sink.stop().await;
+        if let Some(status) = sink.status() {
+            view::fleet_line(&status);
+        }
     }
     view::flush_log(&state, cfg.live_table);
     let summary = Summary {
@@ -277,13 +324,18 @@ fn sim_probe_source() -> std::net::IpAddr {
     std::net::IpAddr::from([203, 0, 113, 10])
 }
 
-async fn watch_until_done(cfg: &DemoConfig, state: &State, fleet: &Fleet) -> bool {
+async fn watch_until_done(
+    cfg: &DemoConfig,
+    state: &State,
+    fleet: &Fleet,
+    all_settled: &dyn Fn() -> bool,
+) -> bool {
     let deadline = Instant::now() + cfg.timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = tokio::signal::ctrl_c() => return all_settled(state),
+            _ = tokio::signal::ctrl_c() => return all_settled(),
         }
         fleet.update(state.fleet_view());
         if cfg.live_table {
@@ -291,11 +343,64 @@ async fn watch_until_done(cfg: &DemoConfig, state: &State, fleet: &Fleet) -> boo
         } else {
             view::flush_log(state, false);
         }
-        let settled = all_settled(state);
+        let settled = all_settled();
         if (cfg.exit_when_settled && settled) || Instant::now() >= deadline {
             return settled;
         }
     }
+}
+
+/// Starts the demo's fleet: its worker (discovery through the emulator's Resource Graph,
+/// members probed in memory) over a sink whose incident objects the engine drives.
+fn start_fleet(
+    sim: &Simulator,
+    engine: &Arc<Engine>,
+    arm: &Arc<ArmClient>,
+    prober: Arc<dyn crate::probe::Prober>,
+    compress: Option<f64>,
+    cfg: &DemoConfig,
+    stop: watch::Receiver<bool>,
+) -> (Arc<fleet_mode::DemoSink>, tokio::task::JoinHandle<()>) {
+    let vms: BTreeMap<String, fleet_mode::SimulatedVm> = sim
+        .vms()
+        .into_iter()
+        .map(|vm| {
+            (
+                vm.name.to_ascii_lowercase(),
+                fleet_mode::SimulatedVm {
+                    fault: vm.faults.first().copied(),
+                    answers_as: vm.answers_as,
+                },
+            )
+        })
+        .collect();
+    let mut subscriptions: Vec<String> = sim.vms().into_iter().map(|vm| vm.subscription).collect();
+    subscriptions.sort();
+    subscriptions.dedup();
+    let expect = cfg
+        .expect
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), *v))
+        .collect();
+    let sink = Arc::new(fleet_mode::DemoSink::new(Arc::clone(engine), vms, expect));
+    let (probe, remediation) = demo_policy(compress);
+    let fleet = fleet_mode::demo_fleet(subscriptions, probe, remediation);
+    let deps = crate::fleet::Deps {
+        graph: Arc::clone(arm) as Arc<dyn crate::azure::ResourceGraph>,
+        prober,
+        sink: Arc::clone(&sink) as Arc<dyn crate::fleet::FleetSink>,
+        max_unreachable_percent: 100,
+        min_fleet_size: 5,
+        probe_concurrency: 64,
+        refusal: None,
+    };
+    let (_spec, spec_rx) = watch::channel(Arc::new(fleet));
+    let worker = tokio::spawn(async move {
+        // The spec's sender lives as long as the worker.
+        let _spec = _spec;
+        crate::fleet::worker::run(deps, spec_rx, stop).await;
+    });
+    (sink, worker)
 }
 
 fn all_settled(state: &State) -> bool {
@@ -364,15 +469,7 @@ fn object_for(
     given: Option<&RdpHealth>,
 ) -> RdpHealth {
     let spec = given.map(|o| o.spec.clone()).unwrap_or_else(|| {
-        let auto = RemediationSpec {
-            mode: RemediationMode::Auto,
-            allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
-            ..RemediationSpec::default()
-        };
-        let (probe, remediation) = match compress {
-            None => (ProbeSpec::default(), auto),
-            Some(speed) => compressed_timers(speed, auto),
-        };
+        let (probe, remediation) = demo_policy(compress);
         RdpHealthSpec {
             vm: VmRef {
                 resource_id: String::new(),
@@ -385,6 +482,20 @@ fn object_for(
         }
     });
     object_with(vm, spec)
+}
+
+/// The demo's policy: `Auto` with the disruptive rungs allowed; with `compress`, the demo's
+/// short timers divided by it, without, the operator's defaults.
+fn demo_policy(compress: Option<f64>) -> (ProbeSpec, RemediationSpec) {
+    let auto = RemediationSpec {
+        mode: RemediationMode::Auto,
+        allowed_disruptive_actions: vec![Rung::ResetNic, Rung::Restart, Rung::Redeploy],
+        ..RemediationSpec::default()
+    };
+    match compress {
+        None => (ProbeSpec::default(), auto),
+        Some(speed) => compressed_timers(speed, auto),
+    }
 }
 
 /// The demo's short probe and ladder timers, divided by `speed`.

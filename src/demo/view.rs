@@ -165,6 +165,21 @@ fn fault_column(t: &super::Tracked) -> String {
     }
 }
 
+/// Prints the demo fleet's counts (after the run).
+pub fn fleet_line(status: &crate::api::RdpHealthFleetStatus) {
+    let d = status.discovery.as_ref();
+    println!(
+        "\nfleet demo/demo: {} members ({} reachable, {} unreachable, {} pending), {} incidents; \
+         discovery took {} Resource Graph request(s)",
+        status.members,
+        status.reachable,
+        status.unreachable,
+        status.pending,
+        status.incidents,
+        d.map_or(0, |d| d.requests)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::fit;

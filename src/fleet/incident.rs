@@ -169,7 +169,8 @@ pub enum Close {
 
 /// Whether the fleet deletes its incident object now: never while a rung is in flight (its
 /// write-ahead intent lives in the object's status); when the VM left the fleet or another
-/// object watches it; or when it has been reachable for `retention`.
+/// object watches it; or when it has been well for `retention`: reachable, no incident open in
+/// its ladder, no expired certificate, not flapping, counted from the last of those changes.
 pub fn close(
     obj: &RdpHealth,
     member_present: bool,
@@ -187,11 +188,32 @@ pub fn close(
     if superseded {
         return Some(Close::Superseded);
     }
-    let view = view_of(obj);
-    let since = view.since?;
-    let held = now.duration_since(since);
+    let status = status?;
+    let reachable = conditions::find(&status.conditions, types::REACHABLE)?;
+    if Status::parse(&reachable.status) != Status::True
+        || status.ladder.incident_started_at.is_some()
+        || certificate_expired(status)
+        || crate::engine::remediate::flapping(&status.recent_probes)
+    {
+        return None;
+    }
+    let quiet_since = [
+        Some(reachable.last_transition_time.0),
+        status.ladder.last_ladder_ended_at.as_ref().map(|t| t.0),
+        status.ladder.history.last().map(|r| r.finished_at.0),
+    ]
+    .into_iter()
+    .flatten()
+    .max()?;
     let retention = k8s_openapi::jiff::SignedDuration::try_from(retention).ok()?;
-    (view.reachable == Status::True && held >= retention).then_some(Close::Recovered)
+    (now.duration_since(quiet_since) >= retention).then_some(Close::Recovered)
+}
+
+/// The object's last probe saw an expired certificate.
+fn certificate_expired(status: &crate::api::RdpHealthStatus) -> bool {
+    conditions::find(&status.conditions, types::CERTIFICATE_VALID).is_some_and(|c| {
+        c.status == "False" && c.reason == crate::api::reasons::CERTIFICATE_EXPIRED
+    })
 }
 
 #[cfg(test)]
@@ -333,6 +355,41 @@ mod tests {
         assert_eq!(
             close(&down, false, false, day, later(1)),
             Some(Close::LeftFleet)
+        );
+        let mut expired = with_reachable("True", t0);
+        if let Some(s) = expired.status.as_mut() {
+            s.conditions.push(Condition {
+                type_: types::CERTIFICATE_VALID.into(),
+                status: "False".into(),
+                reason: crate::api::reasons::CERTIFICATE_EXPIRED.into(),
+                message: String::new(),
+                last_transition_time: Time(t0),
+                observed_generation: None,
+            });
+        }
+        assert_eq!(
+            close(&expired, true, false, day, later(1_000_000)),
+            None,
+            "still in trouble"
+        );
+        let mut flapping = with_reachable("True", t0);
+        if let Some(s) = flapping.status.as_mut() {
+            s.recent_probes = "101010101010".into();
+        }
+        assert_eq!(
+            close(&flapping, true, false, day, later(1_000_000)),
+            None,
+            "flapping"
+        );
+        // Retention counts from the ladder's end when that came later.
+        let mut fixed = with_reachable("True", t0);
+        if let Some(s) = fixed.status.as_mut() {
+            s.ladder.last_ladder_ended_at = Some(Time(later(1000)));
+        }
+        assert_eq!(close(&fixed, true, false, day, later(86_400)), None);
+        assert_eq!(
+            close(&fixed, true, false, day, later(87_400)),
+            Some(Close::Recovered)
         );
         let fresh = incident_object(&fleet(), &vm("rg", "a"), None);
         assert_eq!(

@@ -45,6 +45,33 @@ pub struct Member {
     /// Bumped whenever the member's schedule must restart (address changed, incident closed):
     /// queue entries with another epoch are stale.
     pub epoch: u64,
+    /// The last probes' results, newest in the lowest bit (1 reachable), and how many.
+    recent: u32,
+    recent_len: u8,
+    /// The last probe saw an expired certificate.
+    pub certificate_expired: bool,
+}
+
+/// Why a member needs an incident object: what the ladder acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// Unreachable (failures reached the threshold).
+    Unreachable,
+    /// Reachable, but the probes keep flipping (frequent disconnects).
+    Flapping,
+    /// Reachable with an expired certificate.
+    CertificateExpired,
+}
+
+impl Trouble {
+    /// For the fleet's Event.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Unreachable => "unreachable",
+            Self::Flapping => "flapping (frequent disconnects)",
+            Self::CertificateExpired => "serving an expired certificate",
+        }
+    }
 }
 
 /// What one probe changed.
@@ -69,6 +96,30 @@ impl Member {
             since: None,
             watcher: Watcher::Fleet,
             epoch: 0,
+            recent: 0,
+            recent_len: 0,
+            certificate_expired: false,
+        }
+    }
+
+    /// The last probes as the status's `recentProbes` writes them (oldest first).
+    pub fn recent_probes(&self) -> String {
+        (0..self.recent_len)
+            .rev()
+            .map(|i| if self.recent >> i & 1 == 1 { '1' } else { '0' })
+            .collect()
+    }
+
+    /// What the ladder would act on, if anything: an incident object is due.
+    pub fn trouble(&self) -> Option<Trouble> {
+        if self.reachable == Status::False {
+            Some(Trouble::Unreachable)
+        } else if crate::engine::remediate::flapping(&self.recent_probes()) {
+            Some(Trouble::Flapping)
+        } else if self.certificate_expired {
+            Some(Trouble::CertificateExpired)
+        } else {
+            None
         }
     }
 
@@ -90,6 +141,8 @@ impl Member {
         now: Timestamp,
     ) -> Turn {
         let before = self.reachable;
+        self.recent = (self.recent << 1) | u32::from(reachable);
+        self.recent_len = (self.recent_len + 1).min(20);
         self.streak = self.streak.after(reachable);
         self.reachable = reachable_after(before, self.streak, thresholds);
         if reachable {
@@ -119,6 +172,9 @@ impl Member {
 
     /// Forgets the probes' verdict (after an incident object closed, the fleet starts over).
     pub fn reset(&mut self) {
+        self.recent = 0;
+        self.recent_len = 0;
+        self.certificate_expired = false;
         self.streak = Streak::default();
         self.reachable = Status::Unknown;
         self.reason = None;
@@ -384,6 +440,36 @@ mod tests {
             (m.reachable, m.since, m.reason.clone()),
             (Status::True, None, None)
         );
+    }
+
+    #[test]
+    fn flapping_and_an_expired_certificate_are_trouble_too() {
+        let mut m = Member::new(vm("a", 1));
+        assert_eq!(m.trouble(), None);
+        for (i, ok) in [true, false, true, false, true, false, true, true]
+            .iter()
+            .enumerate()
+        {
+            let reason = (!ok).then(|| "ConnectionClosed".to_owned());
+            m.record(*ok, reason, TH, at(i as i64));
+        }
+        assert_eq!(m.recent_probes(), "10101011");
+        assert_eq!(m.reachable, Status::True, "never three failures in a row");
+        assert_eq!(m.trouble(), Some(Trouble::Flapping));
+        let mut c = Member::new(vm("c", 3));
+        c.record(true, None, TH, at(0));
+        c.certificate_expired = true;
+        assert_eq!(c.trouble(), Some(Trouble::CertificateExpired));
+        for s in 1..=3 {
+            c.record(false, Some("TcpTimeout".into()), TH, at(s));
+        }
+        assert_eq!(
+            c.trouble(),
+            Some(Trouble::Unreachable),
+            "an outage comes first"
+        );
+        c.reset();
+        assert_eq!((c.trouble(), c.recent_probes()), (None, String::new()));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::{
     api::{DiscoveryStatus, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus},
     azure::{AzureResult, Discovery, ResourceGraph},
     engine::{Severity, Status, pascal},
-    probe::{ProbeReport, Prober, Target},
+    probe::{Finding, ProbeReport, Prober, Target},
 };
 
 /// How often incident objects, explicit objects and the status are looked at.
@@ -363,18 +363,22 @@ impl Worker {
             Turn::None
         } else {
             let reason = report.failure.as_ref().map(|f| pascal(f.reason.as_str()));
+            m.certificate_expired = report
+                .findings
+                .iter()
+                .any(|f| matches!(f, Finding::CertificateExpired));
             m.record(report.reachable, reason, thresholds, Timestamp::now())
         };
         let next = probe.interval_after(m.streak.failures, m.reachable == Status::False);
         self.queue
             .push(Reverse((now + next, m.epoch, key.to_owned())));
-        if turn == Turn::Unreachable {
-            debug!(fleet = %self.name(), member = key, "member unreachable");
+        if turn == Turn::Unreachable || m.trouble().is_some() {
+            debug!(fleet = %self.name(), member = key, "member needs an incident");
             self.open_incident(key).await;
         }
     }
 
-    /// Creates the incident object of an unreachable member (idempotent: the name is fixed).
+    /// Creates the incident object of a member in trouble (idempotent: the name is fixed).
     async fn open_incident(&mut self, key: &str) {
         let sink = Arc::clone(&self.deps.sink);
         if !sink.ready() || !sink.may_write() {
@@ -383,9 +387,9 @@ impl Worker {
         let Some(m) = self.members.get(key) else {
             return;
         };
-        if m.watcher != Watcher::Fleet || m.reachable != Status::False {
+        let Some(trouble) = m.trouble().filter(|_| m.watcher == Watcher::Fleet) else {
             return;
-        }
+        };
         let vm = m.vm.clone();
         let hold = self.hold();
         let obj = incident::incident_object(&self.fleet, &vm, hold.as_ref());
@@ -396,12 +400,13 @@ impl Worker {
                     m.watcher = Watcher::Incident(name.clone());
                 }
                 if created == Created::New {
+                    let what = trouble.describe();
                     let note = match &hold {
                         Some(h) => format!(
-                            "{} is unreachable: incident {name} opened on hold ({})",
+                            "{} is {what}: incident {name} opened on hold ({})",
                             vm.vm.name, h.why
                         ),
-                        None => format!("{} is unreachable: incident {name} opened", vm.vm.name),
+                        None => format!("{} is {what}: incident {name} opened", vm.vm.name),
                     };
                     let reason = if hold.is_some() {
                         "IncidentHeld"
@@ -507,7 +512,7 @@ impl Worker {
             let pending: Vec<String> = self
                 .members
                 .iter()
-                .filter(|(_, m)| m.watcher == Watcher::Fleet && m.reachable == Status::False)
+                .filter(|(_, m)| m.watcher == Watcher::Fleet && m.trouble().is_some())
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in pending {

@@ -8,11 +8,12 @@
 //! `| where resourceGroup in~ ('a', 'b')`,
 //! `| where properties.storageProfile.osDisk.osType =~ 'x'`,
 //! `| where name matches regex '(?i)^…$'` (literal characters, `\`-escaped punctuation, `.`
-//! and `.*` only) and per tag the four lines `| mv-expand tagN = tags`,
-//! `| extend tagNKey = tostring(bag_keys(tagN)[0])`,
-//! `| where tagNKey =~ 'k' and tostring(tagN[tagNKey]) == 'v'`,
-//! `| project-away tagN, tagNKey`; then the fixed tail (power state, primary NIC join, public
-//! IP join, projection, `order by id asc`) verbatim. String literals are single-quoted with
+//! and `.*` only) and per tag the two lines
+//! `| extend tagNAt = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'k')`
+//! and `| where tagNAt >= 0 and tostring(tags[tostring(bag_keys(tags)[tagNAt])]) == 'v'`
+//! (the key lower-cased, the value exact); then the fixed tail (power state, primary NIC, NIC
+//! and public IP joins, projection, `order by id asc`) verbatim. String literals are
+//! single-quoted with
 //! `\\`, `\'` and `\"` escapes. Anything else is ARG's 400 `BadRequest` / `InvalidQuery`.
 //! The emulator parses the text itself (it shares nothing with the query builder), so a
 //! builder that emits something else fails its tests.
@@ -37,12 +38,10 @@ use crate::sim::{
 };
 
 /// The lines every query ends with, verbatim.
-const TAIL: [&str; 9] = [
+const TAIL: [&str; 7] = [
     "| extend powerState = tostring(properties.extended.instanceView.powerState.code)",
-    "| mv-expand with_itemindex=nicIndex nic = properties.networkProfile.networkInterfaces",
-    "| extend nicRank = iff(tobool(nic.properties.primary), 0, 1000) + nicIndex",
-    "| summarize arg_min(nicRank, *) by id",
-    "| extend nicId = tolower(tostring(nic.id))",
+    "| extend nics = properties.networkProfile.networkInterfaces",
+    "| extend nicId = tolower(tostring(case(tobool(nics[0].properties.primary), nics[0].id, tobool(nics[1].properties.primary), nics[1].id, tobool(nics[2].properties.primary), nics[2].id, tobool(nics[3].properties.primary), nics[3].id, tobool(nics[4].properties.primary), nics[4].id, tobool(nics[5].properties.primary), nics[5].id, tobool(nics[6].properties.primary), nics[6].id, tobool(nics[7].properties.primary), nics[7].id, nics[0].id)))",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/networkinterfaces' | mv-expand ipconfig = properties.ipConfigurations | where tobool(ipconfig.properties.primary) | project nicId = tolower(id), privateIp = tostring(ipconfig.properties.privateIPAddress), publicIpId = tolower(tostring(ipconfig.properties.publicIPAddress.id))) on nicId",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/publicipaddresses' | project publicIpId = tolower(id), publicIp = tostring(properties.ipAddress)) on publicIpId",
     "| project id, name, resourceGroup, subscriptionId, location, tags, powerState, privateIp, publicIp",
@@ -77,10 +76,13 @@ impl Filter {
                 let name: Vec<char> = vm.name.to_lowercase().chars().collect();
                 glob(p, &name)
             })
-            && self
-                .tags
-                .iter()
-                .all(|(k, v)| vm.tags.iter().any(|(tk, tv)| ci(tk, k) && tv == v))
+            // Each tag name in lower case is compared with the key exactly as sent: the query
+            // must carry it lower-cased.
+            && self.tags.iter().all(|(k, v)| {
+                vm.tags
+                    .iter()
+                    .any(|(tk, tv)| tk.to_lowercase() == *k && tv == v)
+            })
     }
 }
 
@@ -193,24 +195,22 @@ fn parse_query(q: &str) -> Result<Filter, String> {
             f.os_type = Some(os);
         } else if let Some(re) = one_literal(line, "| where name matches regex ", "") {
             f.name = Some(name_pattern(&re).ok_or_else(|| bad(i))?);
-        } else if line == format!("| mv-expand tag{} = tags", f.tags.len()) {
+        } else if let Some(key) = one_literal(
+            line,
+            &format!(
+                "| extend tag{}At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), ",
+                f.tags.len()
+            ),
+            ")",
+        ) {
             let n = f.tags.len();
-            let key_line = format!("| extend tag{n}Key = tostring(bag_keys(tag{n})[0])");
-            let end_line = format!("| project-away tag{n}, tag{n}Key");
-            if lines.get(i + 1) != Some(&key_line.as_str())
-                || lines.get(i + 3) != Some(&end_line.as_str())
-            {
-                return Err(bad(i));
-            }
-            let cond = lines.get(i + 2).ok_or_else(|| bad(i))?;
-            let (k, rest) = cond
-                .strip_prefix(&format!("| where tag{n}Key =~ "))
-                .and_then(literal)
-                .ok_or_else(|| bad(i + 2))?;
-            let v = one_literal(rest, &format!(" and tostring(tag{n}[tag{n}Key]) == "), "")
-                .ok_or_else(|| bad(i + 2))?;
-            f.tags.push((k, v));
-            i += 3;
+            let cond = lines.get(i + 1).ok_or_else(|| bad(i))?;
+            let prefix = format!(
+                "| where tag{n}At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag{n}At])]) == "
+            );
+            let value = one_literal(cond, &prefix, "").ok_or_else(|| bad(i + 1))?;
+            f.tags.push((key, value));
+            i += 1;
         } else {
             return Err(bad(i));
         }
@@ -461,10 +461,8 @@ mod tests {
             r"| where resourceGroup in~ ('rg-a', 'it\'s')",
             "| where properties.storageProfile.osDisk.osType =~ 'Windows'",
             r"| where name matches regex '(?i)^web\\-.*$'",
-            "| mv-expand tag0 = tags",
-            "| extend tag0Key = tostring(bag_keys(tag0)[0])",
-            r"| where tag0Key =~ 'env' and tostring(tag0[tag0Key]) == 'a\\b'",
-            "| project-away tag0, tag0Key",
+            "| extend tag0At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'env')",
+            r"| where tag0At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag0At])]) == 'a\\b'",
         ]))
         .unwrap();
         assert_eq!(f.groups, Some(vec!["rg-a".to_owned(), "it's".to_owned()]));
@@ -491,7 +489,13 @@ mod tests {
             query(&[r"| where name matches regex '(?i)^a|b$'"]),
             query(&[r"| where name matches regex '^a$'"]),
             query(&["| where properties.storageProfile.osDisk.osType =~ 'W' | take 1"]),
-            query(&["| mv-expand tag0 = tags"]),
+            query(&[
+                "| extend tag0At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'env')",
+            ]),
+            query(&[
+                "| extend tag1At = array_index_of(split(tolower(strcat_array(bag_keys(tags), '/')), '/'), 'env')",
+                "| where tag1At >= 0 and tostring(tags[tostring(bag_keys(tags)[tag1At])]) == 'x'",
+            ]),
             "Resources | take 1".to_owned(),
             query(&[]).replace("| order by id asc", "| order by name asc"),
             format!("{}\n| take 1", query(&[])),
