@@ -391,6 +391,30 @@ impl Metrics {
             .insert(key.clone());
     }
 
+    /// Drops an object's series: another replica probes it now (its shard moved).
+    pub fn forget_object(&self, key: &ObjectKey) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        if tracked.remove(key) {
+            self.remove_series(key);
+        }
+    }
+
+    fn remove_series(&self, key: &ObjectKey) {
+        let labels = [key.namespace.as_str(), key.name.as_str()];
+        // Absent series are fine: an object may never have had a certificate.
+        let _ = self.vm_reachable.remove_label_values(&labels);
+        let _ = self.certificate_expiry.remove_label_values(&labels);
+        let _ = self.unreachable_since.remove_label_values(&labels);
+        let _ = self.ladder_rung.remove_label_values(&labels);
+        for kind in FINDING_KINDS {
+            let _ = self.findings.remove_label_values(&[
+                key.namespace.as_str(),
+                key.name.as_str(),
+                kind,
+            ]);
+        }
+    }
+
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, reason: &'static str) {
         self.reconcile_errors.with_label_values(&[reason]).inc();
@@ -413,19 +437,7 @@ impl Metrics {
             if live.contains(key) {
                 return true;
             }
-            let labels = [key.namespace.as_str(), key.name.as_str()];
-            // Absent series are fine: an object may never have had a certificate.
-            let _ = self.vm_reachable.remove_label_values(&labels);
-            let _ = self.certificate_expiry.remove_label_values(&labels);
-            let _ = self.unreachable_since.remove_label_values(&labels);
-            let _ = self.ladder_rung.remove_label_values(&labels);
-            for kind in FINDING_KINDS {
-                let _ = self.findings.remove_label_values(&[
-                    key.namespace.as_str(),
-                    key.name.as_str(),
-                    kind,
-                ]);
-            }
+            self.remove_series(key);
             false
         });
         for phase in Phase::ALL {
@@ -629,6 +641,13 @@ mod tests {
         assert!(text.contains(r#"rdphealth_probe_failures_total{reason="tcp_refused"} 1"#));
         assert!(text.contains(r#"rdphealth_probe_duration_seconds_count{result="reachable"} 1"#));
         assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 1"#));
+
+        // A shard that moved to another replica: the object still exists, its series go.
+        m.forget_object(&key("vm-1"));
+        let text = m.render().unwrap();
+        assert!(!text.contains(r#"name="vm-1""#), "{text}");
+        m.object_status(&key("vm-1"), &out.status);
+        assert!(m.render().unwrap().contains(r#"name="vm-1""#));
 
         m.sync_inventory(&Fixed(vec![]));
         let text = m.render().unwrap();

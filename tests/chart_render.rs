@@ -216,12 +216,48 @@ fn leader_election_renders_a_lease_role_and_rolling_updates() {
 }
 
 #[test]
+fn shards_render_the_setting_and_a_lease_rule_for_every_shard() {
+    let helm = helm();
+    let objects = render(&helm, &[Path::new("sharded-values.yaml")]);
+    let deployment = one(&objects, "Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(
+        env_value(deployment, "RDPHEALTH_SHARDS").unwrap()["value"],
+        "auto"
+    );
+    let role = one(&objects, "Role");
+    let rules = role["rules"].as_array().unwrap();
+    let shards = rules
+        .iter()
+        .find(|r| r["verbs"] == json!(["get", "list", "update"]))
+        .unwrap();
+    assert_eq!(shards["resources"], json!(["leases"]));
+    assert!(shards.get("resourceNames").is_none());
+    // Without shards: no such rule, no setting.
+    let objects = render(&helm, &[Path::new("leader-election-values.yaml")]);
+    assert!(env_value(one(&objects, "Deployment"), "RDPHEALTH_SHARDS").is_none());
+    let role = one(&objects, "Role");
+    assert!(
+        role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["verbs"] != json!(["get", "list", "update"]))
+    );
+}
+
+#[test]
 fn more_replicas_without_leader_election_fail_to_render() {
     let helm = helm();
     let dir = std::env::temp_dir().join(format!("rdphealth-chart-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let cases = [
         ("replicas.yaml", "replicaCount: 2\n", "leaderElection"),
+        (
+            "shards.yaml",
+            "leaderElection:\n  shards: auto\n",
+            "leaderElection.shards needs leaderElection.enabled",
+        ),
         (
             "two-credentials.yaml",
             "azure:\n  clientSecret:\n    existingSecret: azure\n    clientId: 00000000-1111-2222-3333-444444444444\n    tenantId: 00000000-1111-2222-3333-444444444444\n",

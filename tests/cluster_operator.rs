@@ -18,23 +18,18 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::SocketAddr, process::Command, time::Duration};
 
-use common::k8s::{self, ControlPlane, Process};
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Namespace, events::v1::Event};
+use common::{
+    k8s::{self, ControlPlane},
+    operator::{self, Operator, control_plane, install_crd, namespace, rdph_api, root},
+};
+use k8s_openapi::api::{coordination::v1::Lease, events::v1::Event};
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject, ListParams, ObjectMeta, PostParams},
+    api::{DynamicObject, ListParams, PostParams},
 };
-use rdphealth::{
-    api::{CRD_FILE, RdpHealth},
-    sim::{Scenario, Simulator},
-};
+use rdphealth::sim::{Scenario, Simulator};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -42,84 +37,13 @@ const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
 const RELEASE_NS: &str = "rdphealth-system";
 const CHART: &str = "charts/rdphealth-operator";
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The shared control plane with the CRD installed.
-fn control_plane() -> &'static ControlPlane {
-    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    let cp = ControlPlane::shared();
-    READY.get_or_init(|| install_crd(cp));
-    cp
-}
-
-fn install_crd(cp: &ControlPlane) {
-    let crd = root().join("crds").join(CRD_FILE);
-    cp.kubectl(&["apply", "--server-side", "-f", crd.to_str().unwrap()]);
-    cp.wait_established("rdphealths.rdphealth.io");
-}
-
 fn scenario(timing: &str, vms: &str) -> Scenario {
-    let yaml = format!(
-        r#"
-timing: {{ {timing} }}
-subscriptions:
-  - id: {SUB}
-    resourceGroups:
-      - name: rg
-        location: westeurope
-        networkSecurityGroups:
-          - name: nsg
-            rules:
-              # The objects probe the responders' loopback ports, so the rule allows every port.
-              - {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "*" }}
-        virtualNetworks:
-          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg }} ] }}
-        vms:
-          - {vms}
-"#
-    );
-    Scenario::from_yaml(&yaml).unwrap()
+    operator::scenario(SUB, timing, vms)
 }
 
 /// An `RdpHealth` for simulated VM `vm`, probed at its loopback responder.
 fn rdphealth(name: &str, vm: &str, rdp: SocketAddr, remediation: Value) -> DynamicObject {
-    serde_json::from_value(json!({
-        "apiVersion": "rdphealth.io/v1alpha1",
-        "kind": "RdpHealth",
-        "metadata": {"name": name},
-        "spec": {
-            "vm": {"resourceId": format!("/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/{vm}")},
-            "endpoint": {"host": rdp.ip().to_string(), "port": rdp.port()},
-            "probe": {
-                "interval": "1s", "unhealthyInterval": "300ms", "timeout": "250ms",
-                "failureThreshold": 2, "successThreshold": 1,
-            },
-            "remediation": remediation,
-        },
-    }))
-    .unwrap()
-}
-
-async fn namespace(client: &Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-}
-
-fn rdph_api(client: &Client, ns: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client.clone(), ns, &ApiResource::erase::<RdpHealth>(&()))
+    operator::rdphealth(SUB, name, vm, rdp, remediation)
 }
 
 /// Polls the object's status until `f` holds (a watch would do as well; polling keeps the
@@ -159,67 +83,6 @@ async fn events(client: &Client, ns: &str, name: &str, reason: &str) -> usize {
                 && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
         })
         .count()
-}
-
-/// `rdphealth run` as a process, stopped by PID when dropped.
-struct Operator {
-    process: Process,
-    http: SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Operator {
-    fn start(
-        cp: &ControlPlane,
-        kubeconfig: &Path,
-        sim: &Simulator,
-        identity: &str,
-        args: &[&str],
-        env: &[(String, String)],
-    ) -> Self {
-        let http: SocketAddr = format!("127.0.0.1:{}", k8s::free_port()).parse().unwrap();
-        let log = cp.dir().join(format!("operator-{identity}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rdphealth"));
-        cmd.arg("run")
-            .args(["--metrics-addr", &http.to_string()])
-            .args(["--identity", identity])
-            .args(["--azure-endpoint", &sim.arm_url()])
-            .args(["--probe-source-address", "203.0.113.10"])
-            .args(["--disruptive-grace", "0s"])
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("KUBECONFIG", kubeconfig)
-            .env("RDPHEALTH_AZURE_STATIC_TOKEN", "sim")
-            .env("RUST_LOG", "rdphealth=debug,kube=info")
-            .env("RDPHEALTH_LOG_FORMAT", "json")
-            .env_remove("RDPHEALTH_E2E_KUBECONFIG")
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file));
-        let process = Process::spawn(&format!("operator {identity}"), cmd, Some(&cp.pids_file()));
-        Self { process, http, log }
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !matches!(common::http_get(self.http, "/readyz").await, Ok((200, _))) {
-            if let Some(status) = self.process.exited() {
-                panic!("operator exited ({status}):\n{}", self.log_text());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "operator never became ready:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_text(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
 }
 
 /// What the chart ships for a release with leader election on, rendered by `helm template`.

@@ -578,6 +578,10 @@ pub struct RdpHealthStatus {
     /// Whom the endpoint answered as, from the last identity step (NTLM CHALLENGE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityStatus>,
+    /// With shards across replicas (`--shards`): the replica that wrote this status (it held
+    /// the object's shard then). Absent with a single leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_by: Option<String>,
 }
 
 /// The computer behind the endpoint, from the server's NTLM CHALLENGE (no credentials used).

@@ -42,7 +42,14 @@ pub struct RunArgs {
     /// Elect a leader through a coordination.k8s.io Lease (needed with more than one replica).
     #[arg(long, env = "RDPHEALTH_LEADER_ELECTION", default_value_t = false)]
     pub leader_election: bool,
-    /// Name of the Lease.
+    /// Shards across replicas: `auto` (16 shards) or a number (1 to 256). Each replica holds
+    /// a fair share of the shards through one Lease per shard (`<lease-name>-shard-<n>`) and
+    /// probes, writes status and remediates only the objects of its shards (an object's shard:
+    /// FNV-1a 64 of its UID finalized with MurmurHash3's fmix64, modulo the number of shards). Implies Lease-based coordination
+    /// (`--leader-election` need not be given). Unset: one Lease, one leader.
+    #[arg(long, env = "RDPHEALTH_SHARDS", value_parser = parse_shards)]
+    pub shards: Option<u32>,
+    /// Name of the Lease (with `--shards`, the prefix of the shards' Leases).
     #[arg(
         long,
         env = "RDPHEALTH_LEASE_NAME",
@@ -119,6 +126,20 @@ pub struct RunArgs {
     pub status_heartbeat: std::time::Duration,
 }
 
+/// `--shards`: `auto` or a number of shards.
+fn parse_shards(value: &str) -> Result<u32, String> {
+    if value.trim().eq_ignore_ascii_case("auto") {
+        return Ok(controller::AUTO_SHARDS);
+    }
+    match value.trim().parse::<u32>() {
+        Ok(n) if (1..=controller::MAX_SHARDS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "expected `auto` or a number of shards from 1 to {}",
+            controller::MAX_SHARDS
+        )),
+    }
+}
+
 /// Errors of `rdphealth run`.
 #[derive(Debug, thiserror::Error)]
 pub enum RunCommandError {
@@ -173,8 +194,9 @@ impl RunArgs {
         Settings {
             namespace: self.namespace.clone(),
             concurrency: self.concurrency,
+            shards: self.shards,
             fleet_probe_concurrency: usize::from(self.fleet_probe_concurrency),
-            lease: self.leader_election.then(|| LeaseSettings {
+            lease: (self.leader_election || self.shards.is_some()).then(|| LeaseSettings {
                 name: self.lease_name.clone(),
                 namespace: self.lease_namespace.clone(),
                 identity: identity.clone(),
@@ -299,5 +321,21 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("SIGINT received"),
         () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_auto_or_a_bounded_number() {
+        assert_eq!(parse_shards("auto"), Ok(controller::AUTO_SHARDS));
+        assert_eq!(parse_shards("AUTO"), Ok(controller::AUTO_SHARDS));
+        assert_eq!(parse_shards("16"), Ok(16));
+        assert_eq!(parse_shards("1"), Ok(1));
+        for bad in ["0", "257", "-1", "many", ""] {
+            assert!(parse_shards(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -12,6 +12,8 @@ pub struct Context {
     pub(super) seams: Seams,
     pub(super) metrics: Arc<Metrics>,
     pub(super) leadership: Leadership,
+    /// This replica's name (Events' reporting instance, `status.observedBy` with shards).
+    pub(super) instance: Option<String>,
     /// Failed reconciles in a row, per object (exponential backoff).
     pub(super) failures: Mutex<HashMap<ObjectKey, u32>>,
     /// The remediation stage, when Azure is configured.
@@ -43,13 +45,14 @@ impl Context {
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
-            instance,
+            instance: instance.clone(),
         };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
             leadership,
+            instance,
             failures: Mutex::new(HashMap::new()),
             remediator: None,
             store: None,
@@ -108,6 +111,18 @@ impl Context {
             ))),
             leadership: Arc::new(self.leadership.clone()),
         });
+        self
+    }
+
+    /// Claims disruptive slots through `shared` too (with shards), so that the cap holds
+    /// across replicas. Call right after [`Self::with_remediation`].
+    pub fn with_shared_claims(
+        mut self,
+        shared: Option<Arc<dyn crate::engine::remediate::SharedClaims>>,
+    ) -> Self {
+        if let (Some(shared), Some(r)) = (shared, self.remediator.as_mut()) {
+            r.fleet = Arc::new(Fleet::new(*r.fleet.policy()).with_shared_claims(shared));
+        }
         self
     }
 

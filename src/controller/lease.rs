@@ -16,6 +16,9 @@
 //!
 //! [`Leadership::current`] gives the term (holder, `leaseTransitions`) at the moment of the
 //! call; the ladder asks it right before every intent write and every Azure write.
+//!
+//! With shards ([`super::shards`]) the same rules hold for each shard's Lease, and a
+//! [`Leadership`] scoped to one object answers for that object's shard only.
 
 use std::time::Instant;
 
@@ -29,16 +32,31 @@ use super::*;
 use crate::ladder::LeaseTerm as Term;
 
 #[derive(Debug, Clone)]
-struct Held {
-    term: Term,
+pub(super) struct Held {
+    pub(super) term: Term,
     /// Leadership ends here unless renewed (monotonic clock).
-    until: Instant,
+    pub(super) until: Instant,
 }
 
+impl Held {
+    pub(super) fn valid(&self, now: Instant) -> bool {
+        now < self.until
+    }
+}
+
+/// What each Lease this replica campaigns for gives it: one entry per Lease (one without
+/// shards, one per shard with them).
+pub(super) type Terms = Vec<Option<Held>>;
+
 /// Whether this replica holds the Lease, checked at the moment of the question. Every replica
-/// probes; only the leader writes status and acts.
+/// probes; only the leader writes status and acts. With shards, a handle scoped to an object
+/// ([`Leadership::for_object`]) answers for the Lease of that object's shard.
 #[derive(Debug, Clone)]
-pub struct Leadership(Option<watch::Receiver<Option<Held>>>);
+pub struct Leadership {
+    terms: Option<watch::Receiver<Terms>>,
+    /// With shards: how many, and the shard this handle answers for (`None`: no object's).
+    sharded: Option<(u32, Option<u32>)>,
+}
 
 impl crate::engine::remediate::LeaderCheck for Leadership {
     fn term(&self) -> Option<Term> {
@@ -49,27 +67,101 @@ impl crate::engine::remediate::LeaderCheck for Leadership {
 impl Leadership {
     /// Leadership without election (one replica): always the leader.
     pub fn always() -> Self {
-        Self(None)
+        Self {
+            terms: None,
+            sharded: None,
+        }
+    }
+
+    /// Leadership over one Lease (leader election).
+    pub(super) fn elected(terms: watch::Receiver<Terms>) -> Self {
+        Self {
+            terms: Some(terms),
+            sharded: None,
+        }
+    }
+
+    /// Leadership over `shards` Leases, one per shard.
+    pub(super) fn sharded(terms: watch::Receiver<Terms>, shards: u32) -> Self {
+        Self {
+            terms: Some(terms),
+            sharded: Some((shards.max(1), None)),
+        }
+    }
+
+    /// The number of shards, when objects are sharded.
+    pub fn shards(&self) -> Option<u32> {
+        self.sharded.map(|(n, _)| n)
+    }
+
+    /// The handle that answers for the object with this UID: its shard's Lease with shards,
+    /// this replica's leadership without.
+    pub fn for_object(&self, uid: &str) -> Self {
+        let mut scoped = self.clone();
+        if let Some((n, scope)) = &mut scoped.sharded {
+            *scope = Some(super::shards::shard_of(uid, *n));
+        }
+        scoped
+    }
+
+    /// The handle for work done once for all replicas rather than per object (the fleets'
+    /// discovery): with shards, the holder of shard 0 does it; without, the leader.
+    pub fn for_singletons(&self) -> Self {
+        let mut scoped = self.clone();
+        if let Some((_, scope)) = &mut scoped.sharded {
+            *scope = Some(0);
+        }
+        scoped
     }
 
     /// The current term, or `None` when this replica is not (or no longer provably) the
-    /// leader.
+    /// leader; with shards, of the scoped object's shard (`None` for an unscoped handle).
     pub fn current(&self) -> Option<Term> {
-        let Some(rx) = &self.0 else {
+        let Some(rx) = &self.terms else {
             return Some(Term {
                 holder: None,
                 transitions: 0,
             });
         };
-        let held = rx.borrow();
-        held.as_ref()
-            .filter(|h| Instant::now() < h.until)
+        let index = match self.sharded {
+            None => 0,
+            Some((_, Some(shard))) => shard as usize,
+            Some((_, None)) => return None,
+        };
+        let terms = rx.borrow();
+        terms
+            .get(index)
+            .and_then(Option::as_ref)
+            .filter(|h| h.valid(Instant::now()))
             .map(|h| h.term.clone())
     }
 
-    /// True while this replica holds the Lease.
+    /// True while this replica holds the Lease (with shards: the scoped object's shard).
     pub fn is_leader(&self) -> bool {
         self.current().is_some()
+    }
+
+    /// True while this replica holds any Lease (the Lease, or at least one shard).
+    pub fn holds_any(&self) -> bool {
+        let Some(rx) = &self.terms else {
+            return true;
+        };
+        let now = Instant::now();
+        rx.borrow().iter().flatten().any(|h| h.valid(now))
+    }
+
+    /// The shards this replica holds now (empty without shards).
+    pub fn held_shards(&self) -> Vec<u32> {
+        let (Some(rx), Some(_)) = (&self.terms, self.sharded) else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        rx.borrow()
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.as_ref().is_some_and(|h| h.valid(now)))
+            .filter_map(|(i, _)| u32::try_from(i).ok())
+            .collect()
     }
 }
 
@@ -92,12 +184,20 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
-    fn duration(&self) -> Duration {
+    /// The same settings for the Lease `name`.
+    pub(super) fn named(&self, name: String) -> Self {
+        Self {
+            name,
+            ..self.clone()
+        }
+    }
+
+    pub(super) fn duration(&self) -> Duration {
         Duration::from_secs(self.duration_seconds.max(2))
     }
 
     /// How long one successful renewal keeps this replica the leader.
-    fn renew_deadline(&self) -> Duration {
+    pub(super) fn renew_deadline(&self) -> Duration {
         let grace = Duration::from_secs(self.grace_seconds.max(1));
         self.duration()
             .saturating_sub(grace)
@@ -106,14 +206,14 @@ impl LeaseSettings {
     }
 
     /// How often the holder renews and candidates try.
-    fn retry(&self) -> Duration {
+    pub(super) fn retry(&self) -> Duration {
         (self.renew_deadline() / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))
     }
 }
 
 /// What a candidate remembers of the Lease record between rounds.
 #[derive(Debug, Default)]
-struct Observed {
+pub(super) struct Observed {
     /// The record as last seen (holder, renew time, transitions).
     record: Option<(Option<String>, Option<String>, i32)>,
     /// When that record was first seen unchanged (this replica's clock).
@@ -122,7 +222,7 @@ struct Observed {
 
 impl Observed {
     /// Notes `lease`'s record; returns how long it has been seen unchanged.
-    fn see(&mut self, spec: &LeaseSpec, now: Instant) -> Duration {
+    pub(super) fn see(&mut self, spec: &LeaseSpec, now: Instant) -> Duration {
         let record = (
             spec.holder_identity.clone(),
             spec.renew_time.as_ref().map(|t| t.0.to_string()),
@@ -138,7 +238,7 @@ impl Observed {
 
 /// The outcome of one acquire-or-renew round.
 #[derive(Debug)]
-enum Round {
+pub(super) enum Round {
     /// This replica holds the Lease (its `leaseTransitions`).
     Holding(i32),
     /// Another replica holds it.
@@ -146,7 +246,7 @@ enum Round {
 }
 
 /// One election round: create the Lease, renew it, or take it over once expired.
-async fn round(
+pub(super) async fn round(
     api: &Api<Lease>,
     settings: &LeaseSettings,
     observed: &mut Observed,
@@ -211,7 +311,7 @@ async fn round(
 }
 
 /// Gives the Lease up (on shutdown) so another replica need not wait for it to expire.
-async fn give_up(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube::Error> {
+pub(super) async fn give_up(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube::Error> {
     let Some(mut lease) = api.get_opt(&settings.name).await? else {
         return Ok(());
     };
@@ -229,45 +329,72 @@ async fn give_up(api: &Api<Lease>, settings: &LeaseSettings) -> Result<(), kube:
         .map(|_| ())
 }
 
+/// One acquire-or-renew round on `settings`' Lease, bounded by the renew deadline: the term
+/// it gives (`Some(None)`: another replica holds it), or `None` when the round failed (a
+/// term held before lapses by itself at its deadline; nothing to undo).
+pub(super) async fn attempt(
+    api: &Api<Lease>,
+    settings: &LeaseSettings,
+    observed: &mut Observed,
+) -> Option<Option<Held>> {
+    let sent = Instant::now();
+    match tokio::time::timeout(settings.renew_deadline(), round(api, settings, observed)).await {
+        Ok(Ok(Round::Holding(transitions))) => Some(Some(Held {
+            term: Term {
+                holder: Some(settings.identity.clone()),
+                transitions,
+            },
+            until: sent + settings.renew_deadline(),
+        })),
+        Ok(Ok(Round::Standby)) => Some(None),
+        Ok(Err(e)) => {
+            warn!(error = %e, lease = %settings.name, "failed to renew or acquire the lease");
+            None
+        }
+        Err(_) => {
+            warn!(lease = %settings.name, "renewing the lease timed out");
+            None
+        }
+    }
+}
+
+/// Gives up every Lease in `terms` that was held (on shutdown), after publishing that none is.
+pub(super) async fn give_up_all(
+    api: &Api<Lease>,
+    settings: &[LeaseSettings],
+    tx: &watch::Sender<Terms>,
+) {
+    let held = tx.send_replace(vec![None; settings.len()]);
+    for (settings, held) in settings.iter().zip(held) {
+        if held.is_none() {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), give_up(api, settings)).await {
+            Ok(Ok(())) => info!(lease = %settings.name, "lease released"),
+            Ok(Err(e)) => warn!(error = %e, lease = %settings.name, "failed to release the lease"),
+            Err(_) => warn!(lease = %settings.name, "timed out releasing the lease"),
+        }
+    }
+}
+
 /// Campaigns for the Lease until `stop` fires, publishing each term.
 async fn campaign(
     api: Api<Lease>,
     settings: LeaseSettings,
-    tx: watch::Sender<Option<Held>>,
+    tx: watch::Sender<Terms>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut observed = Observed::default();
     let mut was_leader = false;
     loop {
-        let sent = Instant::now();
-        let result = tokio::time::timeout(
-            settings.renew_deadline(),
-            round(&api, &settings, &mut observed),
-        )
-        .await;
-        match result {
-            Ok(Ok(Round::Holding(transitions))) => {
-                tx.send_replace(Some(Held {
-                    term: Term {
-                        holder: Some(settings.identity.clone()),
-                        transitions,
-                    },
-                    until: sent + settings.renew_deadline(),
-                }));
-            }
-            Ok(Ok(Round::Standby)) => {
-                tx.send_replace(None);
-            }
-            // Leadership lapses by itself at its deadline; nothing to undo here.
-            Ok(Err(e)) => {
-                warn!(error = %e, lease = %settings.name, "failed to renew or acquire the lease")
-            }
-            Err(_) => warn!(lease = %settings.name, "renewing the lease timed out"),
+        if let Some(held) = attempt(&api, &settings, &mut observed).await {
+            tx.send_replace(vec![held]);
         }
         let leader = tx
             .borrow()
-            .as_ref()
-            .is_some_and(|h| Instant::now() < h.until);
+            .iter()
+            .flatten()
+            .any(|h| h.valid(Instant::now()));
         if leader != was_leader {
             info!(identity = %settings.identity, leader, "leadership changed");
             was_leader = leader;
@@ -277,29 +404,22 @@ async fn campaign(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    let held = tx.send_replace(None).is_some();
-    if held {
-        match tokio::time::timeout(Duration::from_secs(5), give_up(&api, &settings)).await {
-            Ok(Ok(())) => info!("lease released"),
-            Ok(Err(e)) => warn!(error = %e, "failed to release the lease"),
-            Err(_) => warn!("timed out releasing the lease"),
-        }
-    }
+    give_up_all(&api, std::slice::from_ref(&settings), &tx).await;
 }
 
 /// Starts campaigning for the Lease; leadership follows from the first round on.
 pub(super) fn elect(client: &Client, lease: &LeaseSettings) -> (Leadership, LeaseTask) {
     let api: Api<Lease> = Api::namespaced(client.clone(), &lease.namespace);
-    let (tx, rx) = watch::channel(None);
+    let (tx, rx) = watch::channel(vec![None]);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(campaign(api, lease.clone(), tx, stopped));
-    (Leadership(Some(rx)), LeaseTask { task, stop })
+    (Leadership::elected(rx), LeaseTask { task, stop })
 }
 
 /// The running campaign.
 pub(super) struct LeaseTask {
-    task: tokio::task::JoinHandle<()>,
-    stop: watch::Sender<bool>,
+    pub(super) task: tokio::task::JoinHandle<()>,
+    pub(super) stop: watch::Sender<bool>,
 }
 
 impl LeaseTask {
@@ -341,25 +461,66 @@ mod tests {
 
     #[test]
     fn leadership_lapses_at_its_deadline_without_a_renewal() {
-        let (tx, rx) = watch::channel(None);
-        let leadership = Leadership(Some(rx));
+        let (tx, rx) = watch::channel(vec![None]);
+        let leadership = Leadership::elected(rx);
         assert!(!leadership.is_leader());
         let term = Term {
             holder: Some("me".into()),
             transitions: 3,
         };
-        tx.send_replace(Some(Held {
+        tx.send_replace(vec![Some(Held {
             term: term.clone(),
             until: Instant::now() + Duration::from_secs(60),
-        }));
+        })]);
         assert_eq!(leadership.current(), Some(term.clone()));
         // The same term, past its deadline (as for a replica stalled since its last renewal).
-        tx.send_replace(Some(Held {
+        tx.send_replace(vec![Some(Held {
             term,
             until: Instant::now(),
-        }));
+        })]);
         assert!(!leadership.is_leader());
         assert!(Leadership::always().is_leader());
+    }
+
+    #[test]
+    fn a_sharded_handle_answers_only_for_its_objects_shard() {
+        let (tx, rx) = watch::channel(vec![None; 4]);
+        let leadership = Leadership::sharded(rx, 4);
+        let uid = "6f1d2c1e-3b4a-4c5d-9e8f-0a1b2c3d4e5f";
+        let shard = super::super::shards::shard_of(uid, 4) as usize;
+        let scoped = leadership.for_object(uid);
+        assert!(!scoped.is_leader() && !leadership.holds_any());
+        let term = |n: i32| Held {
+            term: Term {
+                holder: Some("me".into()),
+                transitions: n,
+            },
+            until: Instant::now() + Duration::from_secs(60),
+        };
+        // Another shard held: this object's is not.
+        tx.send_modify(|t| t[(shard + 1) % 4] = Some(term(1)));
+        assert!(!scoped.is_leader());
+        assert!(leadership.holds_any());
+        assert_eq!(leadership.current(), None, "an unscoped handle never acts");
+        tx.send_modify(|t| t[shard] = Some(term(7)));
+        assert_eq!(scoped.current().map(|t| t.transitions), Some(7));
+        assert_eq!(leadership.held_shards().len(), 2);
+        // Shed: acting stops at once.
+        tx.send_modify(|t| t[shard] = None);
+        assert!(!scoped.is_leader());
+        // Work done once for all replicas goes with shard 0.
+        tx.send_modify(|t| t[0] = Some(term(3)));
+        assert_eq!(
+            leadership.for_singletons().current().map(|t| t.transitions),
+            Some(3)
+        );
+        tx.send_modify(|t| t[0] = None);
+        assert!(!leadership.for_singletons().is_leader());
+        // Without shards, every object answers with the one Lease.
+        let (_tx, rx) = watch::channel(vec![Some(term(2))]);
+        let elected = Leadership::elected(rx);
+        assert_eq!(elected.for_object(uid).current(), elected.current());
+        assert!(elected.is_leader());
     }
 
     #[test]

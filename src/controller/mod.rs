@@ -9,11 +9,13 @@
 //! election; this file wires them into a running controller.
 
 mod canary;
+mod claims;
 mod context;
 mod fleet;
 mod lease;
 mod memory;
 mod reconcile;
+mod shards;
 mod status;
 mod tenancy;
 #[cfg(test)]
@@ -67,12 +69,13 @@ use crate::{
     probe::{Failure, FailureReason, Prober, Target},
 };
 
+pub use claims::{CLAIMS_ANNOTATION, Claim, LeaseClaims, Ledger};
 pub use context::Context;
 use fleet::FleetCounts;
-use lease::elect;
 pub use lease::{Leadership, LeaseSettings};
 use memory::ProbeMemory;
 pub use reconcile::{error_policy, reconcile};
+pub use shards::{AUTO_SHARDS, MAX_SHARDS, shard_of};
 
 /// The annotation that holds every rung (`"true"`).
 pub const PAUSE_ANNOTATION: &str = "rdphealth.io/pause";
@@ -152,6 +155,9 @@ pub struct Settings {
     pub concurrency: u16,
     /// Leader election, or `None` for a single replica.
     pub lease: Option<LeaseSettings>,
+    /// Shards across replicas (`--shards`): this many shards, one Lease each named from
+    /// `lease`'s name; `None`: one Lease, one leader.
+    pub shards: Option<u32>,
     /// This replica's name, shown as the reporting instance of Events.
     pub instance: Option<String>,
     /// Fleet-wide remediation limits.
@@ -176,6 +182,7 @@ impl Default for Settings {
             namespace: None,
             concurrency: 16,
             lease: None,
+            shards: None,
             instance: None,
             fleet: FleetPolicy::default(),
             probe_source: None,
@@ -313,13 +320,7 @@ pub async fn run(
     if let Some(azure) = &seams.azure {
         metrics.register_azure(azure).map_err(RunError::Metrics)?;
     }
-    let (leadership, lease_task) = match &settings.lease {
-        Some(lease) => {
-            let (leadership, task) = elect(&client, lease);
-            (leadership, Some(task))
-        }
-        None => (Leadership::always(), None),
-    };
+    let (leadership, lease_task, acquired) = shards::leadership_for(&client, &settings);
     let api: Api<DeserializeGuard<RdpHealth>> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -337,6 +338,7 @@ pub async fn run(
         tenancy::follow_namespaces(controller, &client, &store, settings.tenancy.as_ref());
     let controller =
         controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
+    let controller = shards::reconcile_when_acquired(controller, acquired);
     let ready_flag = Arc::clone(&ready);
     let state = HttpState {
         metrics: Arc::clone(&metrics),
@@ -349,6 +351,7 @@ pub async fn run(
     }));
 
     let remediation = seams.azure.is_some();
+    let client_for_claims = client.clone();
     let ctx = Arc::new(
         Context::new(
             client,
@@ -358,6 +361,7 @@ pub async fn run(
             settings.instance.clone(),
         )
         .with_remediation(settings.fleet, settings.probe_source)
+        .with_shared_claims(shards::shared_claims(&client_for_claims, &settings))
         .with_store(store)
         .with_memory(memory)
         .with_fleet_counts(fleet)
@@ -433,7 +437,8 @@ fn fleets(
         ctx.client.clone(),
         store,
         Arc::clone(ready),
-        ctx.leadership.clone(),
+        // With shards, fleets are discovered by the holder of shard 0 only.
+        ctx.leadership.for_singletons(),
         settings.instance.clone(),
         Arc::clone(&metrics),
     );

@@ -31,8 +31,15 @@ pub(super) async fn reconcile_object(
     ctx: &Context,
 ) -> Result<Action, Error> {
     let now = Timestamp::now();
-    let leader = ctx.leadership.is_leader();
+    // With shards, the Lease of this object's shard; without, this replica's leadership.
+    let leadership = ctx
+        .leadership
+        .for_object(stored.metadata.uid.as_deref().unwrap_or(&key.name));
+    let leader = leadership.is_leader();
     let id = memory_id(&stored.metadata).ok_or(Error::MissingKey)?;
+    if ctx.leadership.shards().is_some() && !leader {
+        return Ok(skip_unheld_shard(ctx, key, &id));
+    }
     let remembered = ctx.memory.get(&id);
     let last_probed = remembered.as_ref().and_then(|r| r.probed_at);
     // From here on `obj` may carry a newer status than the API server has: see `continued`.
@@ -57,6 +64,12 @@ pub(super) async fn reconcile_object(
         Some(side) => (&*side.resolver, side.remediator.as_ref()),
         None => (&*ctx.seams.resolver, ctx.remediator.as_ref()),
     };
+    // Every intent write and Azure write asks the object's own shard (with shards).
+    let scoped = remediator.map(|r| Remediator {
+        leadership: Arc::new(leadership.clone()),
+        ..r.clone()
+    });
+    let remediator = scoped.as_ref();
     let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend);
     let due = match (remediator, &spec, &obj.status) {
         (Some(_), Some(spec), Some(status)) if leader => engine::ladder_due(status, spec)
@@ -154,8 +167,11 @@ pub(super) async fn reconcile_object(
     };
     // Only news is written (and a heartbeat): a healthy, unchanged object costs no write and
     // so no watch event either. Compared with what the API server holds, not with `obj`.
+    if ctx.leadership.shards().is_some() {
+        outcome.status.observed_by.clone_from(&ctx.instance);
+    }
     if writes::needs_write(stored.status.as_ref(), &outcome.status, ctx.heartbeat) {
-        if !ctx.leadership.is_leader() {
+        if !leadership.is_leader() {
             // The lease was lost during this reconcile: the next leader writes.
             ctx.memory.forget(&id);
             return Ok(Action::requeue(Duration::from_secs(5)));
@@ -180,6 +196,25 @@ pub(super) async fn reconcile_object(
     ctx.failures().remove(key);
     debug!(phase = ?outcome.status.phase, next = ?outcome.next, "reconciled");
     Ok(action(outcome.next))
+}
+
+/// How long an object of a shard this replica does not hold waits before it is looked at
+/// again; a shard newly held reconciles all objects at once, so this is only a fallback.
+const UNHELD_RECHECK: Duration = Duration::from_secs(60);
+
+/// An object whose shard this replica does not hold: no probe, no status write, no call. What
+/// this replica remembered of it, its per-object series and its claim here go: the shard's
+/// holder acts for it now (a rung in flight still counts in the fleet view through its stored
+/// status).
+fn skip_unheld_shard(ctx: &Context, key: &ObjectKey, id: &str) -> Action {
+    ctx.memory.forget(id);
+    ctx.failures().remove(key);
+    ctx.metrics.forget_object(key);
+    if let Some(r) = &ctx.remediator {
+        let claimant = format!("{}/{}", key.namespace, key.name);
+        r.fleet.retain_claims(|k| k != claimant);
+    }
+    Action::requeue(UNHELD_RECHECK)
 }
 
 /// An object the tenancy policy refuses (a VM outside its namespace's scopes, a namespace

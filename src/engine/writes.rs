@@ -44,6 +44,7 @@ pub fn same_for_users(a: &RdpHealthStatus, b: &RdpHealthStatus) -> bool {
         diagnosis,
         ladder,
         identity,
+        observed_by,
     } = a;
     *observed_generation == b.observed_generation
         && *phase == b.phase
@@ -56,6 +57,8 @@ pub fn same_for_users(a: &RdpHealthStatus, b: &RdpHealthStatus) -> bool {
         && *ladder == b.ladder
         // Includes observedAt: the identity step's cadence is kept in status.
         && *identity == b.identity
+        // A shard's new holder says so at once.
+        && *observed_by == b.observed_by
 }
 
 fn same_probe(a: Option<&LastProbe>, b: Option<&LastProbe>) -> bool {
@@ -96,6 +99,7 @@ pub fn fingerprint(status: &RdpHealthStatus) -> u64 {
         diagnosis,
         ladder,
         identity,
+        observed_by,
     } = status;
     let probe = last_probe.as_ref().map(|p| {
         let LastProbe {
@@ -133,6 +137,7 @@ pub fn fingerprint(status: &RdpHealthStatus) -> u64 {
             diagnosis,
             ladder,
             identity,
+            observed_by,
         ),
     );
     hasher.0.finish()
@@ -247,6 +252,7 @@ mod tests {
             }),
             consecutive_failures: 0,
             consecutive_successes: 7,
+            observed_by: None,
             last_transition_to_unreachable: None,
             endpoint: Some(ResolvedEndpoint {
                 host: "10.0.0.4".into(),

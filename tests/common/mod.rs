@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod k8s;
+pub mod operator;
 pub mod real_api;
 pub mod shadow;
 pub mod xrdp;

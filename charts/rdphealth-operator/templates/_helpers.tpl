@@ -63,6 +63,9 @@ misbehaves at run time.
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
 {{- fail "replicaCount > 1 needs leaderElection.enabled=true: without a Lease every replica would remediate the same VMs" -}}
 {{- end -}}
+{{- if and .Values.leaderElection.shards (not .Values.leaderElection.enabled) -}}
+{{- fail "leaderElection.shards needs leaderElection.enabled=true: shards are held through Leases" -}}
+{{- end -}}
 {{- if and .Values.azure.workloadIdentity.enabled .Values.azure.clientSecret.existingSecret -}}
 {{- fail "choose one Azure credential: azure.workloadIdentity.enabled or azure.clientSecret.existingSecret" -}}
 {{- end -}}

@@ -24,7 +24,12 @@ impl Remediator {
             != Some(Status::False);
         let drops_sessions = vm_reachable && step.drops_sessions();
         let disruptive = step.is_disruptive(vm_reachable);
-        if disruptive && !self.fleet.claim(&vm.subscription, subject.key) {
+        if disruptive
+            && !self
+                .fleet
+                .claim_everywhere(&vm.subscription, subject.key)
+                .await
+        {
             return Ok(Continue::Until(
                 now.checked_add(Duration::from_secs(30)).unwrap_or(now),
             ));

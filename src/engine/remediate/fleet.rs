@@ -13,6 +13,23 @@ pub struct Fleet {
     /// Claims by (subscription, object key), with when they were taken.
     claims: Mutex<BTreeMap<(String, String), std::time::Instant>>,
     canary: Mutex<Canary>,
+    /// Claims every replica sees (with shards): a slot is taken only when both this
+    /// process's claim and the shared one succeed.
+    shared: Option<Arc<dyn SharedClaims>>,
+}
+
+/// Claims on disruptive slots published where every replica reads them, taken by a
+/// compare-and-swap: of two replicas racing for a subscription's last slot, one wins.
+#[async_trait::async_trait]
+pub trait SharedClaims: Send + Sync + std::fmt::Debug {
+    /// Claims a slot of `subscription` for `key` when, after stale claims are dropped, the
+    /// claims of other objects plus the rungs in flight in `in_flight` (object keys whose
+    /// status shows a disruptive rung) leave one of `max`; false when they do not, or when
+    /// the claim could not be recorded.
+    async fn claim(&self, subscription: &str, key: &str, in_flight: &[String], max: usize) -> bool;
+
+    /// Releases `key`'s claim on `subscription` (idempotent).
+    async fn release(&self, subscription: &str, key: &str);
 }
 
 /// What the canary endpoint last showed.
@@ -36,6 +53,52 @@ impl Fleet {
             policy,
             ..Self::default()
         }
+    }
+
+    /// Also claims through `shared`, so that replicas sharing the work stay within the cap
+    /// together.
+    pub fn with_shared_claims(mut self, shared: Arc<dyn SharedClaims>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Claims a disruptive slot for `key` in this process and, with shared claims, for every
+    /// replica; false when either is refused (and then nothing stays claimed).
+    pub(super) async fn claim_everywhere(&self, subscription: &str, key: &str) -> bool {
+        if !self.claim(subscription, key) {
+            return false;
+        }
+        let Some(shared) = &self.shared else {
+            return true;
+        };
+        let subscription = subscription.to_ascii_lowercase();
+        let in_flight = self.in_flight(&subscription);
+        if shared
+            .claim(
+                &subscription,
+                key,
+                &in_flight,
+                self.policy.max_concurrent_disruptive,
+            )
+            .await
+        {
+            return true;
+        }
+        self.release_here(&subscription, key);
+        false
+    }
+
+    /// The objects whose status shows a disruptive rung in flight in `subscription`.
+    fn in_flight(&self, subscription: &str) -> Vec<String> {
+        self.view
+            .lock()
+            .ok()
+            .and_then(|v| {
+                v.subscriptions
+                    .get(subscription)
+                    .map(|c| c.disruptive_in_flight.to_vec())
+            })
+            .unwrap_or_default()
     }
 
     /// Replaces the view (computed from every object's status).
@@ -136,8 +199,22 @@ impl Fleet {
         true
     }
 
-    /// Releases `key`'s claim (its disruptive rung ended).
+    /// Releases `key`'s claim (its disruptive rung ended), here and, with shared claims, for
+    /// every replica (in the background: until it lands, the slot stays taken, never the
+    /// other way round).
     pub(super) fn release(&self, subscription: &str, key: &str) {
+        self.release_here(subscription, key);
+        if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
+            let (shared, subscription, key) = (
+                Arc::clone(shared),
+                subscription.to_ascii_lowercase(),
+                key.to_string(),
+            );
+            runtime.spawn(async move { shared.release(&subscription, &key).await });
+        }
+    }
+
+    fn release_here(&self, subscription: &str, key: &str) {
         let subscription = &subscription.to_ascii_lowercase();
         if let Ok(mut claims) = self.claims.lock() {
             claims.remove(&(subscription.to_string(), key.to_string()));
@@ -191,6 +268,63 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One question to the shared claims: subscription, key, rungs in flight, cap.
+    type Asked = (String, String, Vec<String>, usize);
+
+    /// Shared claims that grant a fixed answer and record what they were asked.
+    #[derive(Debug, Default)]
+    struct Ledger {
+        grant: bool,
+        asked: Mutex<Vec<Asked>>,
+        released: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SharedClaims for Ledger {
+        async fn claim(&self, sub: &str, key: &str, in_flight: &[String], max: usize) -> bool {
+            self.asked
+                .lock()
+                .unwrap()
+                .push((sub.into(), key.into(), in_flight.to_vec(), max));
+            self.grant
+        }
+        async fn release(&self, _: &str, key: &str) {
+            self.released.lock().unwrap().push(key.into());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_taken_only_when_the_shared_claim_succeeds_too() {
+        let refusing = Arc::new(Ledger::default());
+        let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(refusing.clone());
+        assert!(!fleet.claim_everywhere("SUB", "ns/a").await);
+        // Refused elsewhere: nothing stays claimed here.
+        assert!(fleet.slot_free("sub", "ns/b"));
+        let asked = refusing.asked.lock().unwrap().clone();
+        assert_eq!(asked, [("sub".into(), "ns/a".into(), vec![], 1)]);
+
+        let granting = Arc::new(Ledger {
+            grant: true,
+            ..Ledger::default()
+        });
+        let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(granting.clone());
+        assert!(fleet.claim_everywhere("sub", "ns/a").await);
+        assert!(!fleet.slot_free("sub", "ns/b"));
+        // Refused here first: the shared claims are not even asked.
+        assert!(!fleet.claim_everywhere("sub", "ns/b").await);
+        assert_eq!(granting.asked.lock().unwrap().len(), 1);
+        fleet.release("sub", "ns/a");
+        tokio::task::yield_now().await;
+        for _ in 0..10 {
+            if !granting.released.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*granting.released.lock().unwrap(), ["ns/a"]);
+        assert!(fleet.slot_free("sub", "ns/b"));
+    }
 
     #[test]
     fn a_canary_holds_everything_until_it_answers() {

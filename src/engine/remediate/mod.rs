@@ -51,7 +51,7 @@ use crate::{
 };
 
 pub use act::repair_script;
-pub use fleet::Fleet;
+pub use fleet::{Fleet, SharedClaims};
 pub use messages::summarize;
 
 /// Persists a status (the intent of a rung must be stored before its Azure call).
