@@ -38,6 +38,8 @@ pub struct Recorded {
 #[derive(Debug, Default)]
 pub struct MemorySink {
     recorded: Mutex<Recorded>,
+    /// While true, this replica does not lead: it may not write.
+    pub standby: std::sync::atomic::AtomicBool,
 }
 
 impl MemorySink {
@@ -59,7 +61,7 @@ impl FleetSink for MemorySink {
     }
 
     fn may_write(&self) -> bool {
-        true
+        !self.standby.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn for_each_object(&self, f: &mut dyn FnMut(&RdpHealth)) {

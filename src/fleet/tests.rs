@@ -393,3 +393,42 @@ async fn an_invalid_template_is_reported_and_nothing_is_probed() {
     assert_eq!(*run.graph.calls.lock().unwrap(), 0);
     run.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_does_not_lead_neither_discovers_nor_probes() {
+    let graph = Arc::new(Graph::default());
+    graph.set(vec![vm("a", 1)]);
+    let net = Arc::new(Net::default());
+    let kube = Arc::new(MemorySink::default());
+    kube.standby
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let deps = Deps {
+        graph: graph.clone(),
+        prober: net.clone(),
+        sink: kube.clone(),
+        max_unreachable_percent: 30,
+        min_fleet_size: 5,
+        probe_concurrency: 8,
+        refusal: None,
+    };
+    let (_spec, spec_rx) = watch::channel(Arc::new(fleet(|_| {})));
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(worker::run(deps, spec_rx, stop_rx));
+    advance(Duration::from_secs(90)).await;
+    assert_eq!(
+        *graph.calls.lock().unwrap(),
+        0,
+        "the Resource Graph quota is the leader's"
+    );
+    assert!(net.probes.lock().unwrap().is_empty());
+    assert!(kube.recorded().statuses.is_empty());
+    // It becomes the leader: discovery and probes start within a housekeeping tick.
+    kube.standby
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    advance(Duration::from_secs(40)).await;
+    assert_eq!(*graph.calls.lock().unwrap(), 1);
+    assert!(!net.probes.lock().unwrap().is_empty());
+    assert_eq!(kube.status().members, 1);
+    let _ = stop.send(true);
+    let _ = task.await;
+}

@@ -134,7 +134,9 @@ pub async fn run(
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let idle = w.policy.is_err() || w.fleet.spec.suspend;
+        // Only the replica that writes discovers and probes: the others would spend the
+        // Resource Graph quota and probe for nothing. (Checked again every housekeeping tick.)
+        let idle = w.policy.is_err() || w.fleet.spec.suspend || !w.deps.sink.may_write();
         let next_due = w.queue.peek().map(|Reverse((at, ..))| *at);
         let room = probes.len() < w.deps.probe_concurrency.max(1);
         tokio::select! {
