@@ -3,7 +3,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use rdphealth::cli::{Cli, Command, LogFormat, bench, crd, demo, probe, run, sim};
+use rdphealth::cli::{Cli, Command, LogFormat, bench, crd, demo, error_chain, probe, run, sim};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -88,16 +88,4 @@ fn init_logging(format: LogFormat) {
     } else {
         builder.init();
     }
-}
-
-/// `error: cause: cause` from an error's source chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

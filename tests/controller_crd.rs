@@ -74,14 +74,7 @@ fn fleet_crd_names_and_columns() {
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["rdphf"]));
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     let version = &crd["spec"]["versions"][0];
-    assert_eq!(version["name"], "v1alpha1");
-    assert_eq!(version["subresources"]["status"], json!({}));
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = columns(version);
     assert_eq!(
         columns,
         [
@@ -103,6 +96,18 @@ fn fleet_crd_names_and_columns() {
     // The template has no host override: members' addresses come from discovery.
     let endpoint = &spec["properties"]["template"]["properties"]["endpoint"]["properties"];
     assert!(endpoint.get("host").is_none(), "{endpoint}");
+}
+
+/// The version's printer columns, after checking its name and status subresource.
+fn columns(version: &Value) -> Vec<&str> {
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
 }
 
 fn fleet(spec: Value) -> Value {
@@ -183,14 +188,7 @@ fn crd_names_and_columns() {
     assert_eq!(crd["spec"]["names"]["shortNames"], json!(["rdph"]));
     assert_eq!(crd["spec"]["scope"], "Namespaced");
     let version = &crd["spec"]["versions"][0];
-    assert_eq!(version["name"], "v1alpha1");
-    assert_eq!(version["subresources"]["status"], json!({}));
-    let columns: Vec<&str> = version["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
+    let columns = columns(version);
     assert_eq!(
         columns,
         [

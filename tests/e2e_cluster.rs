@@ -329,23 +329,7 @@ async fn server_rejects_bad_specs_with_their_messages() {
             &["timeout must be shorter than unhealthyInterval"],
         ),
     ];
-    let mut failures = Vec::new();
-    for (i, (name, spec, expected)) in cases.iter().enumerate() {
-        let obj: DynamicObject =
-            serde_json::from_value(manifest(&format!("bad-{i}"), spec.clone())).unwrap();
-        match api.create(&PostParams::default(), &obj).await {
-            Ok(_) => failures.push(format!("{name}: accepted")),
-            Err(kube::Error::Api(status)) => {
-                if status.code != 422 || !expected.iter().all(|e| status.message.contains(e)) {
-                    failures.push(format!(
-                        "{name}: {} {:?}, expected {expected:?}",
-                        status.code, status.message
-                    ));
-                }
-            }
-            Err(e) => failures.push(format!("{name}: {e}")),
-        }
-    }
+    let failures = rejections(&api, &cases, |i, spec| manifest(&format!("bad-{i}"), spec)).await;
     assert!(failures.is_empty(), "{failures:#?}");
 
     // Immutability of vm.resourceId: the update is rejected, an unrelated change is not.
@@ -382,6 +366,32 @@ async fn server_rejects_bad_specs_with_their_messages() {
     let _ = Api::<Namespace>::all(client)
         .delete(&ns, &DeleteParams::default())
         .await;
+}
+
+/// Creates each case's object (`object(index, spec)`); returns how each case was not
+/// rejected with 422 and all of its expected messages.
+async fn rejections(
+    api: &Api<DynamicObject>,
+    cases: &[(&str, Value, &[&str])],
+    object: impl Fn(usize, Value) -> Value,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, (name, spec, expected)) in cases.iter().enumerate() {
+        let obj: DynamicObject = serde_json::from_value(object(i, spec.clone())).unwrap();
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => failures.push(format!("{name}: accepted")),
+            Err(kube::Error::Api(status)) => {
+                if status.code != 422 || !expected.iter().all(|e| status.message.contains(e)) {
+                    failures.push(format!(
+                        "{name}: {} {:?}, expected {expected:?}",
+                        status.code, status.message
+                    ));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    failures
 }
 
 /// A fleet's schema and CEL rules are enforced by the API server, with their messages; an
@@ -439,28 +449,15 @@ async fn server_rejects_bad_fleets_with_their_messages() {
             &["spec.safety.maxUnreachablePercent in body should be greater than or equal to 1"],
         ),
     ];
-    let mut failures = Vec::new();
-    for (i, (name, spec, expected)) in cases.iter().enumerate() {
-        let obj: DynamicObject = serde_json::from_value(json!({
+    let failures = rejections(&api, &cases, |i, spec| {
+        json!({
             "apiVersion": "rdphealth.io/v1alpha1",
             "kind": "RdpHealthFleet",
             "metadata": {"name": format!("bad-{i}")},
             "spec": spec,
-        }))
-        .unwrap();
-        match api.create(&PostParams::default(), &obj).await {
-            Ok(_) => failures.push(format!("{name}: accepted")),
-            Err(kube::Error::Api(status)) => {
-                if status.code != 422 || !expected.iter().all(|e| status.message.contains(e)) {
-                    failures.push(format!(
-                        "{name}: {} {:?}, expected {expected:?}",
-                        status.code, status.message
-                    ));
-                }
-            }
-            Err(e) => failures.push(format!("{name}: {e}")),
-        }
-    }
+        })
+    })
+    .await;
     assert!(failures.is_empty(), "{failures:#?}");
     let manifest = format!(
         "apiVersion: rdphealth.io/v1alpha1\nkind: RdpHealthFleet\nmetadata: {{name: hosted, namespace: {ns}}}\nspec:\n  selector: {{subscriptions: [{sub}]}}\n  template: {{endpoint: {{host: 10.0.0.4}}}}\n"

@@ -198,6 +198,19 @@ pub struct RdpHealthSpec {
     pub suspend: bool,
 }
 
+impl RdpHealthSpec {
+    /// The VM's name (the resource id's last segment), lower-cased: ARM names compare
+    /// case-insensitively.
+    pub fn vm_key(&self) -> String {
+        self.vm
+            .resource_id
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    }
+}
+
 /// Which evidence the operator may read when the VM is unreachable.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -18,7 +18,7 @@ use azure_core::Url;
 use kube::api::ObjectMeta;
 use tokio::sync::watch;
 
-use super::{cpu_time, http, ms, quantile, rss};
+use super::{cpu_time, http, median_p99, quantile, rss, spread};
 use crate::{
     api::{EndpointSpec, ProbeSpec, RdpHealth, RdpHealthSpec, VmRef, conditions as types},
     azure::{ArmClient, ArmConfig, StaticToken},
@@ -320,24 +320,8 @@ impl FleetReport {
                 (self.rss.saturating_sub(self.rss_base)) as f64 / n / 1024.0
             ),
         );
-        row(
-            "schedule lateness p50 / p99 / max",
-            format!(
-                "{} / {} / {} ({} samples)",
-                ms(quantile(&self.lateness, 0.5)),
-                ms(quantile(&self.lateness, 0.99)),
-                ms(self.lateness.last().copied().unwrap_or_default()),
-                self.lateness.len()
-            ),
-        );
-        row(
-            "probe latency p50 / p99",
-            format!(
-                "{} / {}",
-                ms(quantile(&self.latency, 0.5)),
-                ms(quantile(&self.latency, 0.99))
-            ),
-        );
+        row("schedule lateness p50 / p99 / max", spread(&self.lateness));
+        row("probe latency p50 / p99", median_p99(&self.latency));
         row(
             "ARM requests per healthy VM per hour (all / writes)",
             format!(

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::{
     cpu_time,
     fleet::{FleetConfig, SimVm, TimedProber, Timing, arm_counters, is_write, list_vms},
-    http, ms, quantile, rss,
+    http, median_p99, quantile, rss, spread,
 };
 use crate::{
     api::{
@@ -211,15 +211,7 @@ pub async fn run(cfg: &FleetConfig) -> Result<MembersReport, String> {
             let Some(obj) = r.objects.get(name) else {
                 continue;
             };
-            let vm = obj
-                .spec
-                .vm
-                .resource_id
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_ascii_lowercase();
-            if let Some(at) = injected_at.remove(&vm) {
+            if let Some(at) = injected_at.remove(&obj.spec.vm_key()) {
                 detection.push(opened.saturating_duration_since(at));
             }
         }
@@ -333,24 +325,8 @@ impl MembersReport {
                 self.rss.1.saturating_sub(self.rss.0) as f64 / n / 1024.0
             ),
         );
-        row(
-            "schedule lateness p50 / p99 / max",
-            format!(
-                "{} / {} / {} ({} samples)",
-                ms(quantile(&self.lateness, 0.5)),
-                ms(quantile(&self.lateness, 0.99)),
-                ms(self.lateness.last().copied().unwrap_or_default()),
-                self.lateness.len()
-            ),
-        );
-        row(
-            "probe latency p50 / p99",
-            format!(
-                "{} / {}",
-                ms(quantile(&self.latency, 0.5)),
-                ms(quantile(&self.latency, 0.99))
-            ),
-        );
+        row("schedule lateness p50 / p99 / max", spread(&self.lateness));
+        row("probe latency p50 / p99", median_p99(&self.latency));
         row(
             "Resource Graph requests in window (discoveries)",
             format!(

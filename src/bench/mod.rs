@@ -37,6 +37,26 @@ pub fn rss() -> Option<(u64, u64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// "p50 / p99 / max (N samples)" of sorted durations, in milliseconds.
+pub fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "{} / {} / {} ({} samples)",
+        ms(quantile(sorted, 0.5)),
+        ms(quantile(sorted, 0.99)),
+        ms(sorted.last().copied().unwrap_or_default()),
+        sorted.len()
+    )
+}
+
+/// "p50 / p99" of sorted durations, in milliseconds.
+pub fn median_p99(sorted: &[Duration]) -> String {
+    format!(
+        "{} / {}",
+        ms(quantile(sorted, 0.5)),
+        ms(quantile(sorted, 0.99))
+    )
+}
+
 /// The `q`-quantile (0..=1) of `sorted` (nearest rank); zero when empty.
 pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {

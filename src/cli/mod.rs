@@ -68,3 +68,15 @@ pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         d => Ok(d),
     }
 }
+
+/// `error: cause: cause` from an error's source chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -165,13 +165,7 @@ impl DemoSink {
 
 /// The lower-case VM name an object watches.
 fn vm_of(obj: &RdpHealth) -> String {
-    obj.spec
-        .vm
-        .resource_id
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase()
+    obj.spec.vm_key()
 }
 
 #[async_trait::async_trait]

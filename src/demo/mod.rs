@@ -446,15 +446,7 @@ fn load_objects(paths: &[PathBuf]) -> Result<BTreeMap<String, (PathBuf, RdpHealt
                 why: e.to_string(),
             })?;
         for obj in docs {
-            let vm = obj
-                .spec
-                .vm
-                .resource_id
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_ascii_lowercase();
-            out.insert(vm, (path.clone(), obj));
+            out.insert(obj.spec.vm_key(), (path.clone(), obj));
         }
     }
     Ok(out)

@@ -278,7 +278,7 @@ impl Worker {
                     duration_ms,
                     requests: 0,
                     quota_remaining: None,
-                    error: Some(error_text(&e)),
+                    error: Some(crate::cli::error_chain(&e)),
                 };
                 (now + retry.min(interval), status)
             }
@@ -611,16 +611,4 @@ impl Worker {
             Err(e) => warn!(fleet = %self.name(), error = %e, "failed to write the fleet status"),
         }
     }
-}
-
-/// An error with its causes, on one line.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
