@@ -139,6 +139,19 @@ pub struct FleetSelector {
     pub name_pattern: Option<String>,
 }
 
+impl FleetSelector {
+    /// Every Windows VM of `subscriptions`.
+    pub fn of_subscriptions(subscriptions: Vec<String>) -> Self {
+        Self {
+            subscriptions,
+            resource_groups: Vec::new(),
+            tags: BTreeMap::new(),
+            os_type: OsTypeSelector::default(),
+            name_pattern: None,
+        }
+    }
+}
+
 /// Which OS type the selection keeps.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OsTypeSelector {

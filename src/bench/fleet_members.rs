@@ -70,13 +70,7 @@ fn bench_fleet(subscriptions: Vec<String>, interval: Duration) -> RdpHealthFleet
     let mut fleet = RdpHealthFleet::new(
         "bench",
         RdpHealthFleetSpec {
-            selector: FleetSelector {
-                subscriptions,
-                resource_groups: Vec::new(),
-                tags: BTreeMap::new(),
-                os_type: Default::default(),
-                name_pattern: None,
-            },
+            selector: FleetSelector::of_subscriptions(subscriptions),
             template: MemberTemplate {
                 endpoint: MemberEndpoint {
                     address_type: AddressType::Private,

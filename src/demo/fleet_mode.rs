@@ -46,13 +46,7 @@ pub(super) fn demo_fleet(
     let mut fleet = RdpHealthFleet::new(
         "demo",
         RdpHealthFleetSpec {
-            selector: FleetSelector {
-                subscriptions,
-                resource_groups: Vec::new(),
-                tags: BTreeMap::new(),
-                os_type: Default::default(),
-                name_pattern: None,
-            },
+            selector: FleetSelector::of_subscriptions(subscriptions),
             template: MemberTemplate {
                 endpoint: Default::default(),
                 probe,

@@ -243,13 +243,9 @@ mod tests {
         let mut f = RdpHealthFleet::new(
             "prod",
             RdpHealthFleetSpec {
-                selector: FleetSelector {
-                    subscriptions: vec!["00000000-0000-0000-0000-000000000001".into()],
-                    resource_groups: vec![],
-                    tags: BTreeMap::new(),
-                    os_type: Default::default(),
-                    name_pattern: None,
-                },
+                selector: FleetSelector::of_subscriptions(vec![
+                    "00000000-0000-0000-0000-000000000001".into(),
+                ]),
                 template: Default::default(),
                 safety: Default::default(),
                 discovery_interval: "10m".into(),

@@ -118,13 +118,7 @@ fn set_reachable(kube: &MemorySink, name: &str, status: &str, since: Timestamp) 
 
 fn fleet(edit: impl FnOnce(&mut RdpHealthFleetSpec)) -> RdpHealthFleet {
     let mut spec = RdpHealthFleetSpec {
-        selector: FleetSelector {
-            subscriptions: vec![SUB.into()],
-            resource_groups: vec![],
-            tags: BTreeMap::new(),
-            os_type: Default::default(),
-            name_pattern: None,
-        },
+        selector: FleetSelector::of_subscriptions(vec![SUB.into()]),
         template: Default::default(),
         safety: Default::default(),
         discovery_interval: "1m".into(),
