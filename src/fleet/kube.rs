@@ -34,7 +34,7 @@ use super::{
 use crate::{
     api::{FIELD_MANAGER, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus},
     controller::Leadership,
-    engine::{Severity, Status},
+    engine::Severity,
 };
 
 /// The sink over the API server and the controller's object cache.
@@ -283,13 +283,4 @@ fn apply(
         },
     );
     Some(key)
-}
-
-/// Reachable as a gauge value (`None` while not judged).
-pub fn gauge(status: Status) -> Option<i64> {
-    match status {
-        Status::True => Some(1),
-        Status::False => Some(0),
-        Status::Unknown => None,
-    }
 }
