@@ -466,6 +466,55 @@ pub async fn run(cfg: &FleetConfig) -> Result<FleetReport, String> {
     })
 }
 
+/// What one steady window measured.
+pub(super) struct Window {
+    /// Its length.
+    pub(super) window: Duration,
+    /// CPU this process used in it.
+    pub(super) cpu: Duration,
+    /// Probes in it.
+    pub(super) probes: u64,
+    /// RSS at its end.
+    pub(super) rss_end: u64,
+    /// ARM (and Resource Graph) requests in it, by operation.
+    pub(super) arm: BTreeMap<String, u64>,
+}
+
+/// One interval of warm-up, then a window of `cfg.duration`: CPU, probes, RSS and the
+/// emulator's request counters over it.
+pub(super) async fn window(cfg: &FleetConfig, timing: &Timing) -> Result<Window, String> {
+    tokio::time::sleep(cfg.interval + Duration::from_secs(2)).await;
+    let arm0 = arm_counters(cfg.sim).await?;
+    let cpu0 = cpu_time().unwrap_or_default();
+    let probes0 = timing.probes.load(Ordering::Relaxed);
+    timing.recording.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(cfg.duration).await;
+    timing.recording.store(false, Ordering::Relaxed);
+    let window = t0.elapsed();
+    let cpu = cpu_time().unwrap_or_default().saturating_sub(cpu0);
+    let probes = timing.probes.load(Ordering::Relaxed) - probes0;
+    let rss_end = rss().map(|r| r.0).unwrap_or_default();
+    let arm1 = arm_counters(cfg.sim).await?;
+    let arm = arm1
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.saturating_sub(arm0.get(k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    Ok(Window {
+        window,
+        cpu,
+        probes,
+        rss_end,
+        arm,
+    })
+}
+
 type Measured = (
     Duration,
     u64,
@@ -482,30 +531,13 @@ async fn measure(
     timing: &Timing,
     n: usize,
 ) -> Result<Measured, String> {
-    // Warm-up: every object starts and probes once.
-    tokio::time::sleep(cfg.interval + Duration::from_secs(2)).await;
-    let arm0 = arm_counters(cfg.sim).await?;
-    let cpu0 = cpu_time().unwrap_or_default();
-    let probes0 = timing.probes.load(Ordering::Relaxed);
-    timing.recording.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(cfg.duration).await;
-    timing.recording.store(false, Ordering::Relaxed);
-    let window = t0.elapsed();
-    let cpu = cpu_time().unwrap_or_default().saturating_sub(cpu0);
-    let probes = timing.probes.load(Ordering::Relaxed) - probes0;
-    let rss_end = rss().map(|r| r.0).unwrap_or_default();
-    let arm1 = arm_counters(cfg.sim).await?;
-    let arm: BTreeMap<String, u64> = arm1
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.saturating_sub(arm0.get(k).copied().unwrap_or(0)),
-            )
-        })
-        .filter(|(_, v)| *v > 0)
-        .collect();
+    let Window {
+        window,
+        cpu,
+        probes,
+        rss_end,
+        arm,
+    } = window(cfg, timing).await?;
 
     // Outages on a sample, spread evenly over the fleet.
     let names: Vec<String> = state
