@@ -18,7 +18,7 @@ use azure_core::Url;
 use kube::api::ObjectMeta;
 use tokio::sync::watch;
 
-use super::{cpu_time, http, median_p99, quantile, rss, spread};
+use super::{cpu_time, http, median_p99, outage_spread, rss, spread};
 use crate::{
     api::{EndpointSpec, ProbeSpec, RdpHealth, RdpHealthSpec, VmRef, conditions as types},
     azure::{ArmClient, ArmConfig, StaticToken},
@@ -334,18 +334,7 @@ impl FleetReport {
         );
         row(
             "outage detection p50 / p99 / max (rdp_disabled)",
-            format!(
-                "{:.1} s / {:.1} s / {:.1} s ({} of {} detected)",
-                quantile(&self.detection, 0.5).as_secs_f64(),
-                quantile(&self.detection, 0.99).as_secs_f64(),
-                self.detection
-                    .last()
-                    .copied()
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-                self.detection.len(),
-                self.injected
-            ),
+            outage_spread(&self.detection, self.injected, "detected"),
         );
         t
     }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use super::{
     fleet::{FleetConfig, SimVm, TimedProber, Timing, Window, is_write, list_vms, window},
-    http, median_p99, quantile, rss, spread,
+    http, median_p99, outage_spread, rss, spread,
 };
 use crate::{
     api::{
@@ -317,18 +317,7 @@ impl MembersReport {
         );
         row(
             "outage → incident object p50 / p99 / max (rdp_disabled)",
-            format!(
-                "{:.1} s / {:.1} s / {:.1} s ({} of {} opened)",
-                quantile(&self.detection, 0.5).as_secs_f64(),
-                quantile(&self.detection, 0.99).as_secs_f64(),
-                self.detection
-                    .last()
-                    .copied()
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-                self.detection.len(),
-                self.injected
-            ),
+            outage_spread(&self.detection, self.injected, "opened"),
         );
         t
     }

@@ -48,6 +48,17 @@ pub fn spread(sorted: &[Duration]) -> String {
     )
 }
 
+/// "p50 / p99 / max (N of M <verb>)" of sorted outage times, in seconds.
+pub fn outage_spread(sorted: &[Duration], injected: usize, verb: &str) -> String {
+    format!(
+        "{:.1} s / {:.1} s / {:.1} s ({} of {injected} {verb})",
+        quantile(sorted, 0.5).as_secs_f64(),
+        quantile(sorted, 0.99).as_secs_f64(),
+        sorted.last().copied().unwrap_or_default().as_secs_f64(),
+        sorted.len()
+    )
+}
+
 /// "p50 / p99" of sorted durations, in milliseconds.
 pub fn median_p99(sorted: &[Duration]) -> String {
     format!(
