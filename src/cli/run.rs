@@ -27,7 +27,8 @@ pub struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "RDPHEALTH_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Objects reconciled (probed) at the same time.
+    /// Objects reconciled (probed) at the same time; more that are due wait their turn, the
+    /// one that fell due first going first.
     #[arg(long, env = "RDPHEALTH_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
     /// Watch RdpHealthFleet objects (needs Azure credentials: discovery uses Resource Graph).

@@ -6,7 +6,8 @@
 //! what it decided (status, Events), [`context`] holds what every reconcile shares (including
 //! the hand-over of the fleet view), [`fleet`] the fleet view's counts kept object by object,
 //! [`memory`] what this replica remembers between reconciles, [`lease`] leader
-//! election; this file wires them into a running controller.
+//! election, [`turns`] which waiting reconcile works next; this file wires them into a
+//! running controller.
 
 mod canary;
 mod claims;
@@ -20,6 +21,7 @@ mod status;
 mod tenancy;
 #[cfg(test)]
 mod tests;
+mod turns;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -151,7 +153,8 @@ impl RunError {
 pub struct Settings {
     /// Watch one namespace, or all when `None`.
     pub namespace: Option<String>,
-    /// Reconciles running at once.
+    /// Reconciles working (probing, writing, remediating) at once; the others wait their
+    /// turn, the object that fell due first going first.
     pub concurrency: u16,
     /// Leader election, or `None` for a single replica.
     pub lease: Option<LeaseSettings>,
@@ -336,8 +339,10 @@ pub async fn run(
     );
     let (controller, namespaces) =
         tenancy::follow_namespaces(controller, &client, &store, settings.tenancy.as_ref());
-    let controller =
-        controller.with_config(Config::default().concurrency(settings.concurrency.max(1)));
+    // kube-runtime's queue, once `concurrency` reconciles run, would hand out the waiting
+    // objects in hash order: every reconcile starts at once and waits in the context's turns
+    // instead, which keep `settings.concurrency` and serve the object due first.
+    let controller = controller.with_config(Config::default().concurrency(0));
     let controller = shards::reconcile_when_acquired(controller, acquired);
     let ready_flag = Arc::clone(&ready);
     let state = HttpState {
@@ -366,7 +371,8 @@ pub async fn run(
         .with_memory(memory)
         .with_fleet_counts(fleet)
         .with_status_heartbeat(settings.status_heartbeat)
-        .with_tenancy(settings.tenancy.clone(), namespaces),
+        .with_tenancy(settings.tenancy.clone(), namespaces)
+        .with_concurrency(settings.concurrency),
     );
     let (stop_fleets, fleets_stopped) = watch::channel(false);
     let fleets = fleets(&ctx, &settings, &ready_flag, fleets_stopped);
@@ -381,6 +387,12 @@ pub async fn run(
         _ => None,
     };
     info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
+    // Stopping turns away the reconciles still waiting for a turn: only those at work finish.
+    let turns_of = Arc::clone(&ctx);
+    let shutdown = async move {
+        shutdown.await;
+        turns_of.turns.close();
+    };
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)

@@ -7,22 +7,48 @@ use super::{
     tenancy::Tenancy,
 };
 
-/// Reconciles one object: schedule → (resolve, probe) → evaluate → status, metrics, events.
+/// Reconciles one object: waits for its turn (see [`super::turns`]), then schedule →
+/// (resolve, probe) → evaluate → status, metrics, events.
 pub async fn reconcile(
     guard: Arc<DeserializeGuard<RdpHealth>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    let Some(_turn) = ctx.turns.wait(turn_due(&ctx, &guard)).await else {
+        debug!("the controller is stopping: not reconciled");
+        return Ok(Action::await_change());
+    };
+    // The object may have changed, or gone, while this reconcile waited.
+    let Some(guard) = ctx.latest(guard) else {
+        debug!("deleted while waiting for its turn");
+        return Ok(Action::await_change());
+    };
     let _timer = ctx.metrics.reconcile_timer();
     let obj = match &guard.0 {
         Ok(obj) => obj,
         Err(invalid) => {
-            report_malformed(&ctx, invalid).await;
+            Box::pin(report_malformed(&ctx, invalid)).await;
             return Err(Error::Malformed(Box::new(invalid.clone())));
         }
     };
     let key = key_of(&obj.metadata).ok_or(Error::MissingKey)?;
     let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name, vm = %obj.spec.vm.resource_id);
-    reconcile_object(obj, &key, &ctx).instrument(span).await
+    // Boxed: a reconcile waiting for its turn stays small.
+    Box::pin(reconcile_object(obj, &key, &ctx).instrument(span)).await
+}
+
+/// Where a reconcile queues for its turn: when the object's probe fell due, if it is overdue;
+/// otherwise (a new object, a change, a probe not due yet) now, when the reconcile arrived.
+fn turn_due(ctx: &Context, guard: &DeserializeGuard<RdpHealth>) -> Timestamp {
+    let now = Timestamp::now();
+    let Ok(obj) = &guard.0 else {
+        return now;
+    };
+    let probed_at = memory_id(&obj.metadata)
+        .and_then(|id| ctx.memory.get(&id))
+        .and_then(|r| r.probed_at);
+    engine::probe_due_at(obj, probed_at)
+        .filter(|due| *due <= now)
+        .unwrap_or(now)
 }
 
 pub(super) async fn reconcile_object(

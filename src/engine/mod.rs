@@ -24,7 +24,7 @@ use k8s_openapi::{
 pub use self::{
     conditions::{Desired, Status},
     endpoint::{AzureResolver, EndpointResolver, HostOverride, ResolveError, ResolverPolicy},
-    schedule::{Schedule, ladder_due, schedule},
+    schedule::{Schedule, ladder_due, probe_due_at, schedule},
     spec::{ProbePolicy, SpecError, ValidSpec, VmId},
     thresholds::{Streak, Thresholds},
 };

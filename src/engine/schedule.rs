@@ -14,7 +14,7 @@ use super::{
     spec::ValidSpec,
 };
 use crate::{
-    api::{Phase, RdpHealth, conditions as types, reasons},
+    api::{Phase, RdpHealth, RdpHealthStatus, conditions as types, reasons},
     ladder::ExecutionPhase,
 };
 
@@ -58,15 +58,9 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
     if unresolved {
         return Schedule::AwaitChange;
     }
-    let stored = status.last_probe.as_ref().map(|p| p.time.0);
-    let Some(last) = stored.max(probed_at) else {
+    let Some((last, interval)) = on_timer(&status, &spec, probed_at) else {
         return Schedule::Probe(Box::new(spec));
     };
-    let unreachable =
-        conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
-    let interval = spec
-        .probe
-        .interval_after(status.consecutive_failures, unreachable);
     let elapsed = now.duration_since(last);
     // A last probe "in the future" (clock skew between replicas) counts as just done.
     let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
@@ -74,6 +68,38 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
         Some(left) if !left.is_zero() => Schedule::Wait(left),
         _ => Schedule::Probe(Box::new(spec)),
     }
+}
+
+/// The last probe (the later of `probed_at` and `status.lastProbe.time`) and the interval
+/// that applies after it; `None` when the object was never probed.
+fn on_timer(
+    status: &RdpHealthStatus,
+    spec: &ValidSpec,
+    probed_at: Option<Timestamp>,
+) -> Option<(Timestamp, Duration)> {
+    let stored = status.last_probe.as_ref().map(|p| p.time.0);
+    let last = stored.max(probed_at)?;
+    let unreachable =
+        conditions::status_of(&status.conditions, types::REACHABLE) == Some(Status::False);
+    let interval = spec
+        .probe
+        .interval_after(status.consecutive_failures, unreachable);
+    Some((last, interval))
+}
+
+/// When `obj`'s next probe on its timer falls due: its last probe plus the interval that
+/// applies. `None` when its probes are not on a timer now: a spec that is invalid or
+/// suspended, a generation not probed yet, an object never probed. For ordering objects that
+/// wait for the same reconcilers; [`schedule`] decides whether to probe.
+pub fn probe_due_at(obj: &RdpHealth, probed_at: Option<Timestamp>) -> Option<Timestamp> {
+    let status = obj.status.as_ref()?;
+    if status.observed_generation.is_none() || status.observed_generation != obj.metadata.generation
+    {
+        return None;
+    }
+    let spec = ValidSpec::try_from(&obj.spec).ok().filter(|s| !s.suspend)?;
+    let (last, interval) = on_timer(status, &spec, probed_at)?;
+    last.checked_add(interval).ok()
 }
 
 /// When the remediation ladder needs a look of its own (no probe): the next poll of a running
@@ -183,6 +209,24 @@ mod tests {
             "wait 30" => assert_eq!(got, secs(30)),
             other => panic!("bad case {other}"),
         }
+    }
+
+    /// Object with interval 30s, unhealthyInterval 10s, confirmInterval 3s, generation 1.
+    #[rstest]
+    #[case::never_probed(None, None, None)]
+    #[case::healthy(Some(probed(90, 0, "True", 1)), None, Some(120))]
+    #[case::remembered_probe_is_later(Some(probed(90, 0, "True", 1)), Some(95), Some(125))]
+    #[case::confirming(Some(probed(98, 1, "True", 1)), None, Some(101))]
+    #[case::unreachable(Some(probed(95, 3, "False", 1)), None, Some(105))]
+    #[case::spec_changed(Some(probed(99, 0, "True", 0)), None, None)]
+    fn probe_due_times(
+        #[case] status: Option<RdpHealthStatus>,
+        #[case] remembered: Option<i64>,
+        #[case] want: Option<i64>,
+    ) {
+        let mut obj = object(|_| {});
+        obj.status = status;
+        assert_eq!(probe_due_at(&obj, remembered.map(at)), want.map(at));
     }
 
     /// With the default policy, a VM that breaks right after a probe is unreachable one
