@@ -55,6 +55,7 @@ pub(super) fn demo_fleet(
             },
             safety: FleetSafety {
                 max_unreachable_percent: Some(100),
+                ..FleetSafety::default()
             },
             discovery_interval: "1m".into(),
             incident_retention: "1h".into(),
@@ -230,6 +231,30 @@ impl FleetSink for DemoSink {
             .unwrap_or_else(PoisonError::into_inner)
             .push(task);
         Ok(Created::New)
+    }
+
+    async fn annotate(
+        &self,
+        _namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String> {
+        let mut objects = self
+            .engine
+            .state
+            .objects
+            .lock()
+            .map_err(|_| "the demo's state is poisoned".to_owned())?;
+        let tracked = objects
+            .get_mut(name)
+            .ok_or_else(|| format!("no object {name}"))?;
+        let annotations = tracked.obj.metadata.annotations.get_or_insert_default();
+        match value {
+            Some(v) => annotations.insert(annotation.to_owned(), v.to_owned()),
+            None => annotations.remove(annotation),
+        };
+        Ok(())
     }
 
     async fn delete(&self, _namespace: &str, name: &str) -> Result<(), String> {

@@ -88,6 +88,26 @@ impl FleetSink for MemorySink {
         Ok(())
     }
 
+    async fn annotate(
+        &self,
+        _namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String> {
+        let mut r = self.recorded();
+        let obj = r
+            .objects
+            .get_mut(name)
+            .ok_or_else(|| format!("no object {name}"))?;
+        let annotations = obj.metadata.annotations.get_or_insert_default();
+        match value {
+            Some(v) => annotations.insert(annotation.to_owned(), v.to_owned()),
+            None => annotations.remove(annotation),
+        };
+        Ok(())
+    }
+
     async fn write_status(
         &self,
         _fleet: &RdpHealthFleet,

@@ -19,8 +19,8 @@ use tokio::sync::watch;
 use super::{Deps, memory::MemorySink, worker};
 use crate::{
     api::{
-        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec, RdpHealthStatus,
-        conditions as types,
+        FleetSelector, MAX_DISRUPTIVE_ANNOTATION, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec,
+        RdpHealthStatus, conditions as types,
     },
     azure::{AzureError, AzureResult, DiscoveredVm, Discovery, ResourceGraph, VmRef, VmSelector},
     controller::PAUSE_ANNOTATION,
@@ -138,7 +138,7 @@ struct Run {
     net: Arc<Net>,
     kube: Arc<MemorySink>,
     stop: watch::Sender<bool>,
-    _spec: watch::Sender<Arc<RdpHealthFleet>>,
+    spec: watch::Sender<Arc<RdpHealthFleet>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,7 +165,7 @@ impl Run {
             net,
             kube,
             stop,
-            _spec: spec,
+            spec,
             task,
         }
     }
@@ -283,6 +283,42 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
     assert!(run.net.probes.lock().unwrap()["127.0.0.4"] > probes);
     let s = run.kube.status();
     assert_eq!((s.incidents, s.reachable), (0, 6), "{s:?}");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_incident_carries_the_fleets_disruptive_cap_as_it_changes() {
+    let vms: Vec<_> = (1..=6).map(|i| vm(&format!("vm{i}"), i)).collect();
+    let with_cap = |cap: Option<u16>| {
+        let mut f = fleet(|s| s.safety.max_concurrent_disruptive = cap);
+        f.metadata.generation = Some(2);
+        Arc::new(f)
+    };
+    let run = Run::start((*with_cap(Some(2))).clone(), vms);
+    advance(Duration::from_secs(40)).await;
+    run.net
+        .down
+        .lock()
+        .unwrap()
+        .insert("127.0.0.4".into(), FailureReason::TcpTimeout);
+    advance(Duration::from_secs(40)).await;
+    let name = run.kube.recorded().creates[0].0.clone();
+    let cap = |run: &Run| {
+        let obj = run.kube.recorded().objects[&name].clone();
+        let group = crate::fleet::incident::claim_group(&obj).map(|g| (g.id, g.max));
+        let annotations = obj.metadata.annotations.unwrap_or_default();
+        (annotations.get(MAX_DISRUPTIVE_ANNOTATION).cloned(), group)
+    };
+    assert_eq!(cap(&run), (Some("2".into()), Some(("ops/prod".into(), 2))));
+    // The fleet lowers its cap: the incident follows at the next look (every 5 s).
+    run.spec.send(with_cap(Some(1))).unwrap();
+    advance(Duration::from_secs(6)).await;
+    assert_eq!(cap(&run), (Some("1".into()), Some(("ops/prod".into(), 1))));
+    // And drops it: only the operator's cap is left.
+    run.spec.send(with_cap(None)).unwrap();
+    advance(Duration::from_secs(6)).await;
+    assert_eq!(cap(&run), (None, None));
+    assert_eq!(run.kube.recorded().creates.len(), 1);
     run.stop().await;
 }
 

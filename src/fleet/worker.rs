@@ -27,7 +27,9 @@ use super::{
     status,
 };
 use crate::{
-    api::{DiscoveryStatus, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus},
+    api::{
+        DiscoveryStatus, MAX_DISRUPTIVE_ANNOTATION, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus,
+    },
     azure::{AzureResult, Discovery, ResourceGraph},
     engine::{Severity, Status, pascal},
     probe::{Finding, ProbeReport, Prober, Target},
@@ -62,6 +64,14 @@ pub trait FleetSink: Send + Sync {
     async fn create(&self, obj: &RdpHealth) -> Result<Created, String>;
     /// Deletes an incident object (absent is fine).
     async fn delete(&self, namespace: &str, name: &str) -> Result<(), String>;
+    /// Sets (or, with `None`, removes) one annotation of an incident object.
+    async fn annotate(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String>;
     /// Writes the fleet's status.
     async fn write_status(
         &self,
@@ -488,6 +498,8 @@ impl Worker {
         // VM key → who watches it; this fleet's incidents with what to do about them.
         let mut others: HashMap<String, String> = HashMap::new();
         let mut ours: HashMap<String, (String, IncidentView, Option<Close>)> = HashMap::new();
+        // This fleet's incidents whose cap annotation lags the fleet's spec.
+        let mut stale_caps: Vec<String> = Vec::new();
         let retention = self
             .policy
             .as_ref()
@@ -508,6 +520,9 @@ impl Worker {
                 let present = self.members.contains_key(&key);
                 let close =
                     incident::close(obj, present, others.contains_key(&key), retention, wall);
+                if incident::cap_stale(obj, &self.fleet) {
+                    stale_caps.push(name.clone());
+                }
                 ours.insert(key, (name, incident::view_of(obj), close));
             }
         });
@@ -540,6 +555,7 @@ impl Worker {
         }
         if sink.may_write() {
             self.close_incidents(&ours, &namespace).await;
+            self.follow_cap(&stale_caps, &namespace).await;
             let pending: Vec<String> = self
                 .members
                 .iter()
@@ -587,6 +603,22 @@ impl Worker {
                 Err(e) => {
                     warn!(fleet = %self.name(), incident = %name, error = %e, "failed to delete the incident object")
                 }
+            }
+        }
+    }
+
+    /// Brings the cap annotation of the incidents in `names` in step with the fleet's
+    /// `safety.maxConcurrentDisruptive` (set, changed or removed since they were created).
+    async fn follow_cap(&self, names: &[String], namespace: &str) {
+        let cap = incident::max_disruptive(&self.fleet);
+        for name in names {
+            let result = self
+                .deps
+                .sink
+                .annotate(namespace, name, MAX_DISRUPTIVE_ANNOTATION, cap.as_deref())
+                .await;
+            if let Err(e) = result {
+                warn!(fleet = %self.name(), incident = %name, error = %e, "failed to update the incident's disruptive cap; retried at the next look");
             }
         }
     }
