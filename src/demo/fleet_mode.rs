@@ -132,9 +132,9 @@ impl DemoSink {
         }
     }
 
-    /// Whether every simulated VM ended as the demo expects: VMs that stay reachable (and a
-    /// VM another computer answers for, which probes in memory cannot tell apart) never got
-    /// an incident; every other VM's incident settled as its fault implies.
+    /// Whether every simulated VM ended as the demo expects: VMs that stay reachable never got
+    /// an incident; every other VM's incident settled as its fault implies (a VM another
+    /// computer answers for, which the members' identity step finds, is reported).
     pub(super) fn settled(&self) -> bool {
         let Some(status) = self.status() else {
             return false;
@@ -149,9 +149,9 @@ impl DemoSink {
                 .expect
                 .get(vm)
                 .copied()
-                .unwrap_or_else(|| Expect::for_fault(sim.fault));
-            match (expect, sim.answers_as.is_some()) {
-                (Expect::Healthy, _) | (_, true) => incident.is_none(),
+                .unwrap_or_else(|| Expect::for_vm(sim.fault, sim.answers_as.as_deref()));
+            match expect {
+                Expect::Healthy => incident.is_none(),
                 _ => incident.is_some_and(Tracked::settled),
             }
         })

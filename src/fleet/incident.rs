@@ -278,6 +278,7 @@ mod tests {
             location: "westeurope".into(),
             tags: BTreeMap::new(),
             power_state: None,
+            computer_name: None,
             private_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 4))),
             public_ip: None,
         }

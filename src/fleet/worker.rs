@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::{SignedDuration, Timestamp},
+};
 use tokio::{
     sync::watch,
     task::{JoinHandle, JoinSet},
@@ -31,8 +34,8 @@ use crate::{
         DiscoveryStatus, MAX_DISRUPTIVE_ANNOTATION, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus,
     },
     azure::{AzureResult, Discovery, ResourceGraph},
-    engine::{Severity, Status, pascal},
-    probe::{Finding, ProbeReport, Prober, Target},
+    engine::{Severity, Status, identity, pascal},
+    probe::{FailureReason, Finding, ProbeOptions, ProbeReport, Prober, Target},
 };
 
 /// How often incident objects, explicit objects and the status are looked at.
@@ -118,6 +121,9 @@ struct Worker {
     discovery: Option<DiscoveryStatus>,
     discovery_started: Option<Instant>,
     last_written: Option<RdpHealthFleetStatus>,
+    /// The loop's start on the monotonic clock and on the wall clock: identity reads are
+    /// dated and aged from the monotonic clock, so a wall-clock step cannot skip or repeat one.
+    started: (Instant, Timestamp),
 }
 
 /// Runs the loop for `fleet` until `stop` turns true or either sender is dropped.
@@ -137,6 +143,7 @@ pub async fn run(
         discovery: None,
         discovery_started: None,
         last_written: None,
+        started: (Instant::now(), Timestamp::now()),
     };
     let mut probes: JoinSet<(String, u64, ProbeReport)> = JoinSet::new();
     let mut discovering: Option<JoinHandle<AzureResult<Discovery>>> = None;
@@ -186,9 +193,8 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             }, if room && !idle => {
-                if let Some((key, epoch, target)) = w.next_probe(Instant::now()) {
+                if let Some((key, epoch, target, opts)) = w.next_probe(Instant::now()) {
                     let prober = Arc::clone(&w.deps.prober);
-                    let opts = w.policy.as_ref().map(|p| p.options.clone()).unwrap_or_default();
                     probes.spawn(async move {
                         let report = prober.probe(&target, &opts).await;
                         (key, epoch, report)
@@ -232,6 +238,14 @@ fn offset(key: &str, interval: Duration) -> Duration {
 }
 
 impl Worker {
+    /// `now` on the wall clock, counted from the loop's start on the monotonic clock.
+    fn wall(&self, now: Instant) -> Timestamp {
+        let (instant, wall) = self.started;
+        let elapsed = SignedDuration::try_from(now.saturating_duration_since(instant))
+            .unwrap_or(SignedDuration::ZERO);
+        wall.checked_add(elapsed).unwrap_or(wall)
+    }
+
     fn name(&self) -> String {
         format!(
             "{}/{}",
@@ -332,8 +346,10 @@ impl Worker {
         }
     }
 
-    /// The next member to probe now, if its turn has come and the fleet probes it.
-    fn next_probe(&mut self, now: Instant) -> Option<(String, u64, Target)> {
+    /// The next member to probe now, if its turn has come and the fleet probes it, with the
+    /// prober's options (the identity step when it is due).
+    fn next_probe(&mut self, now: Instant) -> Option<(String, u64, Target, ProbeOptions)> {
+        let wall = self.wall(now);
         let policy = self.policy.as_ref().ok()?;
         while let Some(Reverse((at, epoch, key))) = self.queue.peek().cloned() {
             if at > now {
@@ -346,21 +362,33 @@ impl Worker {
             if m.epoch != epoch || m.watcher != Watcher::Fleet {
                 continue;
             }
-            let Some(address) = m.address(policy.spec.address_type) else {
+            let Some(endpoint) = m.endpoint(policy.spec.address_type, policy.spec.port) else {
                 // No address of that type: looked at again with the next discovery.
                 continue;
             };
-            let target = Target {
-                host: address.to_string(),
-                port: policy.spec.port,
+            let options = ProbeOptions {
+                identity: identity::due(
+                    m.identity.as_deref(),
+                    &endpoint,
+                    policy.spec.probe.identity_check_interval,
+                    wall,
+                    |_| false,
+                ),
+                expect_name: endpoint.computer_name.clone(),
+                ..policy.options.clone()
             };
-            return Some((key, epoch, target));
+            let target = Target {
+                host: endpoint.host,
+                port: endpoint.port,
+            };
+            return Some((key, epoch, target, options));
         }
         None
     }
 
     /// Records a probe's result and queues the member's next probe.
     async fn probed(&mut self, key: &str, epoch: u64, report: &ProbeReport, now: Instant) {
+        let wall = self.wall(now);
         let Ok(policy) = &self.policy else { return };
         let thresholds = policy.thresholds();
         let probe = policy.spec.probe;
@@ -374,12 +402,31 @@ impl Worker {
             // The prober's own failure says nothing about the VM: no verdict.
             Turn::None
         } else {
-            let reason = report.failure.as_ref().map(|f| pascal(f.reason.as_str()));
+            // A wrong host stays one until the endpoint answers as the VM again (as for an
+            // object): a plain handshake with the other computer is no success.
+            let endpoint = m.endpoint(policy.spec.address_type, policy.spec.port);
+            let wrong_host = endpoint
+                .as_ref()
+                .is_some_and(|e| identity::still_wrong_host(m.identity.as_deref(), e, report));
+            if let Some(e) = &endpoint {
+                m.identity =
+                    identity::observed(m.identity.as_deref(), e, report, wall).map(Box::new);
+            }
+            let reason = if wrong_host {
+                Some(pascal(FailureReason::WrongHost.as_str()))
+            } else {
+                report.failure.as_ref().map(|f| pascal(f.reason.as_str()))
+            };
             m.certificate_expired = report
                 .findings
                 .iter()
                 .any(|f| matches!(f, Finding::CertificateExpired));
-            m.record(report.reachable, reason, thresholds, Timestamp::now())
+            m.record(
+                report.reachable && !wrong_host,
+                reason,
+                thresholds,
+                Timestamp::now(),
+            )
         };
         let next = probe.interval_after(m.streak.failures, m.reachable == Status::False);
         self.queue
