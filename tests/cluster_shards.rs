@@ -43,12 +43,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const SHARDS: u32 = 6;
 const LEASE_SECONDS: u64 = 2;
 
+const TIMING: &str = "operation: 300ms, restart: 2s, retryAfter: 200ms";
+
 fn scenario(vms: &[String]) -> Scenario {
-    operator::scenario(
-        SUB,
-        "operation: 300ms, restart: 2s, retryAfter: 200ms",
-        &vms.join("\n          - "),
-    )
+    operator::scenario(SUB, TIMING, &vms.join("\n          - "))
 }
 
 fn rdphealth(name: &str, rdp: SocketAddr, remediation: Value) -> DynamicObject {
@@ -358,40 +356,27 @@ async fn a_fleets_cap_holds_across_subscriptions_and_replicas() {
 /// A simulated world of `subs`, each with the resource group of [`operator::scenario`], the
 /// VMs spread over them in turn: (scenario, each VM's subscription).
 fn scenario_in(subs: &[&str], vms: &[String]) -> (Scenario, Vec<String>) {
-    if let [sub] = subs {
-        return (scenario(vms), vec![(*sub).to_string(); vms.len()]);
-    }
-    let mut yaml = "timing: { operation: 300ms, restart: 2s, retryAfter: 200ms }\nsubscriptions:\n"
-        .to_string();
-    for (i, sub) in subs.iter().enumerate() {
-        let mine: Vec<&str> = vms
-            .iter()
-            .skip(i)
-            .step_by(subs.len())
-            .map(String::as_str)
-            .collect();
-        yaml.push_str(&format!(
-            r#"  - id: {sub}
-    resourceGroups:
-      - name: rg
-        location: westeurope
-        networkSecurityGroups:
-          - name: nsg
-            rules:
-              - {{ name: allow-rdp, priority: 1000, access: Allow, protocol: Tcp, source: "*", destinationPort: "*" }}
-        virtualNetworks:
-          - {{ name: vnet, addressPrefix: 10.0.0.0/16, subnets: [ {{ name: s, addressPrefix: 10.0.0.0/24, networkSecurityGroup: nsg }} ] }}
-        vms:
-          - {}
-"#,
+    let per_sub: Vec<String> = (0..subs.len())
+        .map(|i| {
+            let mine: Vec<&str> = vms
+                .iter()
+                .skip(i)
+                .step_by(subs.len())
+                .map(String::as_str)
+                .collect();
             mine.join("\n          - ")
-        ));
-    }
+        })
+        .collect();
+    let blocks: Vec<(&str, &str)> = subs
+        .iter()
+        .zip(&per_sub)
+        .map(|(s, v)| (*s, v.as_str()))
+        .collect();
     // VM i went to subscription i % n.
     let sub_of = (0..vms.len())
         .map(|i| subs[i % subs.len()].to_string())
         .collect();
-    (Scenario::from_yaml(&yaml).unwrap(), sub_of)
+    (operator::scenario_in(TIMING, &blocks), sub_of)
 }
 
 /// Four hung VMs (in `subs`, in turn) need a Restart, with `--max-concurrent-disruptive 1` and,

@@ -249,11 +249,7 @@ impl FleetSink for DemoSink {
         let tracked = objects
             .get_mut(name)
             .ok_or_else(|| format!("no object {name}"))?;
-        let annotations = tracked.obj.metadata.annotations.get_or_insert_default();
-        match value {
-            Some(v) => annotations.insert(annotation.to_owned(), v.to_owned()),
-            None => annotations.remove(annotation),
-        };
+        crate::fleet::incident::set_annotation(&mut tracked.obj, annotation, value);
         Ok(())
     }
 

@@ -155,6 +155,15 @@ pub fn cap_stale(obj: &RdpHealth, fleet: &RdpHealthFleet) -> bool {
     current.cloned() != max_disruptive(fleet)
 }
 
+/// Sets annotation `key` of `obj` to `value`, or removes it with `None`.
+pub fn set_annotation(obj: &mut RdpHealth, key: &str, value: Option<&str>) {
+    let annotations = obj.metadata.annotations.get_or_insert_default();
+    match value {
+        Some(v) => annotations.insert(key.to_owned(), v.to_owned()),
+        None => annotations.remove(key),
+    };
+}
+
 /// The claim group whose cap `obj`'s disruptive rungs count against besides its
 /// subscription's: its fleet's, when it carries the fleet label and the cap annotation. A cap
 /// that is not a number allows no rung (when in doubt, wait).

@@ -100,11 +100,7 @@ impl FleetSink for MemorySink {
             .objects
             .get_mut(name)
             .ok_or_else(|| format!("no object {name}"))?;
-        let annotations = obj.metadata.annotations.get_or_insert_default();
-        match value {
-            Some(v) => annotations.insert(annotation.to_owned(), v.to_owned()),
-            None => annotations.remove(annotation),
-        };
+        super::incident::set_annotation(obj, annotation, value);
         Ok(())
     }
 
