@@ -424,7 +424,7 @@ async fn restarts_one_at_a_time(ns: &str, subs: &[&str], fleet_cap: Option<&str>
         }
         api.create(&PostParams::default(), &obj).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(100);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let mut most_in_flight = 0;
     let s = loop {
         let s = statuses(&api).await;
