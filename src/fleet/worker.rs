@@ -1,7 +1,6 @@
 //! One fleet's loop: discovery every interval, each member probed on its own schedule (a
 //! queue keyed by due time, so no member waits behind others), incidents opened and closed
-//! (`housekeeping`),
-//! and the fleet's status written when its counts change.
+//! (`housekeeping`), and the fleet's status written when its counts change.
 //!
 //! Kubernetes is reached only through [`FleetSink`], Azure only through [`ResourceGraph`], the
 //! network only through [`Prober`]: the loop runs the same against the API server and in tests.
