@@ -8,9 +8,12 @@
 //!
 //! `cargo bench --bench controller_scale` runs 10,000 objects for a 60 s window
 //! (`RDPHEALTH_BENCH_OBJECTS`, `RDPHEALTH_BENCH_WINDOW_SECS`, and `RDPHEALTH_BENCH_HEARTBEAT_SECS`
-//! for the status heartbeat, default the operator's). `RDPHEALTH_BENCH_MEASURE=store` measures
-//! the watch cache (reflector store) alone instead: the objects, with the status a healthy probe
-//! writes, watched without a controller. Under `cargo test` it runs a handful of objects for a
+//! for the status heartbeat, default the operator's). `RDPHEALTH_BENCH_MEASURE` measures the
+//! watch cache (reflector store) alone instead, objects with the status a healthy probe writes
+//! watched without a controller: `store-as-controller` the objects exactly as the controller
+//! bench leaves them (its share of the controller's memory), `store` and `store-trimmed` as a
+//! real API server stores them after a `kubectl apply` (field maps, last-applied copy), whole
+//! and trimmed as the controller's cache. Under `cargo test` it runs a handful of objects for a
 //! moment, to keep the target compiling and working.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -128,24 +131,35 @@ fn healthy_report(target: String) -> ProbeReport {
     }
 }
 
-/// `object(i)` with the status the controller writes after a healthy probe.
-fn object_with_status(i: usize) -> Value {
+/// `object(i)` with the status the controller writes after a healthy probe of it: what the
+/// controller bench's stand-in holds once every object was probed (it keeps no field maps).
+fn object_as_written(i: usize) -> Value {
     let mut value = object(i);
     value["metadata"]["generation"] = json!(1);
     let obj: RdpHealth = serde_json::from_value(value.clone()).unwrap();
+    let host = value["spec"]["endpoint"]["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let observation = Observation::Probed {
+        report: Box::new(healthy_report(format!("{host}:3389"))),
         endpoint: ResolvedEndpoint {
-            host: "127.0.0.1".into(),
+            host,
             port: 3389,
             source: EndpointSource::Spec,
             computer_name: None,
         },
-        report: Box::new(healthy_report("127.0.0.1:3389".into())),
     };
     let status = engine::evaluate(&obj, observation, Timestamp::now()).status;
     value["status"] = serde_json::to_value(status).unwrap();
-    // What a real API server stores besides: kubectl's copy of the applied object, and a
-    // field map per writer (kubectl for the spec, the operator's apply for the status).
+    value
+}
+
+/// `object_as_written(i)` as a real API server stores it besides: kubectl's copy of the
+/// applied object, and a field map per writer (kubectl for the spec, the operator's apply for
+/// the status).
+fn object_as_applied(i: usize) -> Value {
+    let mut value = object_as_written(i);
     let applied = object(i);
     value["metadata"]["annotations"] = json!({
         "kubectl.kubernetes.io/last-applied-configuration": applied.to_string(),
@@ -211,11 +225,44 @@ fn is_status_write(method: &str, path: &str) -> bool {
     path.ends_with("/status") && matches!(method, "PATCH" | "PUT")
 }
 
+/// What the stand-in serves at the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Spec only, as created (the controller bench: the controller writes every status).
+    New,
+    /// Spec and the status a healthy probe writes: what the controller bench's stand-in holds
+    /// after the first pass.
+    Written,
+    /// [`Shape::Written`] with what a real API server adds after a `kubectl apply` and the
+    /// operator's status writes (field maps, kubectl's last-applied copy).
+    Applied,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Written => "written",
+            Self::Applied => "applied",
+        }
+    }
+
+    fn object(self, i: usize) -> Value {
+        match self {
+            Self::New => object(i),
+            Self::Written => object_as_written(i),
+            Self::Applied => object_as_applied(i),
+        }
+    }
+}
+
 /// What the stand-in process reports about itself (totals since it started).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct StandInStats {
     /// Objects whose status holds a probe.
     with_status: usize,
+    /// The size of the first object as JSON, as the stand-in holds it now.
+    sample_bytes: usize,
     status_writes: usize,
     events: usize,
     requests: usize,
@@ -225,15 +272,10 @@ struct StandInStats {
 
 /// The child process: the API-server stand-in holding `objects` objects. Prints its address,
 /// then answers every line on stdin with a JSON line of [`StandInStats`]; exits at EOF.
-async fn serve_stand_in(objects: usize, with_status: bool) {
+async fn serve_stand_in(objects: usize, shape: Shape) {
     let api = FakeApiServer::start().await;
     for i in 0..objects {
-        let obj = if with_status {
-            object_with_status(i)
-        } else {
-            object(i)
-        };
-        api.create("rdphealths", NS, obj);
+        api.create("rdphealths", NS, shape.object(i));
     }
     let mut out = tokio::io::stdout();
     out.write_all(format!("{}\n", api.addr).as_bytes())
@@ -248,6 +290,10 @@ async fn serve_stand_in(objects: usize, with_status: bool) {
                 .iter()
                 .filter(|o| has_status(o))
                 .count(),
+            sample_bytes: s
+                .list("rdphealths", NS)
+                .first()
+                .map_or(0, |o| o.to_string().len()),
             status_writes: s
                 .requests
                 .iter()
@@ -278,14 +324,11 @@ struct StandIn {
 }
 
 impl StandIn {
-    async fn spawn(objects: usize, with_status: bool) -> Self {
+    async fn spawn(objects: usize, shape: Shape) -> Self {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(ROLE, "api-server")
             .env("RDPHEALTH_BENCH_OBJECTS", objects.to_string())
-            .env(
-                "RDPHEALTH_BENCH_WITH_STATUS",
-                if with_status { "1" } else { "0" },
-            )
+            .env(SHAPE, shape.name())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -316,6 +359,8 @@ impl StandIn {
 }
 
 const ROLE: &str = "RDPHEALTH_BENCH_ROLE";
+/// The stand-in's [`Shape`], by name.
+const SHAPE: &str = "RDPHEALTH_BENCH_SHAPE";
 
 /// Probes so far (every probe, written or not).
 fn probes(text: &str) -> f64 {
@@ -388,7 +433,7 @@ async fn metrics(addr: std::net::SocketAddr) -> String {
 }
 
 async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
-    let mut api = StandIn::spawn(objects, false).await;
+    let mut api = StandIn::spawn(objects, Shape::New).await;
     let client = api.client();
     let rss0 = rss().unwrap().0;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -434,6 +479,8 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     let (count0, sum0, _) = reconcile_histogram(&text0);
     let probes0 = probes(&text0);
     prober.recording.store(true, Ordering::Relaxed);
+    // On stderr, for a heap profiler to take its snapshot inside the window.
+    eprintln!("steady window of {} s starts", window.as_secs());
     tokio::time::sleep(window).await;
     prober.recording.store(false, Ordering::Relaxed);
     let cpu = cpu_time().unwrap() - cpu0;
@@ -485,6 +532,10 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     println!(
         "| objects with a status at the end | {} of {objects} |",
         after.with_status
+    );
+    println!(
+        "| one object as the stand-in holds it at the end (JSON) | {} bytes |",
+        after.sample_bytes
     );
     println!(
         "| failed reconciles (whole run, by reason) | {} |",
@@ -554,10 +605,11 @@ async fn scale(objects: usize, window: Duration, heartbeat: Duration) {
     );
 }
 
-/// The watch cache alone: a reflector over `objects` objects that carry a healthy status, no
-/// controller, no probes, no writes.
-async fn store_only(objects: usize, trimmed: bool) {
-    let api = StandIn::spawn(objects, true).await;
+/// The watch cache alone: a reflector over `objects` objects of `shape` (with the status a
+/// healthy probe writes), no controller, no probes, no writes; `trimmed` as the controller's
+/// cache ([`controller::trim`]).
+async fn store_only(objects: usize, shape: Shape, trimmed: bool) {
+    let mut api = StandIn::spawn(objects, shape).await;
     let rdph: Api<DeserializeGuard<RdpHealth>> = Api::all(api.client());
     let rss0 = rss().unwrap().0;
     let started = Instant::now();
@@ -583,15 +635,18 @@ async fn store_only(objects: usize, trimmed: bool) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss1, hwm) = rss().unwrap();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let sample = serde_json::to_vec(&object_with_status(0)).unwrap().len();
+    let sample = api.stats().await.sample_bytes;
     println!("| measure | value |\n|---|---|");
     println!(
         "| RdpHealth objects in the store | {} |",
         store.state().len()
     );
     println!(
-        "| one object as JSON (spec, a healthy status, managedFields, last-applied) | {:.1} KiB |",
-        sample as f64 / 1024.0
+        "| one object as the stand-in holds it (JSON; {}) | {sample} bytes |",
+        match shape {
+            Shape::Applied => "spec, a healthy status, managedFields, last-applied",
+            _ => "spec and a healthy status, as the controller bench's objects",
+        }
     );
     println!(
         "| cache | {} |",
@@ -628,8 +683,12 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     if std::env::var(ROLE).as_deref() == Ok("api-server") {
         let objects = env("RDPHEALTH_BENCH_OBJECTS", 5) as usize;
-        let with_status = env("RDPHEALTH_BENCH_WITH_STATUS", 0) == 1;
-        rt.block_on(serve_stand_in(objects, with_status));
+        let shape = match std::env::var(SHAPE).as_deref() {
+            Ok("written") => Shape::Written,
+            Ok("applied") => Shape::Applied,
+            _ => Shape::New,
+        };
+        rt.block_on(serve_stand_in(objects, shape));
         return;
     }
     let bench = std::env::args().any(|a| a == "--bench");
@@ -646,8 +705,10 @@ fn main() {
         writes::HEARTBEAT.as_secs(),
     ));
     match std::env::var("RDPHEALTH_BENCH_MEASURE").as_deref() {
-        Ok("store") => rt.block_on(store_only(objects, false)),
-        Ok("store-trimmed") => rt.block_on(store_only(objects, true)),
+        Ok("store") => rt.block_on(store_only(objects, Shape::Applied, false)),
+        Ok("store-trimmed") => rt.block_on(store_only(objects, Shape::Applied, true)),
+        // The controller bench's objects, cached as the controller caches them.
+        Ok("store-as-controller") => rt.block_on(store_only(objects, Shape::Written, true)),
         _ => rt.block_on(scale(objects, Duration::from_secs(window), heartbeat)),
     }
 }

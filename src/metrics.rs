@@ -1,6 +1,8 @@
 //! Prometheus metrics. The names are a contract (dashboards and alerts use them); label values
 //! are bounded (enums, object keys), never free text.
 
+mod objects;
+
 use std::{
     collections::HashSet,
     sync::{
@@ -18,7 +20,7 @@ use prometheus::{
 use k8s_openapi::jiff::Timestamp;
 
 use crate::{
-    api::{Phase, RdpHealthStatus, conditions as types, reasons},
+    api::{LastProbe, Phase, RdpHealthStatus, conditions as types, reasons},
     azure::CountedAzure,
     engine::conditions::{self, Status},
     evidence::nsg::Access,
@@ -66,41 +68,26 @@ pub trait Inventory: Send + Sync {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    vm_reachable: IntGaugeVec,
     probe_duration: HistogramVec,
     probe_failures: IntCounterVec,
     prober_errors: IntCounter,
     observer: IntGaugeVec,
     /// The last probe failed on the prober's side (readiness reports it).
     prober_blind: AtomicBool,
-    certificate_expiry: IntGaugeVec,
-    unreachable_since: IntGaugeVec,
     reconcile_duration: Histogram,
     reconcile_errors: IntCounterVec,
     objects: IntGaugeVec,
     remediations: IntCounterVec,
-    ladder_rung: IntGaugeVec,
     remediation_suspended: IntGaugeVec,
-    findings: IntGaugeVec,
-    /// Objects that have per-object series, so deleted ones can be removed.
-    tracked: Mutex<HashSet<ObjectKey>>,
+    /// Every object's own series (deleted objects' are removed).
+    objects_series: objects::ObjectSeries,
 }
-
-const OBJECT_LABELS: &[&str] = &["namespace", "name"];
 
 impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let m = Self {
-            vm_reachable: IntGaugeVec::new(
-                Opts::new(
-                    "rdphealth_vm_reachable",
-                    "1 when the VM's RDP endpoint is reachable (Reachable=True), 0 otherwise; absent until the first probe.",
-                ),
-                OBJECT_LABELS,
-            )
-            .map_err(MetricsError::Register)?,
             probe_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "rdphealth_probe_duration_seconds",
@@ -134,22 +121,6 @@ impl Metrics {
             )
             .map_err(MetricsError::Register)?,
             prober_blind: AtomicBool::new(false),
-            certificate_expiry: IntGaugeVec::new(
-                Opts::new(
-                    "rdphealth_certificate_expiry_timestamp_seconds",
-                    "Unix time at which the VM's RDP certificate expires.",
-                ),
-                OBJECT_LABELS,
-            )
-            .map_err(MetricsError::Register)?,
-            unreachable_since: IntGaugeVec::new(
-                Opts::new(
-                    "rdphealth_unreachable_since_timestamp_seconds",
-                    "Unix time at which the VM became unreachable; 0 while reachable.",
-                ),
-                OBJECT_LABELS,
-            )
-            .map_err(MetricsError::Register)?,
             reconcile_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "rdphealth_reconcile_duration_seconds",
@@ -181,14 +152,6 @@ impl Metrics {
                 &["rung", "result"],
             )
             .map_err(MetricsError::Register)?,
-            ladder_rung: IntGaugeVec::new(
-                Opts::new(
-                    "rdphealth_ladder_rung",
-                    "The rung in flight for the VM (Rung ordinal: 1 ResetRdpConfig ... 8 RepairNsg), 0 when none.",
-                ),
-                OBJECT_LABELS,
-            )
-            .map_err(MetricsError::Register)?,
             remediation_suspended: IntGaugeVec::new(
                 Opts::new(
                     "rdphealth_remediation_suspended",
@@ -197,29 +160,17 @@ impl Metrics {
                 &["reason"],
             )
             .map_err(MetricsError::Register)?,
-            findings: IntGaugeVec::new(
-                Opts::new(
-                    "rdphealth_findings",
-                    "1 while the operator has a finding of this kind for the VM.",
-                ),
-                &["namespace", "name", "kind"],
-            )
-            .map_err(MetricsError::Register)?,
-            tracked: Mutex::new(HashSet::new()),
+            objects_series: objects::ObjectSeries::new()?,
             registry,
         };
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 10] = [
             Box::new(m.prober_errors.clone()),
             Box::new(m.observer.clone()),
             Box::new(m.remediations.clone()),
-            Box::new(m.ladder_rung.clone()),
             Box::new(m.remediation_suspended.clone()),
-            Box::new(m.findings.clone()),
-            Box::new(m.vm_reachable.clone()),
+            Box::new(m.objects_series.clone()),
             Box::new(m.probe_duration.clone()),
             Box::new(m.probe_failures.clone()),
-            Box::new(m.certificate_expiry.clone()),
-            Box::new(m.unreachable_since.clone()),
             Box::new(m.reconcile_duration.clone()),
             Box::new(m.reconcile_errors.clone()),
             Box::new(m.objects.clone()),
@@ -352,67 +303,14 @@ impl Metrics {
 
     /// Updates an object's series from its new status.
     pub fn object_status(&self, key: &ObjectKey, status: &RdpHealthStatus) {
-        let Some(last) = &status.last_probe else {
-            return;
-        };
-        let labels = [key.namespace.as_str(), key.name.as_str()];
-        let rung = status
-            .ladder
-            .current
-            .as_ref()
-            .map_or(0, |c| i64::from(c.step.rung.ordinal()));
-        self.ladder_rung.with_label_values(&labels).set(rung);
-        let active = findings(status);
-        for kind in FINDING_KINDS {
-            let l = [key.namespace.as_str(), key.name.as_str(), kind];
-            if active.contains(&kind) {
-                self.findings.with_label_values(&l).set(1);
-            } else {
-                let _ = self.findings.remove_label_values(&l);
-            }
+        if let Some(last) = &status.last_probe {
+            self.objects_series.update(key, status, last);
         }
-        let reachable = conditions::status_of(&status.conditions, types::REACHABLE);
-        self.vm_reachable
-            .with_label_values(&labels)
-            .set(i64::from(reachable == Some(Status::True)));
-        let since = match (reachable, &status.last_transition_to_unreachable) {
-            (Some(Status::False), Some(t)) => t.0.as_second(),
-            _ => 0,
-        };
-        self.unreachable_since.with_label_values(&labels).set(since);
-        if let Some(not_after) = &last.certificate_not_after {
-            self.certificate_expiry
-                .with_label_values(&labels)
-                .set(not_after.0.as_second());
-        }
-        self.tracked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone());
     }
 
     /// Drops an object's series: another replica probes it now (its shard moved).
     pub fn forget_object(&self, key: &ObjectKey) {
-        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
-        if tracked.remove(key) {
-            self.remove_series(key);
-        }
-    }
-
-    fn remove_series(&self, key: &ObjectKey) {
-        let labels = [key.namespace.as_str(), key.name.as_str()];
-        // Absent series are fine: an object may never have had a certificate.
-        let _ = self.vm_reachable.remove_label_values(&labels);
-        let _ = self.certificate_expiry.remove_label_values(&labels);
-        let _ = self.unreachable_since.remove_label_values(&labels);
-        let _ = self.ladder_rung.remove_label_values(&labels);
-        for kind in FINDING_KINDS {
-            let _ = self.findings.remove_label_values(&[
-                key.namespace.as_str(),
-                key.name.as_str(),
-                kind,
-            ]);
-        }
+        self.objects_series.forget(key);
     }
 
     /// Counts a failed reconcile.
@@ -432,14 +330,7 @@ impl Metrics {
     pub fn sync_inventory(&self, inventory: &dyn Inventory) {
         let objects = inventory.objects();
         let live: HashSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
-        let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
-        tracked.retain(|key| {
-            if live.contains(key) {
-                return true;
-            }
-            self.remove_series(key);
-            false
-        });
+        self.objects_series.retain(|key| live.contains(key));
         for phase in Phase::ALL {
             let count = objects.iter().filter(|(_, p)| *p == Some(phase)).count();
             self.objects
@@ -638,6 +529,9 @@ mod tests {
             r#"rdphealth_unreachable_since_timestamp_seconds{name="vm-1",namespace="default"} 0"#
         ));
         assert!(text.contains(r#"rdphealth_certificate_expiry_timestamp_seconds{name="vm-1",namespace="default"} 1798761600"#));
+        assert!(text.contains(r#"rdphealth_ladder_rung{name="vm-1",namespace="default"} 0"#));
+        assert!(text.contains("# HELP rdphealth_vm_reachable 1 when the VM's RDP endpoint is reachable (Reachable=True), 0 otherwise; absent until the first probe.\n# TYPE rdphealth_vm_reachable gauge\n"), "{text}");
+        assert!(!text.contains("rdphealth_findings{"), "no finding: {text}");
         assert!(text.contains(r#"rdphealth_probe_failures_total{reason="tcp_refused"} 1"#));
         assert!(text.contains(r#"rdphealth_probe_duration_seconds_count{result="reachable"} 1"#));
         assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 1"#));
@@ -648,6 +542,30 @@ mod tests {
         assert!(!text.contains(r#"name="vm-1""#), "{text}");
         m.object_status(&key("vm-1"), &out.status);
         assert!(m.render().unwrap().contains(r#"name="vm-1""#));
+
+        // A finding is a series of its own while it lasts.
+        let mut expired = out.status.clone();
+        expired
+            .conditions
+            .retain(|c| c.type_ != types::CERTIFICATE_VALID);
+        expired
+            .conditions
+            .push(k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: types::CERTIFICATE_VALID.into(),
+                status: "False".into(),
+                reason: reasons::CERTIFICATE_EXPIRED.into(),
+                message: String::new(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at(
+                    1000,
+                )),
+                observed_generation: None,
+            });
+        m.object_status(&key("vm-1"), &expired);
+        let finding =
+            r#"rdphealth_findings{kind="certificate_expired",name="vm-1",namespace="default"} 1"#;
+        assert!(m.render().unwrap().contains(finding));
+        m.object_status(&key("vm-1"), &out.status);
+        assert!(!m.render().unwrap().contains(finding));
 
         m.sync_inventory(&Fixed(vec![]));
         let text = m.render().unwrap();
