@@ -2,7 +2,7 @@
 //! are bounded (enums, object keys), never free text.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
@@ -82,8 +82,9 @@ pub struct Metrics {
     ladder_rung: IntGaugeVec,
     remediation_suspended: IntGaugeVec,
     findings: IntGaugeVec,
-    /// Objects that have per-object series, so deleted ones can be removed.
-    tracked: Mutex<HashSet<ObjectKey>>,
+    /// Objects that have per-object series, so deleted ones can be removed, each with the
+    /// finding kinds that have a series now (bit `i`: `FINDING_KINDS[i]`).
+    tracked: Mutex<HashMap<ObjectKey, u16>>,
 }
 
 const OBJECT_LABELS: &[&str] = &["namespace", "name"];
@@ -205,7 +206,7 @@ impl Metrics {
                 &["namespace", "name", "kind"],
             )
             .map_err(MetricsError::Register)?,
-            tracked: Mutex::new(HashSet::new()),
+            tracked: Mutex::new(HashMap::new()),
             registry,
         };
         let collectors: [Box<dyn Collector>; 14] = [
@@ -363,12 +364,29 @@ impl Metrics {
             .map_or(0, |c| i64::from(c.step.rung.ordinal()));
         self.ladder_rung.with_label_values(&labels).set(rung);
         let active = findings(status);
-        for kind in FINDING_KINDS {
-            let l = [key.namespace.as_str(), key.name.as_str(), kind];
-            if active.contains(&kind) {
-                self.findings.with_label_values(&l).set(1);
-            } else {
-                let _ = self.findings.remove_label_values(&l);
+        let active = FINDING_KINDS
+            .iter()
+            .enumerate()
+            .filter(|(_, kind)| active.contains(kind))
+            .fold(0u16, |bits, (i, _)| bits | (1 << i));
+        {
+            let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+            let shown = tracked.get(key).copied().unwrap_or_default();
+            // Only the series that exist are removed: a removal of an absent one costs an
+            // error message, and every reconcile would pay it for every kind.
+            for (i, kind) in FINDING_KINDS.iter().enumerate() {
+                let l = [key.namespace.as_str(), key.name.as_str(), kind];
+                if active & (1 << i) != 0 {
+                    self.findings.with_label_values(&l).set(1);
+                } else if shown & (1 << i) != 0 {
+                    let _ = self.findings.remove_label_values(&l);
+                }
+            }
+            match tracked.get_mut(key) {
+                Some(shown) => *shown = active,
+                None => {
+                    tracked.insert(key.clone(), active);
+                }
             }
         }
         let reachable = conditions::status_of(&status.conditions, types::REACHABLE);
@@ -385,16 +403,12 @@ impl Metrics {
                 .with_label_values(&labels)
                 .set(not_after.0.as_second());
         }
-        self.tracked
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.clone());
     }
 
     /// Drops an object's series: another replica probes it now (its shard moved).
     pub fn forget_object(&self, key: &ObjectKey) {
         let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
-        if tracked.remove(key) {
+        if tracked.remove(key).is_some() {
             self.remove_series(key);
         }
     }
@@ -433,7 +447,7 @@ impl Metrics {
         let objects = inventory.objects();
         let live: HashSet<&ObjectKey> = objects.iter().map(|(k, _)| k).collect();
         let mut tracked = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
-        tracked.retain(|key| {
+        tracked.retain(|key, _| {
             if live.contains(key) {
                 return true;
             }
@@ -482,6 +496,9 @@ pub const FINDING_KINDS: [&str; 11] = [
     "legacy_tls_allowed",
     "legacy_rdp_security",
 ];
+
+// The kinds shown for an object are kept as bits of a `u16`.
+const _: () = assert!(FINDING_KINDS.len() <= 16);
 
 /// The findings a status shows: certificate problems of the last probe (from the
 /// `CertificateValid` condition), the identity step's (`HostIdentity`, `NlaRequired`, the
@@ -653,6 +670,50 @@ mod tests {
         let text = m.render().unwrap();
         assert!(!text.contains(r#"name="vm-1""#), "{text}");
         assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 0"#));
+    }
+
+    #[test]
+    fn a_finding_series_exists_while_the_finding_does() {
+        let m = Metrics::new().unwrap();
+        let status = |legacy_tls: bool| {
+            let obj = object(|o| o.spec.remediation.allow_legacy_tls = legacy_tls);
+            let observation = Observation::Probed {
+                endpoint: endpoint(),
+                report: Box::new(ok_report()),
+            };
+            evaluate(&obj, observation, at(1000)).status
+        };
+        let series = |name: &str| {
+            format!(
+                r#"rdphealth_findings{{kind="legacy_tls_allowed",name="{name}",namespace="default"}} 1"#
+            )
+        };
+        m.object_status(&key("vm-1"), &status(true));
+        m.object_status(&key("vm-2"), &status(true));
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(&series("vm-1")) && text.contains(&series("vm-2")),
+            "{text}"
+        );
+        // Unchanged: still there.
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
+        // Gone for the object whose finding cleared, kept for the other.
+        m.object_status(&key("vm-1"), &status(false));
+        let text = m.render().unwrap();
+        assert!(!text.contains(&series("vm-1")), "{text}");
+        assert!(text.contains(&series("vm-2")), "{text}");
+        assert!(
+            !text.contains(r#"rdphealth_findings{kind="no_tls""#),
+            "{text}"
+        );
+        // Back again, and gone with the object.
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
+        m.forget_object(&key("vm-1"));
+        assert!(!m.render().unwrap().contains(&series("vm-1")));
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
     }
 
     #[test]
