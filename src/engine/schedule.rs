@@ -14,7 +14,7 @@ use super::{
     spec::ValidSpec,
 };
 use crate::{
-    api::{Phase, RdpHealth, conditions as types, reasons},
+    api::{Phase, RdpHealth, RdpHealthStatus, conditions as types, reasons},
     ladder::ExecutionPhase,
 };
 
@@ -35,7 +35,14 @@ pub enum Schedule {
 /// Decides whether `obj` needs a probe at `now`. `probed_at` is when this driver last probed
 /// the object, if it remembers; the later of it and `status.lastProbe.time` counts.
 pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -> Schedule {
-    let status = obj.status.clone().unwrap_or_default();
+    let none;
+    let status = match &obj.status {
+        Some(status) => status,
+        None => {
+            none = RdpHealthStatus::default();
+            &none
+        }
+    };
     let current = status.observed_generation.is_some()
         && status.observed_generation == obj.metadata.generation;
     let spec = match ValidSpec::try_from(&obj.spec) {
@@ -80,7 +87,7 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
 /// operation or of an evidence read, the end of settling, the deadline of an unanswered
 /// request, or the end of a backoff. Drivers reconcile at that time without probing, so
 /// polling and settling never make probes more frequent than the probe intervals.
-pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
+pub fn ladder_due(status: &RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
     let ladder = &status.ladder;
     let current = ladder.current.as_ref().and_then(|c| match c.phase {
         ExecutionPhase::Requested => crate::ladder::nic::requested_at(c)
