@@ -225,8 +225,12 @@ impl Fleet {
     /// cache (and so in the view), so a claim whose object shows no rung in flight is one
     /// whose rung ended, however it ended (idle, finished by another replica, suspended).
     pub(super) fn release_settled(&self, subscription: &str, key: &str, age: Duration) {
-        let subscription = &subscription.to_ascii_lowercase();
         if let Ok(mut claims) = self.claims.lock() {
+            // Called on every reconcile; almost always with no claim at all.
+            if claims.is_empty() {
+                return;
+            }
+            let subscription = &subscription.to_ascii_lowercase();
             let id = (subscription.to_string(), key.to_string());
             if claims.get(&id).is_some_and(|t| t.elapsed() >= age) {
                 claims.remove(&id);
