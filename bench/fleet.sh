@@ -37,7 +37,7 @@ trap cleanup EXIT
 RUST_LOG=warn "$BIN" sim --listen "127.0.0.1:$SIM_PORT" --scenario "$work/scenario.yaml" \
     >"$work/sim.out" 2>"$work/sim.err" &
 SIM_PID=$!
-for _ in $(seq 1 1200); do
+for _ in $(seq 1 $((1200 + VMS / 20))); do
     [ "$(grep -c '^VM ' "$work/sim.out" || true)" -ge "$VMS" ] && break
     sleep 0.1
 done

@@ -8,7 +8,8 @@
 //!   its objects are probed by another within the Lease duration plus a margin;
 //! - remediation across shards: several VMs of one subscription need a Restart with a cap of
 //!   one disruptive rung: the simulator receives exactly one restart per VM, and no two
-//!   restarts ever overlap.
+//!   restarts ever overlap; the same with the VMs in four subscriptions as one fleet's
+//!   incidents, held by the fleet's cap of one.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -30,6 +31,7 @@ use kube::{
     api::{DynamicObject, ListParams, PostParams},
 };
 use rdphealth::{
+    api::{FLEET_LABEL, MAX_DISRUPTIVE_ANNOTATION},
     controller::{LeaseClaims, shard_of},
     engine::remediate::SharedClaims,
     sim::{Scenario, Simulator},
@@ -41,12 +43,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const SHARDS: u32 = 6;
 const LEASE_SECONDS: u64 = 2;
 
+const TIMING: &str = "operation: 300ms, restart: 2s, retryAfter: 200ms";
+
 fn scenario(vms: &[String]) -> Scenario {
-    operator::scenario(
-        SUB,
-        "operation: 300ms, restart: 2s, retryAfter: 200ms",
-        &vms.join("\n          - "),
-    )
+    operator::scenario(SUB, TIMING, &vms.join("\n          - "))
 }
 
 fn rdphealth(name: &str, rdp: SocketAddr, remediation: Value) -> DynamicObject {
@@ -338,21 +338,66 @@ async fn three_replicas_share_the_objects_and_take_over_a_killed_ones() {
 /// three replicas each VM is restarted exactly once and no two restarts overlap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_disruptive_cap_holds_across_replicas() {
+    restarts_one_at_a_time("shards-cap", &[SUB], None).await;
+}
+
+/// Four VMs, each in a subscription of its own, are one fleet's incidents with the fleet's cap
+/// of one disruptive rung: the operator's cap of one per subscription would let all four
+/// restart at once; the fleet's cap, claimed across the three replicas, lets one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleets_cap_holds_across_subscriptions_and_replicas() {
+    let subs: Vec<String> = (0..4)
+        .map(|i| format!("00000000-0000-0000-0000-0000000001c{i}"))
+        .collect();
+    let subs: Vec<&str> = subs.iter().map(String::as_str).collect();
+    restarts_one_at_a_time("shards-fleet-cap", &subs, Some("1")).await;
+}
+
+/// A simulated world of `subs`, each with the resource group of [`operator::scenario`], the
+/// VMs spread over them in turn: (scenario, each VM's subscription).
+fn scenario_in(subs: &[&str], vms: &[String]) -> (Scenario, Vec<String>) {
+    let per_sub: Vec<String> = (0..subs.len())
+        .map(|i| {
+            let mine: Vec<&str> = vms
+                .iter()
+                .skip(i)
+                .step_by(subs.len())
+                .map(String::as_str)
+                .collect();
+            mine.join("\n          - ")
+        })
+        .collect();
+    let blocks: Vec<(&str, &str)> = subs
+        .iter()
+        .zip(&per_sub)
+        .map(|(s, v)| (*s, v.as_str()))
+        .collect();
+    // VM i went to subscription i % n.
+    let sub_of = (0..vms.len())
+        .map(|i| subs[i % subs.len()].to_string())
+        .collect();
+    (operator::scenario_in(TIMING, &blocks), sub_of)
+}
+
+/// Four hung VMs (in `subs`, in turn) need a Restart, with `--max-concurrent-disruptive 1` and,
+/// with `fleet_cap`, labelled as one fleet's incidents carrying that cap: across three replicas
+/// each VM is restarted exactly once and no two restarts overlap.
+async fn restarts_one_at_a_time(ns: &str, subs: &[&str], fleet_cap: Option<&str>) {
     let cp = control_plane();
     let admin = cp.client().await;
-    let ns = "shards-cap";
     namespace(&admin, ns).await;
     let names: Vec<String> = (0..4).map(|i| format!("hung-{i}")).collect();
     let vms: Vec<String> = names
         .iter()
         .map(|n| format!("{{ name: {n}, nic: {{ subnet: vnet/s }}, faults: [guest_hung] }}"))
         .collect();
-    let sim = Simulator::start(scenario(&vms)).await.unwrap();
+    let (world, sub_of) = scenario_in(subs, &vms);
+    let sim = Simulator::start(world).await.unwrap();
     let api = rdph_api(&admin, ns);
     let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
     let ids = ["cap-a", "cap-b", "cap-c"];
     // Every VM of the test fails at once: the breakers, which would rightly hold them all,
-    // are set aside so that only the cap decides.
+    // are set aside so that only the caps decide.
     let breakers_off = [
         "--max-unreachable-percent",
         "100",
@@ -364,17 +409,22 @@ async fn the_disruptive_cap_holds_across_replicas() {
         op.wait_ready().await;
     }
     balanced(&leases, &ids, &mut ops).await;
-    for n in &names {
+    for (n, sub) in names.iter().zip(&sub_of) {
         let rdp = sim.vm(n).unwrap().rdp;
         let remediation = json!({
             "mode": "Auto", "ladder": ["Restart"], "allowedDisruptiveActions": ["Restart"],
             "settleTime": "1s", "backoff": {"initial": "1s", "max": "2s"},
         });
-        api.create(&PostParams::default(), &rdphealth(n, rdp, remediation))
-            .await
-            .unwrap();
+        let mut obj = operator::rdphealth(sub, n, n, rdp, remediation);
+        if let Some(cap) = fleet_cap {
+            // As a fleet creates its incidents: its label and its cap.
+            obj.metadata.labels = Some([(FLEET_LABEL.to_string(), "prod".to_string())].into());
+            obj.metadata.annotations =
+                Some([(MAX_DISRUPTIVE_ANNOTATION.to_string(), cap.to_string())].into());
+        }
+        api.create(&PostParams::default(), &obj).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(100);
+    let deadline = Instant::now() + Duration::from_secs(180);
     let mut most_in_flight = 0;
     let s = loop {
         let s = statuses(&api).await;
@@ -436,7 +486,8 @@ async fn the_disruptive_cap_holds_across_replicas() {
         .filter_map(|(_, st)| st["observedBy"].as_str().map(String::from))
         .collect();
     println!(
-        "cap across replicas: {} restarts, at most {most_in_flight} in flight, written by {writers:?}",
+        "cap across replicas ({} subscriptions): {} restarts, at most {most_in_flight} in flight, written by {writers:?}",
+        subs.len(),
         sim.count("vm.restart")
     );
     drop(ops);

@@ -163,6 +163,10 @@ fn bad_fleets_are_rejected() {
             "hold limit above 100",
             json!({"selector": {"subscriptions": [SUB]}, "safety": {"maxUnreachablePercent": 101}}),
         ),
+        (
+            "no disruptive rung at all as a cap",
+            json!({"selector": {"subscriptions": [SUB]}, "safety": {"maxConcurrentDisruptive": 0}}),
+        ),
     ];
     for (what, spec) in cases {
         let object = fleet(spec);
@@ -173,7 +177,9 @@ fn bad_fleets_are_rejected() {
             .is_ok();
         assert!(!(schema_ok && cel_ok), "{what}: accepted: {object}");
     }
-    let good = fleet(json!({"selector": {"subscriptions": [SUB], "tags": {"rdp": "monitored"}}}));
+    let good = fleet(
+        json!({"selector": {"subscriptions": [SUB], "tags": {"rdp": "monitored"}}, "safety": {"maxConcurrentDisruptive": 3}}),
+    );
     assert!(
         schema_errors(&good).is_empty(),
         "{:?}",

@@ -376,8 +376,14 @@ async fn a_fleet_watches_the_vms_and_opens_objects_only_for_the_broken_ones() {
     };
     let summary = demo::run(&cfg).await.unwrap();
     assert!(summary.settled, "{}", demo::view::render_summary(&summary));
-    // Healthy VMs, and VMs that stay reachable, cost no object.
-    let faults: Vec<Option<Fault>> = summary.vms.iter().map(|t| t.fault).collect();
+    // Healthy VMs, and VMs that stay reachable, cost no object (the VM another computer
+    // answers for has no fault of its own, but is no healthy member either).
+    let faults: Vec<Option<Fault>> = summary
+        .vms
+        .iter()
+        .filter(|t| t.answers_as.is_none())
+        .map(|t| t.fault)
+        .collect();
     assert!(
         !faults.contains(&None),
         "an object for a healthy VM: {faults:?}"
@@ -408,6 +414,16 @@ async fn a_fleet_watches_the_vms_and_opens_objects_only_for_the_broken_ones() {
         fixed(Fault::Flapping),
         Some(Step::repair(GuestRepair::ListenerKeepAlive))
     );
+    // The VM whose address another computer answers on: the members' identity step finds it,
+    // and its incident reports the wrong host without acting.
+    let reused = summary
+        .vms
+        .iter()
+        .find(|t| t.answers_as.is_some())
+        .expect("the fleet holds a VM whose address another computer answers on");
+    assert_eq!(reused.expect, Expect::Reported("WrongHost"));
+    assert!(reused.settled(), "{reused:?}");
+    assert_eq!(reused.fixed_by, None);
     // Discovery is one Resource Graph request per interval for a fleet this size.
     let graph = summary
         .arm_calls

@@ -448,6 +448,11 @@ async fn server_rejects_bad_fleets_with_their_messages() {
             json!({"selector": selector, "safety": {"maxUnreachablePercent": 0}}),
             &["spec.safety.maxUnreachablePercent in body should be greater than or equal to 1"],
         ),
+        (
+            "fleet cap 0",
+            json!({"selector": selector, "safety": {"maxConcurrentDisruptive": 0}}),
+            &["spec.safety.maxConcurrentDisruptive in body should be greater than or equal to 1"],
+        ),
     ];
     let failures = rejections(&api, &cases, |i, spec| {
         json!({

@@ -167,6 +167,11 @@ async fn pages_through_every_vm_once_in_id_order() {
     assert_eq!(first.location, "westeurope");
     assert_eq!(first.power_state.as_deref(), Some("PowerState/running"));
     assert_eq!(
+        first.computer_name.as_deref(),
+        Some("vm-00000"),
+        "osProfile.computerName"
+    );
+    assert_eq!(
         first.private_ip.unwrap().to_string(),
         sim.vm("vm-00000").unwrap().private_ip.unwrap()
     );

@@ -20,6 +20,10 @@ pub const FLEET_CRD_FILE: &str = "rdphealthfleets.rdphealth.io.yaml";
 pub const FLEET_LABEL: &str = "rdphealth.io/fleet";
 /// Label on an incident object: the VM's name (hashed when longer than a label value allows).
 pub const VM_LABEL: &str = "rdphealth.io/vm";
+/// Annotation on an incident object: its fleet's `safety.maxConcurrentDisruptive`, kept in step
+/// with the fleet by the fleet's worker. With the fleet label, the fleet's incidents share
+/// this cap on disruptive rungs in flight; a value that is not a number holds them all.
+pub const MAX_DISRUPTIVE_ANNOTATION: &str = "rdphealth.io/fleet-max-concurrent-disruptive";
 /// Annotation on an incident object: the VM's full resource id.
 pub const RESOURCE_ID_ANNOTATION: &str = "rdphealth.io/resource-id";
 /// Pattern of a subscription GUID.
@@ -225,6 +229,13 @@ pub struct FleetSafety {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub max_unreachable_percent: Option<u8>,
+    /// Disruptive rungs (restart, redeploy, reset NIC, …) the fleet's incident objects may
+    /// have in flight at once, across all its subscriptions, on top of the operator's
+    /// `--max-concurrent-disruptive` per subscription (each rung needs a slot in both).
+    /// Default: only the operator's limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_concurrent_disruptive: Option<u16>,
 }
 
 fn default_discovery_interval() -> String {

@@ -36,6 +36,8 @@ pub struct DiscoveredVm {
     pub tags: BTreeMap<String, String>,
     /// Power state code (`PowerState/running`) when Resource Graph has it.
     pub power_state: Option<String>,
+    /// The guest's computer name (`osProfile.computerName`): whom the endpoint must answer as.
+    pub computer_name: Option<String>,
     /// The primary NIC's primary private address.
     pub private_ip: Option<IpAddr>,
     /// The public address attached to that IP configuration.

@@ -358,6 +358,7 @@ fn parse_row(row: &Value, index: usize) -> AzureResult<DiscoveredVm> {
         location: text("location").unwrap_or_default().to_owned(),
         tags,
         power_state: text("powerState").map(str::to_owned),
+        computer_name: text("computerName").map(str::to_owned),
         private_ip: ip("privateIp"),
         public_ip: ip("publicIp"),
     })
@@ -395,12 +396,13 @@ mod tests {
                     "id": "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1",
                     "name": "vm1", "resourceGroup": "rg", "subscriptionId": "s1",
                     "location": "westeurope", "tags": {"env": "prod", "n": 3},
-                    "powerState": "PowerState/running", "privateIp": "10.0.0.4",
-                    "publicIp": "198.51.100.2"
+                    "powerState": "PowerState/running", "computerName": "JUMP01",
+                    "privateIp": "10.0.0.4", "publicIp": "198.51.100.2"
                 },
                 {
                     "id": "/subscriptions/s2/resourceGroups/rg2/providers/Microsoft.Compute/virtualMachines/vm2",
-                    "name": "vm2", "tags": null, "powerState": "", "privateIp": "garbage"
+                    "name": "vm2", "tags": null, "powerState": "", "computerName": "",
+                    "privateIp": "garbage"
                 }
             ]
         });
@@ -416,7 +418,8 @@ mod tests {
         assert_eq!(a.private_ip, Some("10.0.0.4".parse().unwrap()));
         assert_eq!(a.public_ip, Some("198.51.100.2".parse().unwrap()));
         assert_eq!(b.vm, VmRef::new("s2", "rg2", "vm2"));
-        assert!(b.tags.is_empty() && b.power_state.is_none());
+        assert_eq!(a.computer_name.as_deref(), Some("JUMP01"));
+        assert!(b.tags.is_empty() && b.power_state.is_none() && b.computer_name.is_none());
         assert_eq!((b.private_ip, b.public_ip), (None, None));
     }
 

@@ -72,13 +72,14 @@ pub fn vm_query(selector: &VmSelector) -> AzureResult<String> {
 /// per VM —, else the first), its primary IP configuration's addresses, the public address;
 /// stable order for paging. Resource Graph allows two `mv-expand` per query: only the IP
 /// configuration uses one.
-const TAIL: [&str; 7] = [
+const TAIL: [&str; 8] = [
     "| extend powerState = tostring(properties.extended.instanceView.powerState.code)",
+    "| extend computerName = tostring(properties.osProfile.computerName)",
     "| extend nics = properties.networkProfile.networkInterfaces",
     "| extend nicId = tolower(tostring(case(tobool(nics[0].properties.primary), nics[0].id, tobool(nics[1].properties.primary), nics[1].id, tobool(nics[2].properties.primary), nics[2].id, tobool(nics[3].properties.primary), nics[3].id, tobool(nics[4].properties.primary), nics[4].id, tobool(nics[5].properties.primary), nics[5].id, tobool(nics[6].properties.primary), nics[6].id, tobool(nics[7].properties.primary), nics[7].id, nics[0].id)))",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/networkinterfaces' | mv-expand ipconfig = properties.ipConfigurations | where tobool(ipconfig.properties.primary) | project nicId = tolower(id), privateIp = tostring(ipconfig.properties.privateIPAddress), publicIpId = tolower(tostring(ipconfig.properties.publicIPAddress.id))) on nicId",
     "| join kind=leftouter (Resources | where type =~ 'microsoft.network/publicipaddresses' | project publicIpId = tolower(id), publicIp = tostring(properties.ipAddress)) on publicIpId",
-    "| project id, name, resourceGroup, subscriptionId, location, tags, powerState, privateIp, publicIp",
+    "| project id, name, resourceGroup, subscriptionId, location, tags, powerState, computerName, privateIp, publicIp",
     "| order by id asc",
 ];
 

@@ -22,6 +22,8 @@ pub(super) struct Contribution {
     suspended: Option<String>,
     /// When it last became unreachable.
     unreachable_since: Option<Timestamp>,
+    /// Its claim group (a fleet's incidents), lower case.
+    group: Option<String>,
 }
 
 /// An object's key in the counts and in the claims: `namespace/name`.
@@ -63,6 +65,7 @@ impl Contribution {
             unreachable_since: status
                 .and_then(|s| s.last_transition_to_unreachable.as_ref())
                 .map(|t| t.0),
+            group: crate::fleet::incident::claim_group(obj).map(|g| g.id.to_ascii_lowercase()),
         })
     }
 
@@ -91,6 +94,8 @@ struct Subscription {
 pub(super) struct FleetCounts {
     members: HashMap<String, Contribution>,
     subscriptions: BTreeMap<String, Subscription>,
+    /// Objects with a disruptive rung in flight, by claim group.
+    groups: BTreeMap<String, BTreeSet<String>>,
     total: usize,
     /// When each unreachable member turned unreachable.
     failures: TimeWindow,
@@ -179,6 +184,17 @@ impl FleetCounts {
             } else {
                 sub.disruptive_in_flight.remove(key);
             }
+            if let Some(group) = &share.group {
+                let keys = self.groups.entry(group.clone()).or_default();
+                if add {
+                    keys.insert(key.to_string());
+                } else {
+                    keys.remove(key);
+                }
+                if keys.is_empty() {
+                    self.groups.remove(group);
+                }
+            }
         }
         if sub.total == 0 {
             self.subscriptions.remove(&share.subscription);
@@ -255,6 +271,11 @@ impl FleetCounts {
                 .collect(),
             total: self.total,
             failed_recently: self.failed_recently(window, now),
+            groups: self
+                .groups
+                .iter()
+                .map(|(group, keys)| (group.clone(), keys.iter().cloned().collect()))
+                .collect(),
         }
     }
 
@@ -375,6 +396,7 @@ mod tests {
             acting: true,
             suspended: None,
             unreachable_since: since.map(|s| Timestamp::from_second(s).unwrap()),
+            group: None,
         }
     }
 
@@ -392,6 +414,7 @@ mod tests {
             failed_recently: m.unreachable_since.is_some_and(|since| {
                 Duration::try_from(now.duration_since(since)).is_ok_and(|d| d <= window)
             }),
+            group: m.group.as_deref(),
         }))
     }
 
@@ -607,6 +630,7 @@ mod tests {
                             (rng.below(3) > 0).then(|| now - rng.below(400) as i64 + 50),
                         );
                         m.acting = rng.below(2) == 0;
+                        m.group = (rng.below(2) == 0).then(|| format!("ns/fleet{}", rng.below(2)));
                         m.suspended =
                             (rng.below(3) == 0).then(|| reasons[rng.below(3) as usize].to_string());
                         counts.set(&key, Some(m.clone()));

@@ -141,6 +141,7 @@ pub(super) async fn reconcile_object(
     let stage = match (remediator, &spec) {
         (Some(remediator), Some(spec)) if !blind => {
             let approval = approval(obj, &outcome.status);
+            let group = crate::fleet::incident::claim_group(obj);
             let subject = Subject {
                 key: &format!("{}/{}", key.namespace, key.name),
                 seed: obj.metadata.uid.as_deref().unwrap_or(&key.name),
@@ -150,6 +151,7 @@ pub(super) async fn reconcile_object(
                 leader,
                 paused: annotation(obj, PAUSE_ANNOTATION) == Some("true"),
                 approval,
+                group: group.as_ref(),
             };
             let result = remediator
                 .remediate(&subject, &mut outcome, &writer, now)

@@ -114,7 +114,8 @@ impl State {
         let Ok(objects) = self.objects.lock() else {
             return FleetView::default();
         };
-        let specs: Vec<(String, String, bool, bool)> = objects
+        type Share = (String, String, bool, bool, Option<String>);
+        let specs: Vec<Share> = objects
             .iter()
             .filter_map(|(name, t)| {
                 let spec = ValidSpec::try_from(&t.obj.spec).ok()?;
@@ -125,15 +126,23 @@ impl State {
                 let disruptive = status
                     .and_then(|s| s.ladder.current.as_ref())
                     .is_some_and(|c| c.is_disruptive());
-                Some((name.clone(), spec.vm.subscription, unreachable, disruptive))
+                let group = crate::fleet::incident::claim_group(&t.obj).map(|g| g.id);
+                Some((
+                    name.clone(),
+                    spec.vm.subscription,
+                    unreachable,
+                    disruptive,
+                    group,
+                ))
             })
             .collect();
-        FleetView::from_members(specs.iter().map(|(k, s, u, d)| Member {
+        FleetView::from_members(specs.iter().map(|(k, s, u, d, g)| Member {
             key: k,
             subscription: s,
             unreachable: *u,
             disruptive_in_flight: *d,
             failed_recently: *u,
+            group: g.as_deref(),
         }))
     }
 }
@@ -254,6 +263,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     let ladder_before = outcome.status.ladder.clone();
     if let Some(spec) = &valid {
         let uid = obj.metadata.uid.clone().unwrap_or_default();
+        let group = crate::fleet::incident::claim_group(&obj);
         let subject = Subject {
             key: name,
             seed: &uid,
@@ -263,6 +273,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
             leader: true,
             paused: false,
             approval: None,
+            group: group.as_ref(),
         };
         let sink = MemorySink {
             state: &engine.state,

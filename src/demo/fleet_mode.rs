@@ -55,6 +55,7 @@ pub(super) fn demo_fleet(
             },
             safety: FleetSafety {
                 max_unreachable_percent: Some(100),
+                ..FleetSafety::default()
             },
             discovery_interval: "1m".into(),
             incident_retention: "1h".into(),
@@ -131,9 +132,9 @@ impl DemoSink {
         }
     }
 
-    /// Whether every simulated VM ended as the demo expects: VMs that stay reachable (and a
-    /// VM another computer answers for, which probes in memory cannot tell apart) never got
-    /// an incident; every other VM's incident settled as its fault implies.
+    /// Whether every simulated VM ended as the demo expects: VMs that stay reachable never got
+    /// an incident; every other VM's incident settled as its fault implies (a VM another
+    /// computer answers for, which the members' identity step finds, is reported).
     pub(super) fn settled(&self) -> bool {
         let Some(status) = self.status() else {
             return false;
@@ -148,9 +149,9 @@ impl DemoSink {
                 .expect
                 .get(vm)
                 .copied()
-                .unwrap_or_else(|| Expect::for_fault(sim.fault));
-            match (expect, sim.answers_as.is_some()) {
-                (Expect::Healthy, _) | (_, true) => incident.is_none(),
+                .unwrap_or_else(|| Expect::for_vm(sim.fault, sim.answers_as.as_deref()));
+            match expect {
+                Expect::Healthy => incident.is_none(),
                 _ => incident.is_some_and(Tracked::settled),
             }
         })
@@ -230,6 +231,26 @@ impl FleetSink for DemoSink {
             .unwrap_or_else(PoisonError::into_inner)
             .push(task);
         Ok(Created::New)
+    }
+
+    async fn annotate(
+        &self,
+        _namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String> {
+        let mut objects = self
+            .engine
+            .state
+            .objects
+            .lock()
+            .map_err(|_| "the demo's state is poisoned".to_owned())?;
+        let tracked = objects
+            .get_mut(name)
+            .ok_or_else(|| format!("no object {name}"))?;
+        crate::fleet::incident::set_annotation(&mut tracked.obj, annotation, value);
+        Ok(())
     }
 
     async fn delete(&self, _namespace: &str, name: &str) -> Result<(), String> {

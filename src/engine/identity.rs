@@ -41,20 +41,40 @@ pub fn identity_due(
     let Some(status) = status else {
         return true;
     };
-    let Some(id) = &status.identity else {
+    due(
+        status.identity.as_ref(),
+        endpoint,
+        spec.probe.identity_check_interval,
+        now,
+        |observed| {
+            status
+                .ladder
+                .history
+                .iter()
+                .any(|r| r.step.rung.may_change_address() && r.finished_at.0 > observed)
+        },
+    )
+}
+
+/// Whether the identity step is due for `endpoint` given the last identity read (`id`): none
+/// yet, another endpoint, a wrong host, the address possibly moved since (`moved_after` the
+/// read's time), or older than `interval`.
+pub fn due(
+    id: Option<&IdentityStatus>,
+    endpoint: &ResolvedEndpoint,
+    interval: std::time::Duration,
+    now: Timestamp,
+    moved_after: impl FnOnce(Timestamp) -> bool,
+) -> bool {
+    let Some(id) = id else {
         return true;
     };
     if id.endpoint != key(endpoint) || id.matches == Some(false) {
         return true;
     }
     let observed = id.observed_at.0;
-    let moved_since = status
-        .ladder
-        .history
-        .iter()
-        .any(|r| r.step.rung.may_change_address() && r.finished_at.0 > observed);
     let age = now.duration_since(observed).as_secs_f64();
-    moved_since || age >= spec.probe.identity_check_interval.as_secs_f64()
+    moved_after(observed) || age >= interval.as_secs_f64()
 }
 
 /// Applies what the identity step says (or said before) to a fresh report: when the endpoint
@@ -64,13 +84,8 @@ pub fn judge(
     endpoint: &ResolvedEndpoint,
     mut report: ProbeReport,
 ) -> ProbeReport {
-    if report.nla.as_ref().is_some_and(|n| n.identity.is_some()) || !report.reachable {
-        return report;
-    }
-    let Some(id) = status.and_then(|s| s.identity.as_ref()) else {
-        return report;
-    };
-    if id.endpoint == key(endpoint) && id.matches == Some(false) {
+    let id = status.and_then(|s| s.identity.as_ref());
+    if let Some(id) = id.filter(|id| still_wrong_host(Some(id), endpoint, &report)) {
         report.reachable = false;
         report.failure = Some(Failure::new(
             FailureReason::WrongHost,
@@ -78,6 +93,19 @@ pub fn judge(
         ));
     }
     report
+}
+
+/// Whether a reachable `report` that read no identity of its own still counts as a wrong host:
+/// the last identity read (`id`) of the same endpoint found another computer.
+pub fn still_wrong_host(
+    id: Option<&IdentityStatus>,
+    endpoint: &ResolvedEndpoint,
+    report: &ProbeReport,
+) -> bool {
+    if report.nla.as_ref().is_some_and(|n| n.identity.is_some()) || !report.reachable {
+        return false;
+    }
+    id.is_some_and(|id| id.endpoint == key(endpoint) && id.matches == Some(false))
 }
 
 /// The new `status.identity` after a probe of `endpoint`; `previous` when the probe did not

@@ -9,12 +9,13 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     api::{
-        FLEET_LABEL, RESOURCE_ID_ANNOTATION, RdpHealth, RdpHealthFleet, VM_LABEL,
-        conditions as types,
+        FLEET_LABEL, MAX_DISRUPTIVE_ANNOTATION, RESOURCE_ID_ANNOTATION, RdpHealth, RdpHealthFleet,
+        VM_LABEL, conditions as types,
     },
     azure::DiscoveredVm,
     controller::PAUSE_ANNOTATION,
     engine::{Status, conditions},
+    ladder::fleet::ClaimGroup,
 };
 
 use super::member::IncidentView;
@@ -105,6 +106,9 @@ pub fn incident_object(
     if hold.is_some() {
         annotations.insert(PAUSE_ANNOTATION.to_owned(), "true".to_owned());
     }
+    if let Some(max) = max_disruptive(fleet) {
+        annotations.insert(MAX_DISRUPTIVE_ANNOTATION.to_owned(), max);
+    }
     let owner = OwnerReference {
         api_version: format!("{}/{}", crate::api::GROUP, crate::api::VERSION),
         kind: "RdpHealthFleet".into(),
@@ -128,6 +132,55 @@ pub fn incident_object(
         spec,
         status: None,
     }
+}
+
+/// The value of the cap annotation `fleet`'s incidents carry: its
+/// `safety.maxConcurrentDisruptive`, if it sets one.
+pub fn max_disruptive(fleet: &RdpHealthFleet) -> Option<String> {
+    fleet
+        .spec
+        .safety
+        .max_concurrent_disruptive
+        .map(|n| n.to_string())
+}
+
+/// Whether incident `obj`'s cap annotation differs from what `fleet` asks for now (the
+/// fleet's worker then rewrites it).
+pub fn cap_stale(obj: &RdpHealth, fleet: &RdpHealthFleet) -> bool {
+    let current = obj
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MAX_DISRUPTIVE_ANNOTATION));
+    current.cloned() != max_disruptive(fleet)
+}
+
+/// Sets annotation `key` of `obj` to `value`, or removes it with `None`.
+pub fn set_annotation(obj: &mut RdpHealth, key: &str, value: Option<&str>) {
+    let annotations = obj.metadata.annotations.get_or_insert_default();
+    match value {
+        Some(v) => annotations.insert(key.to_owned(), v.to_owned()),
+        None => annotations.remove(key),
+    };
+}
+
+/// The claim group whose cap `obj`'s disruptive rungs count against besides its
+/// subscription's: its fleet's, when it carries the fleet label and the cap annotation. A cap
+/// that is not a number allows no rung (when in doubt, wait).
+pub fn claim_group(obj: &RdpHealth) -> Option<ClaimGroup> {
+    let fleet = obj.metadata.labels.as_ref()?.get(FLEET_LABEL)?;
+    let max = obj
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(MAX_DISRUPTIVE_ANNOTATION)?;
+    Some(ClaimGroup {
+        id: format!(
+            "{}/{fleet}",
+            obj.metadata.namespace.as_deref().unwrap_or_default()
+        ),
+        max: max.trim().parse().unwrap_or(0),
+    })
 }
 
 /// Whether `obj` is an incident of the fleet whose UID is `fleet_uid` (its controller owner).
@@ -234,6 +287,7 @@ mod tests {
             location: "westeurope".into(),
             tags: BTreeMap::new(),
             power_state: None,
+            computer_name: None,
             private_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 4))),
             public_ip: None,
         }
@@ -317,6 +371,37 @@ mod tests {
         assert!(!annotations.contains_key(PAUSE_ANNOTATION));
         let held = incident_object(&f, &vm("rg", "jump-01"), Some(&Hold { why: "x".into() }));
         assert_eq!(held.metadata.annotations.unwrap()[PAUSE_ANNOTATION], "true");
+    }
+
+    #[test]
+    fn a_fleet_cap_groups_its_incidents_and_follows_the_fleet() {
+        let mut f = fleet();
+        let obj = incident_object(&f, &vm("rg", "a"), None);
+        assert_eq!(claim_group(&obj), None, "no fleet cap: no group");
+        assert!(!cap_stale(&obj, &f));
+        f.spec.safety.max_concurrent_disruptive = Some(2);
+        assert!(cap_stale(&obj, &f), "the fleet set a cap since");
+        let obj = incident_object(&f, &vm("rg", "a"), None);
+        assert!(!cap_stale(&obj, &f));
+        let group = claim_group(&obj).unwrap();
+        assert_eq!((group.id.as_str(), group.max), ("ops/prod", 2));
+        // Two incidents of one fleet share the group, whatever their VM.
+        let other = incident_object(&f, &vm("rg2", "b"), None);
+        assert_eq!(claim_group(&other), Some(group));
+        // Edited by hand into garbage: no rung may run rather than an unbounded number.
+        let mut garbled = obj.clone();
+        garbled
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(MAX_DISRUPTIVE_ANNOTATION.into(), "lots".into());
+        assert_eq!(claim_group(&garbled).unwrap().max, 0);
+        assert!(cap_stale(&garbled, &f));
+        // The label names the group: without it the annotation groups nothing.
+        let mut unlabelled = obj;
+        unlabelled.metadata.labels = None;
+        assert_eq!(claim_group(&unlabelled), None);
     }
 
     fn with_reachable(status: &str, since: Timestamp) -> RdpHealth {

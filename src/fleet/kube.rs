@@ -115,6 +115,22 @@ impl FleetSink for KubeSink {
         }
     }
 
+    async fn annotate(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String> {
+        let api: Api<RdpHealth> = Api::namespaced(self.client.clone(), namespace);
+        // A merge patch of one annotation (null removes it): nothing else of the object.
+        let patch = json!({ "metadata": { "annotations": { annotation: value } } });
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+            .map_err(|e| format!("failed to annotate RdpHealth {namespace}/{name}: {e}"))
+    }
+
     async fn write_status(
         &self,
         fleet: &RdpHealthFleet,

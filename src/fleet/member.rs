@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::{
-    api::{AddressType, MemberSummary, SkippedMember},
+    api::{
+        AddressType, EndpointSource, IdentityStatus, MemberSummary, ResolvedEndpoint, SkippedMember,
+    },
     azure::DiscoveredVm,
     engine::{Status, Streak, Thresholds, thresholds::reachable_after},
 };
@@ -50,6 +52,10 @@ pub struct Member {
     recent_len: u8,
     /// The last probe saw an expired certificate.
     pub certificate_expired: bool,
+    /// Whom the endpoint answered as at the last identity step (as an object's
+    /// `status.identity`): the step runs on the first probe, when the address changes, every
+    /// `identityCheckInterval`, and on every probe while it answered as another computer.
+    pub identity: Option<Box<IdentityStatus>>,
 }
 
 /// Why a member needs an incident object: what the ladder acts on.
@@ -99,6 +105,7 @@ impl Member {
             recent: 0,
             recent_len: 0,
             certificate_expired: false,
+            identity: None,
         }
     }
 
@@ -129,6 +136,17 @@ impl Member {
             AddressType::Public => self.vm.public_ip,
             AddressType::Private => self.vm.private_ip,
         }
+    }
+
+    /// The endpoint probed at `port` over the address of `address_type`, with the computer
+    /// name it must answer as.
+    pub fn endpoint(&self, address_type: AddressType, port: u16) -> Option<ResolvedEndpoint> {
+        Some(ResolvedEndpoint {
+            host: self.address(address_type)?.to_string(),
+            port,
+            source: EndpointSource::Azure,
+            computer_name: self.vm.computer_name.clone(),
+        })
     }
 
     /// Records one probe's verdict (`reason` is the failure reason when it failed). A probe
@@ -175,6 +193,7 @@ impl Member {
         self.recent = 0;
         self.recent_len = 0;
         self.certificate_expired = false;
+        self.identity = None;
         self.streak = Streak::default();
         self.reachable = Status::Unknown;
         self.reason = None;
@@ -222,10 +241,14 @@ pub fn apply_discovery(
             Some(member) => {
                 let moved =
                     member.vm.public_ip != vm.public_ip || member.vm.private_ip != vm.private_ip;
+                let renamed = member.vm.computer_name != vm.computer_name;
                 member.vm = vm;
                 if moved {
                     member.reset();
                     changes.readdressed.push(key);
+                } else if renamed {
+                    // Whom the endpoint must answer as changed: asked again at the next probe.
+                    member.identity = None;
                 }
             }
             None => {
@@ -392,6 +415,7 @@ mod tests {
             location: "westeurope".into(),
             tags: BTreeMap::new(),
             power_state: None,
+            computer_name: Some(name.into()),
             private_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))),
             public_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
         }

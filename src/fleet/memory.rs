@@ -88,6 +88,22 @@ impl FleetSink for MemorySink {
         Ok(())
     }
 
+    async fn annotate(
+        &self,
+        _namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String> {
+        let mut r = self.recorded();
+        let obj = r
+            .objects
+            .get_mut(name)
+            .ok_or_else(|| format!("no object {name}"))?;
+        super::incident::set_annotation(obj, annotation, value);
+        Ok(())
+    }
+
     async fn write_status(
         &self,
         _fleet: &RdpHealthFleet,

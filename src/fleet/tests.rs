@@ -19,13 +19,16 @@ use tokio::sync::watch;
 use super::{Deps, memory::MemorySink, worker};
 use crate::{
     api::{
-        FleetSelector, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec, RdpHealthStatus,
-        conditions as types,
+        FleetSelector, MAX_DISRUPTIVE_ANNOTATION, RdpHealth, RdpHealthFleet, RdpHealthFleetSpec,
+        RdpHealthStatus, conditions as types,
     },
     azure::{AzureError, AzureResult, DiscoveredVm, Discovery, ResourceGraph, VmRef, VmSelector},
     controller::PAUSE_ANNOTATION,
     engine::testing::{failed_report, ok_report},
-    probe::{FailureReason, ProbeOptions, ProbeReport, Prober, Target},
+    probe::{
+        Credssp, Failure, FailureReason, NlaFacts, ProbeOptions, ProbeReport, Prober,
+        ServerIdentity, Target,
+    },
 };
 
 const SUB: &str = "00000000-0000-0000-0000-0000000000aa";
@@ -36,6 +39,7 @@ fn vm(name: &str, last: u8) -> DiscoveredVm {
         location: "westeurope".into(),
         tags: BTreeMap::new(),
         power_state: Some("PowerState/running".into()),
+        computer_name: Some(name.into()),
         private_ip: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))),
         public_ip: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
     }
@@ -75,15 +79,24 @@ impl ResourceGraph for Graph {
     }
 }
 
-/// Reachability by host; hosts not listed answer.
+/// Reachability by host; hosts not listed answer, as the computer they are expected to be
+/// unless `answers_as` names another one.
 #[derive(Default)]
 struct Net {
     down: Mutex<HashMap<String, FailureReason>>,
     probes: Mutex<HashMap<String, u32>>,
+    /// Hosts whose address another computer answers on: that computer's name.
+    answers_as: Mutex<HashMap<String, String>>,
+    /// Probes that ran the identity step, by host.
+    identity_steps: Mutex<HashMap<String, u32>>,
 }
 
 impl Prober for Net {
-    fn probe<'a>(&'a self, target: &'a Target, _: &'a ProbeOptions) -> BoxFuture<'a, ProbeReport> {
+    fn probe<'a>(
+        &'a self,
+        target: &'a Target,
+        opts: &'a ProbeOptions,
+    ) -> BoxFuture<'a, ProbeReport> {
         Box::pin(async move {
             *self
                 .probes
@@ -91,10 +104,36 @@ impl Prober for Net {
                 .unwrap()
                 .entry(target.host.clone())
                 .or_default() += 1;
-            match self.down.lock().unwrap().get(&target.host) {
-                Some(reason) => failed_report(*reason),
-                None => ok_report(),
+            if let Some(reason) = self.down.lock().unwrap().get(&target.host) {
+                return failed_report(*reason);
             }
+            let mut report = ok_report();
+            if opts.identity {
+                *self
+                    .identity_steps
+                    .lock()
+                    .unwrap()
+                    .entry(target.host.clone())
+                    .or_default() += 1;
+                let name = self.answers_as.lock().unwrap().get(&target.host).cloned();
+                let id = ServerIdentity {
+                    computer_name: name.clone().or_else(|| opts.expect_name.clone()),
+                    ..ServerIdentity::default()
+                };
+                // As the prober judges it: another computer than expected fails the probe.
+                let expected = opts.expect_name.as_deref().unwrap_or_default();
+                if id.answers_as(expected) == Some(false) {
+                    report.reachable = false;
+                    report.failure = Some(Failure::new(FailureReason::WrongHost, "other"));
+                }
+                report.nla = Some(NlaFacts {
+                    credssp: Credssp::Required,
+                    credssp_version: Some(6),
+                    identity: Some(id),
+                    error: None,
+                });
+            }
+            report
         })
     }
 }
@@ -138,7 +177,7 @@ struct Run {
     net: Arc<Net>,
     kube: Arc<MemorySink>,
     stop: watch::Sender<bool>,
-    _spec: watch::Sender<Arc<RdpHealthFleet>>,
+    spec: watch::Sender<Arc<RdpHealthFleet>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -165,7 +204,7 @@ impl Run {
             net,
             kube,
             stop,
-            _spec: spec,
+            spec,
             task,
         }
     }
@@ -283,6 +322,82 @@ async fn an_unreachable_member_becomes_one_incident_object_and_closes_after_reco
     assert!(run.net.probes.lock().unwrap()["127.0.0.4"] > probes);
     let s = run.kube.status();
     assert_eq!((s.incidents, s.reachable), (0, 6), "{s:?}");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_answered_by_another_computer_becomes_an_incident() {
+    let vms: Vec<_> = (1..=6).map(|i| vm(&format!("vm{i}"), i)).collect();
+    let run = Run::start(fleet(|_| {}), vms);
+    // vm4's public address is answered by another computer (an address reused elsewhere):
+    // a plain handshake succeeds there, only the identity step tells.
+    run.net
+        .answers_as
+        .lock()
+        .unwrap()
+        .insert("127.0.0.4".into(), "old-owner".into());
+    // Within one interval plus the confirmations, every one an identity step.
+    advance(Duration::from_secs(30 + 10)).await;
+    let creates = run.kube.recorded().creates.clone();
+    assert_eq!(creates.len(), 1, "{creates:?}");
+    assert!(creates[0].0.starts_with("prod-vm4-"), "{creates:?}");
+    let steps = run.net.identity_steps.lock().unwrap().clone();
+    assert_eq!(
+        steps["127.0.0.4"], 3,
+        "every probe of a wrong host runs the step"
+    );
+    // The right computer answers the others: one identity step each, on the first probe; the
+    // next ones (every 30 s) wait for identityCheckInterval (10 minutes).
+    advance(Duration::from_secs(120)).await;
+    let steps = run.net.identity_steps.lock().unwrap().clone();
+    let probes = run.net.probes.lock().unwrap().clone();
+    for i in [1, 2, 3, 5, 6] {
+        let host = format!("127.0.0.{i}");
+        assert_eq!(steps[&host], 1, "{host}: {steps:?}");
+        assert!(probes[&host] >= 5, "{host}: {probes:?}");
+    }
+    let s = run.kube.status();
+    assert_eq!((s.reachable, s.incidents), (5, 1), "{s:?}");
+    assert_eq!(s.worst[0].reason.as_deref(), Some("WrongHost"), "{s:?}");
+    advance(Duration::from_secs(10 * 60)).await;
+    let steps = run.net.identity_steps.lock().unwrap().clone();
+    assert_eq!(steps["127.0.0.1"], 2, "again after the interval: {steps:?}");
+    run.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_incident_carries_the_fleets_disruptive_cap_as_it_changes() {
+    let vms: Vec<_> = (1..=6).map(|i| vm(&format!("vm{i}"), i)).collect();
+    let with_cap = |cap: Option<u16>| {
+        let mut f = fleet(|s| s.safety.max_concurrent_disruptive = cap);
+        f.metadata.generation = Some(2);
+        Arc::new(f)
+    };
+    let run = Run::start((*with_cap(Some(2))).clone(), vms);
+    advance(Duration::from_secs(40)).await;
+    run.net
+        .down
+        .lock()
+        .unwrap()
+        .insert("127.0.0.4".into(), FailureReason::TcpTimeout);
+    advance(Duration::from_secs(40)).await;
+    let name = run.kube.recorded().creates[0].0.clone();
+    let cap = |run: &Run| {
+        let obj = run.kube.recorded().objects[&name].clone();
+        let group = crate::fleet::incident::claim_group(&obj).map(|g| (g.id, g.max));
+        let annotations = obj.metadata.annotations.unwrap_or_default();
+        (annotations.get(MAX_DISRUPTIVE_ANNOTATION).cloned(), group)
+    };
+    assert_eq!(cap(&run), (Some("2".into()), Some(("ops/prod".into(), 2))));
+    // The fleet lowers its cap: the incident follows at the next look (every 5 s).
+    run.spec.send(with_cap(Some(1))).unwrap();
+    advance(Duration::from_secs(6)).await;
+    assert_eq!(cap(&run), (Some("1".into()), Some(("ops/prod".into(), 1))));
+    // And drops it: only the operator's cap is left.
+    run.spec.send(with_cap(None)).unwrap();
+    advance(Duration::from_secs(6)).await;
+    assert_eq!(cap(&run), (None, None));
+    assert_eq!(run.kube.recorded().creates.len(), 1);
     run.stop().await;
 }
 

@@ -1,6 +1,6 @@
 //! One fleet's loop: discovery every interval, each member probed on its own schedule (a
-//! queue keyed by due time, so no member waits behind others), incidents opened and closed,
-//! and the fleet's status written when its counts change.
+//! queue keyed by due time, so no member waits behind others), incidents opened and closed
+//! (`housekeeping`), and the fleet's status written when its counts change.
 //!
 //! Kubernetes is reached only through [`FleetSink`], Azure only through [`ResourceGraph`], the
 //! network only through [`Prober`]: the loop runs the same against the API server and in tests.
@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::{SignedDuration, Timestamp},
+};
 use tokio::{
     sync::watch,
     task::{JoinHandle, JoinSet},
@@ -27,11 +30,15 @@ use super::{
     status,
 };
 use crate::{
-    api::{DiscoveryStatus, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus},
+    api::{
+        DiscoveryStatus, MAX_DISRUPTIVE_ANNOTATION, RdpHealth, RdpHealthFleet, RdpHealthFleetStatus,
+    },
     azure::{AzureResult, Discovery, ResourceGraph},
-    engine::{Severity, Status, pascal},
-    probe::{Finding, ProbeReport, Prober, Target},
+    engine::{Severity, Status, identity, pascal},
+    probe::{FailureReason, Finding, ProbeOptions, ProbeReport, Prober, Target},
 };
+
+mod housekeeping;
 
 /// How often incident objects, explicit objects and the status are looked at.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
@@ -62,6 +69,14 @@ pub trait FleetSink: Send + Sync {
     async fn create(&self, obj: &RdpHealth) -> Result<Created, String>;
     /// Deletes an incident object (absent is fine).
     async fn delete(&self, namespace: &str, name: &str) -> Result<(), String>;
+    /// Sets (or, with `None`, removes) one annotation of an incident object.
+    async fn annotate(
+        &self,
+        namespace: &str,
+        name: &str,
+        annotation: &str,
+        value: Option<&str>,
+    ) -> Result<(), String>;
     /// Writes the fleet's status.
     async fn write_status(
         &self,
@@ -108,6 +123,9 @@ struct Worker {
     discovery: Option<DiscoveryStatus>,
     discovery_started: Option<Instant>,
     last_written: Option<RdpHealthFleetStatus>,
+    /// The loop's start on the monotonic clock and on the wall clock: identity reads are
+    /// dated and aged from the monotonic clock, so a wall-clock step cannot skip or repeat one.
+    started: (Instant, Timestamp),
 }
 
 /// Runs the loop for `fleet` until `stop` turns true or either sender is dropped.
@@ -127,6 +145,7 @@ pub async fn run(
         discovery: None,
         discovery_started: None,
         last_written: None,
+        started: (Instant::now(), Timestamp::now()),
     };
     let mut probes: JoinSet<(String, u64, ProbeReport)> = JoinSet::new();
     let mut discovering: Option<JoinHandle<AzureResult<Discovery>>> = None;
@@ -176,9 +195,8 @@ pub async fn run(
                     None => std::future::pending().await,
                 }
             }, if room && !idle => {
-                if let Some((key, epoch, target)) = w.next_probe(Instant::now()) {
+                if let Some((key, epoch, target, opts)) = w.next_probe(Instant::now()) {
                     let prober = Arc::clone(&w.deps.prober);
-                    let opts = w.policy.as_ref().map(|p| p.options.clone()).unwrap_or_default();
                     probes.spawn(async move {
                         let report = prober.probe(&target, &opts).await;
                         (key, epoch, report)
@@ -222,6 +240,14 @@ fn offset(key: &str, interval: Duration) -> Duration {
 }
 
 impl Worker {
+    /// `now` on the wall clock, counted from the loop's start on the monotonic clock.
+    fn wall(&self, now: Instant) -> Timestamp {
+        let (instant, wall) = self.started;
+        let elapsed = SignedDuration::try_from(now.saturating_duration_since(instant))
+            .unwrap_or(SignedDuration::ZERO);
+        wall.checked_add(elapsed).unwrap_or(wall)
+    }
+
     fn name(&self) -> String {
         format!(
             "{}/{}",
@@ -322,8 +348,10 @@ impl Worker {
         }
     }
 
-    /// The next member to probe now, if its turn has come and the fleet probes it.
-    fn next_probe(&mut self, now: Instant) -> Option<(String, u64, Target)> {
+    /// The next member to probe now, if its turn has come and the fleet probes it, with the
+    /// prober's options (the identity step when it is due).
+    fn next_probe(&mut self, now: Instant) -> Option<(String, u64, Target, ProbeOptions)> {
+        let wall = self.wall(now);
         let policy = self.policy.as_ref().ok()?;
         while let Some(Reverse((at, epoch, key))) = self.queue.peek().cloned() {
             if at > now {
@@ -336,21 +364,33 @@ impl Worker {
             if m.epoch != epoch || m.watcher != Watcher::Fleet {
                 continue;
             }
-            let Some(address) = m.address(policy.spec.address_type) else {
+            let Some(endpoint) = m.endpoint(policy.spec.address_type, policy.spec.port) else {
                 // No address of that type: looked at again with the next discovery.
                 continue;
             };
-            let target = Target {
-                host: address.to_string(),
-                port: policy.spec.port,
+            let options = ProbeOptions {
+                identity: identity::due(
+                    m.identity.as_deref(),
+                    &endpoint,
+                    policy.spec.probe.identity_check_interval,
+                    wall,
+                    |_| false,
+                ),
+                expect_name: endpoint.computer_name.clone(),
+                ..policy.options.clone()
             };
-            return Some((key, epoch, target));
+            let target = Target {
+                host: endpoint.host,
+                port: endpoint.port,
+            };
+            return Some((key, epoch, target, options));
         }
         None
     }
 
     /// Records a probe's result and queues the member's next probe.
     async fn probed(&mut self, key: &str, epoch: u64, report: &ProbeReport, now: Instant) {
+        let wall = self.wall(now);
         let Ok(policy) = &self.policy else { return };
         let thresholds = policy.thresholds();
         let probe = policy.spec.probe;
@@ -364,12 +404,31 @@ impl Worker {
             // The prober's own failure says nothing about the VM: no verdict.
             Turn::None
         } else {
-            let reason = report.failure.as_ref().map(|f| pascal(f.reason.as_str()));
+            // A wrong host stays one until the endpoint answers as the VM again (as for an
+            // object): a plain handshake with the other computer is no success.
+            let endpoint = m.endpoint(policy.spec.address_type, policy.spec.port);
+            let wrong_host = endpoint
+                .as_ref()
+                .is_some_and(|e| identity::still_wrong_host(m.identity.as_deref(), e, report));
+            if let Some(e) = &endpoint {
+                m.identity =
+                    identity::observed(m.identity.as_deref(), e, report, wall).map(Box::new);
+            }
+            let reason = if wrong_host {
+                Some(pascal(FailureReason::WrongHost.as_str()))
+            } else {
+                report.failure.as_ref().map(|f| pascal(f.reason.as_str()))
+            };
             m.certificate_expired = report
                 .findings
                 .iter()
                 .any(|f| matches!(f, Finding::CertificateExpired));
-            m.record(report.reachable, reason, thresholds, Timestamp::now())
+            m.record(
+                report.reachable && !wrong_host,
+                reason,
+                thresholds,
+                Timestamp::now(),
+            )
         };
         let next = probe.interval_after(m.streak.failures, m.reachable == Status::False);
         self.queue
@@ -377,217 +436,6 @@ impl Worker {
         if turn == Turn::Unreachable || m.trouble().is_some() {
             debug!(fleet = %self.name(), member = key, "member needs an incident");
             self.open_incident(key).await;
-        }
-    }
-
-    /// Creates the incident object of a member in trouble (idempotent: the name is fixed).
-    async fn open_incident(&mut self, key: &str) {
-        let sink = Arc::clone(&self.deps.sink);
-        if !sink.ready() || !sink.may_write() {
-            return;
-        }
-        let Some(m) = self.members.get(key) else {
-            return;
-        };
-        let Some(trouble) = m.trouble().filter(|_| m.watcher == Watcher::Fleet) else {
-            return;
-        };
-        let vm = m.vm.clone();
-        // Looked up again right before the create (the last look may be seconds old): an
-        // object that now watches the VM — hand-written, or another fleet's incident — wins,
-        // so that one VM never has two ladders because of this fleet.
-        if let Some(by) = self.watched_elsewhere(key) {
-            if let Some(m) = self.members.get_mut(key) {
-                m.watcher = Watcher::Other(by);
-            }
-            return;
-        }
-        let hold = self.hold();
-        let obj = incident::incident_object(&self.fleet, &vm, hold.as_ref());
-        let name = obj.metadata.name.clone().unwrap_or_default();
-        match sink.create(&obj).await {
-            Ok(created) => {
-                if let Some(m) = self.members.get_mut(key) {
-                    m.watcher = Watcher::Incident(name.clone());
-                }
-                if created == Created::New {
-                    let what = trouble.describe();
-                    let note = match &hold {
-                        Some(h) => format!(
-                            "{} is {what}: incident {name} opened on hold ({})",
-                            vm.vm.name, h.why
-                        ),
-                        None => format!("{} is {what}: incident {name} opened", vm.vm.name),
-                    };
-                    let reason = if hold.is_some() {
-                        "IncidentHeld"
-                    } else {
-                        "IncidentOpened"
-                    };
-                    sink.event(&self.fleet, Severity::Warning, reason, note)
-                        .await;
-                }
-            }
-            Err(e) => {
-                warn!(fleet = %self.name(), incident = %name, error = %e, "failed to create the incident object; retried at the next look");
-            }
-        }
-    }
-
-    /// The object (`namespace/name`) other than this fleet's incidents that watches the VM
-    /// `key`, if the cache holds one.
-    fn watched_elsewhere(&self, key: &str) -> Option<String> {
-        let uid = self.uid();
-        let mut found = None;
-        self.deps.sink.for_each_object(&mut |obj| {
-            if found.is_none()
-                && !incident::owned_by(obj, uid)
-                && obj.spec.vm.resource_id.eq_ignore_ascii_case(key)
-            {
-                found = Some(format!(
-                    "{}/{}",
-                    obj.metadata.namespace.as_deref().unwrap_or_default(),
-                    obj.metadata.name.as_deref().unwrap_or_default()
-                ));
-            }
-        });
-        found
-    }
-
-    /// Whether a new incident is created on hold: more of the fleet unreachable than its
-    /// safety limit allows (the observer, or something fleet-wide, is the likelier cause).
-    fn hold(&self) -> Option<Hold> {
-        let t = member::tally(&self.members, &self.incidents);
-        let limit = self
-            .fleet
-            .spec
-            .safety
-            .max_unreachable_percent
-            .unwrap_or(self.deps.max_unreachable_percent);
-        let members = usize::try_from(t.members).unwrap_or(usize::MAX);
-        (members >= self.deps.min_fleet_size && t.unreachable_percent() > u32::from(limit)).then(
-            || Hold {
-                why: format!(
-                    "{}% of the fleet's {} members are unreachable, above its limit of {limit}%",
-                    t.unreachable_percent(),
-                    t.members
-                ),
-            },
-        )
-    }
-
-    /// Follows the object cache (explicit objects, this fleet's incidents), closes incidents,
-    /// opens the ones that could not be created before, and writes the status when it changed.
-    async fn housekeeping(&mut self, now: Instant) {
-        let sink = Arc::clone(&self.deps.sink);
-        if !sink.ready() {
-            return;
-        }
-        let uid = self.uid().to_owned();
-        let namespace = self.fleet.metadata.namespace.clone().unwrap_or_default();
-        // VM key → who watches it; this fleet's incidents with what to do about them.
-        let mut others: HashMap<String, String> = HashMap::new();
-        let mut ours: HashMap<String, (String, IncidentView, Option<Close>)> = HashMap::new();
-        let retention = self
-            .policy
-            .as_ref()
-            .map_or(Duration::from_secs(86_400), |p| p.incident_retention);
-        let wall = Timestamp::now();
-        sink.for_each_object(&mut |obj| {
-            if !incident::owned_by(obj, &uid) {
-                let key = obj.spec.vm.resource_id.to_ascii_lowercase();
-                let ns = obj.metadata.namespace.as_deref().unwrap_or_default();
-                let name = obj.metadata.name.as_deref().unwrap_or_default();
-                others.entry(key).or_insert_with(|| format!("{ns}/{name}"));
-            }
-        });
-        sink.for_each_object(&mut |obj| {
-            if incident::owned_by(obj, &uid) {
-                let key = obj.spec.vm.resource_id.to_ascii_lowercase();
-                let name = obj.metadata.name.clone().unwrap_or_default();
-                let present = self.members.contains_key(&key);
-                let close =
-                    incident::close(obj, present, others.contains_key(&key), retention, wall);
-                ours.insert(key, (name, incident::view_of(obj), close));
-            }
-        });
-        self.incidents = ours
-            .values()
-            .map(|(name, view, _)| (name.clone(), view.clone()))
-            .collect();
-        let interval = self
-            .policy
-            .as_ref()
-            .map_or(Duration::from_secs(30), |p| p.spec.probe.interval);
-        for (key, m) in &mut self.members {
-            let watcher = if let Some((name, ..)) = ours.get(key) {
-                Watcher::Incident(name.clone())
-            } else if let Some(by) = others.get(key) {
-                Watcher::Other(by.clone())
-            } else {
-                Watcher::Fleet
-            };
-            if watcher != m.watcher {
-                let back = watcher == Watcher::Fleet;
-                m.watcher = watcher;
-                if back {
-                    // Watched by the fleet again: judged from scratch.
-                    m.reset();
-                    self.queue
-                        .push(Reverse((now + offset(key, interval), m.epoch, key.clone())));
-                }
-            }
-        }
-        if sink.may_write() {
-            self.close_incidents(&ours, &namespace).await;
-            let pending: Vec<String> = self
-                .members
-                .iter()
-                .filter(|(_, m)| m.watcher == Watcher::Fleet && m.trouble().is_some())
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in pending {
-                self.open_incident(&key).await;
-            }
-            self.write_status().await;
-        }
-    }
-
-    /// Deletes this fleet's incident objects that are done (recovered for the retention, VM
-    /// gone, or a hand-written object now watches the VM), never with a rung in flight.
-    async fn close_incidents(
-        &mut self,
-        ours: &HashMap<String, (String, IncidentView, Option<Close>)>,
-        namespace: &str,
-    ) {
-        let sink = Arc::clone(&self.deps.sink);
-        for (key, (name, _, close)) in ours {
-            let why = match close {
-                Some(Close::Recovered) => "reachable again for the incident retention".to_owned(),
-                Some(Close::LeftFleet) => "its VM left the fleet".to_owned(),
-                Some(Close::Superseded) => "another object watches its VM".to_owned(),
-                None => continue,
-            };
-            match sink.delete(namespace, name).await {
-                Ok(()) => {
-                    info!(fleet = %self.name(), incident = %name, why = %why, "incident closed");
-                    sink.event(
-                        &self.fleet,
-                        Severity::Normal,
-                        "IncidentClosed",
-                        format!("incident {name} deleted: {why}"),
-                    )
-                    .await;
-                    self.incidents.remove(name);
-                    // The next look at the cache decides who watches the VM now.
-                    if let Some(m) = self.members.get_mut(key) {
-                        m.reset();
-                    }
-                }
-                Err(e) => {
-                    warn!(fleet = %self.name(), incident = %name, error = %e, "failed to delete the incident object")
-                }
-            }
         }
     }
 

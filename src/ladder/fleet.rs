@@ -40,6 +40,46 @@ impl Default for FleetPolicy {
     }
 }
 
+/// What a cap on disruptive rungs in flight counts over.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// One Azure subscription (lower case): the operator's `--max-concurrent-disruptive`.
+    Subscription(String),
+    /// One claim group (lower case): a fleet's incident objects, with the fleet's own cap.
+    Group(String),
+}
+
+impl Scope {
+    /// `subscription`'s scope (Azure spells subscription GUIDs in either case).
+    pub fn subscription(subscription: &str) -> Self {
+        Self::Subscription(subscription.to_ascii_lowercase())
+    }
+
+    /// The scope of the claim group `group`.
+    pub fn group(group: &str) -> Self {
+        Self::Group(group.to_ascii_lowercase())
+    }
+
+    /// Its name where every replica keeps claims: the subscription itself, or `group:` and
+    /// the group (never a subscription GUID).
+    pub fn name(&self) -> String {
+        match self {
+            Self::Subscription(s) => s.clone(),
+            Self::Group(g) => format!("group:{g}"),
+        }
+    }
+}
+
+/// A group of objects that share a cap on disruptive rungs in flight besides their
+/// subscriptions' (a fleet's incident objects, with the fleet's `maxConcurrentDisruptive`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimGroup {
+    /// The group (`namespace/fleet`).
+    pub id: String,
+    /// Disruptive rungs its objects may have in flight at once.
+    pub max: usize,
+}
+
 /// One monitored VM as the fleet check sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member<'a> {
@@ -53,6 +93,8 @@ pub struct Member<'a> {
     pub disruptive_in_flight: bool,
     /// It became unreachable within the fleet-wide breaker's window.
     pub failed_recently: bool,
+    /// The claim group it belongs to besides its subscription (a fleet's incidents).
+    pub group: Option<&'a str>,
 }
 
 /// Counts for one subscription.
@@ -75,6 +117,9 @@ pub struct FleetView {
     pub total: usize,
     /// VMs (every subscription) that became unreachable within the fleet-wide window.
     pub failed_recently: usize,
+    /// Objects with a disruptive rung in flight, by claim group (a fleet's incidents share
+    /// one, with the fleet's own cap).
+    pub groups: BTreeMap<String, Vec<String>>,
 }
 
 impl FleetView {
@@ -93,9 +138,31 @@ impl FleetView {
             view.failed_recently += usize::from(m.unreachable && m.failed_recently);
             if m.disruptive_in_flight {
                 counts.disruptive_in_flight.push(m.key.to_string());
+                if let Some(group) = m.group {
+                    view.groups
+                        .entry(group.to_ascii_lowercase())
+                        .or_default()
+                        .push(m.key.to_string());
+                }
             }
         }
         view
+    }
+
+    /// The objects other than `key` with a disruptive rung in flight in `scope`.
+    pub fn in_flight<'a>(
+        &'a self,
+        scope: &Scope,
+        key: &'a str,
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        let keys = match scope {
+            Scope::Subscription(s) => self
+                .subscriptions
+                .get(s.as_str())
+                .map(|c| c.disruptive_in_flight.as_slice()),
+            Scope::Group(g) => self.groups.get(g.as_str()).map(Vec::as_slice),
+        };
+        keys.unwrap_or_default().iter().filter(move |k| *k != key)
     }
 
     /// Whether the storm breaker holds disruptive rungs in `subscription`: so many VMs are
@@ -119,14 +186,9 @@ impl FleetView {
                 > usize::from(policy.fleet_max_failing_percent) * self.total
     }
 
-    /// Whether `key` may start a disruptive rung in `subscription` now.
-    pub fn slot_free(&self, subscription: &str, key: &str, policy: &FleetPolicy) -> bool {
-        self.subscriptions
-            .get(&subscription.to_ascii_lowercase())
-            .is_none_or(|c| {
-                c.disruptive_in_flight.iter().filter(|k| *k != key).count()
-                    < policy.max_concurrent_disruptive
-            })
+    /// Whether `key` may start a disruptive rung in `scope`, whose cap is `max`, now.
+    pub fn slot_free(&self, scope: &Scope, key: &str, max: usize) -> bool {
+        self.in_flight(scope, key).count() < max
     }
 
     /// Subscriptions whose breaker is on.
@@ -151,6 +213,7 @@ mod tests {
             unreachable: i < unreachable,
             disruptive_in_flight: in_flight.contains(&k.as_str()),
             failed_recently: true,
+            group: None,
         }))
     }
 
@@ -169,6 +232,7 @@ mod tests {
                     unreachable: i < 5,
                     disruptive_in_flight: false,
                     failed_recently: recent,
+                    group: None,
                 })
                 .collect::<Vec<_>>()
         };
@@ -210,18 +274,38 @@ mod tests {
 
     #[test]
     fn one_disruptive_rung_per_subscription() {
-        let policy = FleetPolicy::default();
         let view = fleet(10, 2, &["ns/vm0"]);
+        let sub = Scope::subscription("SUB");
         assert!(
-            view.slot_free("sub", "ns/vm0", &policy),
+            view.slot_free(&sub, "ns/vm0", 1),
             "its own rung does not count"
         );
-        assert!(!view.slot_free("sub", "ns/vm1", &policy));
-        assert!(view.slot_free("elsewhere", "ns/vm1", &policy));
-        let two = FleetPolicy {
-            max_concurrent_disruptive: 2,
-            ..policy
-        };
-        assert!(view.slot_free("sub", "ns/vm1", &two));
+        assert!(!view.slot_free(&sub, "ns/vm1", 1));
+        assert!(view.slot_free(&Scope::subscription("elsewhere"), "ns/vm1", 1));
+        assert!(view.slot_free(&sub, "ns/vm1", 2));
+    }
+
+    #[test]
+    fn a_group_counts_its_rungs_across_subscriptions() {
+        let keys = ["ns/a", "ns/b", "ns/c"];
+        let view = FleetView::from_members(keys.iter().enumerate().map(|(i, k)| Member {
+            key: k,
+            subscription: ["s1", "s2", "s3"][i],
+            unreachable: true,
+            disruptive_in_flight: i < 2,
+            failed_recently: true,
+            group: (i != 1).then_some("NS/Fleet"),
+        }));
+        let group = Scope::group("ns/fleet");
+        assert_eq!(view.in_flight(&group, "ns/c").collect::<Vec<_>>(), ["ns/a"]);
+        assert!(!view.slot_free(&group, "ns/c", 1));
+        assert!(view.slot_free(&group, "ns/c", 2));
+        assert!(
+            view.slot_free(&group, "ns/a", 1),
+            "its own rung does not count"
+        );
+        // Each subscription holds one rung at most: only the group is full.
+        assert!(view.slot_free(&Scope::subscription("s3"), "ns/c", 1));
+        assert_ne!(group.name(), Scope::subscription("ns/fleet").name());
     }
 }

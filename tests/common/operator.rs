@@ -129,11 +129,16 @@ pub fn install_crd(cp: &ControlPlane) {
 /// A subscription `sub` with one resource group, NSG and subnet, and `vms` (YAML flow
 /// mappings, several separated by a newline and `          - `), with `timing`.
 pub fn scenario(sub: &str, timing: &str, vms: &str) -> Scenario {
-    let yaml = format!(
-        r#"
-timing: {{ {timing} }}
-subscriptions:
-  - id: {sub}
+    scenario_in(timing, &[(sub, vms)])
+}
+
+/// Subscriptions, each with the resource group, NSG and subnet of [`scenario`] and its VMs
+/// (`(subscription, vms)` as there), with `timing`.
+pub fn scenario_in(timing: &str, subs: &[(&str, &str)]) -> Scenario {
+    let mut yaml = format!("timing: {{ {timing} }}\nsubscriptions:\n");
+    for (sub, vms) in subs {
+        yaml.push_str(&format!(
+            r#"  - id: {sub}
     resourceGroups:
       - name: rg
         location: westeurope
@@ -147,7 +152,8 @@ subscriptions:
         vms:
           - {vms}
 "#
-    );
+        ));
+    }
     Scenario::from_yaml(&yaml).unwrap()
 }
 

@@ -27,7 +27,7 @@ impl Remediator {
         if disruptive
             && !self
                 .fleet
-                .claim_everywhere(&vm.subscription, subject.key)
+                .claim_everywhere(&vm.subscription, subject.group, subject.key)
                 .await
         {
             return Ok(Continue::Until(
@@ -215,7 +215,8 @@ impl Remediator {
             // Nothing was called: forget the intent so the next reconcile decides again (on
             // fresh data, when the write lost a race with another one).
             status.ladder.current = None;
-            self.fleet.release(&vm.subscription, subject.key);
+            self.fleet
+                .release(&vm.subscription, subject.group, subject.key);
             return Err(RemediateError::Persist(e));
         }
         if self.leadership.term().as_ref() != Some(term) {

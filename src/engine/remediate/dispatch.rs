@@ -259,7 +259,7 @@ impl Remediator {
                     c.message = Some(note.clone());
                 }
                 status.ladder.not_fixed(now, next);
-                self.fleet.release(&vm.subscription, subject.key);
+                self.fleet.release(&vm.subscription, subject.group, subject.key);
                 if matches!(rung, Some(Rung::StartVm | Rung::RepairNsg)) {
                     // They change what the evidence says: read it again before the next step.
                     status.diagnosis = None;
@@ -352,7 +352,7 @@ impl Remediator {
             }
             Decision::Recovered => {
                 let by = status.ladder.recover(now);
-                self.fleet.release(&vm.subscription, subject.key);
+                self.fleet.release(&vm.subscription, subject.group, subject.key);
                 status.diagnosis = None;
                 set(
                     status,

@@ -10,8 +10,8 @@ use super::*;
 pub struct Fleet {
     pub(super) policy: FleetPolicy,
     view: Mutex<FleetView>,
-    /// Claims by (subscription, object key), with when they were taken.
-    claims: Mutex<BTreeMap<(String, String), std::time::Instant>>,
+    /// Claims by (scope, object key), with when they were taken.
+    claims: Mutex<BTreeMap<(Scope, String), std::time::Instant>>,
     canary: Mutex<Canary>,
     /// Claims every replica sees (with shards): a slot is taken only when both this
     /// process's claim and the shared one succeed.
@@ -62,42 +62,58 @@ impl Fleet {
         self
     }
 
-    /// Claims a disruptive slot for `key` in this process and, with shared claims, for every
-    /// replica; false when either is refused (and then nothing stays claimed).
-    pub(super) async fn claim_everywhere(&self, subscription: &str, key: &str) -> bool {
-        if !self.claim(subscription, key) {
-            return false;
+    /// The caps a disruptive rung of an object in `subscription` (and `group`) must fit in:
+    /// its subscription's, and its group's when it has one.
+    fn scopes(&self, subscription: &str, group: Option<&ClaimGroup>) -> Vec<(Scope, usize)> {
+        let mut scopes = vec![(
+            Scope::subscription(subscription),
+            self.policy.max_concurrent_disruptive,
+        )];
+        scopes.extend(group.map(|g| (Scope::group(&g.id), g.max)));
+        scopes
+    }
+
+    /// Claims a disruptive slot for `key` in every scope it counts in (its subscription, its
+    /// group), in this process and, with shared claims, for every replica; false when any is
+    /// refused (and then nothing stays claimed).
+    pub(super) async fn claim_everywhere(
+        &self,
+        subscription: &str,
+        group: Option<&ClaimGroup>,
+        key: &str,
+    ) -> bool {
+        let scopes = self.scopes(subscription, group);
+        for (i, (scope, max)) in scopes.iter().enumerate() {
+            if !self.claim(scope, key, *max) {
+                for (taken, _) in &scopes[..i] {
+                    self.release_here(taken, key);
+                }
+                return false;
+            }
         }
         let Some(shared) = &self.shared else {
             return true;
         };
-        let subscription = subscription.to_ascii_lowercase();
-        let in_flight = self.in_flight(&subscription);
-        if shared
-            .claim(
-                &subscription,
-                key,
-                &in_flight,
-                self.policy.max_concurrent_disruptive,
-            )
-            .await
-        {
-            return true;
+        for (i, (scope, max)) in scopes.iter().enumerate() {
+            let in_flight = self.in_flight(scope, key);
+            if !shared.claim(&scope.name(), key, &in_flight, *max).await {
+                for (taken, _) in &scopes[..i] {
+                    shared.release(&taken.name(), key).await;
+                }
+                for (scope, _) in &scopes {
+                    self.release_here(scope, key);
+                }
+                return false;
+            }
         }
-        self.release_here(&subscription, key);
-        false
+        true
     }
 
-    /// The objects whose status shows a disruptive rung in flight in `subscription`.
-    fn in_flight(&self, subscription: &str) -> Vec<String> {
+    /// The objects other than `key` whose status shows a disruptive rung in flight in `scope`.
+    fn in_flight(&self, scope: &Scope, key: &str) -> Vec<String> {
         self.view
             .lock()
-            .ok()
-            .and_then(|v| {
-                v.subscriptions
-                    .get(subscription)
-                    .map(|c| c.disruptive_in_flight.to_vec())
-            })
+            .map(|v| v.in_flight(scope, key).cloned().collect())
             .unwrap_or_default()
     }
 
@@ -171,70 +187,54 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// Claims a disruptive slot for `key`; false when the subscription's slots are taken.
-    pub(super) fn claim(&self, subscription: &str, key: &str) -> bool {
-        let subscription = &subscription.to_ascii_lowercase();
+    /// Claims a slot of `scope` (whose cap is `max`) for `key` in this process; false when
+    /// its slots are taken.
+    pub(super) fn claim(&self, scope: &Scope, key: &str, max: usize) -> bool {
         let (Ok(view), Ok(mut claims)) = (self.view.lock(), self.claims.lock()) else {
             return false;
         };
         let held = claims
             .keys()
-            .filter(|(s, k)| s == subscription && k != key)
+            .filter(|(s, k)| s == scope && k != key)
             .count();
-        let in_status = view.subscriptions.get(subscription).map_or(0, |c| {
-            c.disruptive_in_flight
-                .iter()
-                .filter(|k| {
-                    *k != key && !claims.contains_key(&(subscription.to_string(), (*k).clone()))
-                })
-                .count()
-        });
-        if held + in_status >= self.policy.max_concurrent_disruptive {
+        let in_status = view
+            .in_flight(scope, key)
+            .filter(|k| !claims.contains_key(&(scope.clone(), (*k).clone())))
+            .count();
+        if held + in_status >= max {
             return false;
         }
-        claims.insert(
-            (subscription.to_string(), key.to_string()),
-            std::time::Instant::now(),
-        );
+        claims.insert((scope.clone(), key.to_string()), std::time::Instant::now());
         true
     }
 
-    /// Releases `key`'s claim (its disruptive rung ended), here and, with shared claims, for
+    /// Releases `key`'s claims (its disruptive rung ended), here and, with shared claims, for
     /// every replica (in the background: until it lands, the slot stays taken, never the
     /// other way round).
-    pub(super) fn release(&self, subscription: &str, key: &str) {
-        self.release_here(subscription, key);
-        if let (Some(shared), Ok(runtime)) = (&self.shared, tokio::runtime::Handle::try_current()) {
-            let (shared, subscription, key) = (
-                Arc::clone(shared),
-                subscription.to_ascii_lowercase(),
-                key.to_string(),
-            );
-            runtime.spawn(async move { shared.release(&subscription, &key).await });
+    pub(super) fn release(&self, subscription: &str, group: Option<&ClaimGroup>, key: &str) {
+        for (scope, _) in self.scopes(subscription, group) {
+            self.release_here(&scope, key);
+            if let (Some(shared), Ok(runtime)) =
+                (&self.shared, tokio::runtime::Handle::try_current())
+            {
+                let (shared, scope, key) = (Arc::clone(shared), scope.name(), key.to_string());
+                runtime.spawn(async move { shared.release(&scope, &key).await });
+            }
         }
     }
 
-    fn release_here(&self, subscription: &str, key: &str) {
-        let subscription = &subscription.to_ascii_lowercase();
+    fn release_here(&self, scope: &Scope, key: &str) {
         if let Ok(mut claims) = self.claims.lock() {
-            claims.remove(&(subscription.to_string(), key.to_string()));
+            claims.remove(&(scope.clone(), key.to_string()));
         }
     }
 
-    /// Releases `key`'s claim if it is older than `age`: by then a stored intent is in the
-    /// cache (and so in the view), so a claim whose object shows no rung in flight is one
-    /// whose rung ended, however it ended (idle, finished by another replica, suspended).
-    pub(super) fn release_settled(&self, subscription: &str, key: &str, age: Duration) {
+    /// Releases `key`'s claims older than `age`: by then a stored intent is in the cache
+    /// (and so in the view), so a claim whose object shows no rung in flight is one whose
+    /// rung ended, however it ended (idle, finished by another replica, suspended).
+    pub(super) fn release_settled(&self, key: &str, age: Duration) {
         if let Ok(mut claims) = self.claims.lock() {
-            // Called on every reconcile; almost always with no claim at all.
-            if claims.is_empty() {
-                return;
-            }
-            let subscription = &subscription.to_ascii_lowercase();
-            let id = (subscription.to_string(), key.to_string());
-            if claims.get(&id).is_some_and(|t| t.elapsed() >= age) {
-                claims.remove(&id);
-            }
+            claims.retain(|(_, k), t| k != key || t.elapsed() < age);
         }
     }
 
@@ -254,18 +254,23 @@ impl Fleet {
         }
     }
 
-    /// Whether `key` could take a slot now (without claiming it).
-    pub(super) fn slot_free(&self, subscription: &str, key: &str) -> bool {
-        let subscription = &subscription.to_ascii_lowercase();
+    /// Whether `key` could take a slot now in every scope it counts in (without claiming).
+    pub(super) fn slot_free(
+        &self,
+        subscription: &str,
+        group: Option<&ClaimGroup>,
+        key: &str,
+    ) -> bool {
         let (Ok(view), Ok(claims)) = (self.view.lock(), self.claims.lock()) else {
             return false;
         };
-        let held = claims
-            .keys()
-            .filter(|(s, k)| s == subscription && k != key)
-            .count();
-        held < self.policy.max_concurrent_disruptive
-            && view.slot_free(subscription, key, &self.policy)
+        self.scopes(subscription, group).iter().all(|(scope, max)| {
+            let held = claims
+                .keys()
+                .filter(|(s, k)| s == scope && k != key)
+                .count();
+            held < *max && view.slot_free(scope, key, *max)
+        })
     }
 }
 
@@ -302,9 +307,9 @@ mod tests {
     async fn a_slot_is_taken_only_when_the_shared_claim_succeeds_too() {
         let refusing = Arc::new(Ledger::default());
         let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(refusing.clone());
-        assert!(!fleet.claim_everywhere("SUB", "ns/a").await);
+        assert!(!fleet.claim_everywhere("SUB", None, "ns/a").await);
         // Refused elsewhere: nothing stays claimed here.
-        assert!(fleet.slot_free("sub", "ns/b"));
+        assert!(fleet.slot_free("sub", None, "ns/b"));
         let asked = refusing.asked.lock().unwrap().clone();
         assert_eq!(asked, [("sub".into(), "ns/a".into(), vec![], 1)]);
 
@@ -313,12 +318,12 @@ mod tests {
             ..Ledger::default()
         });
         let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(granting.clone());
-        assert!(fleet.claim_everywhere("sub", "ns/a").await);
-        assert!(!fleet.slot_free("sub", "ns/b"));
+        assert!(fleet.claim_everywhere("sub", None, "ns/a").await);
+        assert!(!fleet.slot_free("sub", None, "ns/b"));
         // Refused here first: the shared claims are not even asked.
-        assert!(!fleet.claim_everywhere("sub", "ns/b").await);
+        assert!(!fleet.claim_everywhere("sub", None, "ns/b").await);
         assert_eq!(granting.asked.lock().unwrap().len(), 1);
-        fleet.release("sub", "ns/a");
+        fleet.release("sub", None, "ns/a");
         tokio::task::yield_now().await;
         for _ in 0..10 {
             if !granting.released.lock().unwrap().is_empty() {
@@ -327,7 +332,83 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(*granting.released.lock().unwrap(), ["ns/a"]);
-        assert!(fleet.slot_free("sub", "ns/b"));
+        assert!(fleet.slot_free("sub", None, "ns/b"));
+    }
+
+    fn sub(s: &str) -> Scope {
+        Scope::subscription(s)
+    }
+
+    #[tokio::test]
+    async fn a_fleet_cap_holds_across_subscriptions() {
+        let fleet = Fleet::new(FleetPolicy::default());
+        let group = ClaimGroup {
+            id: "ops/prod".into(),
+            max: 1,
+        };
+        // Each VM in its own subscription: the operator's cap of one per subscription
+        // leaves both free; the fleet's cap of one does not.
+        assert!(fleet.claim_everywhere("s1", Some(&group), "ops/a").await);
+        assert!(!fleet.slot_free("s2", Some(&group), "ops/b"));
+        assert!(!fleet.claim_everywhere("s2", Some(&group), "ops/b").await);
+        // Refused by the group: its subscription's slot was not kept either.
+        assert!(fleet.slot_free("s2", None, "ops/other"));
+        assert!(fleet.slot_free("s2", None, "ops/b"));
+        // Another fleet, or none, is not held by this one's cap.
+        let other = ClaimGroup {
+            id: "ops/dev".into(),
+            max: 1,
+        };
+        assert!(fleet.slot_free("s3", Some(&other), "ops/c"));
+        // A rung in flight that only the statuses show counts against the group as well.
+        fleet.release("s1", Some(&group), "ops/a");
+        fleet.update(FleetView::from_members([crate::ladder::fleet::Member {
+            key: "ops/a",
+            subscription: "s1",
+            unreachable: true,
+            disruptive_in_flight: true,
+            failed_recently: true,
+            group: Some("ops/prod"),
+        }]));
+        assert!(!fleet.claim_everywhere("s2", Some(&group), "ops/b").await);
+        let two = ClaimGroup { max: 2, ..group };
+        assert!(fleet.claim_everywhere("s2", Some(&two), "ops/b").await);
+        // A cap of zero (a garbled annotation) allows nothing.
+        let none = ClaimGroup {
+            id: "ops/garbled".into(),
+            max: 0,
+        };
+        assert!(!fleet.claim_everywhere("s4", Some(&none), "ops/d").await);
+    }
+
+    #[tokio::test]
+    async fn the_group_is_claimed_on_every_replica_too() {
+        let granting = Arc::new(Ledger {
+            grant: true,
+            ..Ledger::default()
+        });
+        let fleet = Fleet::new(FleetPolicy::default()).with_shared_claims(granting.clone());
+        let group = ClaimGroup {
+            id: "ops/Prod".into(),
+            max: 3,
+        };
+        assert!(fleet.claim_everywhere("SUB", Some(&group), "ops/a").await);
+        let asked = granting.asked.lock().unwrap().clone();
+        assert_eq!(
+            asked,
+            [
+                ("sub".into(), "ops/a".into(), vec![], 1),
+                ("group:ops/prod".into(), "ops/a".into(), vec![], 3),
+            ]
+        );
+        fleet.release("SUB", Some(&group), "ops/a");
+        for _ in 0..20 {
+            if granting.released.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(granting.released.lock().unwrap().len(), 2);
     }
 
     #[test]
@@ -349,34 +430,34 @@ mod tests {
     #[test]
     fn claims_of_deleted_objects_free_their_slot() {
         let fleet = Fleet::new(FleetPolicy::default());
-        assert!(fleet.claim("sub", "ns/deleted"));
-        assert!(!fleet.slot_free("sub", "ns/other"));
+        assert!(fleet.claim(&sub("sub"), "ns/deleted", 1));
+        assert!(!fleet.slot_free("sub", None, "ns/other"));
         fleet.retain_claims(|key| key != "ns/deleted");
-        assert!(fleet.slot_free("sub", "ns/other"));
-        assert!(fleet.claim("sub", "ns/other"));
+        assert!(fleet.slot_free("sub", None, "ns/other"));
+        assert!(fleet.claim(&sub("sub"), "ns/other", 1));
     }
 
     #[test]
     fn subscriptions_are_compared_whatever_their_case() {
         let fleet = Fleet::new(FleetPolicy::default());
-        assert!(fleet.claim("ABCDEF00-0000-0000-0000-000000000001", "ns/a"));
-        assert!(!fleet.slot_free("abcdef00-0000-0000-0000-000000000001", "ns/b"));
-        assert!(!fleet.claim("abcdef00-0000-0000-0000-000000000001", "ns/b"));
-        fleet.release("AbCdEf00-0000-0000-0000-000000000001", "ns/a");
-        assert!(fleet.claim("abcdef00-0000-0000-0000-000000000001", "ns/b"));
+        assert!(fleet.claim(&sub("ABCDEF00-0000-0000-0000-000000000001"), "ns/a", 1));
+        assert!(!fleet.slot_free("abcdef00-0000-0000-0000-000000000001", None, "ns/b"));
+        assert!(!fleet.claim(&sub("abcdef00-0000-0000-0000-000000000001"), "ns/b", 1));
+        fleet.release("AbCdEf00-0000-0000-0000-000000000001", None, "ns/a");
+        assert!(fleet.claim(&sub("abcdef00-0000-0000-0000-000000000001"), "ns/b", 1));
     }
 
     #[test]
     fn a_claim_whose_rung_ended_elsewhere_is_released_once_settled() {
         let fleet = Fleet::new(FleetPolicy::default());
-        assert!(fleet.claim("sub", "ns/a"));
+        assert!(fleet.claim(&sub("sub"), "ns/a", 1));
         // A fresh claim covers the time before the intent reaches the cache: kept.
-        fleet.release_settled("sub", "ns/a", Duration::from_secs(60));
-        assert!(!fleet.slot_free("sub", "ns/b"));
-        fleet.release_settled("sub", "ns/a", Duration::ZERO);
-        assert!(fleet.slot_free("sub", "ns/b"));
-        assert!(fleet.claim("sub", "ns/b"));
+        fleet.release_settled("ns/a", Duration::from_secs(60));
+        assert!(!fleet.slot_free("sub", None, "ns/b"));
+        fleet.release_settled("ns/a", Duration::ZERO);
+        assert!(fleet.slot_free("sub", None, "ns/b"));
+        assert!(fleet.claim(&sub("sub"), "ns/b", 1));
         fleet.clear_claims();
-        assert!(fleet.slot_free("sub", "ns/c"));
+        assert!(fleet.slot_free("sub", None, "ns/c"));
     }
 }

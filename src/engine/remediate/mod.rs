@@ -44,7 +44,7 @@ use crate::{
         Decision, ExecutionPhase, Gates, GiveUp, GuestRepair, Incident, LadderStatus, LeaseTerm,
         OperationRef, Reachability, Rung, RungOutcome, Situation, Step, Suspension, WaitReason,
         decide,
-        fleet::{FleetPolicy, FleetView},
+        fleet::{ClaimGroup, FleetPolicy, FleetView, Scope},
     },
     probe::Failure,
     secrets::{SecretRef, SecretStore, generate_password},
@@ -171,6 +171,9 @@ pub struct Subject<'a> {
     pub paused: bool,
     /// A not yet consumed approval annotation: (value, rung).
     pub approval: Option<(String, Rung)>,
+    /// The claim group whose cap its disruptive rungs count against besides its
+    /// subscription's (a fleet's incident objects).
+    pub group: Option<&'a ClaimGroup>,
 }
 
 const RECENT_PROBES: usize = 20;
@@ -265,15 +268,14 @@ impl Remediator {
     /// A claim is held exactly while the object's status shows a disruptive rung in flight:
     /// whatever ended it (recovered, not fixed, failed, idle, another replica finishing it),
     /// the slot is free again.
-    fn release_unless_in_flight(&self, subscription: &str, key: &str, status: &RdpHealthStatus) {
+    fn release_unless_in_flight(&self, key: &str, status: &RdpHealthStatus) {
         let in_flight = status
             .ladder
             .current
             .as_ref()
             .is_some_and(|c| c.is_disruptive());
         if !in_flight {
-            self.fleet
-                .release_settled(subscription, key, CLAIM_SETTLE_AGE);
+            self.fleet.release_settled(key, CLAIM_SETTLE_AGE);
         }
     }
 
@@ -313,7 +315,7 @@ impl Remediator {
             &subject.spec.vm.resource_group,
             &subject.spec.vm.name,
         );
-        self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
+        self.release_unless_in_flight(subject.key, &outcome.status);
         let mut wait: Option<Timestamp> = None;
         let mut recovered = None;
         for _ in 0..4 {
@@ -323,7 +325,11 @@ impl Remediator {
                 paused: subject.paused,
                 storm: self.fleet.storm(&vm.subscription),
                 blind: self.fleet.blind(),
-                disruptive_slot_free: self.fleet.slot_free(&vm.subscription, subject.key),
+                disruptive_slot_free: self.fleet.slot_free(
+                    &vm.subscription,
+                    subject.group,
+                    subject.key,
+                ),
                 disruptive_grace: self.fleet.policy.disruptive_grace,
             };
             let decision = {
@@ -358,7 +364,7 @@ impl Remediator {
             }
         }
         self.prune_if_due(subject, &vm, outcome, now).await;
-        self.release_unless_in_flight(&vm.subscription, subject.key, &outcome.status);
+        self.release_unless_in_flight(subject.key, &outcome.status);
         self.phase(outcome, reachability, recovered.is_some());
         if let Some(until) = wait {
             let secs = until.duration_since(now).as_secs_f64().max(1.0);

@@ -172,7 +172,8 @@ impl Remediator {
         status
             .ladder
             .finish(RungOutcome::Failed, Some(message.clone()), now, Some(next));
-        self.fleet.release(&vm.subscription, subject.key);
+        self.fleet
+            .release(&vm.subscription, subject.group, subject.key);
         events.push(Event {
             severity: Severity::Warning,
             reason: "RemediationFailed",

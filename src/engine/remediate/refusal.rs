@@ -58,7 +58,8 @@ impl Remediator {
         let next = now.checked_add(wait_for(retry_after)).unwrap_or(now);
         let (step, _) = current(&status.ladder);
         status.ladder.defer(next);
-        self.fleet.release(&vm.subscription, subject.key);
+        self.fleet
+            .release(&vm.subscription, subject.group, subject.key);
         let note = format!(
             "{step} was not carried out: Azure is busy ({why}); the ladder decides again at {next}"
         );

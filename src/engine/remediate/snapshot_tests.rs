@@ -132,6 +132,7 @@ pub(super) async fn reconcile_once(
         leader: true,
         paused: false,
         approval: None,
+        group: None,
     };
     let result = remediator
         .remediate(&subject, &mut outcome, sink, now)
