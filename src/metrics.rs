@@ -374,6 +374,9 @@ pub const FINDING_KINDS: [&str; 11] = [
     "legacy_rdp_security",
 ];
 
+// The kinds shown for an object are kept as bits of a `u16`.
+const _: () = assert!(FINDING_KINDS.len() <= 16);
+
 /// The findings a status shows: certificate problems of the last probe (from the
 /// `CertificateValid` condition), the identity step's (`HostIdentity`, `NlaRequired`, the
 /// recorded clock skew) and the current incident's evidence.
@@ -571,6 +574,50 @@ mod tests {
         let text = m.render().unwrap();
         assert!(!text.contains(r#"name="vm-1""#), "{text}");
         assert!(text.contains(r#"rdphealth_objects{phase="Healthy"} 0"#));
+    }
+
+    #[test]
+    fn a_finding_series_exists_while_the_finding_does() {
+        let m = Metrics::new().unwrap();
+        let status = |legacy_tls: bool| {
+            let obj = object(|o| o.spec.remediation.allow_legacy_tls = legacy_tls);
+            let observation = Observation::Probed {
+                endpoint: endpoint(),
+                report: Box::new(ok_report()),
+            };
+            evaluate(&obj, observation, at(1000)).status
+        };
+        let series = |name: &str| {
+            format!(
+                r#"rdphealth_findings{{kind="legacy_tls_allowed",name="{name}",namespace="default"}} 1"#
+            )
+        };
+        m.object_status(&key("vm-1"), &status(true));
+        m.object_status(&key("vm-2"), &status(true));
+        let text = m.render().unwrap();
+        assert!(
+            text.contains(&series("vm-1")) && text.contains(&series("vm-2")),
+            "{text}"
+        );
+        // Unchanged: still there.
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
+        // Gone for the object whose finding cleared, kept for the other.
+        m.object_status(&key("vm-1"), &status(false));
+        let text = m.render().unwrap();
+        assert!(!text.contains(&series("vm-1")), "{text}");
+        assert!(text.contains(&series("vm-2")), "{text}");
+        assert!(
+            !text.contains(r#"rdphealth_findings{kind="no_tls""#),
+            "{text}"
+        );
+        // Back again, and gone with the object.
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
+        m.forget_object(&key("vm-1"));
+        assert!(!m.render().unwrap().contains(&series("vm-1")));
+        m.object_status(&key("vm-1"), &status(true));
+        assert!(m.render().unwrap().contains(&series("vm-1")));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::{
     engine::{
         EndpointResolver, Next, Observation, Schedule, ValidSpec,
         conditions::{self, Status},
-        evaluate, identity,
+        evaluate, identity, ladder_due,
         remediate::{Remediator, StatusSink, Subject},
         schedule,
     },
@@ -119,13 +119,12 @@ impl State {
             .iter()
             .filter_map(|(name, t)| {
                 let spec = ValidSpec::try_from(&t.obj.spec).ok()?;
-                let status = t.obj.status.clone().unwrap_or_default();
-                let unreachable = conditions::status_of(&status.conditions, types::REACHABLE)
-                    == Some(Status::False);
+                let status = t.obj.status.as_ref();
+                let conditions = status.map(|s| s.conditions.as_slice()).unwrap_or_default();
+                let unreachable =
+                    conditions::status_of(conditions, types::REACHABLE) == Some(Status::False);
                 let disruptive = status
-                    .ladder
-                    .current
-                    .as_ref()
+                    .and_then(|s| s.ladder.current.as_ref())
                     .is_some_and(|c| c.is_disruptive());
                 let group = crate::fleet::incident::claim_group(&t.obj).map(|g| g.id);
                 Some((
@@ -196,7 +195,9 @@ pub struct Engine {
 /// Drives one object until `stop` turns true.
 pub async fn drive(engine: Arc<Engine>, name: String, mut stop: watch::Receiver<bool>) {
     loop {
-        let wait = reconcile(&engine, &name).await;
+        // Boxed: a reconcile's future (probe, ladder, Azure calls) is kilobytes, and inline it
+        // would sit in every object's task between reconciles too.
+        let wait = Box::pin(reconcile(&engine, &name)).await;
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
@@ -214,9 +215,20 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     };
     let clock = engine.state.clock;
     let now = clock.now();
+    let valid = ValidSpec::try_from(&obj.spec).ok();
+    // As the controller does: a look without a probe only when the ladder needs one.
+    let due = match (valid.as_ref().filter(|s| !s.suspend), &obj.status) {
+        (Some(spec), Some(status)) => ladder_due(status, spec)
+            .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO)),
+        _ => None,
+    };
     let mut failure = None;
     let mut probed = None;
     let (observation, wait) = match schedule(&obj, None, now) {
+        Schedule::Wait(left) if !due.is_some_and(|d| d.is_zero()) => {
+            let wait = due.map_or(left, |d| d.min(left));
+            return clock.wall(wait).max(Duration::from_millis(20));
+        }
         Schedule::Probe(spec) => match engine.resolver.resolve(&spec).await {
             Err(e) => (Observation::Unresolved(e), None),
             Ok(endpoint) => match Target::new(endpoint.host.clone(), endpoint.port) {
@@ -249,13 +261,13 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
     };
     let mut outcome = evaluate(&obj, observation, now);
     let ladder_before = outcome.status.ladder.clone();
-    if let Ok(spec) = ValidSpec::try_from(&obj.spec) {
+    if let Some(spec) = &valid {
         let uid = obj.metadata.uid.clone().unwrap_or_default();
         let group = crate::fleet::incident::claim_group(&obj);
         let subject = Subject {
             key: name,
             seed: &uid,
-            spec: &spec,
+            spec,
             failure: failure.as_ref(),
             probed,
             leader: true,
@@ -280,7 +292,7 @@ async fn reconcile(engine: &Engine, name: &str) -> Duration {
         }
     }
     let at = clock.elapsed();
-    let status = outcome.status.clone();
+    let status = std::mem::take(&mut outcome.status);
     engine.metrics.object_status(&key(&obj), &status);
     engine
         .metrics

@@ -35,7 +35,14 @@ pub enum Schedule {
 /// Decides whether `obj` needs a probe at `now`. `probed_at` is when this driver last probed
 /// the object, if it remembers; the later of it and `status.lastProbe.time` counts.
 pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -> Schedule {
-    let status = obj.status.clone().unwrap_or_default();
+    let none;
+    let status = match &obj.status {
+        Some(status) => status,
+        None => {
+            none = RdpHealthStatus::default();
+            &none
+        }
+    };
     let current = status.observed_generation.is_some()
         && status.observed_generation == obj.metadata.generation;
     let spec = match ValidSpec::try_from(&obj.spec) {
@@ -58,7 +65,7 @@ pub fn schedule(obj: &RdpHealth, probed_at: Option<Timestamp>, now: Timestamp) -
     if unresolved {
         return Schedule::AwaitChange;
     }
-    let Some((last, interval)) = on_timer(&status, &spec, probed_at) else {
+    let Some((last, interval)) = on_timer(status, &spec, probed_at) else {
         return Schedule::Probe(Box::new(spec));
     };
     let elapsed = now.duration_since(last);
@@ -106,7 +113,7 @@ pub fn probe_due_at(obj: &RdpHealth, probed_at: Option<Timestamp>) -> Option<Tim
 /// operation or of an evidence read, the end of settling, the deadline of an unanswered
 /// request, or the end of a backoff. Drivers reconcile at that time without probing, so
 /// polling and settling never make probes more frequent than the probe intervals.
-pub fn ladder_due(status: &crate::api::RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
+pub fn ladder_due(status: &RdpHealthStatus, spec: &ValidSpec) -> Option<Timestamp> {
     let ladder = &status.ladder;
     let current = ladder.current.as_ref().and_then(|c| match c.phase {
         ExecutionPhase::Requested => crate::ladder::nic::requested_at(c)

@@ -162,11 +162,14 @@ impl TryFrom<&RdpHealthSpec> for ValidSpec {
         let certificate_warning = duration("certificateWarning", &p.certificate_warning, true)?;
         let identity_check_interval =
             duration("identityCheckInterval", &p.identity_check_interval, false)?;
-        for (field, value) in [
-            ("interval", &p.interval),
-            ("unhealthyInterval", &p.unhealthy_interval),
+        for (field, value, limit) in [
+            ("interval", &p.interval, interval),
+            (
+                "unhealthyInterval",
+                &p.unhealthy_interval,
+                unhealthy_interval,
+            ),
         ] {
-            let limit = duration(field, value, false)?;
             if timeout >= limit {
                 return Err(SpecError::TimeoutTooLong {
                     field,
@@ -270,7 +273,12 @@ fn duration(field: &'static str, value: &str, days: bool) -> Result<Duration, Sp
 /// with the same rules as the schema's pattern.
 pub fn parse_resource_id(id: &str) -> Result<VmId, SpecError> {
     let bad = || SpecError::ResourceId(id.to_string());
-    let parts: Vec<&str> = id.split('/').collect();
+    // Nine segments exactly, without collecting them.
+    let mut parts = id.split('/');
+    let mut segments = [""; 9];
+    for segment in &mut segments {
+        *segment = parts.next().ok_or_else(bad)?;
+    }
     let [
         "",
         "subscriptions",
@@ -281,18 +289,21 @@ pub fn parse_resource_id(id: &str) -> Result<VmId, SpecError> {
         "Microsoft.Compute",
         "virtualMachines",
         name,
-    ] = parts.as_slice()
+    ] = segments
     else {
         return Err(bad());
     };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
     let group_ok = (1..=90).contains(&group.len())
         && group
             .chars()
-            .all(|c| c.is_alphanumeric() || "-_.()".contains(c));
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | '(' | ')'));
     let name_ok = (1..=64).contains(&name.len())
         && name
             .chars()
-            .all(|c| c.is_alphanumeric() || "-_.".contains(c));
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !is_guid(subscription) || !group_ok || !name_ok {
         return Err(bad());
     }
@@ -305,12 +316,12 @@ pub fn parse_resource_id(id: &str) -> Result<VmId, SpecError> {
 
 /// A GUID as Azure spells subscription, tenant and client IDs (`8-4-4-4-12` hex digits).
 pub fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, len)| g.len() == len && g.chars().all(|c| c.is_ascii_hexdigit()))
+    let mut groups = s.split('-');
+    [8, 4, 4, 4, 12].iter().all(|&len| {
+        groups
+            .next()
+            .is_some_and(|g| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+    }) && groups.next().is_none()
 }
 
 #[cfg(test)]
@@ -429,6 +440,33 @@ mod tests {
             Duration::from_secs(14 * 86_400)
         );
         assert_eq!(valid.port, 3389);
+    }
+
+    #[rstest]
+    #[case::valid(VM, true)]
+    #[case::parentheses_in_group(&VM.replace("rg-1", "rg_(x).1"), true)]
+    #[case::too_short(&VM.replace("/virtualMachines/vm-1", "/virtualMachines"), false)]
+    #[case::extra_segment(&format!("{VM}/extensions"), false)]
+    #[case::trailing_slash(&format!("{VM}/"), false)]
+    #[case::no_leading_slash(&VM[1..], false)]
+    #[case::other_case_literal(&VM.replace("resourceGroups", "resourcegroups"), false)]
+    #[case::empty_name(&VM.replace("vm-1", ""), false)]
+    #[case::slash_in_group(&VM.replace("rg-1", "rg/1"), false)]
+    #[case::bang_in_name(&VM.replace("vm-1", "vm!1"), false)]
+    #[case::short_guid(&VM.replace("00000000-0000-0000-0000-000000000001", "0000-0000-0000-0000-000000000001"), false)]
+    #[case::six_groups(&VM.replace("00000000-0000-0000-0000-000000000001", "00000000-0000-0000-0000-000000000001-0"), false)]
+    #[case::not_hex(&VM.replace("00000000-0000", "0000000g-0000"), false)]
+    #[case::empty("", false)]
+    fn resource_ids(#[case] id: &str, #[case] ok: bool) {
+        let parsed = parse_resource_id(id);
+        assert_eq!(parsed.is_ok(), ok, "{id}: {parsed:?}");
+        if let Ok(vm) = parsed {
+            assert_eq!(vm.subscription, "00000000-0000-0000-0000-000000000001");
+            assert!(id.ends_with(&format!(
+                "/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
+                vm.resource_group, vm.name
+            )));
+        }
     }
 
     #[rstest]
