@@ -15,15 +15,10 @@ use std::{
 
 use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::jiff::Timestamp;
-use kube::{
-    Client,
-    client::Body,
-    core::DeserializeGuard,
-    runtime::{controller::Action, reflector::store::Writer, watcher},
-};
+use kube::{Client, client::Body, core::DeserializeGuard};
 use rdphealth::{
     api::RdpHealth,
-    controller::{Context, Error, Leadership, Seams, error_policy, reconcile},
+    controller::{Action, Context, Error, Leadership, Seams, error_policy, reconcile},
     engine::{HostOverride, writes},
     metrics::Metrics,
     probe::{
@@ -642,60 +637,4 @@ async fn a_healthy_unchanged_object_is_written_on_the_heartbeat() {
     });
     run(&ctx, obj).await.unwrap();
     verifier.await.unwrap();
-}
-
-/// A reconcile that waited for its turn works on the object as the cache holds it when the
-/// turn comes, not as it was when the reconcile started: here the object was deleted while it
-/// waited, so nothing is probed or written for it.
-#[tokio::test]
-async fn a_reconcile_that_waited_for_its_turn_sees_the_object_as_it_is_then() {
-    let prober = FakeProber::with(vec![reachable()]);
-    let mut writer = Writer::<DeserializeGuard<RdpHealth>>::default();
-    let store = writer.as_reader();
-    let first = object(spec(), None);
-    let mut second = object(spec(), None);
-    second.metadata.name = Some("vm-2".into());
-    second.metadata.uid = Some("uid-2".into());
-    for obj in [&first, &second] {
-        writer.apply_watcher_event(&watcher::Event::Apply(DeserializeGuard(Ok(obj.clone()))));
-    }
-    let (ctx, mut api) = setup_with(prober.clone(), |ctx| {
-        ctx.with_store(store).with_concurrency(1)
-    });
-    // The first object holds the only turn until its status write is answered.
-    let working = tokio::spawn({
-        let ctx = Arc::clone(&ctx);
-        async move { run(&ctx, first).await }
-    });
-    let (request, answer) = tokio::time::timeout(Duration::from_secs(1), api.next_request())
-        .await
-        .expect("the first object's status write")
-        .unwrap();
-    assert_eq!(request.uri().to_string(), status_path());
-    let waiting = tokio::spawn({
-        let ctx = Arc::clone(&ctx);
-        let stale = second.clone();
-        async move { run(&ctx, stale).await }
-    });
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    assert!(!waiting.is_finished(), "it did not wait for its turn");
-    writer.apply_watcher_event(&watcher::Event::Delete(DeserializeGuard(Ok(second))));
-    answer.send_response(
-        Response::builder()
-            .status(StatusCode::OK)
-            .body(Body::from(
-                serde_json::to_vec(&object(spec(), None)).unwrap(),
-            ))
-            .unwrap(),
-    );
-    working.await.unwrap().unwrap();
-    assert_eq!(waiting.await.unwrap().unwrap(), Action::await_change());
-    assert_eq!(
-        prober.calls.load(Ordering::SeqCst),
-        1,
-        "the deleted object was probed"
-    );
-    no_api_call(&mut api).await;
 }

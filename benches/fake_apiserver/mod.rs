@@ -426,12 +426,14 @@ fn watch_response(shared: Arc<Shared>, target: Target, since: u64) -> Response {
                 changes.borrow_and_update();
                 let batch: Vec<Change> = {
                     let inner = shared.lock();
-                    let batch = inner
-                        .log
+                    // The log is in resourceVersion order: start after `since`, not at the
+                    // beginning (a scan of the whole log per change is quadratic in a first
+                    // pass that writes every object).
+                    let start = inner.log.partition_point(|c| c.rv <= since);
+                    let batch = inner.log[start..]
                         .iter()
                         .filter(|c| {
-                            c.rv > since
-                                && c.resource == target.resource
+                            c.resource == target.resource
                                 && target
                                     .namespace
                                     .as_ref()

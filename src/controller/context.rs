@@ -2,10 +2,8 @@
 
 use super::fleet::{self, Contribution, FleetCounts};
 use super::tenancy::{Namespaces, TenancyState};
-use super::turns::Turns;
 use super::*;
 use crate::tenancy::TenancyPolicy;
-use kube::runtime::reflector::ObjectRef;
 
 /// What every reconcile shares.
 pub struct Context {
@@ -34,8 +32,6 @@ pub struct Context {
     pub(super) fleet: Arc<Mutex<FleetCounts>>,
     /// Which Azure scopes each namespace may name, and as which identity.
     pub(super) tenancy: TenancyState,
-    /// Reconciles working at once, and who goes next.
-    pub(super) turns: Turns,
 }
 
 impl Context {
@@ -68,16 +64,8 @@ impl Context {
                 federation: seams.identities.clone(),
                 ..TenancyState::default()
             },
-            turns: Turns::new(Settings::default().concurrency.into()),
             seams,
         }
-    }
-
-    /// Lets `concurrency` reconciles work at once; the others wait their turn, the object due
-    /// first going first.
-    pub fn with_concurrency(mut self, concurrency: u16) -> Self {
-        self.turns = Turns::new(concurrency.into());
-        self
     }
 
     /// Enforces `policy` (namespaces name only VMs inside their scopes, as their identity);
@@ -216,18 +204,6 @@ impl Context {
     pub fn with_store(mut self, store: Store<DeserializeGuard<RdpHealth>>) -> Self {
         self.store = Some(store);
         self
-    }
-
-    /// `guard`'s object as the cache holds it now (a reconcile may have waited for its turn
-    /// since it was handed the object); `None` once deleted. Without a cache, `guard`.
-    pub(super) fn latest(
-        &self,
-        guard: Arc<DeserializeGuard<RdpHealth>>,
-    ) -> Option<Arc<DeserializeGuard<RdpHealth>>> {
-        match &self.store {
-            Some(store) => store.get(&ObjectRef::from_obj(&*guard)),
-            None => Some(guard),
-        }
     }
 
     /// This replica's leadership.

@@ -1,4 +1,5 @@
-//! The Kubernetes driver: a kube-runtime `Controller` over `RdpHealth` objects that asks the
+//! The Kubernetes driver: a controller over `RdpHealth` objects (kube-runtime's watch and
+//! cache, a queue of its own) that asks the
 //! engine what to do, probes, and persists the engine's verdict (status by server-side apply,
 //! Events on transitions, metrics).
 //!
@@ -6,8 +7,8 @@
 //! what it decided (status, Events), [`context`] holds what every reconcile shares (including
 //! the hand-over of the fleet view), [`fleet`] the fleet view's counts kept object by object,
 //! [`memory`] what this replica remembers between reconciles, [`lease`] leader
-//! election, [`turns`] which waiting reconcile works next; this file wires them into a
-//! running controller.
+//! election, [`queue`] which waiting object is reconciled next and [`runner`] the loop that
+//! runs them; this file wires them into a running controller.
 
 mod canary;
 mod claims;
@@ -15,13 +16,14 @@ mod context;
 mod fleet;
 mod lease;
 mod memory;
+mod queue;
 mod reconcile;
+mod runner;
 mod shards;
 mod status;
 mod tenancy;
 #[cfg(test)]
 mod tests;
-mod turns;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -41,8 +43,7 @@ use kube::{
     api::{Api, Patch, PatchParams},
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
-        Controller, WatchStreamExt,
-        controller::{Action, Config},
+        WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
         reflector::{Store, reflector, store::Writer},
         watcher,
@@ -214,6 +215,35 @@ pub struct Seams {
     pub graph: Option<Arc<dyn ResourceGraph>>,
 }
 
+/// What a reconcile asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action {
+    requeue_after: Option<Duration>,
+}
+
+impl Action {
+    /// Reconcile again after `after`, or at the next change if that comes first.
+    #[must_use]
+    pub const fn requeue(after: Duration) -> Self {
+        Self {
+            requeue_after: Some(after),
+        }
+    }
+
+    /// Reconcile again at the next change only.
+    #[must_use]
+    pub const fn await_change() -> Self {
+        Self {
+            requeue_after: None,
+        }
+    }
+
+    /// When to reconcile again without a change.
+    pub const fn requeue_after(&self) -> Option<Duration> {
+        self.requeue_after
+    }
+}
+
 /// Delay before retrying after `attempt` failed reconciles in a row: 1 s doubling to 5 min.
 pub fn backoff_delay(attempt: u32) -> Duration {
     const MAX: Duration = Duration::from_secs(300);
@@ -275,21 +305,19 @@ pub fn trim(guard: &mut DeserializeGuard<RdpHealth>) {
     }
 }
 
-/// A controller over `api` whose watch marks `ready` after its first complete list, keeps
-/// `memory` free of deleted objects and `fleet` counting what other replicas wrote, and the
-/// object cache it fills.
-fn controller_for(
+/// The watch of `api`: it marks `ready` after its first complete list, keeps `memory` free of
+/// deleted objects and `fleet` counting what other replicas wrote; the object cache it fills,
+/// and its changes as triggers of reconciles.
+fn watch_objects(
     api: Api<DeserializeGuard<RdpHealth>>,
     ready: Arc<AtomicBool>,
     memory: Arc<ProbeMemory>,
     fleet: Arc<Mutex<FleetCounts>>,
-) -> (
-    Controller<DeserializeGuard<RdpHealth>>,
-    Store<DeserializeGuard<RdpHealth>>,
-) {
+) -> (runner::Triggers, Store<DeserializeGuard<RdpHealth>>) {
     let writer = Writer::default();
     let store = writer.as_reader();
     let events = watcher(api, watcher::Config::default())
+        .default_backoff()
         .modify(trim)
         .inspect_ok(move |event| {
             if matches!(event, watcher::Event::InitDone) && !ready.swap(true, Ordering::AcqRel) {
@@ -307,7 +335,7 @@ fn controller_for(
                 .follow(event, &cache);
         })
         .applied_objects();
-    (Controller::for_stream(objects, store.clone()), store)
+    (runner::changes(objects), store)
 }
 
 /// Runs the operator until `shutdown` resolves: the controller, the HTTP endpoints on
@@ -331,20 +359,20 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
     let memory = Arc::new(ProbeMemory::default());
     let fleet = Arc::new(Mutex::new(FleetCounts::default()));
-    let (controller, store) = controller_for(
+    let (changes, store) = watch_objects(
         api,
         Arc::clone(&ready),
         Arc::clone(&memory),
         Arc::clone(&fleet),
     );
-    let (controller, namespaces) =
-        tenancy::follow_namespaces(controller, &client, &store, settings.tenancy.as_ref());
-    // kube-runtime's queue, once `concurrency` reconciles run, would hand out the waiting
-    // objects in hash order: every reconcile starts at once and waits in the context's turns
-    // instead, which keep `settings.concurrency` and serve the object due first.
-    let controller = controller.with_config(Config::default().concurrency(0));
-    let controller = shards::reconcile_when_acquired(controller, acquired);
+    let (namespace_changes, namespaces) =
+        tenancy::follow_namespaces(&client, &store, settings.tenancy.as_ref());
+    let mut triggers = vec![changes];
+    triggers.extend(namespace_changes);
+    triggers.extend(shards::reconcile_when_acquired(acquired));
+    let triggers = futures::stream::select_all(triggers).boxed();
     let ready_flag = Arc::clone(&ready);
+    let store_for_runner = store.clone();
     let state = HttpState {
         metrics: Arc::clone(&metrics),
         inventory: Arc::new(StoreInventory(store.clone())),
@@ -367,12 +395,11 @@ pub async fn run(
         )
         .with_remediation(settings.fleet, settings.probe_source)
         .with_shared_claims(shards::shared_claims(&client_for_claims, &settings))
-        .with_store(store)
+        .with_store(store.clone())
         .with_memory(memory)
         .with_fleet_counts(fleet)
         .with_status_heartbeat(settings.status_heartbeat)
-        .with_tenancy(settings.tenancy.clone(), namespaces)
-        .with_concurrency(settings.concurrency),
+        .with_tenancy(settings.tenancy.clone(), namespaces),
     );
     let (stop_fleets, fleets_stopped) = watch::channel(false);
     let fleets = fleets(&ctx, &settings, &ready_flag, fleets_stopped);
@@ -387,21 +414,15 @@ pub async fn run(
         _ => None,
     };
     info!(namespace = ?settings.namespace, concurrency = settings.concurrency, remediation, "controller starting");
-    // Stopping turns away the reconciles still waiting for a turn: only those at work finish.
-    let turns_of = Arc::clone(&ctx);
-    let shutdown = async move {
-        shutdown.await;
-        turns_of.turns.close();
-    };
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                debug!(error = %e, "controller event");
-            }
-        })
-        .await;
+    // Stopping lets the reconciles at work finish; those still waiting do not start.
+    runner::run(
+        store_for_runner,
+        triggers,
+        Arc::new(runner::Reconciles(Arc::clone(&ctx))),
+        settings.concurrency.into(),
+        shutdown,
+    )
+    .await;
     info!("controller stopped; shutting down");
     let _ = stop_fleets.send(true);
     if let Some(fleets) = fleets {

@@ -7,21 +7,13 @@ use super::{
     tenancy::Tenancy,
 };
 
-/// Reconciles one object: waits for its turn (see [`super::turns`]), then schedule →
-/// (resolve, probe) → evaluate → status, metrics, events.
+/// Reconciles one object: schedule → (resolve, probe) → evaluate → status, metrics, events.
+/// The controller's runner (see [`super::runner`]) hands it the object as the cache holds it
+/// when its turn comes.
 pub async fn reconcile(
     guard: Arc<DeserializeGuard<RdpHealth>>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    let Some(_turn) = ctx.turns.wait(turn_due(&ctx, &guard)).await else {
-        debug!("the controller is stopping: not reconciled");
-        return Ok(Action::await_change());
-    };
-    // The object may have changed, or gone, while this reconcile waited.
-    let Some(guard) = ctx.latest(guard) else {
-        debug!("deleted while waiting for its turn");
-        return Ok(Action::await_change());
-    };
     let _timer = ctx.metrics.reconcile_timer();
     let obj = match &guard.0 {
         Ok(obj) => obj,
@@ -32,23 +24,22 @@ pub async fn reconcile(
     };
     let key = key_of(&obj.metadata).ok_or(Error::MissingKey)?;
     let span = info_span!("reconcile", namespace = %key.namespace, name = %key.name, vm = %obj.spec.vm.resource_id);
-    // Boxed: a reconcile waiting for its turn stays small.
     Box::pin(reconcile_object(obj, &key, &ctx).instrument(span)).await
 }
 
-/// Where a reconcile queues for its turn: when the object's probe fell due, if it is overdue;
-/// otherwise (a new object, a change, a probe not due yet) now, when the reconcile arrived.
-fn turn_due(ctx: &Context, guard: &DeserializeGuard<RdpHealth>) -> Timestamp {
-    let now = Timestamp::now();
+/// How long ago the object's probe fell due (zero when it is not overdue, or not on a timer):
+/// where it queues, so that of the objects waiting for reconcilers the one due first goes
+/// first, and after a restart the objects probed longest ago go first.
+pub(super) fn overdue(ctx: &Context, guard: &DeserializeGuard<RdpHealth>) -> Duration {
     let Ok(obj) = &guard.0 else {
-        return now;
+        return Duration::ZERO;
     };
     let probed_at = memory_id(&obj.metadata)
         .and_then(|id| ctx.memory.get(&id))
         .and_then(|r| r.probed_at);
     engine::probe_due_at(obj, probed_at)
-        .filter(|due| *due <= now)
-        .unwrap_or(now)
+        .and_then(|due| Duration::try_from(Timestamp::now().duration_since(due)).ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 pub(super) async fn reconcile_object(

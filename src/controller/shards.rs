@@ -371,17 +371,14 @@ pub(super) fn shared_claims(
 /// Reconciles every object whenever a shard is newly held, so that a taken-over shard's
 /// objects are probed at once rather than at their next requeue.
 pub(super) fn reconcile_when_acquired(
-    controller: Controller<DeserializeGuard<RdpHealth>>,
     acquired: Option<watch::Receiver<u64>>,
-) -> Controller<DeserializeGuard<RdpHealth>> {
-    let Some(acquired) = acquired else {
-        return controller;
-    };
+) -> Option<super::runner::Triggers> {
+    let acquired = acquired?;
     let trigger = futures::stream::unfold(acquired, |mut rx| async move {
         rx.changed().await.ok()?;
-        Some(((), rx))
+        Some((super::runner::Trigger::All, rx))
     });
-    controller.reconcile_all_on(trigger)
+    Some(trigger.boxed())
 }
 
 /// Starts campaigning for shards: the leadership (scoped per object with

@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 
+use super::runner::{Trigger, Triggers};
+
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     core::PartialObjectMeta,
@@ -156,31 +158,39 @@ pub(super) fn objects_in(
 }
 
 /// When `policy` selects namespaces by label: a reflector of Namespaces (metadata only) whose
-/// every change reconciles the objects in that namespace again, and the labels it holds.
+/// every change of labels reconciles the objects in that namespace again (as triggers), and
+/// the labels it holds.
 pub(super) fn follow_namespaces(
-    controller: Controller<DeserializeGuard<RdpHealth>>,
     client: &Client,
     objects: &Store<DeserializeGuard<RdpHealth>>,
     policy: Option<&TenancyPolicy>,
-) -> (Controller<DeserializeGuard<RdpHealth>>, Option<Namespaces>) {
+) -> (Option<Triggers>, Option<Namespaces>) {
     if !policy.is_some_and(TenancyPolicy::selects_by_label) {
-        return (controller, None);
+        return (None, None);
     }
     let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
     let writer = Writer::default();
     let labels = writer.as_reader();
     // After the reflector, so that the labels are in the store when the objects reconcile.
-    let changes = reflector(writer, watcher(api, watcher::Config::default())).applied_objects();
+    let changes = reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .applied_objects();
     let objects = objects.clone();
     let seen = SeenLabels::default();
-    let controller = controller.watches_stream(changes, move |ns| {
-        if seen.changed(&ns) {
-            objects_in(&objects, &ns)
-        } else {
-            Vec::new()
-        }
-    });
-    (controller, Some(labels))
+    let triggers = changes
+        .filter_map(|ns| std::future::ready(ns.ok()))
+        .flat_map(move |ns| {
+            let refs = if seen.changed(&ns) {
+                objects_in(&objects, &ns)
+            } else {
+                Vec::new()
+            };
+            futures::stream::iter(refs.into_iter().map(Trigger::One))
+        })
+        .boxed();
+    (Some(triggers), Some(labels))
 }
 
 #[cfg(test)]
