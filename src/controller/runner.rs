@@ -66,6 +66,7 @@ pub(super) async fn run<W: Work>(
     let ready_store = store.clone();
     let mut ready_wait = pin!(async move { ready_store.wait_until_ready().await.is_ok() });
     let mut ready = false;
+    let mut awaiting_ready = true;
     let mut stopping = false;
     loop {
         if ready && !stopping {
@@ -132,7 +133,8 @@ pub(super) async fn run<W: Work>(
                 // The watch ended (it does not on its own): only the shutdown ends the loop.
                 None => warn!("the watch of RdpHealth objects ended"),
             },
-            ok = &mut ready_wait, if !ready => {
+            ok = &mut ready_wait, if awaiting_ready => {
+                awaiting_ready = false;
                 ready = ok;
                 if !ok {
                     warn!("the object cache was dropped: no reconcile can run");
