@@ -9,7 +9,7 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use prometheus::{
@@ -75,6 +75,7 @@ pub struct Metrics {
     /// The last probe failed on the prober's side (readiness reports it).
     prober_blind: AtomicBool,
     reconcile_duration: Histogram,
+    reconcile_wait: Histogram,
     reconcile_errors: IntCounterVec,
     objects: IntGaugeVec,
     remediations: IntCounterVec,
@@ -131,6 +132,16 @@ impl Metrics {
                 ]),
             )
             .map_err(MetricsError::Register)?,
+            reconcile_wait: Histogram::with_opts(
+                HistogramOpts::new(
+                    "rdphealth_reconcile_wait_seconds",
+                    "How long after it fell due each reconcile started (the wait for one of the --concurrency reconcilers).",
+                )
+                .buckets(vec![
+                    0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+                ]),
+            )
+            .map_err(MetricsError::Register)?,
             reconcile_errors: IntCounterVec::new(
                 Opts::new(
                     "rdphealth_reconcile_errors_total",
@@ -163,7 +174,7 @@ impl Metrics {
             objects_series: objects::ObjectSeries::new()?,
             registry,
         };
-        let collectors: [Box<dyn Collector>; 10] = [
+        let collectors: [Box<dyn Collector>; 11] = [
             Box::new(m.prober_errors.clone()),
             Box::new(m.observer.clone()),
             Box::new(m.remediations.clone()),
@@ -172,6 +183,7 @@ impl Metrics {
             Box::new(m.probe_duration.clone()),
             Box::new(m.probe_failures.clone()),
             Box::new(m.reconcile_duration.clone()),
+            Box::new(m.reconcile_wait.clone()),
             Box::new(m.reconcile_errors.clone()),
             Box::new(m.objects.clone()),
         ];
@@ -316,6 +328,11 @@ impl Metrics {
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, reason: &'static str) {
         self.reconcile_errors.with_label_values(&[reason]).inc();
+    }
+
+    /// A reconcile started `waited` after it fell due.
+    pub fn reconcile_waited(&self, waited: Duration) {
+        self.reconcile_wait.observe(waited.as_secs_f64());
     }
 
     /// Starts timing a reconcile; the time is recorded when the guard drops.
@@ -628,5 +645,17 @@ mod tests {
         let text = m.render().unwrap();
         assert!(text.contains("rdphealth_reconcile_duration_seconds_count 1"));
         assert!(text.contains(r#"rdphealth_reconcile_errors_total{reason="PatchStatusFailed"} 1"#));
+    }
+
+    #[test]
+    fn reconcile_waits_by_bucket() {
+        let m = Metrics::new().unwrap();
+        m.reconcile_waited(Duration::from_millis(2));
+        m.reconcile_waited(Duration::from_secs(45));
+        let text = m.render().unwrap();
+        assert!(text.contains(r#"rdphealth_reconcile_wait_seconds_bucket{le="0.01"} 1"#));
+        assert!(text.contains(r#"rdphealth_reconcile_wait_seconds_bucket{le="30"} 1"#));
+        assert!(text.contains(r#"rdphealth_reconcile_wait_seconds_bucket{le="60"} 2"#));
+        assert!(text.contains("rdphealth_reconcile_wait_seconds_count 2"));
     }
 }

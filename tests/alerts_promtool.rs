@@ -169,6 +169,7 @@ fn required_alerts_exist_with_severity_and_annotations() {
         "RdpHealthRemediationStormBreaker",
         "RdpHealthObserverBlind",
         "RdpHealthProberErrors",
+        "RdpHealthProbesLate",
         "RdpHealthCertificateExpiringSoon",
         "RdpHealthCertificateExpired",
         "RdpHealthRdpOpenToInternet",

@@ -113,9 +113,9 @@ impl<K: Hash + Eq> Queue<K> {
         }
     }
 
-    /// The waiting object due first, if it is due by `now`: it is working from here on, until
-    /// [`Self::done`].
-    pub(super) fn pop(&mut self, now: Instant) -> Option<Arc<K>> {
+    /// The waiting object due first, if it is due by `now`, and when it fell due: it is
+    /// working from here on, until [`Self::done`].
+    pub(super) fn pop(&mut self, now: Instant) -> Option<(Arc<K>, Instant)> {
         self.drop_stale();
         if self.heap.peek()?.at > now {
             return None;
@@ -125,7 +125,7 @@ impl<K: Hash + Eq> Queue<K> {
         entry.due = None;
         entry.working = true;
         self.working += 1;
-        Some(slot.key)
+        Some((slot.key, slot.at))
     }
 
     /// When the waiting object due first is due.
@@ -225,7 +225,7 @@ mod tests {
 
     fn drain(q: &mut Queue<&'static str>, now: Instant) -> Vec<&'static str> {
         let mut out = Vec::new();
-        while let Some(k) = q.pop(now) {
+        while let Some((k, _)) = q.pop(now) {
             out.push(*k);
         }
         out
@@ -267,13 +267,17 @@ mod tests {
         let t = Instant::now();
         let mut q = Queue::default();
         q.schedule("a", t);
-        assert_eq!(q.pop(t).as_deref(), Some(&"a"));
+        assert_eq!(q.pop(t).map(|(k, _)| *k), Some("a"));
         q.schedule("a", at(t, 1));
         assert_eq!(q.pop(at(t, 5)), None, "never twice at once");
         // Done, due again in 30 s by its own account: the earlier ask wins.
         q.done(&"a", Some(at(t, 30)));
         assert_eq!(q.next_due(), Some(at(t, 1)));
-        assert_eq!(q.pop(at(t, 5)).as_deref(), Some(&"a"));
+        assert_eq!(
+            q.pop(at(t, 5)),
+            Some((Arc::new("a"), at(t, 1))),
+            "due since 1 s"
+        );
         q.done(&"a", Some(at(t, 30)));
         assert_eq!(q.next_due(), Some(at(t, 30)));
     }
@@ -283,7 +287,7 @@ mod tests {
         let t = Instant::now();
         let mut q = Queue::default();
         q.schedule("a", t);
-        let a = q.pop(t).unwrap();
+        let (a, _) = q.pop(t).unwrap();
         q.done(&a, None);
         assert_eq!(q.working(), 0);
         assert_eq!(q.next_due(), None);
@@ -340,11 +344,12 @@ mod tests {
                 }
                 2 => {
                     now += next() % 3;
-                    if let Some(k) = q.pop(at(t, now)) {
+                    if let Some((k, fell_due)) = q.pop(at(t, now)) {
                         let (working, owed) = model[*k];
                         assert!(!working, "{k} handed out twice at once");
                         let due = owed.unwrap();
                         assert!(due <= now);
+                        assert_eq!(fell_due, at(t, due), "the time it fell due");
                         // No other waiting object was due earlier.
                         for (other, (working, d)) in &model {
                             if !working && other != &*k {

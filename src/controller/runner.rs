@@ -39,6 +39,8 @@ pub(super) trait Work: Send + Sync + 'static {
     fn overdue(&self, guard: &Guard) -> Duration;
     /// A reconcile of `key` panicked: when to try again.
     fn panicked(&self, key: &Key, e: &tokio::task::JoinError) -> Duration;
+    /// A reconcile started `waited` after it fell due.
+    fn waited(&self, waited: Duration);
 }
 
 /// What one reconcile ends with, as the queue needs it.
@@ -72,12 +74,15 @@ pub(super) async fn run<W: Work>(
         if ready && !stopping {
             let now = Instant::now();
             while queue.working() < slots {
-                let Some(key) = queue.pop(now) else { break };
+                let Some((key, due)) = queue.pop(now) else {
+                    break;
+                };
                 // Gone from the cache since it was asked for: nothing to do.
                 let Some(guard) = store.get(&key) else {
                     queue.done(&key, None);
                     continue;
                 };
+                work.waited(now.saturating_duration_since(due));
                 let reconcile = work.reconcile(guard);
                 let task_key = Arc::clone(&key);
                 let handle = working.spawn(async move {
@@ -163,6 +168,10 @@ impl Work for Reconciles {
         reconcile::overdue(&self.0, guard)
     }
 
+    fn waited(&self, waited: Duration) {
+        self.0.metrics.reconcile_waited(waited);
+    }
+
     /// Tried again after the backoff of a failure.
     fn panicked(&self, key: &Key, e: &tokio::task::JoinError) -> Duration {
         let ctx = &self.0;
@@ -238,6 +247,7 @@ mod tests {
         panic_once: Mutex<HashSet<String>>,
         again: Option<Duration>,
         panics: Mutex<Vec<String>>,
+        waits: Mutex<Vec<Duration>>,
     }
 
     impl Recorder {
@@ -303,6 +313,10 @@ mod tests {
         fn panicked(&self, key: &Key, _: &tokio::task::JoinError) -> Duration {
             self.0.panics.lock().unwrap().push(key.name.clone());
             Duration::from_secs(5)
+        }
+
+        fn waited(&self, waited: Duration) {
+            self.0.waits.lock().unwrap().push(waited);
         }
     }
 
@@ -396,6 +410,15 @@ mod tests {
         settle().await;
         assert_eq!(recorder.ran(), ["b", "d", "e", "c", "a", "f"]);
         assert_eq!(recorder.most_at_once(), 2);
+        // Each waited from when it fell due: b and d at once, 40 and 30 s overdue; e and c
+        // after one 100 ms round; a and f after two.
+        let ms = |d: &Duration| d.as_millis();
+        let waits: Vec<u128> = recorder.waits.lock().unwrap().iter().map(ms).collect();
+        assert_eq!(
+            waits,
+            [40_000, 30_000, 20_100, 10_100, 200, 200],
+            "{waits:?}"
+        );
         h.stop().await;
     }
 
