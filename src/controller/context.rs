@@ -216,6 +216,14 @@ impl Context {
         &self.metrics
     }
 
+    /// Counts one more failed reconcile of `key` in a row; returns how many there are now.
+    pub(super) fn failed_again(&self, key: ObjectKey) -> u32 {
+        let mut failures = self.failures();
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
     pub(super) fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, u32>> {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -356,15 +356,7 @@ pub fn error_policy(
         warn!(%namespace, %name, reason = error.reason(), error = %error, retry_ms = after.as_millis() as u64, "Azure asked to wait");
         return Action::requeue(after.max(Duration::from_secs(1)));
     }
-    let attempt = match key_of(meta) {
-        Some(key) => {
-            let mut failures = ctx.failures();
-            let n = failures.entry(key).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        }
-        None => 1,
-    };
+    let attempt = key_of(meta).map_or(1, |key| ctx.failed_again(key));
     let delay = backoff_delay(attempt);
     warn!(%namespace, %name, reason = error.reason(), error = %error, attempt, retry_ms = delay.as_millis() as u64, "reconcile failed");
     Action::requeue(delay)

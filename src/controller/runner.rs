@@ -175,17 +175,10 @@ impl Work for Reconciles {
     /// Tried again after the backoff of a failure.
     fn panicked(&self, key: &Key, e: &tokio::task::JoinError) -> Duration {
         let ctx = &self.0;
-        let attempt = {
-            let mut failures = ctx.failures();
-            let n = failures
-                .entry(ObjectKey {
-                    namespace: key.namespace.clone().unwrap_or_default(),
-                    name: key.name.clone(),
-                })
-                .or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
+        let attempt = ctx.failed_again(ObjectKey {
+            namespace: key.namespace.clone().unwrap_or_default(),
+            name: key.name.clone(),
+        });
         let delay = backoff_delay(attempt);
         ctx.metrics.reconcile_failed("Panicked");
         warn!(namespace = ?key.namespace, name = %key.name, error = %e, attempt, retry_ms = delay.as_millis() as u64, "reconcile panicked");
