@@ -330,9 +330,7 @@ async fn a_failing_canary_holds_every_rung() {
     .await
     .unwrap();
     let api = Arc::new(RealApiServer::start().await);
-    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = canary.local_addr().unwrap().port();
-    drop(canary);
+    let port = common::free_port();
     let settings = Settings {
         canary: Some(Target {
             host: "127.0.0.1".into(),

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: failures should panic
 
+mod common;
+
 use std::{process::Command, time::Duration};
 
 use rdphealth::{
@@ -166,12 +168,7 @@ async fn every_fault_class_settles_as_expected() {
 
 #[test]
 fn demo_command_exits_0_when_settled_and_its_metrics_pass_promtool() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", common::free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_rdphealth"))
         .args([
             "demo",

@@ -198,7 +198,7 @@ fn xrdp_without_certificate_refuses_with_code_3() {
 
 #[test]
 fn closed_port_is_refused_quickly() {
-    let target = format!("127.0.0.1:{}", xrdp::free_port());
+    let target = format!("127.0.0.1:{}", common::free_port());
     let (code, json) = probe_json(&target);
     assert_eq!(code, 1);
     assert_eq!(json["failure"]["reason"], "tcp_refused");
@@ -233,7 +233,7 @@ fn silent_listener_times_out_within_the_timeout() {
 #[test]
 fn http_server_is_not_rdp() {
     // A real HTTP server: Python's http.server, which answers the cookie line with a 400 page.
-    let port = xrdp::free_port();
+    let port = common::free_port();
     let mut server = Command::new("python3")
         .args([
             "-m",

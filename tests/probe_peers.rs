@@ -13,6 +13,24 @@ use rdphealth::probe::{
     SecurityProtocol, Target, codec,
 };
 
+#[test]
+fn ports_for_peers_are_distinct_free_and_below_the_ephemeral_range() {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ports: Vec<u16> = (0..200).map(|_| common::free_port()).collect();
+    let distinct: std::collections::HashSet<_> = ports.iter().collect();
+    assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+    for port in ports {
+        assert!(port < low, "{port} is in the ephemeral range from {low}");
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    }
+}
+
 fn opts(timeout_ms: u64) -> ProbeOptions {
     ProbeOptions {
         timeout: Duration::from_millis(timeout_ms),

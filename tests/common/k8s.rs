@@ -13,10 +13,10 @@
 //! `scripts/k8s-tools.sh`, which reuses its cache or builds them. A control plane that cannot
 //! start fails the test; nothing here skips.
 
+use super::free_port;
 use std::{
     fmt::Write as _,
     fs,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
@@ -119,12 +119,6 @@ pub fn wait_established(kubectl: &Path, kubeconfig: &Path, name: &str) {
         );
         thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// A free loopback port (bound, then released for the process that will use it).
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// A process started by a test, stopped by PID when dropped.

@@ -21,6 +21,36 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+/// A loopback TCP port for a peer process the test starts (etcd, kube-apiserver, xrdp, the
+/// operator's HTTP server), checked free when it is handed out.
+///
+/// It is taken from below the kernel's ephemeral range (`ip_local_port_range`), never from it:
+/// a port the kernel handed out for `bind(0)` and that was released again can be picked by the
+/// kernel for any outgoing connection (another test's client, a peer's own) before the peer
+/// binds it, and the peer then fails with "address already in use". Below that range only an
+/// explicit bind takes a port. Each call in this process gets a different port; the start
+/// depends on the process ID so that processes side by side start apart.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOWEST: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_low.saturating_sub(LOWEST).max(1_000);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port =
+            u16::try_from(LOWEST + offset).expect("ports below the ephemeral range fit in u16");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOWEST} and {ephemeral_low}");
+}
+
 /// How a fake peer answers the X.224 Connection Request.
 #[derive(Clone)]
 pub enum Peer {
@@ -161,10 +191,9 @@ pub fn tls_alert(description: u8) -> Vec<u8> {
     vec![0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
 }
 
-/// A loopback port that nothing listens on (bound, then released).
+/// A loopback port that nothing listens on (free when handed out; see [`free_port`]).
 pub fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    free_port()
 }
 
 /// A plain HTTP/1.1 GET (the operator's /metrics, /healthz, /readyz): status code and body.

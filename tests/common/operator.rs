@@ -19,7 +19,7 @@ use rdphealth::{
 };
 use serde_json::{Value, json};
 
-use super::k8s::{self, ControlPlane, Process};
+use super::k8s::{ControlPlane, Process};
 
 /// How long a test waits for the operator to get ready.
 const WAIT: Duration = Duration::from_secs(90);
@@ -40,7 +40,7 @@ impl Operator {
         args: &[&str],
         env: &[(String, String)],
     ) -> Self {
-        let http: SocketAddr = format!("127.0.0.1:{}", k8s::free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", super::free_port()).parse().unwrap();
         let log = cp.dir().join(format!("operator-{identity}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rdphealth"));

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::xrdp::{free_port, listening};
+use super::{free_port, xrdp::listening};
 
 const SHADOW: &str = "/usr/bin/freerdp-shadow-cli";
 const XVFB: &str = "/usr/bin/Xvfb";

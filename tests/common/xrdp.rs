@@ -1,5 +1,6 @@
 //! Starts Debian's xrdp on a free loopback port, in the foreground, and stops it by PID.
 
+use super::free_port;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -137,15 +138,6 @@ pub fn listening(port: u16) -> bool {
         let cols: Vec<_> = l.split_whitespace().collect();
         cols.len() > 3 && format!("{} ", cols[1]).ends_with(&needle) && cols[3] == "0A"
     })
-}
-
-/// A free loopback TCP port (bound to 0, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn tempdir() -> PathBuf {
